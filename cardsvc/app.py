@@ -1,0 +1,145 @@
+"""The aiohttp application factory: one app, its resources in `cleanup_ctx`, typed app keys.
+
+Start-up order: database pool (migrations must be current), terminal cache (+ LISTEN), nonce batcher,
+signature thread pool, maintenance loop. Shutdown runs it backwards after aiohttp has stopped accepting
+and drained in-flight requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import asyncpg
+from aiohttp import web
+
+from cardsvc.config import Settings
+from cardsvc.flows import lifecycle
+from cardsvc.http.keys import SERVICES
+from cardsvc.http.middlewares import authenticate, observe
+from cardsvc.http.routes import setup_routes
+from cardsvc.security.credentials import CardKeyDeriver
+from cardsvc.security.keys import KeyRing
+from cardsvc.security.pii import PiiVault
+from cardsvc.security.terminals import TerminalRegistry
+from cardsvc.services import Services
+from cardsvc.store import migrate
+from cardsvc.store.batcher import MicroBatcher
+from cardsvc.store.pool import create_pool
+
+__all__ = ["MigrationsPending", "create_app"]
+
+log = logging.getLogger("cardsvc.app")
+
+
+class MigrationsPending(RuntimeError):
+    pass
+
+
+def _nonce_flush(pool: asyncpg.Pool):  # type: ignore[no-untyped-def]
+    async def flush(items: Sequence[tuple[str, str]]) -> list[bool]:
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                """INSERT INTO request_nonce (terminal_id, nonce)
+                   SELECT * FROM unnest($1::text[], $2::text[])
+                   ON CONFLICT DO NOTHING RETURNING terminal_id, nonce""",
+                [t for t, _ in items],
+                [n for _, n in items],
+            )
+        fresh = {(r["terminal_id"], r["nonce"]) for r in rows}
+        out = []
+        for item in items:  # a nonce twice in one batch: only the first is fresh
+            out.append(item in fresh)
+            fresh.discard(item)
+        return out
+
+    return flush
+
+
+async def maintenance_once(pool: asyncpg.Pool, settings: Settings) -> None:
+    """Expire temporary losses, forget old nonces and credential uses, keep journal partitions ahead."""
+    await lifecycle.expire_temporary_losses(pool)
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "DELETE FROM request_nonce WHERE seen_at < now() - make_interval(secs => $1)",
+            float(2 * settings.clock_skew_s),
+        )
+        await conn.execute(
+            "DELETE FROM credential_use WHERE used_at < now() - make_interval(secs => $1)",
+            float(2 * settings.clock_skew_s + settings.ecard_code_lifetime_s),
+        )
+        await conn.execute("SELECT cardsvc_ensure_partitions(now()::date, 3)")
+
+
+async def _maintenance_loop(pool: asyncpg.Pool, settings: Settings) -> None:
+    while True:
+        try:
+            await maintenance_once(pool, settings)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("maintenance pass failed; retrying next interval", exc_info=True)
+        await asyncio.sleep(settings.sweep_interval_s)
+
+
+def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool = True) -> web.Application:
+    app = web.Application(
+        middlewares=[observe, authenticate],
+        client_max_size=settings.body_bytes_max,
+        handler_args={"max_field_size": 8190, "max_line_size": 8190},
+    )
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        pool = await create_pool(dsn, settings)
+        try:
+            async with pool.acquire() as conn:
+                todo = await migrate.pending(conn)
+            if todo:
+                raise MigrationsPending(
+                    f"database schema is behind: {len(todo)} migration(s) pending; run `cardsvc migrate`"
+                )
+            terminals = TerminalRegistry(keys.terminal_kek, settings.key_cache_refresh_s)
+            await terminals.start(pool)
+            nonces: MicroBatcher[tuple[str, str], bool] = MicroBatcher(
+                _nonce_flush(pool),
+                items_max=settings.batch_items_max,
+                wait_ms_max=settings.batch_wait_ms_max,
+                queue_items_max=settings.batch_items_max * 32,
+                flushes_max=max(1, settings.db_pool_max // 4),
+            )
+            nonces.start()
+            signature_pool = ThreadPoolExecutor(settings.signature_threads_max, thread_name_prefix="sig")
+            app[SERVICES] = Services(
+                settings=settings,
+                pool=pool,
+                keys=keys,
+                vault=PiiVault(keys),
+                terminals=terminals,
+                card_keys=CardKeyDeriver(keys.card_auth_master),
+                nonces=nonces,
+                signature_pool=signature_pool,
+            )
+            loop_task = (
+                asyncio.get_running_loop().create_task(_maintenance_loop(pool, settings))
+                if maintenance
+                else None
+            )
+            try:
+                yield
+            finally:
+                if loop_task is not None:
+                    loop_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await loop_task
+                await nonces.close()
+                await terminals.stop(pool)
+                signature_pool.shutdown(wait=True)
+        finally:
+            await pool.close()
+
+    app.cleanup_ctx.append(resources)
+    setup_routes(app)
+    return app

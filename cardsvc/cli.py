@@ -1,0 +1,575 @@
+"""The `cardsvc` command: run the service and administer it. `cardsvc <command> --help` explains each."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from cardsvc.config import ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+EPILOG = """Configuration: CARDSVC_* environment variables or a TOML file (--config / CARDSVC_CONFIG);
+see docs/configuration.md. Without CARDSVC_DATABASE_URL every command uses the embedded PostgreSQL in
+<data_dir>/pg (default .data/pg), starting it when needed."""
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _run(coro: Awaitable[T]) -> T:
+    import uvloop
+
+    return uvloop.run(coro)  # type: ignore[arg-type]
+
+
+async def _connect(settings: Settings) -> Any:
+    import asyncpg
+
+    from cardsvc.store.pool import init_connection, resolve_dsn
+
+    conn = await asyncpg.connect(resolve_dsn(settings), timeout=settings.db_connect_timeout_s)
+    await init_connection(conn)
+    return conn
+
+
+def _keys(settings: Settings, create: bool = False) -> Any:
+    from cardsvc.security.keys import KeyRing
+
+    if create:
+        ring, created = KeyRing.load_or_create(settings.key_path)
+        if created:
+            print(f"created a new key file {settings.key_path} (mode 0600); keep it safe", file=sys.stderr)
+        return ring
+    return KeyRing.load(settings.key_path)
+
+
+# ------------------------------------------------------------------ serve, migrate, demo
+
+
+async def _migrate(settings: Settings, check_only: bool = False) -> int:
+    from cardsvc.store import migrate
+
+    conn = await _connect(settings)
+    try:
+        if check_only:
+            todo = await migrate.pending(conn)
+            for m in todo:
+                print(f"pending: {m.version:04d}_{m.name}")
+            print("schema is current" if not todo else f"{len(todo)} migration(s) pending")
+            return 1 if todo else 0
+        for m in await migrate.apply(conn):
+            print(f"applied {m.version:04d}_{m.name}")
+        print("schema is current")
+        return 0
+    finally:
+        await conn.close()
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from cardsvc.logs import setup_logging
+    from cardsvc.server import serve
+    from cardsvc.store.pool import resolve_dsn
+
+    setup_logging(settings.log_level, settings.log_format)
+    _keys(settings, create=settings.embedded)
+    dsn = resolve_dsn(settings)
+    if settings.embedded:  # the zero-setup default keeps its own schema current
+        _run(_migrate(settings))
+    return serve(settings, dsn, settings.key_path)
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    return _run(_migrate(settings, check_only=args.check))
+
+
+async def _demo_data(settings: Settings, count: int) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from cardsvc import demo
+
+    keys = _keys(settings, create=True)
+    await _migrate(settings)
+    conn = await _connect(settings)
+    try:
+        with tqdm(total=count, unit="card", desc="demo data", disable=not sys.stderr.isatty()) as bar:
+            added = await demo.load_population(conn, keys, count, bar.update)
+        creds = await demo.ensure_demo_terminals(conn, keys, settings.data_dir / "demo-terminals.json")
+    finally:
+        await conn.close()
+    print(
+        f"demo data: {count} cards ({added} added); terminals in {settings.data_dir / 'demo-terminals.json'}",
+        file=sys.stderr,
+    )
+    return creds
+
+
+def cmd_demo_data(settings: Settings, args: argparse.Namespace) -> int:
+    _run(_demo_data(settings, args.cards))
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    _run(_demo_data(settings, args.cards))
+    base = f"http://{settings.host}:{settings.port}"
+    print(
+        f"""
+cardsvc demo on {base} (Ctrl-C stops it). In another shell, try:
+  .venv/bin/cardsvc call GET /v1/cards/A00000001 --as card_office
+  .venv/bin/cardsvc demo-credential ecard-code --index 1 | .venv/bin/cardsvc call POST /v1/ecard-codes/verify --as merchant_pos --data @-
+  .venv/bin/cardsvc demo-credential card-auth --index 2 | .venv/bin/cardsvc call POST /v1/card-auth --as transit_validator --data @-
+  curl -s {base}/metrics | grep cardsvc_credential
+""",
+        file=sys.stderr,
+    )
+    return cmd_serve(settings, args)
+
+
+# ------------------------------------------------------------------ embedded database
+
+
+def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    from cardsvc.store.embedded import EmbeddedPostgres
+
+    if not settings.embedded:
+        print("CARDSVC_DATABASE_URL is set: the embedded database is not in use", file=sys.stderr)
+        return 2
+    server = EmbeddedPostgres(settings.pg_data_dir)
+    if args.action == "start":
+        print(server.start())
+    elif args.action == "stop":
+        server.stop()
+        print("stopped")
+    elif args.action == "status":
+        running = server.running()
+        print(f"{'running' if running else 'stopped'}: {server.data_dir}")
+        return 0 if running else 3
+    elif args.action == "url":
+        print(server.dsn())
+    elif args.action == "psql":
+        server.start()
+        psql = str(server.tool("psql"))
+        os.execv(psql, [psql, "-h", str(server.socket_dir), "-U", "postgres", "cardsvc"])  # noqa: S606
+    return 0
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from cardsvc.security.keys import KeyRing
+
+    if settings.key_path.exists():
+        print(
+            f"{settings.key_path} exists; refusing to overwrite keys (data sealed with them would be lost)",
+            file=sys.stderr,
+        )
+        return 1
+    KeyRing.generate().write(settings.key_path)
+    print(f"wrote {settings.key_path} (mode 0600)")
+    return 0
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    _print_json(settings.public_dict())
+    return 0
+
+
+# ------------------------------------------------------------------ terminals
+
+
+def _write_credentials(data: dict[str, Any], output: str | None) -> None:
+    body = orjson.dumps(data, option=orjson.OPT_INDENT_2)
+    if output:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(body)
+        print(f"credentials written to {output} (mode 0600); they are not shown again", file=sys.stderr)
+    else:
+        print(body.decode())
+        print("the secret above is shown once; store it in the terminal now", file=sys.stderr)
+
+
+def cmd_terminal(settings: Settings, args: argparse.Namespace) -> int:
+    from cardsvc.security import terminals
+    from protocols import terminal_auth
+
+    async def go() -> int:
+        keys = _keys(settings)
+        conn = await _connect(settings)
+        try:
+            if args.action == "add":
+                ops = args.operations.split(",") if args.operations else None
+                secret = await terminals.add_terminal(
+                    conn,
+                    keys.terminal_kek,
+                    args.terminal_id,
+                    args.kind,
+                    args.org,
+                    ops,
+                    args.description or "",
+                )
+                _write_credentials(
+                    {
+                        "terminal_id": args.terminal_id,
+                        "key_id": "k1",
+                        "secret": terminal_auth.encode_secret(secret),
+                    },
+                    args.output,
+                )
+            elif args.action == "rotate-key":
+                secret = await terminals.rotate_key(
+                    conn, keys.terminal_kek, args.terminal_id, args.key_id, args.overlap_s
+                )
+                _write_credentials(
+                    {
+                        "terminal_id": args.terminal_id,
+                        "key_id": args.key_id,
+                        "secret": terminal_auth.encode_secret(secret),
+                    },
+                    args.output,
+                )
+            elif args.action == "list":
+                rows = await conn.fetch(
+                    """SELECT t.terminal_id, t.kind, t.org, t.operations, t.disabled,
+                              array_agg(k.key_id ORDER BY k.created_at) FILTER (WHERE k.key_id IS NOT NULL
+                                  AND (k.not_after IS NULL OR k.not_after > now())) AS keys
+                       FROM terminal t LEFT JOIN terminal_key k USING (terminal_id)
+                       GROUP BY t.terminal_id ORDER BY t.terminal_id"""
+                )
+                _print_json([dict(r) for r in rows])
+            elif args.action in ("disable", "enable"):
+                done = await conn.execute(
+                    "UPDATE terminal SET disabled = $2 WHERE terminal_id = $1",
+                    args.terminal_id,
+                    args.action == "disable",
+                )
+                if done.endswith(" 0"):
+                    print(f"no terminal {args.terminal_id}", file=sys.stderr)
+                    return 1
+                print(f"{args.terminal_id} {args.action}d")
+            elif args.action == "kinds":
+                _print_json({k: sorted(v) for k, v in terminals.KINDS.items()})
+            return 0
+        except terminals.TerminalAdminError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await conn.close()
+
+    return _run(go())
+
+
+# ------------------------------------------------------------------ cards (card office, from a shell)
+
+
+def cmd_card(settings: Settings, args: argparse.Namespace) -> int:
+    from cardsvc.flows import lifecycle, registry
+    from cardsvc.flows.actor import Actor
+    from cardsvc.http.problem import ApiError
+    from protocols import api
+
+    async def go() -> int:
+        conn = await _connect(settings)
+        now = dt.datetime.now(dt.UTC)
+        actor = Actor("cli", args.operator or getpass.getuser())
+        try:
+            if args.action == "show":
+                _print_json(await registry.get_card(conn, args.card_no, now))
+            elif args.action == "events":
+                _print_json(await registry.list_events(conn, args.card_no, args.limit))
+            else:
+                body = {"operator": actor.operator}
+                if args.action == "replace":
+                    body |= {
+                        "new_card_no": args.new_card_no,
+                        "new_card_sn": args.new_card_sn,
+                        "expires_on": args.expires_on,
+                    }
+                parsed = api.CARD_OPERATIONS[args.action].parse(body)
+                _print_json(
+                    await lifecycle.apply(
+                        conn, args.card_no, args.action, parsed, actor, now, settings.temp_loss_days
+                    )
+                )
+            return 0
+        except ApiError as exc:
+            print(f"error: {exc.code}: {exc.detail or exc.title}", file=sys.stderr)
+            return 1
+        except api.ApiInputError as exc:
+            print(f"error: {exc.code}: {exc.detail}", file=sys.stderr)
+            return 1
+        finally:
+            await conn.close()
+
+    return _run(go())
+
+
+# ------------------------------------------------------------------ signing client
+
+
+def _credentials(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    if args.credentials:
+        data: dict[str, Any] = orjson.loads(Path(args.credentials).read_bytes())
+        return data
+    demo_file = settings.data_dir / "demo-terminals.json"
+    if not demo_file.exists():
+        raise SystemExit(f"no --credentials given and no {demo_file}; run `cardsvc demo-data` first")
+    creds: dict[str, Any] = orjson.loads(demo_file.read_bytes())
+    if args.as_ not in creds:
+        raise SystemExit(f"--as must be one of {', '.join(creds)}")
+    result: dict[str, Any] = creds[args.as_]
+    return result
+
+
+def cmd_call(settings: Settings, args: argparse.Namespace) -> int:
+    from protocols import terminal_auth
+
+    creds = _credentials(settings, args)
+    body = b""
+    if args.data is not None:
+        body = (
+            sys.stdin.buffer.read()
+            if args.data == "@-"
+            else (Path(args.data[1:]).read_bytes() if args.data.startswith("@") else args.data.encode())
+        )
+    method = args.method.upper()
+    headers = terminal_auth.sign_request(
+        creds["terminal_id"],
+        creds["key_id"],
+        terminal_auth.decode_secret(creds["secret"]),
+        method,
+        args.path,
+        body,
+    )
+    if body:
+        headers["Content-Type"] = "application/json"
+    url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/") + args.path
+    if not url.startswith(("http://", "https://")):
+        raise SystemExit("--url must be http:// or https://")
+    req = urllib.request.Request(url, data=body or None, method=method, headers=headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+            status, payload = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read()
+    except urllib.error.URLError as exc:
+        print(f"error: cannot reach {url}: {exc.reason}", file=sys.stderr)
+        return 2
+    try:
+        _print_json(orjson.loads(payload))
+    except orjson.JSONDecodeError:
+        sys.stdout.write(payload.decode(errors="replace"))
+    print(f"HTTP {status}", file=sys.stderr)
+    return 0 if status < 400 else 1
+
+
+def cmd_demo_credential(settings: Settings, args: argparse.Namespace) -> int:
+    from cardsvc import demo
+    from protocols import card, population
+
+    p = population.person(args.index, demo.DEMO_SEED)
+    now = int(time.time())
+    if args.kind == "ecard-code":
+        if not p.has_ecard:
+            raise SystemExit(f"demo person {args.index} has no electronic card (every 5th has none)")
+        device = demo.demo_device(args.index)
+        device.counter = int(time.time() * 1000) % 2**31  # a fresh counter for every call from a shell
+        _print_json({"code": device.next_code(now), "business_type": args.business_type})
+    else:
+        keys = _keys(settings)
+        sim = card.CardSimulator(p.card_sn, master_key=keys.card_auth_master)
+        _print_json(card.build_card_auth_request(sim, now, os.urandom(4)))
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cardsvc",
+        description="cardsvc: one credential (social security card or e-card) for every public service.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="TOML configuration file (overrides CARDSVC_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, fn: Callable[[Settings, argparse.Namespace], int], help_: str, desc: str = ""
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=desc or help_,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(fn=fn)
+        return p
+
+    def server_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", help="listen address (CARDSVC_HOST, default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="listen port (CARDSVC_PORT, default 8080)")
+        p.add_argument(
+            "--workers", type=int, help="worker processes sharing the port (CARDSVC_WORKERS, default 1)"
+        )
+
+    p = add(
+        "serve",
+        cmd_serve,
+        "run the HTTP service",
+        "Run the service until SIGTERM/SIGINT (graceful: in-flight requests finish). With an external\n"
+        "database the schema must be current (`cardsvc migrate`); the embedded default migrates itself.",
+    )
+    server_opts(p)
+
+    p = add(
+        "demo",
+        cmd_demo,
+        "load demo data, then run the service",
+        "Start the embedded database (or use CARDSVC_DATABASE_URL), create keys if there are none,\n"
+        "migrate, load a synthetic population and one demo terminal of each kind, then serve.",
+    )
+    server_opts(p)
+    p.add_argument("--cards", type=int, default=1000, help="size of the demo population (default 1000)")
+
+    p = add("demo-data", cmd_demo_data, "load demo data only (idempotent)")
+    p.add_argument("--cards", type=int, default=1000, help="size of the demo population (default 1000)")
+
+    p = add(
+        "demo-credential",
+        cmd_demo_credential,
+        "print a credential of a demo person, as a request body",
+        "Compute what a demo person's card or phone would present: a card-authentication answer\n"
+        "(needs the key file) or a fresh e-card code. Pipe it into `cardsvc call ... --data @-`.",
+    )
+    p.add_argument("kind", choices=["card-auth", "ecard-code"])
+    p.add_argument("--index", type=int, default=1, help="demo person number (default 1)")
+    p.add_argument(
+        "--business-type",
+        default="01",
+        choices=["01", "02", "03", "04"],
+        help="e-card scene: 01 query, 02 payment, 03 other, 04 cross-region medical",
+    )
+
+    p = add("migrate", cmd_migrate, "apply pending database migrations")
+    p.add_argument("--check", action="store_true", help="only report; exit 1 if migrations are pending")
+
+    p = add("db", cmd_db, "manage the embedded PostgreSQL")
+    p.add_argument("action", choices=["start", "stop", "status", "url", "psql"])
+
+    add(
+        "keys",
+        cmd_keys,
+        "create the key file (refuses to overwrite one)",
+        "Write a new key file (card authentication master key, TAC master key, PII hash and encryption\n"
+        "keys, terminal key-encryption key) with mode 0600 at CARDSVC_KEY_FILE or <data_dir>/keys.json.",
+    )
+    add("config", cmd_config, "print the effective configuration (no secrets)")
+
+    p = add(
+        "terminal",
+        cmd_terminal,
+        "register terminals and operators, rotate their keys",
+        "Terminals sign every request with HMAC-SM3 (protocols/terminal_auth.md).\n"
+        "  add ID --kind K --org O     create one; prints its credentials once\n"
+        "  rotate-key ID --key-id K2   add a key; older keys stop after --overlap-s\n"
+        "  list | kinds | disable ID | enable ID",
+    )
+    p.add_argument("action", choices=["add", "rotate-key", "list", "kinds", "disable", "enable"])
+    p.add_argument("terminal_id", nargs="?", help="terminal id (1-32 of A-Z a-z 0-9 . _ -)")
+    p.add_argument("--kind", help="terminal kind (see `cardsvc terminal kinds`)")
+    p.add_argument("--org", help="owning organisation")
+    p.add_argument("--operations", help="comma-separated subset of the kind's operations (default: all)")
+    p.add_argument("--description", help="free text (no personal data)")
+    p.add_argument("--key-id", default="k2", help="new key id for rotate-key")
+    p.add_argument("--overlap-s", type=int, default=7 * 24 * 3600, help="how long old keys stay valid")
+    p.add_argument("--output", help="write credentials to this file (mode 0600) instead of stdout")
+
+    p = add(
+        "card",
+        cmd_card,
+        "card office operations from a shell (audited as terminal 'cli')",
+        "show CARD_NO | events CARD_NO | <operation> CARD_NO, where operation is one of\n"
+        "activate, temporary-loss, lift-loss, formal-loss, replace, cancel, lock-pin, unlock-pin,\n"
+        "lock-app, unlock-app.",
+    )
+    p.add_argument(
+        "action",
+        choices=[
+            "show",
+            "events",
+            "activate",
+            "temporary-loss",
+            "lift-loss",
+            "formal-loss",
+            "replace",
+            "cancel",
+            "lock-pin",
+            "unlock-pin",
+            "lock-app",
+            "unlock-app",
+        ],
+    )
+    p.add_argument("card_no")
+    p.add_argument("--operator", help="staff id recorded in the audit trail (default: your user name)")
+    p.add_argument("--limit", type=int, default=100, help="events to show")
+    p.add_argument("--new-card-no", help="replace: the new card's number")
+    p.add_argument("--new-card-sn", help="replace: the new card's identification code")
+    p.add_argument("--expires-on", help="replace: the new card's expiry date YYYY-MM-DD")
+
+    p = add(
+        "call",
+        cmd_call,
+        "call the API with a signed request",
+        "Sign a request as a terminal and send it; prints the JSON answer and the HTTP status.\n"
+        "Credentials: --credentials FILE (as written by `terminal add --output`), or --as KIND for the\n"
+        "demo terminals. Example: cardsvc call GET /v1/hotlist?since=0 --as transit_validator",
+    )
+    p.add_argument("method")
+    p.add_argument("path", help="path and query, e.g. /v1/cards/A00000001")
+    p.add_argument("--data", help="JSON body, @FILE, or @- for standard input")
+    p.add_argument("--as", dest="as_", default="card_office", help="demo terminal kind (default card_office)")
+    p.add_argument("--credentials", help="terminal credentials JSON file")
+    p.add_argument("--url", help="service base URL (default http://CARDSVC_HOST:CARDSVC_PORT)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "workers")}
+    try:
+        settings = load_settings(config_file=args.config, **overrides)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result: int = args.fn(settings, args)
+        return result
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # an operator-facing command: one clear line, not a traceback
+        from cardsvc.security.keys import KeyFileError
+        from cardsvc.store.embedded import EmbeddedPostgresError
+
+        if isinstance(exc, KeyFileError | EmbeddedPostgresError | ConfigError | OSError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

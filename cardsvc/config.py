@@ -1,0 +1,173 @@
+"""Configuration: defaults from `cardsvc.limits`, then an optional TOML file, then CARDSVC_* variables.
+
+Precedence (last wins): built-in defaults < file named by CARDSVC_CONFIG (or --config) < environment.
+Every field is documented in docs/configuration.md; `cardsvc config` prints the effective values
+(secrets are never part of Settings: they live in the key file, see `cardsvc.security.keys`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cardsvc import limits
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+ENV_PREFIX = "CARDSVC_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the setting."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    # Empty: start (or reuse) the embedded PostgreSQL in data_dir/pg.
+    database_url: str = ""
+    data_dir: Path = Path(".data")
+    # Default: data_dir/keys.json (created on first start of the embedded default only).
+    key_file: Path | None = None
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    body_bytes_max: int = limits.BODY_BYTES_MAX
+    request_timeout_s: float = limits.REQUEST_TIMEOUT_S
+    shutdown_grace_s: float = limits.SHUTDOWN_GRACE_S
+    db_pool_min: int = limits.DB_POOL_MIN
+    db_pool_max: int = limits.DB_POOL_MAX
+    db_connect_timeout_s: float = limits.DB_CONNECT_TIMEOUT_S
+    db_command_timeout_s: float = limits.DB_COMMAND_TIMEOUT_S
+    clock_skew_s: int = limits.CLOCK_SKEW_S
+    ecard_code_lifetime_s: int = limits.ECARD_CODE_LIFETIME_S
+    temp_loss_days: int = limits.TEMP_LOSS_DAYS
+    key_rotation_overlap_s: int = limits.KEY_ROTATION_OVERLAP_S
+    key_cache_refresh_s: float = limits.KEY_CACHE_REFRESH_S
+    sweep_interval_s: float = limits.SWEEP_INTERVAL_S
+    hotlist_block_entries_max: int = limits.HOTLIST_BLOCK_ENTRIES_MAX
+    batch_items_max: int = limits.BATCH_ITEMS_MAX
+    batch_wait_ms_max: float = limits.BATCH_WAIT_MS_MAX
+    signature_threads_max: int = limits.SIGNATURE_THREADS_MAX
+
+    @property
+    def embedded(self) -> bool:
+        return not self.database_url
+
+    @property
+    def key_path(self) -> Path:
+        return self.key_file if self.key_file is not None else self.data_dir / "keys.json"
+
+    @property
+    def pg_data_dir(self) -> Path:
+        return self.data_dir / "pg"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The effective settings, for `cardsvc config`; the database password is masked."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "database_url" and value:
+                value = _mask_password(value)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def _mask_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def _coerce(name: str, raw: Any, target: Any) -> Any:
+    kind = target if isinstance(target, type) else None
+    text = str(raw).strip()
+    try:
+        if kind is bool or target == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if target in (int, "int"):
+            if isinstance(raw, bool):
+                raise ValueError(text)
+            return int(text)
+        if target in (float, "float"):
+            return float(text)
+        if target in ("Path", "Path | None"):
+            return Path(text).expanduser() if text else None
+        return text
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}: cannot read {text!r} as {target}") from None
+
+
+def _validate(s: Settings) -> None:
+    positive = [
+        "body_bytes_max",
+        "request_timeout_s",
+        "db_pool_max",
+        "db_connect_timeout_s",
+        "db_command_timeout_s",
+        "clock_skew_s",
+        "ecard_code_lifetime_s",
+        "temp_loss_days",
+        "hotlist_block_entries_max",
+        "batch_items_max",
+        "workers",
+        "signature_threads_max",
+    ]
+    for name in positive:
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+    if s.db_pool_min < 0 or s.db_pool_min > s.db_pool_max:
+        raise ConfigError("CARDSVC_DB_POOL_MIN must be between 0 and CARDSVC_DB_POOL_MAX")
+    if not 0 < s.port < 65536:
+        raise ConfigError("CARDSVC_PORT must be between 1 and 65535")
+    if s.log_format not in ("json", "text"):
+        raise ConfigError("CARDSVC_LOG_FORMAT must be json or text")
+    if s.batch_wait_ms_max < 0:
+        raise ConfigError("CARDSVC_BATCH_WAIT_MS_MAX must be >= 0")
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, config_file: Path | None = None, **overrides: Any
+) -> Settings:
+    env = os.environ if environ is None else environ
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {}
+    path = config_file or (Path(env[ENV_PREFIX + "CONFIG"]) if env.get(ENV_PREFIX + "CONFIG") else None)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        section = data.get("cardsvc", data)
+        for key, raw in section.items():
+            if key not in fields:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _coerce(key, raw, fields[key].type)
+    for name, f in fields.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, raw, f.type)
+    for name, raw in overrides.items():
+        if raw is not None:
+            values[name] = raw
+    settings = Settings(**values)
+    _validate(settings)
+    return settings

@@ -1,0 +1,161 @@
+"""Demo data: a synthetic population (protocols.population) loaded with COPY, and one demo terminal of
+every kind whose credentials are written to <data_dir>/demo-terminals.json (mode 0600).
+
+Idempotent: running it again adds only what is missing. Cards are active, have a transit purse, and 80%
+have an electronic card whose device key derives from the same seed as the load generators use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from cardsvc.security import terminals
+from cardsvc.security.keys import KeyRing
+from cardsvc.security.pii import PiiVault
+from protocols import ecard, population, terminal_auth
+
+__all__ = ["DEMO_SEED", "ensure_demo_terminals", "load_population"]
+
+DEMO_SEED = b"cardsvc-demo"
+CHUNK_ROWS = 5_000
+DEMO_PURSE_FEN = 5_000
+DEMO_BANK_CODE = "ICBC"
+
+
+def _rows(vault: PiiVault, start: int, stop: int, expires: dt.date) -> tuple[list[Any], list[Any], list[Any]]:
+    holders, cards, ecards = [], [], []
+    for i in range(start, stop):
+        p = population.person(i, DEMO_SEED)
+        sealed = vault.seal(p.id_number, p.name)
+        holders.append(
+            (
+                i + 1,
+                sealed.id_hash,
+                sealed.id_cipher,
+                sealed.name_cipher,
+                sealed.id_masked,
+                sealed.name_masked,
+            )
+        )
+        cards.append(
+            (
+                i + 1,
+                i + 1,
+                p.card_no,
+                p.card_sn,
+                2,
+                3,
+                p.card_sn[:6],
+                DEMO_BANK_CODE,
+                True,
+                True,
+                DEMO_PURSE_FEN,
+                expires,
+            )
+        )
+        if p.has_ecard:
+            device = ecard.EcardDevice.from_seed(p.ecard_seed, i + 1, p.ecard_alg)
+            ecards.append((i + 1, i + 1, "gov_app", p.ecard_alg, device.public_key_bytes))
+    return holders, cards, ecards
+
+
+async def load_population(
+    conn: asyncpg.Connection, keys: KeyRing, count: int, progress: Callable[[int], None] | None = None
+) -> int:
+    """Make sure people 0..count-1 exist; returns how many were added."""
+    vault = PiiVault(keys)
+    have: int = await conn.fetchval("SELECT count(*) FROM card WHERE card_id <= $1", count)
+    if have >= count:
+        if progress:
+            progress(count)
+        return 0
+    expires = dt.date.today().replace(day=1) + dt.timedelta(days=3650)
+    added = 0
+    for start in range(0, count, CHUNK_ROWS):
+        stop = min(count, start + CHUNK_ROWS)
+        holders, cards, ecards = _rows(vault, start, stop, expires)
+        async with conn.transaction():
+            await conn.execute(
+                """CREATE TEMP TABLE IF NOT EXISTS demo_holder (LIKE cardholder INCLUDING DEFAULTS) ON COMMIT DROP;
+                   CREATE TEMP TABLE IF NOT EXISTS demo_card (LIKE card INCLUDING DEFAULTS) ON COMMIT DROP;
+                   CREATE TEMP TABLE IF NOT EXISTS demo_ecard (LIKE ecard INCLUDING DEFAULTS) ON COMMIT DROP;"""
+            )
+            await conn.copy_records_to_table(
+                "demo_holder",
+                records=holders,
+                columns=["holder_id", "id_hash", "id_cipher", "name_cipher", "id_masked", "name_masked"],
+            )
+            await conn.copy_records_to_table(
+                "demo_card",
+                records=cards,
+                columns=[
+                    "card_id",
+                    "holder_id",
+                    "card_no",
+                    "card_sn",
+                    "status",
+                    "generation",
+                    "issuing_area",
+                    "bank_code",
+                    "financial_active",
+                    "has_purse",
+                    "purse_balance_fen",
+                    "expires_on",
+                ],
+            )
+            await conn.copy_records_to_table(
+                "demo_ecard", records=ecards, columns=["ecard_id", "card_id", "channel", "alg", "device_key"]
+            )
+            await conn.execute("INSERT INTO cardholder SELECT * FROM demo_holder ON CONFLICT DO NOTHING")
+            status = await conn.execute("INSERT INTO card SELECT * FROM demo_card ON CONFLICT DO NOTHING")
+            await conn.execute("INSERT INTO ecard SELECT * FROM demo_ecard ON CONFLICT DO NOTHING")
+            added += int(status.split()[-1])
+        if progress:
+            progress(stop - start)
+    for table, column in (("cardholder", "holder_id"), ("card", "card_id"), ("ecard", "ecard_id")):
+        await conn.execute(
+            f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+            f"(SELECT coalesce(max({column}), 0) + 1 FROM {table}), false)"
+        )
+    return added
+
+
+async def ensure_demo_terminals(conn: asyncpg.Connection, keys: KeyRing, path: Path) -> dict[str, Any]:
+    """One demo terminal per kind; their credentials in `path` (created once, mode 0600)."""
+    creds: dict[str, Any] = orjson.loads(path.read_bytes()) if path.exists() else {}  # noqa: ASYNC240
+    changed = False
+    for kind in terminals.KINDS:
+        tid = f"demo-{kind.replace('_', '-')}"
+        exists = await conn.fetchval("SELECT 1 FROM terminal WHERE terminal_id = $1", tid)
+        if exists and kind in creds:
+            continue
+        if exists:  # credentials file lost: issue a fresh key
+            key_id = f"k{int(dt.datetime.now(dt.UTC).timestamp())}"
+            secret = await terminals.rotate_key(conn, keys.terminal_kek, tid, key_id, 0)
+        else:
+            key_id = "k1"
+            secret = await terminals.add_terminal(
+                conn, keys.terminal_kek, tid, kind, "demo", None, f"demo {kind}"
+            )
+        creds[kind] = {"terminal_id": tid, "key_id": key_id, "secret": terminal_auth.encode_secret(secret)}
+        changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(orjson.dumps(creds, option=orjson.OPT_INDENT_2))
+        tmp.replace(path)
+    return creds
+
+
+def demo_device(index: int) -> ecard.EcardDevice:
+    p = population.person(index, DEMO_SEED)
+    return ecard.EcardDevice.from_seed(p.ecard_seed, index + 1, p.ecard_alg)

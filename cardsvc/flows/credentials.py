@@ -1,0 +1,150 @@
+"""Verification of every credential a terminal can present.
+
+Physical card (server-side HSM mode): the terminal forwards the card's challenge, its own challenge
+(which carries its clock) and the card's INTERNAL AUTHENTICATE answer; we derive the card key, check
+the cryptogram, then in one statement look the card up and record the terminal challenge as used.
+
+Electronic card code: decode, check the time window, fetch the e-card's device key and the card's status
+(one statement), verify the signature off the event loop, record the counter as used.
+
+Single use is enforced by the primary key of `credential_use`, so a code or answer used once is refused
+the second time even when the two uses hit different worker processes or hosts. Every outcome is counted
+in cardsvc_credential_verifications_total{kind, outcome}.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+import asyncpg
+
+from cardsvc import metrics
+from cardsvc.http.problem import ApiError
+from cardsvc.services import Services
+from protocols import card, ecard
+from protocols.errors import CodecError
+
+from .views import CARD_VIEW_COLUMNS, CARD_VIEW_FROM, card_view, usable
+
+__all__ = ["KIND_CARD_CRYPTOGRAM", "KIND_ECARD_CODE", "verify_card", "verify_ecard_code"]
+
+KIND_CARD_CRYPTOGRAM = 1
+KIND_ECARD_CODE = 2
+_ECARD_ID_MAX = 2**31 - 1  # token = ecard_id << 32 | counter must fit a bigint
+
+_OUTCOME_CODES = {
+    "forged": "credential_forged",
+    "replayed": "credential_replayed",
+    "expired": "credential_expired",
+    "malformed": "credential_malformed",
+    "card_unusable": "card_unusable",
+    "unknown_card": "unknown_card",
+}
+
+
+def _refuse(kind: str, outcome: str, started: float, detail: str | None = None, **extra: Any) -> ApiError:
+    metrics.VERIFICATIONS.labels(kind, outcome).inc()
+    metrics.VERIFICATION_DURATION.labels(kind).observe(time.perf_counter() - started)
+    return ApiError(_OUTCOME_CODES[outcome], detail, extra=extra or None)
+
+
+def _accept(kind: str, started: float) -> None:
+    metrics.VERIFICATIONS.labels(kind, "ok").inc()
+    metrics.VERIFICATION_DURATION.labels(kind).observe(time.perf_counter() - started)
+
+
+def _token(challenge8: bytes) -> int:
+    return int.from_bytes(challenge8, "big", signed=True)
+
+
+async def verify_card(svc: Services, body: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    kind = "card_cryptogram"
+    started = time.perf_counter()
+    card_ch = bytes.fromhex(body["card_challenge"])
+    term_ch = bytes.fromhex(body["terminal_challenge"])
+    cryptogram = bytes.fromhex(body["cryptogram"])
+    stamped = card.terminal_challenge_time(term_ch)
+    window = svc.settings.ecard_code_lifetime_s
+    if not -svc.settings.clock_skew_s <= now.timestamp() - stamped <= window:
+        raise _refuse(kind, "expired", started, "the terminal challenge is outside its validity window")
+    if not svc.card_keys.verify(body["card_sn"], card_ch, term_ch, cryptogram):
+        raise _refuse(kind, "forged", started)
+    async with svc.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            f"""WITH c AS (SELECT {CARD_VIEW_COLUMNS} FROM {CARD_VIEW_FROM} WHERE c.card_sn = $1),
+                     u AS (INSERT INTO credential_use (card_id, kind, token)
+                           SELECT card_id, {KIND_CARD_CRYPTOGRAM}, $2 FROM c
+                           ON CONFLICT DO NOTHING RETURNING 1)
+                SELECT c.*, EXISTS (SELECT 1 FROM u) AS fresh FROM c""",
+            body["card_sn"],
+            _token(term_ch),
+        )
+    if row is None:
+        raise _refuse(kind, "unknown_card", started)
+    if not row["fresh"]:
+        raise _refuse(kind, "replayed", started)
+    view = card_view(row, now)
+    if not usable(row, now):
+        raise _refuse(
+            kind, "card_unusable", started, f"the card is {view['status']}", card_status=view["status"]
+        )
+    _accept(kind, started)
+    return {"result": "ok", "credential": "card", "card": view}
+
+
+async def verify_ecard_code(svc: Services, body: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    kind = "ecard_code"
+    started = time.perf_counter()
+    try:
+        code = ecard.decode_code(body["code"])
+    except CodecError:
+        raise _refuse(kind, "malformed", started) from None
+    freshness = ecard.check_freshness(
+        code, int(now.timestamp()), svc.settings.ecard_code_lifetime_s, svc.settings.clock_skew_s
+    )
+    if freshness is not None:
+        raise _refuse(kind, "expired", started, f"the code is {freshness}")
+    if not 0 < code.ecard_id <= _ECARD_ID_MAX:
+        raise _refuse(kind, "forged", started)
+    async with svc.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            f"""SELECT e.alg, e.device_key, e.revoked_at, {CARD_VIEW_COLUMNS}
+                FROM ecard e JOIN {CARD_VIEW_FROM} ON c.card_id = e.card_id WHERE e.ecard_id = $1""",
+            code.ecard_id,
+        )
+        if row is None or row["alg"] != code.alg:
+            raise _refuse(kind, "forged", started)
+        ok = await svc.run_in_signature_pool(ecard.verify_code, code, bytes(row["device_key"]))
+        if not ok:
+            raise _refuse(kind, "forged", started)
+        fresh = await _use(conn, row["card_id"], KIND_ECARD_CODE, (code.ecard_id << 32) | code.counter)
+    if not fresh:
+        raise _refuse(kind, "replayed", started)
+    view = card_view(row, now)
+    if row["revoked_at"] is not None:
+        raise _refuse(kind, "card_unusable", started, "the electronic card is revoked", card_status="revoked")
+    if not usable(row, now):
+        raise _refuse(
+            kind, "card_unusable", started, f"the card is {view['status']}", card_status=view["status"]
+        )
+    _accept(kind, started)
+    return {
+        "result": "ok",
+        "credential": "ecard",
+        "ecard_id": code.ecard_id,
+        "business_type": body["business_type"],
+        "card": view,
+    }
+
+
+async def _use(conn: asyncpg.Connection, card_id: int, kind: int, token: int) -> bool:
+    inserted = await conn.fetchval(
+        """INSERT INTO credential_use (card_id, kind, token) VALUES ($1, $2, $3)
+           ON CONFLICT DO NOTHING RETURNING true""",
+        card_id,
+        kind,
+        token,
+    )
+    return bool(inserted)

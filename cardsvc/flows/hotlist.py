@@ -1,0 +1,77 @@
+"""Hotlist: every change that makes a card unusable (or usable again) gets the next version.
+
+Versions are gapless and commit-ordered: `append_entry` increments the single `hotlist_head` row in the
+transaction of the status change, and that row lock is held until commit, so version N+1 can only
+commit after version N. A terminal that has read up to N has therefore seen every change <= N.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from cardsvc import metrics
+from cardsvc.http.problem import ApiError
+from protocols import hotlist
+from protocols.card import HotlistAction, HotlistReason
+
+__all__ = ["append_entry", "latest_version", "read_block"]
+
+
+async def append_entry(
+    conn: asyncpg.Connection, card_id: int, card_sn: str, action: HotlistAction, reason: HotlistReason
+) -> int:
+    version: int = await conn.fetchval("UPDATE hotlist_head SET version = version + 1 RETURNING version")
+    await conn.execute(
+        "INSERT INTO hotlist_entry (version, card_id, card_sn, action, reason) VALUES ($1, $2, $3, $4, $5)",
+        version,
+        card_id,
+        card_sn,
+        int(action),
+        int(reason),
+    )
+    return version
+
+
+async def latest_version(conn: asyncpg.Connection) -> int:
+    version: int = await conn.fetchval("SELECT version FROM hotlist_head")
+    metrics.HOTLIST_VERSION.set(version)
+    return version
+
+
+async def read_block(conn: asyncpg.Connection, since: int, limit: int) -> hotlist.HotlistBlock:
+    """Changes after `since`, at most `limit` of them, with the version the terminal holds after them.
+
+    Head and entries are read in one REPEATABLE READ snapshot, so `latest_version` and the entries agree."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        latest: int = await conn.fetchval("SELECT version FROM hotlist_head")
+        rows = await conn.fetch(
+            """SELECT version, card_sn, action, reason, at FROM hotlist_entry
+               WHERE version > $1 ORDER BY version LIMIT $2""",
+            since,
+            limit,
+        )
+    metrics.HOTLIST_VERSION.set(latest)
+    entries = [
+        hotlist.HotlistEntry(
+            version=r["version"],
+            card_sn=r["card_sn"],
+            action=HotlistAction(r["action"]),
+            reason=HotlistReason(r["reason"]),
+            at=int(r["at"].timestamp()),
+        )
+        for r in rows
+    ]
+    if since > latest:
+        raise ApiError(
+            "invalid_parameter",
+            f"since={since} is newer than the latest version {latest}; reload from since=0",
+            field="since",
+        )
+    to_version = entries[-1].version if entries else since
+    return hotlist.HotlistBlock(
+        since_version=since,
+        to_version=to_version,
+        latest_version=latest,
+        more=to_version < latest,
+        entries=entries,
+    )

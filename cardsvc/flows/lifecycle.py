@@ -1,0 +1,266 @@
+"""The card lifecycle state machine (DOMAIN.md §3) and its application to the database.
+
+`plan()` is pure: (card state, operation) -> the new state and the hotlist change, or the reason the
+operation is illegal. `apply()` runs it on one card under a row lock (`SELECT ... FOR UPDATE`), so
+concurrent operations on a card serialise: each sees the state the previous one committed. The
+status change, the audit event and the hotlist entry commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import asyncpg
+
+from cardsvc.http.problem import ApiError
+from protocols.card import CardStatus, HotlistAction, HotlistReason
+
+from .actor import SYSTEM, Actor
+from .hotlist import append_entry
+from .registry import get_card
+from .views import effective_status
+
+__all__ = ["OPERATIONS", "CardState", "Plan", "apply", "expire_temporary_losses", "plan"]
+
+S = CardStatus
+LIVE = frozenset({S.ISSUED, S.ACTIVE, S.TEMP_LOST})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CardState:
+    status: CardStatus
+    pin_locked: bool
+    app_locked: bool
+    purse_balance_fen: int = 0
+
+    @property
+    def usable(self) -> bool:
+        return self.status == S.ACTIVE and not self.app_locked
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    after: CardState
+    hotlist: tuple[HotlistAction, HotlistReason] | None
+
+
+# operation -> (statuses it may start from, status after (None: unchanged), flag changes)
+_TABLE: dict[str, tuple[frozenset[CardStatus], CardStatus | None, dict[str, bool]]] = {
+    "activate": (frozenset({S.ISSUED}), S.ACTIVE, {}),
+    "temporary-loss": (frozenset({S.ACTIVE}), S.TEMP_LOST, {}),
+    "lift-loss": (frozenset({S.TEMP_LOST}), S.ACTIVE, {}),
+    "formal-loss": (frozenset({S.ISSUED, S.ACTIVE, S.TEMP_LOST}), S.LOST, {}),
+    "replace": (frozenset({S.ACTIVE, S.TEMP_LOST, S.LOST}), S.REPLACED, {}),
+    "cancel": (frozenset({S.ISSUED, S.ACTIVE, S.TEMP_LOST, S.LOST}), S.CANCELLED, {}),
+    "lock-pin": (LIVE, None, {"pin_locked": True}),
+    "unlock-pin": (LIVE, None, {"pin_locked": False}),
+    "lock-app": (LIVE, None, {"app_locked": True}),
+    "unlock-app": (LIVE, None, {"app_locked": False}),
+}
+OPERATIONS = tuple(_TABLE)
+
+# Why a card became unusable / usable again, for the hotlist.
+_BLOCK_REASON = {
+    "temporary-loss": HotlistReason.TEMP_LOSS,
+    "formal-loss": HotlistReason.FORMAL_LOSS,
+    "replace": HotlistReason.REPLACED,
+    "cancel": HotlistReason.CANCELLED,
+    "lock-app": HotlistReason.APP_LOCKED,
+}
+_UNBLOCK_REASON = {
+    "lift-loss": HotlistReason.LOSS_LIFTED,
+    "unlock-app": HotlistReason.APP_UNLOCKED,
+}
+
+
+class IllegalTransition(Exception):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def plan(state: CardState, op: str) -> Plan:
+    """The outcome of `op` on a card in `state`, or IllegalTransition with a reason."""
+    assert op in _TABLE, op
+    allowed_from, status_after, flags = _TABLE[op]
+    if state.status not in allowed_from:
+        raise IllegalTransition(f"cannot {op} a card whose status is {state.status.api_name}")
+    for flag, value in flags.items():
+        if getattr(state, flag) == value:
+            raise IllegalTransition(f"cannot {op}: {flag.replace('_', ' ')} is already {value}")
+    if op == "cancel" and state.purse_balance_fen > 0:
+        raise IllegalTransition("cannot cancel a card whose transit purse still holds money; refund it first")
+    after = dataclasses.replace(state, status=status_after or state.status, **flags)
+    change: tuple[HotlistAction, HotlistReason] | None = None
+    if state.usable and not after.usable:
+        change = (HotlistAction.BLOCK, _BLOCK_REASON[op])
+    elif not state.usable and after.usable and state.status != S.ISSUED:
+        # A newly activated card was never on the list: nothing to lift.
+        change = (HotlistAction.UNBLOCK, _UNBLOCK_REASON[op])
+    return Plan(after, change)
+
+
+async def _record(
+    conn: asyncpg.Connection,
+    card_id: int,
+    card_sn: str,
+    op: str,
+    actor: Actor,
+    before: CardStatus | None,
+    p: Plan,
+    detail: dict[str, Any],
+) -> None:
+    await conn.execute(
+        """INSERT INTO card_event (card_id, op, terminal_id, operator, request_id, status_before,
+                                   status_after, detail)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+        card_id,
+        op,
+        actor.terminal_id,
+        actor.operator,
+        actor.request_id,
+        int(before) if before is not None else None,
+        int(p.after.status),
+        detail,
+    )
+    if p.hotlist is not None:
+        await append_entry(conn, card_id, card_sn, *p.hotlist)
+
+
+async def apply(
+    conn: asyncpg.Connection,
+    card_no: str,
+    op: str,
+    body: dict[str, Any],
+    actor: Actor,
+    now: dt.datetime,
+    temp_loss_days: int,
+) -> dict[str, Any]:
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """SELECT card_id, holder_id, card_sn, status, pin_locked, app_locked, purse_balance_fen,
+                      temp_loss_until, has_purse, generation, bank_code, financial_active
+               FROM card WHERE card_no = $1 FOR UPDATE""",
+            card_no,
+        )
+        if row is None:
+            raise ApiError("not_found", "no such card")
+        status = effective_status(row["status"], row["temp_loss_until"], now)
+        if status != row["status"]:
+            # The temporary loss ran out before the sweeper saw it: record that first.
+            await _expire_one(conn, row["card_id"], row["card_sn"], row["app_locked"])
+        state = CardState(status, row["pin_locked"], row["app_locked"], row["purse_balance_fen"])
+        try:
+            p = plan(state, op)
+        except IllegalTransition as exc:
+            raise ApiError("illegal_transition", exc.detail, extra={"status": status.api_name}) from None
+
+        detail: dict[str, Any] = {}
+        temp_until = now + dt.timedelta(days=temp_loss_days) if p.after.status == S.TEMP_LOST else None
+        await conn.execute(
+            """UPDATE card SET status = $2, pin_locked = $3, app_locked = $4, temp_loss_until = $5,
+                      status_changed_at = CASE WHEN status <> $2 THEN now() ELSE status_changed_at END
+               WHERE card_id = $1""",
+            row["card_id"],
+            int(p.after.status),
+            p.after.pin_locked,
+            p.after.app_locked,
+            temp_until,
+        )
+        if temp_until is not None:
+            detail["temp_loss_until"] = temp_until.isoformat()
+        if op == "replace":
+            detail.update(await _replace(conn, row, body, actor))
+        elif op == "cancel":
+            await conn.execute(
+                "UPDATE ecard SET revoked_at = now() WHERE card_id = $1 AND revoked_at IS NULL",
+                row["card_id"],
+            )
+        await _record(conn, row["card_id"], row["card_sn"], op, actor, status, p, detail)
+    return await get_card(conn, body["new_card_no"] if op == "replace" else card_no, now)
+
+
+async def _replace(
+    conn: asyncpg.Connection, old: asyncpg.Record, body: dict[str, Any], actor: Actor
+) -> dict[str, Any]:
+    """补卡/换卡: a new card number and chip for the same holder; the purse balance and the electronic
+    card move to the new card; the old card is dead."""
+    if body["expires_on"] <= dt.date.today():
+        raise ApiError("invalid_field", "expires_on must be in the future", field="expires_on")
+    try:
+        new_id = await conn.fetchval(
+            """INSERT INTO card (holder_id, card_no, card_sn, status, generation, issuing_area, bank_code,
+                                 financial_active, has_purse, purse_balance_fen, expires_on)
+               VALUES ($1, $2, $3, $4, 3, $5, $6, $7, $8, $9, $10) RETURNING card_id""",
+            old["holder_id"],
+            body["new_card_no"],
+            body["new_card_sn"],
+            int(S.ACTIVE),
+            body["new_card_sn"][:6],
+            old["bank_code"],
+            old["financial_active"],
+            old["has_purse"],
+            old["purse_balance_fen"],
+            body["expires_on"],
+        )
+    except asyncpg.UniqueViolationError as exc:
+        field = "new_card_sn" if exc.constraint_name == "card_card_sn_key" else "new_card_no"
+        raise ApiError("card_exists", field=field) from None
+    await conn.execute(
+        "UPDATE card SET purse_balance_fen = 0, replaced_by = $2 WHERE card_id = $1", old["card_id"], new_id
+    )
+    moved = await conn.fetchval(
+        "UPDATE ecard SET card_id = $2 WHERE card_id = $1 AND revoked_at IS NULL RETURNING ecard_id",
+        old["card_id"],
+        new_id,
+    )
+    await conn.execute(
+        """INSERT INTO card_event (card_id, op, terminal_id, operator, request_id, status_before, status_after,
+                                   detail)
+           VALUES ($1, 'issue-replacement', $2, $3, $4, NULL, $5, $6)""",
+        new_id,
+        actor.terminal_id,
+        actor.operator,
+        actor.request_id,
+        int(S.ACTIVE),
+        {"replaces_card_id": old["card_id"], "purse_moved_fen": old["purse_balance_fen"]},
+    )
+    return {
+        "new_card_id": new_id,
+        "purse_moved_fen": old["purse_balance_fen"],
+        "ecard_moved": moved is not None,
+    }
+
+
+async def _expire_one(conn: asyncpg.Connection, card_id: int, card_sn: str, app_locked: bool) -> None:
+    await conn.execute(
+        "UPDATE card SET status = $2, temp_loss_until = NULL, status_changed_at = now() WHERE card_id = $1",
+        card_id,
+        int(S.ACTIVE),
+    )
+    before = CardState(S.TEMP_LOST, False, app_locked)
+    after = dataclasses.replace(before, status=S.ACTIVE)
+    change = (HotlistAction.UNBLOCK, HotlistReason.LOSS_EXPIRED) if after.usable else None
+    await _record(
+        conn, card_id, card_sn, "temporary-loss-expired", SYSTEM, S.TEMP_LOST, Plan(after, change), {}
+    )
+
+
+async def expire_temporary_losses(pool: asyncpg.Pool, batch_rows_max: int = 500) -> int:
+    """Record every temporary loss whose period has run out (the sweeper); returns how many."""
+    done = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """SELECT card_id, card_sn, app_locked FROM card
+                   WHERE status = 3 AND temp_loss_until <= now()
+                   ORDER BY temp_loss_until LIMIT $1 FOR UPDATE SKIP LOCKED""",
+                batch_rows_max,
+            )
+            for r in rows:
+                await _expire_one(conn, r["card_id"], r["card_sn"], r["app_locked"])
+        done += len(rows)
+        if len(rows) < batch_rows_max:
+            return done

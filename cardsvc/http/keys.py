@@ -1,0 +1,14 @@
+"""Typed keys for the app and the request."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from cardsvc.security.terminals import TerminalRecord
+from cardsvc.services import Services
+
+__all__ = ["AUTH", "BODY", "SERVICES"]
+
+SERVICES = web.AppKey("services", Services)
+AUTH = web.RequestKey("auth", TerminalRecord)
+BODY = web.RequestKey("body", bytes)

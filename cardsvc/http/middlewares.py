@@ -1,0 +1,195 @@
+"""Middlewares, outermost first:
+
+1. `observe`: request id, latency and status metrics, the access log line, the request deadline, and
+   the translation of every error into problem+json (never a 500 for anything a client can send; a
+   database that cannot be reached is a 503 with Retry-After).
+2. `authenticate`: reads the body (bounded), verifies the terminal's request signature, the clock skew,
+   the nonce (single use across all workers) and that the terminal may call this operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from cardsvc import metrics
+from cardsvc.logs import REQUEST_ID
+from cardsvc.store.batcher import BatcherClosed, BatcherOverloaded
+from cardsvc.store.pool import DB_UNAVAILABLE_ERRORS
+from protocols import terminal_auth
+from protocols.errors import CodecError
+
+from .keys import AUTH, BODY, SERVICES
+from .problem import ApiError, problem_response
+
+__all__ = ["authenticate", "observe", "operation"]
+
+log = logging.getLogger("cardsvc.http")
+access_log = logging.getLogger("cardsvc.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OperationSpec = str | Callable[[web.Request], str]
+_REQUEST_ID_CHARS_MAX = 64
+_UNAVAILABLE: tuple[type[BaseException], ...] = (BatcherClosed, *DB_UNAVAILABLE_ERRORS)
+
+
+def operation(spec: OperationSpec) -> Callable[[Handler], Handler]:
+    """Mark a handler as a signed operation; `spec` names it or computes it from the request."""
+
+    def mark(handler: Handler) -> Handler:
+        handler.cardsvc_operation = spec  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    if 0 < len(given) <= _REQUEST_ID_CHARS_MAX and all(c.isalnum() or c in "-_." for c in given):
+        return given
+    return secrets.token_hex(8)
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    rid = _request_id(request)
+    token = REQUEST_ID.set(rid)
+    route = _route_name(request)
+    metrics.HTTP_REQUESTS_IN_FLIGHT.inc()
+    status = 499  # the client went away before an answer
+    try:
+        response = await _answer(request, handler, rid, route)
+        response.headers["X-Request-Id"] = rid
+        status = response.status
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.HTTP_REQUESTS_IN_FLIGHT.dec()
+        metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
+        metrics.HTTP_REQUEST_DURATION.labels(route, request.method).observe(elapsed)
+        term = request.get(AUTH)
+        access_log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 3),
+                "terminal_id": term.terminal_id if term is not None else None,
+            },
+        )
+        REQUEST_ID.reset(token)
+
+
+async def _answer(request: web.Request, handler: Handler, rid: str, route: str) -> web.StreamResponse:
+    retry = {"Retry-After": "2"}
+    try:
+        async with asyncio.timeout(request.app[SERVICES].settings.request_timeout_s):
+            return await handler(request)
+    except ApiError as err:
+        return problem_response(err, rid)
+    except web.HTTPException as exc:
+        return problem_response(_from_http_exception(exc), rid)
+    except TimeoutError:
+        log.warning("request deadline exceeded", extra={"route": route})
+        return problem_response(ApiError("timeout", headers=retry), rid)
+    except BatcherOverloaded:
+        return problem_response(ApiError("overloaded", headers=retry), rid)
+    except _UNAVAILABLE:
+        log.warning("database unavailable", extra={"route": route}, exc_info=True)
+        return problem_response(ApiError("db_unavailable", headers=retry), rid)
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate and exc.sqlstate.startswith(("08", "57P")):
+            return problem_response(ApiError("db_unavailable", headers=retry), rid)
+        log.exception("database error", extra={"route": route, "sqlstate": exc.sqlstate})
+        return problem_response(ApiError("internal"), rid)
+    except Exception:
+        log.exception("unhandled error", extra={"route": route})
+        return problem_response(ApiError("internal"), rid)
+
+
+def _from_http_exception(exc: web.HTTPException) -> ApiError:
+    if exc.status == 404:
+        return ApiError("not_found")
+    if exc.status == 405:
+        return ApiError("method_not_allowed")
+    if exc.status == 413:
+        return ApiError("body_too_large")
+    return ApiError("invalid_parameter", exc.reason)
+
+
+def _auth_failure(reason: str, code: str, field: str | None = None, detail: str | None = None) -> ApiError:
+    metrics.REQUEST_AUTH_FAILURES.labels(reason).inc()
+    return ApiError(code, detail, field=field)
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    spec: OperationSpec | None = getattr(request.match_info.handler, "cardsvc_operation", None)
+    if spec is None:
+        return await handler(request)
+    svc = request.app[SERVICES]
+    if request.content_length is not None and request.content_length > svc.settings.body_bytes_max:
+        raise ApiError("body_too_large", f"at most {svc.settings.body_bytes_max} bytes")
+    body = await request.read()
+    request[BODY] = body
+    try:
+        headers = terminal_auth.parse_auth_headers(request.headers)
+    except CodecError as exc:
+        reason = "missing" if exc.code == "auth_missing" else "malformed"
+        raise _auth_failure(reason, exc.code, exc.field, str(exc)) from None
+    now = time.time()
+    if abs(now - headers.timestamp) > svc.settings.clock_skew_s:
+        raise _auth_failure("expired", "auth_expired", "X-Cardsvc-Timestamp")
+    term = svc.terminals.get(headers.terminal_id)
+    key = term.keys.get(headers.key_id) if term is not None and not term.disabled else None
+    if term is None or key is None or not key.valid_at(dt.datetime.fromtimestamp(now, dt.UTC)):
+        raise _auth_failure("unknown_terminal", "auth_unknown_terminal", "X-Cardsvc-Terminal")
+    canonical = terminal_auth.canonical_request(
+        request.method,
+        *request.raw_path.partition("?")[::2],
+        headers.terminal_id,
+        headers.key_id,
+        headers.timestamp,
+        headers.nonce,
+        terminal_auth.body_digest(body),
+    )
+    expected = terminal_auth.expected_signature(key.secret, canonical)
+    if not terminal_auth.signature_matches(expected, headers.signature):
+        raise _auth_failure("bad_signature", "auth_bad_signature", "X-Cardsvc-Signature")
+    op = spec if isinstance(spec, str) else spec(request)
+    if op not in term.operations:
+        raise _auth_failure(
+            "forbidden", "forbidden_operation", detail=f"{term.kind} {term.terminal_id} may not {op}"
+        )
+    if not await svc.nonces.submit((headers.terminal_id, headers.nonce)):
+        raise _auth_failure("replayed", "auth_replayed", "X-Cardsvc-Nonce")
+    request[AUTH] = term
+    return await handler(request)
+
+
+def json_body(request: web.Request) -> Any:
+    import orjson
+
+    body = request.get(BODY, b"")
+    ctype = request.content_type
+    if body and ctype not in ("application/json", "application/octet-stream", ""):
+        raise ApiError("bad_content_type")
+    try:
+        return orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ApiError("bad_json", f"{exc}"[:200]) from None

@@ -1,0 +1,70 @@
+"""Every limit of the service, as a named constant with its unit last.
+
+Defaults only: each one that an operator may want to change is also a field of `cardsvc.config.Settings`
+(environment variable CARDSVC_<NAME>). Nothing in the service is unbounded.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AUDIT_PAGE_ROWS_MAX",
+    "BATCH_ITEMS_MAX",
+    "BATCH_QUEUE_ITEMS_MAX",
+    "BATCH_WAIT_MS_MAX",
+    "BODY_BYTES_MAX",
+    "CLOCK_SKEW_S",
+    "CREDENTIAL_USE_RETENTION_S",
+    "DB_COMMAND_TIMEOUT_S",
+    "DB_CONNECT_TIMEOUT_S",
+    "DB_POOL_MAX",
+    "DB_POOL_MIN",
+    "ECARD_CODE_LIFETIME_S",
+    "HOTLIST_BLOCK_ENTRIES_DEFAULT",
+    "HOTLIST_BLOCK_ENTRIES_MAX",
+    "JSON_DEPTH_MAX",
+    "KEY_CACHE_REFRESH_S",
+    "KEY_ROTATION_OVERLAP_S",
+    "NONCE_RETENTION_S",
+    "REQUEST_TIMEOUT_S",
+    "SHUTDOWN_GRACE_S",
+    "SIGNATURE_THREADS_MAX",
+    "SWEEP_INTERVAL_S",
+    "TEMP_LOSS_DAYS",
+]
+
+BODY_BYTES_MAX = 64 * 1024
+JSON_DEPTH_MAX = 8
+REQUEST_TIMEOUT_S = 10.0
+SHUTDOWN_GRACE_S = 15.0
+
+DB_POOL_MIN = 2
+DB_POOL_MAX = 16
+DB_CONNECT_TIMEOUT_S = 5.0
+DB_COMMAND_TIMEOUT_S = 5.0
+
+# A signed request is accepted within this window of the server clock; a nonce is remembered at least
+# that long (twice, to cover a clock step on either side).
+CLOCK_SKEW_S = 300
+NONCE_RETENTION_S = 2 * CLOCK_SKEW_S
+
+# Electronic social security card codes refresh about every 60 s and are valid at most that long.
+ECARD_CODE_LIFETIME_S = 60
+# Single-use records of codes and card challenges are kept past every credential lifetime.
+CREDENTIAL_USE_RETENTION_S = 2 * CLOCK_SKEW_S
+
+TEMP_LOSS_DAYS = 15
+KEY_ROTATION_OVERLAP_S = 7 * 24 * 3600
+KEY_CACHE_REFRESH_S = 60.0
+SWEEP_INTERVAL_S = 30.0
+
+HOTLIST_BLOCK_ENTRIES_DEFAULT = 1000
+HOTLIST_BLOCK_ENTRIES_MAX = 10_000
+AUDIT_PAGE_ROWS_MAX = 500
+
+# Micro-batcher: coalesce concurrent writes of one kind into one set-based statement.
+BATCH_ITEMS_MAX = 256
+BATCH_WAIT_MS_MAX = 2.0
+BATCH_QUEUE_ITEMS_MAX = 8192
+
+# SM2 verification costs ~0.4 ms: it runs on a small thread pool, off the event loop.
+SIGNATURE_THREADS_MAX = 2

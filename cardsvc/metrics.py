@@ -1,0 +1,106 @@
+"""Prometheus metrics, named by the Prometheus conventions (base units, _total for counters).
+
+Correct across worker processes: `cardsvc serve --workers N` sets PROMETHEUS_MULTIPROC_DIR before this
+module is imported, so every worker writes its samples to shared files and /metrics (in any worker)
+aggregates them. Labels never carry personal data: only routes (templates, not paths), status codes,
+credential kinds, outcomes and operation names, all from closed sets.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "DB_POOL_CONNECTIONS",
+    "DB_POOL_IN_USE",
+    "HOTLIST_VERSION",
+    "HTTP_REQUESTS",
+    "HTTP_REQUESTS_IN_FLIGHT",
+    "HTTP_REQUEST_DURATION",
+    "LIFECYCLE_OPERATIONS",
+    "REQUEST_AUTH_FAILURES",
+    "VERIFICATIONS",
+    "VERIFICATION_DURATION",
+    "render",
+]
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HTTP_REQUESTS = Counter(
+    "cardsvc_http_requests_total",
+    "HTTP requests answered, by route template, method and status.",
+    ["route", "method", "status"],
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "cardsvc_http_request_duration_seconds",
+    "Time from request received to response sent.",
+    ["route", "method"],
+    buckets=_LATENCY_BUCKETS_S,
+)
+HTTP_REQUESTS_IN_FLIGHT = Gauge(
+    "cardsvc_http_requests_in_flight",
+    "Requests being handled.",
+    multiprocess_mode="livesum",
+)
+VERIFICATIONS = Counter(
+    "cardsvc_credential_verifications_total",
+    "Credential verifications by kind (card_cryptogram, ecard_code) and outcome "
+    "(ok, forged, replayed, expired, malformed, card_unusable, unknown_card).",
+    ["kind", "outcome"],
+)
+VERIFICATION_DURATION = Histogram(
+    "cardsvc_credential_verification_duration_seconds",
+    "Time to verify one credential, by kind.",
+    ["kind"],
+    buckets=_LATENCY_BUCKETS_S,
+)
+REQUEST_AUTH_FAILURES = Counter(
+    "cardsvc_request_auth_failures_total",
+    "Signed requests refused, by reason (missing, malformed, unknown_terminal, bad_signature, expired, "
+    "replayed, forbidden).",
+    ["reason"],
+)
+LIFECYCLE_OPERATIONS = Counter(
+    "cardsvc_card_lifecycle_operations_total",
+    "Card and e-card lifecycle operations, by operation and result.",
+    ["operation", "result"],
+)
+HOTLIST_VERSION = Gauge(
+    "cardsvc_hotlist_version",
+    "Latest hotlist version seen by this service.",
+    multiprocess_mode="max",
+)
+DB_POOL_CONNECTIONS = Gauge(
+    "cardsvc_db_pool_connections",
+    "Open database connections in the pools.",
+    multiprocess_mode="livesum",
+)
+DB_POOL_IN_USE = Gauge(
+    "cardsvc_db_pool_connections_in_use",
+    "Database connections checked out of the pools.",
+    multiprocess_mode="livesum",
+)
+
+
+def render() -> bytes:
+    """The exposition text: aggregated over all workers in multiprocess mode."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY)

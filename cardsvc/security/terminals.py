@@ -1,0 +1,258 @@
+"""Terminals and operators: who may call what, and with which keys.
+
+A terminal has a kind (transit validator, hospital HIS, pharmacy POS, merchant POS, agency, card office,
+e-card channel, ops), an organisation, the operations it may call (a subset of its kind's) and one or
+more HMAC-SM3 keys. Secrets are 32 random bytes, shown once at creation, stored encrypted with the
+terminal key-encryption key. Rotation adds a new key and gives the old one an end (the overlap period).
+
+Every worker keeps all terminals and keys in memory (`TerminalRegistry`), reloaded when the database
+NOTIFYs a change and, as a fallback, on a timer: a request never reads the database to authenticate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import secrets
+from collections.abc import Iterable, Mapping
+
+import asyncpg
+
+from protocols import sm, terminal_auth
+
+__all__ = [
+    "KINDS",
+    "OPERATIONS",
+    "KeyRecord",
+    "TerminalAdminError",
+    "TerminalRecord",
+    "TerminalRegistry",
+    "add_terminal",
+    "rotate_key",
+]
+
+log = logging.getLogger("cardsvc.terminals")
+
+OPERATIONS: dict[str, str] = {
+    "holder.create": "register cardholders",
+    "holder.lookup": "find a cardholder by ID number",
+    "card.issue": "issue cards",
+    "card.read": "read cards and their audit trail",
+    "card.lifecycle": "activate, lift or formalise losses, replace, cancel, lock and unlock cards",
+    "card.report_loss": "report a card lost (temporary loss)",
+    "ecard.issue": "sign electronic cards",
+    "ecard.revoke": "revoke electronic cards",
+    "ecard.read": "read electronic cards",
+    "card.authenticate": "verify physical card cryptograms",
+    "ecard.verify": "verify electronic card codes",
+    "hotlist.read": "download hotlist changes",
+}
+
+_ACCEPTANCE = frozenset({"card.authenticate", "ecard.verify", "hotlist.read"})
+KINDS: dict[str, frozenset[str]] = {
+    "transit_validator": _ACCEPTANCE,
+    "hospital_his": _ACCEPTANCE,
+    "pharmacy_pos": _ACCEPTANCE,
+    "merchant_pos": _ACCEPTANCE,
+    "government_service": _ACCEPTANCE | {"card.read"},
+    "agency": frozenset({"card.read", "card.authenticate", "ecard.verify", "holder.lookup"}),
+    "card_office": frozenset(OPERATIONS),
+    "ecard_channel": frozenset(
+        {"ecard.issue", "ecard.revoke", "ecard.read", "card.report_loss", "card.read"}
+    ),
+    "ops": frozenset({"card.read", "ecard.read", "hotlist.read"}),
+}
+
+
+class TerminalAdminError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class KeyRecord:
+    key_id: str
+    secret: bytes
+    not_before: dt.datetime
+    not_after: dt.datetime | None
+
+    def valid_at(self, now: dt.datetime) -> bool:
+        return self.not_before <= now and (self.not_after is None or now < self.not_after)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TerminalRecord:
+    terminal_id: str
+    kind: str
+    org: str
+    operations: frozenset[str]
+    disabled: bool
+    keys: Mapping[str, KeyRecord] = dataclasses.field(repr=False)
+
+
+def _aad(terminal_id: str, key_id: str) -> bytes:
+    return f"terminal_key:{terminal_id}:{key_id}".encode()
+
+
+class TerminalRegistry:
+    CHANNEL = "cardsvc_terminals"
+
+    def __init__(self, kek: bytes, refresh_s: float) -> None:
+        self._kek = kek
+        self._refresh_s = refresh_s
+        self._by_id: dict[str, TerminalRecord] = {}
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listener: asyncpg.Connection | None = None
+        self.loads = 0
+
+    def get(self, terminal_id: str) -> TerminalRecord | None:
+        return self._by_id.get(terminal_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    async def load(self, conn: asyncpg.Connection) -> None:
+        rows = await conn.fetch(
+            """SELECT t.terminal_id, t.kind, t.org, t.operations, t.disabled,
+                      k.key_id, k.secret_cipher, k.not_before, k.not_after
+               FROM terminal t LEFT JOIN terminal_key k USING (terminal_id)"""
+        )
+        keys: dict[str, dict[str, KeyRecord]] = {}
+        meta: dict[str, asyncpg.Record] = {}
+        for r in rows:
+            meta[r["terminal_id"]] = r
+            bucket = keys.setdefault(r["terminal_id"], {})
+            if r["key_id"] is not None:
+                secret = sm.sm4_gcm_decrypt(
+                    self._kek, r["secret_cipher"], _aad(r["terminal_id"], r["key_id"])
+                )
+                bucket[r["key_id"]] = KeyRecord(r["key_id"], secret, r["not_before"], r["not_after"])
+        self._by_id = {
+            tid: TerminalRecord(
+                tid, r["kind"], r["org"], frozenset(r["operations"]), r["disabled"], keys[tid]
+            )
+            for tid, r in meta.items()
+        }
+        self.loads += 1
+
+    async def start(self, pool: asyncpg.Pool) -> None:
+        async with pool.acquire() as conn:
+            await self.load(conn)
+        self._task = asyncio.get_running_loop().create_task(self._refresh_loop(pool))
+
+    async def _refresh_loop(self, pool: asyncpg.Pool) -> None:
+        while True:
+            try:
+                if self._listener is None or self._listener.is_closed():
+                    self._listener = await pool.acquire()
+                    await self._listener.add_listener(self.CHANNEL, self._on_notify)
+                    self._changed.set()  # changes may have been missed while not listening
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self._refresh_s)
+                self._changed.clear()
+                async with pool.acquire() as conn:
+                    await self.load(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("terminal cache refresh failed; keeping the cached copy", exc_info=True)
+                await self._drop_listener(pool)
+                await asyncio.sleep(1.0)
+
+    def _on_notify(self, *_: object) -> None:
+        self._changed.set()
+
+    async def _drop_listener(self, pool: asyncpg.Pool) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(self.CHANNEL, self._on_notify)
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
+
+    async def stop(self, pool: asyncpg.Pool) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._drop_listener(pool)
+
+
+def _check_operations(kind: str, operations: Iterable[str] | None) -> list[str]:
+    if kind not in KINDS:
+        raise TerminalAdminError(f"unknown kind {kind!r}; one of: {', '.join(sorted(KINDS))}")
+    ops = sorted(KINDS[kind] if operations is None else set(operations))
+    extra = set(ops) - KINDS[kind]
+    if extra:
+        raise TerminalAdminError(f"a {kind} may not call {', '.join(sorted(extra))}")
+    if not ops:
+        raise TerminalAdminError("a terminal needs at least one operation")
+    return ops
+
+
+async def add_terminal(
+    conn: asyncpg.Connection,
+    kek: bytes,
+    terminal_id: str,
+    kind: str,
+    org: str,
+    operations: Iterable[str] | None = None,
+    description: str = "",
+    key_id: str = "k1",
+) -> bytes:
+    """Create a terminal with one key; return the secret (shown once, never stored in clear)."""
+    ops = _check_operations(kind, operations)
+    secret = secrets.token_bytes(terminal_auth.SECRET_LEN_BYTES)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO terminal (terminal_id, kind, org, operations, description) VALUES ($1,$2,$3,$4,$5)",
+                terminal_id,
+                kind,
+                org,
+                ops,
+                description,
+            )
+            await conn.execute(
+                "INSERT INTO terminal_key (terminal_id, key_id, secret_cipher) VALUES ($1, $2, $3)",
+                terminal_id,
+                key_id,
+                sm.sm4_gcm_encrypt(kek, secret, _aad(terminal_id, key_id)),
+            )
+    except asyncpg.UniqueViolationError:
+        raise TerminalAdminError(f"terminal {terminal_id} already exists") from None
+    except asyncpg.CheckViolationError:
+        raise TerminalAdminError("terminal id must be 1-32 characters of A-Z a-z 0-9 . _ -") from None
+    return secret
+
+
+async def rotate_key(
+    conn: asyncpg.Connection, kek: bytes, terminal_id: str, new_key_id: str, overlap_s: int
+) -> bytes:
+    """Add a new key; every older key stays valid for `overlap_s` more seconds, then stops."""
+    secret = secrets.token_bytes(terminal_auth.SECRET_LEN_BYTES)
+    async with conn.transaction():
+        exists = await conn.fetchval("SELECT 1 FROM terminal WHERE terminal_id = $1 FOR UPDATE", terminal_id)
+        if not exists:
+            raise TerminalAdminError(f"no terminal {terminal_id}")
+        try:
+            await conn.execute(
+                "INSERT INTO terminal_key (terminal_id, key_id, secret_cipher) VALUES ($1, $2, $3)",
+                terminal_id,
+                new_key_id,
+                sm.sm4_gcm_encrypt(kek, secret, _aad(terminal_id, new_key_id)),
+            )
+        except asyncpg.UniqueViolationError:
+            raise TerminalAdminError(f"terminal {terminal_id} already has a key {new_key_id}") from None
+        await conn.execute(
+            """UPDATE terminal_key SET not_after = LEAST(coalesce(not_after, 'infinity'),
+                                                    now() + make_interval(secs => $3))
+               WHERE terminal_id = $1 AND key_id <> $2""",
+            terminal_id,
+            new_key_id,
+            overlap_s,
+        )
+    return secret

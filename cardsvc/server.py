@@ -1,0 +1,109 @@
+"""Running the service: one process, or N worker processes on one port (SO_REUSEPORT).
+
+Graceful shutdown on SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to
+`shutdown_grace_s`), then close the batchers and the pool. With --workers N the parent supervises:
+it forwards the signal to every worker, waits for them, and restarts a worker that dies unexpectedly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from cardsvc.config import Settings
+
+__all__ = ["run_worker", "serve"]
+
+log = logging.getLogger("cardsvc.server")
+
+WORKER_RESTART_DELAY_S = 1.0
+
+
+async def _serve_async(settings: Settings, dsn: str, key_path: Path, reuse_port: bool) -> None:
+    from aiohttp import web
+
+    from cardsvc.app import create_app
+    from cardsvc.security.keys import KeyRing
+
+    app = create_app(settings, dsn, KeyRing.load(key_path))
+    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_grace_s, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=1024)
+    await site.start()
+    log.info("listening", extra={"host": settings.host, "port": settings.port, "pid": os.getpid()})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests", extra={"pid": os.getpid()})
+    await runner.cleanup()
+    log.info("stopped", extra={"pid": os.getpid()})
+
+
+def run_worker(settings: Settings, dsn: str, key_path: Path, reuse_port: bool = False) -> None:
+    import uvloop
+
+    from cardsvc.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    uvloop.run(_serve_async(settings, dsn, key_path, reuse_port))
+
+
+def _worker_entry(settings: Settings, dsn: str, key_path: Path) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; workers stop on SIGTERM
+    run_worker(settings, dsn, key_path, reuse_port=True)
+
+
+def serve(settings: Settings, dsn: str, key_path: Path) -> int:
+    """Run the service in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    if settings.workers == 1:
+        run_worker(settings, dsn, key_path)
+        return 0
+    # Metrics from every worker land in one directory and /metrics aggregates them.
+    metrics_dir = Path(tempfile.mkdtemp(prefix="cardsvc-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    ctx = mp.get_context("spawn")
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def spawn() -> mp.process.BaseProcess:
+        p = ctx.Process(target=_worker_entry, args=(settings, dsn, key_path), daemon=False)
+        p.start()
+        return p
+
+    workers = [spawn() for _ in range(settings.workers)]
+    log.info("started workers", extra={"workers": settings.workers, "pids": [p.pid for p in workers]})
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for i, p in enumerate(workers):
+                if not p.is_alive() and not stopping:
+                    log.error("worker died; restarting", extra={"pid": p.pid, "exitcode": p.exitcode})
+                    time.sleep(WORKER_RESTART_DELAY_S)
+                    workers[i] = spawn()
+    finally:
+        for p in workers:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + settings.shutdown_grace_s + 5
+        for p in workers:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0

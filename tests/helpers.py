@@ -1,0 +1,165 @@
+"""Test helpers: a signed client for the API and builders of cardholders, cards and credentials."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import itertools
+import os
+import secrets
+import time
+import urllib.parse
+from typing import Any
+
+import asyncpg
+import orjson
+
+from cardsvc.app import create_app
+from cardsvc.config import Settings
+from cardsvc.security import terminals
+from cardsvc.security.keys import KeyRing
+from protocols import card, ecard, idnumber, sm, terminal_auth
+
+_serial = itertools.count(1)
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
+
+
+@dataclasses.dataclass
+class Terminal:
+    terminal_id: str
+    key_id: str
+    secret: bytes
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    headers: Any
+    body: Any
+
+
+def new_id_number(rng_seq: int | None = None) -> str:
+    n = next(_serial) if rng_seq is None else rng_seq
+    birth = dt.date(1950, 1, 1) + dt.timedelta(days=(n * 37) % 20000)
+    return idnumber.make_id_number("500101", birth, n % 1000)
+
+
+def new_card_numbers() -> tuple[str, str]:
+    n = next(_serial)
+    card_no = f"T{n:08d}"
+    card_sn = "500100D156000005" + secrets.token_hex(8).upper()
+    return card_no, card_sn
+
+
+class ServiceHarness:
+    def __init__(self, dsn: str, keys: KeyRing, settings: Settings) -> None:
+        self.dsn = dsn
+        self.keys = keys
+        self.settings = settings
+        self.terminals: dict[str, Terminal] = {}
+
+    async def start(self, aiohttp_client: Any) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            for kind in terminals.KINDS:
+                await self.add_terminal(conn, kind, kind)
+        finally:
+            await conn.close()
+        self.app = create_app(self.settings, self.dsn, self.keys, maintenance=False)
+        self.client = await aiohttp_client(self.app)
+
+    async def add_terminal(
+        self, conn: asyncpg.Connection, name: str, kind: str, ops: list[str] | None = None
+    ) -> Terminal:
+        tid = f"{name}-{next(_serial)}"[:32]
+        secret = await terminals.add_terminal(conn, self.keys.terminal_kek, tid, kind, "test-org", ops)
+        self.terminals[name] = Terminal(tid, "k1", secret)
+        return self.terminals[name]
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        as_: str = "card_office",
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        sign: bool = True,
+        now_s: int | None = None,
+        nonce: str | None = None,
+    ) -> Response:
+        data = raw if raw is not None else (orjson.dumps(body) if body is not None else b"")
+        hdrs = {"Content-Type": "application/json"} if data else {}
+        if sign:
+            t = self.terminals[as_]
+            hdrs.update(
+                terminal_auth.sign_request(
+                    t.terminal_id, t.key_id, t.secret, method, path, data, now_s=now_s, nonce=nonce
+                )
+            )
+        hdrs.update(headers or {})
+        resp = await self.client.request(method, path, data=data, headers=hdrs)
+        text = await resp.read()
+        try:
+            parsed = orjson.loads(text) if text else None
+        except orjson.JSONDecodeError:
+            parsed = text.decode(errors="replace")
+        return Response(resp.status, resp.headers, parsed)
+
+    async def get(self, path: str, **kw: Any) -> Response:
+        return await self.request("GET", path, **kw)
+
+    async def post(self, path: str, body: Any = None, **kw: Any) -> Response:
+        return await self.request("POST", path, {} if body is None else body, **kw)
+
+    # ---------------------------------------------------------------- builders
+
+    async def new_holder(self) -> int:
+        r = await self.post("/v1/holders", {"id_number": new_id_number(), "name": "张三丰"})
+        assert r.status == 201, r.body
+        return int(r.body["holder_id"])
+
+    async def new_card(self, *, activate: bool = True, has_purse: bool = False) -> dict[str, Any]:
+        holder_id = await self.new_holder()
+        card_no, card_sn = new_card_numbers()
+        r = await self.post(
+            "/v1/cards",
+            {
+                "holder_id": holder_id,
+                "card_no": card_no,
+                "card_sn": card_sn,
+                "expires_on": (dt.date.today() + dt.timedelta(days=3650)).isoformat(),
+                "has_purse": has_purse,
+            },
+        )
+        assert r.status == 201, r.body
+        if activate:
+            r = await self.post(f"/v1/cards/{card_no}/activate", {"operator": "staff-1"})
+            assert r.status == 200, r.body
+        return dict(r.body)
+
+    def card_sim(self, card_sn: str) -> card.CardSimulator:
+        return card.CardSimulator(card_sn, master_key=self.keys.card_auth_master)
+
+    def card_auth_body(self, card_sn: str, now_s: int | None = None) -> dict[str, str]:
+        return card.build_card_auth_request(self.card_sim(card_sn), now_s or int(time.time()), os.urandom(4))
+
+    async def new_ecard(self, card_no: str, alg: int = sm.ALG_SM2_SM3) -> ecard.EcardDevice:
+        device = ecard.EcardDevice.generate(1, alg)  # the id is known only once signed
+        r = await self.post(
+            "/v1/ecards",
+            {
+                "card_no": card_no,
+                "channel": "gov_app",
+                "alg": alg,
+                "device_public_key": device.public_key_bytes.hex(),
+            },
+            as_="ecard_channel",
+        )
+        assert r.status == 201, r.body
+        return ecard.EcardDevice(alg, device.private_key, r.body["ecard_id"])
