@@ -69,7 +69,7 @@ async def maintenance_once(pool: asyncpg.Pool, settings: Settings) -> None:
         )
         await conn.execute(
             "DELETE FROM credential_use WHERE used_at < now() - make_interval(secs => $1)",
-            float(2 * settings.clock_skew_s + settings.ecard_code_lifetime_s),
+            float(2 * settings.clock_skew_s + max(settings.ecard_code_lifetime_s, settings.card_challenge_age_s)),
         )
         await conn.execute("SELECT cardsvc_ensure_partitions(now()::date, 3)")
 

@@ -47,6 +47,7 @@ class Settings:
     db_command_timeout_s: float = limits.DB_COMMAND_TIMEOUT_S
     clock_skew_s: int = limits.CLOCK_SKEW_S
     ecard_code_lifetime_s: int = limits.ECARD_CODE_LIFETIME_S
+    card_challenge_age_s: int = limits.CARD_CHALLENGE_AGE_S
     temp_loss_days: int = limits.TEMP_LOSS_DAYS
     key_rotation_overlap_s: int = limits.KEY_ROTATION_OVERLAP_S
     key_cache_refresh_s: float = limits.KEY_CACHE_REFRESH_S
@@ -125,6 +126,7 @@ def _validate(s: Settings) -> None:
         "db_command_timeout_s",
         "clock_skew_s",
         "ecard_code_lifetime_s",
+        "card_challenge_age_s",
         "temp_loss_days",
         "hotlist_block_entries_max",
         "batch_items_max",

@@ -12,6 +12,7 @@ __all__ = [
     "BATCH_QUEUE_ITEMS_MAX",
     "BATCH_WAIT_MS_MAX",
     "BODY_BYTES_MAX",
+    "CARD_CHALLENGE_AGE_S",
     "CLOCK_SKEW_S",
     "CREDENTIAL_USE_RETENTION_S",
     "DB_COMMAND_TIMEOUT_S",
@@ -49,6 +50,8 @@ NONCE_RETENTION_S = 2 * CLOCK_SKEW_S
 
 # Electronic social security card codes refresh about every 60 s and are valid at most that long.
 ECARD_CODE_LIFETIME_S = 60
+# A card's INTERNAL AUTHENTICATE answer is accepted this long after the terminal stamped its challenge.
+CARD_CHALLENGE_AGE_S = 60
 # Single-use records of codes and card challenges are kept past every credential lifetime.
 CREDENTIAL_USE_RETENTION_S = 2 * CLOCK_SKEW_S
 
