@@ -90,7 +90,26 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     dsn = resolve_dsn(settings)
     if settings.embedded:  # the zero-setup default keeps its own schema current
         _run(_migrate(settings))
+    else:  # refuse here, once: workers that fail at start-up would be restarted forever
+        todo = _run(_pending_migrations(settings))
+        if todo:
+            print(
+                f"error: database schema is behind: {len(todo)} migration(s) pending "
+                f"({', '.join(todo)}); run `cardsvc migrate`",
+                file=sys.stderr,
+            )
+            return 1
     return serve(settings, dsn, settings.key_path)
+
+
+async def _pending_migrations(settings: Settings) -> list[str]:
+    from cardsvc.store import migrate
+
+    conn = await _connect(settings)
+    try:
+        return [f"{m.version:04d}_{m.name}" for m in await migrate.pending(conn)]
+    finally:
+        await conn.close()
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -275,9 +294,9 @@ def cmd_terminal(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_card(settings: Settings, args: argparse.Namespace) -> int:
+    from cardsvc.errors import ApiError
     from cardsvc.flows import lifecycle, registry
     from cardsvc.flows.actor import Actor
-    from cardsvc.http.problem import ApiError
     from protocols import api
 
     async def go() -> int:

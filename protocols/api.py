@@ -94,7 +94,7 @@ def clean_text(value: str, max_chars: int) -> str:
     except UnicodeEncodeError:
         raise ValueError("contains an unpaired surrogate") from None
     value = unicodedata.normalize("NFC", value)
-    if _CONTROL.search(value):
+    if _CONTROL.search(value) or any(unicodedata.category(c) == "Cf" for c in value):
         raise ValueError("contains control or invisible characters")
     if len(value) > max_chars:
         raise ValueError(f"longer than {max_chars} characters")
@@ -163,7 +163,8 @@ class Field:
             if self.min_chars is not None:
                 schema["minLength"] = self.min_chars
             if self.pattern is not None:
-                schema["pattern"] = f"^{self.pattern}$"
+                # Grouped: "^a|b$" would anchor only the first alternative's start and the last's end.
+                schema["pattern"] = f"^(?:{self.pattern})$" if "|" in self.pattern else f"^{self.pattern}$"
         if self.enum is not None:
             schema["enum"] = list(self.enum)
         if self.fmt is not None:

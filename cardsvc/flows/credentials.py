@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 
 from cardsvc import metrics
-from cardsvc.http.problem import ApiError
+from cardsvc.errors import ApiError
 from cardsvc.services import Services
 from protocols import card, ecard
 from protocols.errors import CodecError
@@ -55,6 +55,25 @@ def _accept(kind: str, started: float) -> None:
     metrics.VERIFICATION_DURATION.labels(kind).observe(time.perf_counter() - started)
 
 
+def _stale(stamped_s: int, now: dt.datetime, lifetime_s: int, svc: Services) -> str | None:
+    """A credential is valid `lifetime_s` after it was stamped. The clock skew is allowed on the future
+    side only, so that it never stretches the lifetime (docs/configuration.md)."""
+    age_s = int(now.timestamp()) - stamped_s
+    if age_s > lifetime_s:
+        return "expired"
+    if age_s < -svc.settings.clock_skew_s:
+        return "stamped in the future"
+    return None
+
+
+def _why_unusable(view: dict[str, Any]) -> str:
+    if view["status"] != "active":
+        return f"the card is {view['status']}"
+    if view["app_locked"]:
+        return "the card's application is locked"
+    return "the card has expired"
+
+
 def _token(challenge8: bytes) -> int:
     return int.from_bytes(challenge8, "big", signed=True)
 
@@ -65,11 +84,9 @@ async def verify_card(svc: Services, body: dict[str, Any], now: dt.datetime) -> 
     card_ch = bytes.fromhex(body["card_challenge"])
     term_ch = bytes.fromhex(body["terminal_challenge"])
     cryptogram = bytes.fromhex(body["cryptogram"])
-    freshness = card.check_terminal_challenge(
-        term_ch, int(now.timestamp()), svc.settings.card_challenge_age_s, svc.settings.clock_skew_s
-    )
-    if freshness is not None:
-        raise _refuse(kind, "expired", started, f"the terminal challenge is {freshness}")
+    too_old = _stale(card.terminal_challenge_time(term_ch), now, svc.settings.card_challenge_age_s, svc)
+    if too_old is not None:
+        raise _refuse(kind, "expired", started, f"the terminal challenge is {too_old}")
     if not svc.card_keys.verify(body["card_sn"], card_ch, term_ch, cryptogram):
         raise _refuse(kind, "forged", started)
     async with svc.pool.acquire() as conn:
@@ -89,7 +106,7 @@ async def verify_card(svc: Services, body: dict[str, Any], now: dt.datetime) -> 
     view = card_view(row, now)
     if not usable(row, now):
         raise _refuse(
-            kind, "card_unusable", started, f"the card is {view['status']}", card_status=view["status"]
+            kind, "card_unusable", started, _why_unusable(view), card_status=view["status"]
         )
     _accept(kind, started)
     return {"result": "ok", "credential": "card", "card": view}
@@ -102,11 +119,9 @@ async def verify_ecard_code(svc: Services, body: dict[str, Any], now: dt.datetim
         code = ecard.decode_code(body["code"])
     except CodecError:
         raise _refuse(kind, "malformed", started) from None
-    # Valid ecard_code_lifetime_s after it was generated; the clock skew is allowed on the future side
-    # only, so it does not stretch the lifetime (docs/configuration.md).
-    age_s = int(now.timestamp()) - code.issued_at
-    if not -svc.settings.clock_skew_s <= age_s <= svc.settings.ecard_code_lifetime_s:
-        raise _refuse(kind, "expired", started, f"the code is {'expired' if age_s > 0 else 'future'}")
+    too_old = _stale(code.issued_at, now, svc.settings.ecard_code_lifetime_s, svc)
+    if too_old is not None:
+        raise _refuse(kind, "expired", started, f"the code is {too_old}")
     if not 0 < code.ecard_id <= _ECARD_ID_MAX:
         raise _refuse(kind, "forged", started)
     async with svc.pool.acquire() as conn:
@@ -128,7 +143,7 @@ async def verify_ecard_code(svc: Services, body: dict[str, Any], now: dt.datetim
         raise _refuse(kind, "card_unusable", started, "the electronic card is revoked", card_status="revoked")
     if not usable(row, now):
         raise _refuse(
-            kind, "card_unusable", started, f"the card is {view['status']}", card_status=view["status"]
+            kind, "card_unusable", started, _why_unusable(view), card_status=view["status"]
         )
     _accept(kind, started)
     return {

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from cardsvc.http.problem import ApiError
+from cardsvc.errors import ApiError
 from protocols import sm
 from protocols.errors import CodecError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncpg
 
 from cardsvc import metrics
-from cardsvc.http.problem import ApiError
+from cardsvc.errors import ApiError
 from protocols import hotlist
 from protocols.card import HotlistAction, HotlistReason
 

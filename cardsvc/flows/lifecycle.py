@@ -14,10 +14,11 @@ from typing import Any
 
 import asyncpg
 
-from cardsvc.http.problem import ApiError
+from cardsvc.errors import ApiError
 from protocols.card import CardStatus, HotlistAction, HotlistReason
 
 from .actor import SYSTEM, Actor
+from .credentials import KIND_ECARD_CODE
 from .hotlist import append_entry
 from .registry import get_card
 from .views import effective_status
@@ -38,6 +39,12 @@ class CardState:
     @property
     def usable(self) -> bool:
         return self.status == S.ACTIVE and not self.app_locked
+
+    @property
+    def listed(self) -> bool:
+        """On the hotlist: in circulation (activated at some point) and not usable. A card still in the
+        card office (issued, never activated) is in nobody's hands and needs no listing."""
+        return self.status != S.ISSUED and not self.usable
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,10 +101,10 @@ def plan(state: CardState, op: str) -> Plan:
         raise IllegalTransition("cannot cancel a card whose transit purse still holds money; refund it first")
     after = dataclasses.replace(state, status=status_after or state.status, **flags)
     change: tuple[HotlistAction, HotlistReason] | None = None
-    if state.usable and not after.usable:
-        change = (HotlistAction.BLOCK, _BLOCK_REASON[op])
-    elif not state.usable and after.usable and state.status != S.ISSUED:
-        # A newly activated card was never on the list: nothing to lift.
+    if after.listed and not state.listed:
+        # Activating an application-locked card puts it in circulation unusable: list it at once.
+        change = (HotlistAction.BLOCK, _BLOCK_REASON[op] if op != "activate" else HotlistReason.APP_LOCKED)
+    elif state.listed and not after.listed:
         change = (HotlistAction.UNBLOCK, _UNBLOCK_REASON[op])
     return Plan(after, change)
 
@@ -155,7 +162,7 @@ async def apply(
         try:
             p = plan(state, op)
         except IllegalTransition as exc:
-            raise ApiError("illegal_transition", exc.detail, extra={"status": status.api_name}) from None
+            raise ApiError("illegal_transition", exc.detail, extra={"card_status": status.api_name}) from None
 
         detail: dict[str, Any] = {}
         temp_until = now + dt.timedelta(days=temp_loss_days) if p.after.status == S.TEMP_LOST else None
@@ -216,6 +223,16 @@ async def _replace(
         old["card_id"],
         new_id,
     )
+    if moved is not None:
+        # Single use follows the e-card: a code used while it belonged to the old card stays used.
+        await conn.execute(
+            """INSERT INTO credential_use (card_id, kind, token, used_at)
+               SELECT $2, kind, token, used_at FROM credential_use WHERE card_id = $1 AND kind = $3
+               ON CONFLICT DO NOTHING""",
+            old["card_id"],
+            new_id,
+            KIND_ECARD_CODE,
+        )
     await conn.execute(
         """INSERT INTO card_event (card_id, op, terminal_id, operator, request_id, status_before, status_after,
                                    detail)
@@ -242,7 +259,7 @@ async def _expire_one(conn: asyncpg.Connection, card_id: int, card_sn: str, app_
     )
     before = CardState(S.TEMP_LOST, False, app_locked)
     after = dataclasses.replace(before, status=S.ACTIVE)
-    change = (HotlistAction.UNBLOCK, HotlistReason.LOSS_EXPIRED) if after.usable else None
+    change = (HotlistAction.UNBLOCK, HotlistReason.LOSS_EXPIRED) if not after.listed else None
     await _record(
         conn, card_id, card_sn, "temporary-loss-expired", SYSTEM, S.TEMP_LOST, Plan(after, change), {}
     )

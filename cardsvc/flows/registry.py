@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from cardsvc.http.problem import ApiError
+from cardsvc.errors import ApiError
 from cardsvc.security.pii import PiiVault
 from protocols.card import CardStatus
 

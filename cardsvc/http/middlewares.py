@@ -58,7 +58,11 @@ def _route_name(request: web.Request) -> str:
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
-    if 0 < len(given) <= _REQUEST_ID_CHARS_MAX and all(c.isalnum() or c in "-_." for c in given):
+    if (
+        0 < len(given) <= _REQUEST_ID_CHARS_MAX
+        and given.isascii()
+        and all(c.isalnum() or c in "-_." for c in given)
+    ):
         return given
     return secrets.token_hex(8)
 
@@ -126,7 +130,7 @@ def _from_http_exception(exc: web.HTTPException) -> ApiError:
     if exc.status == 404:
         return ApiError("not_found")
     if exc.status == 405:
-        return ApiError("method_not_allowed")
+        return ApiError("method_not_allowed", headers={"Allow": exc.headers.get("Allow", "")})
     if exc.status == 413:
         return ApiError("body_too_large")
     return ApiError("invalid_parameter", exc.reason)
@@ -145,6 +149,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     svc = request.app[SERVICES]
     if request.content_length is not None and request.content_length > svc.settings.body_bytes_max:
         raise ApiError("body_too_large", f"at most {svc.settings.body_bytes_max} bytes")
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        # The signature covers the bytes as sent; a compressed body would be checked after decoding.
+        raise ApiError("bad_content_type", "Content-Encoding is not supported: send the body uncompressed")
     body = await request.read()
     request[BODY] = body
     try:

@@ -53,7 +53,7 @@ def _card_no(request: web.Request) -> str:
 def _int_param(value: str | None, name: str, default: int, lo: int, hi: int) -> int:
     if value is None:
         return default
-    if not value.isdigit() or len(value) > 19 or not lo <= int(value) <= hi:
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or not lo <= int(value) <= hi:
         raise ApiError("invalid_parameter", f"{name} must be an integer in [{lo}, {hi}]", field=name)
     return int(value)
 
@@ -71,6 +71,8 @@ async def readyz(request: web.Request) -> web.Response:
         async with svc.pool.acquire(timeout=2.0) as conn:
             todo = await migrate.pending(conn)
             version = await hotlist.latest_version(conn)
+    except migrate.MigrationError as exc:
+        return _json({"status": "unavailable", "database": "ok", "schema": str(exc)}, 503)
     except Exception as exc:
         return _json({"status": "unavailable", "database": "unreachable", "error": type(exc).__name__}, 503)
     if todo:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import orjson
 
+from protocols import sm
+
 __all__ = ["KeyFileError", "KeyRing"]
 
 _LENGTHS = {
@@ -23,6 +25,7 @@ _LENGTHS = {
     "pii_hash_key": 32,  # HMAC-SM3 key for ID-number look-up hashes
     "pii_enc_key": 16,  # SM4-GCM key for ID numbers and names
     "terminal_kek": 16,  # SM4-GCM key-encryption key for terminal secrets at rest
+    "ride_issuer_key": 32,  # SM2 private scalar that signs ride-code user certificates
 }
 
 
@@ -37,13 +40,16 @@ class KeyRing:
     pii_hash_key: bytes
     pii_enc_key: bytes
     terminal_kek: bytes
+    ride_issuer_key: bytes
 
     def __repr__(self) -> str:  # never print key material
         return "KeyRing(<redacted>)"
 
     @classmethod
     def generate(cls) -> KeyRing:
-        return cls(**{name: secrets.token_bytes(n) for name, n in _LENGTHS.items()})
+        values = {name: secrets.token_bytes(n) for name, n in _LENGTHS.items()}
+        values["ride_issuer_key"] = sm.sm2_generate().scalar_bytes()  # a valid SM2 scalar
+        return cls(**values)
 
     @classmethod
     def load(cls, path: Path) -> KeyRing:

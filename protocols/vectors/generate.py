@@ -6,13 +6,15 @@ stored in a file is kept if it still verifies, so regeneration is idempotent.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import sys
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-from protocols import card, ecard, hotlist, idnumber, sm, terminal_auth
+from protocols import card, clearing, ecard, hotlist, idnumber, ridecode, sm, terminal_auth, transit
 from protocols.errors import CodecError
 
 __all__ = ["VECTOR_DIR", "build_all", "load_existing", "main", "render"]
@@ -312,6 +314,239 @@ def _idnumber() -> Vectors:
     }
 
 
+TRANSIT_TERMINAL = "T-0001.bus_7"
+TRANSIT_GATE = "G-0042.metro_3"
+TRANSIT_T0 = 1_767_225_600
+
+
+def _tac_vector(key: bytes, r: transit.OfflineRecord) -> dict[str, Any]:
+    data = transit.tac_input(r)
+    return {
+        "record": transit.record_to_dict(r),
+        "terminal_tag": transit.terminal_tag(r.terminal_id).hex(),
+        "tac_input": data.hex(),
+        "padded": transit.iso9797_pad_method2(data).hex(),
+        "cbc_mac": transit.sm4_cbc_mac(key, data).hex(),
+        "tac": transit.compute_tac(key, r).hex(),
+    }
+
+
+def _transit() -> Vectors:
+    sn = CARD_SNS[0]
+    key = card.derive_card_key(CARD_MASTER_TAC, sn, card.KEY_PURPOSE_TAC)
+    purse = transit.PurseCard(sn, master_key=CARD_MASTER_TAC, balance_fen=1000, overdraft_fen=500)
+    t = TRANSIT_T0
+    records = [
+        purse.debit(180, TRANSIT_TERMINAL, 1, t, line_id="B401", station_id="", hotlist_version=107),
+        purse.debit(
+            0,
+            TRANSIT_TERMINAL,
+            2,
+            t + 600,
+            line_id="M3",
+            station_id="S12",
+            direction="in",
+            hotlist_version=107,
+        ),
+        purse.debit(
+            500,
+            TRANSIT_TERMINAL,
+            3,
+            t + 1800,
+            line_id="M3",
+            station_id="S20",
+            direction="out",
+            hotlist_version=107,
+        ),
+        purse.debit(700, TRANSIT_TERMINAL, 4, t + 3600, line_id="B401", hotlist_version=108),  # overdraft
+    ]
+    wrap = transit.PurseCard(CARD_SNS[1], master_key=CARD_MASTER_TAC, balance_fen=300, purse_seq=65535)
+    wrapped = wrap.debit(200, TRANSIT_TERMINAL, 5, t + 7200, line_id="B401")
+    good = transit.record_to_dict(records[0])
+    malformed: list[dict[str, Any]] = [
+        {"change": {"purse_seq": 65536}, "field": "purse_seq"},
+        {"change": {"amount_fen": -1}, "field": "amount_fen"},
+        {"change": {"amount_fen": True}, "field": "amount_fen"},
+        {"change": {"tac": "1234567"}, "field": "tac"},
+        {"change": {"tac": "1234567g"}, "field": "tac"},
+        {"change": {"card_sn": sn.lower()}, "field": "card_sn"},
+        {"change": {"txn_type": 7}, "field": "txn_type"},
+        {"change": {"direction": "in"}, "field": "txn_type"},
+        {"change": {"terminal_id": "T 1"}, "field": "terminal_id"},
+        {"change": {"line_id": ""}, "field": "line_id"},
+        {"change": {"extra": 1}, "field": "extra"},
+    ]
+    lines = [
+        clearing.ClearingLine(1001, 5, clearing.ClearingSource.PURSE, 180, t, "B401", ""),
+        clearing.ClearingLine(1002, 5, clearing.ClearingSource.PURSE, 500, t + 1800, "M3", "S20"),
+        clearing.ClearingLine(1005, 77, clearing.ClearingSource.RIDE_CODE, 200, t + 1900, "M3", "S20"),
+    ]
+    header = clearing.make_header("CQMETRO", date(2026, 1, 1), t + 86_400 + 3600, lines)
+    return {
+        "description": "Transit purse TAC (transit.md), upload batch, purse_seq arithmetic, clearing file (clearing.md)",
+        "master_key": CARD_MASTER_TAC.hex(),
+        "card_sn": sn,
+        "tac_key": key.hex(),
+        "initial_balance_fen": 1000,
+        "overdraft_fen": 500,
+        "records": [_tac_vector(key, r) for r in records],
+        "wrap": {
+            "card_sn": CARD_SNS[1],
+            "tac_key": wrap.tac_key.hex(),
+            "purse_seq_before": 65535,
+            **_tac_vector(wrap.tac_key, wrapped),
+        },
+        "batch": transit.batch_to_dict(transit.OfflineBatch(TRANSIT_TERMINAL, 1, records)),
+        "malformed_records": [{"record": {**good, **m["change"]}, "field": m["field"]} for m in malformed],
+        "purse_seq": [
+            {
+                "last": last,
+                "seq": seq,
+                "delta": transit.purse_seq_delta(last, seq),
+                "last_ext": ext,
+                "extended": transit.extend_purse_seq(ext, seq),
+            }
+            for last, seq, ext in (
+                (5, 6, 5),
+                (5, 9, 5),
+                (5, 5, 5),
+                (5, 3, 5),
+                (65535, 0, 65535),
+                (65534, 2, 131070),
+                (1, 65535, 65537),
+            )
+        ],
+        "clearing_file": {
+            "text": clearing.write_clearing_file(header, lines).decode("ascii"),
+            "header": {
+                "operator_id": header.operator_id,
+                "business_date": "20260101",
+                "record_count": header.record_count,
+                "total_fen": header.total_fen,
+                "created_at": header.created_at,
+            },
+            "lines": [
+                {
+                    "txn_id": ln.txn_id,
+                    "card_id": ln.card_id,
+                    "source": ln.source.value,
+                    "amount_fen": ln.amount_fen,
+                    "txn_time": ln.txn_time,
+                    "line_id": ln.line_id,
+                    "station_id": ln.station_id,
+                }
+                for ln in lines
+            ],
+        },
+    }
+
+
+RIDE_ISSUER_SEED = bytes([0x11] * 32)
+RIDE_USER_SEEDS = {sm.ALG_SM2_SM3: bytes([0x22] * 32), sm.ALG_ED25519: bytes([0x33] * 32)}
+
+
+def _ridecode(existing: Vectors | None) -> Vectors:
+    issuer = sm.private_key_from_seed(sm.ALG_SM2_SM3, RIDE_ISSUER_SEED)
+    assert isinstance(issuer, sm.Sm2PrivateKey)
+    issuer_pub = sm.public_key_bytes(issuer)
+    t = TRANSIT_T0
+    out: list[dict[str, Any]] = []
+    for idx, alg in enumerate(sorted(RIDE_USER_SEEDS)):
+        user = sm.private_key_from_seed(alg, RIDE_USER_SEEDS[alg])
+        unsigned = ridecode.RideCert(
+            ridecode.CERT_VERSION,
+            alg,
+            1,
+            9_000_001 + idx,
+            5 + idx,
+            t - 86_400,
+            t + 30 * 86_400,
+            700,
+            5000,
+            sm.public_key_bytes(user),
+            b"",
+        )
+        cert_msg = ridecode.cert_signed_bytes(unsigned)
+        isig = _keep_sm2_signature(existing, ["codes", idx, "issuer_signature"], issuer_pub, cert_msg)
+        cert = dataclasses.replace(unsigned, issuer_signature=isig or issuer.sign_raw(cert_msg))
+        phone = ridecode.RidePhone(cert, user, counter=41)
+        code = phone.make_code(t, 42)
+        code_msg = ridecode.code_signed_bytes(code)
+        if alg == sm.ALG_SM2_SM3:
+            usig = _keep_sm2_signature(
+                existing, ["codes", idx, "user_signature"], cert.user_public_key, code_msg
+            )
+            if usig is not None:
+                code = dataclasses.replace(code, signature=usig)
+        out.append(
+            {
+                "alg": alg,
+                "user_seed": RIDE_USER_SEEDS[alg].hex(),
+                "user_public_key": cert.user_public_key.hex(),
+                "cert": {
+                    "issuer_key_id": cert.issuer_key_id,
+                    "cert_serial": cert.cert_serial,
+                    "account_id": cert.account_id,
+                    "valid_from": cert.valid_from,
+                    "valid_to": cert.valid_to,
+                    "max_fare_fen": cert.max_fare_fen,
+                    "credit_limit_fen": cert.credit_limit_fen,
+                },
+                "cert_signed_bytes": cert_msg.hex(),
+                "issuer_signature": cert.issuer_signature.hex(),
+                "cert_bytes": ridecode.encode_cert(cert).hex(),
+                "time": code.time,
+                "counter": code.counter,
+                "code_signed_bytes": code_msg.hex(),
+                "user_signature": code.signature.hex(),
+                "code_bytes": ridecode.code_to_bytes(code).hex(),
+                "text": ridecode.encode_code(code),
+            }
+        )
+    text = out[0]["text"]
+    raw = bytes.fromhex(out[0]["code_bytes"])
+
+    def _flip(pos: int) -> str:
+        b = bytearray(raw)
+        b[pos] ^= 0x01
+        return ridecode.CODE_TEXT_PREFIX + base64.b32encode(bytes(b)).decode("ascii").rstrip("=")
+
+    c0 = out[0]["cert"]
+    gate = [
+        {"text": text, "now": t + 10, "outcome": "ok"},
+        {"text": out[1]["text"], "now": t - 30, "outcome": "ok"},
+        {"text": text, "now": t + 91, "outcome": "code_expired"},
+        {"text": text, "now": t - 31, "outcome": "code_expired"},
+        {"text": text, "now": c0["valid_to"] + 31, "outcome": "cert_expired"},
+        {"text": text, "now": t + 10, "deny_serials": [c0["cert_serial"]], "outcome": "denied"},
+        {"text": text, "now": t + 10, "deny_accounts": [c0["account_id"]], "outcome": "denied"},
+        {
+            "text": text,
+            "now": t + 10,
+            "issuer_public_key": out[0]["user_public_key"],
+            "outcome": "bad_issuer_signature",
+        },
+        {"text": _flip(27), "now": t + 10, "outcome": "bad_issuer_signature"},  # max_fare_fen changed
+        {"text": _flip(len(raw) - 1), "now": t + 10, "outcome": "bad_user_signature"},
+        {"text": _flip(len(raw) - 70), "now": t + 10, "outcome": "bad_user_signature"},  # counter changed
+        {"text": text[:-1], "now": t + 10, "outcome": "malformed"},
+        {"text": text.lower(), "now": t + 10, "outcome": "malformed"},
+        {"text": "RC2" + text[3:], "now": t + 10, "outcome": "malformed"},
+        {"text": _flip(1), "now": t + 10, "outcome": "malformed"},  # alg 1 -> 0
+    ]
+    record = ridecode.RideRecord(text, TRANSIT_GATE, 17, "M3", "S12", "in", t + 12, 108)
+    return {
+        "description": "Ride codes (ridecode.md). SM2 signatures are randomised: any valid one is fine",
+        "issuer_seed": RIDE_ISSUER_SEED.hex(),
+        "issuer_public_key": issuer_pub.hex(),
+        "lifetime_s": ridecode.CODE_LIFETIME_S_DEFAULT,
+        "skew_s": ridecode.CODE_SKEW_S_DEFAULT,
+        "codes": out,
+        "gate": gate,
+        "ride_batch": ridecode.ride_batch_to_dict(ridecode.RideBatch(TRANSIT_GATE, 3, [record])),
+    }
+
+
 def load_existing(directory: Path = VECTOR_DIR) -> dict[str, Vectors]:
     out: dict[str, Vectors] = {}
     for path in sorted(directory.glob("*.json")):
@@ -328,6 +563,8 @@ def build_all(existing: dict[str, Vectors] | None = None) -> dict[str, Vectors]:
         "hotlist": _hotlist(),
         "terminal_auth": _terminal_auth(),
         "idnumber": _idnumber(),
+        "transit": _transit(),
+        "ridecode": _ridecode(existing.get("ridecode")),
     }
 
 

@@ -22,7 +22,16 @@ def _load(name: str) -> Any:
 
 def test_files_are_up_to_date() -> None:
     existing = generate.load_existing()
-    assert set(existing) == {"sm", "card", "ecard", "hotlist", "terminal_auth", "idnumber"}
+    assert set(existing) == {
+        "sm",
+        "card",
+        "ecard",
+        "hotlist",
+        "terminal_auth",
+        "idnumber",
+        "transit",
+        "ridecode",
+    }
     assert generate.build_all(existing) == existing
     for name, v in existing.items():
         assert (VECTOR_DIR / f"{name}.json").read_text(encoding="utf-8") == generate.render(v)

@@ -1,0 +1,968 @@
+"""Transit fare tables and the fare engine (DOMAIN.md §5; the rules are specified in docs/fares.md).
+
+A fare table is a versioned TOML file (`tables/*.toml`). `load_table()` parses it with `tomllib`,
+validates every key and refuses a bad table with a `FareTableError` naming the file, the key path and
+the problem. Loading precomputes the metro fare of every pair of stations (shortest path along the
+lines through interchanges), so that `fare()` does no search and no I/O.
+
+`fare(table, state, tap, concession) -> Decision` is a pure function: the holder's journey state
+before the tap goes in, the amount to charge and the new state come out. The caller stores the state
+(`JourneyState.to_dict()` / `to_json()`, one small JSON value per card) and the holder's elderly ride
+quota, which is shared by all of the holder's credentials and therefore not part of a card's state.
+
+Money is in integer fen everywhere; distances are integer metres (kilometres in the file are rounded
+to the metre once, at load time). Times are unix seconds; the local day (daily cap) uses the table's
+fixed UTC offset (UTC+8 for Chongqing), no time-zone database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import heapq
+import json
+import math
+import os
+import re
+import tomllib
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal, cast
+
+__all__ = [
+    "DEMO_TABLE_PATH",
+    "EMPTY_STATE",
+    "NO_CONCESSION",
+    "RULE_NAMES",
+    "BusLine",
+    "Concession",
+    "ConcessionKind",
+    "Decision",
+    "Direction",
+    "FareInputError",
+    "FareRules",
+    "FareTable",
+    "FareTableError",
+    "JourneyState",
+    "MetroLine",
+    "Mode",
+    "OpenJourney",
+    "Operator",
+    "Penalty",
+    "Station",
+    "Tap",
+    "TransferWindow",
+    "band_fare_fen",
+    "card_price_fen",
+    "close_open_journey",
+    "elderly_quota_for_year",
+    "fare",
+    "half_price_fen",
+    "load_demo_table",
+    "load_table",
+    "local_day",
+    "metro_distance_m",
+    "metro_fare_fen",
+    "parse_table",
+]
+
+Mode = Literal["bus", "metro"]
+Direction = Literal["single", "in", "out"]
+ConcessionKind = Literal["none", "elderly", "disabled_free", "disabled_half"]
+
+DEMO_TABLE_PATH = Path(__file__).resolve().parent / "tables" / "chongqing-demo.toml"
+
+# Rule names reported in Decision.rules (stable strings: receipts and statistics use them).
+R_BUS = "bus_flat_fare"
+R_METRO = "metro_distance_fare"
+R_ENTRY = "metro_entry"
+R_SAME_STATION = "same_station_exit"
+R_CARD = "card_discount"
+R_TRANSFER = "transfer_discount"
+R_CAP = "daily_cap"
+R_ELDERLY = "elderly_free"
+R_ELDERLY_EXHAUSTED = "elderly_quota_exhausted"
+R_DISABLED_FREE = "disabled_free"
+R_DISABLED_HALF = "disabled_half"
+R_MISSING_OUT = "missing_tap_out"
+R_MISSING_IN = "missing_tap_in"
+R_TIMEOUT = "journey_timeout"
+RULE_NAMES = frozenset(
+    {
+        R_BUS,
+        R_METRO,
+        R_ENTRY,
+        R_SAME_STATION,
+        R_CARD,
+        R_TRANSFER,
+        R_CAP,
+        R_ELDERLY,
+        R_ELDERLY_EXHAUSTED,
+        R_DISABLED_FREE,
+        R_DISABLED_HALF,
+        R_MISSING_OUT,
+        R_MISSING_IN,
+        R_TIMEOUT,
+    }
+)
+
+_MODES: frozenset[str] = frozenset({"bus", "metro"})
+# Line and station ids travel in validator records (protocols/transit.md: line_id, station_id).
+_ID = re.compile(r"[A-Za-z0-9._-]{1,16}")
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+_STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+class FareTableError(ValueError):
+    """A fare table file is refused: `file`, the key `path` inside it, and the `problem`."""
+
+    def __init__(self, file: str, path: str, problem: str) -> None:
+        self.file = file
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{file}: {path}: {problem}")
+
+
+class FareInputError(ValueError):
+    """A tap, a concession or a stored state does not fit the fare table (unknown line, station...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Operator:
+    id: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BusLine:
+    id: str
+    name: str
+    operator: str
+    fare_fen: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MetroLine:
+    id: str
+    name: str
+    operator: str
+    stations: tuple[str, ...]  # in route order, km strictly increasing
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Station:
+    id: str
+    name: str
+    line: str
+    km_m: int  # position along its line, metres
+    interchange: str | None  # stations sharing an interchange id are the same place
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FareRules:
+    card_discount_percent: int  # 10 -> the card holder pays 90 % of the base fare
+    transfer_window_s: int
+    transfer_discount_max_fen: int
+    transfer_pairs: frozenset[tuple[str, str]]  # (mode of the first ride, mode of the next ride)
+    journey_timeout_s: int  # an open metro journey older than this is a missing tap-out
+    utc_offset_s: int  # fixed offset of local time (daily cap day), e.g. 8 * 3600
+    daily_cap_fen: int | None  # None: no daily cap
+    elderly_annual_quota: int
+    elderly_extra_quota: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class FareTable:
+    source: str
+    version: str
+    effective_from: dt.date
+    rules: FareRules
+    operators: Mapping[str, Operator]
+    bus_lines: Mapping[str, BusLine]
+    metro_lines: Mapping[str, MetroLine]
+    stations: Mapping[str, Station]
+    bands: tuple[tuple[int, int], ...]  # (up_to_m, fare_fen), ascending
+    cap_fen: int  # metro fare beyond the last band = the maximum fare (missing tap-out charge)
+    # Precomputed at load time.
+    station_place: Mapping[str, int]  # station id -> place index (interchange groups share one)
+    station_operator: Mapping[str, str]
+    place_lines: tuple[frozenset[str], ...]  # metro lines serving each place
+    distance_m: tuple[tuple[int, ...], ...]  # [place][place] shortest distance along the lines
+    fare_matrix: tuple[tuple[int, ...], ...]  # [place][place] base metro fare, fen
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+class _Checker:
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, path: str, problem: str) -> FareTableError:
+        return FareTableError(self.file, path or "(top level)", problem)
+
+    def table(self, value: object, path: str) -> dict[str, object]:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"must be a table, got {_kind(value)}")
+        return cast(dict[str, object], value)
+
+    def keys(
+        self, d: Mapping[str, object], path: str, required: Sequence[str], optional: Sequence[str] = ()
+    ) -> None:
+        for key in required:
+            if key not in d:
+                raise self.fail(_join(path, key), "missing required key")
+        allowed = set(required) | set(optional)
+        for key in d:
+            if key not in allowed:
+                raise self.fail(_join(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def array(self, value: object, path: str) -> list[object]:
+        if not isinstance(value, list):
+            raise self.fail(path, f"must be an array, got {_kind(value)}")
+        return cast(list[object], value)
+
+    def string(self, value: object, path: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(path, f"must be a non-empty string, got {_kind(value)}")
+        return value
+
+    def ident(self, value: object, path: str) -> str:
+        text = self.string(value, path)
+        if not _ID.fullmatch(text):
+            raise self.fail(
+                path, f"must be 1-16 characters of A-Z a-z 0-9 . _ - (as in validator records), got {text!r}"
+            )
+        return text
+
+    def integer(
+        self, value: object, path: str, *, minimum: int, maximum: int | None = None, unit: str
+    ) -> int:
+        if isinstance(value, float):
+            raise self.fail(path, f"must be an integer number of {unit}, got the float {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, f"must be an integer number of {unit}, got {_kind(value)}")
+        if value < minimum:
+            raise self.fail(path, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(path, f"must be <= {maximum}, got {value}")
+        return value
+
+    def metres(self, value: object, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(path, f"must be a number of kilometres, got {_kind(value)}")
+        if not math.isfinite(value) or value < 0:
+            raise self.fail(path, f"must be a finite number of kilometres >= 0, got {value!r}")
+        return round(value * 1000)
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def load_table(path: str | os.PathLike[str]) -> FareTable:
+    """Read, parse and validate one fare table file; `FareTableError` when it is refused."""
+    file = os.fspath(path)
+    try:
+        raw = Path(file).read_bytes()
+    except OSError as e:
+        raise FareTableError(file, "(file)", f"cannot read: {e.strerror or e}") from e
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise FareTableError(file, "(file)", f"not UTF-8: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise FareTableError(file, "(syntax)", f"invalid TOML: {e}") from e
+    return parse_table(data, source=file)
+
+
+def load_demo_table() -> FareTable:
+    """The Chongqing demo table shipped with the project (tables/chongqing-demo.toml)."""
+    return load_table(DEMO_TABLE_PATH)
+
+
+def parse_table(data: Mapping[str, object], source: str = "<memory>") -> FareTable:
+    """Validate an already parsed table (the TOML document as a dict); `source` names it in errors."""
+    c = _Checker(source)
+    top = c.table(dict(data), "")
+    c.keys(top, "", ["version", "effective_from", "rules", "operators", "bus_lines", "metro"], ["name"])
+    if "name" in top:
+        c.string(top["name"], "name")
+    version = c.string(top["version"], "version")
+    eff = top["effective_from"]
+    if not isinstance(eff, dt.date) or isinstance(eff, dt.datetime):
+        raise c.fail("effective_from", f"must be a TOML local date (2026-11-01), got {_kind(eff)}")
+    rules = _parse_rules(c, top["rules"])
+
+    operators: dict[str, Operator] = {}
+    for i, item in enumerate(c.array(top["operators"], "operators")):
+        p = f"operators[{i}]"
+        o = c.table(item, p)
+        c.keys(o, p, ["id", "name"])
+        oid = c.string(o["id"], f"{p}.id")
+        if oid in operators:
+            raise c.fail(f"{p}.id", f"duplicate operator id {oid!r}")
+        operators[oid] = Operator(oid, c.string(o["name"], f"{p}.name"))
+    if not operators:
+        raise c.fail("operators", "at least one operator is required")
+
+    def operator_ref(value: object, path: str) -> str:
+        oid = c.string(value, path)
+        if oid not in operators:
+            raise c.fail(path, f"unknown operator {oid!r} (declared: {', '.join(sorted(operators))})")
+        return oid
+
+    line_ids: set[str] = set()
+    bus_lines: dict[str, BusLine] = {}
+    for i, item in enumerate(c.array(top["bus_lines"], "bus_lines")):
+        p = f"bus_lines[{i}]"
+        b = c.table(item, p)
+        c.keys(b, p, ["id", "name", "operator", "fare_fen"])
+        lid = c.ident(b["id"], f"{p}.id")
+        if lid in line_ids:
+            raise c.fail(f"{p}.id", f"duplicate line id {lid!r}")
+        line_ids.add(lid)
+        bus_lines[lid] = BusLine(
+            lid,
+            c.string(b["name"], f"{p}.name"),
+            operator_ref(b["operator"], f"{p}.operator"),
+            c.integer(b["fare_fen"], f"{p}.fare_fen", minimum=0, unit="fen"),
+        )
+
+    metro = c.table(top["metro"], "metro")
+    c.keys(metro, "metro", ["cap_fen", "bands", "lines", "stations"])
+    cap_fen = c.integer(metro["cap_fen"], "metro.cap_fen", minimum=1, unit="fen")
+    bands: list[tuple[int, int]] = []
+    for i, item in enumerate(c.array(metro["bands"], "metro.bands")):
+        p = f"metro.bands[{i}]"
+        b = c.table(item, p)
+        c.keys(b, p, ["up_to_km", "fare_fen"])
+        up_to = c.metres(b["up_to_km"], f"{p}.up_to_km")
+        band_fare = c.integer(b["fare_fen"], f"{p}.fare_fen", minimum=0, unit="fen")
+        if up_to <= 0:
+            raise c.fail(f"{p}.up_to_km", "must be > 0")
+        if bands and up_to <= bands[-1][0]:
+            raise c.fail(
+                f"{p}.up_to_km",
+                f"bands must be strictly ascending: {up_to / 1000:g} km after {bands[-1][0] / 1000:g} km",
+            )
+        if bands and band_fare < bands[-1][1]:
+            raise c.fail(f"{p}.fare_fen", f"band fares must not decrease: {band_fare} after {bands[-1][1]}")
+        if band_fare > cap_fen:
+            raise c.fail(f"{p}.fare_fen", f"band fare {band_fare} exceeds metro.cap_fen {cap_fen}")
+        bands.append((up_to, band_fare))
+    if not bands:
+        raise c.fail("metro.bands", "at least one band is required")
+
+    # Stations first (lines refer to them), then lines.
+    stations: dict[str, Station] = {}
+    station_paths: dict[str, str] = {}
+    raw_stations = c.array(metro["stations"], "metro.stations")
+    raw_lines = c.array(metro["lines"], "metro.lines")
+    metro_line_ids: set[str] = set()
+    for i, item in enumerate(raw_lines):
+        p = f"metro.lines[{i}]"
+        line_item = c.table(item, p)
+        if "id" in line_item:
+            lid = c.ident(line_item["id"], f"{p}.id")
+            if lid in line_ids or lid in metro_line_ids:
+                raise c.fail(f"{p}.id", f"duplicate line id {lid!r}")
+            metro_line_ids.add(lid)
+    for i, item in enumerate(raw_stations):
+        p = f"metro.stations[{i}]"
+        s = c.table(item, p)
+        c.keys(s, p, ["id", "name", "line", "km"], ["interchange"])
+        sid = c.ident(s["id"], f"{p}.id")
+        if sid in stations:
+            raise c.fail(f"{p}.id", f"duplicate station id {sid!r}")
+        line = c.string(s["line"], f"{p}.line")
+        if line not in metro_line_ids:
+            raise c.fail(f"{p}.line", f"unknown metro line {line!r}")
+        group = c.string(s["interchange"], f"{p}.interchange") if "interchange" in s else None
+        stations[sid] = Station(
+            sid, c.string(s["name"], f"{p}.name"), line, c.metres(s["km"], f"{p}.km"), group
+        )
+        station_paths[sid] = p
+
+    metro_lines: dict[str, MetroLine] = {}
+    listed: dict[str, str] = {}
+    for i, item in enumerate(raw_lines):
+        p = f"metro.lines[{i}]"
+        m = c.table(item, p)
+        c.keys(m, p, ["id", "name", "operator", "stations"])
+        lid = c.string(m["id"], f"{p}.id")
+        if lid in line_ids:
+            raise c.fail(f"{p}.id", f"duplicate line id {lid!r}")
+        line_ids.add(lid)
+        ids: list[str] = []
+        for j, ref in enumerate(c.array(m["stations"], f"{p}.stations")):
+            sp = f"{p}.stations[{j}]"
+            sid = c.string(ref, sp)
+            if sid not in stations:
+                raise c.fail(sp, f"unknown station {sid!r}")
+            if sid in listed:
+                raise c.fail(sp, f"station {sid!r} is already listed by line {listed[sid]!r}")
+            if stations[sid].line != lid:
+                raise c.fail(sp, f"station {sid!r} declares line {stations[sid].line!r}, not {lid!r}")
+            if ids and stations[sid].km_m <= stations[ids[-1]].km_m:
+                raise c.fail(
+                    sp,
+                    f"km must increase along the line: {sid!r} at {stations[sid].km_m / 1000:g} km "
+                    f"after {ids[-1]!r} at {stations[ids[-1]].km_m / 1000:g} km",
+                )
+            listed[sid] = lid
+            ids.append(sid)
+        if len(ids) < 2:
+            raise c.fail(f"{p}.stations", "a metro line needs at least two stations")
+        metro_lines[lid] = MetroLine(
+            lid, c.string(m["name"], f"{p}.name"), operator_ref(m["operator"], f"{p}.operator"), tuple(ids)
+        )
+    if not metro_lines:
+        raise c.fail("metro.lines", "at least one metro line is required")
+    for sid, st in stations.items():
+        if sid not in listed:
+            raise c.fail(f"{station_paths[sid]}.id", f"station {sid!r} is not listed in line {st.line!r}")
+
+    # Places: an interchange group is one place.
+    groups: dict[str, list[str]] = {}
+    for sid, st in stations.items():
+        if st.interchange is not None:
+            groups.setdefault(st.interchange, []).append(sid)
+    for gid, members in groups.items():
+        first = station_paths[members[0]]
+        if len(members) < 2:
+            raise c.fail(f"{first}.interchange", f"interchange group {gid!r} has only one station")
+        seen_lines: set[str] = set()
+        for sid in members:
+            if stations[sid].line in seen_lines:
+                raise c.fail(
+                    f"{station_paths[sid]}.interchange",
+                    f"interchange group {gid!r} has two stations on line {stations[sid].line!r}",
+                )
+            seen_lines.add(stations[sid].line)
+    station_place: dict[str, int] = {}
+    place_of_group: dict[str, int] = {}
+    place_lines_l: list[set[str]] = []
+    for sid, st in stations.items():
+        if st.interchange is None:
+            idx = len(place_lines_l)
+            place_lines_l.append(set())
+        elif st.interchange in place_of_group:
+            idx = place_of_group[st.interchange]
+        else:
+            idx = place_of_group[st.interchange] = len(place_lines_l)
+            place_lines_l.append(set())
+        station_place[sid] = idx
+        place_lines_l[idx].add(st.line)
+
+    n = len(place_lines_l)
+    adjacency: list[dict[int, int]] = [{} for _ in range(n)]
+    for mline in metro_lines.values():
+        for sa, sb in zip(mline.stations, mline.stations[1:], strict=False):
+            pa, pb = station_place[sa], station_place[sb]
+            w = stations[sb].km_m - stations[sa].km_m
+            if pa == pb:  # cannot happen: an interchange group has one station per line
+                continue
+            if w < adjacency[pa].get(pb, w + 1):
+                adjacency[pa][pb] = w
+                adjacency[pb][pa] = w
+    distance = _all_pairs(adjacency)
+    for sid, p_idx in station_place.items():
+        if distance[0][p_idx] < 0:
+            origin = next(s for s, q in station_place.items() if q == 0)
+            raise c.fail(
+                f"{station_paths[sid]}.id",
+                f"metro network is not connected: station {sid!r} cannot be reached from {origin!r}",
+            )
+    band_limits = [b[0] for b in bands]
+    fare_matrix = tuple(tuple(_band(bands, band_limits, cap_fen, d) for d in row) for row in distance)
+
+    return FareTable(
+        source=source,
+        version=version,
+        effective_from=eff,
+        rules=rules,
+        operators=operators,
+        bus_lines=bus_lines,
+        metro_lines=metro_lines,
+        stations=stations,
+        bands=tuple(bands),
+        cap_fen=cap_fen,
+        station_place=station_place,
+        station_operator={sid: metro_lines[st.line].operator for sid, st in stations.items()},
+        place_lines=tuple(frozenset(s) for s in place_lines_l),
+        distance_m=tuple(tuple(row) for row in distance),
+        fare_matrix=fare_matrix,
+    )
+
+
+def _parse_rules(c: _Checker, value: object) -> FareRules:
+    r = c.table(value, "rules")
+    c.keys(
+        r,
+        "rules",
+        [
+            "card_discount_percent",
+            "transfer_window_s",
+            "transfer_discount_max_fen",
+            "transfer_pairs",
+            "journey_timeout_s",
+            "utc_offset_minutes",
+            "elderly_annual_quota",
+            "elderly_extra_quota",
+        ],
+        ["daily_cap_fen"],
+    )
+    pairs: set[tuple[str, str]] = set()
+    for i, item in enumerate(c.array(r["transfer_pairs"], "rules.transfer_pairs")):
+        p = f"rules.transfer_pairs[{i}]"
+        text = c.string(item, p)
+        first, sep, second = text.partition("-")
+        if not sep or first not in _MODES or second not in _MODES:
+            raise c.fail(p, f"must be 'mode-mode' with modes bus or metro (e.g. 'bus-metro'), got {text!r}")
+        if (first, second) in pairs:
+            raise c.fail(p, f"duplicate transfer pair {text!r}")
+        pairs.add((first, second))
+    cap = r.get("daily_cap_fen")
+    return FareRules(
+        card_discount_percent=c.integer(
+            r["card_discount_percent"], "rules.card_discount_percent", minimum=0, maximum=100, unit="percent"
+        ),
+        transfer_window_s=c.integer(
+            r["transfer_window_s"], "rules.transfer_window_s", minimum=1, unit="seconds"
+        ),
+        transfer_discount_max_fen=c.integer(
+            r["transfer_discount_max_fen"], "rules.transfer_discount_max_fen", minimum=0, unit="fen"
+        ),
+        transfer_pairs=frozenset(pairs),
+        journey_timeout_s=c.integer(
+            r["journey_timeout_s"], "rules.journey_timeout_s", minimum=1, unit="seconds"
+        ),
+        utc_offset_s=60
+        * c.integer(
+            r["utc_offset_minutes"], "rules.utc_offset_minutes", minimum=-720, maximum=840, unit="minutes"
+        ),
+        daily_cap_fen=None if cap is None else c.integer(cap, "rules.daily_cap_fen", minimum=1, unit="fen"),
+        elderly_annual_quota=c.integer(
+            r["elderly_annual_quota"], "rules.elderly_annual_quota", minimum=0, unit="rides"
+        ),
+        elderly_extra_quota=c.integer(
+            r["elderly_extra_quota"], "rules.elderly_extra_quota", minimum=0, unit="rides"
+        ),
+    )
+
+
+def _all_pairs(adjacency: list[dict[int, int]]) -> list[list[int]]:
+    """Dijkstra from every place (the graph is sparse: a few edges per place). -1 = unreachable."""
+    n = len(adjacency)
+    edges = [tuple(a.items()) for a in adjacency]
+    result: list[list[int]] = []
+    push, pop = heapq.heappush, heapq.heappop
+    for source in range(n):
+        dist = [-1] * n
+        heap = [(0, source)]
+        while heap:
+            d, u = pop(heap)
+            if dist[u] >= 0:
+                continue
+            dist[u] = d
+            for v, w in edges[u]:
+                if dist[v] < 0:
+                    push(heap, (d + w, v))
+        result.append(dist)
+    return result
+
+
+def _band(bands: Sequence[tuple[int, int]], limits: Sequence[int], cap_fen: int, distance_m: int) -> int:
+    i = bisect_left(limits, distance_m)  # first band whose upper limit is >= the distance (inclusive)
+    return bands[i][1] if i < len(bands) else cap_fen
+
+
+def band_fare_fen(table: FareTable, distance_m: int) -> int:
+    """The metro fare for a distance: the first band with distance <= up_to (inclusive), else the cap."""
+    return _band(table.bands, [b[0] for b in table.bands], table.cap_fen, distance_m)
+
+
+def _place(table: FareTable, station: str) -> int:
+    try:
+        return table.station_place[station]
+    except KeyError:
+        raise FareInputError(f"unknown metro station {station!r} in fare table {table.version}") from None
+
+
+def metro_distance_m(table: FareTable, a: str, b: str) -> int:
+    """Shortest distance in metres between two stations, along the lines and through interchanges."""
+    return table.distance_m[_place(table, a)][_place(table, b)]
+
+
+def metro_fare_fen(table: FareTable, a: str, b: str) -> int:
+    """The base (full) metro fare between two stations, before any discount."""
+    return table.fare_matrix[_place(table, a)][_place(table, b)]
+
+
+def card_price_fen(base_fen: int, discount_percent: int) -> int:
+    """Base fare with the card discount: base * (100 - p) / 100, rounded half up to the fen."""
+    return (base_fen * (100 - discount_percent) + 50) // 100
+
+
+def half_price_fen(base_fen: int) -> int:
+    """Half fare, rounded half up to the fen (151 -> 76)."""
+    return (base_fen + 1) // 2
+
+
+def local_day(table: FareTable, time_s: int) -> dt.date:
+    """The local calendar date of a unix time under the table's fixed UTC offset."""
+    return dt.date.fromordinal(_EPOCH_ORDINAL + (time_s + table.rules.utc_offset_s) // 86400)
+
+
+def elderly_quota_for_year(table: FareTable, *, extra_granted: bool) -> int:
+    """A holder's elderly free rides for a calendar year (the caller keeps and resets the counter)."""
+    r = table.rules
+    return r.elderly_annual_quota + (r.elderly_extra_quota if extra_granted else 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Journey state
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenJourney:
+    station: str  # entry station id
+    time: int  # entry time, unix seconds
+    operator: str  # operator credited for the journey (the entry station's line operator)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TransferWindow:
+    start: int  # bus tap time or metro exit time of the ride that opened the window
+    first_fare_fen: int  # what that ride was charged
+    mode: Mode  # mode of that ride
+    discount_used: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JourneyState:
+    """A card's fare state between taps. `day` is the local day number (days since 1970-01-01 local)."""
+
+    journey: OpenJourney | None = None
+    window: TransferWindow | None = None
+    day: int | None = None
+    day_charged_fen: int = 0  # fares charged on `day` (penalties are not counted)
+
+    def to_dict(self) -> dict[str, object]:
+        j, w = self.journey, self.window
+        return {
+            "v": _STATE_VERSION,
+            "journey": None if j is None else {"station": j.station, "time": j.time, "operator": j.operator},
+            "window": None
+            if w is None
+            else {
+                "start": w.start,
+                "first_fare_fen": w.first_fare_fen,
+                "mode": w.mode,
+                "discount_used": w.discount_used,
+            },
+            "day": None if self.day is None else dt.date.fromordinal(_EPOCH_ORDINAL + self.day).isoformat(),
+            "day_charged_fen": self.day_charged_fen,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> JourneyState:
+        """Parse a stored state; `FareInputError` on anything malformed (never a half-valid state)."""
+        if not isinstance(data, Mapping):
+            raise FareInputError("journey state must be an object")
+        if set(data) != {"v", "journey", "window", "day", "day_charged_fen"}:
+            raise FareInputError(f"journey state has keys {sorted(data)}")
+        if data["v"] != _STATE_VERSION:
+            raise FareInputError(f"journey state version {data['v']!r} is not {_STATE_VERSION}")
+        journey: OpenJourney | None = None
+        if data["journey"] is not None:
+            j = _obj(data["journey"], "journey", {"station", "time", "operator"})
+            journey = OpenJourney(
+                _str(j, "journey.station"), _int(j["time"], "journey.time"), _str(j, "journey.operator")
+            )
+        window: TransferWindow | None = None
+        if data["window"] is not None:
+            w = _obj(data["window"], "window", {"start", "first_fare_fen", "mode", "discount_used"})
+            mode = w["mode"]
+            if mode not in _MODES:
+                raise FareInputError(f"journey state window.mode {mode!r} is not bus or metro")
+            used = w["discount_used"]
+            if not isinstance(used, bool):
+                raise FareInputError("journey state window.discount_used must be a boolean")
+            window = TransferWindow(
+                _int(w["start"], "window.start"),
+                _int(w["first_fare_fen"], "window.first_fare_fen", minimum=0),
+                cast(Mode, mode),
+                used,
+            )
+        day: int | None = None
+        if data["day"] is not None:
+            if not isinstance(data["day"], str):
+                raise FareInputError("journey state day must be an ISO date string or null")
+            try:
+                day = dt.date.fromisoformat(data["day"]).toordinal() - _EPOCH_ORDINAL
+            except ValueError as e:
+                raise FareInputError(f"journey state day: {e}") from None
+        return cls(journey, window, day, _int(data["day_charged_fen"], "day_charged_fen", minimum=0))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> JourneyState:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise FareInputError(f"journey state is not JSON: {e}") from None
+        return cls.from_dict(data)
+
+
+def _obj(value: object, name: str, keys: set[str]) -> Mapping[str, object]:
+    if not isinstance(value, Mapping) or set(value) != keys:
+        raise FareInputError(f"journey state {name} must be an object with keys {sorted(keys)}")
+    return cast(Mapping[str, object], value)
+
+
+def _str(d: Mapping[str, object], name: str) -> str:
+    value = d[name.rpartition(".")[2]]
+    if not isinstance(value, str) or not value:
+        raise FareInputError(f"journey state {name} must be a non-empty string")
+    return value
+
+
+def _int(value: object, name: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FareInputError(f"journey state {name} must be an integer")
+    if minimum is not None and value < minimum:
+        raise FareInputError(f"journey state {name} must be >= {minimum}")
+    return value
+
+
+EMPTY_STATE = JourneyState()
+
+
+# --------------------------------------------------------------------------------------------------
+# Taps, concessions, decisions
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tap:
+    time: int  # unix seconds
+    mode: Mode
+    line: str  # bus line id, or a metro line serving the station
+    station: str | None = None  # metro only
+    direction: Direction = "single"  # "single" for bus, "in" / "out" for metro
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Concession:
+    kind: ConcessionKind = "none"
+    elderly_rides_remaining: int = 0  # the holder's shared quota left this year (elderly only)
+
+
+NO_CONCESSION = Concession()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Penalty:
+    """A charge for a broken journey, separate from the tap's own fare, credited to its own operator."""
+
+    amount_fen: int
+    operator: str
+    reason: str  # missing_tap_out | missing_tap_in | journey_timeout
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    amount_fen: int  # fare charged for the ride priced by this tap (0 for a metro entry), >= 0
+    full_fare_fen: int  # that ride's base fare before any discount (0 when the tap prices no ride)
+    rules: tuple[str, ...]  # applied rules, in order, for the receipt
+    operator: str  # operator credited with amount_fen
+    state: JourneyState  # the card's state after the tap
+    penalty: Penalty | None = None  # charge for a broken journey (missing tap-out / tap-in / timeout)
+    transfer_discount_fen: int = 0  # part of full_fare_fen waived by the transfer rule
+    quota_ride_consumed: bool = False  # True: decrement the holder's elderly ride quota by one
+    distance_m: int | None = None  # metro exits: the shortest distance the fare is based on
+
+    @property
+    def total_fen(self) -> int:
+        """Everything to debit for this tap: the fare plus any penalty."""
+        return self.amount_fen + (self.penalty.amount_fen if self.penalty is not None else 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
+
+
+def fare(table: FareTable, state: JourneyState, tap: Tap, concession: Concession = NO_CONCESSION) -> Decision:
+    """Price one tap. Pure: no I/O, no clock; the same inputs always give the same Decision.
+
+    Taps of a card must be given in time order. Raises `FareInputError` for a tap that does not fit
+    the table (unknown line or station, wrong direction for the mode, bad concession).
+    """
+    r = table.rules
+    t = tap.time
+    day = (t + r.utc_offset_s) // 86400
+    if state.day is None or day > state.day:
+        charged_today = 0
+    else:  # same day (or an earlier clock by a skewed terminal: counts toward the stored day)
+        day = state.day
+        charged_today = state.day_charged_fen
+    journey = state.journey
+
+    if tap.mode == "bus":
+        line = table.bus_lines.get(tap.line)
+        if line is None:
+            raise FareInputError(f"unknown bus line {tap.line!r} in fare table {table.version}")
+        if tap.direction != "single":
+            raise FareInputError(f"a bus tap has direction 'single', got {tap.direction!r}")
+        penalty = None if journey is None else Penalty(table.cap_fen, journey.operator, R_MISSING_OUT)
+        return _ride(
+            table, state, concession, day, charged_today, base=line.fare_fen, mode="bus", start=t, end=t,
+            operator=line.operator, first_rule=R_BUS, penalty=penalty, distance=None,
+        )  # fmt: skip
+
+    if tap.mode != "metro":
+        raise FareInputError(f"unknown mode {tap.mode!r}")
+    if tap.station is None:
+        raise FareInputError("a metro tap needs a station")
+    place = _place(table, tap.station)
+    if tap.line not in table.place_lines[place]:
+        raise FareInputError(f"metro line {tap.line!r} does not serve station {tap.station!r}")
+    operator = table.station_operator[tap.station]
+
+    if tap.direction == "in":
+        rules: tuple[str, ...] = (R_ENTRY,)
+        penalty = None
+        if journey is not None:  # entering again: the open journey never tapped out
+            penalty = Penalty(table.cap_fen, journey.operator, R_MISSING_OUT)
+            rules = (R_MISSING_OUT, R_ENTRY)
+        new = JourneyState(OpenJourney(tap.station, t, operator), state.window, day, charged_today)
+        return Decision(0, 0, rules, operator, new, penalty)
+
+    if tap.direction != "out":
+        raise FareInputError(f"a metro tap has direction 'in' or 'out', got {tap.direction!r}")
+    if journey is None:  # exit without entry: the journey cannot be priced
+        new = JourneyState(None, state.window, day, charged_today)
+        return Decision(0, 0, (R_MISSING_IN,), operator, new, Penalty(table.cap_fen, operator, R_MISSING_IN))
+    if t - journey.time >= r.journey_timeout_s:
+        new = JourneyState(None, state.window, day, charged_today)
+        return Decision(
+            0, 0, (R_TIMEOUT,), journey.operator, new, Penalty(table.cap_fen, journey.operator, R_TIMEOUT)
+        )
+    entry = _place(table, journey.station)
+    return _ride(
+        table, state, concession, day, charged_today, base=table.fare_matrix[entry][place], mode="metro",
+        start=journey.time, end=t, operator=journey.operator,
+        first_rule=R_SAME_STATION if entry == place else R_METRO, penalty=None,
+        distance=table.distance_m[entry][place],
+    )  # fmt: skip
+
+
+def _ride(
+    table: FareTable,
+    state: JourneyState,
+    concession: Concession,
+    day: int,
+    charged_today: int,
+    *,
+    base: int,
+    mode: Mode,
+    start: int,
+    end: int,
+    operator: str,
+    first_rule: str,
+    penalty: Penalty | None,
+    distance: int | None,
+) -> Decision:
+    """Price a ride that boarded at `start` (bus tap / metro entry) and ended at `end`."""
+    r = table.rules
+    rules = [R_MISSING_OUT, first_rule] if penalty is not None else [first_rule]
+    if first_rule == R_SAME_STATION:
+        rules.append(R_METRO)
+    consumed = False
+    kind = concession.kind
+    if kind == "none":
+        price = card_price_fen(base, r.card_discount_percent)
+        if price != base:
+            rules.append(R_CARD)
+    elif kind == "elderly":
+        if concession.elderly_rides_remaining > 0:
+            price = 0
+            consumed = True
+            rules.append(R_ELDERLY)
+        else:
+            price = card_price_fen(base, r.card_discount_percent)
+            rules.append(R_ELDERLY_EXHAUSTED)
+            if price != base:
+                rules.append(R_CARD)
+    elif kind == "disabled_free":
+        price = 0
+        rules.append(R_DISABLED_FREE)
+    elif kind == "disabled_half":
+        price = half_price_fen(base)
+        rules.append(R_DISABLED_HALF)
+    else:
+        raise FareInputError(f"unknown concession kind {kind!r}")
+
+    window = state.window
+    new_window: TransferWindow | None = None
+    discount = 0
+    if window is not None and start - window.start < r.transfer_window_s:
+        if window.discount_used:
+            new_window = window  # the window's one discount is spent; it runs out unchanged
+        elif (window.mode, mode) in r.transfer_pairs:
+            discount = min(price, window.first_fare_fen, r.transfer_discount_max_fen)
+            if discount > 0:
+                price -= discount
+                rules.append(R_TRANSFER)
+                new_window = TransferWindow(window.start, window.first_fare_fen, window.mode, True)
+
+    cap = r.daily_cap_fen
+    if cap is not None and price > cap - charged_today:
+        price = max(0, cap - charged_today)
+        rules.append(R_CAP)
+    if new_window is None:  # this ride opens a new window for the next one
+        new_window = TransferWindow(end, price, mode, False)
+    new = JourneyState(None, new_window, day, charged_today + price)
+    return Decision(price, base, tuple(rules), operator, new, penalty, discount, consumed, distance)
+
+
+def close_open_journey(
+    table: FareTable, state: JourneyState, now: int, *, force: bool = False
+) -> tuple[Penalty | None, JourneyState]:
+    """Charge an open metro journey that never tapped out: the maximum fare (`table.cap_fen`).
+
+    The journey is closed when it has timed out at `now` (now - entry >= rules.journey_timeout_s) or
+    when `force` is set (e.g. an end-of-day run after the last train). Otherwise nothing changes and
+    the penalty is None. No concession, card discount, transfer rule or daily cap applies to it.
+    """
+    j = state.journey
+    if j is None or (not force and now - j.time < table.rules.journey_timeout_s):
+        return None, state
+    return Penalty(table.cap_fen, j.operator, R_MISSING_OUT), JourneyState(
+        None, state.window, state.day, state.day_charged_fen
+    )

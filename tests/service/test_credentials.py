@@ -1,0 +1,481 @@
+"""Credentials through the live app and a real database: physical card authentication (POST /v1/card-auth)
+and electronic card codes (POST /v1/ecard-codes/verify).
+
+Every refusal is checked for its stable code and for moving cardsvc_credential_verifications_total by
+exactly one, under its own {kind, outcome} and nowhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import datetime as dt
+import os
+import time
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from protocols import card, ecard, sm
+from tests.helpers import Response, ServiceHarness, new_card_numbers, new_id_number
+
+CARD = "card_cryptogram"
+CODE = "ecard_code"
+ALGS = [pytest.param(sm.ALG_SM2_SM3, id="sm2"), pytest.param(sm.ALG_ED25519, id="ed25519")]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+async def verifications(svc: ServiceHarness) -> collections.Counter[tuple[str, str]]:
+    r = await svc.request("GET", "/metrics", sign=False)
+    assert r.status == 200
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    for family in text_string_to_metric_families(r.body):
+        for s in family.samples:
+            if s.name == "cardsvc_credential_verifications_total":
+                counts[(s.labels["kind"], s.labels["outcome"])] = int(s.value)
+    return counts
+
+
+def delta(
+    before: collections.Counter[tuple[str, str]], after: collections.Counter[tuple[str, str]]
+) -> dict[tuple[str, str], int]:
+    keys = set(before) | set(after)
+    return {k: after[k] - before[k] for k in keys if after[k] != before[k]}
+
+
+async def card_auth(svc: ServiceHarness, body: dict[str, str]) -> Response:
+    return await svc.post("/v1/card-auth", body, as_="transit_validator")
+
+
+async def verify_code(svc: ServiceHarness, code: str, business_type: str = "02") -> Response:
+    return await svc.post(
+        "/v1/ecard-codes/verify", {"code": code, "business_type": business_type}, as_="merchant_pos"
+    )
+
+
+async def refused(
+    svc: ServiceHarness, kind: str, outcome: str, body: Any, *, card_status: str | None = None
+) -> Response:
+    """Send `body` to the endpoint of `kind`, expect the refusal `outcome` and exactly one count for it."""
+    before = await verifications(svc)
+    r = await (card_auth(svc, body) if kind == CARD else verify_code(svc, body))
+    after = await verifications(svc)
+    expected_code = {
+        "forged": "credential_forged",
+        "replayed": "credential_replayed",
+        "expired": "credential_expired",
+        "malformed": "credential_malformed",
+        "card_unusable": "card_unusable",
+        "unknown_card": "unknown_card",
+    }[outcome]
+    assert r.status == 422 and r.body["code"] == expected_code, r.body
+    assert r.headers["Content-Type"].startswith("application/problem+json")
+    assert delta(before, after) == {(kind, outcome): 1}
+    if card_status is not None:
+        assert r.body["card_status"] == card_status, r.body
+    return r
+
+
+async def accepted(svc: ServiceHarness, kind: str, body: Any) -> Response:
+    before = await verifications(svc)
+    r = await (card_auth(svc, body) if kind == CARD else verify_code(svc, body))
+    after = await verifications(svc)
+    assert r.status == 200, r.body
+    assert delta(before, after) == {(kind, "ok"): 1}
+    return r
+
+
+async def op(svc: ServiceHarness, card_no: str, name: str, body: dict[str, Any] | None = None) -> Any:
+    r = await svc.post(f"/v1/cards/{card_no}/{name}", body or {})
+    assert r.status == 200, r.body
+    return r.body
+
+
+async def replace(svc: ServiceHarness, card_no: str) -> dict[str, Any]:
+    new_no, new_sn = new_card_numbers()
+    expires = (dt.date.today() + dt.timedelta(days=3650)).isoformat()
+    body = await op(
+        svc, card_no, "replace", {"new_card_no": new_no, "new_card_sn": new_sn, "expires_on": expires}
+    )
+    assert body["card_no"] == new_no
+    return dict(body)
+
+
+def flip(hex_value: str, bit: int) -> str:
+    raw = bytearray(bytes.fromhex(hex_value))
+    raw[bit // 8] ^= 0x80 >> (bit % 8)
+    return raw.hex()
+
+
+def code_bytes(text: str) -> bytes:
+    body = text[len(ecard.CODE_TEXT_PREFIX) :]
+    return base64.b32decode(body + "=" * (-len(body) % 8))
+
+
+def code_text(raw: bytes) -> str:
+    return ecard.CODE_TEXT_PREFIX + base64.b32encode(raw).decode("ascii").rstrip("=")
+
+
+def signed_code(device: ecard.EcardDevice, *, ecard_id: int, issued_at: int, counter: int) -> str:
+    """A correctly signed code with any header (for codes a well-behaved device would not make)."""
+    unsigned = ecard.EcardCode(ecard.CODE_VERSION, device.alg, ecard_id, issued_at, counter, b"")
+    signature = sm.sign(device.private_key, ecard.signed_bytes(unsigned))
+    return ecard.encode_code(
+        ecard.EcardCode(ecard.CODE_VERSION, device.alg, ecard_id, issued_at, counter, signature)
+    )
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+# ------------------------------------------------------------------------------ physical card: valid
+
+
+async def test_card_auth_valid_answers_status_and_masked_holder(svc: ServiceHarness) -> None:
+    id_number = new_id_number()
+    r = await svc.post("/v1/holders", {"id_number": id_number, "name": "张三丰"})
+    assert r.status == 201, r.body
+    card_no, card_sn = new_card_numbers()
+    expires = (dt.date.today() + dt.timedelta(days=3650)).isoformat()
+    r = await svc.post(
+        "/v1/cards",
+        {"holder_id": r.body["holder_id"], "card_no": card_no, "card_sn": card_sn, "expires_on": expires},
+    )
+    assert r.status == 201, r.body
+    await op(svc, card_no, "activate")
+
+    r = await accepted(svc, CARD, svc.card_auth_body(card_sn))
+    assert r.body["result"] == "ok" and r.body["credential"] == "card"
+    c = r.body["card"]
+    assert (c["card_no"], c["card_sn"], c["status"], c["usable"]) == (card_no, card_sn, "active", True)
+    assert c["holder"]["id_number_masked"] == id_number[:6] + "*" * 8 + id_number[-4:]
+    assert c["holder"]["name_masked"] == "张**"
+    assert id_number not in str(r.body)
+
+
+# ----------------------------------------------------------------------------- physical card: forged
+
+
+async def test_card_auth_random_cryptogram_is_forged(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    body = svc.card_auth_body(c["card_sn"])
+    body["cryptogram"] = os.urandom(16).hex()
+    await refused(svc, CARD, "forged", body)
+
+
+_CARD_FLIPS = [
+    ("cryptogram", 0),
+    ("cryptogram", 77),
+    ("cryptogram", 127),
+    ("card_challenge", 0),
+    ("card_challenge", 63),
+    # The terminal challenge is 4 bytes of time and 4 random bytes: a flip in the low bit of the time
+    # moves it by one second (still fresh), a flip in the random part keeps the time.
+    ("terminal_challenge", 31),
+    ("terminal_challenge", 40),
+    ("terminal_challenge", 63),
+]
+
+
+async def test_card_auth_one_flipped_bit_is_forged(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    for field, bit in _CARD_FLIPS:
+        body = svc.card_auth_body(c["card_sn"])
+        tampered = {**body, field: flip(body[field], bit)}
+        await refused(svc, CARD, "forged", tampered)
+        # The genuine answer was not consumed by the forgery.
+        await accepted(svc, CARD, body)
+
+
+async def test_card_auth_answer_presented_for_another_card_is_forged(svc: ServiceHarness) -> None:
+    a = await svc.new_card()
+    b = await svc.new_card()
+    body = svc.card_auth_body(a["card_sn"])
+    body["card_sn"] = b["card_sn"]
+    await refused(svc, CARD, "forged", body)
+
+
+async def test_card_auth_answer_computed_with_another_cards_key_is_forged(svc: ServiceHarness) -> None:
+    a = await svc.new_card()
+    b = await svc.new_card()
+    other_key = card.derive_card_key(svc.keys.card_auth_master, b["card_sn"])
+    sim = card.CardSimulator(a["card_sn"], card_key=other_key)
+    body = card.build_card_auth_request(sim, now_s(), os.urandom(4))
+    await refused(svc, CARD, "forged", body)
+
+
+async def test_card_auth_with_another_master_key_is_forged(svc: ServiceHarness) -> None:
+    a = await svc.new_card()
+    sim = card.CardSimulator(a["card_sn"], master_key=os.urandom(16))
+    await refused(svc, CARD, "forged", card.build_card_auth_request(sim, now_s(), os.urandom(4)))
+
+
+# ------------------------------------------------------------------ physical card: replay and window
+
+
+async def test_card_auth_replayed_body_is_refused(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    body = svc.card_auth_body(c["card_sn"])
+    await accepted(svc, CARD, body)
+    await refused(svc, CARD, "replayed", body)
+    await refused(svc, CARD, "replayed", body)
+    await accepted(svc, CARD, svc.card_auth_body(c["card_sn"]))
+
+
+async def test_card_auth_outside_the_window_is_expired(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    # The challenge age limit (its own setting where there is one), plus at most the clock skew.
+    window = getattr(svc.settings, "card_challenge_age_s", svc.settings.ecard_code_lifetime_s)
+    skew = svc.settings.clock_skew_s
+    await refused(svc, CARD, "expired", svc.card_auth_body(c["card_sn"], now_s=now_s() - window - skew - 5))
+    await refused(svc, CARD, "expired", svc.card_auth_body(c["card_sn"], now_s=now_s() - 100_000))
+    await refused(svc, CARD, "expired", svc.card_auth_body(c["card_sn"], now_s=now_s() + skew + 60))
+    # Inside the window on both sides: accepted.
+    await accepted(svc, CARD, svc.card_auth_body(c["card_sn"], now_s=now_s() - window // 2))
+    await accepted(svc, CARD, svc.card_auth_body(c["card_sn"], now_s=now_s() + 10))
+
+
+async def test_card_auth_unknown_card(svc: ServiceHarness) -> None:
+    await svc.new_card()
+    _, unknown_sn = new_card_numbers()  # a valid identification code, never issued
+    await refused(svc, CARD, "unknown_card", svc.card_auth_body(unknown_sn))
+
+
+# -------------------------------------------------------------------------- physical card: statuses
+
+
+async def test_card_auth_refused_for_every_unusable_status(svc: ServiceHarness) -> None:
+    issued = await svc.new_card(activate=False)
+    await refused(svc, CARD, "card_unusable", svc.card_auth_body(issued["card_sn"]), card_status="issued")
+
+    c = await svc.new_card()
+    await op(svc, c["card_no"], "temporary-loss")
+    await refused(svc, CARD, "card_unusable", svc.card_auth_body(c["card_sn"]), card_status="temporary_loss")
+    await op(svc, c["card_no"], "formal-loss")
+    await refused(svc, CARD, "card_unusable", svc.card_auth_body(c["card_sn"]), card_status="formal_loss")
+    new = await replace(svc, c["card_no"])
+    await refused(svc, CARD, "card_unusable", svc.card_auth_body(c["card_sn"]), card_status="replaced")
+    await accepted(svc, CARD, svc.card_auth_body(new["card_sn"]))
+    await op(svc, new["card_no"], "cancel")
+    await refused(svc, CARD, "card_unusable", svc.card_auth_body(new["card_sn"]), card_status="cancelled")
+
+    locked = await svc.new_card()
+    await op(svc, locked["card_no"], "lock-app")
+    r = await refused(svc, CARD, "card_unusable", svc.card_auth_body(locked["card_sn"]))
+    assert r.body["card_status"] == "active"  # the status is unchanged: the application is locked
+    await op(svc, locked["card_no"], "unlock-app")
+    await accepted(svc, CARD, svc.card_auth_body(locked["card_sn"]))
+
+
+async def test_card_auth_refused_after_card_expiry(svc: ServiceHarness, db: Any) -> None:
+    c = await svc.new_card()
+    await db.execute(
+        "UPDATE card SET expires_on = current_date - 1 WHERE card_no = $1",
+        c["card_no"],
+    )
+    await refused(svc, CARD, "card_unusable", svc.card_auth_body(c["card_sn"]))
+
+
+async def test_pin_lock_does_not_stop_card_auth(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    await op(svc, c["card_no"], "lock-pin")
+    r = await accepted(svc, CARD, svc.card_auth_body(c["card_sn"]))
+    assert r.body["card"]["pin_locked"] is True and r.body["card"]["usable"] is True
+
+
+async def test_loss_report_is_seen_by_the_very_next_verification(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"])
+    await accepted(svc, CARD, svc.card_auth_body(c["card_sn"]))
+    await accepted(svc, CODE, dev.next_code(now_s()))
+    # Reported by the holder through the e-card channel, then used at a gate immediately.
+    r = await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {}, as_="ecard_channel")
+    assert r.status == 200, r.body
+    await refused(svc, CARD, "card_unusable", svc.card_auth_body(c["card_sn"]), card_status="temporary_loss")
+    await refused(svc, CODE, "card_unusable", dev.next_code(now_s()), card_status="temporary_loss")
+
+
+# ------------------------------------------------------------------------------------ e-card codes
+
+
+@pytest.mark.parametrize("alg", ALGS)
+async def test_ecard_code_valid(svc: ServiceHarness, alg: int) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"], alg)
+    for business_type in ("01", "02", "03", "04"):
+        before = await verifications(svc)
+        r = await verify_code(svc, dev.next_code(now_s()), business_type)
+        assert r.status == 200, r.body
+        assert delta(before, await verifications(svc)) == {(CODE, "ok"): 1}
+        assert r.body["credential"] == "ecard" and r.body["ecard_id"] == dev.ecard_id
+        assert r.body["business_type"] == business_type
+        assert r.body["card"]["card_no"] == c["card_no"] and r.body["card"]["status"] == "active"
+        assert r.body["card"]["holder"]["name_masked"] == "张**"
+
+
+# Byte positions in the 82-byte code: version, alg, ecard_id (first, last), issued_at (last), counter
+# (first, last), signature (first of r, last of r, first of s, last).
+_POSITIONS = [0, 1, 2, 9, 13, 14, 17, 18, 49, 50, 81]
+
+
+@pytest.mark.parametrize("alg", ALGS)
+async def test_ecard_code_every_flipped_bit_is_refused(svc: ServiceHarness, alg: int) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"], alg)
+    code = dev.next_code(now_s())
+    raw = code_bytes(code)
+    assert code_text(raw) == code
+    attempts = 0
+    before = await verifications(svc)
+    for pos in _POSITIONS:
+        for bit in (0, 7):
+            tampered = bytearray(raw)
+            tampered[pos] ^= 1 << bit
+            r = await verify_code(svc, code_text(bytes(tampered)))
+            attempts += 1
+            assert r.status == 422, (pos, bit, r.body)
+            assert r.body["code"] in {"credential_forged", "credential_malformed", "credential_expired"}, (
+                pos,
+                bit,
+                r.body,
+            )
+    d = delta(before, await verifications(svc))
+    assert (CODE, "ok") not in d and (CODE, "replayed") not in d
+    assert sum(d.values()) == attempts
+    # None of the tampered codes used up the genuine one.
+    await accepted(svc, CODE, code)
+
+
+@pytest.mark.parametrize("alg", ALGS)
+async def test_ecard_code_signed_by_another_device_is_forged(svc: ServiceHarness, alg: int) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"], alg)
+    impostor = ecard.EcardDevice.generate(dev.ecard_id, alg)
+    await refused(svc, CODE, "forged", impostor.next_code(now_s()))
+    # The other algorithm's key for the same e-card id: refused too.
+    other_alg = sm.ALG_ED25519 if alg == sm.ALG_SM2_SM3 else sm.ALG_SM2_SM3
+    await refused(svc, CODE, "forged", ecard.EcardDevice.generate(dev.ecard_id, other_alg).next_code(now_s()))
+
+
+async def test_ecard_code_for_another_ecard_is_forged(svc: ServiceHarness) -> None:
+    a = await svc.new_card()
+    b = await svc.new_card()
+    dev_a = await svc.new_ecard(a["card_no"])
+    dev_b = await svc.new_ecard(b["card_no"])
+    # A's device signs a code naming B's e-card.
+    code = signed_code(dev_a, ecard_id=dev_b.ecard_id, issued_at=now_s(), counter=1)
+    await refused(svc, CODE, "forged", code)
+    # ... and naming an e-card that does not exist.
+    await refused(
+        svc, CODE, "forged", signed_code(dev_a, ecard_id=dev_b.ecard_id + 1000, issued_at=now_s(), counter=1)
+    )
+    await accepted(svc, CODE, dev_b.next_code(now_s()))
+
+
+async def test_ecard_code_replayed(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"], sm.ALG_ED25519)
+    code = dev.next_code(now_s())
+    await accepted(svc, CODE, code)
+    await refused(svc, CODE, "replayed", code)
+    # Same counter, different time: still the same single-use code.
+    await refused(
+        svc,
+        CODE,
+        "replayed",
+        signed_code(dev, ecard_id=dev.ecard_id, issued_at=now_s() - 1, counter=dev.counter),
+    )
+    await accepted(svc, CODE, dev.next_code(now_s()))
+
+
+async def test_ecard_code_outside_its_lifetime_is_expired(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"], sm.ALG_ED25519)
+    lifetime = svc.settings.ecard_code_lifetime_s
+    skew = svc.settings.clock_skew_s
+    # Older than the lifetime (documented: valid ecard_code_lifetime_s after it is generated).
+    await refused(svc, CODE, "expired", dev.next_code(now_s() - lifetime - 5))
+    await refused(svc, CODE, "expired", dev.next_code(now_s() - lifetime - skew - 5))
+    # From the future beyond the allowed clock skew.
+    await refused(svc, CODE, "expired", dev.next_code(now_s() + skew + 60))
+    # Inside the window: accepted.
+    await accepted(svc, CODE, dev.next_code(now_s() - lifetime // 2))
+    await accepted(svc, CODE, dev.next_code(now_s() + 5))
+
+
+async def test_ecard_code_malformed(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"])
+    code = dev.next_code(now_s())
+    for text in [
+        "hello",
+        "EC1",
+        "EC2" + code[3:],
+        code.lower(),
+        code[:-1],
+        code + "A",
+        "EC1" + "1" * 132,
+        " " + code[1:],
+        "",
+    ]:
+        await refused(svc, CODE, "malformed", text)
+    # 82 bytes = 656 bits; the last base32 character carries 4 unused bits, which must be zero.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+    last = alphabet.index(code[-1])
+    await refused(svc, CODE, "malformed", code[:-1] + alphabet[last | 1])
+    await accepted(svc, CODE, code)
+
+
+# ------------------------------------------------------------------------- e-card mirrors the card
+
+
+async def test_revoked_ecard_is_unusable(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"])
+    await accepted(svc, CODE, dev.next_code(now_s()))
+    r = await svc.post(f"/v1/ecards/{dev.ecard_id}/revoke", {}, as_="ecard_channel")
+    assert r.status == 200 and r.body["status"] == "revoked", r.body
+    await refused(svc, CODE, "card_unusable", dev.next_code(now_s()), card_status="revoked")
+    # The physical card is unaffected.
+    await accepted(svc, CARD, svc.card_auth_body(c["card_sn"]))
+
+
+async def test_ecard_mirrors_temporary_loss_and_its_lifting(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"])
+    await op(svc, c["card_no"], "temporary-loss")
+    await refused(svc, CODE, "card_unusable", dev.next_code(now_s()), card_status="temporary_loss")
+    r = await svc.get(f"/v1/ecards/{dev.ecard_id}", as_="ecard_channel")
+    assert r.status == 200 and (r.body["status"], r.body["usable"]) == ("temporary_loss", False), r.body
+    await op(svc, c["card_no"], "lift-loss")
+    await accepted(svc, CODE, dev.next_code(now_s()))
+    await op(svc, c["card_no"], "lock-app")
+    await refused(svc, CODE, "card_unusable", dev.next_code(now_s()))
+
+
+async def test_ecard_follows_the_card_to_its_replacement(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"])
+    used = dev.next_code(now_s())
+    await accepted(svc, CODE, used)
+    await op(svc, c["card_no"], "formal-loss")
+    await refused(svc, CODE, "card_unusable", dev.next_code(now_s()), card_status="formal_loss")
+    new = await replace(svc, c["card_no"])
+    assert new["ecard"] is not None and new["ecard"]["ecard_id"] == dev.ecard_id
+    r = await accepted(svc, CODE, dev.next_code(now_s()))
+    assert r.body["card"]["card_no"] == new["card_no"]
+    assert r.body["card"]["card_sn"] == new["card_sn"]
+    assert r.body["card"]["status"] == "active"
+    # A code used before the replacement is still single-use after the e-card moved.
+    await refused(svc, CODE, "replayed", used)
+
+
+async def test_cancelled_card_revokes_its_ecard(svc: ServiceHarness) -> None:
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"])
+    await op(svc, c["card_no"], "cancel")
+    await refused(svc, CODE, "card_unusable", dev.next_code(now_s()), card_status="revoked")

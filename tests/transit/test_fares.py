@@ -1,0 +1,916 @@
+"""The fare engine (cardsvc/transit/fares.py; rules in docs/fares.md).
+
+Concrete Chongqing examples on the shipped demo table, the loader's refusals, and property tests on
+random small networks and random tap sequences checked against an independent model (Floyd–Warshall
+distances over stations, a journey model, and per-ride bounds).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cardsvc.transit.fares import (
+    DEMO_TABLE_PATH,
+    EMPTY_STATE,
+    NO_CONCESSION,
+    RULE_NAMES,
+    Concession,
+    Decision,
+    FareInputError,
+    FareTable,
+    FareTableError,
+    JourneyState,
+    OpenJourney,
+    Penalty,
+    Tap,
+    TransferWindow,
+    band_fare_fen,
+    card_price_fen,
+    close_open_journey,
+    elderly_quota_for_year,
+    fare,
+    half_price_fen,
+    load_demo_table,
+    load_table,
+    local_day,
+    metro_distance_m,
+    metro_fare_fen,
+    parse_table,
+)
+
+# 2026-11-02 08:00:00 in Chongqing (UTC+8) = 00:00:00 UTC.
+T0 = int(dt.datetime(2026, 11, 2, 0, 0, tzinfo=dt.UTC).timestamp())
+MIN = 60
+
+
+@pytest.fixture(scope="module")
+def cq() -> FareTable:
+    return load_demo_table()
+
+
+def demo_dict() -> dict[str, Any]:
+    return tomllib.loads(DEMO_TABLE_PATH.read_text(encoding="utf-8"))
+
+
+def with_rules(**rules: Any) -> FareTable:
+    data = demo_dict()
+    data["rules"].update(rules)
+    return parse_table(data, source="variant.toml")
+
+
+def bus(t: int, line: str = "bus-105") -> Tap:
+    return Tap(t, "bus", line)
+
+
+def m_in(t: int, station: str) -> Tap:
+    return Tap(t, "metro", station.split("-")[0].upper(), station, "in")
+
+
+def m_out(t: int, station: str) -> Tap:
+    return Tap(t, "metro", station.split("-")[0].upper(), station, "out")
+
+
+def run(
+    table: FareTable,
+    taps: list[Tap],
+    concession: Concession = NO_CONCESSION,
+    state: JourneyState = EMPTY_STATE,
+) -> list[Decision]:
+    out = []
+    for tap in taps:
+        d = fare(table, state, tap, concession)
+        out.append(d)
+        state = d.state
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo table and Chongqing's numbers
+
+
+def test_demo_table_loads_with_the_documented_contents(cq: FareTable) -> None:
+    assert cq.version == "cq-2026-11"
+    assert cq.effective_from == dt.date(2026, 11, 1)
+    assert set(cq.operators) == {"cq-bus", "cq-metro"}
+    assert sorted(b.fare_fen for b in cq.bus_lines.values()) == [100, 100, 200, 200, 200]
+    assert set(cq.metro_lines) == {"L1", "L2", "L3"}
+    assert all(12 <= len(m.stations) <= 20 for m in cq.metro_lines.values())
+    assert cq.bands == ((6000, 200), (11000, 300), (17000, 400), (24000, 500), (32000, 600))
+    assert cq.cap_fen == 700
+    assert cq.rules.daily_cap_fen is None  # off by default
+    assert cq.rules.transfer_pairs == {("bus", "bus"), ("bus", "metro"), ("metro", "bus")}
+    assert elderly_quota_for_year(cq, extra_granted=False) == 1200
+    assert elderly_quota_for_year(cq, extra_granted=True) == 1500
+
+
+@pytest.mark.parametrize(
+    ("km", "fen"),
+    [
+        (0, 200),
+        (6, 200),
+        (6.001, 300),
+        (11, 300),
+        (11.5, 400),
+        (17, 400),
+        (24, 500),
+        (32, 600),
+        (32.001, 700),
+        (90, 700),
+    ],
+)
+def test_metro_bands_are_inclusive_at_the_upper_limit(cq: FareTable, km: float, fen: int) -> None:
+    assert band_fare_fen(cq, round(km * 1000)) == fen
+
+
+def test_bus_two_yuan_with_the_card_is_180_fen(cq: FareTable) -> None:
+    d = fare(cq, EMPTY_STATE, bus(T0))
+    assert (d.amount_fen, d.full_fare_fen, d.operator, d.penalty) == (180, 200, "cq-bus", None)
+    assert d.rules == ("bus_flat_fare", "card_discount")
+    assert d.state.window == TransferWindow(T0, 180, "bus", False)
+    assert d.state.day_charged_fen == 180
+    assert fare(cq, EMPTY_STATE, bus(T0, "bus-261")).amount_fen == 90
+
+
+def test_metro_fare_follows_the_shortest_path_through_interchanges(cq: FareTable) -> None:
+    # Along line 1: 朝天门 0.0 km -> 沙坪坝 15.4 km: ¥4, ¥3.60 with the card.
+    d = run(cq, [m_in(T0, "l1-chaotianmen"), m_out(T0 + 30 * MIN, "l1-shapingba")])
+    assert (d[0].amount_fen, d[0].rules, d[0].operator) == (0, ("metro_entry",), "cq-metro")
+    assert (d[1].amount_fen, d[1].full_fare_fen, d[1].distance_m) == (360, 400, 15400)
+    # 新山村 (L2) -> 园博园 (L3): via 牛角沱 13.7 + 16.8 = 30.5 km, shorter than via 大坪/两路口 (31.3 km).
+    assert metro_distance_m(cq, "l2-xinshancun", "l3-yuanboyuan") == 30500
+    assert metro_fare_fen(cq, "l2-xinshancun", "l3-yuanboyuan") == 600
+    # 赖家桥 (L1) -> 园博园 (L3): 37.6 km via 大坪 and 牛角沱 -> the ¥7 cap.
+    assert metro_distance_m(cq, "l1-laijiaqiao", "l3-yuanboyuan") == 37600
+    d = run(cq, [m_in(T0, "l1-laijiaqiao"), m_out(T0 + 70 * MIN, "l3-yuanboyuan")])
+    assert (d[1].full_fare_fen, d[1].amount_fen) == (700, 630)
+    # An interchange is one place: both 两路口 stations are 0 km apart.
+    assert metro_distance_m(cq, "l1-lianglukou", "l3-lianglukou") == 0
+
+
+def test_transfer_bus_two_yuan_then_metro_four_km_costs_nothing_more(cq: FareTable) -> None:
+    # Bus ¥2 -> 180. Metro 小什字 -> 鹅岭 4.6 km: ¥2 -> 180 with the card, minus min(180, 180, 200) = 0.
+    d = run(cq, [bus(T0), m_in(T0 + 20 * MIN, "l1-xiaoshizi"), m_out(T0 + 35 * MIN, "l1-eling")])
+    assert [x.amount_fen for x in d] == [180, 0, 0]
+    assert (d[2].full_fare_fen, d[2].transfer_discount_fen) == (200, 180)
+    assert d[2].rules == ("metro_distance_fare", "card_discount", "transfer_discount")
+    assert d[2].state.window == TransferWindow(T0, 180, "bus", True)
+
+
+def test_transfer_discount_is_capped_by_the_first_fare_and_two_yuan(cq: FareTable) -> None:
+    long_ride = [m_in(T0 + 10 * MIN, "l1-chaotianmen"), m_out(T0 + 40 * MIN, "l1-shapingba")]  # 360
+    d = run(cq, [bus(T0), *long_ride])
+    assert (d[2].amount_fen, d[2].transfer_discount_fen) == (180, 180)  # first fare 180 < 200
+    d = run(cq, [bus(T0, "bus-261"), *long_ride])
+    assert (d[2].amount_fen, d[2].transfer_discount_fen) == (270, 90)  # first fare 90
+    # Metro 360 first, then bus 180: min(180, 360, 200) = 180 -> the bus is free.
+    d = run(cq, [*long_ride, bus(T0 + 50 * MIN)])
+    assert (d[2].amount_fen, d[2].transfer_discount_fen) == (0, 180)
+
+
+def test_the_window_starts_at_the_metro_exit_and_at_the_bus_tap(cq: FareTable) -> None:
+    # Metro in at 0, out at 50 min; bus at 1 h 45 min = 55 min after the exit: still in the window.
+    d = run(cq, [m_in(T0, "l1-chaotianmen"), m_out(T0 + 50 * MIN, "l1-shapingba"), bus(T0 + 105 * MIN)])
+    assert d[1].state.window == TransferWindow(T0 + 50 * MIN, 360, "metro", False)
+    assert (d[2].amount_fen, d[2].transfer_discount_fen) == (0, 180)
+    # Bus -> metro: the metro ride must ENTER within the hour; its exit may be later.
+    d = run(cq, [bus(T0), m_in(T0 + 59 * MIN, "l1-chaotianmen"), m_out(T0 + 95 * MIN, "l1-shapingba")])
+    assert d[2].transfer_discount_fen == 180
+    d = run(cq, [bus(T0), m_in(T0 + 60 * MIN, "l1-chaotianmen"), m_out(T0 + 95 * MIN, "l1-shapingba")])
+    assert d[2].transfer_discount_fen == 0
+
+
+def test_window_edges_and_one_discount_per_window(cq: FareTable) -> None:
+    assert run(cq, [bus(T0), bus(T0 + 3599)])[1].amount_fen == 0
+    d = run(cq, [bus(T0), bus(T0 + 3600)])
+    assert (d[1].amount_fen, d[1].state.window) == (180, TransferWindow(T0 + 3600, 180, "bus", False))
+    # Bus, bus (discounted), bus (same window, spent: full), bus after the window ends (new window).
+    d = run(cq, [bus(T0), bus(T0 + 10 * MIN), bus(T0 + 20 * MIN), bus(T0 + 61 * MIN), bus(T0 + 70 * MIN)])
+    assert [x.amount_fen for x in d] == [180, 0, 180, 180, 0]
+    assert d[2].state.window == TransferWindow(T0, 180, "bus", True)
+
+
+def test_no_transfer_discount_from_metro_to_metro(cq: FareTable) -> None:
+    taps = [
+        m_in(T0, "l1-chaotianmen"),
+        m_out(T0 + 10 * MIN, "l1-qixinggang"),
+        m_in(T0 + 15 * MIN, "l1-qixinggang"),
+        m_out(T0 + 25 * MIN, "l1-daping"),
+        bus(T0 + 30 * MIN),
+    ]
+    d = run(cq, taps)
+    assert [x.amount_fen for x in d] == [0, 180, 0, 180, 0]
+    assert d[3].transfer_discount_fen == 0
+    # The second metro ride opened its own window, and the bus transferred from it.
+    assert d[3].state.window == TransferWindow(T0 + 25 * MIN, 180, "metro", False)
+    assert d[4].transfer_discount_fen == 180
+
+
+def test_daily_cap_and_its_reset_at_local_midnight() -> None:
+    table = with_rules(daily_cap_fen=500)
+    taps = [bus(T0 + i * 2 * 3600) for i in range(5)]  # 08:00, 10:00, ... 16:00 local: no transfers
+    d = run(table, taps)
+    assert [x.amount_fen for x in d] == [180, 180, 140, 0, 0]
+    assert "daily_cap" in d[2].rules and "daily_cap" in d[3].rules
+    # 23:59:59 local is the same day; 00:00:00 local (16:00 UTC) is a new day.
+    midnight = T0 + 16 * 3600
+    assert local_day(table, midnight - 1) == dt.date(2026, 11, 2)
+    assert local_day(table, midnight) == dt.date(2026, 11, 3)
+    late = fare(table, d[-1].state, bus(midnight - 1))
+    assert late.amount_fen == 0
+    nxt = fare(table, late.state, bus(midnight + 2 * 3600))
+    assert (nxt.amount_fen, nxt.state.day_charged_fen) == (180, 180)
+    assert nxt.state.to_dict()["day"] == "2026-11-03"
+
+
+def test_concessions(cq: FareTable) -> None:
+    ride = [m_in(T0, "l1-chaotianmen"), m_out(T0 + 30 * MIN, "l1-shapingba")]  # base 400
+    elderly = Concession("elderly", elderly_rides_remaining=1)
+    d = run(cq, [bus(T0 - 3 * 3600), *ride], elderly)
+    assert [(x.amount_fen, x.quota_ride_consumed) for x in d] == [(0, True), (0, False), (0, True)]
+    assert d[2].rules == ("metro_distance_fare", "elderly_free")
+    exhausted = fare(cq, EMPTY_STATE, bus(T0), Concession("elderly", 0))
+    assert (exhausted.amount_fen, exhausted.quota_ride_consumed) == (180, False)
+    assert exhausted.rules == ("bus_flat_fare", "elderly_quota_exhausted", "card_discount")
+    assert run(cq, ride, Concession("disabled_free"))[1].amount_fen == 0
+    half = run(cq, ride, Concession("disabled_half"))[1]
+    assert (half.amount_fen, half.rules) == (200, ("metro_distance_fare", "disabled_half"))
+    assert fare(cq, EMPTY_STATE, bus(T0), Concession("disabled_half")).amount_fen == 100
+    # A free first ride gives no transfer discount to the next paid one.
+    d = run(cq, [bus(T0)], Concession("elderly", 1))
+    assert fare(cq, d[0].state, bus(T0 + 60)).amount_fen == 180
+
+
+def test_rounding_is_half_up_on_the_fen() -> None:
+    assert card_price_fen(200, 10) == 180
+    assert card_price_fen(155, 10) == 140  # 139.5 -> 140
+    assert card_price_fen(154, 10) == 139  # 138.6 -> 139
+    assert card_price_fen(1, 50) == 1  # 0.5 -> 1
+    assert card_price_fen(16, 10) == 14  # 14.4 -> 14
+    assert card_price_fen(0, 10) == 0
+    for base in range(0, 1000):
+        for pct in (0, 10, 15, 33, 50, 100):
+            exact = Fraction(base * (100 - pct), 100)
+            assert card_price_fen(base, pct) == math.floor(exact + Fraction(1, 2)) <= base
+    assert half_price_fen(151) == 76 and half_price_fen(150) == 75
+
+
+def test_odd_sequences(cq: FareTable) -> None:
+    # Entering again while a journey is open: the open one is charged the maximum fare, a new one opens.
+    d = run(cq, [m_in(T0, "l1-chaotianmen"), m_in(T0 + 90 * MIN, "l2-pingan")])
+    assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out")
+    assert (d[1].amount_fen, d[1].total_fen, d[1].rules) == (0, 700, ("missing_tap_out", "metro_entry"))
+    assert d[1].state.journey == OpenJourney("l2-pingan", T0 + 90 * MIN, "cq-metro")
+    assert d[1].state.day_charged_fen == 0  # penalties are not fares: not counted toward a daily cap
+    # Boarding a bus with an open metro journey: penalty for the metro, then the bus fare.
+    d = run(cq, [m_in(T0, "l1-chaotianmen"), bus(T0 + 90 * MIN)])
+    assert (d[1].amount_fen, d[1].total_fen, d[1].operator) == (180, 880, "cq-bus")
+    assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out")
+    assert d[1].state.journey is None
+    # Exit without entry: the maximum fare as a penalty, nothing else changes.
+    d = run(cq, [bus(T0), m_out(T0 + 20 * MIN, "l1-shapingba")])
+    assert (d[1].amount_fen, d[1].penalty) == (0, Penalty(700, "cq-metro", "missing_tap_in"))
+    assert d[1].state.window == d[0].state.window
+    # Same station in and out: the minimum fare (0 km band), with the card.
+    d = run(cq, [m_in(T0, "l1-shapingba"), m_out(T0 + 2 * MIN, "l1-shapingba")])
+    assert (d[1].amount_fen, d[1].full_fare_fen, d[1].distance_m) == (180, 200, 0)
+    assert d[1].rules == ("same_station_exit", "metro_distance_fare", "card_discount")
+    # Exit after the journey timeout: one penalty, the journey is closed.
+    d = run(cq, [m_in(T0, "l1-chaotianmen"), m_out(T0 + 4 * 3600, "l1-shapingba")])
+    assert (d[1].amount_fen, d[1].penalty) == (0, Penalty(700, "cq-metro", "journey_timeout"))
+    assert d[1].state.journey is None
+
+
+def test_close_open_journey(cq: FareTable) -> None:
+    state = fare(cq, EMPTY_STATE, m_in(T0, "l1-chaotianmen")).state
+    assert close_open_journey(cq, state, T0 + 4 * 3600 - 1) == (None, state)
+    penalty, closed = close_open_journey(cq, state, T0 + 4 * 3600)
+    assert penalty == Penalty(700, "cq-metro", "missing_tap_out")
+    assert closed.journey is None and closed.window == state.window
+    assert close_open_journey(cq, state, T0 + 60, force=True)[0] == penalty
+    assert close_open_journey(cq, closed, T0 + 9 * 3600, force=True) == (None, closed)
+
+
+@pytest.mark.parametrize(
+    ("tap", "message"),
+    [
+        (Tap(T0, "bus", "bus-999"), "unknown bus line 'bus-999'"),
+        (Tap(T0, "bus", "bus-105", direction="in"), "direction 'single'"),
+        (Tap(T0, "metro", "L1", "l1-nowhere", "in"), "unknown metro station 'l1-nowhere'"),
+        (Tap(T0, "metro", "L2", "l1-shapingba", "in"), "does not serve station"),
+        (Tap(T0, "metro", "L1", None, "in"), "needs a station"),
+        (Tap(T0, "metro", "L1", "l1-shapingba", "single"), "'in' or 'out'"),
+    ],
+)
+def test_taps_that_do_not_fit_the_table_are_refused(cq: FareTable, tap: Tap, message: str) -> None:
+    with pytest.raises(FareInputError, match=message):
+        fare(cq, EMPTY_STATE, tap)
+
+
+def test_a_metro_tap_may_name_any_line_of_an_interchange(cq: FareTable) -> None:
+    d = run(cq, [Tap(T0, "metro", "L3", "l1-lianglukou", "in"), m_out(T0 + 600, "l3-guanyinqiao")])
+    assert d[1].distance_m == 8700 - 5300
+
+
+def test_state_json_layout(cq: FareTable) -> None:
+    d = run(cq, [bus(T0), m_in(T0 + 600, "l1-xiaoshizi")])
+    assert json.loads(d[1].state.to_json()) == {
+        "v": 1,
+        "journey": {"station": "l1-xiaoshizi", "time": T0 + 600, "operator": "cq-metro"},
+        "window": {"start": T0, "first_fare_fen": 180, "mode": "bus", "discount_used": False},
+        "day": "2026-11-02",
+        "day_charged_fen": 180,
+    }
+    assert EMPTY_STATE.to_dict() == {
+        "v": 1,
+        "journey": None,
+        "window": None,
+        "day": None,
+        "day_charged_fen": 0,
+    }
+    assert JourneyState.from_json(d[1].state.to_json()) == d[1].state
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.pop("day"),
+        lambda s: s.update(v=2),
+        lambda s: s.update(day_charged_fen=-1),
+        lambda s: s.update(day_charged_fen=1.5),
+        lambda s: s.update(day="2026-13-01"),
+        lambda s: s["window"].update(mode="tram"),
+        lambda s: s["window"].update(discount_used="no"),
+        lambda s: s["journey"].update(time="1"),
+        lambda s: s["journey"].pop("operator"),
+    ],
+)
+def test_malformed_stored_states_are_refused(
+    cq: FareTable, mutate: Callable[[dict[str, Any]], object]
+) -> None:
+    d = run(cq, [bus(T0), m_in(T0 + 600, "l1-xiaoshizi")])
+    data = json.loads(d[1].state.to_json())
+    mutate(data)
+    with pytest.raises(FareInputError):
+        JourneyState.from_dict(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader refuses broken tables
+
+
+def _set(path: list[Any], value: Any) -> Callable[[dict[str, Any]], None]:
+    def f(d: dict[str, Any]) -> None:
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+
+    return f
+
+
+def _del(path: list[Any]) -> Callable[[dict[str, Any]], None]:
+    def f(d: dict[str, Any]) -> None:
+        for k in path[:-1]:
+            d = d[k]
+        del d[path[-1]]
+
+    return f
+
+
+def _swap_bands(d: dict[str, Any]) -> None:
+    b = d["metro"]["bands"]
+    b[1], b[2] = b[2], b[1]
+
+
+def _append(path: list[Any], value: Any) -> Callable[[dict[str, Any]], None]:
+    def f(d: dict[str, Any]) -> None:
+        for k in path:
+            d = d[k]
+        d.append(value)  # type: ignore[attr-defined]
+
+    return f
+
+
+def _disconnect(d: dict[str, Any]) -> None:
+    for s in d["metro"]["stations"]:
+        if s["line"] == "L3":
+            s.pop("interchange", None)
+    d["metro"]["stations"] = [
+        s
+        for s in d["metro"]["stations"]
+        if not (s["line"] != "L3" and s.get("interchange") in ("lianglukou", "niujiaotuo"))
+    ]
+    for line in d["metro"]["lines"]:
+        if line["id"] != "L3":
+            line["stations"] = [x for x in line["stations"] if not x.endswith(("lianglukou", "niujiaotuo"))]
+
+
+BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
+    (
+        "negative fare",
+        _set(["bus_lines", 0, "fare_fen"], -100),
+        "bus_lines[0].fare_fen",
+        "must be >= 0, got -100",
+    ),
+    ("float fare", _set(["bus_lines", 1, "fare_fen"], 2.0), "bus_lines[1].fare_fen", "got the float 2.0"),
+    (
+        "boolean fare",
+        _set(["bus_lines", 1, "fare_fen"], True),
+        "bus_lines[1].fare_fen",
+        "got the boolean true",
+    ),
+    ("float band fare", _set(["metro", "bands", 0, "fare_fen"], 1.5), "metro.bands[0].fare_fen", "float 1.5"),
+    ("float cap", _set(["metro", "cap_fen"], 700.0), "metro.cap_fen", "float"),
+    (
+        "unknown station in a line",
+        _append(["metro", "lines", 1, "stations"], "l2-nowhere"),
+        "metro.lines[1].stations[18]",
+        "unknown station 'l2-nowhere'",
+    ),
+    ("bands not ascending", _swap_bands, "metro.bands[2].up_to_km", "bands must be strictly ascending"),
+    (
+        "band fares decreasing",
+        _set(["metro", "bands", 1, "fare_fen"], 150),
+        "metro.bands[1].fare_fen",
+        "must not decrease",
+    ),
+    (
+        "band above cap",
+        _set(["metro", "cap_fen"], 500),
+        "metro.bands[4].fare_fen",
+        "exceeds metro.cap_fen 500",
+    ),
+    (
+        "duplicate operator",
+        _set(["operators", 1, "id"], "cq-bus"),
+        "operators[1].id",
+        "duplicate operator id 'cq-bus'",
+    ),
+    (
+        "duplicate bus line",
+        _set(["bus_lines", 3, "id"], "bus-105"),
+        "bus_lines[3].id",
+        "duplicate line id 'bus-105'",
+    ),
+    (
+        "metro line id = bus id",
+        _set(["metro", "lines", 0, "id"], "bus-105"),
+        "metro.lines[0].id",
+        "duplicate line id 'bus-105'",
+    ),
+    (
+        "duplicate metro line",
+        _set(["metro", "lines", 2, "id"], "L1"),
+        "metro.lines[2].id",
+        "duplicate line id 'L1'",
+    ),
+    (
+        "duplicate station",
+        _set(["metro", "stations", 5, "id"], "l1-chaotianmen"),
+        "metro.stations[5].id",
+        "duplicate station id",
+    ),
+    (
+        "unknown operator",
+        _set(["bus_lines", 2, "operator"], "cq-tram"),
+        "bus_lines[2].operator",
+        "unknown operator 'cq-tram'",
+    ),
+    (
+        "unknown metro operator",
+        _set(["metro", "lines", 2, "operator"], "x"),
+        "metro.lines[2].operator",
+        "unknown operator 'x'",
+    ),
+    ("missing version", _del(["version"]), "version", "missing required key"),
+    ("missing cap", _del(["metro", "cap_fen"]), "metro.cap_fen", "missing required key"),
+    (
+        "missing line operator",
+        _del(["bus_lines", 2, "operator"]),
+        "bus_lines[2].operator",
+        "missing required key",
+    ),
+    ("missing rule", _del(["rules", "transfer_window_s"]), "rules.transfer_window_s", "missing required key"),
+    (
+        "missing station km",
+        _del(["metro", "stations", 3, "km"]),
+        "metro.stations[3].km",
+        "missing required key",
+    ),
+    ("unknown key (typo)", _set(["bus_lines", 0, "fare"], 200), "bus_lines[0].fare", "unknown key"),
+    ("empty version", _set(["version"], " "), "version", "non-empty string"),
+    ("date as string", _set(["effective_from"], "2026-11-01"), "effective_from", "TOML local date"),
+    (
+        "km not increasing",
+        _set(["metro", "stations", 3, "km"], 1.0),
+        "metro.lines[0].stations[3]",
+        "km must increase",
+    ),
+    ("negative km", _set(["metro", "stations", 0, "km"], -1), "metro.stations[0].km", ">= 0"),
+    (
+        "station on the wrong line",
+        _set(["metro", "stations", 3, "line"], "L2"),
+        "metro.lines",
+        "declares line 'L2'",
+    ),
+    (
+        "station on an unknown line",
+        _set(["metro", "stations", 3, "line"], "L9"),
+        "metro.stations[3].line",
+        "unknown metro line 'L9'",
+    ),
+    (
+        "lonely interchange",
+        _set(["metro", "stations", 0, "interchange"], "nowhere"),
+        "metro.stations[0].interchange",
+        "only one station",
+    ),
+    ("disconnected network", _disconnect, "metro.stations", "not connected"),
+    (
+        "bad transfer pair",
+        _set(["rules", "transfer_pairs"], ["bus-tram"]),
+        "rules.transfer_pairs[0]",
+        "'mode-mode'",
+    ),
+    (
+        "discount over 100 %",
+        _set(["rules", "card_discount_percent"], 110),
+        "rules.card_discount_percent",
+        "<= 100",
+    ),
+    ("zero daily cap", _set(["rules", "daily_cap_fen"], 0), "rules.daily_cap_fen", ">= 1"),
+    ("no operators", _set(["operators"], []), "operators", "at least one operator"),
+    (
+        "station id too long for a validator record",
+        _set(["metro", "stations", 0, "id"], "l1-chaotianmen-north"),
+        "metro.stations[0].id",
+        "1-16 characters",
+    ),
+    ("line id with a space", _set(["bus_lines", 0, "id"], "bus 105"), "bus_lines[0].id", "1-16 characters"),
+]
+
+
+@pytest.mark.parametrize(("case", "mutate", "path", "problem"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_loader_refuses_broken_tables(
+    case: str, mutate: Callable[[dict[str, Any]], None], path: str, problem: str
+) -> None:
+    data = demo_dict()
+    parse_table(copy.deepcopy(data), source="ok.toml")  # the unmutated table loads
+    mutate(data)
+    with pytest.raises(FareTableError) as info:
+        parse_table(data, source="broken.toml")
+    e = info.value
+    assert isinstance(e, ValueError)
+    assert e.file == "broken.toml" and e.path.startswith(path) and problem in e.problem, str(e)
+    assert str(e) == f"broken.toml: {e.path}: {e.problem}"
+
+
+def test_loader_names_the_file(tmp_path: Path) -> None:
+    text = DEMO_TABLE_PATH.read_text(encoding="utf-8").replace("fare_fen = 100", "fare_fen = 1.0", 1)
+    bad = tmp_path / "cq-2027-01.toml"
+    bad.write_text(text, encoding="utf-8")
+    with pytest.raises(
+        FareTableError, match="^" + re.escape(f"{bad}: bus_lines[2].fare_fen: ") + ".*float 1.0"
+    ):
+        load_table(bad)
+    bad.write_text("version = \n", encoding="utf-8")
+    with pytest.raises(FareTableError, match="^" + re.escape(f"{bad}: (syntax): invalid TOML")):
+        load_table(bad)
+    with pytest.raises(FareTableError, match="cannot read"):
+        load_table(tmp_path / "missing.toml")
+
+
+# --------------------------------------------------------------------------------------------------
+# Random networks
+
+
+@dataclass
+class Net:
+    data: dict[str, Any]
+    table: FareTable
+    lines: dict[str, list[str]]  # metro line -> station ids
+    oracle: dict[tuple[str, str], int]  # Floyd–Warshall over stations, metres
+
+
+def floyd(data: dict[str, Any]) -> dict[tuple[str, str], int]:
+    stations = {s["id"]: s for s in data["metro"]["stations"]}
+    ids = list(stations)
+    inf = 10**12
+    d = {(a, b): (0 if a == b else inf) for a in ids for b in ids}
+    for line in data["metro"]["lines"]:
+        for a, b in zip(line["stations"], line["stations"][1:], strict=False):
+            w = round(stations[b]["km"] * 1000) - round(stations[a]["km"] * 1000)
+            d[a, b] = d[b, a] = min(d[a, b], w)
+    for a in ids:
+        for b in ids:
+            ga, gb = stations[a].get("interchange"), stations[b].get("interchange")
+            if ga is not None and ga == gb:
+                d[a, b] = 0
+    for k in ids:
+        for i in ids:
+            dik = d[i, k]
+            for j in ids:
+                if dik + d[k, j] < d[i, j]:
+                    d[i, j] = dik + d[k, j]
+    return d
+
+
+@st.composite
+def networks(draw: st.DrawFn) -> Net:
+    n_lines = draw(st.integers(1, 4))
+    lines: dict[str, list[str]] = {}
+    stations: list[dict[str, Any]] = []
+    for li in range(n_lines):
+        lid = f"M{li}"
+        km = draw(st.integers(0, 2000))
+        ids = []
+        for si in range(draw(st.integers(2, 7))):
+            if si:
+                km += draw(st.integers(1, 4000))
+            sid = f"m{li}s{si}"
+            ids.append(sid)
+            stations.append({"id": sid, "name": f"S{li}.{si}", "line": lid, "km": km / 1000})
+        lines[lid] = ids
+    by_id = {s["id"]: s for s in stations}
+    group_lines: dict[str, set[str]] = {}
+
+    def join(a: str, b: str) -> None:
+        sa, sb = by_id[a], by_id[b]
+        if "interchange" in sa and "interchange" in sb:
+            return
+        if "interchange" in sa:
+            sa, sb = sb, sa
+        gid = sb.get("interchange") or f"x-{sb['id']}"
+        members = group_lines.setdefault(gid, {sb["line"]})
+        if sa["line"] in members:
+            return
+        sa["interchange"] = sb["interchange"] = gid
+        members.add(sa["line"])
+
+    for li in range(1, n_lines):  # a spanning tree of interchanges keeps the network connected
+        a = draw(st.sampled_from(lines[f"M{li}"]))
+        b = draw(st.sampled_from(lines[f"M{draw(st.integers(0, li - 1))}"]))
+        if "interchange" in by_id[a]:
+            continue  # already linked to an earlier line
+        join(a, b)
+    for _ in range(draw(st.integers(0, 3))):  # extra interchanges make cycles (real shortest paths)
+        la, lb = draw(st.sampled_from(sorted(lines))), draw(st.sampled_from(sorted(lines)))
+        if la != lb:
+            join(draw(st.sampled_from(lines[la])), draw(st.sampled_from(lines[lb])))
+    n_bands = draw(st.integers(1, 5))
+    limits = sorted(draw(st.sets(st.integers(1, 30_000), min_size=n_bands, max_size=n_bands)))
+    fares = sorted(draw(st.lists(st.integers(0, 900), min_size=n_bands, max_size=n_bands)))
+    cap = draw(st.integers(fares[-1], 1200)) or 1
+    rules: dict[str, Any] = {
+        "card_discount_percent": draw(st.integers(0, 100)),
+        "transfer_window_s": draw(st.integers(60, 7200)),
+        "transfer_discount_max_fen": draw(st.integers(0, 500)),
+        "transfer_pairs": draw(
+            st.lists(st.sampled_from(["bus-bus", "bus-metro", "metro-bus", "metro-metro"]), unique=True)
+        ),
+        "journey_timeout_s": draw(st.integers(600, 20_000)),
+        "utc_offset_minutes": 480,
+        "elderly_annual_quota": 1200,
+        "elderly_extra_quota": 300,
+    }
+    if draw(st.booleans()):
+        rules["daily_cap_fen"] = draw(st.integers(1, 3000))
+    data: dict[str, Any] = {
+        "version": "rand-1",
+        "effective_from": dt.date(2026, 1, 1),
+        "rules": rules,
+        "operators": [
+            {"id": "bus-co", "name": "Bus"},
+            {"id": "metro-a", "name": "A"},
+            {"id": "metro-b", "name": "B"},
+        ],
+        "bus_lines": [
+            {"id": f"b{i}", "name": f"B{i}", "operator": "bus-co", "fare_fen": draw(st.integers(0, 500))}
+            for i in range(draw(st.integers(1, 3)))
+        ],
+        "metro": {
+            "cap_fen": cap,
+            "bands": [{"up_to_km": lim / 1000, "fare_fen": f} for lim, f in zip(limits, fares, strict=True)],
+            "lines": [
+                {
+                    "id": lid,
+                    "name": lid,
+                    "operator": draw(st.sampled_from(["metro-a", "metro-b"])),
+                    "stations": ids,
+                }
+                for lid, ids in lines.items()
+            ],
+            "stations": stations,
+        },
+    }
+    table = parse_table(copy.deepcopy(data), source="random.toml")
+    return Net(data, table, lines, floyd(data))
+
+
+@settings(max_examples=150, deadline=None)
+@given(networks())
+def test_random_networks_load_and_match_the_shortest_path_oracle(net: Net) -> None:
+    t = net.table
+    for (a, b), dist in net.oracle.items():
+        assert metro_distance_m(t, a, b) == dist
+        f = metro_fare_fen(t, a, b)
+        assert f == band_fare_fen(t, dist) <= t.cap_fen
+        assert isinstance(f, int)
+        expected = next((fen for lim, fen in t.bands if dist <= lim), t.cap_fen)
+        assert f == expected
+
+
+@dataclass
+class Action:
+    gap_s: int
+    kind: str  # bus | in | out
+    target: str  # bus line or station
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[Net, Concession, list[Action]]:
+    net = draw(networks())
+    bus_ids = [b["id"] for b in net.data["bus_lines"]]
+    all_stations = [s for ids in net.lines.values() for s in ids]
+    kind_st = st.sampled_from(["elderly", "none", "none", "disabled_free", "disabled_half"])
+    concession = Concession(draw(kind_st), draw(st.integers(0, 4)))  # type: ignore[arg-type]
+    actions = []
+    for _ in range(draw(st.integers(1, 25))):
+        gap = draw(st.one_of(st.integers(0, 5400), st.integers(0, 3 * 86400)))
+        kind = draw(st.sampled_from(["bus", "in", "out", "in", "out"]))
+        target = draw(st.sampled_from(bus_ids if kind == "bus" else all_stations))
+        actions.append(Action(gap, kind, target))
+    return net, concession, actions
+
+
+@dataclass
+class Ride:
+    start: int
+    end: int
+    mode: str
+    amount: int
+    discount: int
+
+
+def concession_price(t: FareTable, c: Concession, remaining: int, base: int) -> int:
+    if c.kind == "disabled_free" or (c.kind == "elderly" and remaining > 0):
+        return 0
+    if c.kind == "disabled_half":
+        return (base + 1) // 2
+    return math.floor(Fraction(base * (100 - t.rules.card_discount_percent), 100) + Fraction(1, 2))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(1_700_000_000, 1_900_000_000))
+def test_random_tap_sequences_keep_every_invariant(
+    scenario: tuple[Net, Concession, list[Action]], start: int
+) -> None:
+    net, concession, actions = scenario
+    t, r = net.table, net.table.rules
+    stations = {s["id"]: s for s in net.data["metro"]["stations"]}
+    state = EMPTY_STATE
+    now = start
+    remaining = concession.elderly_rides_remaining
+    open_entry: tuple[str, int] | None = None  # the model's own view of the open journey
+    rides: list[Ride] = []
+    per_day: dict[int, int] = {}
+    for act in actions:
+        now += act.gap_s
+        if act.kind == "bus":
+            tap = Tap(now, "bus", act.target)
+        else:
+            tap = Tap(
+                now, "metro", stations[act.target]["line"], act.target, "in" if act.kind == "in" else "out"
+            )
+        c = Concession(concession.kind, remaining)
+        d = fare(t, state, tap, c)
+
+        # Integer fen everywhere, never negative, the card/concession never increases a fare.
+        for v in (d.amount_fen, d.full_fare_fen, d.transfer_discount_fen, d.state.day_charged_fen):
+            assert type(v) is int and v >= 0
+        assert d.amount_fen <= d.full_fare_fen
+        assert set(d.rules) <= RULE_NAMES
+        assert d.total_fen == d.amount_fen + (d.penalty.amount_fen if d.penalty else 0)
+        if d.penalty is not None:
+            assert type(d.penalty.amount_fen) is int and d.penalty.amount_fen == t.cap_fen
+
+        # Journey model: which taps price a ride, and which penalty each broken journey gets.
+        ride_start: int | None = None
+        expected_penalty = None
+        if act.kind == "bus":
+            if open_entry is not None:
+                expected_penalty = "missing_tap_out"
+            open_entry = None
+            ride_start = now
+            assert d.full_fare_fen == t.bus_lines[act.target].fare_fen
+            assert d.operator == "bus-co"
+        elif act.kind == "in":
+            if open_entry is not None:
+                expected_penalty = "missing_tap_out"
+            open_entry = (act.target, now)
+            assert (d.amount_fen, d.full_fare_fen) == (0, 0)
+        elif open_entry is None:
+            expected_penalty = "missing_tap_in"
+        elif now - open_entry[1] >= r.journey_timeout_s:
+            expected_penalty = "journey_timeout"
+            open_entry = None
+        else:
+            entry, ride_start = open_entry
+            dist = net.oracle[entry, act.target]
+            assert d.distance_m == dist
+            assert d.full_fare_fen == next((f for lim, f in t.bands if dist <= lim), t.cap_fen) <= t.cap_fen
+            open_entry = None
+        assert (d.penalty.reason if d.penalty else None) == expected_penalty
+        assert (d.state.journey.station if d.state.journey else None) == (
+            open_entry[0] if open_entry else None
+        )
+
+        if ride_start is None:
+            assert (d.amount_fen, d.transfer_discount_fen, d.quota_ride_consumed) == (0, 0, False)
+        else:
+            # Concession and card discount, then the transfer discount, then the daily cap.
+            price = concession_price(t, c, remaining, d.full_fare_fen)
+            assert d.amount_fen + d.transfer_discount_fen <= price
+            if "daily_cap" not in d.rules:
+                assert d.amount_fen + d.transfer_discount_fen == price
+            # Elderly with quota left: free, and exactly one quota ride consumed.
+            assert d.quota_ride_consumed == (c.kind == "elderly" and remaining > 0)
+            if d.quota_ride_consumed:
+                assert d.amount_fen == 0
+                remaining -= 1
+            # Transfer: only from the previous ride, within the window, for an allowed pair, bounded,
+            # and never twice in a row (one discount per window).
+            if d.transfer_discount_fen:
+                assert rides, "a transfer discount needs a previous ride"
+                prev = rides[-1]
+                assert ride_start - prev.end < r.transfer_window_s
+                assert (prev.mode, tap.mode) in r.transfer_pairs
+                assert d.transfer_discount_fen <= min(prev.amount, r.transfer_discount_max_fen)
+                assert prev.discount == 0
+                assert "transfer_discount" in d.rules
+            rides.append(Ride(ride_start, now, tap.mode, d.amount_fen, d.transfer_discount_fen))
+            local = (now + 8 * 3600) // 86400
+            per_day[local] = per_day.get(local, 0) + d.amount_fen
+            if r.daily_cap_fen is not None:
+                assert per_day[local] <= r.daily_cap_fen
+            assert d.state.day_charged_fen == per_day[local]
+
+        # The state survives its storage form.
+        assert JourneyState.from_dict(json.loads(json.dumps(d.state.to_dict()))) == d.state
+        assert JourneyState.from_json(d.state.to_json()) == d.state
+        state = d.state
+
+    penalty, closed = close_open_journey(t, state, now, force=True)
+    assert closed.journey is None
+    assert (penalty is not None) == (open_entry is not None)
+    if penalty is not None:
+        assert penalty.amount_fen == t.cap_fen and penalty.reason == "missing_tap_out"
+
+
+def big_network(n_lines: int = 12, per_line: int = 30) -> dict[str, Any]:
+    """A deterministic grid-like network: every line crosses the next two (n_lines * per_line stations)."""
+    stations: list[dict[str, Any]] = []
+    lines = []
+    for li in range(n_lines):
+        ids = [f"g{li}-{si}" for si in range(per_line)]
+        lines.append({"id": f"G{li}", "name": f"G{li}", "operator": "m", "stations": ids})
+        for si, sid in enumerate(ids):
+            stations.append({"id": sid, "name": sid, "line": f"G{li}", "km": si * 1.2 + (li % 3) * 0.1})
+    by_id = {s["id"]: s for s in stations}
+    for li in range(n_lines - 1):
+        for step, si in ((1, (li * 7) % per_line), (2, (li * 11 + 5) % per_line)):
+            lj = li + step
+            if lj >= n_lines:
+                continue
+            a, b = by_id[f"g{li}-{si}"], by_id[f"g{lj}-{(si + 13) % per_line}"]
+            if "interchange" not in a and "interchange" not in b:
+                a["interchange"] = b["interchange"] = f"x{li}-{lj}"
+    data = demo_dict()
+    data["operators"].append({"id": "m", "name": "M"})
+    data["metro"]["lines"] = lines
+    data["metro"]["stations"] = stations
+    return data
+
+
+def test_a_network_of_hundreds_of_stations_loads() -> None:
+    table = parse_table(big_network(), source="big.toml")
+    assert len(table.stations) == 360
+    n = len(table.place_lines)
+    assert all(
+        table.distance_m[i][j] == table.distance_m[j][i] >= 0 for i in range(n) for j in range(0, n, 17)
+    )
+    d = run(table, [Tap(T0, "metro", "G0", "g0-0", "in"), Tap(T0 + 3000, "metro", "G11", "g11-29", "out")])
+    assert d[1].full_fare_fen == band_fare_fen(table, d[1].distance_m or 0)
