@@ -21,6 +21,7 @@ from cardsvc.flows import lifecycle
 from cardsvc.http.keys import SERVICES
 from cardsvc.http.middlewares import authenticate, observe
 from cardsvc.http.routes import setup_routes
+from cardsvc.http.transit_routes import setup_transit_routes
 from cardsvc.security.credentials import CardKeyDeriver
 from cardsvc.security.keys import KeyRing
 from cardsvc.security.pii import PiiVault
@@ -29,6 +30,9 @@ from cardsvc.services import Services
 from cardsvc.store import migrate
 from cardsvc.store.batcher import MicroBatcher
 from cardsvc.store.pool import create_pool
+from cardsvc.transit import fares
+from cardsvc.transit.context import TransitContext
+from cardsvc.transit.taps import TapItem, TapOutcome, process_taps
 
 __all__ = ["MigrationsPending", "create_app"]
 
@@ -60,7 +64,8 @@ def _nonce_flush(pool: asyncpg.Pool):  # type: ignore[no-untyped-def]
 
 
 async def maintenance_once(pool: asyncpg.Pool, settings: Settings) -> None:
-    """Expire temporary losses, forget old nonces and credential uses, keep journal partitions ahead."""
+    """Expire temporary losses, forget old nonces, credential uses and terminal answers past their
+    retention, keep journal partitions ahead."""
     await lifecycle.expire_temporary_losses(pool)
     async with pool.acquire() as conn:
         await conn.execute(
@@ -70,6 +75,10 @@ async def maintenance_once(pool: asyncpg.Pool, settings: Settings) -> None:
         await conn.execute(
             "DELETE FROM credential_use WHERE used_at < now() - make_interval(secs => $1)",
             float(2 * settings.clock_skew_s + max(settings.ecard_code_lifetime_s, settings.card_challenge_age_s)),
+        )
+        await conn.execute(
+            "DELETE FROM terminal_txn WHERE at < now() - make_interval(days => $1)",
+            settings.terminal_txn_retention_days,
         )
         await conn.execute("SELECT cardsvc_ensure_partitions(now()::date, 3)")
 
@@ -112,6 +121,20 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
             )
             nonces.start()
             signature_pool = ThreadPoolExecutor(settings.signature_threads_max, thread_name_prefix="sig")
+            table = fares.load_table(settings.fare_table) if settings.fare_table else fares.load_demo_table()
+            transit = TransitContext.build(table, keys.ride_issuer_key)
+
+            async def flush_taps(items: Sequence[TapItem]) -> list[TapOutcome]:
+                return await process_taps(pool, table, items)
+
+            taps: MicroBatcher[TapItem, TapOutcome] = MicroBatcher(
+                flush_taps,
+                items_max=settings.batch_items_max,
+                wait_ms_max=settings.batch_wait_ms_max,
+                queue_items_max=settings.batch_items_max * 32,
+                flushes_max=max(1, settings.db_pool_max // 2),
+            )
+            taps.start()
             app[SERVICES] = Services(
                 settings=settings,
                 pool=pool,
@@ -121,6 +144,8 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
                 card_keys=CardKeyDeriver(keys.card_auth_master),
                 nonces=nonces,
                 signature_pool=signature_pool,
+                transit=transit,
+                taps=taps,
             )
             loop_task = (
                 asyncio.get_running_loop().create_task(_maintenance_loop(pool, settings))
@@ -134,6 +159,7 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
                     loop_task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await loop_task
+                await taps.close()
                 await nonces.close()
                 await terminals.stop(pool)
                 signature_pool.shutdown(wait=True)
@@ -142,4 +168,5 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
 
     app.cleanup_ctx.append(resources)
     setup_routes(app)
+    setup_transit_routes(app)
     return app

@@ -37,6 +37,8 @@ class Settings:
     key_file: Path | None = None
     log_level: str = "INFO"
     log_format: str = "json"
+    # Access log lines: "all" requests, only "errors" (status >= 400 or slower than 1 s), or "off".
+    access_log: str = "errors"
 
     body_bytes_max: int = limits.BODY_BYTES_MAX
     request_timeout_s: float = limits.REQUEST_TIMEOUT_S
@@ -56,6 +58,14 @@ class Settings:
     batch_items_max: int = limits.BATCH_ITEMS_MAX
     batch_wait_ms_max: float = limits.BATCH_WAIT_MS_MAX
     signature_threads_max: int = limits.SIGNATURE_THREADS_MAX
+    # Transit. Empty fare_table: the demo table shipped with cardsvc (cardsvc/transit/tables).
+    fare_table: Path | None = None
+    purse_overdraft_fen: int = limits.PURSE_OVERDRAFT_FEN
+    purse_balance_max_fen: int = limits.PURSE_BALANCE_MAX_FEN
+    terminal_txn_retention_days: int = limits.TERMINAL_TXN_RETENTION_DAYS
+    ride_cert_days: int = limits.RIDE_CERT_DAYS
+    ride_credit_limit_fen: int = limits.RIDE_CREDIT_LIMIT_FEN
+    ride_max_fare_fen: int = limits.RIDE_MAX_FARE_FEN
 
     @property
     def embedded(self) -> bool:
@@ -132,6 +142,9 @@ def _validate(s: Settings) -> None:
         "batch_items_max",
         "workers",
         "signature_threads_max",
+        "purse_balance_max_fen",
+        "terminal_txn_retention_days",
+        "ride_cert_days",
     ]
     for name in positive:
         if getattr(s, name) <= 0:
@@ -140,6 +153,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("CARDSVC_DB_POOL_MIN must be between 0 and CARDSVC_DB_POOL_MAX")
     if not 0 < s.port < 65536:
         raise ConfigError("CARDSVC_PORT must be between 1 and 65535")
+    if s.access_log not in ("all", "errors", "off"):
+        raise ConfigError("CARDSVC_ACCESS_LOG must be all, errors or off")
     if s.log_format not in ("json", "text"):
         raise ConfigError("CARDSVC_LOG_FORMAT must be json or text")
     if s.batch_wait_ms_max < 0:

@@ -27,6 +27,15 @@ DEMO_SEED = b"cardsvc-demo"
 CHUNK_ROWS = 5_000
 DEMO_PURSE_FEN = 5_000
 DEMO_BANK_CODE = "ICBC"
+# Every demo purse starts with an opening transfer in the journal, so balances equal their journal rows.
+OPENING_SQL = """
+WITH p AS (
+    INSERT INTO purse (card_id, balance_fen) SELECT card_id, $1 FROM demo_card WHERE has_purse
+    ON CONFLICT DO NOTHING RETURNING card_id, balance_fen
+)
+INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty, source)
+SELECT card_id, 4, 'demo', card_id, balance_fen, 1, now(), 'opening', 4 FROM p
+"""
 
 
 def _rows(vault: PiiVault, start: int, stop: int, expires: dt.date) -> tuple[list[Any], list[Any], list[Any]]:
@@ -56,7 +65,6 @@ def _rows(vault: PiiVault, start: int, stop: int, expires: dt.date) -> tuple[lis
                 DEMO_BANK_CODE,
                 True,
                 True,
-                DEMO_PURSE_FEN,
                 expires,
             )
         )
@@ -106,7 +114,6 @@ async def load_population(
                     "bank_code",
                     "financial_active",
                     "has_purse",
-                    "purse_balance_fen",
                     "expires_on",
                 ],
             )
@@ -116,6 +123,7 @@ async def load_population(
             await conn.execute("INSERT INTO cardholder SELECT * FROM demo_holder ON CONFLICT DO NOTHING")
             status = await conn.execute("INSERT INTO card SELECT * FROM demo_card ON CONFLICT DO NOTHING")
             await conn.execute("INSERT INTO ecard SELECT * FROM demo_ecard ON CONFLICT DO NOTHING")
+            await conn.execute(OPENING_SQL, DEMO_PURSE_FEN)
             added += int(status.split()[-1])
         if progress:
             progress(stop - start)
@@ -134,6 +142,11 @@ async def ensure_demo_terminals(conn: asyncpg.Connection, keys: KeyRing, path: P
     for kind in terminals.KINDS:
         tid = f"demo-{kind.replace('_', '-')}"
         exists = await conn.fetchval("SELECT 1 FROM terminal WHERE terminal_id = $1", tid)
+        if exists:  # a newer cardsvc may give the kind more operations: demo terminals get them all
+            await conn.execute(
+                "UPDATE terminal SET operations = $2 WHERE terminal_id = $1 AND operations <> $2",
+                tid, sorted(terminals.KINDS[kind]),
+            )
         if exists and kind in creds:
             continue
         if exists:  # credentials file lost: issue a fresh key

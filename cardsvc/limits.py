@@ -25,11 +25,17 @@ __all__ = [
     "KEY_CACHE_REFRESH_S",
     "KEY_ROTATION_OVERLAP_S",
     "NONCE_RETENTION_S",
+    "PURSE_BALANCE_MAX_FEN",
+    "PURSE_OVERDRAFT_FEN",
     "REQUEST_TIMEOUT_S",
+    "RIDE_CERT_DAYS",
+    "RIDE_CREDIT_LIMIT_FEN",
+    "RIDE_MAX_FARE_FEN",
     "SHUTDOWN_GRACE_S",
     "SIGNATURE_THREADS_MAX",
     "SWEEP_INTERVAL_S",
     "TEMP_LOSS_DAYS",
+    "TERMINAL_TXN_RETENTION_DAYS",
 ]
 
 BODY_BYTES_MAX = 64 * 1024
@@ -66,6 +72,16 @@ AUDIT_PAGE_ROWS_MAX = 500
 BATCH_ITEMS_MAX = 256
 BATCH_WAIT_MS_MAX = 2.0
 BATCH_QUEUE_ITEMS_MAX = 8192
+
+# Transit purse (parameters of the scheme).
+PURSE_OVERDRAFT_FEN = 0
+PURSE_BALANCE_MAX_FEN = 100_000
+# A terminal transaction's answer is kept this long for retries with the same terminal sequence.
+TERMINAL_TXN_RETENTION_DAYS = 7
+# Ride-code certificates: validity, and the post-paid credit a gate may extend on one.
+RIDE_CERT_DAYS = 30
+RIDE_CREDIT_LIMIT_FEN = 2_000
+RIDE_MAX_FARE_FEN = 1_000
 
 # SM2 verification costs ~0.4 ms: it runs on a small thread pool, off the event loop.
 SIGNATURE_THREADS_MAX = 2

@@ -30,6 +30,7 @@ __all__ = [
     "HTTP_REQUEST_DURATION",
     "LIFECYCLE_OPERATIONS",
     "REQUEST_AUTH_FAILURES",
+    "TAPS",
     "VERIFICATIONS",
     "VERIFICATION_DURATION",
     "render",
@@ -77,6 +78,10 @@ LIFECYCLE_OPERATIONS = Counter(
     "cardsvc_card_lifecycle_operations_total",
     "Card and e-card lifecycle operations, by operation and result.",
     ["operation", "result"],
+)
+TAPS = Counter(
+    "cardsvc_transit_taps_total", "Online transit taps by mode, result (approved, declined, conflict) and reason.",
+    ["mode", "result", "reason"],
 )
 HOTLIST_VERSION = Gauge(
     "cardsvc_hotlist_version",

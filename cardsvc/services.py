@@ -14,6 +14,8 @@ from cardsvc.security.keys import KeyRing
 from cardsvc.security.pii import PiiVault
 from cardsvc.security.terminals import TerminalRegistry
 from cardsvc.store.batcher import MicroBatcher
+from cardsvc.transit.context import TransitContext
+from cardsvc.transit.taps import TapItem, TapOutcome
 
 __all__ = ["Services"]
 
@@ -28,6 +30,8 @@ class Services:
     card_keys: CardKeyDeriver
     nonces: MicroBatcher[tuple[str, str], bool]
     signature_pool: ThreadPoolExecutor
+    transit: TransitContext
+    taps: MicroBatcher[TapItem, TapOutcome]
 
     async def run_in_signature_pool(self, fn: object, *args: object) -> object:
         loop = asyncio.get_running_loop()

@@ -30,6 +30,9 @@ __all__ = [
     "HOLDER_LOOKUP",
     "LIFECYCLE",
     "REPLACE",
+    "RIDE_CERT_ISSUE",
+    "TAP",
+    "TOPUP",
     "ApiInputError",
     "Field",
     "Message",
@@ -62,6 +65,9 @@ ERRORS: dict[str, tuple[int, str]] = {
     "ecard_exists": (409, "The card already has an electronic card"),
     "illegal_transition": (409, "The card's status does not allow this operation"),
     "ecard_revoked": (409, "The electronic card is revoked"),
+    "idempotency_conflict": (409, "This terminal sequence number was used for a different request"),
+    "purse_balance_cap": (422, "The top-up would take the purse over its maximum balance"),
+    "no_transit_purse": (422, "The card has no transit purse"),
     "card_not_active": (422, "The card is not active"),
     "credential_forged": (422, "The credential does not verify"),
     "credential_replayed": (422, "The credential was already used"),
@@ -89,6 +95,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u20
 
 def clean_text(value: str, max_chars: int) -> str:
     """NFC, no control/format characters, no lone surrogates, bounded length."""
+    if value.isascii():  # the common case (codes, ids, hex): no surrogates, format characters or NFC work
+        if len(value) > max_chars:
+            raise ValueError(f"longer than {max_chars} characters")
+        if not value.isprintable():
+            raise ValueError("contains control or invisible characters")
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -293,6 +305,46 @@ CARD_AUTH = Message(
         Field("card_challenge", str, pattern=f"{_HEX}{{16}}", max_chars=16),
         Field("terminal_challenge", str, pattern=f"{_HEX}{{16}}", max_chars=16),
         Field("cryptogram", str, pattern=f"{_HEX}{{32}}", max_chars=32),
+    ),
+)
+
+_ID16 = r"[A-Za-z0-9._-]{1,16}"
+U32_MAX = 2**32 - 1
+
+TAP = Message(
+    "TransitTap",
+    (
+        Field("terminal_seq", int, minimum=0, maximum=U32_MAX),
+        Field("time", int, minimum=0, maximum=U32_MAX, description="unix seconds at the validator"),
+        Field("mode", str, enum=("bus", "metro")),
+        Field("line_id", str, pattern=_ID16, max_chars=16),
+        Field("station_id", str, required=False, pattern=_ID16, max_chars=16),
+        Field("direction", str, enum=("single", "in", "out")),
+        Field("credential", str, enum=("card", "ecard_code", "ride_code")),
+        Field("card_sn", str, required=False, max_chars=32, check=card.validate_card_sn),
+        Field("card_challenge", str, required=False, pattern=f"{_HEX}{{16}}", max_chars=16),
+        Field("terminal_challenge", str, required=False, pattern=f"{_HEX}{{16}}", max_chars=16),
+        Field("cryptogram", str, required=False, pattern=f"{_HEX}{{32}}", max_chars=32),
+        Field("code", str, required=False, max_chars=512),
+    ),
+)
+
+TOPUP = Message(
+    "PurseTopUp",
+    (
+        Field("terminal_seq", int, minimum=0, maximum=U32_MAX),
+        Field("amount_fen", int, minimum=1, maximum=1_000_000),
+        Field("channel", str, enum=("cash", "bank", "wechat", "alipay", "refund")),
+        OPERATOR,
+    ),
+)
+
+RIDE_CERT_ISSUE = Message(
+    "RideCertIssue",
+    (
+        Field("card_no", str, max_chars=9, check=card.validate_card_no),
+        Field("alg", int, enum=(1, 2)),
+        Field("user_public_key", str, pattern=f"{_HEX}{{64}}|{_HEX}{{130}}", max_chars=130),
     ),
 )
 

@@ -83,7 +83,7 @@ def keys() -> KeyRing:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return load_settings({}, data_dir=tmp_path, db_pool_min=1, db_pool_max=8, log_format="text")
+    return load_settings({}, data_dir=tmp_path, db_pool_min=1, db_pool_max=8, log_format="text", access_log="all")
 
 
 @pytest.fixture

@@ -147,9 +147,11 @@ async def apply(
 ) -> dict[str, Any]:
     async with conn.transaction():
         row = await conn.fetchrow(
-            """SELECT card_id, holder_id, card_sn, status, pin_locked, app_locked, purse_balance_fen,
-                      temp_loss_until, has_purse, generation, bank_code, financial_active
-               FROM card WHERE card_no = $1 FOR UPDATE""",
+            """SELECT c.card_id, c.holder_id, c.card_sn, c.status, c.pin_locked, c.app_locked,
+                      coalesce(p.balance_fen, 0) AS purse_balance_fen, c.temp_loss_until, c.has_purse,
+                      c.generation, c.bank_code, c.financial_active
+               FROM card c LEFT JOIN purse p ON p.card_id = c.card_id
+               WHERE c.card_no = $1 FOR UPDATE OF c""",
             card_no,
         )
         if row is None:
@@ -199,8 +201,8 @@ async def _replace(
     try:
         new_id = await conn.fetchval(
             """INSERT INTO card (holder_id, card_no, card_sn, status, generation, issuing_area, bank_code,
-                                 financial_active, has_purse, purse_balance_fen, expires_on)
-               VALUES ($1, $2, $3, $4, 3, $5, $6, $7, $8, $9, $10) RETURNING card_id""",
+                                 financial_active, has_purse, expires_on)
+               VALUES ($1, $2, $3, $4, 3, $5, $6, $7, $8, $9) RETURNING card_id""",
             old["holder_id"],
             body["new_card_no"],
             body["new_card_sn"],
@@ -209,15 +211,14 @@ async def _replace(
             old["bank_code"],
             old["financial_active"],
             old["has_purse"],
-            old["purse_balance_fen"],
             body["expires_on"],
         )
     except asyncpg.UniqueViolationError as exc:
         field = "new_card_sn" if exc.constraint_name == "card_card_sn_key" else "new_card_no"
         raise ApiError("card_exists", field=field) from None
-    await conn.execute(
-        "UPDATE card SET purse_balance_fen = 0, replaced_by = $2 WHERE card_id = $1", old["card_id"], new_id
-    )
+    await conn.execute("UPDATE card SET replaced_by = $2 WHERE card_id = $1", old["card_id"], new_id)
+    if old["has_purse"]:
+        await move_purse(conn, old["card_id"], new_id, actor)
     moved = await conn.fetchval(
         "UPDATE ecard SET card_id = $2 WHERE card_id = $1 AND revoked_at IS NULL RETURNING ecard_id",
         old["card_id"],
@@ -249,6 +250,24 @@ async def _replace(
         "purse_moved_fen": old["purse_balance_fen"],
         "ecard_moved": moved is not None,
     }
+
+
+async def move_purse(conn: asyncpg.Connection, old_id: int, new_id: int, actor: Actor) -> int:
+    """The purse balance moves to the replacement card: two journal transfers through the
+    'replacement' account (which nets to zero), so each purse still equals the sum of its journal."""
+    balance: int = await conn.fetchval(
+        "SELECT balance_fen FROM purse WHERE card_id = $1 FOR UPDATE", old_id
+    ) or 0
+    await conn.execute("INSERT INTO purse (card_id, balance_fen) VALUES ($1, $2)", new_id, balance)
+    await conn.execute("UPDATE purse SET balance_fen = 0, journey = NULL WHERE card_id = $1", old_id)
+    if balance:
+        await conn.execute(
+            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                        counterparty, source)
+               VALUES ($1, 7, $3, $2, $4, 1, now(), 'replacement', 4), ($2, 7, $3, $1, $5, 1, now(), 'replacement', 4)""",
+            old_id, new_id, actor.terminal_id, -balance, balance,
+        )
+    return balance
 
 
 async def _expire_one(conn: asyncpg.Connection, card_id: int, card_sn: str, app_locked: bool) -> None:

@@ -89,6 +89,8 @@ async def issue_card(
                 raise ApiError("holder_has_live_card", field="holder_id") from None
             field = "card_sn" if exc.constraint_name == "card_card_sn_key" else "card_no"
             raise ApiError("card_exists", field=field) from None
+        if body["has_purse"]:
+            await conn.execute("INSERT INTO purse (card_id) VALUES ($1)", card_id)
         await conn.execute(
             """INSERT INTO card_event (card_id, op, terminal_id, operator, request_id, status_before, status_after)
                VALUES ($1, 'issue', $2, $3, $4, NULL, $5)""",

@@ -13,9 +13,11 @@ __all__ = ["CARD_VIEW_COLUMNS", "CARD_VIEW_FROM", "card_view", "effective_status
 
 # Columns and joins that every card answer is built from (one round trip, no personal data in clear).
 CARD_VIEW_COLUMNS = """c.card_id, c.holder_id, c.card_no, c.card_sn, c.status, c.pin_locked, c.app_locked,
-    c.generation, c.issuing_area, c.bank_code, c.financial_active, c.has_purse, c.purse_balance_fen,
+    c.generation, c.issuing_area, c.bank_code, c.financial_active, c.has_purse, coalesce(pu.balance_fen, 0) AS purse_balance_fen,
     c.expires_on, c.temp_loss_until, c.replaced_by, h.id_masked, h.name_masked"""
-CARD_VIEW_FROM = "card c JOIN cardholder h ON h.holder_id = c.holder_id"
+CARD_VIEW_FROM = (
+    "card c JOIN cardholder h ON h.holder_id = c.holder_id LEFT JOIN purse pu ON pu.card_id = c.card_id"
+)
 
 
 def effective_status(status: int, temp_loss_until: dt.datetime | None, now: dt.datetime) -> CardStatus:

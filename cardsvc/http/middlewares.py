@@ -38,6 +38,7 @@ access_log = logging.getLogger("cardsvc.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OperationSpec = str | Callable[[web.Request], str]
 _REQUEST_ID_CHARS_MAX = 64
+ACCESS_LOG_SLOW_S = 1.0
 _UNAVAILABLE: tuple[type[BaseException], ...] = (BatcherClosed, *DB_UNAVAILABLE_ERRORS)
 
 
@@ -85,17 +86,19 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         metrics.HTTP_REQUESTS_IN_FLIGHT.dec()
         metrics.HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
         metrics.HTTP_REQUEST_DURATION.labels(route, request.method).observe(elapsed)
-        term = request.get(AUTH)
-        access_log.info(
-            "request",
-            extra={
-                "method": request.method,
-                "route": route,
-                "status": status,
-                "duration_ms": round(elapsed * 1000, 3),
-                "terminal_id": term.terminal_id if term is not None else None,
-            },
-        )
+        mode = request.app[SERVICES].settings.access_log
+        if mode == "all" or (mode == "errors" and (status >= 400 or elapsed >= ACCESS_LOG_SLOW_S)):
+            term = request.get(AUTH)
+            access_log.info(
+                "request",
+                extra={
+                    "method": request.method,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "terminal_id": term.terminal_id if term is not None else None,
+                },
+            )
         REQUEST_ID.reset(token)
 
 

@@ -49,11 +49,17 @@ OPERATIONS: dict[str, str] = {
     "card.authenticate": "verify physical card cryptograms",
     "ecard.verify": "verify electronic card codes",
     "hotlist.read": "download hotlist changes",
+    "transit.tap": "send online transit taps",
+    "transit.upload": "upload offline transit records and ride-code rides",
+    "purse.read": "read a transit purse and its history",
+    "purse.topup": "top up (or refund) a transit purse",
+    "ridecert.issue": "sign ride-code certificates for phones",
+    "clearing.read": "read daily clearing reports",
 }
 
 _ACCEPTANCE = frozenset({"card.authenticate", "ecard.verify", "hotlist.read"})
 KINDS: dict[str, frozenset[str]] = {
-    "transit_validator": _ACCEPTANCE,
+    "transit_validator": _ACCEPTANCE | {"transit.tap", "transit.upload"},
     "hospital_his": _ACCEPTANCE,
     "pharmacy_pos": _ACCEPTANCE,
     "merchant_pos": _ACCEPTANCE,
@@ -61,9 +67,10 @@ KINDS: dict[str, frozenset[str]] = {
     "agency": frozenset({"card.read", "card.authenticate", "ecard.verify", "holder.lookup"}),
     "card_office": frozenset(OPERATIONS),
     "ecard_channel": frozenset(
-        {"ecard.issue", "ecard.revoke", "ecard.read", "card.report_loss", "card.read"}
+        {"ecard.issue", "ecard.revoke", "ecard.read", "card.report_loss", "card.read", "ridecert.issue"}
     ),
-    "ops": frozenset({"card.read", "ecard.read", "hotlist.read"}),
+    "bank_channel": frozenset({"purse.topup", "purse.read", "card.read"}),
+    "ops": frozenset({"card.read", "ecard.read", "hotlist.read", "purse.read", "clearing.read"}),
 }
 
 

@@ -204,7 +204,10 @@ async def test_full_path_to_replacement_and_cancellation(svc: ServiceHarness, db
         assert r.body["status"] == status
         assert (await get_card(svc, no))["status"] == status
         expected.append(op)
-    await db.execute("UPDATE card SET purse_balance_fen = 1234 WHERE card_no = $1", no)
+    await db.execute(
+        """INSERT INTO purse (card_id, balance_fen) SELECT card_id, 1234 FROM card WHERE card_no = $1
+           ON CONFLICT (card_id) DO UPDATE SET balance_fen = 1234""", no)
+    await db.execute("UPDATE card SET has_purse = true WHERE card_no = $1", no)
     body = replacement_body()
     r = await ok(svc, no, "replace", body)
     new = r.body
@@ -223,7 +226,9 @@ async def test_full_path_to_replacement_and_cancellation(svc: ServiceHarness, db
     r = await card_op(svc, new["card_no"], "cancel")
     assert r.status == 409 and r.body["code"] == "illegal_transition", r.body
     assert (await get_card(svc, new["card_no"]))["status"] == "active"
-    await db.execute("UPDATE card SET purse_balance_fen = 0 WHERE card_no = $1", new["card_no"])
+    await db.execute(
+        "UPDATE purse SET balance_fen = 0 WHERE card_id = (SELECT card_id FROM card WHERE card_no = $1)",
+        new["card_no"])
     r = await ok(svc, new["card_no"], "cancel")
     assert r.body["status"] == "cancelled"
     new_events = await events(svc, new["card_no"])

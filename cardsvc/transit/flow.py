@@ -1,0 +1,359 @@
+"""Transit use cases on top of the batch engine (taps.py): an online tap's credential check, purse
+top-ups and views, and ride-code certificates.
+
+A tap's credential is checked before the batch: a card cryptogram needs no database, an e-card code needs
+its device key (one read), a ride code needs nothing but the issuer key (verified as a gate would, at the
+tap's time). A credential that does not verify becomes a *declined* item: the batch still records the
+answer under the terminal's sequence number, so a retry gets the same answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import asyncpg
+
+from cardsvc.errors import ApiError
+from cardsvc.flows.actor import Actor
+from cardsvc.flows.credentials import KIND_CARD_CRYPTOGRAM, KIND_ECARD_CODE
+from cardsvc.services import Services
+from protocols import card, ecard, ridecode, sm
+from protocols.errors import CodecError
+
+from . import fares
+from .context import TransitContext
+from .taps import KIND_TOPUP, SOURCE_OFFICE, TapItem, request_hash
+
+__all__ = [
+    "KIND_RIDE_CODE",
+    "TransitContext",
+    "build_tap_item",
+    "issue_ride_cert",
+    "purse_view",
+    "top_up",
+]
+
+KIND_RIDE_CODE = 3
+ISSUER_KEY_ID = 1
+PURSE_HISTORY_ROWS = 20
+_ECARD_ID_MAX = 2**31 - 1
+
+
+def _stale(stamped_s: int, now_s: int, lifetime_s: int, skew_s: int) -> bool:
+    age = now_s - stamped_s
+    return age > lifetime_s or age < -skew_s
+
+
+async def build_tap_item(
+    svc: Services, ctx: TransitContext, terminal_id: str, body: dict[str, Any], now: dt.datetime
+) -> TapItem:
+    """Validate the tap against the fare table's shape and check its credential."""
+    s = svc.settings
+    now_s = int(now.timestamp())
+    if abs(body["time"] - now_s) > s.clock_skew_s:
+        raise ApiError(
+            "invalid_field", "time is too far from the server clock (offline taps are uploaded)", field="time"
+        )
+    if body["mode"] == "metro":
+        if body["direction"] == "single" or body["station_id"] is None:
+            raise ApiError(
+                "invalid_field", "a metro tap has direction in/out and a station_id", field="direction"
+            )
+        if body["station_id"] not in ctx.table.stations:
+            raise ApiError("invalid_field", "unknown station", field="station_id")
+    elif body["direction"] != "single":
+        raise ApiError("invalid_field", "a bus tap has direction single", field="direction")
+    elif body["line_id"] not in ctx.table.bus_lines:
+        raise ApiError("invalid_field", "unknown bus line", field="line_id")
+    tap = fares.Tap(body["time"], body["mode"], body["line_id"], body["station_id"], body["direction"])
+    base = {
+        "terminal_id": terminal_id,
+        "terminal_seq": body["terminal_seq"],
+        "request_hash": request_hash(body),
+        "tap": tap,
+        "overdraft_fen": s.purse_overdraft_fen,
+    }
+    kind = body["credential"]
+    if kind == "card":
+        return _card_item(svc, body, base, now_s)
+    if kind == "ecard_code":
+        return await _ecard_item(svc, body, base, now_s)
+    return await _ride_item(svc, ctx, body, base)
+
+
+def _require(body: dict[str, Any], *names: str) -> None:
+    for name in names:
+        if body.get(name) is None:
+            raise ApiError("missing_field", f"{name} is required for this credential", field=name)
+
+
+def _card_item(svc: Services, body: dict[str, Any], base: dict[str, Any], now_s: int) -> TapItem:
+    _require(body, "card_sn", "card_challenge", "terminal_challenge", "cryptogram")
+    term_ch = bytes.fromhex(body["terminal_challenge"])
+    item = TapItem(
+        card_sn=body["card_sn"],
+        cred_kind=KIND_CARD_CRYPTOGRAM,
+        cred_token=int.from_bytes(term_ch, "big", signed=True),
+        **base,
+    )
+    s = svc.settings
+    if _stale(card.terminal_challenge_time(term_ch), now_s, s.card_challenge_age_s, s.clock_skew_s):
+        return dataclasses.replace(item, declined="credential_expired")
+    if not svc.card_keys.verify(
+        body["card_sn"], bytes.fromhex(body["card_challenge"]), term_ch, bytes.fromhex(body["cryptogram"])
+    ):
+        return dataclasses.replace(item, declined="credential_forged")
+    return item
+
+
+async def _ecard_item(svc: Services, body: dict[str, Any], base: dict[str, Any], now_s: int) -> TapItem:
+    _require(body, "code")
+    try:
+        code = ecard.decode_code(body["code"])
+    except CodecError:
+        return TapItem(declined="credential_malformed", **base)
+    if _stale(code.issued_at, now_s, svc.settings.ecard_code_lifetime_s, svc.settings.clock_skew_s):
+        return TapItem(declined="credential_expired", **base)
+    if not 0 < code.ecard_id <= _ECARD_ID_MAX:
+        return TapItem(declined="credential_forged", **base)
+    async with svc.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT card_id, alg, device_key, revoked_at FROM ecard WHERE ecard_id = $1", code.ecard_id
+        )
+    if row is None or row["alg"] != code.alg:
+        return TapItem(declined="credential_forged", **base)
+    item = TapItem(
+        card_id=row["card_id"],
+        cred_kind=KIND_ECARD_CODE,
+        cred_token=(code.ecard_id << 32) | code.counter,
+        **base,
+    )
+    if not await svc.run_in_signature_pool(ecard.verify_code, code, bytes(row["device_key"])):
+        return dataclasses.replace(item, declined="credential_forged", cred_kind=None, cred_token=None)
+    if row["revoked_at"] is not None:
+        return dataclasses.replace(item, declined="card_unusable")
+    return item
+
+
+_GATE_DECLINES = {
+    ridecode.GateOutcome.MALFORMED: "credential_malformed",
+    ridecode.GateOutcome.BAD_ISSUER_SIGNATURE: "credential_forged",
+    ridecode.GateOutcome.BAD_USER_SIGNATURE: "credential_forged",
+    ridecode.GateOutcome.DENIED: "card_unusable",
+    ridecode.GateOutcome.CERT_EXPIRED: "credential_expired",
+    ridecode.GateOutcome.CODE_EXPIRED: "credential_expired",
+}
+
+
+async def ride_item(svc: Services, ctx: TransitContext, code_text: str, base: dict[str, Any]) -> TapItem:
+    """A ride code, verified exactly as the gate did, at the ride's time (also used for uploads)."""
+    tap: fares.Tap = base["tap"]
+    decision = await svc.run_in_signature_pool(
+        ridecode.verify_at_gate,
+        code_text,
+        {ISSUER_KEY_ID: ctx.issuer_public},
+        tap.time,
+        (),
+        (),
+        svc.settings.ecard_code_lifetime_s,
+        svc.settings.clock_skew_s,
+    )
+    assert isinstance(decision, ridecode.GateDecision)
+    if not decision.ok or decision.code is None:
+        return TapItem(declined=_GATE_DECLINES.get(decision.outcome, "credential_forged"), **base)
+    cert = decision.code.cert
+    async with svc.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT card_id, revoked_at FROM ride_cert WHERE cert_serial = $1", cert.cert_serial
+        )
+    if row is None or row["card_id"] != cert.account_id:
+        return TapItem(declined="credential_forged", **base)
+    base = {**base, "overdraft_fen": max(base["overdraft_fen"], cert.credit_limit_fen)}
+    item = TapItem(
+        card_id=cert.account_id,
+        cred_kind=KIND_RIDE_CODE,
+        cred_token=(cert.cert_serial << 32) | decision.code.counter,
+        **base,
+    )
+    if row["revoked_at"] is not None:
+        return dataclasses.replace(item, declined="card_unusable")
+    return item
+
+
+async def _ride_item(
+    svc: Services, ctx: TransitContext, body: dict[str, Any], base: dict[str, Any]
+) -> TapItem:
+    _require(body, "code")
+    return await ride_item(svc, ctx, body["code"], base)
+
+
+# ------------------------------------------------------------------ purse
+
+
+async def _purse_card(conn: asyncpg.Connection, card_no: str) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        """SELECT c.card_id, c.has_purse, p.balance_fen FROM card c LEFT JOIN purse p ON p.card_id = c.card_id
+           WHERE c.card_no = $1""",
+        card_no,
+    )
+    if row is None:
+        raise ApiError("not_found", "no such card")
+    if not row["has_purse"] or row["balance_fen"] is None:
+        raise ApiError("no_transit_purse")
+    return row
+
+
+async def purse_view(conn: asyncpg.Connection, card_no: str) -> dict[str, Any]:
+    row = await _purse_card(conn, card_no)
+    history = await conn.fetch(
+        """SELECT txn_id, kind, amount_fen, at, counterparty, line_id, station_id FROM txn_journal
+           WHERE card_id = $1 ORDER BY at DESC, txn_id DESC LIMIT $2""",
+        row["card_id"],
+        PURSE_HISTORY_ROWS,
+    )
+    return {
+        "card_no": card_no,
+        "balance_fen": row["balance_fen"],
+        "history": [
+            {
+                "txn_id": h["txn_id"],
+                "kind": h["kind"],
+                "amount_fen": h["amount_fen"],
+                "at": h["at"].isoformat(),
+                "counterparty": h["counterparty"],
+                "line_id": h["line_id"],
+                "station_id": h["station_id"],
+            }
+            for h in history
+        ],
+    }
+
+
+async def top_up(
+    conn: asyncpg.Connection, svc: Services, card_no: str, body: dict[str, Any], actor: Actor
+) -> dict[str, Any]:
+    """Credit a purse (card office or bank channel): idempotent per (terminal, terminal_seq)."""
+    digest = request_hash({**body, "card_no": card_no})
+    async with conn.transaction():
+        row = await _purse_card(conn, card_no)
+        prior = await conn.fetchrow(
+            "SELECT request_hash, result, amount_fen, balance_fen, txn_id FROM terminal_txn "
+            "WHERE terminal_id = $1 AND terminal_seq = $2",
+            actor.terminal_id,
+            body["terminal_seq"],
+        )
+        if prior is not None:
+            if bytes(prior["request_hash"]) != digest:
+                raise ApiError("idempotency_conflict", field="terminal_seq")
+            return {
+                "result": prior["result"],
+                "amount_fen": prior["amount_fen"],
+                "balance_fen": prior["balance_fen"],
+                "txn_id": prior["txn_id"],
+                "replayed_answer": True,
+            }
+        balance: int = await conn.fetchval(
+            "SELECT balance_fen FROM purse WHERE card_id = $1 FOR UPDATE", row["card_id"]
+        )
+        sign = -1 if body["channel"] == "refund" else 1
+        new_balance = balance + sign * body["amount_fen"]
+        if new_balance > svc.settings.purse_balance_max_fen:
+            raise ApiError(
+                "purse_balance_cap", f"at most {svc.settings.purse_balance_max_fen} fen", field="amount_fen"
+            )
+        if new_balance < 0:
+            raise ApiError("invalid_field", "a refund cannot exceed the balance", field="amount_fen")
+        txn_id = await conn.fetchval(
+            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                        counterparty, source)
+               VALUES ($1, $2, $3, $4, $5, 1, now(), $6, $7) RETURNING txn_id""",
+            row["card_id"],
+            KIND_TOPUP,
+            actor.terminal_id,
+            body["terminal_seq"],
+            sign * body["amount_fen"],
+            f"topup:{body['channel']}",
+            SOURCE_OFFICE,
+        )
+        await conn.execute(
+            "UPDATE purse SET balance_fen = $2, updated_at = now() WHERE card_id = $1",
+            row["card_id"],
+            new_balance,
+        )
+        await conn.execute(
+            """INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result, amount_fen,
+                                         balance_fen, txn_id)
+               VALUES ($1, $2, $3, $4, 'approved', $5, $6, $7)""",
+            actor.terminal_id,
+            body["terminal_seq"],
+            digest,
+            row["card_id"],
+            sign * body["amount_fen"],
+            new_balance,
+            txn_id,
+        )
+    return {
+        "result": "approved",
+        "amount_fen": sign * body["amount_fen"],
+        "balance_fen": new_balance,
+        "txn_id": txn_id,
+        "replayed_answer": False,
+    }
+
+
+# ------------------------------------------------------------------ ride-code certificates
+
+
+async def issue_ride_cert(
+    conn: asyncpg.Connection, svc: Services, ctx: TransitContext, body: dict[str, Any], now: dt.datetime
+) -> dict[str, Any]:
+    """Sign the phone's key for offline ride codes on an active card with a transit purse."""
+    key = bytes.fromhex(body["user_public_key"])
+    try:
+        sm.validate_public_key(body["alg"], key)
+    except CodecError:
+        raise ApiError(
+            "invalid_field", "user_public_key is not a valid public key", field="user_public_key"
+        ) from None
+    valid_from = int(now.timestamp())
+    valid_to = valid_from + svc.settings.ride_cert_days * 86400
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT card_id, status, app_locked, has_purse FROM card WHERE card_no = $1 FOR SHARE",
+            body["card_no"],
+        )
+        if row is None:
+            raise ApiError("not_found", "no such card", field="card_no")
+        if row["status"] != int(card.CardStatus.ACTIVE) or row["app_locked"]:
+            raise ApiError("card_not_active", field="card_no")
+        if not row["has_purse"]:
+            raise ApiError("no_transit_purse")
+        serial: int = await conn.fetchval(
+            """INSERT INTO ride_cert (card_id, alg, user_key, valid_from, valid_to)
+               VALUES ($1, $2, $3, to_timestamp($4), to_timestamp($5)) RETURNING cert_serial""",
+            row["card_id"],
+            body["alg"],
+            key,
+            valid_from,
+            valid_to,
+        )
+    cert = ridecode.issue_cert(
+        ctx.issuer_private,
+        issuer_key_id=ISSUER_KEY_ID,
+        cert_serial=serial,
+        account_id=row["card_id"],
+        alg=body["alg"],
+        user_public_key=key,
+        valid_from=valid_from,
+        valid_to=valid_to,
+        max_fare_fen=svc.settings.ride_max_fare_fen,
+        credit_limit_fen=svc.settings.ride_credit_limit_fen,
+    )
+    return {
+        "cert_serial": serial,
+        "cert": ridecode.encode_cert(cert).hex(),
+        "valid_to": valid_to,
+        "issuer_public_key": ctx.issuer_public.hex(),
+    }

@@ -1,0 +1,499 @@
+"""Online taps: fare, debit and journal, committed before the answer, coalesced into set-based batches.
+
+A validator that is online sends each tap (terminal, terminal sequence, time, line/station, direction and
+the credential). The handler verifies the credential's cryptography first (no database for a card
+cryptogram; the e-card's device key for an e-card code), then hands a `TapItem` to the micro-batcher.
+
+One batch is one transaction:
+1. the terminal transactions already answered (idempotency: a retry gets the stored answer, the same key
+   with a different payload is a conflict);
+2. the purses, cards and concessions of every card in the batch, locked `FOR UPDATE` in card order (so
+   two batches never deadlock), and the credential uses already recorded;
+3. in Python, item by item in arrival order: the pure fare engine on the locked state, updated in memory,
+   so one card twice in a batch is charged correctly (the second tap sees the first one's journey);
+4. one statement writes everything: credential uses, purse balances and journeys, concession quotas,
+   journal transfers and the terminal transactions with their answers.
+
+If a concurrent writer took a key between steps 1–2 and 4 (a retry racing its original on another worker,
+or the same card answer at the card-auth endpoint), the write notices (`ON CONFLICT DO NOTHING` returns
+fewer rows), the transaction rolls back and the batch runs again: it then sees the other's answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+
+from cardsvc.flows.views import effective_status
+from protocols.card import CardStatus
+
+from . import fares
+
+__all__ = [
+    "KIND_FARE",
+    "KIND_PENALTY",
+    "SOURCE_ONLINE",
+    "TapItem",
+    "TapOutcome",
+    "process_taps",
+]
+
+# txn_journal.kind
+KIND_FARE = 1
+KIND_PENALTY = 2
+KIND_TOPUP = 3
+KIND_OPENING = 4
+KIND_OFFLINE = 5
+KIND_RIDECODE = 6
+KIND_TRANSFER = 7  # purse balance moved to a replacement card
+# txn_journal.source
+SOURCE_ONLINE = 1
+SOURCE_OFFLINE = 2
+SOURCE_RIDECODE = 3
+SOURCE_OFFICE = 4
+
+BATCH_ATTEMPTS_MAX = 3
+
+
+class _Retry(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TapItem:
+    terminal_id: str
+    terminal_seq: int
+    request_hash: bytes
+    tap: fares.Tap
+    # Exactly one of card_sn / card_id names the card (card_sn for a card cryptogram).
+    card_sn: str | None = None
+    card_id: int | None = None
+    # The credential's single-use key, recorded with the debit (None: nothing to record).
+    cred_kind: int | None = None
+    cred_token: int | None = None
+    # A refusal decided before the batch (forged or expired credential): stored as the answer.
+    declined: str | None = None
+    overdraft_fen: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TapOutcome:
+    """The answer to one tap. `replayed_answer` is True when it is the stored answer of a retry."""
+
+    result: str  # approved | declined | conflict
+    reason: str | None
+    fare_fen: int
+    balance_fen: int | None
+    txn_id: int | None
+    detail: dict[str, Any]
+    replayed_answer: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "result": self.result,
+            "reason": self.reason,
+            "fare_fen": self.fare_fen,
+            "balance_fen": self.balance_fen,
+            "txn_id": self.txn_id,
+            **self.detail,
+        }
+        return out
+
+
+@dataclasses.dataclass
+class _Card:
+    card_id: int
+    card_sn: str
+    holder_id: int
+    usable: bool
+    status: str
+    has_purse: bool
+    balance_fen: int
+    journey: fares.JourneyState
+    concession: fares.Concession
+    quota_year: int | None
+    touched: bool = False
+    concession_touched: bool = False
+
+
+_LOCK_SQL = """
+SELECT c.card_id, c.card_sn, c.holder_id, c.status, c.app_locked, c.expires_on, c.temp_loss_until, c.has_purse,
+       p.balance_fen, p.journey, k.kind AS concession, k.rides_left, k.quota_year
+FROM card c
+JOIN purse p ON p.card_id = c.card_id
+LEFT JOIN concession k ON k.holder_id = c.holder_id
+WHERE c.card_sn = ANY($1::text[]) OR c.card_id = ANY($2::bigint[])
+ORDER BY c.card_id
+FOR UPDATE OF p
+"""
+
+_NO_PURSE_SQL = """
+SELECT card_id, card_sn FROM card WHERE card_sn = ANY($1::text[]) OR card_id = ANY($2::bigint[])
+"""
+
+_EXISTING_SQL = """
+SELECT t.terminal_id, t.terminal_seq, t.request_hash, t.result, t.amount_fen, t.balance_fen, t.txn_id, t.detail
+FROM unnest($1::text[], $2::bigint[]) AS k(terminal_id, terminal_seq)
+JOIN terminal_txn t ON t.terminal_id = k.terminal_id AND t.terminal_seq = k.terminal_seq
+"""
+
+_USED_SQL = """
+SELECT u.card_id, u.kind, u.token FROM unnest($1::bigint[], $2::smallint[], $3::bigint[]) AS k(card_id, kind, token)
+JOIN credential_use u ON u.card_id = k.card_id AND u.kind = k.kind AND u.token = k.token
+"""
+
+_WRITE_SQL = """
+WITH cu AS (
+    INSERT INTO credential_use (card_id, kind, token)
+    SELECT * FROM unnest($1::bigint[], $2::smallint[], $3::bigint[])
+    ON CONFLICT DO NOTHING RETURNING 1
+), pu AS (
+    UPDATE purse p SET balance_fen = v.balance_fen, journey = v.journey, updated_at = now()
+    FROM unnest($4::bigint[], $5::bigint[], $6::jsonb[]) AS v(card_id, balance_fen, journey)
+    WHERE p.card_id = v.card_id AND p.card_id = ANY($4::bigint[])
+    RETURNING 1
+), ku AS (
+    UPDATE concession k SET rides_left = v.rides_left, quota_year = v.quota_year
+    FROM unnest($7::bigint[], $8::int[], $9::int[]) AS v(holder_id, rides_left, quota_year)
+    WHERE k.holder_id = v.holder_id
+    RETURNING 1
+), j AS (
+    INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
+                             line_id, station_id, source)
+    SELECT card_id, kind, terminal_id, terminal_seq, amount_fen, 1, at, counterparty, line_id, station_id, 1
+    FROM unnest($10::bigint[], $11::smallint[], $12::text[], $13::bigint[], $14::bigint[], $15::timestamptz[],
+                $16::text[], $17::text[], $18::text[])
+         AS v(card_id, kind, terminal_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id)
+    RETURNING txn_id, terminal_id, terminal_seq, kind
+), tt AS (
+    INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen,
+                              txn_id, detail)
+    SELECT v.terminal_id, v.terminal_seq, v.request_hash, v.card_id, v.result, v.amount_fen, v.balance_fen,
+           j.txn_id, v.detail
+    FROM unnest($19::text[], $20::bigint[], $21::bytea[], $22::bigint[], $23::text[], $24::bigint[], $25::bigint[],
+                $26::jsonb[])
+         AS v(terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen, detail)
+    LEFT JOIN j ON j.terminal_id = v.terminal_id AND j.terminal_seq = v.terminal_seq AND j.kind = 1
+    ON CONFLICT DO NOTHING
+    RETURNING terminal_id, terminal_seq, txn_id
+)
+SELECT (SELECT count(*) FROM cu) AS cu, (SELECT count(*) FROM tt) AS tt,
+       (SELECT coalesce(array_agg(terminal_id), '{}') FROM tt) AS t_ids,
+       (SELECT coalesce(array_agg(terminal_seq), '{}') FROM tt) AS t_seqs,
+       (SELECT coalesce(array_agg(txn_id), '{}') FROM tt) AS t_txns
+"""
+
+
+def _stored(row: asyncpg.Record, item: TapItem) -> TapOutcome:
+    if bytes(row["request_hash"]) != item.request_hash:
+        return TapOutcome("conflict", "idempotency_conflict", 0, None, None, {}, replayed_answer=True)
+    detail = row["detail"] or {}
+    return TapOutcome(
+        row["result"],
+        detail.pop("reason", None),
+        row["amount_fen"],
+        row["balance_fen"],
+        row["txn_id"],
+        detail,
+        replayed_answer=True,
+    )
+
+
+def _concession(
+    row: asyncpg.Record, table: fares.FareTable, year: int
+) -> tuple[fares.Concession, int | None]:
+    kind = row["concession"]
+    if kind is None:
+        return fares.NO_CONCESSION, None
+    if kind != "elderly":
+        return fares.Concession(kind), row["quota_year"]
+    rides = row["rides_left"]
+    if row["quota_year"] != year:  # a new calendar year: a fresh quota
+        rides = fares.elderly_quota_for_year(table, extra_granted=False)
+    return fares.Concession("elderly", max(0, rides or 0)), year
+
+
+class _Batch:
+    """The state of one batch attempt: decisions in arrival order and the rows to write."""
+
+    def __init__(self, table: fares.FareTable, now: dt.datetime) -> None:
+        self.table = table
+        self.now = now
+        self.outcomes: list[TapOutcome | None] = []
+        self.creds: list[tuple[int, int, int]] = []
+        self.journal: list[tuple[int, int, str, int, int, dt.datetime, str, str | None, str | None]] = []
+        self.answers: list[tuple[str, int, bytes, int | None, str, int, int | None, dict[str, Any]]] = []
+
+    def answer(self, item: TapItem, card_id: int | None, outcome: TapOutcome) -> TapOutcome:
+        detail = dict(outcome.detail)
+        if outcome.reason is not None:
+            detail["reason"] = outcome.reason
+        self.answers.append(
+            (
+                item.terminal_id,
+                item.terminal_seq,
+                item.request_hash,
+                card_id,
+                outcome.result,
+                outcome.fare_fen,
+                outcome.balance_fen,
+                detail,
+            )
+        )
+        return outcome
+
+
+def _decline(reason: str, balance: int | None = None, **detail: Any) -> TapOutcome:
+    return TapOutcome("declined", reason, 0, balance, None, detail)
+
+
+def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
+    table = batch.table
+    try:
+        decision = fares.fare(table, card.journey, item.tap, card.concession)
+    except fares.FareInputError as exc:
+        return _decline("fare_input_invalid", card.balance_fen, detail=str(exc)[:200])
+    total = decision.total_fen
+    if item.tap.direction == "in":
+        # A metro entry needs at least the minimum fare for this card (plus any penalty charged now):
+        # what leaving at the same station would cost, with the card's concession, before any transfer.
+        leave = fares.Tap(item.tap.time, "metro", item.tap.line, item.tap.station, "out")
+        cheapest = fares.fare(table, dataclasses.replace(decision.state, window=None), leave, card.concession)
+        total_needed = total + cheapest.total_fen
+    else:
+        total_needed = total
+    if card.balance_fen - total_needed < -item.overdraft_fen:
+        return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed)
+    at = dt.datetime.fromtimestamp(item.tap.time, dt.UTC)
+    station = item.tap.station
+    if decision.penalty is not None:
+        batch.journal.append(
+            (
+                card.card_id,
+                KIND_PENALTY,
+                item.terminal_id,
+                item.terminal_seq,
+                -decision.penalty.amount_fen,
+                at,
+                decision.penalty.operator,
+                item.tap.line,
+                station,
+            )
+        )
+    batch.journal.append(
+        (
+            card.card_id,
+            KIND_FARE,
+            item.terminal_id,
+            item.terminal_seq,
+            -decision.amount_fen,
+            at,
+            decision.operator,
+            item.tap.line,
+            station,
+        )
+    )
+    card.balance_fen -= total
+    card.journey = decision.state
+    card.touched = True
+    if decision.quota_ride_consumed:
+        card.concession = dataclasses.replace(
+            card.concession, elderly_rides_remaining=card.concession.elderly_rides_remaining - 1
+        )
+        card.concession_touched = True
+    detail: dict[str, Any] = {"rules": list(decision.rules), "operator": decision.operator}
+    if decision.transfer_discount_fen:
+        detail["transfer_discount_fen"] = decision.transfer_discount_fen
+    if decision.penalty is not None:
+        detail["penalty"] = {"amount_fen": decision.penalty.amount_fen, "reason": decision.penalty.reason}
+    if decision.distance_m is not None:
+        detail["distance_m"] = decision.distance_m
+    return TapOutcome("approved", None, total, card.balance_fen, None, detail)
+
+
+async def _attempt(
+    conn: asyncpg.Connection, table: fares.FareTable, items: Sequence[TapItem], now: dt.datetime
+) -> list[TapOutcome]:
+    batch = _Batch(table, now)
+    existing = {
+        (r["terminal_id"], r["terminal_seq"]): r
+        for r in await conn.fetch(
+            _EXISTING_SQL, [i.terminal_id for i in items], [i.terminal_seq for i in items]
+        )
+    }
+    sns = list({i.card_sn for i in items if i.card_sn is not None})
+    ids = list({i.card_id for i in items if i.card_id is not None})
+    rows = await conn.fetch(_LOCK_SQL, sns, ids)
+    year = fares.local_day(table, int(now.timestamp())).year
+    cards_by_id: dict[int, _Card] = {}
+    by_sn: dict[str, _Card] = {}
+    for r in rows:
+        concession, quota_year = _concession(r, table, year)
+        status = effective_status(r["status"], r["temp_loss_until"], now)
+        usable = status == CardStatus.ACTIVE and not r["app_locked"] and r["expires_on"] >= now.date()
+        locked = _Card(
+            r["card_id"],
+            r["card_sn"],
+            r["holder_id"],
+            usable,
+            status.api_name,
+            r["has_purse"],
+            r["balance_fen"],
+            fares.JourneyState.from_dict(r["journey"]) if r["journey"] else fares.EMPTY_STATE,
+            concession,
+            quota_year,
+        )
+        cards_by_id[locked.card_id] = locked
+        by_sn[locked.card_sn] = locked
+    # Cards not locked above have no purse row, or do not exist: tell the two apart (rare, unlocked).
+    no_purse: dict[str | int, int] = {}
+    missing_sns = [sn for sn in sns if sn not in by_sn]
+    missing_ids = [i for i in ids if i not in cards_by_id]
+    if missing_sns or missing_ids:
+        for r in await conn.fetch(_NO_PURSE_SQL, missing_sns, missing_ids):
+            no_purse[r["card_sn"]] = no_purse[r["card_id"]] = r["card_id"]
+    wanted = [
+        (c.card_id, i.cred_kind, i.cred_token)
+        for i in items
+        if i.cred_kind is not None
+        and i.cred_token is not None
+        and (c := (by_sn.get(i.card_sn) if i.card_sn else cards_by_id.get(i.card_id or 0))) is not None
+    ]
+    used: set[tuple[int, int, int]] = set()
+    if wanted:
+        used = {
+            (r["card_id"], r["kind"], r["token"])
+            for r in await conn.fetch(_USED_SQL, *map(list, zip(*wanted, strict=True)))
+        }
+
+    seen_keys: dict[tuple[str, int], int] = {}  # key -> index of its first item in this batch
+    outcomes: list[TapOutcome] = []
+    for item in items:
+        key = (item.terminal_id, item.terminal_seq)
+        if key in existing:
+            outcomes.append(_stored(existing[key], item))
+            continue
+        if key in seen_keys:  # the same key twice in one batch: the second is a retry of the first
+            idx = seen_keys[key]
+            prior = outcomes[idx]
+            same = items[idx].request_hash == item.request_hash
+            outcomes.append(
+                dataclasses.replace(prior, replayed_answer=True)
+                if same
+                else TapOutcome("conflict", "idempotency_conflict", 0, None, None, {}, replayed_answer=True)
+            )
+            continue
+        seen_keys[key] = len(outcomes)
+        card = by_sn.get(item.card_sn) if item.card_sn else cards_by_id.get(item.card_id or 0)
+        card_id = card.card_id if card is not None else None
+        if item.declined is not None:
+            outcomes.append(batch.answer(item, card_id, _decline(item.declined)))
+            continue
+        if card is None:
+            known = no_purse.get(item.card_sn if item.card_sn else item.card_id or 0)
+            reason = "unknown_card" if known is None else "no_transit_purse"
+            outcomes.append(batch.answer(item, known, _decline(reason)))
+            continue
+        if item.cred_kind is not None and item.cred_token is not None:
+            cred = (card.card_id, item.cred_kind, item.cred_token)
+            if cred in used:
+                outcomes.append(batch.answer(item, card_id, _decline("credential_replayed")))
+                continue
+            used.add(cred)
+            batch.creds.append(cred)
+        if not card.usable:
+            outcomes.append(batch.answer(item, card_id, _decline("card_unusable", card_status=card.status)))
+            continue
+        if not card.has_purse:
+            outcomes.append(batch.answer(item, card_id, _decline("no_transit_purse")))
+            continue
+        outcomes.append(batch.answer(item, card_id, _charge(batch, item, card)))
+
+    await _write(conn, batch, cards_by_id, outcomes, items)
+    return outcomes
+
+
+async def _write(
+    conn: asyncpg.Connection,
+    batch: _Batch,
+    cards: dict[int, _Card],
+    outcomes: list[TapOutcome],
+    items: Sequence[TapItem],
+) -> None:
+    touched = [c for c in cards.values() if c.touched]
+    quotas = [c for c in cards.values() if c.concession_touched]
+    creds = batch.creds
+    j = batch.journal
+    a = batch.answers
+    if not a:
+        return
+    row = await conn.fetchrow(
+        _WRITE_SQL,
+        [c[0] for c in creds],
+        [c[1] for c in creds],
+        [c[2] for c in creds],
+        [c.card_id for c in touched],
+        [c.balance_fen for c in touched],
+        [c.journey.to_dict() for c in touched],
+        [c.holder_id for c in quotas],
+        [c.concession.elderly_rides_remaining for c in quotas],
+        [c.quota_year for c in quotas],
+        [x[0] for x in j],
+        [x[1] for x in j],
+        [x[2] for x in j],
+        [x[3] for x in j],
+        [x[4] for x in j],
+        [x[5] for x in j],
+        [x[6] for x in j],
+        [x[7] for x in j],
+        [x[8] for x in j],
+        [x[0] for x in a],
+        [x[1] for x in a],
+        [x[2] for x in a],
+        [x[3] for x in a],
+        [x[4] for x in a],
+        [x[5] for x in a],
+        [x[6] for x in a],
+        [x[7] for x in a],
+    )
+    assert row is not None
+    if row["cu"] != len(creds) or row["tt"] != len(a):
+        raise _Retry()  # a concurrent writer took a key: roll back and look again
+    txn_ids = {
+        (t, s): x for t, s, x in zip(row["t_ids"], row["t_seqs"], row["t_txns"], strict=True) if x is not None
+    }
+    for n, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
+        if outcome.result == "approved" and outcome.txn_id is None:
+            outcomes[n] = dataclasses.replace(
+                outcome, txn_id=txn_ids.get((item.terminal_id, item.terminal_seq))
+            )
+
+
+async def process_taps(
+    pool: asyncpg.Pool, table: fares.FareTable, items: Sequence[TapItem]
+) -> list[TapOutcome]:
+    """Decide and commit a batch of taps; one outcome per item, in order."""
+    now = dt.datetime.now(dt.UTC)
+    async with pool.acquire() as conn:
+        for attempt in range(BATCH_ATTEMPTS_MAX):
+            try:
+                async with conn.transaction():
+                    return await _attempt(conn, table, items, now)
+            except _Retry:
+                if attempt == BATCH_ATTEMPTS_MAX - 1:
+                    raise
+            except asyncpg.DeadlockDetectedError:
+                if attempt == BATCH_ATTEMPTS_MAX - 1:
+                    raise
+    raise AssertionError("unreachable")
+
+
+def request_hash(body: dict[str, Any]) -> bytes:
+    import hashlib
+
+    return hashlib.new("sm3", orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
