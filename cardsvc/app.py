@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import asyncpg
 from aiohttp import web
 
+from cardsvc import limits
 from cardsvc.config import Settings
 from cardsvc.flows import lifecycle
 from cardsvc.http.keys import SERVICES
@@ -32,6 +33,7 @@ from cardsvc.store.batcher import MicroBatcher
 from cardsvc.store.pool import create_pool
 from cardsvc.transit import fares
 from cardsvc.transit.context import TransitContext
+from cardsvc.transit.flow import KIND_RIDE_CODE
 from cardsvc.transit.taps import TapItem, TapOutcome, process_taps
 
 __all__ = ["MigrationsPending", "create_app"]
@@ -73,8 +75,15 @@ async def maintenance_once(pool: asyncpg.Pool, settings: Settings) -> None:
             float(2 * settings.clock_skew_s),
         )
         await conn.execute(
-            "DELETE FROM credential_use WHERE used_at < now() - make_interval(secs => $1)",
+            "DELETE FROM credential_use WHERE used_at < now() - make_interval(secs => $1) AND kind <> $2",
             float(2 * settings.clock_skew_s + max(settings.ecard_code_lifetime_s, settings.card_challenge_age_s)),
+            KIND_RIDE_CODE,
+        )
+        # Ride codes are charged when the gate uploads, up to UPLOAD_AGE_S_MAX after the ride.
+        await conn.execute(
+            "DELETE FROM credential_use WHERE kind = $2 AND used_at < now() - make_interval(secs => $1)",
+            float(limits.UPLOAD_AGE_S_MAX + 2 * settings.clock_skew_s + settings.ecard_code_lifetime_s),
+            KIND_RIDE_CODE,
         )
         await conn.execute(
             "DELETE FROM terminal_txn WHERE at < now() - make_interval(days => $1)",
@@ -97,7 +106,7 @@ async def _maintenance_loop(pool: asyncpg.Pool, settings: Settings) -> None:
 def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool = True) -> web.Application:
     app = web.Application(
         middlewares=[observe, authenticate],
-        client_max_size=settings.body_bytes_max,
+        client_max_size=max(settings.body_bytes_max, limits.UPLOAD_BODY_BYTES_MAX),
         handler_args={"max_field_size": 8190, "max_line_size": 8190},
     )
 

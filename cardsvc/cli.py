@@ -158,6 +158,50 @@ cardsvc demo on {base} (Ctrl-C stops it). In another shell, try:
     return cmd_serve(settings, args)
 
 
+def cmd_seed(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cardsvc import demo, seed
+    from cardsvc.store.pool import resolve_dsn
+
+    opts = seed.SeedOptions(
+        count=args.count,
+        seed=args.seed.encode(),
+        jobs=args.jobs,
+        key_pool=args.ecard_key_pool,
+        append=args.append,
+    )
+
+    async def go() -> seed.SeedReport:
+        keys = _keys(settings, create=True)
+        await _migrate(settings)
+        log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if args.verbose else None
+        with tqdm(
+            total=args.count, unit="card", unit_scale=True, desc="seed", disable=not sys.stderr.isatty()
+        ) as bar:
+            report = await seed.seed(resolve_dsn(settings), keys, opts, bar.update, log)
+        conn = await _connect(settings)
+        try:
+            await demo.ensure_demo_terminals(conn, keys, settings.data_dir / "demo-terminals.json")
+        finally:
+            await conn.close()
+        return report
+
+    try:
+        report = _run(go())
+    except seed.SeedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(seed.format_report(report))
+    print(
+        f"load generators: population.person(i, {args.seed!r}) and "
+        f"population.ecard_device_seed(i, {args.seed!r}, {args.ecard_key_pool}) for i in "
+        f"{report.first_index}..{report.first_index + report.count - 1}; terminals in "
+        f"{settings.data_dir / 'demo-terminals.json'}"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------ embedded database
 
 
@@ -413,6 +457,88 @@ def cmd_demo_credential(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ clearing and audit
+
+
+def _fare_table(settings: Settings) -> Any:
+    from cardsvc.transit import fares
+
+    return fares.load_table(settings.fare_table) if settings.fare_table else fares.load_demo_table()
+
+
+def _progress(message: str) -> None:
+    """A progress line on standard error: rewritten in place on a terminal, one line each otherwise."""
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\x1b[K" + message)
+    else:
+        sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
+    from cardsvc.transit import clearing
+
+    try:
+        day = dt.date.fromisoformat(args.date)
+    except ValueError:
+        print(f"error: --date must be YYYY-MM-DD, got {args.date!r}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else settings.data_dir / "clearing"
+
+    async def go() -> list[Any]:
+        conn = await _connect(settings)
+        try:
+            return await clearing.clear_day(
+                conn, _fare_table(settings), day, out, operator_id=args.operator, progress=_progress
+            )
+        finally:
+            await conn.close()
+
+    try:
+        results = _run(go())
+    except clearing.ClearingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    if args.json:
+        _print_json([r.to_json() for r in results])
+    else:
+        for r in results:
+            where = f" -> {r.path}" if r.path else ""
+            note = f" ({r.detail})" if r.detail else ""
+            print(f"{r.status.upper():9} {r.operator_id} {r.business_date}: {r.txn_count} txns, "
+                  f"{r.total_fen} fen{where}{note}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    from cardsvc import audit
+
+    async def go() -> Any:
+        conn = await _connect(settings)
+        try:
+            return await audit.run_audit(
+                conn, settings, _fare_table(settings), chunk_cards=args.chunk_cards,
+                progress=_progress,
+            )
+        finally:
+            await conn.close()
+
+    at, checks = _run(go())
+    ok = all(c.ok for c in checks)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    if args.json:
+        _print_json({"ok": ok, "snapshot_at": at.isoformat(), "checks": [c.to_json() for c in checks]})
+    else:
+        for c in checks:
+            print(c.line())
+        print(f"audit {'PASSED' if ok else 'FAILED'}: {sum(c.ok for c in checks)}/{len(checks)} checks pass "
+              f"(snapshot {at.isoformat()})")
+    return 0 if ok else 1
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -467,6 +593,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo-data", cmd_demo_data, "load demo data only (idempotent)")
     p.add_argument("--cards", type=int, default=1000, help="size of the demo population (default 1000)")
+
+    p = add(
+        "seed",
+        cmd_seed,
+        "load a large synthetic registry fast (load and size tests)",
+        "Create --count cardholders with active cards, transit purses (opening balance in the journal)\n"
+        "and, for 80%, e-cards whose device keys come from a pool of --ecard-key-pool keys; plus the demo\n"
+        "terminals. Deterministic from --seed: load generators derive every card's identity and\n"
+        "credentials from its index (protocols/population.py). Into an empty registry the indexes are\n"
+        "built after the load; a registry with cards needs --append (slower). See docs/schema.md.",
+    )
+    p.add_argument("--count", type=int, required=True, help="cardholders to create")
+    p.add_argument("--seed", default="cardsvc-demo", help="population seed (default cardsvc-demo)")
+    p.add_argument("--jobs", type=int, default=0, help="generator processes (default: number of CPUs)")
+    p.add_argument(
+        "--ecard-key-pool", type=int, default=4096, help="precomputed e-card device keys (default 4096)"
+    )
+    p.add_argument("--append", action="store_true", help="add to a registry that has cards (slower)")
+    p.add_argument("--verbose", action="store_true", help="report every stage and index build")
 
     p = add(
         "demo-credential",
@@ -564,6 +709,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as", dest="as_", default="card_office", help="demo terminal kind (default card_office)")
     p.add_argument("--credentials", help="terminal credentials JSON file")
     p.add_argument("--url", help="service base URL (default http://CARDSVC_HOST:CARDSVC_PORT)")
+
+    p = add(
+        "clearing",
+        cmd_clearing,
+        "daily clearing files per transit operator",
+        "run --date YYYY-MM-DD: for each operator (or --operator ID), the approved fares of that local\n"
+        "business day (the fare table's UTC offset) as a clearing file (protocols/clearing.md) in --out,\n"
+        "recorded in clearing_report. Re-running a day rewrites identical files; if the journal changed\n"
+        "after a report was made, the report and file are kept and the run exits 1 (an audit failure).",
+    )
+    p.add_argument("action", choices=["run"])
+    p.add_argument("--date", required=True, help="business day YYYY-MM-DD (it must be over)")
+    p.add_argument("--operator", help="only this operator id")
+    p.add_argument("--out", help="output directory (default <data_dir>/clearing)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    p = add(
+        "audit",
+        cmd_audit,
+        "check the ledger's invariants on the database; exit 1 if any fails",
+        "Purse balances equal their journals, overdrafts, replacement transfers, terminal answers vs\n"
+        "journal, clearing reports vs journal, hotlist versions. Read-only, one consistent snapshot.\n"
+        "See docs/operations.md.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--chunk-cards", type=int, default=1_000_000, help="card ids per purse-check statement (progress step)"
+    )
     return parser
 
 

@@ -36,9 +36,13 @@ __all__ = [
     "SWEEP_INTERVAL_S",
     "TEMP_LOSS_DAYS",
     "TERMINAL_TXN_RETENTION_DAYS",
+    "UPLOAD_AGE_S_MAX",
+    "UPLOAD_BODY_BYTES_MAX",
 ]
 
 BODY_BYTES_MAX = 64 * 1024
+# Batch uploads (500 offline records or ride records of up to ~600 bytes each) get a larger body.
+UPLOAD_BODY_BYTES_MAX = 512 * 1024
 REQUEST_TIMEOUT_S = 10.0
 SHUTDOWN_GRACE_S = 15.0
 
@@ -82,6 +86,9 @@ TERMINAL_TXN_RETENTION_DAYS = 7
 RIDE_CERT_DAYS = 30
 RIDE_CREDIT_LIMIT_FEN = 2_000
 RIDE_MAX_FARE_FEN = 1_000
+# An uploaded offline record or ride-code ride older than this is refused (the journal's monthly
+# partitions cover it; ride-code uses are remembered this long so a code cannot be charged twice).
+UPLOAD_AGE_S_MAX = 30 * 86400
 
 # SM2 verification costs ~0.4 ms: it runs on a small thread pool, off the event loop.
 SIGNATURE_THREADS_MAX = 2

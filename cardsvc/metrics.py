@@ -31,6 +31,7 @@ __all__ = [
     "LIFECYCLE_OPERATIONS",
     "REQUEST_AUTH_FAILURES",
     "TAPS",
+    "UPLOADED_RECORDS",
     "VERIFICATIONS",
     "VERIFICATION_DURATION",
     "render",
@@ -82,6 +83,12 @@ LIFECYCLE_OPERATIONS = Counter(
 TAPS = Counter(
     "cardsvc_transit_taps_total", "Online transit taps by mode, result (approved, declined, conflict) and reason.",
     ["mode", "result", "reason"],
+)
+UPLOADED_RECORDS = Counter(
+    "cardsvc_transit_uploaded_records_total",
+    "Uploaded offline purse records and ride-code rides (first answers only), by kind (purse, ridecode), "
+    "result and reason.",
+    ["kind", "result", "reason"],
 )
 HOTLIST_VERSION = Gauge(
     "cardsvc_hotlist_version",

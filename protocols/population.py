@@ -13,7 +13,7 @@ import hashlib
 
 from . import idnumber, sm
 
-__all__ = ["POPULATION_MAX", "Person", "person"]
+__all__ = ["ECARD_KEY_POOL_DEFAULT", "POPULATION_MAX", "Person", "ecard_device_seed", "ecard_pool_seed", "person"]
 
 # 11 Chongqing district codes x 30,000 birth dates x 1,000 sequence numbers.
 _AREAS = (
@@ -33,6 +33,9 @@ _DAYS = 30_000
 _BIRTH_START = dt.date(1940, 1, 1)
 POPULATION_MAX = len(_AREAS) * _DAYS * 1000
 CARD_AREA = "500100"  # issuing area of the city's cards
+# `cardsvc seed` gives e-card i the device key (i mod pool) of a pool of precomputed keys: deriving an
+# SM2 public key costs ~0.3 ms, too slow for 32 million e-cards (docs/schema.md).
+ECARD_KEY_POOL_DEFAULT = 4096
 
 _SURNAMES = (
     "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈"
@@ -82,3 +85,17 @@ def person(i: int, seed: bytes = b"cardsvc-demo", ecard_alg: int = sm.ALG_SM2_SM
         ecard_seed=hashlib.new("sm3", b"ecard" + seed + i.to_bytes(8, "big")).digest(),
         ecard_alg=ecard_alg,
     )
+
+
+def ecard_pool_seed(j: int, seed: bytes = b"cardsvc-demo") -> bytes:
+    """Private key seed (32 bytes) of device key j of a seeded database's e-card key pool."""
+    assert j >= 0
+    return hashlib.new("sm3", b"ecard-pool" + seed + j.to_bytes(8, "big")).digest()
+
+
+def ecard_device_seed(i: int, seed: bytes = b"cardsvc-demo", pool: int = ECARD_KEY_POOL_DEFAULT) -> bytes:
+    """Device key seed of cardholder i's e-card in a database made by `cardsvc seed --ecard-key-pool
+    pool` (e-card id i + 1): key (i mod pool) of the pool. `cardsvc demo-data` gives every e-card its own
+    key instead (Person.ecard_seed)."""
+    assert 0 <= i < POPULATION_MAX and pool >= 1
+    return ecard_pool_seed(i % pool, seed)

@@ -30,7 +30,7 @@ from protocols.errors import CodecError
 from .keys import AUTH, BODY, SERVICES
 from .problem import ApiError, problem_response
 
-__all__ = ["authenticate", "observe", "operation"]
+__all__ = ["authenticate", "body_bytes_max", "observe", "operation"]
 
 log = logging.getLogger("cardsvc.http")
 access_log = logging.getLogger("cardsvc.access")
@@ -47,6 +47,17 @@ def operation(spec: OperationSpec) -> Callable[[Handler], Handler]:
 
     def mark(handler: Handler) -> Handler:
         handler.cardsvc_operation = spec  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def body_bytes_max(limit: int) -> Callable[[Handler], Handler]:
+    """Allow a signed operation a larger body than settings.body_bytes_max (batch uploads); the app's
+    client_max_size must be at least this."""
+
+    def mark(handler: Handler) -> Handler:
+        handler.cardsvc_body_bytes_max = limit  # type: ignore[attr-defined]
         return handler
 
     return mark
@@ -150,12 +161,15 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if spec is None:
         return await handler(request)
     svc = request.app[SERVICES]
-    if request.content_length is not None and request.content_length > svc.settings.body_bytes_max:
-        raise ApiError("body_too_large", f"at most {svc.settings.body_bytes_max} bytes")
+    limit = max(svc.settings.body_bytes_max, getattr(request.match_info.handler, "cardsvc_body_bytes_max", 0))
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError("body_too_large", f"at most {limit} bytes")
     if request.headers.get("Content-Encoding", "identity").lower() != "identity":
         # The signature covers the bytes as sent; a compressed body would be checked after decoding.
         raise ApiError("bad_content_type", "Content-Encoding is not supported: send the body uncompressed")
     body = await request.read()
+    if len(body) > limit:  # a chunked body has no Content-Length; client_max_size is the largest limit
+        raise ApiError("body_too_large", f"at most {limit} bytes")
     request[BODY] = body
     try:
         headers = terminal_auth.parse_auth_headers(request.headers)

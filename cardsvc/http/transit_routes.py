@@ -1,4 +1,5 @@
-"""Transit endpoints: online taps, purse top-ups and history, ride-code certificates."""
+"""Transit endpoints: online taps, purse top-ups and history, ride-code certificates, uploads of offline
+purse records and ride-code rides."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import datetime as dt
 
 from aiohttp import web
 
-from cardsvc import metrics
+from cardsvc import limits, metrics
 from cardsvc.errors import ApiError
-from cardsvc.transit import flow
-from protocols import api
+from cardsvc.transit import flow, offline, rides
+from protocols import api, ridecode, transit
+from protocols.errors import CodecError
 
 from .keys import AUTH, SERVICES
-from .middlewares import operation
+from .middlewares import body_bytes_max, json_body, operation
 from .routes import _actor, _card_no, _json, _parse
 
 __all__ = ["setup_transit_routes"]
@@ -55,9 +57,97 @@ async def issue_ride_cert(request: web.Request) -> web.Response:
     return _json(result, 201)
 
 
+def _own_terminal(request: web.Request, terminal_id: str, name: str) -> None:
+    """An upload carries the records of the terminal that signs it, never another's."""
+    signer = request[AUTH].terminal_id
+    if terminal_id != signer:
+        raise ApiError(
+            "forbidden_operation",
+            f"{name} {terminal_id!r} is not the signing terminal {signer!r}",
+            field=name,
+        )
+
+
+def _codec_error(exc: CodecError) -> ApiError:
+    return ApiError("invalid_field", f"{exc.code}: {exc}"[:300], field=exc.field or "records")
+
+
+@body_bytes_max(limits.UPLOAD_BODY_BYTES_MAX)
+@operation("transit.upload")
+async def offline_batch(request: web.Request) -> web.Response:
+    try:
+        batch = transit.batch_from_dict(json_body(request))
+    except CodecError as exc:
+        raise _codec_error(exc) from None
+    _own_terminal(request, batch.terminal_id, "terminal_id")
+    svc = request.app[SERVICES]
+    answers = await offline.process_batch(
+        svc.pool,
+        svc.transit.table,
+        offline.tac_checker(svc.keys.card_tac_master),
+        batch,
+        skew_s=svc.settings.clock_skew_s,
+    )
+    for a in answers:
+        if not a.replayed_answer:
+            metrics.UPLOADED_RECORDS.labels("purse", a.result, a.reason or "").inc()
+    return _json(
+        {
+            "terminal_id": batch.terminal_id,
+            "batch_id": batch.batch_id,
+            "records": [a.to_json() for a in answers],
+        }
+    )
+
+
+@body_bytes_max(limits.UPLOAD_BODY_BYTES_MAX)
+@operation("transit.upload")
+async def ride_batch(request: web.Request) -> web.Response:
+    try:
+        batch = ridecode.ride_batch_from_dict(json_body(request))
+    except CodecError as exc:
+        raise _codec_error(exc) from None
+    _own_terminal(request, batch.gate_id, "gate_id")
+    svc = request.app[SERVICES]
+    outcomes = await rides.charge_rides(svc, svc.transit, batch)
+    out = []
+    for r, o in zip(batch.records, outcomes, strict=True):
+        if not o.replayed_answer:
+            metrics.UPLOADED_RECORDS.labels("ridecode", o.result, o.reason or "").inc()
+        out.append({"gate_seq": r.gate_seq, **o.to_json(), "replayed_answer": o.replayed_answer})
+    return _json({"gate_id": batch.gate_id, "batch_id": batch.batch_id, "records": out})
+
+
+@operation("clearing.read")
+async def clearing_report(request: web.Request) -> web.Response:
+    from cardsvc.transit import clearing
+
+    operator_id = request.match_info["operator_id"]
+    if not (operator_id.isascii() and 1 <= len(operator_id) <= 16
+            and all(c.isalnum() or c in "_-" for c in operator_id)):
+        raise ApiError("invalid_parameter", "operator_id is 1-16 of A-Z a-z 0-9 _ -", field="operator_id")
+    try:
+        day = dt.date.fromisoformat(request.match_info["date"])
+    except ValueError:
+        raise ApiError("invalid_parameter", "date is YYYY-MM-DD", field="date") from None
+    svc = request.app[SERVICES]
+    async with svc.pool.acquire() as conn:
+        row = await conn.fetchrow(
+            """SELECT operator_id, business_date, txn_count, total_fen, digest, created_at FROM clearing_report
+               WHERE operator_id = $1 AND business_date = $2""",
+            operator_id, day,
+        )
+    if row is None:
+        raise ApiError("not_found", "no clearing report for this operator and day")
+    return _json(clearing.report_view(row))
+
+
 def setup_transit_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/transit/taps", tap)
     r.add_get("/v1/purses/{card_no}", purse)
     r.add_post("/v1/purses/{card_no}/top-ups", top_up)
     r.add_post("/v1/ride-certs", issue_ride_cert)
+    r.add_post("/v1/transit/offline-batches", offline_batch)
+    r.add_post("/v1/transit/ride-batches", ride_batch)
+    r.add_get("/v1/clearing/{operator_id}/{date}", clearing_report)

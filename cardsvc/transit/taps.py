@@ -79,6 +79,7 @@ class TapItem:
     # A refusal decided before the batch (forged or expired credential): stored as the answer.
     declined: str | None = None
     overdraft_fen: int = 0
+    source: int = SOURCE_ONLINE  # txn_journal.source of the debit (SOURCE_RIDECODE for a ride code)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,9 +122,17 @@ class _Card:
     concession_touched: bool = False
 
 
+# The batch's cards, locked, with the credential uses among the batch's credentials already recorded
+# for each (one round trip instead of two).
 _LOCK_SQL = """
 SELECT c.card_id, c.card_sn, c.holder_id, c.status, c.app_locked, c.expires_on, c.temp_loss_until, c.has_purse,
-       p.balance_fen, p.journey, k.kind AS concession, k.rides_left, k.quota_year
+       p.balance_fen, p.journey, k.kind AS concession, k.rides_left, k.quota_year,
+       ARRAY(SELECT u.kind::bigint FROM credential_use u
+             WHERE u.card_id = c.card_id AND (u.kind, u.token) IN (SELECT * FROM unnest($3::smallint[], $4::bigint[]))
+             ORDER BY u.kind, u.token) AS used_kinds,
+       ARRAY(SELECT u.token FROM credential_use u
+             WHERE u.card_id = c.card_id AND (u.kind, u.token) IN (SELECT * FROM unnest($3::smallint[], $4::bigint[]))
+             ORDER BY u.kind, u.token) AS used_tokens
 FROM card c
 JOIN purse p ON p.card_id = c.card_id
 LEFT JOIN concession k ON k.holder_id = c.holder_id
@@ -140,11 +149,6 @@ _EXISTING_SQL = """
 SELECT t.terminal_id, t.terminal_seq, t.request_hash, t.result, t.amount_fen, t.balance_fen, t.txn_id, t.detail
 FROM unnest($1::text[], $2::bigint[]) AS k(terminal_id, terminal_seq)
 JOIN terminal_txn t ON t.terminal_id = k.terminal_id AND t.terminal_seq = k.terminal_seq
-"""
-
-_USED_SQL = """
-SELECT u.card_id, u.kind, u.token FROM unnest($1::bigint[], $2::smallint[], $3::bigint[]) AS k(card_id, kind, token)
-JOIN credential_use u ON u.card_id = k.card_id AND u.kind = k.kind AND u.token = k.token
 """
 
 _WRITE_SQL = """
@@ -165,10 +169,10 @@ WITH cu AS (
 ), j AS (
     INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
                              line_id, station_id, source)
-    SELECT card_id, kind, terminal_id, terminal_seq, amount_fen, 1, at, counterparty, line_id, station_id, 1
+    SELECT card_id, kind, terminal_id, terminal_seq, amount_fen, 1, at, counterparty, line_id, station_id, source
     FROM unnest($10::bigint[], $11::smallint[], $12::text[], $13::bigint[], $14::bigint[], $15::timestamptz[],
-                $16::text[], $17::text[], $18::text[])
-         AS v(card_id, kind, terminal_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id)
+                $16::text[], $17::text[], $18::text[], $27::smallint[])
+         AS v(card_id, kind, terminal_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id, source)
     RETURNING txn_id, terminal_id, terminal_seq, kind
 ), tt AS (
     INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen,
@@ -226,7 +230,7 @@ class _Batch:
         self.now = now
         self.outcomes: list[TapOutcome | None] = []
         self.creds: list[tuple[int, int, int]] = []
-        self.journal: list[tuple[int, int, str, int, int, dt.datetime, str, str | None, str | None]] = []
+        self.journal: list[tuple[int, int, str, int, int, dt.datetime, str, str | None, str | None, int]] = []
         self.answers: list[tuple[str, int, bytes, int | None, str, int, int | None, dict[str, Any]]] = []
 
     def answer(self, item: TapItem, card_id: int | None, outcome: TapOutcome) -> TapOutcome:
@@ -283,6 +287,7 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
                 decision.penalty.operator,
                 item.tap.line,
                 station,
+                item.source,
             )
         )
     batch.journal.append(
@@ -296,6 +301,7 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
             decision.operator,
             item.tap.line,
             station,
+            item.source,
         )
     )
     card.balance_fen -= total
@@ -328,7 +334,15 @@ async def _attempt(
     }
     sns = list({i.card_sn for i in items if i.card_sn is not None})
     ids = list({i.card_id for i in items if i.card_id is not None})
-    rows = await conn.fetch(_LOCK_SQL, sns, ids)
+    cred_items = [i for i in items if i.cred_kind is not None and i.cred_token is not None]
+    rows = await conn.fetch(
+        _LOCK_SQL, sns, ids, [i.cred_kind for i in cred_items], [i.cred_token for i in cred_items]
+    )
+    used: set[tuple[int, int, int]] = {
+        (r["card_id"], int(kind), token)
+        for r in rows
+        for kind, token in zip(r["used_kinds"], r["used_tokens"], strict=True)
+    }
     year = fares.local_day(table, int(now.timestamp())).year
     cards_by_id: dict[int, _Card] = {}
     by_sn: dict[str, _Card] = {}
@@ -357,19 +371,6 @@ async def _attempt(
     if missing_sns or missing_ids:
         for r in await conn.fetch(_NO_PURSE_SQL, missing_sns, missing_ids):
             no_purse[r["card_sn"]] = no_purse[r["card_id"]] = r["card_id"]
-    wanted = [
-        (c.card_id, i.cred_kind, i.cred_token)
-        for i in items
-        if i.cred_kind is not None
-        and i.cred_token is not None
-        and (c := (by_sn.get(i.card_sn) if i.card_sn else cards_by_id.get(i.card_id or 0))) is not None
-    ]
-    used: set[tuple[int, int, int]] = set()
-    if wanted:
-        used = {
-            (r["card_id"], r["kind"], r["token"])
-            for r in await conn.fetch(_USED_SQL, *map(list, zip(*wanted, strict=True)))
-        }
 
     seen_keys: dict[tuple[str, int], int] = {}  # key -> index of its first item in this batch
     outcomes: list[TapOutcome] = []
@@ -460,6 +461,7 @@ async def _write(
         [x[5] for x in a],
         [x[6] for x in a],
         [x[7] for x in a],
+        [x[9] for x in j],
     )
     assert row is not None
     if row["cu"] != len(creds) or row["tt"] != len(a):

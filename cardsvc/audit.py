@@ -1,0 +1,251 @@
+"""`cardsvc audit`: invariant checks on a live database, each PASS or FAIL with its counts.
+
+Every check is a set-based statement (joins and GROUP BY, no per-row round trips), and all of them read
+one REPEATABLE READ, read-only snapshot, so a tap committing during the audit is seen entirely or not at
+all. The purse check walks the card-id space in chunks (one GROUP BY join each) to report progress; at
+40 million cards that is 40 statements of 1 million cards. The snapshot is held for the whole run: run it
+at a quiet hour or on a replica, since a long snapshot holds back vacuum.
+
+Checks (docs/operations.md explains each and what to do when it fails):
+
+- purse_balances: each purse balance equals the sum of its journal rows; no journal rows without a purse;
+- purse_overdraft: no purse below -purse_overdraft_fen. Two kinds of purse may be lower and are counted
+  separately, not failed: a card with a ride-code certificate, down to -ride_credit_limit_fen (post-paid
+  rides), and a purse with accepted offline debits (the card's own balance allowed them; the back office
+  purse is a shadow of the card's and can fall behind it). Such offline shadow overdraft is shown as a count
+  and an amount owed;
+- replacement_transfers: transfers through the 'replacement' account net to zero, each with its pair;
+- terminal_txn_journal: every approved terminal transaction has its journal row, and every fare or penalty
+  journal row of the tap engine (online taps, uploaded ride-code rides) inside the terminal transactions'
+  retention has its terminal transaction;
+- clearing_reports: every clearing report equals the journal aggregate for its operator and day;
+- hotlist_versions: hotlist entries are versions 1..head with no gap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from cardsvc.config import Settings
+from cardsvc.transit import clearing, fares
+from cardsvc.transit.taps import (
+    KIND_FARE,
+    KIND_OFFLINE,
+    KIND_PENALTY,
+    KIND_RIDECODE,
+    SOURCE_ONLINE,
+    SOURCE_RIDECODE,
+)
+
+__all__ = ["CHUNK_CARDS", "Check", "run_audit"]
+
+CHUNK_CARDS = 1_000_000
+SAMPLES_MAX = 5  # offending card ids shown (internal ids only, never card numbers or holder data)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    counts: dict[str, int]
+    detail: str = ""
+    samples: tuple[int, ...] = ()
+
+    def line(self) -> str:
+        counts = ", ".join(f"{k}={v}" for k, v in self.counts.items())
+        extra = f" — {self.detail}" if self.detail else ""
+        sample = f" (e.g. card_id {', '.join(map(str, self.samples))})" if self.samples else ""
+        return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {counts}{extra}{sample}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "counts": self.counts, "detail": self.detail,
+                "samples": list(self.samples)}
+
+
+_PURSE_CHUNK_SQL = """
+SELECT count(p.card_id) AS purses,
+       count(*) FILTER (WHERE p.card_id IS NOT NULL AND p.balance_fen <> coalesce(j.total, 0)) AS mismatched,
+       count(*) FILTER (WHERE p.card_id IS NULL) AS journal_without_purse,
+       coalesce(sum(j.rows), 0)::bigint AS journal_rows,
+       (array_agg(coalesce(p.card_id, j.card_id) ORDER BY coalesce(p.card_id, j.card_id))
+            FILTER (WHERE p.card_id IS NULL OR p.balance_fen <> coalesce(j.total, 0)))[1:5] AS samples
+FROM (SELECT card_id, balance_fen FROM purse WHERE card_id >= $1 AND card_id < $2) p
+FULL JOIN (SELECT card_id, sum(amount_fen) AS total, count(*) AS rows
+           FROM txn_journal WHERE card_id >= $1 AND card_id < $2 GROUP BY card_id) j
+       ON j.card_id = p.card_id
+"""
+
+
+async def _purse_balances(
+    conn: asyncpg.Connection, chunk: int, progress: Callable[[str], None] | None
+) -> Check:
+    top: int = await conn.fetchval(
+        """SELECT greatest((SELECT max(card_id) FROM purse), (SELECT max(card_id) FROM txn_journal),
+                           0)"""
+    )
+    totals = {"purses": 0, "journal_rows": 0, "mismatched": 0, "journal_without_purse": 0}
+    samples: list[int] = []
+    chunks = top // chunk + 1
+    for n, lo in enumerate(range(0, top + 1, chunk), 1):
+        r = await conn.fetchrow(_PURSE_CHUNK_SQL, lo, lo + chunk)
+        assert r is not None
+        for k in totals:
+            totals[k] += r[k]
+        samples.extend(r["samples"] or ())
+        if progress is not None and chunks > 1:
+            progress(f"purse_balances: card ids {min(lo + chunk, top + 1)}/{top + 1} ({n}/{chunks} chunks)")
+    ok = totals["mismatched"] == 0 and totals["journal_without_purse"] == 0
+    return Check("purse_balances", ok, totals, "" if ok else "balance differs from the sum of its journal rows",
+                 tuple(samples[:SAMPLES_MAX]))
+
+
+_OVERDRAFT_SQL = """
+SELECT p.card_id, p.balance_fen,
+       EXISTS (SELECT 1 FROM ride_cert r WHERE r.card_id = p.card_id) AS ride_credit,
+       EXISTS (SELECT 1 FROM txn_journal j WHERE j.card_id = p.card_id AND j.kind = ANY($2::smallint[])) AS offline
+FROM purse p WHERE p.balance_fen < -$1::bigint
+ORDER BY p.card_id
+"""
+
+
+async def _overdraft(conn: asyncpg.Connection, settings: Settings) -> Check:
+    limit = settings.purse_overdraft_fen
+    credit = max(limit, settings.ride_credit_limit_fen)
+    below: list[int] = []
+    on_credit = shadow = shadow_fen = 0
+    for r in await conn.fetch(_OVERDRAFT_SQL, limit, [KIND_OFFLINE, KIND_RIDECODE]):
+        if r["ride_credit"] and r["balance_fen"] >= -credit:
+            on_credit += 1
+        elif r["offline"]:
+            shadow += 1
+            shadow_fen += -r["balance_fen"] - limit
+        else:
+            below.append(r["card_id"])
+    counts = {"below_limit": len(below), "on_ride_credit": on_credit, "offline_shadow": shadow,
+              "offline_shadow_fen": shadow_fen, "overdraft_limit_fen": limit}
+    detail = f"online debits took {len(below)} purse(s) below -{limit} fen" if below else (
+        f"{shadow} purse(s) owe {shadow_fen} fen from accepted offline debits" if shadow else "")
+    return Check("purse_overdraft", not below, counts, detail, tuple(below[:SAMPLES_MAX]))
+
+
+_REPLACEMENT_SQL = """
+SELECT count(*) AS transfer_rows, coalesce(sum(j.amount_fen), 0)::bigint AS net_fen,
+       count(*) FILTER (WHERE NOT EXISTS (
+           SELECT 1 FROM txn_journal k
+           WHERE k.card_id = j.terminal_seq AND k.counterparty = 'replacement'
+             AND k.terminal_seq = j.card_id AND k.amount_fen = -j.amount_fen)) AS unpaired
+FROM txn_journal j WHERE j.counterparty = 'replacement'
+"""
+
+
+async def _replacement(conn: asyncpg.Connection) -> Check:
+    r = await conn.fetchrow(_REPLACEMENT_SQL)
+    assert r is not None
+    counts = dict(r)
+    ok = r["net_fen"] == 0 and r["unpaired"] == 0
+    return Check("replacement_transfers", ok, counts, "" if ok else "the replacement account does not net to zero")
+
+
+_TXN_WITHOUT_JOURNAL_SQL = """
+SELECT count(*) FILTER (WHERE t.txn_id IS NULL OR NOT EXISTS (
+           SELECT 1 FROM txn_journal j WHERE j.card_id = t.card_id AND j.txn_id = t.txn_id)) AS missing,
+       count(*) AS approved,
+       (array_agg(t.card_id ORDER BY t.card_id) FILTER (WHERE t.txn_id IS NULL OR NOT EXISTS (
+           SELECT 1 FROM txn_journal j WHERE j.card_id = t.card_id AND j.txn_id = t.txn_id)))[1:5] AS samples
+FROM terminal_txn t WHERE t.result = 'approved'
+"""
+
+_JOURNAL_WITHOUT_TXN_SQL = """
+SELECT count(*) AS checked,
+       count(*) FILTER (WHERE NOT EXISTS (
+           SELECT 1 FROM terminal_txn t
+           WHERE t.terminal_id = j.terminal_id AND t.terminal_seq = j.terminal_seq AND t.card_id = j.card_id)) AS missing,
+       (array_agg(j.card_id ORDER BY j.card_id) FILTER (WHERE NOT EXISTS (
+           SELECT 1 FROM terminal_txn t
+           WHERE t.terminal_id = j.terminal_id AND t.terminal_seq = j.terminal_seq AND t.card_id = j.card_id)))[1:5]
+           AS samples
+FROM txn_journal j
+WHERE j.source = ANY($1::smallint[]) AND j.kind = ANY($2::smallint[]) AND j.at >= now() - make_interval(days => $3)
+"""
+
+
+async def _terminal_txns(conn: asyncpg.Connection, settings: Settings) -> Check:
+    a = await conn.fetchrow(_TXN_WITHOUT_JOURNAL_SQL)
+    # Terminal answers are pruned after their retention: only journal rows well inside it are checked.
+    days = max(0, settings.terminal_txn_retention_days - 1)
+    b = await conn.fetchrow(_JOURNAL_WITHOUT_TXN_SQL, [SOURCE_ONLINE, SOURCE_RIDECODE], [KIND_FARE, KIND_PENALTY], days)
+    assert a is not None and b is not None
+    counts = {"approved_txns": a["approved"], "approved_without_journal": a["missing"],
+              "online_journal_rows": b["checked"], "journal_without_txn": b["missing"],
+              "window_days": days}
+    ok = a["missing"] == 0 and b["missing"] == 0
+    samples = tuple([*(a["samples"] or ()), *(b["samples"] or ())][:SAMPLES_MAX])
+    return Check("terminal_txn_journal", ok, counts, "" if ok else "terminal answers and journal disagree", samples)
+
+
+_REPORTS_SQL = """
+SELECT r.operator_id, r.business_date, r.txn_count, r.total_fen,
+       a.txn_count AS journal_count, a.total_fen AS journal_total
+FROM clearing_report r
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE j.amount_fen < 0) AS txn_count,
+           coalesce(sum(-j.amount_fen) FILTER (WHERE j.amount_fen < 0), 0)::bigint AS total_fen
+    FROM txn_journal j
+    WHERE j.counterparty = r.operator_id AND j.kind = ANY($1::smallint[]) AND j.result = 1
+      AND j.at >= (r.business_date::timestamp - make_interval(secs => $2)) AT TIME ZONE 'UTC'
+      AND j.at < (r.business_date::timestamp + interval '1 day' - make_interval(secs => $2)) AT TIME ZONE 'UTC'
+) a
+WHERE (a.txn_count, a.total_fen) IS DISTINCT FROM (r.txn_count, r.total_fen)
+ORDER BY r.business_date, r.operator_id
+"""
+
+
+async def _clearing_reports(conn: asyncpg.Connection, table: fares.FareTable) -> Check:
+    reports: int = await conn.fetchval("SELECT count(*) FROM clearing_report")
+    bad = await conn.fetch(_REPORTS_SQL, list(clearing.CLEARING_KINDS), float(table.rules.utc_offset_s))
+    detail = "; ".join(
+        f"{r['operator_id']} {r['business_date']}: report {r['txn_count']}/{r['total_fen']} fen, "
+        f"journal {r['journal_count']}/{r['journal_total']} fen"
+        for r in bad[:SAMPLES_MAX]
+    )
+    return Check("clearing_reports", not bad, {"reports": reports, "mismatched": len(bad)}, detail)
+
+
+async def _hotlist(conn: asyncpg.Connection) -> Check:
+    r = await conn.fetchrow(
+        """SELECT (SELECT version FROM hotlist_head) AS head, count(*) AS entries,
+                  coalesce(min(version), 0) AS first, coalesce(max(version), 0) AS last
+           FROM hotlist_entry"""
+    )
+    assert r is not None
+    head, n = r["head"], r["entries"]
+    ok = n == head and (head == 0 or (r["first"] == 1 and r["last"] == head))
+    detail = "" if ok else f"expected versions 1..{head}; found {n} between {r['first']} and {r['last']}"
+    return Check("hotlist_versions", ok, {"head": head, "entries": n, "missing": max(0, head - n)}, detail)
+
+
+async def run_audit(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    table: fares.FareTable,
+    *,
+    chunk_cards: int = CHUNK_CARDS,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dt.datetime, list[Check]]:
+    """Run every check on one snapshot; returns the snapshot time and the checks in order."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        at: dt.datetime = await conn.fetchval("SELECT now()")
+        checks = [
+            await _purse_balances(conn, max(1, chunk_cards), progress),
+            await _overdraft(conn, settings),
+            await _replacement(conn),
+            await _terminal_txns(conn, settings),
+            await _clearing_reports(conn, table),
+            await _hotlist(conn),
+        ]
+    return at, checks

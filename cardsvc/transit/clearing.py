@@ -1,0 +1,301 @@
+"""Daily clearing: per operator and business day, the fares the back office approved for that operator,
+as a clearing file (protocols/clearing.md) and a `clearing_report` row that `cardsvc audit` re-checks.
+
+What is cleared. Journal rows of kind fare, penalty, offline or ride code (`CLEARING_KINDS`), approved
+(`result = 1`), whose counterparty is the operator and whose ride time `at` falls in the business day: the
+local calendar day under the fare table's fixed UTC offset (UTC+8 for Chongqing). The operators are the fare
+table's and those registered in `transit_operator`; other counterparties (`hotlisted:<operator>`: offline
+debits a validator should have refused) are listed as not cleared. The operator is credited
+`-amount_fen` (the purse was debited). Rows that move no money (a metro entry, a free or fully
+discounted ride) are not cleared. A row that credits the purse back (`amount_fen > 0`: a reversal) cannot
+be expressed in clearing file v1: the run refuses that operator's day instead of hiding it.
+
+How. One set-based aggregate (GROUP BY counterparty) gives each operator's count and total; the detail
+lines are then streamed from a server-side cursor, ordered by txn_id, straight into the file with an
+incremental SM3, so a 20-million-line day never sits in memory. Aggregate and lines are read in one
+REPEATABLE READ snapshot, so they agree. The bytes are exactly what `protocols.clearing.write_clearing_file`
+produces for the same lines (tested).
+
+Idempotent. The header's `created_at` is the report's first creation time, so re-running a day writes
+identical bytes and leaves the report alone ("unchanged"). If the journal changed after the report was made
+(count, total or digest differ), the run does not overwrite the report or the file: it reports "mismatch"
+and exits non-zero, and `cardsvc audit` fails on the same comparison until someone investigates. A day is
+only cleared once it is over; run it after the offline upload window of that day has closed too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from protocols import clearing as wire
+
+from . import fares
+from .taps import KIND_FARE, KIND_OFFLINE, KIND_PENALTY, KIND_RIDECODE, SOURCE_RIDECODE
+
+__all__ = [
+    "AGGREGATE_SQL",
+    "CLEARING_KINDS",
+    "ClearingError",
+    "OperatorResult",
+    "business_day_bounds",
+    "clear_day",
+    "clearing_file_name",
+    "read_back",
+    "report_view",
+]
+
+CLEARING_KINDS = (KIND_FARE, KIND_PENALTY, KIND_OFFLINE, KIND_RIDECODE)
+CURSOR_PREFETCH = 10_000
+PROGRESS_EVERY_LINES = 100_000
+_LOCK_NAMESPACE = 0x434C52  # "CLR": advisory lock namespace of clearing runs
+
+# The operators' debits of one business day [$2, $3): count and total credited, and the reversals that
+# file v1 cannot carry. Shared with `cardsvc audit`, which compares every stored report with it.
+AGGREGATE_SQL = """
+SELECT counterparty AS operator_id,
+       count(*) FILTER (WHERE amount_fen < 0) AS txn_count,
+       coalesce(sum(-amount_fen) FILTER (WHERE amount_fen < 0), 0)::bigint AS total_fen,
+       count(*) FILTER (WHERE amount_fen > 0) AS reversals
+FROM txn_journal
+WHERE kind = ANY($1::smallint[]) AND result = 1 AND at >= $2 AND at < $3
+  AND ($4::text IS NULL OR counterparty = $4)
+GROUP BY counterparty
+"""
+
+_LINES_SQL = """
+SELECT txn_id, card_id, kind, source, -amount_fen AS amount_fen, floor(extract(epoch FROM at))::bigint AS t,
+       line_id, coalesce(station_id, '') AS station_id
+FROM txn_journal
+WHERE counterparty = $1 AND kind = ANY($2::smallint[]) AND result = 1 AND amount_fen < 0
+  AND at >= $3 AND at < $4
+ORDER BY txn_id
+"""
+
+
+class ClearingError(Exception):
+    """A clearing run that cannot proceed (day not over, another run in progress, bad rows)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OperatorResult:
+    operator_id: str
+    business_date: dt.date
+    status: str  # created | unchanged | mismatch | refused | not_cleared
+    txn_count: int
+    total_fen: int
+    digest: str | None
+    path: Path | None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("created", "unchanged", "not_cleared")
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["business_date"] = self.business_date.isoformat()
+        out["path"] = str(self.path) if self.path else None
+        return out
+
+
+def business_day_bounds(table: fares.FareTable, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
+    """The UTC instants [start, end) of a local business day under the table's fixed offset."""
+    start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC) - dt.timedelta(
+        seconds=table.rules.utc_offset_s
+    )
+    return start, start + dt.timedelta(days=1)
+
+
+def clearing_file_name(operator_id: str, day: dt.date) -> str:
+    return f"{operator_id}_{day:%Y%m%d}.clr"
+
+
+def report_view(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "operator_id": row["operator_id"],
+        "business_date": row["business_date"].isoformat(),
+        "txn_count": row["txn_count"],
+        "total_fen": row["total_fen"],
+        "digest": row["digest"],
+        "created_at": row["created_at"].isoformat(),
+        "file": clearing_file_name(row["operator_id"], row["business_date"]),
+    }
+
+
+def _line(r: asyncpg.Record) -> wire.ClearingLine:
+    ridecode = r["kind"] == KIND_RIDECODE or r["source"] == SOURCE_RIDECODE
+    if r["line_id"] is None:
+        raise ClearingError(f"journal txn {r['txn_id']} has no line_id; it cannot be cleared")
+    return wire.ClearingLine(
+        txn_id=r["txn_id"],
+        card_id=r["card_id"],
+        source=wire.ClearingSource.RIDE_CODE if ridecode else wire.ClearingSource.PURSE,
+        amount_fen=r["amount_fen"],
+        txn_time=r["t"],
+        line_id=r["line_id"],
+        station_id=r["station_id"],
+    )
+
+
+async def _stream_file(
+    conn: asyncpg.Connection,
+    header: wire.ClearingHeader,
+    bounds: tuple[dt.datetime, dt.datetime],
+    tmp: Path,
+    progress: Callable[[str], None] | None,
+) -> str:
+    """Write the file from a cursor; return the trailer digest. Same bytes as write_clearing_file."""
+    # The record layout is protocols.clearing's own (its line formatters and field checks), applied one
+    # line at a time: write_clearing_file needs every line in memory at once.
+    wire._validate_header(header)
+    digest = hashlib.new("sm3")
+    count = total = prev = 0
+    with tmp.open("wb") as fh:
+
+        def put(text: str) -> None:
+            data = (text + "\n").encode("ascii")
+            digest.update(data)
+            fh.write(data)
+
+        put(wire._header_line(header))
+        cursor = conn.cursor(_LINES_SQL, header.operator_id, list(CLEARING_KINDS), *bounds, prefetch=CURSOR_PREFETCH)
+        async for r in cursor:
+            ln = _line(r)
+            wire._validate_line(count, ln, prev)
+            prev = ln.txn_id
+            count += 1
+            total += ln.amount_fen
+            put(wire._detail_line(count, ln))
+            if progress is not None and count % PROGRESS_EVERY_LINES == 0:
+                progress(f"clearing {header.operator_id} {header.business_date}: {count}/{header.record_count} lines")
+        if count != header.record_count or total != header.total_fen:
+            raise ClearingError(
+                f"{header.operator_id}: the lines ({count}, {total} fen) do not match the aggregate "
+                f"({header.record_count}, {header.total_fen} fen)"
+            )
+        hexdigest = digest.hexdigest()
+        fh.write(f"T|{count}|{hexdigest}\n".encode("ascii"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return hexdigest
+
+
+async def _operators(conn: asyncpg.Connection, table: fares.FareTable) -> list[str]:
+    """The operators cleared: the fare table's and the registered ones (transit_operator)."""
+    known = set(table.operators)
+    known |= {r["operator_id"] for r in await conn.fetch("SELECT operator_id FROM transit_operator")}
+    return sorted(known)
+
+
+async def clear_day(
+    conn: asyncpg.Connection,
+    table: fares.FareTable,
+    day: dt.date,
+    out_dir: Path,
+    *,
+    operator_id: str | None = None,
+    now: dt.datetime | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[OperatorResult]:
+    """Clear one business day for every operator (or one): write the files and record the reports."""
+    now = now or dt.datetime.now(dt.UTC)
+    bounds = business_day_bounds(table, day)
+    if bounds[1] > now:
+        raise ClearingError(f"business day {day} is not over yet (it ends {bounds[1].isoformat()})")
+    out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a batch command on its own event loop
+    lock_key = day.toordinal()
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", _LOCK_NAMESPACE, lock_key):
+        raise ClearingError(f"another clearing run for {day} is in progress")
+    try:
+        return await _clear_locked(conn, table, day, out_dir, bounds, operator_id, progress)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_NAMESPACE, lock_key)
+
+
+async def _clear_locked(
+    conn: asyncpg.Connection,
+    table: fares.FareTable,
+    day: dt.date,
+    out_dir: Path,
+    bounds: tuple[dt.datetime, dt.datetime],
+    operator_id: str | None,
+    progress: Callable[[str], None] | None,
+) -> list[OperatorResult]:
+    stored = {
+        r["operator_id"]: r
+        for r in await conn.fetch(
+            "SELECT operator_id, txn_count, total_fen, digest, created_at FROM clearing_report WHERE business_date = $1",
+            day,
+        )
+    }
+    results: list[OperatorResult] = []
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        aggregate = {r["operator_id"]: r for r in await conn.fetch(AGGREGATE_SQL, list(CLEARING_KINDS), *bounds, operator_id)}
+        operators = [operator_id] if operator_id else await _operators(conn, table)
+        for other in sorted(set(aggregate) - set(operators)):
+            # Not an operator, e.g. `hotlisted:<operator>` (offline debits of a card the validator should
+            # have refused): the purse paid, nobody is paid; shown, never cleared.
+            if operator_id is None:
+                a = aggregate[other]
+                results.append(OperatorResult(other, day, "not_cleared", a["txn_count"], a["total_fen"], None,
+                                              None, "not an operator: kept out of clearing"))
+        made: list[tuple[OperatorResult, Path, int]] = []
+        for op in operators:
+            agg = aggregate.get(op)
+            count, total = (agg["txn_count"], agg["total_fen"]) if agg else (0, 0)
+            if agg and agg["reversals"]:
+                results.append(OperatorResult(op, day, "refused", count, total, None, None,
+                                              f"{agg['reversals']} reversal row(s): not expressible in file v1"))
+                continue
+            prior = stored.get(op)
+            created_at = int(prior["created_at"].timestamp()) if prior else int(time.time())
+            try:
+                header = wire.ClearingHeader(op, day, count, total, created_at)
+                path = out_dir / clearing_file_name(op, day)
+                tmp = path.with_name(path.name + ".tmp")
+                digest = await _stream_file(conn, header, bounds, tmp, progress)
+            except (ClearingError, wire.ClearingFileInvalid) as exc:
+                results.append(OperatorResult(op, day, "refused", count, total, None, None, str(exc)))
+                continue
+            if prior is not None and (prior["txn_count"], prior["total_fen"], prior["digest"]) != (count, total, digest):
+                tmp.unlink()
+                results.append(OperatorResult(
+                    op, day, "mismatch", count, total, digest, None,
+                    f"the journal changed after the report was made: report {prior['txn_count']} txns "
+                    f"{prior['total_fen']} fen, journal {count} txns {total} fen; report and file kept",
+                ))
+                continue
+            status = "unchanged" if prior is not None else "created"
+            made.append((OperatorResult(op, day, status, count, total, digest, path), tmp, created_at))
+    for res, tmp, created_at in made:
+        if res.status == "created":
+            inserted = await conn.fetchval(
+                """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest, created_at)
+                   VALUES ($1, $2, $3, $4, $5, to_timestamp($6))
+                   ON CONFLICT (operator_id, business_date) DO NOTHING RETURNING 1""",
+                res.operator_id, day, res.txn_count, res.total_fen, res.digest, created_at,
+            )
+            if inserted is None:  # a report appeared meanwhile (the lock makes this unexpected)
+                tmp.unlink()
+                results.append(dataclasses.replace(res, status="mismatch", path=None,
+                                                   detail="a report for this day appeared during the run"))
+                continue
+        assert res.path is not None
+        tmp.replace(res.path)
+        results.append(res)
+    results.sort(key=lambda r: r.operator_id)
+    return results
+
+
+def read_back(path: Path) -> tuple[wire.ClearingHeader, Sequence[wire.ClearingLine]]:
+    """Parse a written clearing file (small files; for checks and tests)."""
+    return wire.read_clearing_file(path.read_bytes())

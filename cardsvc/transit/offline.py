@@ -1,0 +1,443 @@
+"""Offline purse records uploaded by validators: TAC check, verdict and posting (docs/transit.md).
+
+A validator debits the card's purse offline; the card signs each debit with its TAC. The validator
+uploads its records in batches (protocols/transit.py `OfflineBatch`). One upload is one transaction:
+
+1. the purses of every card in the batch, locked `FOR UPDATE` in card order (the online tap engine locks
+   in the same order, so the two never deadlock);
+2. the answers already given for the batch's (terminal, terminal_seq) keys (idempotency: a re-upload is
+   answered from them), the records already posted for the same (card, unwrapped purse_seq), and the
+   cards' hotlist entries;
+3. in Python, record by record in batch order: `protocols.transit.judge_record` on the locked state,
+   updated in memory (so two records of one card in one batch see each other);
+4. one statement writes everything: purse balances and sequences, journal transfers, the per-record
+   ledger (`offline_record`) and the per-key answers (`terminal_txn`).
+
+Money: a posted record debits the purse by its amount even below zero (the chip already paid; the
+shadow balance follows it so that balance == sum(journal) always holds). A record whose verdict clears
+pays the operator of its line; a hotlisted one is posted against `hotlisted:<operator>` (the card paid,
+the operator that should have refused it is not paid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+from typing import Any
+
+import asyncpg
+import orjson
+
+from cardsvc import limits
+from protocols import card, transit
+from protocols.card import HotlistAction, HotlistReason
+from protocols.hotlist import HotlistEntry
+from protocols.transit import OfflineBatch, OfflineRecord, RecordResult
+
+from . import fares
+from .taps import KIND_OFFLINE, SOURCE_OFFLINE
+
+__all__ = [
+    "HOTLISTED_PREFIX",
+    "RECORD_AGE_S_MAX",
+    "RecordAnswer",
+    "TacChecker",
+    "process_batch",
+    "record_operator",
+    "tac_checker",
+]
+
+# A record older than this (validator clock vs server clock) is refused as malformed: the journal is
+# partitioned by month of the transaction time and only recent months are guaranteed to exist. It is
+# kept in offline_record / terminal_txn for manual handling.
+RECORD_AGE_S_MAX = limits.UPLOAD_AGE_S_MAX
+HOTLISTED_PREFIX = "hotlisted:"
+BATCH_ATTEMPTS_MAX = 3
+
+# Stable reason codes, one per verdict (plus the malformed details).
+REASONS: dict[RecordResult, str | None] = {
+    RecordResult.ACCEPTED: None,
+    RecordResult.DUPLICATE: "already_posted",
+    RecordResult.CONFLICT: "purse_seq_posted_differently",
+    RecordResult.BAD_TAC: "tac_mismatch",
+    RecordResult.CARD_UNKNOWN: "card_not_known",
+    RecordResult.HOTLISTED: "blocked_at_validator_hotlist_version",
+    RecordResult.SEQUENCE_GAP: "purse_seq_gap",
+    RecordResult.BALANCE_MISMATCH: "balance_before_differs",
+}
+REASON_LATE_FILL = "fills_earlier_gap"
+REASON_TERMINAL_SEQ_REUSED = "terminal_seq_reused"
+
+
+class _Retry(Exception):
+    pass
+
+
+class TacChecker:
+    """Verifies TACs with the card-diversified TAC key (derived on demand, never stored; only the
+    city-level SM4 contexts are cached). One instance per event loop (not thread-safe)."""
+
+    def __init__(self, tac_master: bytes) -> None:
+        self._deriver = card.CardKeyDeriver(tac_master, card.KEY_PURPOSE_TAC)
+
+    def verify(self, record: OfflineRecord) -> bool:
+        return transit.verify_tac(self._deriver.card_key(record.card_sn), record)
+
+
+@functools.lru_cache(maxsize=4)
+def tac_checker(tac_master: bytes) -> TacChecker:
+    return TacChecker(tac_master)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordAnswer:
+    terminal_seq: int
+    result: str  # protocols.transit.RecordResult value
+    reason: str | None
+    replayed_answer: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "terminal_seq": self.terminal_seq,
+            "result": self.result,
+            "reason": self.reason,
+            "replayed_answer": self.replayed_answer,
+        }
+
+
+def record_operator(table: fares.FareTable, r: OfflineRecord) -> tuple[str | None, str | None]:
+    """The operator credited with a record (its station's, else its line's) or a malformed reason."""
+    if r.station_id:
+        op = table.station_operator.get(r.station_id)
+        return (op, None) if op is not None else (None, "unknown_station")
+    bus = table.bus_lines.get(r.line_id)
+    if bus is not None:
+        return bus.operator, None
+    metro = table.metro_lines.get(r.line_id)
+    if metro is not None:
+        return metro.operator, None
+    return None, "unknown_line"
+
+
+def _digest(record_json: dict[str, Any]) -> bytes:
+    return hashlib.new("sm3", orjson.dumps(record_json, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+@dataclasses.dataclass
+class _Purse:
+    card_id: int
+    balance_fen: int
+    last_ext: int  # highest unwrapped purse_seq posted
+    base_ext: int  # last_ext when locked: every record of the batch is unwrapped against it
+    entries: list[HotlistEntry]
+    touched: bool = False
+
+
+_LOCK_SQL = """
+SELECT c.card_id, c.card_sn, p.balance_fen, p.purse_seq
+FROM card c JOIN purse p ON p.card_id = c.card_id
+WHERE c.card_sn = ANY($1::text[]) AND c.has_purse
+ORDER BY c.card_id
+FOR UPDATE OF p
+"""
+
+_ANSWERED_SQL = """
+SELECT terminal_seq, request_hash, result, detail FROM terminal_txn
+WHERE terminal_id = $1 AND terminal_seq = ANY($2::bigint[])
+"""
+
+_LEDGER_SQL = """
+SELECT terminal_seq, result, reason, record FROM offline_record
+WHERE card_id = ANY($1::bigint[]) AND terminal_id = $2 AND terminal_seq = ANY($3::bigint[])
+  AND reason IS DISTINCT FROM 'terminal_seq_reused'
+"""
+
+_POSTED_SQL = """
+SELECT o.card_id, o.purse_seq, o.record
+FROM unnest($1::bigint[], $2::bigint[]) AS k(card_id, purse_seq)
+JOIN offline_record o ON o.card_id = k.card_id AND o.purse_seq = k.purse_seq AND o.posted
+"""
+
+_HOTLIST_SQL = """
+SELECT card_id, version, card_sn, action, reason, at FROM hotlist_entry
+WHERE card_id = ANY($1::bigint[]) ORDER BY version
+"""
+
+_WRITE_SQL = """
+WITH pu AS (
+    UPDATE purse p SET balance_fen = v.balance_fen, purse_seq = v.purse_seq, updated_at = now()
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS v(card_id, balance_fen, purse_seq)
+    WHERE p.card_id = v.card_id AND p.card_id = ANY($1::bigint[])
+    RETURNING 1
+), j AS (
+    INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
+                             line_id, station_id, source)
+    SELECT v.card_id, $4::smallint, $5::text, v.terminal_seq, v.amount_fen, 1, v.at, v.counterparty, v.line_id,
+           v.station_id, $6::smallint
+    FROM unnest($7::bigint[], $8::bigint[], $9::bigint[], $10::timestamptz[], $11::text[], $12::text[],
+                $13::text[]) AS v(card_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id)
+    RETURNING txn_id, terminal_seq
+), o AS (
+    INSERT INTO offline_record (card_id, terminal_id, terminal_seq, purse_seq, result, reason, posted, record,
+                                txn_id, batch_id)
+    SELECT v.card_id, $5::text, v.terminal_seq, v.purse_seq, v.result, v.reason, v.posted, v.record, j.txn_id,
+           $14::bigint
+    FROM unnest($15::bigint[], $16::bigint[], $17::bigint[], $18::text[], $19::text[], $20::bool[],
+                $21::jsonb[]) AS v(card_id, terminal_seq, purse_seq, result, reason, posted, record)
+    LEFT JOIN j ON j.terminal_seq = v.terminal_seq
+    ON CONFLICT DO NOTHING
+    RETURNING posted
+), tt AS (
+    INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen,
+                              txn_id, detail)
+    SELECT $5::text, v.terminal_seq, v.request_hash, v.card_id, v.result, v.amount_fen, v.balance_fen, j.txn_id,
+           v.detail
+    FROM unnest($22::bigint[], $23::bytea[], $24::bigint[], $25::text[], $26::bigint[], $27::bigint[],
+                $28::jsonb[]) AS v(terminal_seq, request_hash, card_id, result, amount_fen, balance_fen, detail)
+    LEFT JOIN j ON j.terminal_seq = v.terminal_seq
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM tt) AS tt, (SELECT count(*) FROM o WHERE posted) AS posted
+"""
+
+
+class _Plan:
+    """What one attempt decided: the answers and the rows to write."""
+
+    def __init__(self) -> None:
+        self.answers: list[RecordAnswer] = []
+        # (card_id, terminal_seq, amount_fen (signed), at, counterparty, line_id, station_id)
+        self.journal: list[tuple[int, int, int, dt.datetime, str, str, str | None]] = []
+        # (card_id, terminal_seq, purse_seq, result, reason, posted, record)
+        self.ledger: list[tuple[int, int, int, str, str | None, bool, dict[str, Any]]] = []
+        # (terminal_seq, request_hash, card_id, result, amount_fen, balance_fen, detail)
+        self.keys: list[tuple[int, bytes, int | None, str, int, int | None, dict[str, Any]]] = []
+
+
+def _judge(
+    r: OfflineRecord,
+    purse: _Purse | None,
+    posted: dict[tuple[int, int], OfflineRecord],
+    tac: TacChecker,
+    table: fares.FareTable,
+    now_s: int,
+    skew_s: int,
+) -> tuple[RecordResult, str | None, int | None, str | None]:
+    """(verdict, reason, unwrapped purse_seq or None, operator or None) in RESULT_PRECEDENCE order."""
+    operator, bad_place = record_operator(table, r)
+    ext = transit.extend_purse_seq(purse.base_ext, r.purse_seq) if purse is not None else None
+    if r.txn_time > now_s + skew_s:
+        return RecordResult.MALFORMED, "txn_time_in_future", ext, operator
+    if r.txn_time < now_s - RECORD_AGE_S_MAX:
+        return RecordResult.MALFORMED, "txn_time_too_old", ext, operator
+    if bad_place is not None:
+        return RecordResult.MALFORMED, bad_place, ext, operator
+    if purse is None or ext is None:
+        return RecordResult.CARD_UNKNOWN, REASONS[RecordResult.CARD_UNKNOWN], None, operator
+    if ext < 1:  # the first debit of a card uses purse_seq 1
+        return RecordResult.MALFORMED, "purse_seq_before_issuance", ext, operator
+    verdict = transit.judge_record(
+        r,
+        card_known=True,
+        tac_ok=tac.verify(r),
+        posted=posted.get((purse.card_id, ext)),
+        blocked_at_validator_version=transit.blocked_at_version(purse.entries, r.card_sn, r.hotlist_version),
+        last_purse_seq=purse.last_ext,
+        shadow_balance_fen=purse.balance_fen,
+    )
+    reason = REASONS.get(verdict)
+    if verdict == RecordResult.ACCEPTED and transit.purse_seq_delta(purse.last_ext, r.purse_seq) <= 0:
+        reason = REASON_LATE_FILL
+    return verdict, reason, ext, operator
+
+
+async def _attempt(
+    conn: asyncpg.Connection,
+    table: fares.FareTable,
+    tac: TacChecker,
+    batch: OfflineBatch,
+    now: dt.datetime,
+    skew_s: int,
+) -> list[RecordAnswer]:
+    records = batch.records
+    tid = batch.terminal_id
+    rows = await conn.fetch(_LOCK_SQL, list({r.card_sn for r in records}))
+    purses: dict[str, _Purse] = {
+        row["card_sn"]: _Purse(row["card_id"], row["balance_fen"], row["purse_seq"], row["purse_seq"], [])
+        for row in rows
+    }
+    by_id = {p.card_id: p for p in purses.values()}
+    # Read after the locks: a concurrent upload of the same records has committed by now.
+    seqs = [r.terminal_seq for r in records]
+    # (request hash, result, reason) per key: terminal_txn, else the card's permanent ledger.
+    answered: dict[int, tuple[bytes, str, str | None]] = {}
+    if by_id:
+        for row in await conn.fetch(_LEDGER_SQL, list(by_id), tid, seqs):
+            answered[row["terminal_seq"]] = (_digest(row["record"]), row["result"], row["reason"])
+    for row in await conn.fetch(_ANSWERED_SQL, tid, seqs):
+        answered[row["terminal_seq"]] = (
+            bytes(row["request_hash"]),
+            row["result"],
+            (row["detail"] or {}).get("reason"),
+        )
+    wanted = [
+        (p.card_id, transit.extend_purse_seq(p.base_ext, r.purse_seq))
+        for r in records
+        if (p := purses.get(r.card_sn)) is not None
+    ]
+    posted: dict[tuple[int, int], OfflineRecord] = {}
+    if wanted:
+        for row in await conn.fetch(_POSTED_SQL, [w[0] for w in wanted], [w[1] for w in wanted]):
+            posted[(row["card_id"], row["purse_seq"])] = transit.record_from_dict(row["record"])
+    if by_id:
+        for row in await conn.fetch(_HOTLIST_SQL, list(by_id)):
+            by_id[row["card_id"]].entries.append(
+                HotlistEntry(
+                    row["version"],
+                    row["card_sn"],
+                    HotlistAction(row["action"]),
+                    HotlistReason(row["reason"]),
+                    int(row["at"].timestamp()),
+                )
+            )
+
+    plan = _Plan()
+    now_s = int(now.timestamp())
+    for r in records:
+        as_json = transit.record_to_dict(r)
+        digest = _digest(as_json)
+        purse = purses.get(r.card_sn)
+        prior = answered.get(r.terminal_seq)
+        if prior is not None:
+            if prior[0] == digest:
+                plan.answers.append(RecordAnswer(r.terminal_seq, prior[1], prior[2], True))
+                continue
+            # The key answers another transaction (an online tap, another record): refused, and kept in the
+            # card's ledger for investigation when the card is ours.
+            plan.answers.append(
+                RecordAnswer(r.terminal_seq, RecordResult.CONFLICT.value, REASON_TERMINAL_SEQ_REUSED)
+            )
+            if purse is not None:
+                reused_ext = transit.extend_purse_seq(purse.base_ext, r.purse_seq)
+                plan.ledger.append(
+                    (
+                        purse.card_id,
+                        r.terminal_seq,
+                        reused_ext,
+                        RecordResult.CONFLICT.value,
+                        REASON_TERMINAL_SEQ_REUSED,
+                        False,
+                        as_json,
+                    )
+                )
+            continue
+        verdict, reason, ext, operator = _judge(r, purse, posted, tac, table, now_s, skew_s)
+        detail: dict[str, Any] = {"kind": "offline", "batch_id": batch.batch_id}
+        if reason is not None:
+            detail["reason"] = reason
+        amount = 0
+        balance: int | None = None
+        if purse is not None and ext is not None and verdict.posted:
+            assert operator is not None
+            amount = r.amount_fen
+            purse.balance_fen -= amount
+            purse.last_ext = max(purse.last_ext, ext)
+            purse.touched = True
+            balance = purse.balance_fen
+            posted[(purse.card_id, ext)] = r
+            if amount:
+                counterparty = operator if verdict.cleared else HOTLISTED_PREFIX + operator
+                plan.journal.append(
+                    (
+                        purse.card_id,
+                        r.terminal_seq,
+                        -amount,
+                        dt.datetime.fromtimestamp(r.txn_time, dt.UTC),
+                        counterparty,
+                        r.line_id,
+                        r.station_id or None,
+                    )
+                )
+        if verdict == RecordResult.BALANCE_MISMATCH and purse is not None:
+            detail["shadow_balance_before_fen"] = (balance or 0) + amount
+        if purse is not None and ext is not None:
+            detail["purse_seq"] = ext
+            plan.ledger.append(
+                (purse.card_id, r.terminal_seq, ext, verdict.value, reason, verdict.posted, as_json)
+            )
+        else:
+            detail["record"] = as_json  # not in any card's ledger: keep it with the answer
+        plan.keys.append(
+            (r.terminal_seq, digest, purse.card_id if purse else None, verdict.value, amount, balance, detail)
+        )
+        plan.answers.append(RecordAnswer(r.terminal_seq, verdict.value, reason))
+
+    await _write(conn, plan, tid, batch.batch_id, [p for p in purses.values() if p.touched])
+    return plan.answers
+
+
+async def _write(
+    conn: asyncpg.Connection, plan: _Plan, tid: str, batch_id: int, touched: list[_Purse]
+) -> None:
+    if not plan.keys and not plan.ledger:
+        return
+    j, led, keys = plan.journal, plan.ledger, plan.keys
+    row = await conn.fetchrow(
+        _WRITE_SQL,
+        [p.card_id for p in touched],
+        [p.balance_fen for p in touched],
+        [p.last_ext for p in touched],
+        KIND_OFFLINE,
+        tid,
+        SOURCE_OFFLINE,
+        [x[0] for x in j],
+        [x[1] for x in j],
+        [x[2] for x in j],
+        [x[3] for x in j],
+        [x[4] for x in j],
+        [x[5] for x in j],
+        [x[6] for x in j],
+        batch_id,
+        [x[0] for x in led],
+        [x[1] for x in led],
+        [x[2] for x in led],
+        [x[3] for x in led],
+        [x[4] for x in led],
+        [x[5] for x in led],
+        [x[6] for x in led],
+        [x[0] for x in keys],
+        [x[1] for x in keys],
+        [x[2] for x in keys],
+        [x[3] for x in keys],
+        [x[4] for x in keys],
+        [x[5] for x in keys],
+        [x[6] for x in keys],
+    )
+    assert row is not None
+    if row["tt"] != len(keys) or row["posted"] != sum(1 for x in led if x[5]):
+        raise _Retry()  # a concurrent upload took a key first: roll back and answer from what it wrote
+
+
+async def process_batch(
+    pool: asyncpg.Pool,
+    table: fares.FareTable,
+    tac: TacChecker,
+    batch: OfflineBatch,
+    *,
+    skew_s: int,
+    now: dt.datetime | None = None,
+) -> list[RecordAnswer]:
+    """Judge, post and record one upload; one answer per record, in batch order."""
+    at = now or dt.datetime.now(dt.UTC)
+    async with pool.acquire() as conn:
+        for attempt in range(BATCH_ATTEMPTS_MAX):
+            try:
+                async with conn.transaction():
+                    return await _attempt(conn, table, tac, batch, at, skew_s)
+            except (_Retry, asyncpg.DeadlockDetectedError):
+                if attempt == BATCH_ATTEMPTS_MAX - 1:
+                    raise
+    raise AssertionError("unreachable")

@@ -1,0 +1,136 @@
+"""Ride-code rides uploaded by gates: re-verified as the gate did (at the ride's time) and charged
+post-paid by the online tap engine (taps.process_taps), in chunks, outside the online micro-batcher.
+
+Each ride becomes a `TapItem` keyed by (gate, gate_seq) with the SM3 of its record as the request hash,
+so a re-upload is answered from terminal_txn and the same record under another key is a conflict. The
+ride code's (cert_serial, counter) is its single-use credential: the same code in two gate records is
+charged once (the second is declined `credential_replayed`).
+
+Verification mirrors `flow.ride_item` (the gate's checks at the ride's time, the certificate's account
+and the credit limit as overdraft) with the certificate look-up done once per upload, not per ride.
+One difference, on purpose: a certificate revoked *after* the ride is still charged (ridecode.md: "an
+ok at the gate and a deny entry added later is the scheme's risk, not the operator's"); one revoked at
+or before the ride's time is declined `card_unusable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from cardsvc import limits
+from cardsvc.services import Services
+from protocols import ridecode
+from protocols.ridecode import RideBatch, RideRecord
+
+from . import fares
+from .context import TransitContext
+from .flow import _GATE_DECLINES, ISSUER_KEY_ID, KIND_RIDE_CODE
+from .taps import SOURCE_RIDECODE, TapItem, TapOutcome, process_taps
+
+__all__ = ["RIDE_AGE_S_MAX", "charge_rides", "ride_items", "ride_tap"]
+
+RIDE_AGE_S_MAX = limits.UPLOAD_AGE_S_MAX
+DECLINE_RIDE_TIME = "ride_time_out_of_range"
+
+
+def ride_tap(r: RideRecord) -> fares.Tap:
+    """The fare engine's tap for a ride: metro when the gate names a station, bus otherwise."""
+    mode: fares.Mode = "metro" if r.station_id else "bus"
+    direction: fares.Direction = "in" if r.direction == "in" else "out" if r.direction == "out" else "single"
+    return fares.Tap(r.time, mode, r.line_id, r.station_id or None, direction)
+
+
+def _request_hash(r: RideRecord) -> bytes:
+    body = ridecode.ride_record_to_dict(r)
+    return hashlib.new("sm3", orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: dt.datetime) -> list[TapItem]:
+    """One TapItem per ride, in batch order; a ride that does not verify is a declined item."""
+    s = svc.settings
+    now_s = int(now.timestamp())
+    keys = {ISSUER_KEY_ID: ctx.issuer_public}
+    decisions = await asyncio.gather(
+        *(
+            svc.run_in_signature_pool(
+                ridecode.verify_at_gate,
+                r.code_text,
+                keys,
+                r.time,
+                (),
+                (),
+                s.ecard_code_lifetime_s,
+                s.clock_skew_s,
+            )
+            for r in batch.records
+        )
+    )
+    serials = sorted(
+        {
+            d.code.cert.cert_serial
+            for d in decisions
+            if isinstance(d, ridecode.GateDecision) and d.ok and d.code
+        }
+    )
+    certs: dict[int, Any] = {}
+    if serials:
+        async with svc.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT cert_serial, card_id, revoked_at FROM ride_cert WHERE cert_serial = ANY($1::bigint[])",
+                serials,
+            )
+        certs = {row["cert_serial"]: row for row in rows}
+    items: list[TapItem] = []
+    for r, decision in zip(batch.records, decisions, strict=True):
+        assert isinstance(decision, ridecode.GateDecision)
+        base: dict[str, Any] = {
+            "terminal_id": r.gate_id,
+            "terminal_seq": r.gate_seq,
+            "request_hash": _request_hash(r),
+            "tap": ride_tap(r),
+            "overdraft_fen": s.purse_overdraft_fen,
+            "source": SOURCE_RIDECODE,
+        }
+        if r.time > now_s + s.clock_skew_s or r.time < now_s - RIDE_AGE_S_MAX:
+            items.append(TapItem(declined=DECLINE_RIDE_TIME, **base))
+            continue
+        if not decision.ok or decision.code is None:
+            items.append(TapItem(declined=_GATE_DECLINES.get(decision.outcome, "credential_forged"), **base))
+            continue
+        cert = decision.code.cert
+        row = certs.get(cert.cert_serial)
+        if row is None or row["card_id"] != cert.account_id:
+            items.append(TapItem(declined="credential_forged", **base))
+            continue
+        base["overdraft_fen"] = max(base["overdraft_fen"], cert.credit_limit_fen)
+        revoked: dt.datetime | None = row["revoked_at"]
+        items.append(
+            TapItem(
+                card_id=cert.account_id,
+                cred_kind=KIND_RIDE_CODE,
+                cred_token=(cert.cert_serial << 32) | decision.code.counter,
+                declined="card_unusable" if revoked is not None and revoked.timestamp() <= r.time else None,
+                **base,
+            )
+        )
+    return items
+
+
+async def charge_rides(
+    svc: Services, ctx: TransitContext, batch: RideBatch, now: dt.datetime | None = None
+) -> list[TapOutcome]:
+    """Verify and charge an upload; one outcome per ride, in batch order. Chunks of at most
+    settings.batch_items_max rides, each one transaction of the tap engine."""
+    items = await ride_items(svc, ctx, batch, now or dt.datetime.now(dt.UTC))
+    chunk = max(1, svc.settings.batch_items_max)
+    outcomes: list[TapOutcome] = []
+    for start in range(0, len(items), chunk):
+        part: Sequence[TapItem] = items[start : start + chunk]
+        outcomes.extend(await process_taps(svc.pool, ctx.table, part))
+    return outcomes

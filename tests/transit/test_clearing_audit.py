@@ -1,0 +1,355 @@
+"""Daily clearing and `cardsvc audit` on a database that went through taps, top-ups, a replacement and
+hotlist changes: the audit passes; each invariant broken on purpose makes its check fail and the command
+exit non-zero; clearing files round-trip through protocols.clearing and their totals equal the journal.
+
+The CLI runs in-process (cardsvc.cli.main in a worker thread, with its own event loop) against the test
+database through CARDSVC_DATABASE_URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from cardsvc import cli
+from cardsvc.config import Settings
+from cardsvc.transit import clearing, fares
+from protocols import clearing as wire
+from tests.helpers import ServiceHarness, new_card_numbers
+from tests.transit.test_taps import funded_card, metro, tap, tap_body
+
+TABLE = fares.load_demo_table()
+KINDS = list(clearing.CLEARING_KINDS)
+
+
+@dataclasses.dataclass
+class Cli:
+    status: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.out)
+
+
+@pytest.fixture
+def run_cli(db_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    monkeypatch.setenv("CARDSVC_DATABASE_URL", db_dsn)
+    monkeypatch.setenv("CARDSVC_DATA_DIR", str(tmp_path / "cli-data"))
+    monkeypatch.setenv("CARDSVC_KEY_FILE", str(tmp_path / "cli-keys.json"))
+
+    async def run(*argv: str) -> Cli:
+        capsys.readouterr()
+        status = await asyncio.to_thread(cli.main, list(argv))
+        captured = capsys.readouterr()
+        return Cli(status, captured.out, captured.err)
+
+    return run
+
+
+async def scenario(svc: ServiceHarness) -> dict[str, Any]:
+    """Taps of every kind, top-ups, a loss with a lift, and a replacement that moves a purse."""
+    a = await funded_card(svc, 2000)
+    b = await funded_card(svc, 1000)
+    now = int(time.time())
+    await tap(svc, tap_body(svc, a["card_sn"], at=now - 200))
+    await tap(svc, tap_body(svc, a["card_sn"], at=now - 100, **metro("l1-chaotianmen", "in")))
+    await tap(svc, tap_body(svc, a["card_sn"], at=now - 50, **metro("l1-shapingba", "out")))
+    await tap(svc, tap_body(svc, a["card_sn"], at=now - 40, **metro("l1-shapingba", "in")))
+    await tap(svc, tap_body(svc, a["card_sn"], at=now - 30, **metro("l2-daping", "in")))  # missing tap-out
+    await tap(svc, tap_body(svc, b["card_sn"], line="bus-261"))
+    await tap(svc, tap_body(svc, b["card_sn"], at=now - 5, line="bus-261"))
+    assert (await tap(svc, tap_body(svc, b["card_sn"])))["result"] == "approved"
+    for op in ("temporary-loss", "lift-loss", "temporary-loss", "formal-loss"):
+        r = await svc.post(f"/v1/cards/{b['card_no']}/{op}", {"operator": "staff-1"})
+        assert r.status == 200, r.body
+    new_no, new_sn = new_card_numbers()
+    r = await svc.post(
+        f"/v1/cards/{b['card_no']}/replace",
+        {"new_card_no": new_no, "new_card_sn": new_sn, "operator": "staff-1",
+         "expires_on": (dt.date.today() + dt.timedelta(days=3650)).isoformat()},
+    )
+    assert r.status == 200, r.body
+    return {"a": a, "b": b, "new_card_no": new_no}
+
+
+def by_name(report: Any) -> dict[str, Any]:
+    return {c["name"]: c for c in report["checks"]}
+
+
+# ------------------------------------------------------------------ audit
+
+
+async def test_audit_passes_after_a_scenario(svc: ServiceHarness, run_cli: Any, db: asyncpg.Connection) -> None:
+    s = await scenario(svc)
+    assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE counterparty = 'replacement'") == 2
+    assert (await svc.get(f"/v1/purses/{s['new_card_no']}", as_="ops")).body["balance_fen"] == 1000 - 90 - 0 - 180
+    res = await run_cli("audit", "--chunk-cards", "2")
+    assert res.status == 0, res.out + res.err
+    assert "purse_balances: card ids" in res.err  # the progress line of a chunked walk
+    lines = res.out.splitlines()
+    assert sum(line.startswith("PASS ") for line in lines) == 6 and not any(line.startswith("FAIL") for line in lines)
+    assert "audit PASSED" in lines[-1]
+    res = await run_cli("audit", "--json")
+    assert res.status == 0
+    checks = by_name(res.json)
+    assert res.json["ok"] is True and all(c["ok"] for c in checks.values())
+    assert checks["purse_balances"]["counts"]["purses"] == 3
+    assert checks["replacement_transfers"]["counts"] == {"transfer_rows": 2, "net_fen": 0, "unpaired": 0}
+    assert checks["hotlist_versions"]["counts"]["head"] == 3  # block, unblock, block (formal loss: still blocked)
+    assert checks["terminal_txn_journal"]["counts"]["approved_without_journal"] == 0
+    assert checks["terminal_txn_journal"]["counts"]["online_journal_rows"] >= 8
+
+
+async def _any_card(db: asyncpg.Connection) -> int:
+    card_id: int = await db.fetchval("SELECT min(card_id) FROM purse WHERE balance_fen > 0")
+    return card_id
+
+
+async def _post(db: asyncpg.Connection, card_id: int, kind: int, amount: int, counterparty: str, seq: int = 1) -> None:
+    """A journal transfer with its purse update: the balance invariant keeps holding."""
+    await db.execute(
+        """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
+                                    line_id, source)
+           VALUES ($1, $2, 'test', $3, $4, 1, now(), $5, 'bus-105', 4)""",
+        card_id, kind, seq, amount, counterparty,
+    )
+    await db.execute("UPDATE purse SET balance_fen = balance_fen + $2 WHERE card_id = $1", card_id, amount)
+
+
+async def break_balance(db: asyncpg.Connection) -> None:
+    await db.execute("UPDATE purse SET balance_fen = balance_fen + 1 WHERE card_id = $1", await _any_card(db))
+
+
+async def break_journal_without_purse(db: asyncpg.Connection) -> None:
+    await db.execute(
+        """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty)
+           VALUES (987654321, 3, 'test', 1, 500, 1, now(), 'topup:cash')"""
+    )
+
+
+async def break_overdraft(db: asyncpg.Connection) -> None:
+    card_id = await _any_card(db)
+    balance = await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id)
+    await _post(db, card_id, 3, -balance - 50, "topup:refund")  # an online movement below zero
+
+
+async def break_replacement(db: asyncpg.Connection) -> None:
+    await _post(db, await _any_card(db), 7, 300, "replacement", seq=424242)
+
+
+async def break_txn_without_journal(db: asyncpg.Connection) -> None:
+    await db.execute(
+        """UPDATE terminal_txn SET txn_id = NULL
+           WHERE (terminal_id, terminal_seq) = (SELECT terminal_id, terminal_seq FROM terminal_txn
+                                                WHERE result = 'approved' AND amount_fen > 0 LIMIT 1)"""
+    )
+
+
+async def break_journal_without_txn(db: asyncpg.Connection) -> None:
+    await db.execute(
+        """DELETE FROM terminal_txn
+           WHERE (terminal_id, terminal_seq) = (SELECT t.terminal_id, t.terminal_seq FROM terminal_txn t
+                                                JOIN txn_journal j ON j.txn_id = t.txn_id
+                                                WHERE j.kind = 1 LIMIT 1)"""
+    )
+
+
+async def break_hotlist(db: asyncpg.Connection) -> None:
+    await db.execute("DELETE FROM hotlist_entry WHERE version = 2")
+
+
+async def break_hotlist_head(db: asyncpg.Connection) -> None:
+    await db.execute("UPDATE hotlist_head SET version = version + 1")
+
+
+async def break_report(db: asyncpg.Connection) -> None:
+    await db.execute(
+        """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest)
+           VALUES ('cq-bus', current_date - 3, 1, 180, repeat('0', 64))"""
+    )
+
+
+@pytest.mark.parametrize(
+    ("breaker", "check", "count"),
+    [
+        (break_balance, "purse_balances", "mismatched"),
+        (break_journal_without_purse, "purse_balances", "journal_without_purse"),
+        (break_overdraft, "purse_overdraft", "below_limit"),
+        (break_replacement, "replacement_transfers", "unpaired"),
+        (break_txn_without_journal, "terminal_txn_journal", "approved_without_journal"),
+        (break_journal_without_txn, "terminal_txn_journal", "journal_without_txn"),
+        (break_hotlist, "hotlist_versions", "missing"),
+        (break_hotlist_head, "hotlist_versions", "missing"),
+        (break_report, "clearing_reports", "mismatched"),
+    ],
+)
+async def test_each_broken_invariant_fails_its_check(
+    svc: ServiceHarness, db: asyncpg.Connection, run_cli: Any, breaker: Any, check: str, count: str
+) -> None:
+    await scenario(svc)
+    assert (await run_cli("audit")).status == 0
+    await breaker(db)
+    res = await run_cli("audit", "--json")
+    assert res.status == 1
+    checks = by_name(res.json)
+    assert res.json["ok"] is False
+    assert checks[check]["ok"] is False and checks[check]["counts"][count] >= 1, checks[check]
+    assert [n for n, c in checks.items() if not c["ok"]] == [check]  # the others still pass
+    text = await run_cli("audit")
+    assert text.status == 1 and f"FAIL {check}:" in text.out and "audit FAILED" in text.out
+
+
+async def test_offline_shadow_overdraft_is_reported_not_failed(
+    svc: ServiceHarness, db: asyncpg.Connection, run_cli: Any
+) -> None:
+    await scenario(svc)
+    card_id = await _any_card(db)
+    balance = await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id)
+    await _post(db, card_id, 5, -balance - 260, "cq-bus")  # an accepted offline debit the purse did not cover
+    res = await run_cli("audit", "--json")
+    assert res.status == 0, res.out
+    counts = by_name(res.json)["purse_overdraft"]["counts"]
+    assert counts["below_limit"] == 0 and counts["offline_shadow"] == 1 and counts["offline_shadow_fen"] == 260
+
+
+# ------------------------------------------------------------------ clearing
+
+
+def local_today() -> dt.date:
+    return fares.local_day(TABLE, int(time.time()))
+
+
+async def journal_totals(db: asyncpg.Connection, day: dt.date) -> dict[str, tuple[int, int]]:
+    """The expected clearing totals, computed independently in Python from the raw journal rows."""
+    start, end = clearing.business_day_bounds(TABLE, day)
+    out: dict[str, tuple[int, int]] = {}
+    for r in await db.fetch("SELECT counterparty, kind, amount_fen, at, result FROM txn_journal"):
+        if r["kind"] in KINDS and r["result"] == 1 and start <= r["at"] < end and r["amount_fen"] < 0:
+            n, t = out.get(r["counterparty"], (0, 0))
+            out[r["counterparty"]] = (n + 1, t - r["amount_fen"])
+    return out
+
+
+async def test_clearing_files_round_trip_and_match_the_journal(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
+) -> None:
+    await scenario(svc)
+    day = local_today()
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    results = await clearing.clear_day(db, TABLE, day, tmp_path, now=later)
+    assert {r.operator_id: r.status for r in results} == {"cq-bus": "created", "cq-metro": "created"}
+    expected = await journal_totals(db, day)
+    assert expected["cq-bus"][0] == 3 and expected["cq-metro"][0] == 2  # 180, 90, 180; 360, penalty 700
+    for r in results:
+        assert r.path is not None
+        data = r.path.read_bytes()
+        header, lines = wire.read_clearing_file(data)
+        assert (header.operator_id, header.business_date) == (r.operator_id, day)
+        assert (header.record_count, header.total_fen) == expected[r.operator_id] == (r.txn_count, r.total_fen)
+        assert sum(ln.amount_fen for ln in lines) == header.total_fen
+        assert all(ln.source == wire.ClearingSource.PURSE for ln in lines)
+        # The streamed file is byte for byte what the protocol's own writer makes of the same lines.
+        assert wire.write_clearing_file(header, lines) == data
+        assert data.rstrip(b"\n").rsplit(b"|", 1)[1].decode() == r.digest
+        stored = await db.fetchrow("SELECT * FROM clearing_report WHERE operator_id = $1", r.operator_id)
+        assert (stored["txn_count"], stored["total_fen"], stored["digest"]) == (r.txn_count, r.total_fen, r.digest)
+        assert int(stored["created_at"].timestamp()) == header.created_at
+    assert (await run_cli("audit")).status == 0
+
+    # Re-running the day rewrites identical files and leaves the reports alone.
+    files = {r.operator_id: r.path.read_bytes() for r in results if r.path}
+    again = await clearing.clear_day(db, TABLE, day, tmp_path, now=later)
+    assert {r.operator_id: r.status for r in again} == {"cq-bus": "unchanged", "cq-metro": "unchanged"}
+    assert {r.operator_id: r.path.read_bytes() for r in again if r.path} == files
+
+    # The journal of a cleared day changes (a late tap): no silent overwrite, and the audit fails.
+    late = await funded_card(svc, 500)
+    await tap(svc, tap_body(svc, late["card_sn"]))
+    if fares.local_day(TABLE, int(time.time())) == day:  # not across local midnight while the test ran
+        third = await clearing.clear_day(db, TABLE, day, tmp_path, now=later)
+        bus = next(r for r in third if r.operator_id == "cq-bus")
+        assert bus.status == "mismatch" and not bus.ok and "journal changed" in bus.detail
+        assert (tmp_path / clearing.clearing_file_name("cq-bus", day)).read_bytes() == files["cq-bus"]
+        assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+        res = await run_cli("audit", "--json")
+        assert res.status == 1 and by_name(res.json)["clearing_reports"]["counts"]["mismatched"] == 1
+
+
+async def test_clearing_cli_for_a_past_day_and_the_ops_route(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
+) -> None:
+    await scenario(svc)
+    day = local_today() - dt.timedelta(days=1)
+    start, _ = clearing.business_day_bounds(TABLE, day)
+    # The scenario happened yesterday (local): move its rides into that day, in txn order.
+    await db.execute(
+        "UPDATE txn_journal SET at = $1::timestamptz + make_interval(secs => txn_id) WHERE kind = ANY($2::smallint[])",
+        start + dt.timedelta(hours=12), KINDS,
+    )
+    out = tmp_path / "out"
+    res = await run_cli("clearing", "run", "--date", day.isoformat(), "--out", str(out))
+    assert res.status == 0, res.out + res.err
+    assert "CREATED   cq-bus" in res.out and "CREATED   cq-metro" in res.out
+    header, lines = wire.read_clearing_file((out / clearing.clearing_file_name("cq-metro", day)).read_bytes())
+    assert (header.record_count, header.total_fen) == (await journal_totals(db, day))["cq-metro"]
+    assert [ln.txn_time for ln in lines] == sorted(ln.txn_time for ln in lines)
+
+    res = await run_cli("clearing", "run", "--date", day.isoformat(), "--out", str(out), "--operator", "cq-bus", "--json")
+    assert res.status == 0 and [r["status"] for r in res.json] == ["unchanged"]
+
+    r = await svc.get(f"/v1/clearing/cq-metro/{day.isoformat()}", as_="ops")
+    assert r.status == 200, r.body
+    assert (r.body["txn_count"], r.body["total_fen"]) == (header.record_count, header.total_fen)
+    assert r.body["file"] == clearing.clearing_file_name("cq-metro", day)
+    r = await svc.get(f"/v1/clearing/cq-metro/{(day - dt.timedelta(days=1)).isoformat()}", as_="ops")
+    assert r.status == 404 and r.body["code"] == "not_found"
+    r = await svc.get("/v1/clearing/cq-metro/2026-13-01", as_="ops")
+    assert r.status == 400 and r.body["field"] == "date"
+    r = await svc.get(f"/v1/clearing/cq%20metro/{day.isoformat()}", as_="ops")
+    assert r.status == 400 and r.body["field"] == "operator_id"
+    r = await svc.get(f"/v1/clearing/cq-metro/{day.isoformat()}", as_="transit_validator")
+    assert r.status == 403 and r.body["code"] == "forbidden_operation"
+
+
+async def test_clearing_refuses_a_day_that_is_not_over(run_cli: Any, tmp_path: Path) -> None:
+    res = await run_cli("clearing", "run", "--date", local_today().isoformat(), "--out", str(tmp_path))
+    assert res.status == 1 and "not over yet" in res.err
+    res = await run_cli("clearing", "run", "--date", "yesterday", "--out", str(tmp_path))
+    assert res.status == 2
+
+
+async def test_an_empty_day_gives_empty_files(db: asyncpg.Connection, tmp_path: Path, settings: Settings) -> None:
+    day = local_today() - dt.timedelta(days=2)
+    results = await clearing.clear_day(db, TABLE, day, tmp_path)
+    assert [(r.operator_id, r.status, r.txn_count) for r in results] == [("cq-bus", "created", 0),
+                                                                         ("cq-metro", "created", 0)]
+    for r in results:
+        assert r.path is not None
+        header, lines = wire.read_clearing_file(r.path.read_bytes())
+        assert header.record_count == 0 and lines == []
+
+
+async def test_hotlisted_counterparties_are_not_cleared(db: asyncpg.Connection, tmp_path: Path) -> None:
+    day = local_today() - dt.timedelta(days=2)
+    start, _ = clearing.business_day_bounds(TABLE, day)
+    await db.execute(
+        """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
+                                    line_id, source)
+           VALUES (1, 5, 'v1', 1, -180, 1, $1, 'hotlisted:cq-bus', 'bus-105', 2),
+                  (1, 5, 'v1', 2, -180, 1, $1, 'cq-bus', 'bus-105', 2)""",
+        start + dt.timedelta(hours=9),
+    )
+    results = {r.operator_id: r for r in await clearing.clear_day(db, TABLE, day, tmp_path)}
+    assert results["hotlisted:cq-bus"].status == "not_cleared" and results["hotlisted:cq-bus"].path is None
+    assert (results["cq-bus"].txn_count, results["cq-bus"].total_fen) == (1, 180)

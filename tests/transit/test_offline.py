@@ -1,0 +1,407 @@
+"""Offline purse records uploaded by validators (POST /v1/transit/offline-batches): TAC, verdicts in
+precedence order, posting to the journal and the shadow balance, idempotent re-uploads, refusals.
+
+Records are made by the card simulator (protocols.transit.PurseCard) with the service's TAC master key,
+as a real card would sign them. After every test the ledger must hold: each purse's balance equals the
+sum of its journal rows (offline debits may take it below zero: the chip already paid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from cardsvc import limits
+from protocols import transit
+from protocols.transit import OfflineBatch, OfflineRecord, PurseCard
+from tests.helpers import ServiceHarness, new_card_numbers
+
+BUS = {"line_id": "bus-105", "station_id": "", "direction": "single"}
+_seq = itertools.count(1)
+_batch = itertools.count(1)
+# A second terminal with transit.upload (the card office may do everything); terminals added at run time
+# reach the service's cache asynchronously.
+OTHER = "card_office"
+
+
+@pytest.fixture(autouse=True)
+async def ledger_holds(db_dsn: str) -> AsyncIterator[None]:
+    yield
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        rows = await conn.fetch(
+            """SELECT p.card_id, p.balance_fen, coalesce(j.total, 0) AS journal
+               FROM purse p
+               LEFT JOIN (SELECT card_id, sum(amount_fen) AS total FROM txn_journal GROUP BY card_id) j
+                      ON j.card_id = p.card_id"""
+        )
+    finally:
+        await conn.close()
+    for r in rows:
+        assert r["balance_fen"] == r["journal"], dict(r)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def tid(svc: ServiceHarness, name: str = "transit_validator") -> str:
+    return svc.terminals[name].terminal_id
+
+
+async def funded(svc: ServiceHarness, amount_fen: int = 1000) -> tuple[dict[str, Any], PurseCard]:
+    """A card with a purse topped up online, and its chip (same balance, purse_seq 0)."""
+    c = await svc.new_card(has_purse=True)
+    r = await svc.post(
+        f"/v1/purses/{c['card_no']}/top-ups",
+        {"terminal_seq": next(_seq), "amount_fen": amount_fen, "channel": "cash", "operator": "staff-1"},
+    )
+    assert r.status == 200, r.body
+    chip = PurseCard(c["card_sn"], master_key=svc.keys.card_tac_master, balance_fen=amount_fen)
+    return c, chip
+
+
+def debit(chip: PurseCard, terminal_id: str, amount: int = 180, **kw: Any) -> OfflineRecord:
+    place = {**BUS, **kw.pop("place", {})}
+    return chip.debit(amount, terminal_id, next(_seq), kw.pop("txn_time", int(time.time()) - 60), **place, **kw)
+
+
+async def upload(
+    svc: ServiceHarness, records: list[OfflineRecord], *, batch_id: int | None = None, as_: str = "transit_validator"
+) -> list[dict[str, Any]]:
+    records = sorted(records, key=lambda r: r.terminal_seq)
+    batch = OfflineBatch(records[0].terminal_id, batch_id or next(_batch), records)
+    r = await svc.post("/v1/transit/offline-batches", transit.batch_to_dict(batch), as_=as_)
+    assert r.status == 200, r.body
+    assert [a["terminal_seq"] for a in r.body["records"]] == [x.terminal_seq for x in records]
+    return list(r.body["records"])
+
+
+def results(answers: list[dict[str, Any]]) -> list[str]:
+    return [a["result"] for a in answers]
+
+
+async def balance(svc: ServiceHarness, card_no: str) -> int:
+    r = await svc.get(f"/v1/purses/{card_no}", as_="ops")
+    assert r.status == 200, r.body
+    return int(r.body["balance_fen"])
+
+
+async def money_state(db: asyncpg.Connection) -> tuple[Any, ...]:
+    return (
+        await db.fetch("SELECT card_id, balance_fen, purse_seq FROM purse ORDER BY card_id"),
+        await db.fetchval("SELECT count(*) FROM txn_journal"),
+        await db.fetchval("SELECT count(*) FROM offline_record"),
+        await db.fetchval("SELECT count(*) FROM terminal_txn"),
+    )
+
+
+def forge(record: OfflineRecord, **changes: Any) -> OfflineRecord:
+    return dataclasses.replace(record, **changes)
+
+
+# ------------------------------------------------------------------ posting
+
+
+async def test_valid_records_are_posted_and_the_operator_of_the_line_is_paid(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    now = int(time.time())
+    recs = [
+        debit(chip, t, 180, txn_time=now - 600),
+        debit(chip, t, 0, txn_time=now - 500, place={"line_id": "L1", "station_id": "l1-chaotianmen", "direction": "in"}),
+        debit(chip, t, 300, txn_time=now - 400, place={"line_id": "L1", "station_id": "l1-daping", "direction": "out"}),
+    ]
+    answers = await upload(svc, recs)
+    assert answers == [
+        {"terminal_seq": r.terminal_seq, "result": "accepted", "reason": None, "replayed_answer": False} for r in recs
+    ]
+    assert await balance(svc, c["card_no"]) == 1000 - 180 - 300
+    rows = await db.fetch(
+        """SELECT j.kind, j.source, j.amount_fen, j.counterparty, j.line_id, j.station_id, extract(epoch FROM j.at)::int AS at,
+                  j.terminal_seq
+           FROM txn_journal j JOIN card c USING (card_id) WHERE c.card_no = $1 AND j.kind = 5 ORDER BY j.at""",
+        c["card_no"],
+    )
+    assert [dict(r) for r in rows] == [
+        {"kind": 5, "source": 2, "amount_fen": -180, "counterparty": "cq-bus", "line_id": "bus-105",
+         "station_id": None, "at": now - 600, "terminal_seq": recs[0].terminal_seq},
+        {"kind": 5, "source": 2, "amount_fen": -300, "counterparty": "cq-metro", "line_id": "L1",
+         "station_id": "l1-daping", "at": now - 400, "terminal_seq": recs[2].terminal_seq},
+    ]  # fmt: skip
+    assert await db.fetchval("SELECT purse_seq FROM purse p JOIN card c USING (card_id) WHERE c.card_no = $1",
+                             c["card_no"]) == 3  # fmt: skip
+
+
+async def test_a_debit_below_zero_is_posted_the_chip_already_paid(svc: ServiceHarness) -> None:
+    c, _ = await funded(svc, 100)
+    chip = PurseCard(c["card_sn"], master_key=svc.keys.card_tac_master, balance_fen=100, overdraft_fen=500)
+    assert results(await upload(svc, [debit(chip, tid(svc), 300)])) == ["accepted"]
+    assert await balance(svc, c["card_no"]) == -200
+
+
+# ------------------------------------------------------------------ TAC
+
+
+async def test_bad_and_tampered_tacs_are_refused_and_move_nothing(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    good = debit(chip, t, 180)
+    other_key = PurseCard(c["card_sn"], master_key=bytes(16), balance_fen=1000).debit(
+        180, t, next(_seq), good.txn_time, **BUS
+    )
+    before = await money_state(db)
+    bad = [
+        forge(good, terminal_seq=next(_seq), tac=bytes(a ^ 0xFF for a in good.tac)),  # a wrong TAC
+        forge(good, terminal_seq=next(_seq)),  # the TAC covers terminal_seq
+        forge(good, terminal_seq=next(_seq), amount_fen=1),  # tampered amount
+        forge(good, terminal_seq=next(_seq), balance_before_fen=5000),  # tampered balance
+        other_key,  # a card (or clone) keyed by another master key
+    ]
+    answers = await upload(svc, bad)
+    assert [(a["result"], a["reason"]) for a in answers] == [("bad_tac", "tac_mismatch")] * 5
+    after = await money_state(db)
+    assert after[0] == before[0] and after[1] == before[1]  # no balance, sequence or journal change
+    assert after[2] == before[2] + 5  # every refused record is kept for investigation
+    # The genuine record is still accepted afterwards.
+    assert results(await upload(svc, [good])) == ["accepted"]
+    assert await balance(svc, c["card_no"]) == 820
+
+
+# ------------------------------------------------------------------ idempotency
+
+
+async def test_reuploading_a_batch_answers_the_same_and_changes_nothing(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    r1 = debit(chip, t, 180)
+    bad = forge(debit(chip, t, 180), terminal_seq=next(_seq))  # refused; the chip moved on: a gap follows
+    recs = [r1, bad, debit(chip, t, 180), debit(chip, t, 180)]
+    first = await upload(svc, recs, batch_id=77)
+    # After the gap the shadow balance lacks the refused debit: the next record is flagged too.
+    assert results(first) == ["accepted", "bad_tac", "sequence_gap", "balance_mismatch"]
+    state = await money_state(db)
+    again = await upload(svc, recs, batch_id=77)
+    assert again == [{**a, "replayed_answer": True} for a in first]
+    assert await money_state(db) == state
+    # The same records in another batch id (a validator that lost its batch numbering): the same answers.
+    assert results(await upload(svc, recs[1:], batch_id=78)) == results(first)[1:]
+    # Past the terminal-answer retention the card's ledger still answers, nothing posts twice.
+    await db.execute("DELETE FROM terminal_txn WHERE terminal_id = $1", t)
+    assert results(await upload(svc, recs)) == results(first)
+    assert (await money_state(db))[:3] == state[:3]
+    assert await balance(svc, c["card_no"]) == 1000 - 3 * 180
+
+
+async def test_overlapping_batches_post_each_record_once(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    recs = [debit(chip, t, 100) for _ in range(5)]
+    assert results(await upload(svc, recs[:3])) == ["accepted"] * 3
+    second = await upload(svc, recs[1:])
+    assert [(a["result"], a["replayed_answer"]) for a in second] == [("accepted", True)] * 2 + [("accepted", False)] * 2
+    assert await balance(svc, c["card_no"]) == 500
+    assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE kind = 5") == 5
+
+
+async def test_the_same_batch_uploaded_concurrently_is_posted_once(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    cards = [await funded(svc, 1000) for _ in range(3)]
+    t = tid(svc)
+    recs = [debit(chip, t, 150) for _, chip in cards for _ in range(2)]
+    unknown = PurseCard(new_card_numbers()[1], master_key=svc.keys.card_tac_master, balance_fen=500)
+    recs.append(debit(unknown, t, 150))
+    a, b = await asyncio.gather(upload(svc, recs, batch_id=5), upload(svc, recs, batch_id=5))
+    assert results(a) == results(b) == ["accepted"] * 6 + ["card_unknown"]
+    assert sorted([a[0]["replayed_answer"], b[0]["replayed_answer"]]) == [False, True]
+    for c, _ in cards:
+        assert await balance(svc, c["card_no"]) == 700
+    assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE kind = 5") == 6
+
+
+# ------------------------------------------------------------------ conflicts, gaps, balances
+
+
+async def test_the_same_purse_seq_with_another_amount_is_a_conflict(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c, chip = await funded(svc, 1000)
+    clone = PurseCard(c["card_sn"], master_key=svc.keys.card_tac_master, balance_fen=1000)
+    t = tid(svc)
+    other = tid(svc, OTHER)
+    original = debit(chip, t, 180)
+    cloned = debit(clone, other, 200)  # the same purse_seq 1, signed by the same card key
+    assert original.purse_seq == cloned.purse_seq == 1
+    assert results(await upload(svc, [original])) == ["accepted"]
+    answers = await upload(svc, [cloned], as_=OTHER)
+    assert [(a["result"], a["reason"]) for a in answers] == [("conflict", "purse_seq_posted_differently")]
+    # The same (terminal, terminal_seq) with other content: refused, not posted, kept.
+    reused = debit(chip, t, 120)
+    reused = chip_resign(svc, forge(reused, terminal_seq=original.terminal_seq))
+    assert [(a["result"], a["reason"]) for a in await upload(svc, [reused])] == [("conflict", "terminal_seq_reused")]
+    assert await balance(svc, c["card_no"]) == 820
+    # Kept for investigation: the clone's record (a record reusing a key of the same card is answered only:
+    # the card's ledger already holds that key).
+    kept = await db.fetch("SELECT terminal_id, result, posted FROM offline_record ORDER BY terminal_id")
+    assert sorted((r["terminal_id"], r["result"], r["posted"]) for r in kept) == sorted(
+        [(t, "accepted", True), (other, "conflict", False)]
+    )
+
+
+def chip_resign(svc: ServiceHarness, record: OfflineRecord) -> OfflineRecord:
+    """Sign a record with the card's real TAC key (what a cloned card could do)."""
+    key = PurseCard(record.card_sn, master_key=svc.keys.card_tac_master).tac_key
+    return forge(record, tac=transit.compute_tac(key, record))
+
+
+async def test_a_sequence_gap_is_posted_and_a_late_record_fills_it(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    r1, r2, r3 = (debit(chip, t, 100) for _ in range(3))
+    answers = await upload(svc, [r1, r3])
+    assert [(a["result"], a["reason"]) for a in answers] == [("accepted", None), ("sequence_gap", "purse_seq_gap")]
+    assert await balance(svc, c["card_no"]) == 800
+    assert [(a["result"], a["reason"]) for a in await upload(svc, [r2])] == [("accepted", "fills_earlier_gap")]
+    assert await balance(svc, c["card_no"]) == 700
+    assert await db.fetchval("SELECT purse_seq FROM purse p JOIN card c USING (card_id) WHERE card_no = $1",
+                             c["card_no"]) == 3  # fmt: skip
+
+
+async def test_a_balance_mismatch_is_posted_and_flagged(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c, _ = await funded(svc, 1000)
+    chip = PurseCard(c["card_sn"], master_key=svc.keys.card_tac_master, balance_fen=1500)  # the chip says 1500
+    answers = await upload(svc, [debit(chip, tid(svc), 180)])
+    assert [(a["result"], a["reason"]) for a in answers] == [("balance_mismatch", "balance_before_differs")]
+    assert await balance(svc, c["card_no"]) == 820  # the shadow follows the debit; the difference is flagged
+    detail = orjson.loads(await db.fetchval("SELECT detail FROM terminal_txn WHERE terminal_id = $1", tid(svc)))
+    assert detail["shadow_balance_before_fen"] == 1000
+    assert await db.fetchval("SELECT counterparty FROM txn_journal WHERE kind = 5") == "cq-bus"
+
+
+async def test_a_hotlisted_card_moves_the_purse_but_the_operator_is_not_paid(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    before_loss = (await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"]
+    r = await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})
+    assert r.status == 200, r.body
+    loss = (await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"]
+    assert loss > before_loss
+    old_list = debit(chip, t, 180, hotlist_version=before_loss)  # the validator did not know yet
+    new_list = debit(chip, t, 200, hotlist_version=loss)  # it knew, and should have refused the card
+    newer = debit(chip, t, 100, hotlist_version=loss + 5)
+    answers = await upload(svc, [old_list, new_list, newer])
+    assert [(a["result"], a["reason"]) for a in answers] == [
+        ("accepted", None),
+        ("hotlisted", "blocked_at_validator_hotlist_version"),
+        ("hotlisted", "blocked_at_validator_hotlist_version"),
+    ]
+    assert await balance(svc, c["card_no"]) == 1000 - 480
+    rows = await db.fetch("SELECT counterparty, amount_fen FROM txn_journal WHERE kind = 5 ORDER BY terminal_seq")
+    assert [(r["counterparty"], r["amount_fen"]) for r in rows] == [
+        ("cq-bus", -180), ("hotlisted:cq-bus", -200), ("hotlisted:cq-bus", -100)
+    ]  # fmt: skip
+
+
+async def test_unknown_cards_and_cards_without_a_purse(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    t = tid(svc)
+    stranger = PurseCard(new_card_numbers()[1], master_key=svc.keys.card_tac_master, balance_fen=500)
+    no_purse = await svc.new_card(has_purse=False)
+    chip = PurseCard(no_purse["card_sn"], master_key=svc.keys.card_tac_master, balance_fen=500)
+    before = await money_state(db)
+    answers = await upload(svc, [debit(stranger, t), debit(chip, t)])
+    assert [(a["result"], a["reason"]) for a in answers] == [("card_unknown", "card_not_known")] * 2
+    after = await money_state(db)
+    assert after[:3] == before[:3] and after[3] == before[3] + 2  # answered and kept with the answer
+    kept = orjson.loads(
+        await db.fetchval("SELECT detail FROM terminal_txn WHERE terminal_id = $1 ORDER BY terminal_seq LIMIT 1", t)
+    )
+    assert kept["record"]["card_sn"] == stranger.card_sn
+
+
+async def test_malformed_records_are_refused(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    now = int(time.time())
+    recs = [
+        debit(chip, t, txn_time=now + 3600),
+        debit(chip, t, txn_time=now - limits.UPLOAD_AGE_S_MAX - 3600),
+        debit(chip, t, place={"line_id": "bus-999"}),
+        debit(chip, t, place={"line_id": "L1", "station_id": "l1-nowhere", "direction": "out"}),
+    ]
+    answers = await upload(svc, recs)
+    assert [(a["result"], a["reason"]) for a in answers] == [
+        ("malformed", "txn_time_in_future"),
+        ("malformed", "txn_time_too_old"),
+        ("malformed", "unknown_line"),
+        ("malformed", "unknown_station"),
+    ]
+    assert await balance(svc, c["card_no"]) == 1000
+
+
+# ------------------------------------------------------------------ refused uploads
+
+
+async def test_a_full_batch_is_accepted_and_one_record_more_is_refused(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    recs = [debit(chip, t, 1) for _ in range(transit.OFFLINE_BATCH_RECORDS_MAX + 1)]
+    body = transit.batch_to_dict(OfflineBatch(t, next(_batch), recs[:-1]))
+    body["records"].append(transit.record_to_dict(recs[-1]))
+    before = await money_state(db)
+    r = await svc.post("/v1/transit/offline-batches", body, as_="transit_validator")
+    assert r.status == 400 and r.body["code"] == "invalid_field" and r.body["field"] == "records", r.body
+    assert await money_state(db) == before
+    answers = await upload(svc, recs[:-1])
+    assert len(answers) == 500 and set(results(answers)) == {"accepted"}
+    assert await balance(svc, c["card_no"]) == 500
+    r = await svc.request("POST", "/v1/transit/offline-batches", raw=b" " * (limits.UPLOAD_BODY_BYTES_MAX + 1),
+                          as_="transit_validator")  # fmt: skip
+    assert r.status == 413 and r.body["code"] == "body_too_large", r.body
+
+
+async def test_records_of_another_terminal_or_without_the_operation_are_forbidden(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    _, chip = await funded(svc, 1000)
+    other = tid(svc, OTHER)
+    body = transit.batch_to_dict(OfflineBatch(other, 1, [debit(chip, other)]))
+    before = await money_state(db)
+    r = await svc.post("/v1/transit/offline-batches", body, as_="transit_validator")
+    assert r.status == 403 and r.body["code"] == "forbidden_operation" and r.body["field"] == "terminal_id", r.body
+    r = await svc.post("/v1/transit/offline-batches", body, as_="merchant_pos")
+    assert r.status == 403 and r.body["code"] == "forbidden_operation", r.body
+    assert await money_state(db) == before
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda b: b["records"][0].update(tac="zz"), "records[0].tac"),
+        (lambda b: b["records"][0].pop("purse_seq"), "records[0].purse_seq"),
+        (lambda b: b.update(batch_id=0), "batch_id"),
+        (lambda b: b.update(records=[]), "records"),
+    ],
+)
+async def test_a_malformed_upload_is_refused_whole(
+    svc: ServiceHarness, db: asyncpg.Connection, mutate: Any, field: str
+) -> None:
+    _, chip = await funded(svc, 1000)
+    t = tid(svc)
+    body = orjson.loads(orjson.dumps(transit.batch_to_dict(OfflineBatch(t, 1, [debit(chip, t), debit(chip, t)]))))
+    mutate(body)
+    before = await money_state(db)
+    r = await svc.post("/v1/transit/offline-batches", body, as_="transit_validator")
+    assert r.status == 400 and r.body["code"] == "invalid_field" and r.body["field"] == field, r.body
+    assert await money_state(db) == before

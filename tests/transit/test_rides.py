@@ -1,0 +1,255 @@
+"""Ride-code rides uploaded by gates (POST /v1/transit/ride-batches): verified as the gate did at the
+ride's time, charged post-paid once through the tap engine, idempotent per (gate, gate_seq), a code
+charged at most once across gates and uploads.
+
+After every test the ledger must hold: each purse's balance equals the sum of its journal rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from cardsvc.app import maintenance_once
+from cardsvc.store.pool import create_pool
+from cardsvc.transit import fares
+from cardsvc.transit.taps import SOURCE_RIDECODE
+from protocols import ridecode, sm
+from protocols.ridecode import RideBatch, RideRecord
+from tests.helpers import ServiceHarness
+
+TABLE = fares.load_demo_table()
+BUS_FARE = fares.card_price_fen(TABLE.bus_lines["bus-105"].fare_fen, TABLE.rules.card_discount_percent)
+_seq = itertools.count(1)
+GATE_2 = "card_office"  # a second terminal with transit.upload (the card office may do everything)
+
+
+@pytest.fixture(autouse=True)
+async def ledger_holds(db_dsn: str) -> AsyncIterator[None]:
+    yield
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        rows = await conn.fetch(
+            """SELECT p.card_id, p.balance_fen, coalesce(j.total, 0) AS journal
+               FROM purse p
+               LEFT JOIN (SELECT card_id, sum(amount_fen) AS total FROM txn_journal GROUP BY card_id) j
+                      ON j.card_id = p.card_id"""
+        )
+    finally:
+        await conn.close()
+    for r in rows:
+        assert r["balance_fen"] == r["journal"], dict(r)
+
+
+async def rider(svc: ServiceHarness, amount_fen: int = 1000) -> tuple[dict[str, Any], ridecode.RidePhone, bytes]:
+    """A card topped up online, a phone with a ride-code certificate on it, and the gates' issuer key."""
+    c = await svc.new_card(has_purse=True)
+    r = await svc.post(
+        f"/v1/purses/{c['card_no']}/top-ups",
+        {"terminal_seq": next(_seq), "amount_fen": amount_fen, "channel": "cash", "operator": "staff-1"},
+    )
+    assert r.status == 200, r.body
+    key = sm.sm2_generate()
+    r = await svc.post(
+        "/v1/ride-certs",
+        {"card_no": c["card_no"], "alg": sm.ALG_SM2_SM3, "user_public_key": sm.public_key_bytes(key).hex()},
+        as_="ecard_channel",
+    )
+    assert r.status == 201, r.body
+    phone = ridecode.RidePhone(ridecode.decode_cert(bytes.fromhex(r.body["cert"])), key)
+    return c, phone, bytes.fromhex(r.body["issuer_public_key"])
+
+
+def gate_record(svc: ServiceHarness, code: str, at: int, gate: str = "transit_validator", **kw: Any) -> RideRecord:
+    values: dict[str, Any] = {"line_id": "bus-105", "station_id": "", "direction": "single", "deny_list_version": 0}
+    values.update(kw)
+    return RideRecord(code, svc.terminals[gate].terminal_id, next(_seq), time=at, **values)
+
+
+def gate_lets_through(code: str, issuer: bytes, at: int) -> None:
+    decision = ridecode.verify_at_gate(code, issuer, at, (), ())
+    assert decision.ok, decision.outcome
+
+
+async def upload(
+    svc: ServiceHarness, records: list[RideRecord], batch_id: int = 1, as_: str = "transit_validator"
+) -> list[dict[str, Any]]:
+    batch = RideBatch(records[0].gate_id, batch_id, records)
+    r = await svc.post("/v1/transit/ride-batches", ridecode.ride_batch_to_dict(batch), as_=as_)
+    assert r.status == 200, r.body
+    assert [a["gate_seq"] for a in r.body["records"]] == [x.gate_seq for x in records]
+    return list(r.body["records"])
+
+
+async def balance(svc: ServiceHarness, card_no: str) -> int:
+    r = await svc.get(f"/v1/purses/{card_no}", as_="ops")
+    assert r.status == 200, r.body
+    return int(r.body["balance_fen"])
+
+
+async def test_a_ride_is_charged_once_and_a_reupload_gets_the_same_answer(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c, phone, issuer = await rider(svc)
+    at = int(time.time()) - 30
+    code = phone.next_code(at)
+    gate_lets_through(code, issuer, at)
+    rec = gate_record(svc, code, at)
+    [first] = await upload(svc, [rec])
+    assert first["result"] == "approved" and first["fare_fen"] == BUS_FARE and first["operator"] == "cq-bus", first
+    assert first["balance_fen"] == 1000 - BUS_FARE and first["replayed_answer"] is False
+    [again] = await upload(svc, [rec], batch_id=2)
+    assert again == {**first, "replayed_answer": True}
+    assert await balance(svc, c["card_no"]) == 1000 - BUS_FARE
+    rows = await db.fetch("SELECT source, amount_fen, counterparty FROM txn_journal WHERE kind = 1")
+    assert [tuple(r) for r in rows] == [(SOURCE_RIDECODE, -BUS_FARE, "cq-bus")]
+
+
+async def test_the_same_code_at_two_gates_is_charged_once(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c, phone, _ = await rider(svc)
+    at = int(time.time()) - 30
+    code = phone.next_code(at)
+    answers = await upload(svc, [gate_record(svc, code, at), gate_record(svc, code, at + 5)])
+    assert [(a["result"], a["reason"]) for a in answers] == [("approved", None), ("declined", "credential_replayed")]
+    # Uploaded later, after the short-lived credential uses of cards and e-cards were pruned: still refused.
+    await db.execute("UPDATE credential_use SET used_at = now() - interval '1 day'")
+    pool = await create_pool(svc.dsn, svc.settings)
+    try:
+        await maintenance_once(pool, svc.settings)
+    finally:
+        await pool.close()
+    # Another terminal allowed to upload (terminals added at run time reach the cache asynchronously).
+    [late] = await upload(svc, [gate_record(svc, code, at + 10, gate=GATE_2)], as_=GATE_2)
+    assert (late["result"], late["reason"]) == ("declined", "credential_replayed")
+    assert await balance(svc, c["card_no"]) == 1000 - BUS_FARE
+
+
+async def backdated_phone(svc: ServiceHarness, card_no: str, valid_from: int) -> ridecode.RidePhone:
+    """A phone with a certificate the issuer signed at `valid_from` (the API signs from now on)."""
+    key = sm.sm2_generate()
+    conn = await asyncpg.connect(svc.dsn)
+    try:
+        row = await conn.fetchrow(
+            """INSERT INTO ride_cert (card_id, alg, user_key, valid_from, valid_to)
+               SELECT card_id, 1, $2, to_timestamp($3), to_timestamp($3 + 86400) FROM card WHERE card_no = $1
+               RETURNING cert_serial, card_id""",
+            card_no, sm.public_key_bytes(key), valid_from,
+        )  # fmt: skip
+    finally:
+        await conn.close()
+    cert = ridecode.issue_cert(
+        sm.sm2_from_scalar(svc.keys.ride_issuer_key), issuer_key_id=1, cert_serial=row["cert_serial"],
+        account_id=row["card_id"], alg=sm.ALG_SM2_SM3, user_public_key=sm.public_key_bytes(key),
+        valid_from=valid_from, valid_to=valid_from + 86400, max_fare_fen=svc.settings.ride_max_fare_fen,
+        credit_limit_fen=svc.settings.ride_credit_limit_fen,
+    )  # fmt: skip
+    return ridecode.RidePhone(cert, key)
+
+
+async def test_a_ride_older_than_the_code_lifetime_is_verified_at_its_own_time(svc: ServiceHarness) -> None:
+    c, _, issuer = await rider(svc)
+    at = int(time.time()) - 3600  # an hour ago: far past the code lifetime and the clock skew
+    phone = await backdated_phone(svc, c["card_no"], at - 600)
+    code = phone.next_code(at)
+    gate_lets_through(code, issuer, at)
+    assert not ridecode.verify_at_gate(code, issuer, int(time.time()), (), ()).ok  # it would not pass now
+    [ans] = await upload(svc, [gate_record(svc, code, at)])
+    assert ans["result"] == "approved" and ans["fare_fen"] == BUS_FARE, ans
+    assert await balance(svc, c["card_no"]) == 1000 - BUS_FARE
+
+
+async def test_revoked_and_unknown_certificates(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c, phone, _ = await rider(svc)
+    at = int(time.time()) - 30
+    # Revoked before the ride: declined. Revoked after the ride: the gate was right, the ride is charged.
+    await db.execute("UPDATE ride_cert SET revoked_at = to_timestamp($1) WHERE cert_serial = $2", at - 5,
+                     phone.cert.cert_serial)  # fmt: skip
+    before = await upload(svc, [gate_record(svc, phone.next_code(at), at)])
+    await db.execute("UPDATE ride_cert SET revoked_at = to_timestamp($1) WHERE cert_serial = $2", at + 5,
+                     phone.cert.cert_serial)  # fmt: skip
+    after = await upload(svc, [gate_record(svc, phone.next_code(at), at)])
+    # A certificate the issuer never signed, and one signed by us for a serial we never issued.
+    stranger = ridecode.RidePhone(
+        ridecode.issue_cert(
+            sm.sm2_generate(), issuer_key_id=1, cert_serial=phone.cert.cert_serial,
+            account_id=phone.cert.account_id, alg=sm.ALG_SM2_SM3, user_public_key=phone.cert.user_public_key,
+            valid_from=phone.cert.valid_from, valid_to=phone.cert.valid_to, max_fare_fen=1000,
+            credit_limit_fen=2000,
+        ),
+        phone.private_key,
+    )  # fmt: skip
+    unknown = ridecode.RidePhone(
+        ridecode.issue_cert(
+            sm.sm2_from_scalar(svc.keys.ride_issuer_key), issuer_key_id=1, cert_serial=999_999,
+            account_id=phone.cert.account_id, alg=sm.ALG_SM2_SM3, user_public_key=phone.cert.user_public_key,
+            valid_from=phone.cert.valid_from, valid_to=phone.cert.valid_to, max_fare_fen=1000,
+            credit_limit_fen=2000,
+        ),
+        phone.private_key,
+    )  # fmt: skip
+    forged = await upload(
+        svc, [gate_record(svc, stranger.next_code(at), at), gate_record(svc, unknown.next_code(at), at)]
+    )
+    assert [(a["result"], a["reason"]) for a in before + after + forged] == [
+        ("declined", "card_unusable"),
+        ("approved", None),
+        ("declined", "credential_forged"),
+        ("declined", "credential_forged"),
+    ]
+    assert await balance(svc, c["card_no"]) == 1000 - BUS_FARE
+
+
+async def test_a_lost_card_is_declined(svc: ServiceHarness) -> None:
+    c, phone, _ = await rider(svc)
+    r = await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})
+    assert r.status == 200, r.body
+    at = int(time.time()) - 30
+    [ans] = await upload(svc, [gate_record(svc, phone.next_code(at), at)])
+    assert (ans["result"], ans["reason"]) == ("declined", "card_unusable")
+    assert await balance(svc, c["card_no"]) == 1000
+
+
+async def test_a_reused_gate_seq_with_another_ride_is_a_conflict(svc: ServiceHarness) -> None:
+    c, phone, _ = await rider(svc)
+    at = int(time.time()) - 30
+    rec = gate_record(svc, phone.next_code(at), at)
+    assert (await upload(svc, [rec]))[0]["result"] == "approved"
+    other = RideRecord(phone.next_code(at), rec.gate_id, rec.gate_seq, rec.line_id, rec.station_id, rec.direction,
+                       rec.time, rec.deny_list_version)  # fmt: skip
+    [ans] = await upload(svc, [other])
+    assert (ans["result"], ans["reason"]) == ("conflict", "idempotency_conflict")
+    assert await balance(svc, c["card_no"]) == 1000 - BUS_FARE
+
+
+async def test_rides_of_another_gate_or_a_bad_batch_are_refused(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c, phone, _ = await rider(svc)
+    at = int(time.time()) - 30
+    body = ridecode.ride_batch_to_dict(RideBatch(svc.terminals[GATE_2].terminal_id, 1, [
+        gate_record(svc, phone.next_code(at), at, gate=GATE_2)
+    ]))  # fmt: skip
+    r = await svc.post("/v1/transit/ride-batches", body, as_="transit_validator")
+    assert r.status == 403 and r.body["code"] == "forbidden_operation" and r.body["field"] == "gate_id", r.body
+    body["records"][0]["direction"] = "sideways"
+    r = await svc.post("/v1/transit/ride-batches", body, as_=GATE_2)
+    assert r.status == 400 and r.body["field"] == "records[0].direction", r.body
+    body["records"] = body["records"] * (ridecode.RIDE_BATCH_RECORDS_MAX + 1)
+    r = await svc.post("/v1/transit/ride-batches", body, as_=GATE_2)
+    assert r.status == 400 and r.body["field"] == "records", r.body
+    assert await balance(svc, c["card_no"]) == 1000
+    assert await db.fetchval("SELECT count(*) FROM terminal_txn WHERE result <> 'approved'") == 0
+
+
+async def test_a_full_batch_of_rides_from_many_phones(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    riders = [await rider(svc, 2000) for _ in range(4)]
+    at = int(time.time()) - 60
+    recs = [gate_record(svc, phone.next_code(at + i), at + i) for i in range(3) for _, phone, _ in riders]
+    answers = await upload(svc, recs)
+    assert {a["result"] for a in answers} == {"approved"}
+    for c, _, _ in riders:
+        assert await balance(svc, c["card_no"]) < 2000
+    assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE source = $1", SOURCE_RIDECODE) == len(recs)

@@ -1,0 +1,518 @@
+"""Online transit taps through the API: fares charged from the purse with the card discount, transfers
+and penalties, idempotency per (terminal, terminal_seq), declines that move no money, every credential
+kind, and races on one card. Expected fares come from the pure fare engine on the demo table.
+
+After every test the ledger must hold: each purse's balance equals the sum of its journal rows, and no
+purse is below its overdraft limit (the purse overdraft, or a ride-code certificate's credit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from cardsvc.config import Settings
+from cardsvc.transit import fares
+from protocols import ridecode, sm
+from tests.helpers import ServiceHarness, new_card_numbers
+
+TABLE = fares.load_demo_table()
+BUS_FARE = fares.card_price_fen(TABLE.bus_lines["bus-105"].fare_fen, TABLE.rules.card_discount_percent)
+_seq = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+async def ledger_holds(db_dsn: str, settings: Settings) -> AsyncIterator[None]:
+    yield
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        rows = await conn.fetch(
+            """SELECT p.card_id, p.balance_fen, coalesce(j.total, 0) AS journal,
+                      EXISTS (SELECT 1 FROM ride_cert r WHERE r.card_id = p.card_id) AS has_cert
+               FROM purse p
+               LEFT JOIN (SELECT card_id, sum(amount_fen) AS total FROM txn_journal GROUP BY card_id) j
+                      ON j.card_id = p.card_id"""
+        )
+        orphans = await conn.fetchval(
+            "SELECT count(*) FROM txn_journal j WHERE NOT EXISTS (SELECT 1 FROM purse p WHERE p.card_id = j.card_id)"
+        )
+    finally:
+        await conn.close()
+    assert orphans == 0
+    for r in rows:
+        assert r["balance_fen"] == r["journal"], dict(r)
+        limit = settings.purse_overdraft_fen
+        if r["has_cert"]:
+            limit = max(limit, settings.ride_credit_limit_fen)
+        assert r["balance_fen"] >= -limit, dict(r)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+async def funded_card(svc: ServiceHarness, amount_fen: int = 1000) -> dict[str, Any]:
+    c = await svc.new_card(has_purse=True)
+    conn = await asyncpg.connect(svc.dsn)
+    try:
+        c["card_id"] = await conn.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    finally:
+        await conn.close()
+    if amount_fen:
+        r = await svc.post(
+            f"/v1/purses/{c['card_no']}/top-ups",
+            {"terminal_seq": next(_seq), "amount_fen": amount_fen, "channel": "cash", "operator": "staff-1"},
+        )
+        assert r.status == 200 and r.body["balance_fen"] == amount_fen, r.body
+    return c
+
+
+def tap_body(
+    svc: ServiceHarness,
+    card_sn: str | None,
+    *,
+    seq: int | None = None,
+    mode: str = "bus",
+    line: str = "bus-105",
+    station: str | None = None,
+    direction: str = "single",
+    at: int | None = None,
+    credential: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    at = at if at is not None else int(time.time())
+    body: dict[str, Any] = {
+        "terminal_seq": next(_seq) if seq is None else seq,
+        "time": at,
+        "mode": mode,
+        "line_id": line,
+        "direction": direction,
+    }
+    if station is not None:
+        body["station_id"] = station
+    if credential is not None:
+        body |= credential
+    else:
+        assert card_sn is not None
+        body |= {"credential": "card", **svc.card_auth_body(card_sn)}
+    return body
+
+
+async def tap(svc: ServiceHarness, body: dict[str, Any], as_: str = "transit_validator") -> dict[str, Any]:
+    r = await svc.post("/v1/transit/taps", body, as_=as_)
+    assert r.status == 200, r.body
+    return dict(r.body)
+
+
+async def balance(svc: ServiceHarness, card_no: str) -> int:
+    r = await svc.get(f"/v1/purses/{card_no}", as_="ops")
+    assert r.status == 200, r.body
+    return int(r.body["balance_fen"])
+
+
+async def money_state(db: asyncpg.Connection) -> tuple[Any, ...]:
+    """Everything a tap may change: balances, journeys, journal, answers, used credentials."""
+    return (
+        await db.fetch("SELECT card_id, balance_fen, journey FROM purse ORDER BY card_id"),
+        await db.fetchval("SELECT count(*) FROM txn_journal"),
+        await db.fetchval("SELECT count(*) FROM terminal_txn"),
+        await db.fetchval("SELECT count(*) FROM credential_use"),
+    )
+
+
+def metro(station: str, direction: str) -> dict[str, Any]:
+    return {"mode": "metro", "line": TABLE.stations[station].line, "station": station, "direction": direction}
+
+
+# ------------------------------------------------------------------ approved fares
+
+
+async def test_bus_tap_charges_the_card_discount_and_answers_the_balance(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c = await funded_card(svc, 1000)
+    assert BUS_FARE == 180  # ¥2 with the 10 % card discount (docs/fares.md)
+    ans = await tap(svc, tap_body(svc, c["card_sn"]))
+    assert ans["result"] == "approved" and ans["reason"] is None, ans
+    assert ans["fare_fen"] == 180 and ans["balance_fen"] == 820
+    assert ans["operator"] == "cq-bus" and "card_discount" in ans["rules"]
+    assert ans["replayed_answer"] is False
+    assert await balance(svc, c["card_no"]) == 820
+    row = await db.fetchrow(
+        "SELECT amount_fen, counterparty, line_id, kind FROM txn_journal WHERE txn_id = $1", ans["txn_id"]
+    )
+    assert row is not None and row["amount_fen"] == -180 and row["counterparty"] == "cq-bus"
+    assert row["line_id"] == "bus-105"
+
+
+async def test_metro_in_then_out_charges_the_distance_fare(svc: ServiceHarness) -> None:
+    c = await funded_card(svc, 1000)
+    now = int(time.time())
+    a, b = "l1-chaotianmen", "l1-shapingba"
+    expected = fares.card_price_fen(fares.metro_fare_fen(TABLE, a, b), TABLE.rules.card_discount_percent)
+    assert expected == 360  # 15.4 km: base 400, with the card 360 (docs/fares.md)
+    entry = await tap(svc, tap_body(svc, c["card_sn"], at=now - 120, **metro(a, "in")))
+    assert entry["result"] == "approved" and entry["fare_fen"] == 0 and entry["balance_fen"] == 1000, entry
+    out = await tap(svc, tap_body(svc, c["card_sn"], at=now, **metro(b, "out")))
+    assert out["result"] == "approved" and out["fare_fen"] == expected, out
+    assert out["distance_m"] == fares.metro_distance_m(TABLE, a, b)
+    assert out["balance_fen"] == 1000 - expected == await balance(svc, c["card_no"])
+
+
+async def test_transfer_bus_to_metro_within_the_window_is_discounted(svc: ServiceHarness) -> None:
+    c = await funded_card(svc, 1000)
+    now = int(time.time())
+    a, b = "l1-chaotianmen", "l1-shapingba"
+    bus = await tap(svc, tap_body(svc, c["card_sn"], at=now - 200))
+    await tap(svc, tap_body(svc, c["card_sn"], at=now - 100, **metro(a, "in")))
+    out = await tap(svc, tap_body(svc, c["card_sn"], at=now, **metro(b, "out")))
+    # The engine on the same taps gives the expected charge: 360 - min(360, 180, 200) = 180.
+    s = fares.fare(TABLE, fares.EMPTY_STATE, fares.Tap(now - 200, "bus", "bus-105")).state
+    s = fares.fare(TABLE, s, fares.Tap(now - 100, "metro", "L1", a, "in")).state
+    want = fares.fare(TABLE, s, fares.Tap(now, "metro", "L1", b, "out"))
+    assert bus["fare_fen"] == 180
+    assert out["fare_fen"] == want.amount_fen == 180 and out["transfer_discount_fen"] == 180, out
+    assert "transfer_discount" in out["rules"]
+    assert await balance(svc, c["card_no"]) == 1000 - 180 - 180
+
+
+async def test_missing_tap_out_is_charged_at_the_next_tap_in(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 2000)
+    now = int(time.time())
+    await tap(svc, tap_body(svc, c["card_sn"], at=now - 100, **metro("l1-chaotianmen", "in")))
+    again = await tap(svc, tap_body(svc, c["card_sn"], at=now, **metro("l2-daping", "in")))
+    assert again["result"] == "approved", again
+    assert again["fare_fen"] == TABLE.cap_fen == 700
+    assert again["penalty"] == {"amount_fen": 700, "reason": "missing_tap_out"}
+    assert again["balance_fen"] == 1300
+    kinds = await db.fetch(
+        "SELECT kind, amount_fen, counterparty FROM txn_journal WHERE card_id = $1 AND kind = 2", c["card_id"]
+    )
+    assert [(k["amount_fen"], k["counterparty"]) for k in kinds] == [(-700, "cq-metro")]
+    # The new journey is open: leaving at 大坪 (L2) is the same station, the minimum fare.
+    out = await tap(svc, tap_body(svc, c["card_sn"], at=now, **metro("l2-daping", "out")))
+    assert out["fare_fen"] == 180 and "same_station_exit" in out["rules"], out
+    assert await balance(svc, c["card_no"]) == 2000 - 700 - 180
+
+
+async def test_the_answer_comes_after_commit(svc: ServiceHarness, db_dsn: str) -> None:
+    c = await funded_card(svc, 500)
+    ans = await tap(svc, tap_body(svc, c["card_sn"]))
+    other = await asyncpg.connect(db_dsn)  # a separate session sees the committed debit at once
+    try:
+        row = await other.fetchrow(
+            "SELECT j.amount_fen, p.balance_fen FROM txn_journal j JOIN purse p ON p.card_id = j.card_id "
+            "WHERE j.txn_id = $1",
+            ans["txn_id"],
+        )
+        stored = await other.fetchrow(
+            "SELECT result, amount_fen, balance_fen, txn_id FROM terminal_txn WHERE txn_id = $1", ans["txn_id"]
+        )
+    finally:
+        await other.close()
+    assert row is not None and row["amount_fen"] == -180 and row["balance_fen"] == ans["balance_fen"] == 320
+    assert stored is not None and stored["result"] == "approved" and stored["balance_fen"] == 320
+
+
+# ------------------------------------------------------------------ idempotency
+
+
+async def test_a_retry_gets_the_stored_answer_and_no_second_debit(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c = await funded_card(svc, 1000)
+    body = tap_body(svc, c["card_sn"])
+    first = await tap(svc, body)
+    before = await money_state(db)
+    again = await tap(svc, body)
+    assert again["replayed_answer"] is True and first["replayed_answer"] is False
+    assert {**again, "replayed_answer": False} == first
+    assert await money_state(db) == before
+    assert await balance(svc, c["card_no"]) == 820
+
+
+async def test_same_key_with_another_payload_is_a_conflict_and_changes_nothing(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c = await funded_card(svc, 1000)
+    body = tap_body(svc, c["card_sn"])
+    await tap(svc, body)
+    d = await funded_card(svc, 1000)
+    before = await money_state(db)
+    changed = {**body, "line_id": "bus-261"}
+    r = await svc.post("/v1/transit/taps", changed, as_="transit_validator")
+    assert r.status == 409 and r.body["code"] == "idempotency_conflict" and r.body["field"] == "terminal_seq"
+    # The same key with another card's fresh credential is refused the same way.
+    other = {**tap_body(svc, d["card_sn"]), "terminal_seq": body["terminal_seq"]}
+    r = await svc.post("/v1/transit/taps", other, as_="transit_validator")
+    assert r.status == 409 and r.body["code"] == "idempotency_conflict"
+    assert await money_state(db) == before
+    assert await balance(svc, d["card_no"]) == 1000
+
+
+async def test_the_same_seq_from_another_terminal_is_another_tap(svc: ServiceHarness) -> None:
+    c = await funded_card(svc, 1000)
+    body = tap_body(svc, c["card_sn"])
+    await tap(svc, body, as_="transit_validator")
+    second = await tap(svc, {**tap_body(svc, c["card_sn"]), "terminal_seq": body["terminal_seq"]}, as_="card_office")
+    assert second["result"] == "approved" and second["replayed_answer"] is False
+    assert await balance(svc, c["card_no"]) == 1000 - 180 - 0  # the second bus ride is a transfer
+
+
+# ------------------------------------------------------------------ declines (no money moved)
+
+
+async def declined(svc: ServiceHarness, db: asyncpg.Connection, body: dict[str, Any], reason: str) -> dict[str, Any]:
+    before = await money_state(db)
+    ans = await tap(svc, body)
+    assert ans["result"] == "declined" and ans["reason"] == reason, ans
+    assert ans["fare_fen"] == 0 and ans["txn_id"] is None
+    after = await money_state(db)
+    assert after[0] == before[0] and after[1] == before[1], "a decline moved money"
+    # The decline is stored: a retry gets the same answer.
+    again = await tap(svc, body)
+    assert again["replayed_answer"] is True and {**again, "replayed_answer": False} == ans
+    return ans
+
+
+async def test_insufficient_balance(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 100)
+    ans = await declined(svc, db, tap_body(svc, c["card_sn"]), "insufficient_balance")
+    assert ans["balance_fen"] == 100 and ans["fare_due_fen"] == 180
+    assert await balance(svc, c["card_no"]) == 100
+
+
+async def test_metro_entry_needs_the_minimum_fare(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 100)
+    await declined(svc, db, tap_body(svc, c["card_sn"], **metro("l1-chaotianmen", "in")), "insufficient_balance")
+
+
+async def test_metro_entry_minimum_follows_the_card_price_and_concession(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c = await funded_card(svc, 180)  # exactly the minimum fare with the card discount
+    entry = await tap(svc, tap_body(svc, c["card_sn"], **metro("l1-chaotianmen", "in")))
+    assert entry["result"] == "approved", entry
+    free = await funded_card(svc, 0)
+    await db.execute(
+        "INSERT INTO concession (holder_id, kind) SELECT holder_id, 'disabled_free' FROM card WHERE card_id = $1",
+        free["card_id"],
+    )
+    now = int(time.time())
+    ans = await tap(svc, tap_body(svc, free["card_sn"], at=now - 60, **metro("l1-chaotianmen", "in")))
+    assert ans["result"] == "approved", ans
+    ans = await tap(svc, tap_body(svc, free["card_sn"], at=now, **metro("l1-shapingba", "out")))
+    assert ans["result"] == "approved" and ans["fare_fen"] == 0 and "disabled_free" in ans["rules"], ans
+
+
+async def test_temporary_loss_is_refused_from_the_very_next_tap(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 1000)
+    await tap(svc, tap_body(svc, c["card_sn"]))
+    r = await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})
+    assert r.status == 200, r.body
+    ans = await declined(svc, db, tap_body(svc, c["card_sn"]), "card_unusable")
+    assert ans["card_status"] == "temporary_loss"
+    r = await svc.post(f"/v1/cards/{c['card_no']}/lift-loss", {"operator": "staff-1"})
+    assert r.status == 200, r.body
+    assert (await tap(svc, tap_body(svc, c["card_sn"])))["result"] == "approved"
+
+
+async def test_forged_expired_and_replayed_card_credentials(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 1000)
+    forged = tap_body(svc, c["card_sn"])
+    forged["cryptogram"] = ("0" if forged["cryptogram"][0] != "0" else "1") + forged["cryptogram"][1:]
+    await declined(svc, db, forged, "credential_forged")
+    old = int(time.time()) - svc.settings.card_challenge_age_s - svc.settings.clock_skew_s - 10
+    expired = tap_body(svc, None, credential={"credential": "card", **svc.card_auth_body(c["card_sn"], now_s=old)})
+    await declined(svc, db, expired, "credential_expired")
+    body = tap_body(svc, c["card_sn"])
+    assert (await tap(svc, body))["result"] == "approved"
+    replay = {**body, "terminal_seq": next(_seq)}  # the same card answer under a new terminal sequence
+    await declined(svc, db, replay, "credential_replayed")
+    assert await balance(svc, c["card_no"]) == 820
+
+
+async def test_unknown_card(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    _, card_sn = new_card_numbers()  # a well-formed card with a valid cryptogram, never issued here
+    await declined(svc, db, tap_body(svc, card_sn), "unknown_card")
+
+
+async def test_card_without_a_transit_purse(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await svc.new_card(has_purse=False)
+    await declined(svc, db, tap_body(svc, c["card_sn"]), "no_transit_purse")
+
+
+# ------------------------------------------------------------------ e-card codes and ride codes
+
+
+async def test_ecard_code_tap(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 1000)
+    device = await svc.new_ecard(c["card_no"])
+    code = device.next_code(int(time.time()))
+    ans = await tap(svc, tap_body(svc, None, credential={"credential": "ecard_code", "code": code}))
+    assert ans["result"] == "approved" and ans["fare_fen"] == 180 and ans["balance_fen"] == 820, ans
+    await declined(svc, db, tap_body(svc, None, credential={"credential": "ecard_code", "code": code}),
+                   "credential_replayed")
+    stale = device.next_code(int(time.time()) - svc.settings.ecard_code_lifetime_s - svc.settings.clock_skew_s - 5)
+    await declined(svc, db, tap_body(svc, None, credential={"credential": "ecard_code", "code": stale}),
+                   "credential_expired")
+    assert await balance(svc, c["card_no"]) == 820
+
+
+async def ride_phone(svc: ServiceHarness, card_no: str) -> ridecode.RidePhone:
+    key = sm.sm2_generate()
+    r = await svc.post(
+        "/v1/ride-certs",
+        {"card_no": card_no, "alg": sm.ALG_SM2_SM3, "user_public_key": sm.public_key_bytes(key).hex()},
+        as_="ecard_channel",
+    )
+    assert r.status == 201, r.body
+    return ridecode.RidePhone(ridecode.decode_cert(bytes.fromhex(r.body["cert"])), key)
+
+
+async def test_ride_code_tap(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 1000)
+    phone = await ride_phone(svc, c["card_no"])
+    code = phone.next_code(int(time.time()))
+    ans = await tap(svc, tap_body(svc, None, credential={"credential": "ride_code", "code": code}))
+    assert ans["result"] == "approved" and ans["fare_fen"] == 180 and ans["balance_fen"] == 820, ans
+    await declined(svc, db, tap_body(svc, None, credential={"credential": "ride_code", "code": code}),
+                   "credential_replayed")
+    # A code whose user signature does not verify (another phone key, same certificate).
+    unsigned = ridecode.RideCode(phone.cert, int(time.time()), 100, b"")
+    forged = ridecode.encode_code(
+        ridecode.RideCode(phone.cert, unsigned.time, 100, sm.sign(sm.sm2_generate(), ridecode.code_signed_bytes(unsigned)))
+    )
+    await declined(svc, db, tap_body(svc, None, credential={"credential": "ride_code", "code": forged}),
+                   "credential_forged")
+    assert await balance(svc, c["card_no"]) == 820
+
+
+async def test_ride_code_rides_on_credit_up_to_the_certificate_limit(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 0)
+    phone = await ride_phone(svc, c["card_no"])
+    ans = await tap(svc, tap_body(svc, None, credential={"credential": "ride_code", "code": phone.next_code(
+        int(time.time()))}))
+    assert ans["result"] == "approved" and ans["balance_fen"] == -180, ans
+    # A plain card tap on the same purse does not get the ride-code credit.
+    await declined(svc, db, tap_body(svc, c["card_sn"]), "insufficient_balance")
+
+
+# ------------------------------------------------------------------ bad input: 400, nothing changed
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"mode": "metro", "line_id": "L1", "station_id": "l1-nowhere", "direction": "in"}, "station_id"),
+        ({"direction": "in"}, "direction"),
+        ({"line_id": "bus-999"}, "line_id"),
+        ({"mode": "metro", "line_id": "L1", "station_id": "l1-chaotianmen", "direction": "single"}, "direction"),
+        ({"credential": "ecard_code"}, "code"),
+    ],
+)
+async def test_bad_input_is_refused_with_nothing_changed(
+    svc: ServiceHarness, db: asyncpg.Connection, change: dict[str, Any], field: str
+) -> None:
+    c = await funded_card(svc, 1000)
+    body = tap_body(svc, c["card_sn"])
+    before = await money_state(db)
+    r = await svc.post("/v1/transit/taps", {**body, **change}, as_="transit_validator")
+    assert r.status == 400 and r.body["field"] == field, r.body
+    assert await money_state(db) == before
+    # The sequence number was not consumed: the corrected tap is accepted under it.
+    assert (await tap(svc, body))["result"] == "approved"
+
+
+async def test_a_tap_stamped_outside_the_clock_window_is_declined_and_a_late_retry_gets_its_answer(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c = await funded_card(svc, 1000)
+    before = await money_state(db)
+    far = {**tap_body(svc, c["card_sn"]), "time": 1_000_000_000}
+    r = await svc.post("/v1/transit/taps", far, as_="transit_validator")
+    assert (r.status, r.body["result"], r.body["reason"]) == (200, "declined", "tap_time_out_of_window"), r.body
+    after = await money_state(db)
+    # No money moved and no credential was used; only the answer is stored (for retries).
+    assert (after[0], after[1], after[3]) == (before[0], before[1], before[3]) and after[2] == before[2] + 1
+    # An answered tap retried after the window (its time now far from the clock) gets the stored answer.
+    body = tap_body(svc, c["card_sn"])
+    first = await tap(svc, body)
+    assert first["result"] == "approved"
+    await db.execute(
+        "UPDATE terminal_txn SET at = at - interval '1 hour' WHERE terminal_seq = $1", body["terminal_seq"]
+    )
+    late = {**body, "time": body["time"]}
+    r = await svc.post("/v1/transit/taps", late, as_="transit_validator")
+    assert r.body["replayed_answer"] is True and r.body["txn_id"] == first["txn_id"], r.body
+
+
+async def test_a_terminal_without_the_tap_operation_is_forbidden(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 1000)
+    before = await money_state(db)
+    r = await svc.post("/v1/transit/taps", tap_body(svc, c["card_sn"]), as_="merchant_pos")
+    assert r.status == 403 and r.body["code"] == "forbidden_operation"
+    assert await money_state(db) == before
+
+
+# ------------------------------------------------------------------ races
+
+
+async def test_concurrent_taps_on_one_card_never_overspend(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 1000)
+    bodies = [tap_body(svc, c["card_sn"]) for _ in range(30)]
+    answers = await asyncio.gather(*(tap(svc, b) for b in bodies))
+    approved = [a for a in answers if a["result"] == "approved"]
+    refused = [a for a in answers if a["result"] != "approved"]
+    # Bus after bus within the hour: one transfer ride is free, then every ride pays 180 (one discount
+    # per window). 1000 pays 5 rides of 180 and leaves 100.
+    assert sorted(a["fare_fen"] for a in approved) == [0, 180, 180, 180, 180, 180]
+    assert len(refused) == 24 and {a["reason"] for a in refused} == {"insufficient_balance"}
+    assert await balance(svc, c["card_no"]) == 100
+    assert min(a["balance_fen"] for a in approved) == 100
+    # Each approved answer's balance is distinct where money moved: a serial history.
+    paid = sorted((a["balance_fen"] for a in approved if a["fare_fen"]), reverse=True)
+    assert paid == [820, 640, 460, 280, 100]
+    total = await db.fetchval(
+        "SELECT sum(amount_fen) FROM txn_journal WHERE card_id = $1 AND kind = 1", c["card_id"]
+    )
+    assert total == -900
+    assert await db.fetchval(
+        "SELECT count(*) FROM terminal_txn WHERE card_id = $1 AND result = 'approved' AND txn_id IS NOT NULL "
+        "AND terminal_id = $2", c["card_id"], svc.terminals["transit_validator"].terminal_id
+    ) == 6
+
+
+async def test_the_same_tap_sent_concurrently_is_charged_once(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    c = await funded_card(svc, 1000)
+    body = tap_body(svc, c["card_sn"])
+    answers = await asyncio.gather(*(tap(svc, body) for _ in range(20)))
+    assert sum(not a["replayed_answer"] for a in answers) == 1
+    assert len({tuple(sorted((k, str(v)) for k, v in a.items() if k != "replayed_answer")) for a in answers}) == 1
+    assert answers[0]["result"] == "approved" and answers[0]["txn_id"] is not None
+    assert await balance(svc, c["card_no"]) == 820
+    assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE card_id = $1 AND kind = 1", c["card_id"]) == 1
+
+
+async def test_one_card_twice_at_once_is_charged_in_sequence(svc: ServiceHarness) -> None:
+    c = await funded_card(svc, 1000)
+    first, second = await asyncio.gather(tap(svc, tap_body(svc, c["card_sn"])), tap(svc, tap_body(svc, c["card_sn"])))
+    assert first["result"] == second["result"] == "approved"
+    # Whichever went first paid 180 and opened the window; the other is the free transfer.
+    assert sorted([first["fare_fen"], second["fare_fen"]]) == [0, 180]
+    final = await balance(svc, c["card_no"])
+    assert final == 1000 - first["fare_fen"] - second["fare_fen"] == 820
+    assert first["balance_fen"] == second["balance_fen"] == final
+
+
+async def test_many_cards_in_concurrent_batches(svc: ServiceHarness) -> None:
+    cards = [await funded_card(svc, 600) for _ in range(4)]
+    bodies = [tap_body(svc, c["card_sn"]) for c in cards for _ in range(4)]
+    answers = await asyncio.gather(*(tap(svc, b) for b in bodies))
+    assert all(a["result"] == "approved" for a in answers)
+    for c in cards:
+        assert await balance(svc, c["card_no"]) == 600 - 180 - 0 - 180 - 180
