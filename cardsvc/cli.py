@@ -447,7 +447,7 @@ def cmd_demo_credential(settings: Settings, args: argparse.Namespace) -> int:
     if args.kind == "ecard-code":
         if not p.has_ecard:
             raise SystemExit(f"demo person {args.index} has no electronic card (every 5th has none)")
-        device = demo.demo_device(args.index)
+        device = demo.demo_device(args.index, args.ecard_key_pool)
         device.counter = int(time.time() * 1000) % 2**31  # a fresh counter for every call from a shell
         _print_json({"code": device.next_code(now), "business_type": args.business_type})
     else:
@@ -627,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="01",
         choices=["01", "02", "03", "04"],
         help="e-card scene: 01 query, 02 payment, 03 other, 04 cross-region medical",
+    )
+    p.add_argument(
+        "--ecard-key-pool",
+        type=int,
+        default=None,
+        help="for a database made by `cardsvc seed`: its e-card key pool size (default: demo-data keys)",
     )
 
     p = add("migrate", cmd_migrate, "apply pending database migrations")

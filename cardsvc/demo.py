@@ -27,6 +27,22 @@ DEMO_SEED = b"cardsvc-demo"
 CHUNK_ROWS = 5_000
 DEMO_PURSE_FEN = 5_000
 DEMO_BANK_CODE = "ICBC"
+# Column order of the rows built here and by cardsvc.seed (COPY targets).
+HOLDER_COLUMNS = ("holder_id", "id_hash", "id_cipher", "name_cipher", "id_masked", "name_masked")
+CARD_COLUMNS = (
+    "card_id",
+    "holder_id",
+    "card_no",
+    "card_sn",
+    "status",
+    "generation",
+    "issuing_area",
+    "bank_code",
+    "financial_active",
+    "has_purse",
+    "expires_on",
+)
+ECARD_COLUMNS = ("ecard_id", "card_id", "channel", "alg", "device_key")
 # Every demo purse starts with an opening transfer in the journal, so balances equal their journal rows.
 OPENING_SQL = """
 WITH p AS (
@@ -95,31 +111,9 @@ async def load_population(
                    CREATE TEMP TABLE IF NOT EXISTS demo_card (LIKE card INCLUDING DEFAULTS) ON COMMIT DROP;
                    CREATE TEMP TABLE IF NOT EXISTS demo_ecard (LIKE ecard INCLUDING DEFAULTS) ON COMMIT DROP;"""
             )
-            await conn.copy_records_to_table(
-                "demo_holder",
-                records=holders,
-                columns=["holder_id", "id_hash", "id_cipher", "name_cipher", "id_masked", "name_masked"],
-            )
-            await conn.copy_records_to_table(
-                "demo_card",
-                records=cards,
-                columns=[
-                    "card_id",
-                    "holder_id",
-                    "card_no",
-                    "card_sn",
-                    "status",
-                    "generation",
-                    "issuing_area",
-                    "bank_code",
-                    "financial_active",
-                    "has_purse",
-                    "expires_on",
-                ],
-            )
-            await conn.copy_records_to_table(
-                "demo_ecard", records=ecards, columns=["ecard_id", "card_id", "channel", "alg", "device_key"]
-            )
+            await conn.copy_records_to_table("demo_holder", records=holders, columns=HOLDER_COLUMNS)
+            await conn.copy_records_to_table("demo_card", records=cards, columns=CARD_COLUMNS)
+            await conn.copy_records_to_table("demo_ecard", records=ecards, columns=ECARD_COLUMNS)
             await conn.execute("INSERT INTO cardholder SELECT * FROM demo_holder ON CONFLICT DO NOTHING")
             status = await conn.execute("INSERT INTO card SELECT * FROM demo_card ON CONFLICT DO NOTHING")
             await conn.execute("INSERT INTO ecard SELECT * FROM demo_ecard ON CONFLICT DO NOTHING")
@@ -145,7 +139,8 @@ async def ensure_demo_terminals(conn: asyncpg.Connection, keys: KeyRing, path: P
         if exists:  # a newer cardsvc may give the kind more operations: demo terminals get them all
             await conn.execute(
                 "UPDATE terminal SET operations = $2 WHERE terminal_id = $1 AND operations <> $2",
-                tid, sorted(terminals.KINDS[kind]),
+                tid,
+                sorted(terminals.KINDS[kind]),
             )
         if exists and kind in creds:
             continue
@@ -169,6 +164,9 @@ async def ensure_demo_terminals(conn: asyncpg.Connection, keys: KeyRing, path: P
     return creds
 
 
-def demo_device(index: int) -> ecard.EcardDevice:
+def demo_device(index: int, key_pool: int | None = None) -> ecard.EcardDevice:
+    """The phone of demo person `index`: its own key (demo data) or key `index mod key_pool` of the pool
+    (a database made by `cardsvc seed --ecard-key-pool key_pool`)."""
     p = population.person(index, DEMO_SEED)
-    return ecard.EcardDevice.from_seed(p.ecard_seed, index + 1, p.ecard_alg)
+    device_seed = p.ecard_seed if key_pool is None else population.ecard_device_seed(index, DEMO_SEED, key_pool)
+    return ecard.EcardDevice.from_seed(device_seed, index + 1, p.ecard_alg)

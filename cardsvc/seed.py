@@ -42,6 +42,7 @@ except (ImportError, AttributeError):  # pragma: no cover - another cryptography
     def _encryption_ctx(algorithm: Any, mode: Any) -> Any:
         return Cipher(algorithm, mode).encryptor()
 
+from cardsvc.demo import CARD_COLUMNS, ECARD_COLUMNS, HOLDER_COLUMNS
 from protocols import idnumber, population, sm
 
 __all__ = [
@@ -67,21 +68,6 @@ ECARD_CHANNEL = "gov_app"
 # the foreign keys on or to them are rebuilt after a load into an empty registry.
 LOADED_TABLES = ("cardholder", "card", "ecard", "purse", "txn_journal")
 
-HOLDER_COLUMNS = ("holder_id", "id_hash", "id_cipher", "name_cipher", "id_masked", "name_masked")
-CARD_COLUMNS = (
-    "card_id",
-    "holder_id",
-    "card_no",
-    "card_sn",
-    "status",
-    "generation",
-    "issuing_area",
-    "bank_code",
-    "financial_active",
-    "has_purse",
-    "expires_on",
-)
-ECARD_COLUMNS = ("ecard_id", "card_id", "channel", "alg", "device_key")
 PURSE_COLUMNS = ("card_id", "balance_fen")
 JOURNAL_COLUMNS = (
     "card_id",
