@@ -55,7 +55,9 @@ def _worker(host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8098)
     parser.add_argument("--workers", type=int, default=1)
@@ -76,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in procs:
         p.start()
     while not stopping and all(p.is_alive() for p in procs):
-        signal.sigtimedwait([signal.SIGTERM, signal.SIGINT], 0.5)
+        # A signal that arrives during the wait is consumed by it (the handler never runs): use the answer.
+        if signal.sigtimedwait([signal.SIGTERM, signal.SIGINT], 0.5) is not None:
+            stopping = True
     for p in procs:
         p.terminate()
     for p in procs:

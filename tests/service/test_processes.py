@@ -1,0 +1,575 @@
+"""The real `cardsvc` command in subprocesses: worker processes sharing one port, graceful shutdown,
+the database going away and coming back, migrations at start-up, and the CLI's help.
+
+Each test starts `cardsvc serve` against its own database (the pg_admin_dsn/db_dsn fixtures, or its own
+embedded server for the database-down test) with a fresh key file, and talks to it over TCP. Waiting is
+always a bounded poll for a condition (readiness, a lock wait, a refused connection), never a timed
+assertion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from cardsvc import demo
+from cardsvc.cli import build_parser
+from cardsvc.security import terminals
+from cardsvc.security.keys import KeyRing
+from cardsvc.store import migrate
+from cardsvc.store.embedded import EmbeddedPostgres
+from protocols import population, terminal_auth
+from tests.helpers import Terminal, with_database
+
+pytestmark = pytest.mark.slow
+
+POLL_ATTEMPTS = 300  # x POLL_INTERVAL_S: how long we are willing to wait for a condition
+POLL_INTERVAL_S = 0.1
+PROBLEM_JSON = "application/problem+json"
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).with_name("cardsvc")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cardsvc"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _refuses_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+async def _poll(what: str, check: Callable[[], Awaitable[bool]]) -> None:
+    for _ in range(POLL_ATTEMPTS):
+        if await check():
+            return
+        await asyncio.sleep(POLL_INTERVAL_S)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def _env(tmp: Path, dsn: str, key_file: Path, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDSVC_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.update(
+        CARDSVC_DATABASE_URL=dsn,
+        CARDSVC_KEY_FILE=str(key_file),
+        CARDSVC_DATA_DIR=str(tmp / "data"),
+        CARDSVC_PORT=str(port),
+        CARDSVC_LOG_FORMAT="json",
+        CARDSVC_DB_POOL_MIN="1",
+        CARDSVC_DB_POOL_MAX="12",
+        TMPDIR=str(tmp),  # the per-worker metrics directory lands here, where a test can look
+    )
+    env.update(extra)
+    return env
+
+
+class Service:
+    """`cardsvc serve` in a subprocess, with a signed HTTP client for it."""
+
+    def __init__(self, tmp: Path, dsn: str, keys: KeyRing, *, workers: int = 1) -> None:
+        self.tmp = tmp
+        self.dsn = dsn
+        self.keys = keys
+        self.workers = workers
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.key_file = tmp / "keys.json"
+        if not self.key_file.exists():
+            keys.write(self.key_file)
+        self.log_path = tmp / f"serve-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.terminals: dict[str, Terminal] = {}
+        # One connection per request: with several workers, the kernel spreads them over the workers.
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, limit=0),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+        self.responses = 0  # answers received from the service (any status)
+
+    async def add_terminal(self, kind: str) -> Terminal:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            tid = f"t-{kind.replace('_', '-')}"
+            secret = await terminals.add_terminal(conn, self.keys.terminal_kek, tid, kind, "test-org")
+        finally:
+            await conn.close()
+        self.terminals[kind] = Terminal(tid, "k1", secret)
+        return self.terminals[kind]
+
+    def start(self, *args: str, **env: str) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*_cli(), "serve", "--workers", str(self.workers), *args],
+                env=_env(self.tmp, self.dsn, self.key_file, self.port, **env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def wait_ready(self) -> None:
+        async def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"cardsvc exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                return (await self.get("/readyz", sign=False))[0] == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await _poll("the service to be ready", ready)
+        await _poll(f"{self.workers} worker(s) to listen", self._all_listening)
+
+    async def _all_listening(self) -> bool:
+        return len(self.listening_pids()) == self.workers
+
+    def listening_pids(self) -> set[int]:
+        pids = set()
+        for line in self.log().splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                entry = orjson.loads(line)
+                if isinstance(entry, dict) and entry.get("msg") == "listening":
+                    pids.add(int(entry["pid"]))
+        return pids
+
+    def signed_headers(
+        self, method: str, path: str, body: bytes, as_: str, nonce: str | None = None
+    ) -> dict[str, str]:
+        t = self.terminals[as_]
+        headers = terminal_auth.sign_request(
+            t.terminal_id, t.key_id, t.secret, method, path, body, nonce=nonce
+        )
+        if body:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+    async def send(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, Any]:
+        async with self.http.request(method, self.base + path, data=body, headers=headers or {}) as resp:
+            raw = await resp.read()
+            self.responses += 1
+            ctype = resp.headers.get("Content-Type", "")
+            parsed = orjson.loads(raw) if raw and "json" in ctype else raw.decode(errors="replace")
+            return resp.status, resp.headers, parsed
+
+    async def get(self, path: str, *, as_: str = "card_office", sign: bool = True) -> tuple[int, Any, Any]:
+        return await self.send("GET", path, b"", self.signed_headers("GET", path, b"", as_) if sign else None)
+
+    async def post(self, path: str, body: Any, *, as_: str) -> tuple[int, Any, Any]:
+        data = orjson.dumps(body)
+        return await self.send("POST", path, data, self.signed_headers("POST", path, data, as_))
+
+    async def terminate(self) -> int:
+        """SIGTERM, then the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.to_thread(self.proc.wait, 60)
+
+    async def close(self) -> None:
+        await self.http.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def keys_for_process() -> KeyRing:
+    return KeyRing.generate()
+
+
+async def _load_people(dsn: str, keys: KeyRing, count: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await demo.load_population(conn, keys, count)
+    finally:
+        await conn.close()
+
+
+def _metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                out.append((dict(sample.labels), sample.value))
+    return out
+
+
+def _per_worker_requests(tmp: Path) -> dict[int, float]:
+    """Requests counted by each worker, from the per-process files of the shared metrics directory."""
+    counts: dict[int, float] = {}
+    for path in tmp.glob("cardsvc-metrics-*/counter_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        for metric in MultiProcessCollector.merge([str(path)], accumulate=True):
+            for sample in metric.samples:
+                if sample.name == "cardsvc_http_requests_total" and sample.labels["route"].startswith("/v1"):
+                    counts[pid] = counts.get(pid, 0) + sample.value
+    return counts
+
+
+# ------------------------------------------------------------------ (a) several workers, one truth
+
+
+async def test_two_workers_share_single_use_and_metrics(
+    db_dsn: str, keys_for_process: KeyRing, tmp_path: Path
+) -> None:
+    keys = keys_for_process
+    await _load_people(db_dsn, keys, 10)
+    svc = Service(tmp_path, db_dsn, keys, workers=2)
+    await svc.add_terminal("merchant_pos")
+    await svc.add_terminal("card_office")
+    try:
+        svc.start()
+        await svc.wait_ready()
+        worker_pids = svc.listening_pids()
+
+        # One e-card code presented 40 times at once, over 40 connections: exactly one is accepted.
+        index = next(i for i in range(10) if population.person(i, demo.DEMO_SEED).has_ecard)
+        code = demo.demo_device(index).next_code(int(time.time()))
+        presentations = 40
+        answers = await asyncio.gather(
+            *(
+                svc.post("/v1/ecard-codes/verify", {"code": code, "business_type": "02"}, as_="merchant_pos")
+                for _ in range(presentations)
+            )
+        )
+        statuses = sorted(status for status, _, _ in answers)
+        assert statuses == [200] + [422] * (presentations - 1), statuses
+        assert {body["code"] for status, _, body in answers if status == 422} == {"credential_replayed"}
+
+        # The same signed request bytes sent 40 times: the nonce is accepted once, across both workers.
+        card_no = population.person(0, demo.DEMO_SEED).card_no
+        path = f"/v1/cards/{card_no}"
+        headers = svc.signed_headers("GET", path, b"", "card_office")
+        replays = 40
+        answers = await asyncio.gather(*(svc.send("GET", path, b"", headers) for _ in range(replays)))
+        statuses = sorted(status for status, _, _ in answers)
+        assert statuses == [200] + [401] * (replays - 1), statuses
+        assert {body["code"] for status, _, body in answers if status == 401} == {"auth_replayed"}
+        ok = next(body for status, _, body in answers if status == 200)
+        assert ok["card_no"] == card_no
+
+        # Both workers answered some of them, and /metrics (served by either) adds them all up.
+        per_worker = _per_worker_requests(tmp_path)
+        assert set(per_worker) == worker_pids and all(n > 0 for n in per_worker.values()), per_worker
+        assert sum(per_worker.values()) == presentations + replays
+        for _ in range(4):  # whichever worker answers /metrics, the totals are the same
+            status, _, text = await svc.send("GET", "/metrics")
+            assert status == 200
+            samples = _metric_samples(text, "cardsvc_http_requests_total")
+            v1 = {
+                (labels["route"], labels["status"]): value
+                for labels, value in samples
+                if labels["route"].startswith("/v1")
+            }
+            assert v1 == {
+                ("/v1/ecard-codes/verify", "200"): 1,
+                ("/v1/ecard-codes/verify", "422"): presentations - 1,
+                ("/v1/cards/{card_no}", "200"): 1,
+                ("/v1/cards/{card_no}", "401"): replays - 1,
+            }, v1
+            verifications = {
+                labels["outcome"]: value
+                for labels, value in _metric_samples(text, "cardsvc_credential_verifications_total")
+            }
+            assert verifications == {"ok": 1, "replayed": presentations - 1}, verifications
+            assert sum(value for _, value in samples) < svc.responses  # /metrics is counted after it answers
+
+        assert await svc.terminate() == 0, svc.log()[-4000:]
+        leftovers = await asyncio.to_thread(lambda: list(tmp_path.glob("cardsvc-metrics-*")))
+        assert not leftovers, "the metrics directory is removed on exit"
+    finally:
+        await svc.close()
+
+
+# ------------------------------------------------------------------ (b) graceful shutdown
+
+
+async def test_sigterm_lets_in_flight_requests_finish(
+    db_dsn: str, keys_for_process: KeyRing, tmp_path: Path
+) -> None:
+    keys = keys_for_process
+    cards = 6
+    await _load_people(db_dsn, keys, cards)
+    card_nos = [population.person(i, demo.DEMO_SEED).card_no for i in range(cards)]
+    svc = Service(tmp_path, db_dsn, keys, workers=2)
+    await svc.add_terminal("card_office")
+    blocker = await asyncpg.connect(db_dsn)
+    watcher = await asyncpg.connect(db_dsn)
+    db_name = await blocker.fetchval("SELECT current_database()")
+    try:
+        svc.start()
+        await svc.wait_ready()
+        # Hold every card's row lock so that the loss reports are in flight, waiting inside the service.
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM card WHERE card_no = ANY($1::text[]) FOR UPDATE", card_nos)
+        in_flight = [
+            asyncio.ensure_future(
+                svc.post(f"/v1/cards/{n}/temporary-loss", {"operator": "staff-1"}, as_="card_office")
+            )
+            for n in card_nos
+        ]
+
+        async def all_waiting() -> bool:
+            # Not from the blocker: statistics views are a snapshot for the rest of a transaction.
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+                db_name,
+            )
+            return bool(waiting == cards)
+
+        await _poll("the requests to wait on the row locks", all_waiting)
+        assert svc.proc is not None
+        svc.proc.send_signal(signal.SIGTERM)
+
+        async def refusing() -> bool:
+            return await asyncio.to_thread(_refuses_connections, svc.port)
+
+        await _poll("the service to stop accepting connections", refusing)
+        assert not any(f.done() for f in in_flight)
+        await tx.commit()  # the requests go on and finish with their normal answer
+
+        answers = await asyncio.gather(*in_flight)
+        for status, _, body in answers:
+            assert status == 200, body
+            assert body["status"] == "temporary_loss", body
+        assert await asyncio.to_thread(svc.proc.wait, 60) == 0, svc.log()[-4000:]
+        assert _refuses_connections(svc.port)
+        statuses = await blocker.fetch("SELECT status FROM card WHERE card_no = ANY($1::text[])", card_nos)
+        assert len(statuses) == cards and len({r["status"] for r in statuses}) == 1
+        assert "shutting down" in svc.log()
+    finally:
+        await blocker.close()
+        await watcher.close()
+        await svc.close()
+
+
+# ------------------------------------------------------------------ (c) the database goes away
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[EmbeddedPostgres]:
+    # Not under tmp_path: pytest resets the mode of its temporary root, which the server's user
+    # (when tests run as root) must be able to traverse.
+    base = Path(tempfile.mkdtemp(prefix="cardsvc-test-"))
+    server = EmbeddedPostgres(base / "pg")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_database_down_answers_503_then_recovers(
+    own_postgres: EmbeddedPostgres, keys_for_process: KeyRing, tmp_path: Path
+) -> None:
+    keys = keys_for_process
+    dsn = own_postgres.dsn()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate.apply(conn)
+    finally:
+        await conn.close()
+    await _load_people(dsn, keys, 2)
+    card_no = population.person(0, demo.DEMO_SEED).card_no
+    svc = Service(tmp_path, dsn, keys)
+    await svc.add_terminal("card_office")
+    try:
+        svc.start()
+        await svc.wait_ready()
+        status, _, body = await svc.get(f"/v1/cards/{card_no}")
+        assert status == 200, body
+
+        own_postgres.stop("immediate")
+
+        answers = []
+
+        async def unavailable() -> bool:
+            status, headers, body = await svc.get(f"/v1/cards/{card_no}")
+            answers.append((status, body))
+            if status == 503:
+                assert headers["Content-Type"].startswith(PROBLEM_JSON), headers
+                assert body["code"] == "db_unavailable" and body["status"] == 503, body
+                assert int(headers["Retry-After"]) > 0
+                return True
+            return False
+
+        try:
+            await _poll("the API to report the database unavailable", unavailable)
+        except AssertionError:
+            raise AssertionError(f"{answers[:3]} ... {answers[-3:]}\n{svc.log()[-3000:]}") from None
+        status, _, body = await svc.get("/readyz", sign=False)
+        assert status == 503 and body["database"] == "unreachable", body
+        status, _, body = await svc.get("/healthz", sign=False)
+        assert status == 200 and body == {"status": "ok"}
+        assert svc.proc is not None and svc.proc.poll() is None
+
+        own_postgres.start()
+
+        async def recovered() -> bool:
+            status, _, _ = await svc.get(f"/v1/cards/{card_no}")
+            return status == 200
+
+        await _poll("the service to recover once the database is back", recovered)
+        status, _, body = await svc.get("/readyz", sign=False)
+        assert status == 200, body
+        assert await svc.terminate() == 0, svc.log()[-4000:]
+        assert "database unavailable" in svc.log()
+    finally:
+        await svc.close()
+
+
+# ------------------------------------------------------------------ (d) migrations at start-up
+
+
+@pytest.fixture
+async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
+    name = f"cardsvc_empty_{os.getpid()}_{time.monotonic_ns()}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    yield with_database(pg_admin_dsn, name)
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+def _run_cli(tmp: Path, dsn: str, key_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_cli(), *args],
+        env=_env(tmp, dsn, key_file, _free_port()),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_serve_refuses_an_unmigrated_database(
+    empty_dsn: str, keys_for_process: KeyRing, tmp_path: Path, workers: int
+) -> None:
+    key_file = tmp_path / "keys.json"
+    keys_for_process.write(key_file)
+    result = await asyncio.to_thread(
+        _run_cli, tmp_path, empty_dsn, key_file, "serve", "--workers", str(workers)
+    )
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "cardsvc migrate" in out and "pending" in out, out
+    assert "Traceback" not in out, out
+
+
+async def test_migrate_check_then_migrate(empty_dsn: str, keys_for_process: KeyRing, tmp_path: Path) -> None:
+    key_file = tmp_path / "keys.json"
+    keys_for_process.write(key_file)
+    check = await asyncio.to_thread(_run_cli, tmp_path, empty_dsn, key_file, "migrate", "--check")
+    assert check.returncode == 1, check
+    assert "pending: 0001_core" in check.stdout
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('card')") is None  # --check changed nothing
+    finally:
+        await conn.close()
+    done = await asyncio.to_thread(_run_cli, tmp_path, empty_dsn, key_file, "migrate")
+    assert done.returncode == 0, done
+    assert "applied 0001_core" in done.stdout
+    check = await asyncio.to_thread(_run_cli, tmp_path, empty_dsn, key_file, "migrate", "--check")
+    assert check.returncode == 0, check
+    assert "schema is current" in check.stdout
+
+
+# ------------------------------------------------------------------ (e) help
+
+
+# What the help of these commands must say they do (other commands: a non-empty description).
+HELP_MENTIONS = {
+    "serve": "run the service",
+    "demo": "synthetic population",
+    "demo-data": "load demo data",
+    "demo-credential": "e-card code",
+    "migrate": "apply pending database migrations",
+    "db": "embedded postgresql",
+    "keys": "key file",
+    "config": "effective configuration",
+    "terminal": "sign every request",
+    "card": "temporary-loss",
+    "call": "sign a request",
+    "seed": "create --count cardholders",
+}
+
+
+def _subcommands() -> dict[str, str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return {a.dest: a.help or "" for a in action._choices_actions}
+
+
+async def test_help_of_every_command() -> None:
+    commands = _subcommands()
+    assert set(HELP_MENTIONS) <= set(commands), set(HELP_MENTIONS) - set(commands)
+
+    async def run(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *_cli(),
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode()
+
+    code, top = await run("--help")
+    assert code == 0 and top.startswith("usage: cardsvc"), top
+    for name, summary in commands.items():
+        assert name in top and summary in top, (name, top)
+    results = await asyncio.gather(*(run(name, "--help") for name in commands))
+    for (name, _), (code, out) in zip(commands.items(), results, strict=True):
+        assert code == 0, (name, out)
+        assert out.startswith(f"usage: cardsvc {name}"), out
+        description = out.split("\n\n")[1].strip()  # after the usage paragraph
+        assert description and summary, (name, out)  # every command says what it does
+        assert HELP_MENTIONS.get(name, description).lower() in out.lower(), (name, out)
+    code, out = await run("no-such-command")
+    assert code == 2 and "invalid choice" in out
