@@ -555,6 +555,10 @@ def plot(http: dict[str, Any], path: Path) -> bool:
     return True
 
 
+TRANSIT_BEGIN = "<!-- transit-bench:begin -->"
+TRANSIT_END = "<!-- transit-bench:end -->"
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     out = [
@@ -747,8 +751,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     data["commands"] = cmds.log
     data["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmarks.json").write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
-    (args.out / "benchmarks.md").write_text(render_markdown(data))
+    json_path, md_path = args.out / "benchmarks.json", args.out / "benchmarks.md"
+    # Keep what the transit benchmark (loadtests/transit_bench.py) wrote into the same files.
+    prior = orjson.loads(json_path.read_bytes()) if json_path.exists() else {}
+    kept = {k: v for k, v in prior.items() if k not in data}
+    json_path.write_bytes(orjson.dumps({**kept, **data}, option=orjson.OPT_INDENT_2) + b"\n")
+    text = render_markdown(data)
+    old = md_path.read_text() if md_path.exists() else ""
+    if TRANSIT_BEGIN in old and TRANSIT_END in old:
+        section = TRANSIT_BEGIN + old.split(TRANSIT_BEGIN, 1)[1].split(TRANSIT_END, 1)[0] + TRANSIT_END
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    md_path.write_text(text)
     print(f"\nwrote {args.out / 'benchmarks.md'} and {args.out / 'benchmarks.json'}")
     return 0
 

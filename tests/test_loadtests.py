@@ -1,0 +1,171 @@
+"""Smoke tests of the load generators (no load): the pre-signed tap format, its signatures as the service
+checks them, the offline batches the benchmark builds, the Locust file loading, and the report merge."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from cardsvc.security.credentials import CardKeyDeriver
+from cardsvc.security.keys import KeyRing
+from loadtests import presign, transit_bench
+from protocols import population, terminal_auth, transit
+from tests.helpers import ServiceHarness
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = ("path", "terminal", "key_id", "timestamp", "nonce", "signature", "body")
+
+
+def _presigned(tmp_path: Path, keys: KeyRing, creds: dict[str, str], count: int = 20) -> list[dict[str, str]]:
+    out = tmp_path / "taps.tsv"
+    presign.presign_taps(keys, creds, count, 5000, out, b"cardsvc-demo", first_seq=7)
+    lines = out.read_text(encoding="ascii").splitlines()
+    assert len(lines) == count
+    return [dict(zip(FIELDS, line.split("\t"), strict=True)) for line in lines]
+
+
+def _headers(row: dict[str, str]) -> dict[str, str]:
+    return {
+        terminal_auth.HEADER_TERMINAL: row["terminal"],
+        terminal_auth.HEADER_KEY_ID: row["key_id"],
+        terminal_auth.HEADER_TIMESTAMP: row["timestamp"],
+        terminal_auth.HEADER_NONCE: row["nonce"],
+        terminal_auth.HEADER_SIGNATURE: row["signature"],
+    }
+
+
+def test_presigned_taps_have_the_replay_format_and_verify(tmp_path: Path) -> None:
+    keys = KeyRing.generate()
+    secret = terminal_auth.generate_secret()
+    creds = {"terminal_id": "bench-v1", "key_id": "k1", "secret": terminal_auth.encode_secret(secret)}
+    rows = _presigned(tmp_path, keys, creds)
+    deriver = CardKeyDeriver(keys.card_auth_master)  # the service's verifier
+    nonces = set()
+    for n, row in enumerate(rows):
+        assert row["path"] == presign.TAP_PATH and row["terminal"] == "bench-v1" and row["key_id"] == "k1"
+        assert abs(int(row["timestamp"]) - time.time()) < 60
+        nonces.add(row["nonce"])
+        body = orjson.loads(row["body"])
+        assert body["terminal_seq"] == 7 + n  # consecutive from --first-seq: no two taps share a key
+        assert body["mode"] == "bus" and body["direction"] == "single" and body["credential"] == "card"
+        # The signature is the one the service computes ...
+        auth = terminal_auth.parse_auth_headers(_headers(row))
+        assert terminal_auth.verify_request(secret, "POST", row["path"], row["body"].encode(), auth)
+        # ... over these exact bytes: one changed byte of the body and it no longer verifies.
+        tampered = row["body"].replace('"bus"', '"Bus"').encode()
+        assert not terminal_auth.verify_request(secret, "POST", row["path"], tampered, auth)
+        # The card answer is a real one: it verifies with the card key derived from the master key.
+        assert deriver.verify(
+            body["card_sn"],
+            bytes.fromhex(body["card_challenge"]),
+            bytes.fromhex(body["terminal_challenge"]),
+            bytes.fromhex(body["cryptogram"]),
+        )
+    assert len(nonces) == len(rows)
+
+
+async def test_a_presigned_tap_passes_the_service_signature_check(svc: ServiceHarness, tmp_path: Path) -> None:
+    t = svc.terminals["transit_validator"]
+    creds = {"terminal_id": t.terminal_id, "key_id": t.key_id, "secret": terminal_auth.encode_secret(t.secret)}
+    row = _presigned(tmp_path, svc.keys, creds, count=2)[0]
+    raw = row["body"].encode()
+    headers = {**_headers(row), "Content-Type": "application/json"}
+    r = await svc.request("POST", row["path"], raw=raw, headers=headers, sign=False)
+    # Signed correctly: the tap reaches the engine, which declines the population card this test database
+    # does not hold (a business answer, not a 401).
+    assert r.status == 200, r.body
+    assert r.body["result"] == "declined" and r.body["reason"] == "unknown_card"
+    replay = await svc.request("POST", row["path"], raw=raw, headers=headers, sign=False)
+    assert replay.status == 401 and replay.body["code"] == "auth_replayed"
+
+
+async def test_benchmark_offline_batches_are_accepted(svc: ServiceHarness) -> None:
+    c = await svc.new_card(has_purse=True)
+    r = await svc.post(
+        f"/v1/purses/{c['card_no']}/top-ups",
+        {"terminal_seq": 91_001, "amount_fen": 500, "channel": "cash", "operator": "staff-1"},
+    )
+    assert r.status == 200, r.body
+    rich = transit.PurseCard(c["card_sn"], master_key=svc.keys.card_tac_master, balance_fen=500)
+    tid = svc.terminals["transit_validator"].terminal_id
+    verdicts = []
+    for batch_id in (1, 2, 3):
+        batch = transit_bench.offline_batch([rich], tid, batch_id, 100 + batch_id, int(time.time()) - 60)
+        if batch is None:  # 500 fen pays two debits of 180; the chip cannot pay a third
+            break
+        r = await svc.post(transit_bench.OFFLINE_PATH, transit.batch_to_dict(batch), as_="transit_validator")
+        assert r.status == 200, r.body
+        verdicts += [x["result"] for x in r.body["records"]]
+    assert verdicts == ["accepted", "accepted"]
+    r = await svc.get(f"/v1/purses/{c['card_no']}", as_="ops")
+    assert r.body["balance_fen"] == 500 - 2 * transit_bench.OFFLINE_AMOUNT_FEN
+
+
+def test_purse_cards_hold_the_keys_and_state_of_the_seeded_cards() -> None:
+    keys = KeyRing.generate()
+    chips = transit_bench.purse_cards(keys.card_tac_master, b"cardsvc-demo", 40, [5000, 120], [0, 65537])
+    sn = population.person(41, b"cardsvc-demo").card_sn
+    assert chips[1].card_sn == sn
+    assert chips[1].tac_key == transit.PurseCard(sn, master_key=keys.card_tac_master).tac_key
+    assert (chips[1].balance_fen, chips[1].purse_seq) == (120, 1)  # the u16 counter of an unwrapped 65537
+    batch = transit_bench.offline_batch(chips, "bench-off0", 1, 1, int(time.time()))
+    assert batch is not None and [r.card_sn for r in batch.records] == [chips[0].card_sn]  # 120 < 180: skipped
+
+
+def test_population_regions_are_disjoint_and_refuse_a_too_large_offline_share() -> None:
+    r = transit_bench.regions(200_000, 20_000, 10_000)
+    assert r.online == (0, 170_000) and r.peak_offline == (170_000, 190_000)
+    assert r.locust_offline == (190_000, 200_000)
+    with pytest.raises(ValueError):
+        transit_bench.regions(100_000, 40_000, 20_000)
+
+
+def test_the_report_section_replaces_only_its_markers() -> None:
+    doc = "# Benchmarks\n\nwritten by loadtests/bench.py\n"
+    first = transit_bench.merge_section(doc, f"{transit_bench.MARK_BEGIN}\nrun 1\n{transit_bench.MARK_END}\n")
+    assert first.startswith(doc) and "run 1" in first
+    second = transit_bench.merge_section(
+        first + "\n## After\n", f"{transit_bench.MARK_BEGIN}\nrun 2\n{transit_bench.MARK_END}\n"
+    )
+    assert "run 1" not in second and "run 2" in second
+    assert second.startswith(doc) and second.endswith("## After\n")
+    assert second.count(transit_bench.MARK_BEGIN) == 1
+
+
+def test_wrk_output_is_read() -> None:
+    out = """  Latency Distribution
+     50%    3.21ms
+     75%    5.00ms
+     90%    9.10ms
+     99%    1.20s
+taps: lines=100 answered=98 approved=88 declined=10 failed=0 elapsed_us=2000000
+missing: 3,17
+"""
+    assert transit_bench.parse_wrk_latency(out) == {"p50": 3.21, "p75": 5.0, "p90": 9.1, "p99": 1200.0}
+    counts = transit_bench.parse_taps_line(out)
+    assert counts["approved"] == 88 and counts["elapsed_us"] == 2_000_000
+    assert transit_bench.parse_missing(out) == [3, 17]
+    assert transit_bench.parse_missing("missing: \n") == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="Locust is in the `load` extra")
+def test_the_locustfile_loads_with_every_user_class() -> None:
+    # In a child process: importing Locust monkey-patches the standard library (gevent).
+    out = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    listed = {line.strip() for line in out.stdout.splitlines()}
+    assert {"MetroValidator", "BusValidator", "AcceptancePoint", "HotlistClient", "OfflineUploader",
+            "CardOffice"} <= listed  # fmt: skip
