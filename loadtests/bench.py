@@ -47,7 +47,7 @@ LUA_SCRIPT = Path(__file__).resolve().parent / "replay.lua"
 
 # Every batch takes about this long, so that timer resolution and loop overhead do not matter.
 BATCH_TARGET_NS = 5_000_000
-READY_POLLS = 600  # x 0.1 s
+READY_POLLS = 1200  # x 0.1 s (a 40M-card database takes a while to open)
 
 
 # ------------------------------------------------------------------ machine

@@ -1,4 +1,5 @@
-"""Pre-sign online tap requests for the peak-rate generator (wrk + replay_post.lua).
+"""Pre-sign online tap requests for the peak-rate generator (wrk with the Lua script that
+loadtests/transit_bench.py writes for each run).
 
 Every tap is a real one: a card answer computed by the card simulator (the card's key derived from the
 master key in the key file, as the card itself would hold it), a unique terminal sequence number and nonce,

@@ -59,8 +59,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +66,7 @@ from typing import Any
 
 import orjson
 
+from loadtests.bench import READY_POLLS, _cardsvc, _env, _wait_http, machine
 from protocols import card, population, terminal_auth, transit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +77,6 @@ TAP_PATH = "/v1/transit/taps"
 OFFLINE_PATH = "/v1/transit/offline-batches"
 OFFLINE_AMOUNT_FEN = 180  # a 2-yuan bus fare with the 10 % card discount
 OFFLINE_LINES = ("bus-105", "bus-111", "bus-421")
-READY_POLLS = 1200  # x 0.1 s
 CARD_CHALLENGE_AGE_S = 900  # for the run: a pre-signed answer waits in wrk's input up to a few minutes
 POSTED = frozenset(r.value for r in transit.RecordResult if r.posted)
 TRANSIT_KEYS = (
@@ -188,34 +186,9 @@ class Commands:
         return text
 
 
-def _cardsvc() -> str:
-    script = Path(sys.executable).with_name("cardsvc")
-    return str(script) if script.exists() else "cardsvc"
-
-
 def _locust() -> str:
     script = Path(sys.executable).with_name("locust")
     return str(script) if script.exists() else "locust"
-
-
-def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "CARDSVC_DATABASE_URL"}  # the embedded database
-    env.update(extra)
-    return env
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    for _ in range(READY_POLLS):
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: the server exited with {proc.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} did not become ready")
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
@@ -943,12 +916,6 @@ def merge_section(text: str, section: str) -> str:
 # ------------------------------------------------------------------ the run
 
 
-def _machine() -> dict[str, Any]:
-    from loadtests.bench import machine
-
-    return machine()
-
-
 def seed_step(cmds: Commands, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     record = args.data_dir / "seed.json"
     if record.exists():
@@ -1062,7 +1029,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     started = time.time()
-    info = _machine()
+    info = machine()
     info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     print("machine:")
     for k, v in info.items():
