@@ -36,8 +36,6 @@ SOCKET_PATH_BYTES_MAX = 100
 # Server settings for a service of this shape: many short transactions, durable commits.
 SERVER_SETTINGS: dict[str, str] = {
     "max_connections": "200",
-    "shared_buffers": "512MB",
-    "effective_cache_size": "4GB",
     "work_mem": "16MB",
     "maintenance_work_mem": "512MB",
     "wal_level": "replica",
@@ -50,6 +48,22 @@ SERVER_SETTINGS: dict[str, str] = {
     "unix_socket_permissions": "0770",
     "listen_addresses": "''",
 }
+
+
+SHARED_BUFFERS_SHARE = 0.25  # of physical memory, as the PostgreSQL documentation suggests
+SHARED_BUFFERS_MB_MIN = 128
+SHARED_BUFFERS_MB_MAX = 8192
+
+
+def memory_settings(total_mb: int | None = None) -> dict[str, str]:
+    """shared_buffers and effective_cache_size sized to this machine (written once, at initdb).
+
+    Measured at 40 million cards on a 24 GiB machine: 512 MB of shared buffers gave ~3,200 taps/s with
+    128 connections, 6 GB ~4,000 (docs/transit.md)."""
+    if total_mb is None:
+        total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    shared = int(min(SHARED_BUFFERS_MB_MAX, max(SHARED_BUFFERS_MB_MIN, total_mb * SHARED_BUFFERS_SHARE)))
+    return {"shared_buffers": f"{shared}MB", "effective_cache_size": f"{max(shared, total_mb // 2)}MB"}
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -166,7 +180,8 @@ class EmbeddedPostgres:
             "--locale=C",
             "--no-instructions",
         )
-        conf = "".join(f"{k} = {v}\n" if v != "''" else f"{k} = ''\n" for k, v in SERVER_SETTINGS.items())
+        settings = {**SERVER_SETTINGS, **memory_settings()}
+        conf = "".join(f"{k} = {v}\n" if v != "''" else f"{k} = ''\n" for k, v in settings.items())
         conf += f"unix_socket_directories = '{self.socket_dir}'\n"
         with open(self.data_dir / "postgresql.auto.conf", "a", encoding="utf-8") as fh:
             fh.write("# cardsvc embedded defaults\n" + conf)
