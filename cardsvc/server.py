@@ -24,6 +24,10 @@ __all__ = ["run_worker", "serve"]
 log = logging.getLogger("cardsvc.server")
 
 WORKER_RESTART_DELAY_S = 1.0
+# A worker that dies this soon after it started failed at start-up (database unreachable, bad settings):
+# after this many such deaths in a row the supervisor gives up instead of restarting it forever.
+WORKER_EARLY_DEATH_S = 10.0
+WORKER_EARLY_DEATHS_MAX = 3
 
 
 async def _serve_async(settings: Settings, dsn: str, key_path: Path, reuse_port: bool) -> None:
@@ -86,15 +90,26 @@ def serve(settings: Settings, dsn: str, key_path: Path) -> int:
         return p
 
     workers = [spawn() for _ in range(settings.workers)]
+    started = [time.monotonic()] * len(workers)
+    early_deaths = 0
+    status = 0
     log.info("started workers", extra={"workers": settings.workers, "pids": [p.pid for p in workers]})
     try:
         while not stopping:
             time.sleep(0.2)
             for i, p in enumerate(workers):
-                if not p.is_alive() and not stopping:
-                    log.error("worker died; restarting", extra={"pid": p.pid, "exitcode": p.exitcode})
-                    time.sleep(WORKER_RESTART_DELAY_S)
-                    workers[i] = spawn()
+                if p.is_alive() or stopping:
+                    continue
+                early = time.monotonic() - started[i] < WORKER_EARLY_DEATH_S
+                early_deaths = early_deaths + 1 if early else 0
+                if early_deaths >= WORKER_EARLY_DEATHS_MAX:
+                    log.error("workers keep failing at start-up; stopping", extra={"exitcode": p.exitcode})
+                    stopping, status = True, 1
+                    break
+                log.error("worker died; restarting", extra={"pid": p.pid, "exitcode": p.exitcode})
+                time.sleep(WORKER_RESTART_DELAY_S)
+                workers[i] = spawn()
+                started[i] = time.monotonic()
     finally:
         for p in workers:
             if p.is_alive() and p.pid is not None:
@@ -106,4 +121,4 @@ def serve(settings: Settings, dsn: str, key_path: Path) -> int:
                 p.kill()
                 p.join()
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+    return status

@@ -500,6 +500,25 @@ async def test_serve_refuses_an_unmigrated_database(
     assert "Traceback" not in out, out
 
 
+async def test_workers_failing_at_start_up_stop_the_service(
+    db_dsn: str, keys_for_process: KeyRing, tmp_path: Path
+) -> None:
+    """A worker that cannot start (here: the fare table file is missing) is not restarted forever."""
+    key_file = tmp_path / "keys.json"
+    keys_for_process.write(key_file)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [*_cli(), "serve", "--workers", "2"],
+        env=_env(tmp_path, db_dsn, key_file, _free_port(), CARDSVC_FARE_TABLE=str(tmp_path / "missing.toml")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "keep failing at start-up" in result.stdout + result.stderr
+
+
 async def test_migrate_check_then_migrate(empty_dsn: str, keys_for_process: KeyRing, tmp_path: Path) -> None:
     key_file = tmp_path / "keys.json"
     keys_for_process.write(key_file)
