@@ -21,7 +21,7 @@ from cardsvc.config import Settings, load_settings
 from cardsvc.security.keys import KeyRing
 from cardsvc.store import migrate
 from cardsvc.store.embedded import EmbeddedPostgres
-from tests.helpers import ServiceHarness, with_database
+from tests.helpers import ServiceHarness, scratch_database, with_database
 
 TEMPLATE_DB = "cardsvc_test_template"
 _counter = itertools.count(1)
@@ -63,17 +63,8 @@ async def template_dsn(pg_admin_dsn: str) -> str:
 @pytest.fixture
 async def db_dsn(pg_admin_dsn: str, template_dsn: str) -> AsyncIterator[str]:
     name = f"cardsvc_test_{os.getpid()}_{next(_counter)}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
-    finally:
-        await admin.close()
-    yield with_database(pg_admin_dsn, name)
-    admin = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with scratch_database(pg_admin_dsn, name, TEMPLATE_DB) as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import itertools
@@ -9,6 +10,7 @@ import os
 import secrets
 import time
 import urllib.parse
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -26,6 +28,40 @@ _serial = itertools.count(1)
 def with_database(dsn: str, database: str) -> str:
     parts = urllib.parse.urlsplit(dsn)
     return urllib.parse.urlunsplit(parts._replace(path="/" + database))
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(admin_dsn: str, name: str, template: str | None = None) -> AsyncIterator[str]:
+    """A database created for one test (empty, or cloned from `template`) and dropped after it."""
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+    finally:
+        await admin.close()
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
+async def purse_vs_journal(dsn: str) -> list[asyncpg.Record]:
+    """Every purse with the sum of its journal rows (the ledger invariant: they are equal)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(
+            """SELECT p.card_id, p.balance_fen, coalesce(j.total, 0) AS journal,
+                      EXISTS (SELECT 1 FROM ride_cert r WHERE r.card_id = p.card_id) AS has_cert
+               FROM purse p
+               LEFT JOIN (SELECT card_id, sum(amount_fen) AS total FROM txn_journal GROUP BY card_id) j
+                      ON j.card_id = p.card_id"""
+        ))
+    finally:
+        await conn.close()
 
 
 @dataclasses.dataclass
@@ -116,6 +152,12 @@ class ServiceHarness:
 
     async def post(self, path: str, body: Any = None, **kw: Any) -> Response:
         return await self.request("POST", path, {} if body is None else body, **kw)
+
+    async def balance(self, card_no: str) -> int:
+        """A card's transit purse balance, as the ops terminal reads it."""
+        r = await self.get(f"/v1/purses/{card_no}", as_="ops")
+        assert r.status == 200, r.body
+        return int(r.body["balance_fen"])
 
     # ---------------------------------------------------------------- builders
 

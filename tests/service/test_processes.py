@@ -36,7 +36,7 @@ from cardsvc.security.keys import KeyRing
 from cardsvc.store import migrate
 from cardsvc.store.embedded import EmbeddedPostgres
 from protocols import population, terminal_auth
-from tests.helpers import Terminal, with_database
+from tests.helpers import Terminal, scratch_database
 
 pytestmark = pytest.mark.slow
 
@@ -461,17 +461,8 @@ async def test_database_down_answers_503_then_recovers(
 @pytest.fixture
 async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
     name = f"cardsvc_empty_{os.getpid()}_{time.monotonic_ns()}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    yield with_database(pg_admin_dsn, name)
-    admin = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with scratch_database(pg_admin_dsn, name) as dsn:
+        yield dsn
 
 
 def _run_cli(tmp: Path, dsn: str, key_file: Path, *args: str) -> subprocess.CompletedProcess[str]:

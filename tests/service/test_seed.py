@@ -18,7 +18,7 @@ from cardsvc import cli, seed
 from cardsvc.security.keys import KeyRing
 from cardsvc.security.pii import PiiVault
 from protocols import ecard, population
-from tests.helpers import ServiceHarness, with_database
+from tests.helpers import ServiceHarness, scratch_database
 
 SEED = "seed-test"
 POOL = 64  # small, so that some seeded e-cards share a device key
@@ -229,18 +229,8 @@ async def test_refuses_a_registry_with_cards_unless_append(
 @pytest.fixture
 async def second_dsn(pg_admin_dsn: str, template_dsn: str) -> AsyncIterator[str]:
     name = f"cardsvc_test_seed2_{os.getpid()}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE cardsvc_test_template")
-    finally:
-        await admin.close()
-    yield with_database(pg_admin_dsn, name)
-    admin = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with scratch_database(pg_admin_dsn, name, "cardsvc_test_template") as dsn:
+        yield dsn
 
 
 async def test_same_seed_same_registry(

@@ -22,7 +22,7 @@ import pytest
 from cardsvc import limits
 from protocols import transit
 from protocols.transit import OfflineBatch, OfflineRecord, PurseCard
-from tests.helpers import ServiceHarness, new_card_numbers
+from tests.helpers import ServiceHarness, new_card_numbers, purse_vs_journal
 
 BUS = {"line_id": "bus-105", "station_id": "", "direction": "single"}
 _seq = itertools.count(1)
@@ -35,17 +35,7 @@ OTHER = "card_office"
 @pytest.fixture(autouse=True)
 async def ledger_holds(db_dsn: str) -> AsyncIterator[None]:
     yield
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        rows = await conn.fetch(
-            """SELECT p.card_id, p.balance_fen, coalesce(j.total, 0) AS journal
-               FROM purse p
-               LEFT JOIN (SELECT card_id, sum(amount_fen) AS total FROM txn_journal GROUP BY card_id) j
-                      ON j.card_id = p.card_id"""
-        )
-    finally:
-        await conn.close()
-    for r in rows:
+    for r in await purse_vs_journal(db_dsn):
         assert r["balance_fen"] == r["journal"], dict(r)
 
 
@@ -88,12 +78,6 @@ def results(answers: list[dict[str, Any]]) -> list[str]:
     return [a["result"] for a in answers]
 
 
-async def balance(svc: ServiceHarness, card_no: str) -> int:
-    r = await svc.get(f"/v1/purses/{card_no}", as_="ops")
-    assert r.status == 200, r.body
-    return int(r.body["balance_fen"])
-
-
 async def money_state(db: asyncpg.Connection) -> tuple[Any, ...]:
     return (
         await db.fetch("SELECT card_id, balance_fen, purse_seq FROM purse ORDER BY card_id"),
@@ -125,7 +109,7 @@ async def test_valid_records_are_posted_and_the_operator_of_the_line_is_paid(
     assert answers == [
         {"terminal_seq": r.terminal_seq, "result": "accepted", "reason": None, "replayed_answer": False} for r in recs
     ]
-    assert await balance(svc, c["card_no"]) == 1000 - 180 - 300
+    assert await svc.balance(c["card_no"]) == 1000 - 180 - 300
     rows = await db.fetch(
         """SELECT j.kind, j.source, j.amount_fen, j.counterparty, j.line_id, j.station_id, extract(epoch FROM j.at)::int AS at,
                   j.terminal_seq
@@ -146,7 +130,7 @@ async def test_a_debit_below_zero_is_posted_the_chip_already_paid(svc: ServiceHa
     c, _ = await funded(svc, 100)
     chip = PurseCard(c["card_sn"], master_key=svc.keys.card_tac_master, balance_fen=100, overdraft_fen=500)
     assert results(await upload(svc, [debit(chip, tid(svc), 300)])) == ["accepted"]
-    assert await balance(svc, c["card_no"]) == -200
+    assert await svc.balance(c["card_no"]) == -200
 
 
 # ------------------------------------------------------------------ TAC
@@ -174,7 +158,7 @@ async def test_bad_and_tampered_tacs_are_refused_and_move_nothing(svc: ServiceHa
     assert after[2] == before[2] + 5  # every refused record is kept for investigation
     # The genuine record is still accepted afterwards.
     assert results(await upload(svc, [good])) == ["accepted"]
-    assert await balance(svc, c["card_no"]) == 820
+    assert await svc.balance(c["card_no"]) == 820
 
 
 # ------------------------------------------------------------------ idempotency
@@ -201,7 +185,7 @@ async def test_reuploading_a_batch_answers_the_same_and_changes_nothing(
     await db.execute("DELETE FROM terminal_txn WHERE terminal_id = $1", t)
     assert results(await upload(svc, recs)) == results(first)
     assert (await money_state(db))[:3] == state[:3]
-    assert await balance(svc, c["card_no"]) == 1000 - 3 * 180
+    assert await svc.balance(c["card_no"]) == 1000 - 3 * 180
 
 
 async def test_overlapping_batches_post_each_record_once(svc: ServiceHarness, db: asyncpg.Connection) -> None:
@@ -211,7 +195,7 @@ async def test_overlapping_batches_post_each_record_once(svc: ServiceHarness, db
     assert results(await upload(svc, recs[:3])) == ["accepted"] * 3
     second = await upload(svc, recs[1:])
     assert [(a["result"], a["replayed_answer"]) for a in second] == [("accepted", True)] * 2 + [("accepted", False)] * 2
-    assert await balance(svc, c["card_no"]) == 500
+    assert await svc.balance(c["card_no"]) == 500
     assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE kind = 5") == 5
 
 
@@ -225,7 +209,7 @@ async def test_the_same_batch_uploaded_concurrently_is_posted_once(svc: ServiceH
     assert results(a) == results(b) == ["accepted"] * 6 + ["card_unknown"]
     assert sorted([a[0]["replayed_answer"], b[0]["replayed_answer"]]) == [False, True]
     for c, _ in cards:
-        assert await balance(svc, c["card_no"]) == 700
+        assert await svc.balance(c["card_no"]) == 700
     assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE kind = 5") == 6
 
 
@@ -247,7 +231,7 @@ async def test_the_same_purse_seq_with_another_amount_is_a_conflict(svc: Service
     reused = debit(chip, t, 120)
     reused = chip_resign(svc, forge(reused, terminal_seq=original.terminal_seq))
     assert [(a["result"], a["reason"]) for a in await upload(svc, [reused])] == [("conflict", "terminal_seq_reused")]
-    assert await balance(svc, c["card_no"]) == 820
+    assert await svc.balance(c["card_no"]) == 820
     # Kept for investigation: the clone's record (a record reusing a key of the same card is answered only:
     # the card's ledger already holds that key).
     kept = await db.fetch("SELECT terminal_id, result, posted FROM offline_record ORDER BY terminal_id")
@@ -268,9 +252,9 @@ async def test_a_sequence_gap_is_posted_and_a_late_record_fills_it(svc: ServiceH
     r1, r2, r3 = (debit(chip, t, 100) for _ in range(3))
     answers = await upload(svc, [r1, r3])
     assert [(a["result"], a["reason"]) for a in answers] == [("accepted", None), ("sequence_gap", "purse_seq_gap")]
-    assert await balance(svc, c["card_no"]) == 800
+    assert await svc.balance(c["card_no"]) == 800
     assert [(a["result"], a["reason"]) for a in await upload(svc, [r2])] == [("accepted", "fills_earlier_gap")]
-    assert await balance(svc, c["card_no"]) == 700
+    assert await svc.balance(c["card_no"]) == 700
     assert await db.fetchval("SELECT purse_seq FROM purse p JOIN card c USING (card_id) WHERE card_no = $1",
                              c["card_no"]) == 3  # fmt: skip
 
@@ -280,7 +264,7 @@ async def test_a_balance_mismatch_is_posted_and_flagged(svc: ServiceHarness, db:
     chip = PurseCard(c["card_sn"], master_key=svc.keys.card_tac_master, balance_fen=1500)  # the chip says 1500
     answers = await upload(svc, [debit(chip, tid(svc), 180)])
     assert [(a["result"], a["reason"]) for a in answers] == [("balance_mismatch", "balance_before_differs")]
-    assert await balance(svc, c["card_no"]) == 820  # the shadow follows the debit; the difference is flagged
+    assert await svc.balance(c["card_no"]) == 820  # the shadow follows the debit; the difference is flagged
     detail = orjson.loads(await db.fetchval("SELECT detail FROM terminal_txn WHERE terminal_id = $1", tid(svc)))
     assert detail["shadow_balance_before_fen"] == 1000
     assert await db.fetchval("SELECT counterparty FROM txn_journal WHERE kind = 5") == "cq-bus"
@@ -305,7 +289,7 @@ async def test_a_hotlisted_card_moves_the_purse_but_the_operator_is_not_paid(
         ("hotlisted", "blocked_at_validator_hotlist_version"),
         ("hotlisted", "blocked_at_validator_hotlist_version"),
     ]
-    assert await balance(svc, c["card_no"]) == 1000 - 480
+    assert await svc.balance(c["card_no"]) == 1000 - 480
     rows = await db.fetch("SELECT counterparty, amount_fen FROM txn_journal WHERE kind = 5 ORDER BY terminal_seq")
     assert [(r["counterparty"], r["amount_fen"]) for r in rows] == [
         ("cq-bus", -180), ("hotlisted:cq-bus", -200), ("hotlisted:cq-bus", -100)
@@ -345,7 +329,7 @@ async def test_malformed_records_are_refused(svc: ServiceHarness, db: asyncpg.Co
         ("malformed", "unknown_line"),
         ("malformed", "unknown_station"),
     ]
-    assert await balance(svc, c["card_no"]) == 1000
+    assert await svc.balance(c["card_no"]) == 1000
 
 
 # ------------------------------------------------------------------ refused uploads
@@ -365,7 +349,7 @@ async def test_a_full_batch_is_accepted_and_one_record_more_is_refused(
     assert await money_state(db) == before
     answers = await upload(svc, recs[:-1])
     assert len(answers) == 500 and set(results(answers)) == {"accepted"}
-    assert await balance(svc, c["card_no"]) == 500
+    assert await svc.balance(c["card_no"]) == 500
     r = await svc.request("POST", "/v1/transit/offline-batches", raw=b" " * (limits.UPLOAD_BODY_BYTES_MAX + 1),
                           as_="transit_validator")  # fmt: skip
     assert r.status == 413 and r.body["code"] == "body_too_large", r.body

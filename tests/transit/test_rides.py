@@ -21,7 +21,7 @@ from cardsvc.transit import fares
 from cardsvc.transit.taps import SOURCE_RIDECODE
 from protocols import ridecode, sm
 from protocols.ridecode import RideBatch, RideRecord
-from tests.helpers import ServiceHarness
+from tests.helpers import ServiceHarness, purse_vs_journal
 
 TABLE = fares.load_demo_table()
 BUS_FARE = fares.card_price_fen(TABLE.bus_lines["bus-105"].fare_fen, TABLE.rules.card_discount_percent)
@@ -32,17 +32,7 @@ GATE_2 = "card_office"  # a second terminal with transit.upload (the card office
 @pytest.fixture(autouse=True)
 async def ledger_holds(db_dsn: str) -> AsyncIterator[None]:
     yield
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        rows = await conn.fetch(
-            """SELECT p.card_id, p.balance_fen, coalesce(j.total, 0) AS journal
-               FROM purse p
-               LEFT JOIN (SELECT card_id, sum(amount_fen) AS total FROM txn_journal GROUP BY card_id) j
-                      ON j.card_id = p.card_id"""
-        )
-    finally:
-        await conn.close()
-    for r in rows:
+    for r in await purse_vs_journal(db_dsn):
         assert r["balance_fen"] == r["journal"], dict(r)
 
 
@@ -86,12 +76,6 @@ async def upload(
     return list(r.body["records"])
 
 
-async def balance(svc: ServiceHarness, card_no: str) -> int:
-    r = await svc.get(f"/v1/purses/{card_no}", as_="ops")
-    assert r.status == 200, r.body
-    return int(r.body["balance_fen"])
-
-
 async def test_a_ride_is_charged_once_and_a_reupload_gets_the_same_answer(
     svc: ServiceHarness, db: asyncpg.Connection
 ) -> None:
@@ -105,7 +89,7 @@ async def test_a_ride_is_charged_once_and_a_reupload_gets_the_same_answer(
     assert first["balance_fen"] == 1000 - BUS_FARE and first["replayed_answer"] is False
     [again] = await upload(svc, [rec], batch_id=2)
     assert again == {**first, "replayed_answer": True}
-    assert await balance(svc, c["card_no"]) == 1000 - BUS_FARE
+    assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
     rows = await db.fetch("SELECT source, amount_fen, counterparty FROM txn_journal WHERE kind = 1")
     assert [tuple(r) for r in rows] == [(SOURCE_RIDECODE, -BUS_FARE, "cq-bus")]
 
@@ -126,7 +110,7 @@ async def test_the_same_code_at_two_gates_is_charged_once(svc: ServiceHarness, d
     # Another terminal allowed to upload (terminals added at run time reach the cache asynchronously).
     [late] = await upload(svc, [gate_record(svc, code, at + 10, gate=GATE_2)], as_=GATE_2)
     assert (late["result"], late["reason"]) == ("declined", "credential_replayed")
-    assert await balance(svc, c["card_no"]) == 1000 - BUS_FARE
+    assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
 
 
 async def backdated_phone(svc: ServiceHarness, card_no: str, valid_from: int) -> ridecode.RidePhone:
@@ -160,7 +144,7 @@ async def test_a_ride_older_than_the_code_lifetime_is_verified_at_its_own_time(s
     assert not ridecode.verify_at_gate(code, issuer, int(time.time()), (), ()).ok  # it would not pass now
     [ans] = await upload(svc, [gate_record(svc, code, at)])
     assert ans["result"] == "approved" and ans["fare_fen"] == BUS_FARE, ans
-    assert await balance(svc, c["card_no"]) == 1000 - BUS_FARE
+    assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
 
 
 async def test_revoked_and_unknown_certificates(svc: ServiceHarness, db: asyncpg.Connection) -> None:
@@ -201,7 +185,7 @@ async def test_revoked_and_unknown_certificates(svc: ServiceHarness, db: asyncpg
         ("declined", "credential_forged"),
         ("declined", "credential_forged"),
     ]
-    assert await balance(svc, c["card_no"]) == 1000 - BUS_FARE
+    assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
 
 
 async def test_a_lost_card_is_declined(svc: ServiceHarness) -> None:
@@ -211,7 +195,7 @@ async def test_a_lost_card_is_declined(svc: ServiceHarness) -> None:
     at = int(time.time()) - 30
     [ans] = await upload(svc, [gate_record(svc, phone.next_code(at), at)])
     assert (ans["result"], ans["reason"]) == ("declined", "card_unusable")
-    assert await balance(svc, c["card_no"]) == 1000
+    assert await svc.balance(c["card_no"]) == 1000
 
 
 async def test_a_reused_gate_seq_with_another_ride_is_a_conflict(svc: ServiceHarness) -> None:
@@ -223,7 +207,7 @@ async def test_a_reused_gate_seq_with_another_ride_is_a_conflict(svc: ServiceHar
                        rec.time, rec.deny_list_version)  # fmt: skip
     [ans] = await upload(svc, [other])
     assert (ans["result"], ans["reason"]) == ("conflict", "idempotency_conflict")
-    assert await balance(svc, c["card_no"]) == 1000 - BUS_FARE
+    assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
 
 
 async def test_rides_of_another_gate_or_a_bad_batch_are_refused(svc: ServiceHarness, db: asyncpg.Connection) -> None:
@@ -240,7 +224,7 @@ async def test_rides_of_another_gate_or_a_bad_batch_are_refused(svc: ServiceHarn
     body["records"] = body["records"] * (ridecode.RIDE_BATCH_RECORDS_MAX + 1)
     r = await svc.post("/v1/transit/ride-batches", body, as_=GATE_2)
     assert r.status == 400 and r.body["field"] == "records", r.body
-    assert await balance(svc, c["card_no"]) == 1000
+    assert await svc.balance(c["card_no"]) == 1000
     assert await db.fetchval("SELECT count(*) FROM terminal_txn WHERE result <> 'approved'") == 0
 
 
@@ -251,5 +235,5 @@ async def test_a_full_batch_of_rides_from_many_phones(svc: ServiceHarness, db: a
     answers = await upload(svc, recs)
     assert {a["result"] for a in answers} == {"approved"}
     for c, _, _ in riders:
-        assert await balance(svc, c["card_no"]) < 2000
+        assert await svc.balance(c["card_no"]) < 2000
     assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE source = $1", SOURCE_RIDECODE) == len(recs)

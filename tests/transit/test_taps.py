@@ -20,7 +20,7 @@ import pytest
 from cardsvc.config import Settings
 from cardsvc.transit import fares
 from protocols import ridecode, sm
-from tests.helpers import ServiceHarness, new_card_numbers
+from tests.helpers import ServiceHarness, new_card_numbers, purse_vs_journal
 
 TABLE = fares.load_demo_table()
 BUS_FARE = fares.card_price_fen(TABLE.bus_lines["bus-105"].fare_fen, TABLE.rules.card_discount_percent)
@@ -30,15 +30,9 @@ _seq = itertools.count(1)
 @pytest.fixture(autouse=True)
 async def ledger_holds(db_dsn: str, settings: Settings) -> AsyncIterator[None]:
     yield
+    rows = await purse_vs_journal(db_dsn)
     conn = await asyncpg.connect(db_dsn)
     try:
-        rows = await conn.fetch(
-            """SELECT p.card_id, p.balance_fen, coalesce(j.total, 0) AS journal,
-                      EXISTS (SELECT 1 FROM ride_cert r WHERE r.card_id = p.card_id) AS has_cert
-               FROM purse p
-               LEFT JOIN (SELECT card_id, sum(amount_fen) AS total FROM txn_journal GROUP BY card_id) j
-                      ON j.card_id = p.card_id"""
-        )
         orphans = await conn.fetchval(
             "SELECT count(*) FROM txn_journal j WHERE NOT EXISTS (SELECT 1 FROM purse p WHERE p.card_id = j.card_id)"
         )
@@ -108,12 +102,6 @@ async def tap(svc: ServiceHarness, body: dict[str, Any], as_: str = "transit_val
     return dict(r.body)
 
 
-async def balance(svc: ServiceHarness, card_no: str) -> int:
-    r = await svc.get(f"/v1/purses/{card_no}", as_="ops")
-    assert r.status == 200, r.body
-    return int(r.body["balance_fen"])
-
-
 async def money_state(db: asyncpg.Connection) -> tuple[Any, ...]:
     """Everything a tap may change: balances, journeys, journal, answers, used credentials."""
     return (
@@ -141,7 +129,7 @@ async def test_bus_tap_charges_the_card_discount_and_answers_the_balance(
     assert ans["fare_fen"] == 180 and ans["balance_fen"] == 820
     assert ans["operator"] == "cq-bus" and "card_discount" in ans["rules"]
     assert ans["replayed_answer"] is False
-    assert await balance(svc, c["card_no"]) == 820
+    assert await svc.balance(c["card_no"]) == 820
     row = await db.fetchrow(
         "SELECT amount_fen, counterparty, line_id, kind FROM txn_journal WHERE txn_id = $1", ans["txn_id"]
     )
@@ -160,7 +148,7 @@ async def test_metro_in_then_out_charges_the_distance_fare(svc: ServiceHarness) 
     out = await tap(svc, tap_body(svc, c["card_sn"], at=now, **metro(b, "out")))
     assert out["result"] == "approved" and out["fare_fen"] == expected, out
     assert out["distance_m"] == fares.metro_distance_m(TABLE, a, b)
-    assert out["balance_fen"] == 1000 - expected == await balance(svc, c["card_no"])
+    assert out["balance_fen"] == 1000 - expected == await svc.balance(c["card_no"])
 
 
 async def test_transfer_bus_to_metro_within_the_window_is_discounted(svc: ServiceHarness) -> None:
@@ -177,7 +165,7 @@ async def test_transfer_bus_to_metro_within_the_window_is_discounted(svc: Servic
     assert bus["fare_fen"] == 180
     assert out["fare_fen"] == want.amount_fen == 180 and out["transfer_discount_fen"] == 180, out
     assert "transfer_discount" in out["rules"]
-    assert await balance(svc, c["card_no"]) == 1000 - 180 - 180
+    assert await svc.balance(c["card_no"]) == 1000 - 180 - 180
 
 
 async def test_missing_tap_out_is_charged_at_the_next_tap_in(svc: ServiceHarness, db: asyncpg.Connection) -> None:
@@ -196,7 +184,7 @@ async def test_missing_tap_out_is_charged_at_the_next_tap_in(svc: ServiceHarness
     # The new journey is open: leaving at 大坪 (L2) is the same station, the minimum fare.
     out = await tap(svc, tap_body(svc, c["card_sn"], at=now, **metro("l2-daping", "out")))
     assert out["fare_fen"] == 180 and "same_station_exit" in out["rules"], out
-    assert await balance(svc, c["card_no"]) == 2000 - 700 - 180
+    assert await svc.balance(c["card_no"]) == 2000 - 700 - 180
 
 
 async def test_the_answer_comes_after_commit(svc: ServiceHarness, db_dsn: str) -> None:
@@ -232,7 +220,7 @@ async def test_a_retry_gets_the_stored_answer_and_no_second_debit(
     assert again["replayed_answer"] is True and first["replayed_answer"] is False
     assert {**again, "replayed_answer": False} == first
     assert await money_state(db) == before
-    assert await balance(svc, c["card_no"]) == 820
+    assert await svc.balance(c["card_no"]) == 820
 
 
 async def test_same_key_with_another_payload_is_a_conflict_and_changes_nothing(
@@ -251,7 +239,7 @@ async def test_same_key_with_another_payload_is_a_conflict_and_changes_nothing(
     r = await svc.post("/v1/transit/taps", other, as_="transit_validator")
     assert r.status == 409 and r.body["code"] == "idempotency_conflict"
     assert await money_state(db) == before
-    assert await balance(svc, d["card_no"]) == 1000
+    assert await svc.balance(d["card_no"]) == 1000
 
 
 async def test_the_same_seq_from_another_terminal_is_another_tap(svc: ServiceHarness) -> None:
@@ -260,7 +248,7 @@ async def test_the_same_seq_from_another_terminal_is_another_tap(svc: ServiceHar
     await tap(svc, body, as_="transit_validator")
     second = await tap(svc, {**tap_body(svc, c["card_sn"]), "terminal_seq": body["terminal_seq"]}, as_="card_office")
     assert second["result"] == "approved" and second["replayed_answer"] is False
-    assert await balance(svc, c["card_no"]) == 1000 - 180 - 0  # the second bus ride is a transfer
+    assert await svc.balance(c["card_no"]) == 1000 - 180 - 0  # the second bus ride is a transfer
 
 
 # ------------------------------------------------------------------ declines (no money moved)
@@ -283,7 +271,7 @@ async def test_insufficient_balance(svc: ServiceHarness, db: asyncpg.Connection)
     c = await funded_card(svc, 100)
     ans = await declined(svc, db, tap_body(svc, c["card_sn"]), "insufficient_balance")
     assert ans["balance_fen"] == 100 and ans["fare_due_fen"] == 180
-    assert await balance(svc, c["card_no"]) == 100
+    assert await svc.balance(c["card_no"]) == 100
 
 
 async def test_metro_entry_needs_the_minimum_fare(svc: ServiceHarness, db: asyncpg.Connection) -> None:
@@ -333,7 +321,7 @@ async def test_forged_expired_and_replayed_card_credentials(svc: ServiceHarness,
     assert (await tap(svc, body))["result"] == "approved"
     replay = {**body, "terminal_seq": next(_seq)}  # the same card answer under a new terminal sequence
     await declined(svc, db, replay, "credential_replayed")
-    assert await balance(svc, c["card_no"]) == 820
+    assert await svc.balance(c["card_no"]) == 820
 
 
 async def test_unknown_card(svc: ServiceHarness, db: asyncpg.Connection) -> None:
@@ -360,7 +348,7 @@ async def test_ecard_code_tap(svc: ServiceHarness, db: asyncpg.Connection) -> No
     stale = device.next_code(int(time.time()) - svc.settings.ecard_code_lifetime_s - svc.settings.clock_skew_s - 5)
     await declined(svc, db, tap_body(svc, None, credential={"credential": "ecard_code", "code": stale}),
                    "credential_expired")
-    assert await balance(svc, c["card_no"]) == 820
+    assert await svc.balance(c["card_no"]) == 820
 
 
 async def ride_phone(svc: ServiceHarness, card_no: str) -> ridecode.RidePhone:
@@ -389,7 +377,7 @@ async def test_ride_code_tap(svc: ServiceHarness, db: asyncpg.Connection) -> Non
     )
     await declined(svc, db, tap_body(svc, None, credential={"credential": "ride_code", "code": forged}),
                    "credential_forged")
-    assert await balance(svc, c["card_no"]) == 820
+    assert await svc.balance(c["card_no"]) == 820
 
 
 async def test_ride_code_rides_on_credit_up_to_the_certificate_limit(svc: ServiceHarness, db: asyncpg.Connection) -> None:
@@ -472,7 +460,7 @@ async def test_concurrent_taps_on_one_card_never_overspend(svc: ServiceHarness, 
     # per window). 1000 pays 5 rides of 180 and leaves 100.
     assert sorted(a["fare_fen"] for a in approved) == [0, 180, 180, 180, 180, 180]
     assert len(refused) == 24 and {a["reason"] for a in refused} == {"insufficient_balance"}
-    assert await balance(svc, c["card_no"]) == 100
+    assert await svc.balance(c["card_no"]) == 100
     assert min(a["balance_fen"] for a in approved) == 100
     # Each approved answer's balance is distinct where money moved: a serial history.
     paid = sorted((a["balance_fen"] for a in approved if a["fare_fen"]), reverse=True)
@@ -494,7 +482,7 @@ async def test_the_same_tap_sent_concurrently_is_charged_once(svc: ServiceHarnes
     assert sum(not a["replayed_answer"] for a in answers) == 1
     assert len({tuple(sorted((k, str(v)) for k, v in a.items() if k != "replayed_answer")) for a in answers}) == 1
     assert answers[0]["result"] == "approved" and answers[0]["txn_id"] is not None
-    assert await balance(svc, c["card_no"]) == 820
+    assert await svc.balance(c["card_no"]) == 820
     assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE card_id = $1 AND kind = 1", c["card_id"]) == 1
 
 
@@ -504,7 +492,7 @@ async def test_one_card_twice_at_once_is_charged_in_sequence(svc: ServiceHarness
     assert first["result"] == second["result"] == "approved"
     # Whichever went first paid 180 and opened the window; the other is the free transfer.
     assert sorted([first["fare_fen"], second["fare_fen"]]) == [0, 180]
-    final = await balance(svc, c["card_no"])
+    final = await svc.balance(c["card_no"])
     assert final == 1000 - first["fare_fen"] - second["fare_fen"] == 820
     assert first["balance_fen"] == second["balance_fen"] == final
 
@@ -515,4 +503,4 @@ async def test_many_cards_in_concurrent_batches(svc: ServiceHarness) -> None:
     answers = await asyncio.gather(*(tap(svc, b) for b in bodies))
     assert all(a["result"] == "approved" for a in answers)
     for c in cards:
-        assert await balance(svc, c["card_no"]) == 600 - 180 - 0 - 180 - 180
+        assert await svc.balance(c["card_no"]) == 600 - 180 - 0 - 180 - 180
