@@ -7,8 +7,10 @@ from aiohttp import web
 from cardsvc.security.terminals import TerminalRecord
 from cardsvc.services import Services
 
-__all__ = ["AUTH", "BODY", "SERVICES"]
+__all__ = ["AUTH", "BODY", "NONCE", "SERVICES"]
 
 SERVICES = web.AppKey("services", Services)
 AUTH = web.RequestKey("auth", TerminalRecord)
 BODY = web.RequestKey("body", bytes)
+# The request nonce, when the handler consumes it itself (see middlewares.nonce_in_handler).
+NONCE = web.RequestKey("nonce", str)

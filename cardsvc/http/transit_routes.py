@@ -13,20 +13,29 @@ from cardsvc.transit import flow, offline, rides
 from protocols import api, ridecode, transit
 from protocols.errors import CodecError
 
-from .keys import AUTH, SERVICES
-from .middlewares import body_bytes_max, json_body, operation
+from .keys import AUTH, NONCE, SERVICES
+from .middlewares import body_bytes_max, consume_nonce, json_body, nonce_in_handler, operation, replayed
 from .routes import _actor, _card_no, _json, _parse
 
 __all__ = ["setup_transit_routes"]
 
 
 @operation("transit.tap")
+@nonce_in_handler
 async def tap(request: web.Request) -> web.Response:
-    body = _parse(api.TAP, request)
     svc = request.app[SERVICES]
-    now = dt.datetime.now(dt.UTC)
-    item = await flow.build_tap_item(svc, svc.transit, request[AUTH].terminal_id, body, now)
-    outcome = await svc.taps.submit(item)
+    try:
+        body = _parse(api.TAP, request)
+        now = dt.datetime.now(dt.UTC)
+        item = await flow.build_tap_item(
+            svc, svc.transit, request[AUTH].terminal_id, body, now, nonce=request[NONCE]
+        )
+    except ApiError:
+        await consume_nonce(request)  # refused input still uses up the nonce (a replay is auth_replayed)
+        raise
+    outcome = await svc.taps.submit(item)  # records the nonce in the batch's transaction
+    if outcome.result == "replayed":
+        raise replayed()
     metrics.TAPS.labels(body["mode"], outcome.result, outcome.reason or "").inc()
     if outcome.result == "conflict":
         raise ApiError("idempotency_conflict", field="terminal_seq")

@@ -47,9 +47,15 @@ def _stale(stamped_s: int, now_s: int, lifetime_s: int, skew_s: int) -> bool:
 
 
 async def build_tap_item(
-    svc: Services, ctx: TransitContext, terminal_id: str, body: dict[str, Any], now: dt.datetime
+    svc: Services,
+    ctx: TransitContext,
+    terminal_id: str,
+    body: dict[str, Any],
+    now: dt.datetime,
+    nonce: str | None = None,
 ) -> TapItem:
-    """Validate the tap against the fare table's shape and check its credential."""
+    """Validate the tap against the fare table's shape and check its credential. `nonce`: the request's,
+    recorded by the batch (None: already recorded)."""
     s = svc.settings
     now_s = int(now.timestamp())
     if body["mode"] == "metro":
@@ -70,6 +76,7 @@ async def build_tap_item(
         "request_hash": request_hash(body),
         "tap": tap,
         "overdraft_fen": s.purse_overdraft_fen,
+        "nonce": nonce,
     }
     if abs(body["time"] - now_s) > s.clock_skew_s:
         # A business answer, not a 400: it is stored under the terminal's sequence number, so a retry of an

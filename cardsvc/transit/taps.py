@@ -5,6 +5,8 @@ the credential). The handler verifies the credential's cryptography first (no da
 cryptogram; the e-card's device key for an e-card code), then hands a `TapItem` to the micro-batcher.
 
 One batch is one transaction:
+0. the request nonces of the batch's taps (single use: a tap whose nonce is already recorded is answered
+   `replayed`, nothing else happens for it), recorded in the same statement as step 1;
 1. the terminal transactions already answered (idempotency: a retry gets the stored answer, the same key
    with a different payload is a conflict);
 2. the purses, cards and concessions of every card in the batch, locked `FOR UPDATE` in card order (so
@@ -80,13 +82,15 @@ class TapItem:
     declined: str | None = None
     overdraft_fen: int = 0
     source: int = SOURCE_ONLINE  # txn_journal.source of the debit (SOURCE_RIDECODE for a ride code)
+    # The signed request's nonce, recorded by the batch (None: the caller recorded it).
+    nonce: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TapOutcome:
     """The answer to one tap. `replayed_answer` is True when it is the stored answer of a retry."""
 
-    result: str  # approved | declined | conflict
+    result: str  # approved | declined | conflict | replayed (the request nonce was used: no answer stored)
     reason: str | None
     fare_fen: int
     balance_fen: int | None
@@ -145,11 +149,26 @@ _NO_PURSE_SQL = """
 SELECT card_id, card_sn FROM card WHERE card_sn = ANY($1::text[]) OR card_id = ANY($2::bigint[])
 """
 
+# The batch's nonces (the first row: those that were fresh) and the terminal transactions already answered.
 _EXISTING_SQL = """
-SELECT t.terminal_id, t.terminal_seq, t.request_hash, t.result, t.amount_fen, t.balance_fen, t.txn_id, t.detail
+WITH n AS (
+    INSERT INTO request_nonce (terminal_id, nonce)
+    SELECT * FROM unnest($3::text[], $4::text[])
+    ON CONFLICT DO NOTHING RETURNING terminal_id, nonce
+)
+SELECT 0 AS part, NULL::text AS terminal_id, NULL::bigint AS terminal_seq, NULL::bytea AS request_hash, NULL::text AS result,
+       NULL::bigint AS amount_fen, NULL::bigint AS balance_fen, NULL::bigint AS txn_id, NULL::jsonb AS detail,
+       (SELECT coalesce(array_agg(terminal_id), '{}') FROM n) AS fresh_terminals,
+       (SELECT coalesce(array_agg(nonce), '{}') FROM n) AS fresh_nonces
+UNION ALL
+SELECT 1, t.terminal_id, t.terminal_seq, t.request_hash, t.result, t.amount_fen, t.balance_fen, t.txn_id,
+       t.detail, NULL, NULL
 FROM unnest($1::text[], $2::bigint[]) AS k(terminal_id, terminal_seq)
 JOIN terminal_txn t ON t.terminal_id = k.terminal_id AND t.terminal_seq = k.terminal_seq
+ORDER BY part
 """
+
+_REPLAYED = TapOutcome("replayed", "auth_replayed", 0, None, None, {})
 
 _WRITE_SQL = """
 WITH cu AS (
@@ -326,12 +345,16 @@ async def _attempt(
     conn: asyncpg.Connection, table: fares.FareTable, items: Sequence[TapItem], now: dt.datetime
 ) -> list[TapOutcome]:
     batch = _Batch(table, now)
-    existing = {
-        (r["terminal_id"], r["terminal_seq"]): r
-        for r in await conn.fetch(
-            _EXISTING_SQL, [i.terminal_id for i in items], [i.terminal_seq for i in items]
-        )
-    }
+    with_nonce = [i for i in items if i.nonce is not None]
+    nonce_row, *answered = await conn.fetch(
+        _EXISTING_SQL,
+        [i.terminal_id for i in items],
+        [i.terminal_seq for i in items],
+        [i.terminal_id for i in with_nonce],
+        [i.nonce for i in with_nonce],
+    )
+    fresh = set(zip(nonce_row["fresh_terminals"], nonce_row["fresh_nonces"], strict=True))
+    existing = {(r["terminal_id"], r["terminal_seq"]): r for r in answered}
     sns = list({i.card_sn for i in items if i.card_sn is not None})
     ids = list({i.card_id for i in items if i.card_id is not None})
     cred_items = [i for i in items if i.cred_kind is not None and i.cred_token is not None]
@@ -375,6 +398,11 @@ async def _attempt(
     seen_keys: dict[tuple[str, int], int] = {}  # key -> index of its first item in this batch
     outcomes: list[TapOutcome] = []
     for item in items:
+        if item.nonce is not None:
+            if (item.terminal_id, item.nonce) not in fresh:  # used before, or earlier in this batch
+                outcomes.append(_REPLAYED)
+                continue
+            fresh.discard((item.terminal_id, item.nonce))
         key = (item.terminal_id, item.terminal_seq)
         if key in existing:
             outcomes.append(_stored(existing[key], item))

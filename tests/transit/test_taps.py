@@ -416,6 +416,57 @@ async def test_bad_input_is_refused_with_nothing_changed(
     assert (await tap(svc, body))["result"] == "approved"
 
 
+async def test_a_signed_tap_sent_again_byte_for_byte_is_replayed_and_charged_once(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    # The tap's nonce is recorded inside the batch's transaction (not by the middleware): the same
+    # guarantee, checked here for a resent request, a resent refused request and a nonce reused elsewhere.
+    c = await funded_card(svc, 1000)
+    body, now, nonce = tap_body(svc, c["card_sn"]), int(time.time()), "tap-nonce-once-0001"
+    first = await svc.post("/v1/transit/taps", body, as_="transit_validator", now_s=now, nonce=nonce)
+    assert first.status == 200 and first.body["result"] == "approved", first.body
+    before = await money_state(db)
+    again = await svc.post("/v1/transit/taps", body, as_="transit_validator", now_s=now, nonce=nonce)
+    assert again.status == 401 and again.body["code"] == "auth_replayed", again.body
+    assert await money_state(db) == before
+    assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
+    # The nonce is spent for the terminal's other operations too.
+    r = await svc.get("/v1/hotlist", as_="transit_validator", nonce=nonce)
+    assert r.status == 401 and r.body["code"] == "auth_replayed"
+    # ... and a nonce spent elsewhere cannot carry a tap.
+    await svc.get("/v1/hotlist", as_="transit_validator", nonce="spent-on-hotlist-01")
+    r = await svc.post("/v1/transit/taps", tap_body(svc, c["card_sn"]), as_="transit_validator",
+                       nonce="spent-on-hotlist-01")  # fmt: skip
+    assert r.status == 401 and r.body["code"] == "auth_replayed"
+    assert await money_state(db) == before
+    # A refused tap uses up its nonce: resent, it is a replay.
+    bad = {**tap_body(svc, c["card_sn"]), "line_id": "no-such-line"}
+    r = await svc.post("/v1/transit/taps", bad, as_="transit_validator", now_s=now, nonce="bad-tap-nonce-001")
+    assert r.status == 400 and r.body["code"] == "invalid_field", r.body
+    r = await svc.post("/v1/transit/taps", bad, as_="transit_validator", now_s=now, nonce="bad-tap-nonce-001")
+    assert r.status == 401 and r.body["code"] == "auth_replayed"
+    assert await money_state(db) == before
+
+
+async def test_the_same_signed_tap_sent_concurrently_is_answered_once(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    # Copies of one signed request land in one batch or in concurrent ones: exactly one is answered.
+    c = await funded_card(svc, 1000)
+    body, now = tap_body(svc, c["card_sn"]), int(time.time())
+    results = await asyncio.gather(
+        *(
+            svc.post("/v1/transit/taps", body, as_="transit_validator", now_s=now, nonce="raced-nonce-00001")
+            for _ in range(8)
+        )
+    )
+    statuses = sorted(r.status for r in results)
+    assert statuses == [200] + [401] * 7, [(r.status, r.body) for r in results]
+    assert all(r.body["code"] == "auth_replayed" for r in results if r.status == 401)
+    assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
+    assert await db.fetchval("SELECT count(*) FROM request_nonce WHERE nonce = 'raced-nonce-00001'") == 1
+
+
 async def test_a_tap_stamped_outside_the_clock_window_is_declined_and_a_late_retry_gets_its_answer(
     svc: ServiceHarness, db: asyncpg.Connection
 ) -> None:
