@@ -54,6 +54,7 @@ __all__ = [
     "Tap",
     "TransferWindow",
     "band_fare_fen",
+    "cap_per_ride",
     "card_price_fen",
     "close_open_journey",
     "elderly_quota_for_year",
@@ -88,6 +89,7 @@ R_DISABLED_HALF = "disabled_half"
 R_MISSING_OUT = "missing_tap_out"
 R_MISSING_IN = "missing_tap_in"
 R_TIMEOUT = "journey_timeout"
+R_RIDE_MAX = "ride_code_max_fare"
 RULE_NAMES = frozenset(
     {
         R_BUS,
@@ -104,6 +106,7 @@ RULE_NAMES = frozenset(
         R_MISSING_OUT,
         R_MISSING_IN,
         R_TIMEOUT,
+        R_RIDE_MAX,
     }
 )
 
@@ -965,4 +968,26 @@ def close_open_journey(
         return None, state
     return Penalty(table.cap_fen, j.operator, R_MISSING_OUT), JourneyState(
         None, state.window, state.day, state.day_charged_fen
+    )
+
+
+def cap_per_ride(decision: Decision, max_fare_fen: int) -> Decision:
+    """A ride code's per-ride limit (protocols/ridecode.md `max_fare_fen`): the issuer promised the rider
+    that no ride is charged more. The ride this tap prices and a penalty for an earlier broken journey are
+    two rides: each is capped on its own. The operator is credited what is charged. Unchanged (the same
+    object) when nothing is over the limit."""
+    if max_fare_fen < 0:
+        raise FareInputError("max_fare_fen must be >= 0")
+    penalty = decision.penalty
+    over_fare = decision.amount_fen > max_fare_fen
+    over_penalty = penalty is not None and penalty.amount_fen > max_fare_fen
+    if not over_fare and not over_penalty:
+        return decision
+    if penalty is not None and over_penalty:
+        penalty = dataclasses.replace(penalty, amount_fen=max_fare_fen)
+    return dataclasses.replace(
+        decision,
+        amount_fen=min(decision.amount_fen, max_fare_fen),
+        penalty=penalty,
+        rules=(*decision.rules, R_RIDE_MAX),
     )

@@ -183,6 +183,7 @@ async def ride_item(svc: Services, ctx: TransitContext, code_text: str, base: di
         cred_kind=KIND_RIDE_CODE,
         cred_token=(cert.cert_serial << 32) | decision.code.counter,
         source=SOURCE_RIDECODE,
+        max_fare_fen=cert.max_fare_fen,
         **base,
     )
     if row["revoked_at"] is not None:

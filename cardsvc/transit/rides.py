@@ -116,6 +116,7 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
                 cred_kind=KIND_RIDE_CODE,
                 cred_token=(cert.cert_serial << 32) | decision.code.counter,
                 declined="card_unusable" if revoked is not None and revoked.timestamp() <= r.time else None,
+                max_fare_fen=cert.max_fare_fen,
                 **base,
             )
         )

@@ -39,6 +39,7 @@ from cardsvc.transit.fares import (
     Tap,
     TransferWindow,
     band_fare_fen,
+    cap_per_ride,
     card_price_fen,
     close_open_journey,
     elderly_quota_for_year,
@@ -914,3 +915,36 @@ def test_a_network_of_hundreds_of_stations_loads() -> None:
     )
     d = run(table, [Tap(T0, "metro", "G0", "g0-0", "in"), Tap(T0 + 3000, "metro", "G11", "g11-29", "out")])
     assert d[1].full_fare_fen == band_fare_fen(table, d[1].distance_m or 0)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(1_700_000_000, 1_900_000_000), st.integers(0, 1_500))
+def test_a_ride_code_limit_caps_each_ride_and_nothing_else(
+    scenario: tuple[Net, Concession, list[Action]], start: int, max_fare: int
+) -> None:
+    net, concession, actions = scenario
+    t = net.table
+    stations = {s["id"]: s for s in net.data["metro"]["stations"]}
+    state, now = EMPTY_STATE, start
+    for act in actions:
+        now += act.gap_s
+        if act.kind == "bus":
+            tap = Tap(now, "bus", act.target)
+        else:
+            tap = Tap(now, "metro", stations[act.target]["line"], act.target, "in" if act.kind == "in" else "out")
+        d = fare(t, state, tap, concession)
+        capped = cap_per_ride(d, max_fare)
+        penalty = d.penalty.amount_fen if d.penalty else 0
+        capped_penalty = capped.penalty.amount_fen if capped.penalty else 0
+        # Each ride (the one priced now, the broken one before it) costs at most the limit, and exactly
+        # what it cost without the limit when that was within it; nothing else about the decision changes.
+        assert capped.amount_fen == min(d.amount_fen, max_fare)
+        assert capped_penalty == min(penalty, max_fare)
+        assert (capped.penalty is None) == (d.penalty is None)
+        assert 0 <= capped.total_fen <= d.total_fen
+        assert ("ride_code_max_fare" in capped.rules) == (d.amount_fen > max_fare or penalty > max_fare)
+        assert set(capped.rules) <= RULE_NAMES
+        assert (capped.state, capped.operator, capped.full_fare_fen) == (d.state, d.operator, d.full_fare_fen)
+        if capped.total_fen == d.total_fen:
+            assert capped is d
+        state = d.state

@@ -113,7 +113,9 @@ async def test_the_same_code_at_two_gates_is_charged_once(svc: ServiceHarness, d
     assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
 
 
-async def backdated_phone(svc: ServiceHarness, card_no: str, valid_from: int) -> ridecode.RidePhone:
+async def backdated_phone(
+    svc: ServiceHarness, card_no: str, valid_from: int, max_fare_fen: int | None = None
+) -> ridecode.RidePhone:
     """A phone with a certificate the issuer signed at `valid_from` (the API signs from now on)."""
     key = sm.sm2_generate()
     conn = await asyncpg.connect(svc.dsn)
@@ -129,10 +131,49 @@ async def backdated_phone(svc: ServiceHarness, card_no: str, valid_from: int) ->
     cert = ridecode.issue_cert(
         sm.sm2_from_scalar(svc.keys.ride_issuer_key), issuer_key_id=1, cert_serial=row["cert_serial"],
         account_id=row["card_id"], alg=sm.ALG_SM2_SM3, user_public_key=sm.public_key_bytes(key),
-        valid_from=valid_from, valid_to=valid_from + 86400, max_fare_fen=svc.settings.ride_max_fare_fen,
+        valid_from=valid_from, valid_to=valid_from + 86400,
+        max_fare_fen=svc.settings.ride_max_fare_fen if max_fare_fen is None else max_fare_fen,
         credit_limit_fen=svc.settings.ride_credit_limit_fen,
     )  # fmt: skip
     return ridecode.RidePhone(cert, key)
+
+
+async def test_no_ride_is_charged_more_than_the_certificates_max_fare(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    # The certificate's max_fare_fen is the issuer's promise to the rider: each ride, and the penalty for an
+    # earlier broken journey (another ride), is charged at most that; the operator is credited what is charged.
+    c, _, issuer = await rider(svc)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 1200, max_fare_fen=150)
+    a, b = sorted(TABLE.stations)[:2]
+    line_a, line_b = TABLE.stations[a].line, TABLE.stations[b].line
+    rides = [
+        gate_record(svc, phone.next_code(now - 900), now - 900),  # bus 180 -> 150
+        gate_record(svc, phone.next_code(now - 600), now - 600, line_id=line_a, station_id=a, direction="in"),
+        # a second entry without leaving: the open journey is charged the maximum fare (700) -> 150
+        gate_record(svc, phone.next_code(now - 300), now - 300, line_id=line_b, station_id=b, direction="in"),
+    ]
+    for code_record in rides:
+        gate_lets_through(code_record.code_text, issuer, code_record.time)
+    bus, entry, second = await upload(svc, rides)
+    assert bus["result"] == "approved" and bus["fare_fen"] == 150, bus
+    assert "ride_code_max_fare" in bus["rules"]
+    assert entry["result"] == "approved" and entry["fare_fen"] == 0, entry
+    assert second["result"] == "approved" and second["penalty"]["amount_fen"] == 150, second
+    assert second["fare_fen"] == 150 and "ride_code_max_fare" in second["rules"]
+    assert await svc.balance(c["card_no"]) == 1000 - 300
+    rows = await db.fetch(
+        "SELECT kind, amount_fen FROM txn_journal WHERE card_id = $1 AND source = $2 ORDER BY txn_id",
+        c.get("card_id") or await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"]),
+        SOURCE_RIDECODE,
+    )
+    assert sorted(r["amount_fen"] for r in rows if r["amount_fen"] != 0) == [-150, -150]
+    assert all(r["amount_fen"] >= -150 for r in rows)
+    # Without a limit below the fares (the default certificate), the same bus ride costs the full fare.
+    _, phone2, _ = await rider(svc)
+    [full] = await upload(svc, [gate_record(svc, phone2.next_code(now - 60), now - 60)], batch_id=2)
+    assert full["fare_fen"] == BUS_FARE and "ride_code_max_fare" not in full["rules"], full
 
 
 async def test_a_ride_older_than_the_code_lifetime_is_verified_at_its_own_time(svc: ServiceHarness) -> None:

@@ -380,6 +380,17 @@ async def test_ride_code_tap(svc: ServiceHarness, db: asyncpg.Connection) -> Non
     assert await svc.balance(c["card_no"]) == 820
 
 
+async def test_an_online_ride_code_tap_is_charged_at_most_the_certificates_max_fare(svc: ServiceHarness) -> None:
+    from tests.transit.test_rides import backdated_phone
+
+    c = await funded_card(svc, 1000)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 60, max_fare_fen=100)
+    ans = await tap(svc, tap_body(svc, None, credential={"credential": "ride_code", "code": phone.next_code(now)}))
+    assert ans["result"] == "approved" and ans["fare_fen"] == 100 and ans["balance_fen"] == 900, ans
+    assert "ride_code_max_fare" in ans["rules"]
+
+
 async def test_ride_code_rides_on_credit_up_to_the_certificate_limit(svc: ServiceHarness, db: asyncpg.Connection) -> None:
     c = await funded_card(svc, 0)
     phone = await ride_phone(svc, c["card_no"])
