@@ -29,9 +29,20 @@ TERM = "T-0001.bus_7"
 
 
 def _cbc_last_block(key: bytes, data: bytes) -> bytes:
-    """Independent SM4-CBC with a zero IV (the library's CBC mode): the MAC is the last block."""
-    enc = Cipher(algorithms.SM4(key), modes.CBC(bytes(16))).encryptor()
-    return (enc.update(data) + enc.finalize())[-16:]
+    """Independent CBC-MAC, as ISO/IEC 9797-1 MAC algorithm 1 writes it: h = E(h XOR block), block by
+    block with single-block SM4-ECB, from h = 0 (the implementation uses the library's CBC mode)."""
+    ecb = Cipher(algorithms.SM4(key), modes.ECB()).encryptor()
+    h = bytes(16)
+    for i in range(0, len(data), 16):
+        h = ecb.update(bytes(a ^ b for a, b in zip(h, data[i : i + 16], strict=True)))
+    return h
+
+
+@settings(max_examples=200)
+@given(st.binary(min_size=16, max_size=16), st.binary(max_size=80))
+def test_cbc_mac_equals_the_block_by_block_definition(key: bytes, data: bytes) -> None:
+    padded = transit.iso9797_pad_method2(data)
+    assert transit.sm4_cbc_mac(key, data) == _cbc_last_block(key, padded)
 
 
 def _record(**kw: Any) -> OfflineRecord:
