@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from protocols import sm
 from protocols.errors import CodecError, KeyInvalid
+from protocols.strict import check_exact_keys
 from protocols.transit import DIRECTIONS, OFFLINE_BATCH_RECORDS_MAX
 
 __all__ = [
@@ -457,6 +458,7 @@ class RideRecord:
 
 
 RIDE_RECORD_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RideRecord))
+_RIDE_RECORD_KEY_SET = frozenset(RIDE_RECORD_KEYS)
 
 
 def _rec_bad(message: str, field_name: str | None = None) -> RideRecordInvalid:
@@ -500,12 +502,7 @@ def ride_record_from_dict(d: object, where: str = "") -> RideRecord:
     try:
         if not isinstance(d, Mapping):
             raise _rec_bad("record must be an object")
-        unknown = sorted(str(k) for k in d if k not in RIDE_RECORD_KEYS)
-        if unknown:
-            raise _rec_bad(f"unknown key {unknown[0]!r}", unknown[0])
-        for k in RIDE_RECORD_KEYS:
-            if k not in d:
-                raise _rec_bad(f"{k} missing", k)
+        check_exact_keys(d, RIDE_RECORD_KEYS, _RIDE_RECORD_KEY_SET, _rec_bad)
         return RideRecord(**{k: d[k] for k in RIDE_RECORD_KEYS})
     except RideRecordInvalid as exc:
         raise RideRecordInvalid(exc.code, exc.message, field=where + (exc.field or "")) from None

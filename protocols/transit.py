@@ -19,6 +19,7 @@ from protocols.card import KEY_PURPOSE_TAC, HotlistAction, derive_card_key, vali
 from protocols.errors import CodecError, KeyInvalid
 from protocols.hotlist import HotlistEntry
 from protocols.sm import SM4_BLOCK_LEN_BYTES, SM4_KEY_LEN_BYTES, sm3, sm4_cbc_last_block
+from protocols.strict import check_exact_keys
 
 __all__ = [
     "AMOUNT_FEN_MAX",
@@ -386,13 +387,7 @@ def record_from_dict(d: object, where: str = "") -> OfflineRecord:
     try:
         if not isinstance(d, Mapping):
             raise _bad("record must be an object")
-        if d.keys() != _RECORD_KEY_SET:  # the exact set: the usual case costs one comparison
-            unknown = sorted(str(k) for k in d if k not in _RECORD_KEY_SET)
-            if unknown:
-                raise _bad(f"unknown key {unknown[0]!r}", unknown[0])
-            for k in RECORD_KEYS:
-                if k not in d:
-                    raise _bad(f"{k} missing", k)
+        check_exact_keys(d, RECORD_KEYS, _RECORD_KEY_SET, _bad)
         txn_type = _check_int(d["txn_type"], "txn_type", 255)
         if txn_type not in TxnType.__members__.values():
             raise _bad("txn_type must be 6 or 9", "txn_type")
