@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "CONCESSION_CHANGES",
     "CONTENT_TYPE_LATEST",
     "DB_POOL_CONNECTIONS",
     "DB_POOL_IN_USE",
@@ -79,6 +80,11 @@ LIFECYCLE_OPERATIONS = Counter(
     "cardsvc_card_lifecycle_operations_total",
     "Card and e-card lifecycle operations, by operation and result.",
     ["operation", "result"],
+)
+CONCESSION_CHANGES = Counter(
+    "cardsvc_concession_changes_total",
+    "Transit concession changes by the card office, by action (set, extra_quota, end).",
+    ["action"],
 )
 TAPS = Counter(
     "cardsvc_transit_taps_total", "Online transit taps by mode, result (approved, declined, conflict) and reason.",

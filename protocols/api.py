@@ -23,6 +23,9 @@ __all__ = [
     "CARD_AUTH",
     "CARD_ISSUE",
     "CARD_OPERATIONS",
+    "CONCESSION_ACTION",
+    "CONCESSION_KINDS",
+    "CONCESSION_SET",
     "ECARD_ISSUE",
     "ECARD_VERIFY",
     "ERRORS",
@@ -69,6 +72,9 @@ ERRORS: dict[str, tuple[int, str]] = {
     "purse_balance_cap": (422, "The top-up would take the purse over its maximum balance"),
     "no_transit_purse": (422, "The card has no transit purse"),
     "card_not_active": (422, "The card is not active"),
+    "concession_not_eligible": (422, "The cardholder is not eligible for this concession"),
+    "no_elderly_concession": (422, "The cardholder has no elderly concession"),
+    "extra_quota_granted": (409, "The extra elderly rides were already granted this year"),
     "credential_forged": (422, "The credential does not verify"),
     "credential_replayed": (422, "The credential was already used"),
     "credential_expired": (422, "The credential is expired or not yet valid"),
@@ -355,3 +361,21 @@ ECARD_VERIFY = Message(
         Field("business_type", str, enum=tuple(b.value for b in ecard.BusinessType)),
     ),
 )
+
+CONCESSION_KINDS = ("elderly", "disabled_free", "disabled_half")
+
+CONCESSION_SET = Message(
+    "ConcessionSet",
+    (
+        Field(
+            "kind",
+            str,
+            enum=CONCESSION_KINDS,
+            description="elderly (free rides within the annual quota, from the fare table's minimum age), "
+            "disabled_free or disabled_half (on the card office's check of the certificate)",
+        ),
+        OPERATOR,
+    ),
+)
+
+CONCESSION_ACTION = Message("ConcessionAction", (OPERATOR,))

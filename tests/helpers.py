@@ -78,9 +78,10 @@ class Response:
     body: Any
 
 
-def new_id_number(rng_seq: int | None = None) -> str:
+def new_id_number(rng_seq: int | None = None, birth: dt.date | None = None) -> str:
     n = next(_serial) if rng_seq is None else rng_seq
-    birth = dt.date(1950, 1, 1) + dt.timedelta(days=(n * 37) % 20000)
+    if birth is None:
+        birth = dt.date(1950, 1, 1) + dt.timedelta(days=(n * 37) % 20000)
     return idnumber.make_id_number("500101", birth, n % 1000)
 
 
@@ -153,6 +154,9 @@ class ServiceHarness:
     async def post(self, path: str, body: Any = None, **kw: Any) -> Response:
         return await self.request("POST", path, {} if body is None else body, **kw)
 
+    async def put(self, path: str, body: Any = None, **kw: Any) -> Response:
+        return await self.request("PUT", path, {} if body is None else body, **kw)
+
     async def balance(self, card_no: str) -> int:
         """A card's transit purse balance, as the ops terminal reads it."""
         r = await self.get(f"/v1/purses/{card_no}", as_="ops")
@@ -161,13 +165,15 @@ class ServiceHarness:
 
     # ---------------------------------------------------------------- builders
 
-    async def new_holder(self) -> int:
-        r = await self.post("/v1/holders", {"id_number": new_id_number(), "name": "张三丰"})
+    async def new_holder(self, birth: dt.date | None = None) -> int:
+        r = await self.post("/v1/holders", {"id_number": new_id_number(birth=birth), "name": "张三丰"})
         assert r.status == 201, r.body
         return int(r.body["holder_id"])
 
-    async def new_card(self, *, activate: bool = True, has_purse: bool = False) -> dict[str, Any]:
-        holder_id = await self.new_holder()
+    async def new_card(
+        self, *, activate: bool = True, has_purse: bool = False, birth: dt.date | None = None
+    ) -> dict[str, Any]:
+        holder_id = await self.new_holder(birth)
         card_no, card_sn = new_card_numbers()
         r = await self.post(
             "/v1/cards",

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from cardsvc import limits, metrics
 from cardsvc.errors import ApiError
-from cardsvc.transit import flow, offline, rides
+from cardsvc.transit import concessions, flow, offline, rides
 from protocols import api, ridecode, transit
 from protocols.errors import CodecError
 
@@ -132,8 +132,11 @@ async def clearing_report(request: web.Request) -> web.Response:
     from cardsvc.transit import clearing
 
     operator_id = request.match_info["operator_id"]
-    if not (operator_id.isascii() and 1 <= len(operator_id) <= 16
-            and all(c.isalnum() or c in "_-" for c in operator_id)):
+    if not (
+        operator_id.isascii()
+        and 1 <= len(operator_id) <= 16
+        and all(c.isalnum() or c in "_-" for c in operator_id)
+    ):
         raise ApiError("invalid_parameter", "operator_id is 1-16 of A-Z a-z 0-9 _ -", field="operator_id")
     try:
         day = dt.date.fromisoformat(request.match_info["date"])
@@ -144,16 +147,73 @@ async def clearing_report(request: web.Request) -> web.Response:
         row = await conn.fetchrow(
             """SELECT operator_id, business_date, txn_count, total_fen, digest, created_at FROM clearing_report
                WHERE operator_id = $1 AND business_date = $2""",
-            operator_id, day,
+            operator_id,
+            day,
         )
     if row is None:
         raise ApiError("not_found", "no clearing report for this operator and day")
     return _json(clearing.report_view(row))
 
 
+def _holder_id(request: web.Request) -> int:
+    raw = request.match_info["holder_id"]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
+        raise ApiError("invalid_parameter", "holder_id is a positive integer", field="holder_id")
+    return int(raw)
+
+
+@operation("concession.read")
+async def get_concession(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    holder_id = _holder_id(request)
+    async with svc.pool.acquire() as conn:
+        return _json(
+            await concessions.get_concession(conn, svc.transit.table, holder_id, dt.datetime.now(dt.UTC))
+        )
+
+
+@operation("concession.manage")
+async def set_concession(request: web.Request) -> web.Response:
+    holder_id = _holder_id(request)
+    body = _parse(api.CONCESSION_SET, request)
+    svc = request.app[SERVICES]
+    async with svc.pool.acquire() as conn:
+        result = await concessions.set_concession(
+            conn, svc.vault, svc.transit.table, holder_id, body["kind"], _actor(request, body),
+            dt.datetime.now(dt.UTC),
+        )  # fmt: skip
+    metrics.CONCESSION_CHANGES.labels("set").inc()
+    return _json(result)
+
+
+async def _concession_change(request: web.Request, action: str) -> web.Response:
+    holder_id = _holder_id(request)
+    body = _parse(api.CONCESSION_ACTION, request)
+    svc = request.app[SERVICES]
+    run = concessions.grant_extra_quota if action == "extra_quota" else concessions.end_concession
+    async with svc.pool.acquire() as conn:
+        result = await run(conn, svc.transit.table, holder_id, _actor(request, body), dt.datetime.now(dt.UTC))
+    metrics.CONCESSION_CHANGES.labels(action).inc()
+    return _json(result)
+
+
+@operation("concession.manage")
+async def grant_extra_quota(request: web.Request) -> web.Response:
+    return await _concession_change(request, "extra_quota")
+
+
+@operation("concession.manage")
+async def end_concession(request: web.Request) -> web.Response:
+    return await _concession_change(request, "end")
+
+
 def setup_transit_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/transit/taps", tap)
+    r.add_get("/v1/holders/{holder_id}/concession", get_concession)
+    r.add_put("/v1/holders/{holder_id}/concession", set_concession)
+    r.add_post("/v1/holders/{holder_id}/concession/extra-quota", grant_extra_quota)
+    r.add_post("/v1/holders/{holder_id}/concession/end", end_concession)
     r.add_get("/v1/purses/{card_no}", purse)
     r.add_post("/v1/purses/{card_no}/top-ups", top_up)
     r.add_post("/v1/ride-certs", issue_ride_cert)

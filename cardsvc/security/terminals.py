@@ -55,6 +55,8 @@ OPERATIONS: dict[str, str] = {
     "purse.topup": "top up (or refund) a transit purse",
     "ridecert.issue": "sign ride-code certificates for phones",
     "clearing.read": "read daily clearing reports",
+    "concession.read": "read a cardholder's transit concession",
+    "concession.manage": "register, extend (elderly extra rides) and end transit concessions",
 }
 
 _ACCEPTANCE = frozenset({"card.authenticate", "ecard.verify", "hotlist.read"})
@@ -64,13 +66,17 @@ KINDS: dict[str, frozenset[str]] = {
     "pharmacy_pos": _ACCEPTANCE,
     "merchant_pos": _ACCEPTANCE,
     "government_service": _ACCEPTANCE | {"card.read"},
-    "agency": frozenset({"card.read", "card.authenticate", "ecard.verify", "holder.lookup"}),
+    "agency": frozenset(
+        {"card.read", "card.authenticate", "ecard.verify", "holder.lookup", "concession.read"}
+    ),
     "card_office": frozenset(OPERATIONS),
     "ecard_channel": frozenset(
         {"ecard.issue", "ecard.revoke", "ecard.read", "card.report_loss", "card.read", "ridecert.issue"}
     ),
     "bank_channel": frozenset({"purse.topup", "purse.read", "card.read"}),
-    "ops": frozenset({"card.read", "ecard.read", "hotlist.read", "purse.read", "clearing.read"}),
+    "ops": frozenset(
+        {"card.read", "ecard.read", "hotlist.read", "purse.read", "clearing.read", "concession.read"}
+    ),
 }
 
 

@@ -181,6 +181,7 @@ class FareRules:
     daily_cap_fen: int | None  # None: no daily cap
     elderly_annual_quota: int
     elderly_extra_quota: int
+    elderly_min_age: int = 65  # the card office registers the elderly concession from this age
 
 
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
@@ -536,7 +537,7 @@ def _parse_rules(c: _Checker, value: object) -> FareRules:
             "elderly_annual_quota",
             "elderly_extra_quota",
         ],
-        ["daily_cap_fen"],
+        ["daily_cap_fen", "elderly_min_age"],
     )
     pairs: set[tuple[str, str]] = set()
     for i, item in enumerate(c.array(r["transfer_pairs"], "rules.transfer_pairs")):
@@ -573,6 +574,9 @@ def _parse_rules(c: _Checker, value: object) -> FareRules:
         ),
         elderly_extra_quota=c.integer(
             r["elderly_extra_quota"], "rules.elderly_extra_quota", minimum=0, unit="rides"
+        ),
+        elderly_min_age=c.integer(
+            r.get("elderly_min_age", 65), "rules.elderly_min_age", minimum=0, maximum=130, unit="years"
         ),
     )
 

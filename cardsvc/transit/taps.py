@@ -141,7 +141,7 @@ SELECT c.card_id, c.card_sn, c.holder_id, c.status, c.app_locked, c.expires_on, 
              ORDER BY u.kind, u.token) AS used_tokens
 FROM card c
 JOIN purse p ON p.card_id = c.card_id
-LEFT JOIN concession k ON k.holder_id = c.holder_id
+LEFT JOIN concession k ON k.holder_id = c.holder_id AND k.ended_at IS NULL
 WHERE c.card_sn = ANY($1::text[]) OR c.card_id = ANY($2::bigint[])
 ORDER BY c.card_id
 FOR UPDATE OF p

@@ -63,6 +63,9 @@ BODIES: dict[tuple[str, str], api.Message] = {
     ("post", "/v1/transit/taps"): api.TAP,
     ("post", "/v1/purses/{card_no}/top-ups"): api.TOPUP,
     ("post", "/v1/ride-certs"): api.RIDE_CERT_ISSUE,
+    ("put", "/v1/holders/{holder_id}/concession"): api.CONCESSION_SET,
+    ("post", "/v1/holders/{holder_id}/concession/extra-quota"): api.CONCESSION_ACTION,
+    ("post", "/v1/holders/{holder_id}/concession/end"): api.CONCESSION_ACTION,
 }
 # The upload bodies are decoded by the wire codecs (transit_routes.py), not protocols.api messages: the
 # schema each one documents and the decoder the server runs.
@@ -662,11 +665,11 @@ def match_template(method: str, path: str) -> str | None:
     return min(candidates)[1] if candidates else None
 
 
-def request_schema_pointer(template: str, path: str) -> str:
+def request_schema_pointer(template: str, path: str, method: str = "post") -> str:
     if template == CARD_OP_PATH:
         op = path.partition("?")[0].rsplit("/", 1)[1]
         return f"/components/schemas/{SPEC['paths'][template]['post']['x-cardsvc-body-by-op'][op]}"
-    return f"/paths/{escape(template)}/post/requestBody/content/application~1json/schema"
+    return f"/paths/{escape(template)}/{method.lower()}/requestBody/content/application~1json/schema"
 
 
 def allowed_codes(op: dict[str, Any]) -> set[str]:
@@ -690,8 +693,8 @@ class SpecClient:
         template = match_template(method, path)
         assert template is not None, path
         if body is not None and "requestBody" in SPEC["paths"][template][method.lower()]:
-            validate(body, request_schema_pointer(template, path))
-            validate(body, f"/paths/{escape(template)}/post/requestBody/content/application~1json/schema")
+            validate(body, request_schema_pointer(template, path, method))
+            validate(body, f"/paths/{escape(template)}/{method.lower()}/requestBody/content/application~1json/schema")
         return await self.call(method, path, body, status, None, **kw)
 
     async def err(self, method: str, path: str, body: Any = None, *, code: str, **kw: Any) -> Response:
@@ -753,6 +756,7 @@ def concrete(template: str) -> str:
         .replace("{op}", "activate")
         .replace("{operator_id}", "nobody")
         .replace("{date}", "2000-01-01")
+        .replace("{holder_id}", "999999999")
     )
 
 
@@ -993,6 +997,25 @@ async def test_every_endpoint_answers_what_the_spec_says(svc: ServiceHarness, tm
     await c.err("POST", f"{purse}/top-ups", cap, code="purse_balance_cap", as_="bank_channel")
     no_purse = f"/v1/purses/{active['card_no']}/top-ups"
     await c.err("POST", no_purse, top | {"terminal_seq": 4}, code="no_transit_purse", as_="bank_channel")
+
+    # ---- concessions (card office; read by ops)
+    young = await svc.new_holder(dt.date(dt.date.today().year - 30, 1, 1))
+    elder = await svc.new_holder(dt.date(dt.date.today().year - 70, 1, 1))
+    cy, ce = f"/v1/holders/{young}/concession", f"/v1/holders/{elder}/concession"
+    await c.err("PUT", cy, {"kind": "elderly"}, code="concession_not_eligible")
+    await c.err("PUT", "/v1/holders/999999999/concession", {"kind": "elderly"}, code="not_found")
+    await c.err("PUT", "/v1/holders/x/concession", {"kind": "elderly"}, code="invalid_parameter")
+    await c.err("GET", ce, code="not_found", as_="ops")
+    granted = (await c.ok("PUT", ce, {"kind": "elderly", "operator": "s-1"})).body
+    assert granted["elderly_rides_left"] == TABLE.rules.elderly_annual_quota
+    assert (await c.ok("GET", ce, as_="ops")).body == granted
+    more = (await c.ok("POST", f"{ce}/extra-quota", {"operator": "s-1"})).body
+    assert more["elderly_rides_left"] == TABLE.rules.elderly_annual_quota + TABLE.rules.elderly_extra_quota
+    await c.err("POST", f"{ce}/extra-quota", {}, code="extra_quota_granted")
+    assert (await c.ok("PUT", cy, {"kind": "disabled_half"})).body["elderly_rides_left"] is None
+    await c.err("POST", f"{cy}/extra-quota", {}, code="no_elderly_concession")
+    assert (await c.ok("POST", f"{cy}/end", {"operator": "s-1"})).body["kind"] == "disabled_half"
+    await c.err("POST", f"{cy}/end", {}, code="not_found")
 
     def tap(seq: int, card: dict[str, Any] = pc, **kw: Any) -> dict[str, Any]:
         return {
@@ -1244,7 +1267,7 @@ async def test_missing_and_unknown_fields_follow_the_documented_bodies(svc: Serv
     refuses a field the schema does not have (for every card operation too). An upload's decoder answers
     both with `invalid_field` naming the key, as the operation's description says."""
     c = SpecClient(svc)
-    paths = [("post", concrete(t)) for (m, t), op in spec_operations().items() if "requestBody" in op]
+    paths = [(m, concrete(t)) for (m, t), op in spec_operations().items() if "requestBody" in op]
     paths += [("post", f"/v1/cards/ZZZZZZZZ9/{name}") for name in api.CARD_OPERATIONS]
     for method, path in paths:
         template = match_template(method, path)
@@ -1261,14 +1284,14 @@ async def test_missing_and_unknown_fields_follow_the_documented_bodies(svc: Serv
                 assert r.body["field"] == field, (path, r.body)
             assert "records" in schema["required"]
             continue
-        pointer = request_schema_pointer(template, path)
+        pointer = request_schema_pointer(template, path, method)
         schema, _ = deref(schema_at(pointer), pointer)
         if schema["required"]:
-            r = await c.err("POST", path, {}, code="missing_field")
+            r = await c.err(method.upper(), path, {}, code="missing_field")
             assert r.body["field"] == schema["required"][0], (path, r.body)
         else:  # an empty body is complete: the thing named in the path does not exist
-            await c.err("POST", path, {}, code="not_found")
-        r = await c.err("POST", path, {"not_a_field": 1}, code="unknown_field")
+            await c.err(method.upper(), path, {}, code="not_found")
+        r = await c.err(method.upper(), path, {"not_a_field": 1}, code="unknown_field")
         assert r.body["field"] == "not_a_field"
 
 

@@ -1,0 +1,192 @@
+"""Transit concessions of a cardholder, managed by the card office (docs/transit.md "Concessions").
+
+- `elderly`: free rides within an annual quota (fare table `elderly_annual_quota`, 1,200 in the demo
+  table), +`elderly_extra_quota` (300) once per calendar year on request; registered only for holders
+  aged `elderly_min_age` (65) or more on the local date, read from the birth date in their ID number.
+- `disabled_free`, `disabled_half`: registered on the card office's check of the disability certificate.
+
+One quota per holder, whatever credential rides (card, e-card, ride code): the tap engine reads and
+writes it while it holds the holder's purse row locks, so every change here takes those same locks first
+(in card order, like a tap batch) and the two never lose each other's update.
+
+Ending a concession keeps its row (`ended_at`): the year's elderly ride count survives an end and a new
+registration. Every change appends a `concession_event` (who, when, the rides left).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from cardsvc.errors import ApiError
+from cardsvc.flows.actor import Actor
+from cardsvc.security.pii import PiiVault
+from protocols import idnumber
+
+from . import fares
+
+__all__ = ["end_concession", "get_concession", "grant_extra_quota", "set_concession"]
+
+ELDERLY = "elderly"
+
+
+def _age_on(born: dt.date, day: dt.date) -> int:
+    return day.year - born.year - ((day.month, day.day) < (born.month, born.day))
+
+
+def _rides_left(row: asyncpg.Record, table: fares.FareTable, year: int) -> int | None:
+    """The elderly rides left this year (a year not started yet has its full base quota)."""
+    if row["kind"] != ELDERLY:
+        return None
+    if row["quota_year"] != year:
+        return fares.elderly_quota_for_year(table, extra_granted=False)
+    return max(0, row["rides_left"] or 0)
+
+
+def _view(holder_id: int, row: asyncpg.Record | None, table: fares.FareTable, year: int) -> dict[str, Any]:
+    if row is None or row["ended_at"] is not None:
+        raise ApiError("not_found", "the cardholder has no concession", field="holder_id")
+    return {
+        "holder_id": holder_id,
+        "kind": row["kind"],
+        "year": year,
+        "elderly_rides_left": _rides_left(row, table, year),
+        "extra_quota_granted": row["kind"] == ELDERLY and row["extra_year"] == year,
+        "updated_at": row["updated_at"].isoformat(),
+    }
+
+
+_ROW = "SELECT kind, quota_year, rides_left, extra_year, ended_at, updated_at FROM concession WHERE holder_id = $1"
+
+
+async def _lock_holder(conn: asyncpg.Connection, holder_id: int) -> asyncpg.Record:
+    """The holder (404 if unknown), with the purse rows of all their cards locked in card order."""
+    holder = await conn.fetchrow(
+        "SELECT holder_id, id_cipher FROM cardholder WHERE holder_id = $1", holder_id
+    )
+    if holder is None:
+        raise ApiError("not_found", "no cardholder with this id", field="holder_id")
+    await conn.execute(
+        """SELECT 1 FROM purse p JOIN card c ON c.card_id = p.card_id WHERE c.holder_id = $1
+           ORDER BY p.card_id FOR UPDATE OF p""",
+        holder_id,
+    )
+    return holder
+
+
+@contextlib.asynccontextmanager
+async def _locked(
+    conn: asyncpg.Connection, table: fares.FareTable, holder_id: int, now: dt.datetime
+) -> AsyncIterator[tuple[asyncpg.Record, asyncpg.Record | None, int]]:
+    """A transaction holding the holder's purse locks: the holder, their concession row as it is now
+    (None: never registered) and the fare table's local calendar year."""
+    async with conn.transaction():
+        holder = await _lock_holder(conn, holder_id)
+        yield holder, await conn.fetchrow(_ROW, holder_id), _local_today(table, now).year
+
+
+async def _event(
+    conn: asyncpg.Connection,
+    holder_id: int,
+    op: str,
+    before: str | None,
+    after: str | None,
+    rides_left: int | None,
+    actor: Actor,
+) -> None:
+    await conn.execute(
+        """INSERT INTO concession_event (holder_id, op, kind_before, kind_after, rides_left, terminal_id,
+                                         operator, request_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+        holder_id,
+        op,
+        before,
+        after,
+        rides_left,
+        actor.terminal_id,
+        actor.operator,
+        actor.request_id,
+    )
+
+
+def _local_today(table: fares.FareTable, now: dt.datetime) -> dt.date:
+    return fares.local_day(table, int(now.timestamp()))
+
+
+async def get_concession(
+    conn: asyncpg.Connection, table: fares.FareTable, holder_id: int, now: dt.datetime
+) -> dict[str, Any]:
+    if await conn.fetchval("SELECT 1 FROM cardholder WHERE holder_id = $1", holder_id) is None:
+        raise ApiError("not_found", "no cardholder with this id", field="holder_id")
+    return _view(holder_id, await conn.fetchrow(_ROW, holder_id), table, _local_today(table, now).year)
+
+
+async def set_concession(
+    conn: asyncpg.Connection,
+    vault: PiiVault,
+    table: fares.FareTable,
+    holder_id: int,
+    kind: str,
+    actor: Actor,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """Register (or change) the holder's concession. The year's elderly ride count is kept."""
+    async with _locked(conn, table, holder_id, now) as (holder, before, year):
+        if kind == ELDERLY:
+            born = idnumber.birth_date_of(vault.open_id_number(bytes(holder["id_cipher"])))
+            if _age_on(born, _local_today(table, now)) < table.rules.elderly_min_age:
+                raise ApiError(
+                    "concession_not_eligible",
+                    f"the elderly concession starts at {table.rules.elderly_min_age}",
+                    field="kind",
+                )
+        await conn.execute(
+            """INSERT INTO concession (holder_id, kind) VALUES ($1, $2)
+               ON CONFLICT (holder_id) DO UPDATE SET kind = EXCLUDED.kind, ended_at = NULL, updated_at = now()""",
+            holder_id,
+            kind,
+        )
+        row = await conn.fetchrow(_ROW, holder_id)
+        assert row is not None
+        old_kind = before["kind"] if before is not None and before["ended_at"] is None else None
+        await _event(conn, holder_id, "set", old_kind, kind, _rides_left(row, table, year), actor)
+    return _view(holder_id, row, table, year)
+
+
+async def grant_extra_quota(
+    conn: asyncpg.Connection, table: fares.FareTable, holder_id: int, actor: Actor, now: dt.datetime
+) -> dict[str, Any]:
+    """The elderly extra rides, once per calendar year, on top of what is left of this year's quota."""
+    async with _locked(conn, table, holder_id, now) as (_, row, year):
+        if row is None or row["ended_at"] is not None or row["kind"] != ELDERLY:
+            raise ApiError("no_elderly_concession", field="holder_id")
+        if row["extra_year"] == year:
+            raise ApiError("extra_quota_granted", f"already granted for {year}")
+        rides = (_rides_left(row, table, year) or 0) + table.rules.elderly_extra_quota
+        await conn.execute(
+            """UPDATE concession SET rides_left = $2, quota_year = $3, extra_year = $3, updated_at = now()
+               WHERE holder_id = $1""",
+            holder_id,
+            rides,
+            year,
+        )
+        await _event(conn, holder_id, "extra_quota", ELDERLY, ELDERLY, rides, actor)
+        row = await conn.fetchrow(_ROW, holder_id)
+    return _view(holder_id, row, table, year)
+
+
+async def end_concession(
+    conn: asyncpg.Connection, table: fares.FareTable, holder_id: int, actor: Actor, now: dt.datetime
+) -> dict[str, Any]:
+    """End the holder's concession: their next tap pays the card fare. Answers the concession as it was."""
+    async with _locked(conn, table, holder_id, now) as (_, row, year):
+        ended = _view(holder_id, row, table, year)  # 404 when there is none
+        await conn.execute(
+            "UPDATE concession SET ended_at = now(), updated_at = now() WHERE holder_id = $1", holder_id
+        )
+        await _event(conn, holder_id, "end", ended["kind"], None, ended["elderly_rides_left"], actor)
+    return ended
