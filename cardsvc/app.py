@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import asyncpg
 from aiohttp import web
 
-from cardsvc import limits
+from cardsvc import limits, metrics
 from cardsvc.config import Settings
 from cardsvc.flows import lifecycle
 from cardsvc.http.keys import SERVICES
@@ -34,6 +34,7 @@ from cardsvc.store.pool import create_pool
 from cardsvc.transit import fares
 from cardsvc.transit.context import TransitContext
 from cardsvc.transit.flow import KIND_RIDE_CODE
+from cardsvc.transit.sweep import sweep_timed_out_journeys
 from cardsvc.transit.taps import TapItem, TapOutcome, process_taps
 
 __all__ = ["MigrationsPending", "create_app"]
@@ -65,10 +66,21 @@ def _nonce_flush(pool: asyncpg.Pool):  # type: ignore[no-untyped-def]
     return flush
 
 
-async def maintenance_once(pool: asyncpg.Pool, settings: Settings) -> None:
+async def maintenance_once(
+    pool: asyncpg.Pool, settings: Settings, table: fares.FareTable | None = None
+) -> None:
     """Expire temporary losses, forget old nonces, credential uses and terminal answers past their
-    retention, keep journal partitions ahead."""
+    retention, keep journal partitions ahead, and (given the fare table) charge timed-out metro journeys."""
     await lifecycle.expire_temporary_losses(pool)
+    if table is not None:
+        swept = await sweep_timed_out_journeys(pool, table, settings.purse_overdraft_fen)
+        metrics.JOURNEYS_SWEPT.labels("closed").inc(swept.closed)
+        metrics.JOURNEYS_SWEPT.labels("unpaid").inc(swept.unpaid)
+        if swept.closed or swept.unpaid:
+            log.info(
+                "timed-out metro journeys charged",
+                extra={"closed": swept.closed, "charged_fen": swept.charged_fen, "unpaid": swept.unpaid},
+            )
     async with pool.acquire() as conn:
         await conn.execute(
             "DELETE FROM request_nonce WHERE seen_at < now() - make_interval(secs => $1)",
@@ -92,10 +104,10 @@ async def maintenance_once(pool: asyncpg.Pool, settings: Settings) -> None:
         await conn.execute("SELECT cardsvc_ensure_partitions(now()::date, 3)")
 
 
-async def _maintenance_loop(pool: asyncpg.Pool, settings: Settings) -> None:
+async def _maintenance_loop(pool: asyncpg.Pool, settings: Settings, table: fares.FareTable) -> None:
     while True:
         try:
-            await maintenance_once(pool, settings)
+            await maintenance_once(pool, settings, table)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -157,7 +169,7 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
                 taps=taps,
             )
             loop_task = (
-                asyncio.get_running_loop().create_task(_maintenance_loop(pool, settings))
+                asyncio.get_running_loop().create_task(_maintenance_loop(pool, settings, table))
                 if maintenance
                 else None
             )

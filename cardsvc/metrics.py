@@ -29,6 +29,7 @@ __all__ = [
     "HTTP_REQUESTS",
     "HTTP_REQUESTS_IN_FLIGHT",
     "HTTP_REQUEST_DURATION",
+    "JOURNEYS_SWEPT",
     "LIFECYCLE_OPERATIONS",
     "REQUEST_AUTH_FAILURES",
     "TAPS",
@@ -85,6 +86,12 @@ CONCESSION_CHANGES = Counter(
     "cardsvc_concession_changes_total",
     "Transit concession changes by the card office, by action (set, extra_quota, end).",
     ["action"],
+)
+JOURNEYS_SWEPT = Counter(
+    "cardsvc_transit_journeys_swept_total",
+    "Metro journeys open past the journey timeout, found by the sweep: closed (charged the maximum fare) "
+    "or unpaid (the purse could not pay; charged at the card's next tap).",
+    ["result"],
 )
 TAPS = Counter(
     "cardsvc_transit_taps_total", "Online transit taps by mode, result (approved, declined, conflict) and reason.",

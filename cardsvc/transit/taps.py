@@ -40,6 +40,7 @@ __all__ = [
     "KIND_FARE",
     "KIND_PENALTY",
     "SOURCE_ONLINE",
+    "SOURCE_SWEEP",
     "TapItem",
     "TapOutcome",
     "process_taps",
@@ -58,6 +59,7 @@ SOURCE_ONLINE = 1
 SOURCE_OFFLINE = 2
 SOURCE_RIDECODE = 3
 SOURCE_OFFICE = 4
+SOURCE_SWEEP = 5  # a timed-out metro journey charged by the sweep (no terminal transaction)
 
 BATCH_ATTEMPTS_MAX = 3
 

@@ -1,0 +1,150 @@
+"""Timed-out metro journeys charged without waiting for the card's next tap (docs/transit.md
+"Open metro journeys").
+
+A rider who taps in and never taps out (an emergency gate, a broken validator) owes the maximum fare
+(`fares.close_open_journey`). The tap engine charges it at the card's next tap, which may be days later
+and lands in another clearing day, or never. The sweep charges it once the journey has been open for
+`journey_timeout_s`, at the moment it timed out:
+
+1. the candidates are the cards with a metro entry in the journal (an online tap-in writes a 0-fen fare
+   row) between the last sweep's watermark and now − `journey_timeout_s` (`journey_sweep.swept_to`), read
+   through the clearing index (operator, time);
+2. per chunk, one transaction: their purses locked `FOR UPDATE` in card order (as the tap engine does), the
+   journey re-read under the lock and closed only if it is still open and timed out; the penalty and the
+   purse in one statement. A card that cannot pay (below its overdraft) is left open: its next tap, after
+   a top-up, charges it;
+3. the watermark moves to the end of the window.
+
+Idempotent and safe to run concurrently with taps and with itself (a session advisory lock lets one run
+at a time; a journey closed once is no longer open). Journal rows carry `source` 5 (SOURCE_SWEEP) and the
+terminal `system`; clearing counts them like any penalty, on the day the journey timed out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+
+import asyncpg
+
+from . import fares
+from .taps import KIND_FARE, KIND_PENALTY, SOURCE_SWEEP
+
+__all__ = ["SWEEP_TERMINAL", "SweepResult", "sweep_timed_out_journeys"]
+
+SWEEP_TERMINAL = "system"
+CHUNK_CARDS = 500
+FIRST_LOOK_BACK = dt.timedelta(days=1)  # the first sweep of a database looks at the last day's entries
+_LOCK_KEY = 0x6A6F75726E6579  # pg advisory lock: one sweep at a time across workers and hosts
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SweepResult:
+    candidates: int = 0
+    closed: int = 0
+    charged_fen: int = 0
+    unpaid: int = 0  # timed out, but the purse cannot pay: left for the card's next tap
+    skipped: bool = False  # another sweep was running
+    swept_to: dt.datetime | None = None
+
+
+_CANDIDATES_SQL = """
+SELECT DISTINCT card_id FROM txn_journal
+WHERE counterparty = ANY($1::text[]) AND at >= $2 AND at < $3
+  AND kind = $4 AND amount_fen = 0 AND station_id IS NOT NULL
+ORDER BY card_id
+"""
+
+_LOCK_SQL = """
+SELECT card_id, balance_fen, journey FROM purse WHERE card_id = ANY($1::bigint[]) ORDER BY card_id FOR UPDATE
+"""
+
+_WRITE_SQL = """
+WITH pu AS (
+    UPDATE purse p SET balance_fen = v.balance_fen, journey = v.journey, updated_at = now()
+    FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[]) AS v(card_id, balance_fen, journey)
+    WHERE p.card_id = v.card_id
+    RETURNING 1
+)
+INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
+                         station_id, source)
+SELECT v.card_id, $4::smallint, $5::text, 0, v.amount_fen, 1, v.at, v.counterparty, v.station_id, $6::smallint
+FROM unnest($1::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::text[])
+     AS v(card_id, amount_fen, at, counterparty, station_id)
+"""
+
+
+def _metro_operators(table: fares.FareTable) -> list[str]:
+    return sorted(set(table.station_operator.values()))
+
+
+async def _close_chunk(
+    conn: asyncpg.Connection, table: fares.FareTable, card_ids: Sequence[int], now_s: int, overdraft_fen: int
+) -> tuple[int, int, int]:
+    """(closed, fen charged, unpaid) for one chunk, in one transaction."""
+    ids: list[int] = []
+    balances: list[int] = []
+    journeys: list[dict[str, object]] = []
+    amounts: list[int] = []
+    ats: list[dt.datetime] = []
+    operators: list[str] = []
+    stations: list[str] = []
+    unpaid = 0
+    async with conn.transaction():
+        for row in await conn.fetch(_LOCK_SQL, list(card_ids)):
+            if not row["journey"]:
+                continue
+            state = fares.JourneyState.from_dict(row["journey"])
+            entry = state.journey
+            penalty, closed = fares.close_open_journey(table, state, now_s)
+            if penalty is None or entry is None:
+                continue  # exited, or entered again since: not timed out
+            if row["balance_fen"] - penalty.amount_fen < -overdraft_fen:
+                unpaid += 1
+                continue
+            ids.append(row["card_id"])
+            balances.append(row["balance_fen"] - penalty.amount_fen)
+            journeys.append(closed.to_dict())
+            amounts.append(-penalty.amount_fen)
+            ats.append(dt.datetime.fromtimestamp(entry.time + table.rules.journey_timeout_s, dt.UTC))
+            operators.append(penalty.operator)
+            stations.append(entry.station)
+        if ids:
+            await conn.execute(
+                _WRITE_SQL, ids, balances, journeys, KIND_PENALTY, SWEEP_TERMINAL, SOURCE_SWEEP, amounts, ats,
+                operators, stations,
+            )  # fmt: skip
+    return len(ids), -sum(amounts), unpaid
+
+
+async def sweep_timed_out_journeys(
+    pool: asyncpg.Pool, table: fares.FareTable, overdraft_fen: int, now: dt.datetime | None = None
+) -> SweepResult:
+    """Charge the metro journeys that timed out since the last sweep; see the module docstring."""
+    now = now or dt.datetime.now(dt.UTC)
+    upto = now - dt.timedelta(seconds=table.rules.journey_timeout_s)
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+            return SweepResult(skipped=True)
+        try:
+            since = await conn.fetchval("SELECT swept_to FROM journey_sweep") or upto - FIRST_LOOK_BACK
+            if since >= upto:
+                return SweepResult(swept_to=since)
+            cards = [
+                r["card_id"]
+                for r in await conn.fetch(_CANDIDATES_SQL, _metro_operators(table), since, upto, KIND_FARE)
+            ]
+            closed = charged = unpaid = 0
+            now_s = int(now.timestamp())
+            for start in range(0, len(cards), CHUNK_CARDS):
+                c, f, u = await _close_chunk(conn, table, cards[start : start + CHUNK_CARDS], now_s, overdraft_fen)
+                closed, charged, unpaid = closed + c, charged + f, unpaid + u
+            await conn.execute(
+                """INSERT INTO journey_sweep (swept_to) VALUES ($1)
+                   ON CONFLICT (one) DO UPDATE SET swept_to = greatest(journey_sweep.swept_to, EXCLUDED.swept_to)""",
+                upto,
+            )
+            return SweepResult(len(cards), closed, charged, unpaid, False, upto)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)

@@ -1,0 +1,168 @@
+"""The sweep of timed-out metro journeys: a tap-in never followed by a tap-out is charged the maximum fare
+once the journey timeout has passed, at the moment it timed out, exactly once, never when the rider left
+or entered again, never beyond what the purse may pay; clearing and the audit count it like any penalty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from cardsvc.audit import run_audit
+from cardsvc.store.pool import create_pool
+from cardsvc.transit import clearing, fares
+from cardsvc.transit.sweep import SWEEP_TERMINAL, sweep_timed_out_journeys
+from cardsvc.transit.taps import KIND_PENALTY, SOURCE_SWEEP
+from tests.helpers import ServiceHarness, purse_vs_journal
+
+TABLE = fares.load_demo_table()
+TIMEOUT = TABLE.rules.journey_timeout_s
+A, B = sorted(TABLE.stations)[:2]
+_seq = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+async def ledger_holds(db_dsn: str) -> AsyncIterator[None]:
+    yield
+    for r in await purse_vs_journal(db_dsn):
+        assert r["balance_fen"] == r["journal"], dict(r)
+        assert r["balance_fen"] >= 0, dict(r)
+
+
+@pytest.fixture
+async def pool(svc: ServiceHarness) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_pool(svc.dsn, svc.settings)
+    yield p
+    await p.close()
+
+
+async def card_with(svc: ServiceHarness, db: asyncpg.Connection, amount_fen: int) -> dict[str, Any]:
+    c = await svc.new_card(has_purse=True)
+    c["card_id"] = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    r = await svc.post(
+        f"/v1/purses/{c['card_no']}/top-ups",
+        {"terminal_seq": next(_seq), "amount_fen": amount_fen, "channel": "cash"},
+    )
+    assert r.status == 200, r.body
+    return c
+
+
+async def metro(svc: ServiceHarness, c: dict[str, Any], station: str, direction: str) -> dict[str, Any]:
+    body = {
+        "terminal_seq": next(_seq),
+        "time": int(time.time()),
+        "mode": "metro",
+        "line_id": TABLE.stations[station].line,
+        "station_id": station,
+        "direction": direction,
+        "credential": "card",
+        **svc.card_auth_body(c["card_sn"]),
+    }
+    r = await svc.post("/v1/transit/taps", body, as_="transit_validator")
+    assert r.status == 200 and r.body["result"] == "approved", r.body
+    return dict(r.body)
+
+
+def later(seconds: int) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+
+
+async def sweep_rows(db: asyncpg.Connection, card_id: int) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "SELECT kind, amount_fen, at, counterparty, station_id, terminal_id FROM txn_journal "
+        "WHERE card_id = $1 AND source = $2",
+        card_id,
+        SOURCE_SWEEP,
+    )
+
+
+async def test_a_journey_left_open_is_charged_the_maximum_fare_once_when_it_times_out(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    c = await card_with(svc, db, 2000)
+    entered = int(time.time())
+    await metro(svc, c, A, "in")
+    early = await sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT - 120))
+    assert (early.closed, early.unpaid) == (0, 0) and await sweep_rows(db, c["card_id"]) == []
+
+    done = await sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT + 60))
+    assert (done.candidates, done.closed, done.charged_fen, done.unpaid) == (1, 1, TABLE.cap_fen, 0)
+    [row] = await sweep_rows(db, c["card_id"])
+    assert row["kind"] == KIND_PENALTY and row["amount_fen"] == -TABLE.cap_fen
+    assert row["counterparty"] == TABLE.station_operator[A] and row["station_id"] == A
+    assert row["terminal_id"] == SWEEP_TERMINAL
+    assert abs(row["at"].timestamp() - (entered + TIMEOUT)) <= 5  # when it timed out, not when swept
+    assert await svc.balance(c["card_no"]) == 2000 - TABLE.cap_fen
+
+    again = await sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT + 600))
+    assert again.closed == 0 and len(await sweep_rows(db, c["card_id"])) == 1
+    # The next tap-in finds no open journey: no second charge for the same journey.
+    nxt = await metro(svc, c, B, "in")
+    assert "penalty" not in nxt and "missing_tap_out" not in nxt["rules"], nxt
+
+    # Clearing counts it for the operator, on the day it timed out; the audit passes.
+    day = fares.local_day(TABLE, int(row["at"].timestamp()))
+    results = await clearing.clear_day(db, TABLE, day, tmp_path, now=later(3 * 86400))
+    totals = {r.operator_id: r.total_fen for r in results}
+    assert totals[TABLE.station_operator[A]] >= TABLE.cap_fen
+    _, checks = await run_audit(db, svc.settings, TABLE)
+    assert all(ch.ok for ch in checks), [ch for ch in checks if not ch.ok]
+
+
+async def test_a_rider_who_left_owes_nothing_and_a_reentry_is_charged_per_journey(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    left = await card_with(svc, db, 2000)
+    await metro(svc, left, A, "in")
+    await metro(svc, left, B, "out")
+    paid = await svc.balance(left["card_no"])
+    reentered = await card_with(svc, db, 2000)
+    await metro(svc, reentered, A, "in")
+    second = await metro(svc, reentered, B, "in")  # the first journey is charged now (missing tap-out)
+    assert second["penalty"]["amount_fen"] == TABLE.cap_fen, second
+    r = await sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT + 1))
+    # Both cards entered in the window; only the re-entered card's second journey is still open.
+    assert (r.candidates, r.closed) == (2, 1), r
+    assert await svc.balance(left["card_no"]) == paid and await sweep_rows(db, left["card_id"]) == []
+    [row] = await sweep_rows(db, reentered["card_id"])
+    assert row["station_id"] == B  # the sweep charged the journey entered at B, the tap the one at A
+    assert await svc.balance(reentered["card_no"]) == 2000 - 2 * TABLE.cap_fen
+
+
+async def test_a_purse_that_cannot_pay_is_left_for_its_next_tap(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    c = await card_with(svc, db, TABLE.cap_fen - 1)
+    await metro(svc, c, A, "in")
+    r = await sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT + 60))
+    assert (r.closed, r.unpaid) == (0, 1), r
+    assert await sweep_rows(db, c["card_id"]) == []
+    journey = await db.fetchval("SELECT journey::text FROM purse WHERE card_id = $1", c["card_id"])
+    assert fares.JourneyState.from_dict(orjson.loads(journey)).journey is not None  # open, for the next tap
+
+
+async def test_a_sweep_racing_the_riders_exit_never_charges_both(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    cards = [await card_with(svc, db, 3000) for _ in range(6)]
+    for c in cards:
+        await metro(svc, c, A, "in")
+    await asyncio.gather(
+        sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT + 60)),
+        *(metro(svc, c, B, "out") for c in cards),
+    )
+    for c in cards:
+        swept = await sweep_rows(db, c["card_id"])
+        fare = await db.fetchval(
+            "SELECT count(*) FROM txn_journal WHERE card_id = $1 AND kind = 1 AND amount_fen < 0", c["card_id"]
+        )
+        assert len(swept) + fare == 1, (c["card_no"], swept, fare)  # the exit fare or the sweep, never both
