@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from protocols import sm
 from protocols.errors import CodecError, KeyInvalid
-from protocols.strict import check_exact_keys
+from protocols.strict import check_exact_keys, check_upload, decode_upload
 from protocols.transit import DIRECTIONS, OFFLINE_BATCH_RECORDS_MAX
 
 __all__ = [
@@ -527,24 +527,11 @@ def _batch_bad(message: str, field_name: str | None = None) -> RideBatchInvalid:
 
 
 def _validate_ride_batch(b: RideBatch) -> None:
-    if not isinstance(b.gate_id, str) or not b.gate_id.isascii() or not _GATE_RE.fullmatch(b.gate_id):
-        raise _batch_bad("gate_id has the wrong format", "gate_id")
-    if type(b.batch_id) is not int or not 1 <= b.batch_id <= BATCH_ID_MAX:
-        raise _batch_bad(f"batch_id must be an integer in [1, {BATCH_ID_MAX}]", "batch_id")
-    if not 1 <= len(b.records) <= RIDE_BATCH_RECORDS_MAX:
-        raise _batch_bad(f"a batch holds 1 to {RIDE_BATCH_RECORDS_MAX} records", "records")
-    prev = -1
-    for i, r in enumerate(b.records):
-        if not isinstance(r, RideRecord):
-            raise _batch_bad("record expected", f"records[{i}]")
-        if r.gate_id != b.gate_id:
-            raise _batch_bad("record from another gate", f"records[{i}].gate_id")
-        if r.gate_seq <= prev:
-            raise _batch_bad("gate_seq must ascend strictly", f"records[{i}].gate_seq")
-        prev = r.gate_seq
-
-
-_BATCH_KEYS = ("gate_id", "batch_id", "records")
+    check_upload(
+        b.gate_id, b.batch_id, b.records, id_key="gate_id", id_re=_GATE_RE, batch_id_max=BATCH_ID_MAX,
+        record_type=RideRecord, records_max=RIDE_BATCH_RECORDS_MAX, seq_key="gate_seq", uploader="gate",
+        bad=_batch_bad,
+    )  # fmt: skip
 
 
 def ride_batch_to_dict(b: RideBatch) -> dict[str, Any]:
@@ -558,19 +545,7 @@ def ride_batch_to_dict(b: RideBatch) -> dict[str, Any]:
 
 def ride_batch_from_dict(d: object) -> RideBatch:
     """Strict, all-or-nothing (RideBatchInvalid, or RideRecordInvalid with field ``records[i].key``)."""
-    if not isinstance(d, Mapping):
-        raise _batch_bad("batch must be an object")
-    unknown = sorted(str(k) for k in d if k not in _BATCH_KEYS)
-    if unknown:
-        raise _batch_bad(f"unknown key {unknown[0]!r}", unknown[0])
-    records = d.get("records")
-    if not isinstance(records, list) or not 1 <= len(records) <= RIDE_BATCH_RECORDS_MAX:
-        raise _batch_bad(f"records must be a list of 1 to {RIDE_BATCH_RECORDS_MAX}", "records")
-    gate_id, batch_id = d.get("gate_id"), d.get("batch_id")
-    if not isinstance(gate_id, str):
-        raise _batch_bad("gate_id must be a string", "gate_id")
-    if type(batch_id) is not int:
-        raise _batch_bad("batch_id must be an integer", "batch_id")
+    gate_id, batch_id, records = decode_upload(d, "gate_id", RIDE_BATCH_RECORDS_MAX, _batch_bad)
     return RideBatch(
         gate_id, batch_id, tuple(ride_record_from_dict(r, f"records[{i}].") for i, r in enumerate(records))
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 from protocols.errors import CodecError
 
-__all__ = ["check_exact_keys"]
+__all__ = ["check_exact_keys", "check_upload", "decode_upload"]
 
 
 def check_exact_keys(
@@ -25,3 +27,60 @@ def check_exact_keys(
     for k in keys:
         if k not in d:
             raise bad(f"{k} missing", k)
+
+
+Bad = Callable[[str, str | None], CodecError]
+
+
+def decode_upload(d: object, id_key: str, records_max: int, bad: Bad) -> tuple[str, int, list[Any]]:
+    """The envelope of an upload `{id_key, "batch_id", "records"}`: (the uploader's id, the batch id, the
+    raw records), types checked; the records are decoded by the caller, the rest by `check_upload`."""
+    if not isinstance(d, Mapping):
+        raise bad("batch must be an object", None)
+    unknown = sorted(str(k) for k in d if k not in (id_key, "batch_id", "records"))
+    if unknown:
+        raise bad(f"unknown key {unknown[0]!r}", unknown[0])
+    records = d.get("records")
+    if not isinstance(records, list) or not 1 <= len(records) <= records_max:
+        raise bad(f"records must be a list of 1 to {records_max}", "records")
+    source, batch_id = d.get(id_key), d.get("batch_id")
+    if not isinstance(source, str):
+        raise bad(f"{id_key} must be a string", id_key)
+    if type(batch_id) is not int:
+        raise bad("batch_id must be an integer", "batch_id")
+    return source, batch_id, records
+
+
+def check_upload(
+    source: object,
+    batch_id: object,
+    records: Sequence[object],
+    *,
+    id_key: str,
+    id_re: re.Pattern[str],
+    batch_id_max: int,
+    record_type: type,
+    records_max: int,
+    seq_key: str,
+    uploader: str,
+    bad: Bad,
+) -> None:
+    """An upload's rules: the uploader id's format, batch_id in [1, batch_id_max], 1..records_max records
+    of `record_type`, every one from this uploader (`record.<id_key>`) and `record.<seq_key>` strictly
+    ascending."""
+    if not isinstance(source, str) or not source.isascii() or not id_re.fullmatch(source):
+        raise bad(f"{id_key} has the wrong format", id_key)
+    if type(batch_id) is not int or not 1 <= batch_id <= batch_id_max:
+        raise bad(f"batch_id must be an integer in [1, {batch_id_max}]", "batch_id")
+    if not 1 <= len(records) <= records_max:
+        raise bad(f"a batch holds 1 to {records_max} records", "records")
+    prev = -1
+    for i, r in enumerate(records):
+        if not isinstance(r, record_type):
+            raise bad("record expected", f"records[{i}]")
+        if getattr(r, id_key) != source:
+            raise bad(f"record from another {uploader}", f"records[{i}].{id_key}")
+        seq = getattr(r, seq_key)
+        if seq <= prev:
+            raise bad(f"{seq_key} must ascend strictly", f"records[{i}].{seq_key}")
+        prev = seq

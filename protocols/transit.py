@@ -19,7 +19,7 @@ from protocols.card import KEY_PURPOSE_TAC, HotlistAction, derive_card_key, vali
 from protocols.errors import CodecError, KeyInvalid
 from protocols.hotlist import HotlistEntry
 from protocols.sm import SM4_BLOCK_LEN_BYTES, SM4_KEY_LEN_BYTES, sm3, sm4_cbc_last_block
-from protocols.strict import check_exact_keys
+from protocols.strict import check_exact_keys, check_upload, decode_upload
 
 __all__ = [
     "AMOUNT_FEN_MAX",
@@ -423,25 +423,11 @@ def _batch_bad(message: str, field_name: str | None = None) -> TransitBatchInval
 
 
 def _validate_batch(b: OfflineBatch) -> None:
-    if (
-        not isinstance(b.terminal_id, str)
-        or not b.terminal_id.isascii()
-        or not _TERMINAL_RE.fullmatch(b.terminal_id)
-    ):
-        raise _batch_bad("terminal_id has the wrong format", "terminal_id")
-    if type(b.batch_id) is not int or not 1 <= b.batch_id <= BATCH_ID_MAX:
-        raise _batch_bad(f"batch_id must be an integer in [1, {BATCH_ID_MAX}]", "batch_id")
-    if not 1 <= len(b.records) <= OFFLINE_BATCH_RECORDS_MAX:
-        raise _batch_bad(f"a batch holds 1 to {OFFLINE_BATCH_RECORDS_MAX} records", "records")
-    prev = -1
-    for i, r in enumerate(b.records):
-        if not isinstance(r, OfflineRecord):
-            raise _batch_bad("record expected", f"records[{i}]")
-        if r.terminal_id != b.terminal_id:
-            raise _batch_bad("record from another terminal", f"records[{i}].terminal_id")
-        if r.terminal_seq <= prev:
-            raise _batch_bad("terminal_seq must ascend strictly", f"records[{i}].terminal_seq")
-        prev = r.terminal_seq
+    check_upload(
+        b.terminal_id, b.batch_id, b.records, id_key="terminal_id", id_re=_TERMINAL_RE, batch_id_max=BATCH_ID_MAX,
+        record_type=OfflineRecord, records_max=OFFLINE_BATCH_RECORDS_MAX, seq_key="terminal_seq",
+        uploader="terminal", bad=_batch_bad,
+    )  # fmt: skip
 
 
 def batch_to_dict(b: OfflineBatch) -> dict[str, Any]:
@@ -453,26 +439,12 @@ def batch_to_dict(b: OfflineBatch) -> dict[str, Any]:
     }
 
 
-_BATCH_KEYS = ("terminal_id", "batch_id", "records")
 
 
 def batch_from_dict(d: object) -> OfflineBatch:
     """Strict, all-or-nothing decode of an upload. TransitBatchInvalid for the envelope, or
     TransitRecordInvalid with ``field`` like ``records[17].tac`` for a record."""
-    if not isinstance(d, Mapping):
-        raise _batch_bad("batch must be an object")
-    unknown = sorted(str(k) for k in d if k not in _BATCH_KEYS)
-    if unknown:
-        raise _batch_bad(f"unknown key {unknown[0]!r}", unknown[0])
-    records = d.get("records")
-    if not isinstance(records, list) or not 1 <= len(records) <= OFFLINE_BATCH_RECORDS_MAX:
-        raise _batch_bad(f"records must be a list of 1 to {OFFLINE_BATCH_RECORDS_MAX}", "records")
-    terminal_id = d.get("terminal_id")
-    batch_id = d.get("batch_id")
-    if type(batch_id) is not int:
-        raise _batch_bad("batch_id must be an integer", "batch_id")
-    if not isinstance(terminal_id, str):
-        raise _batch_bad("terminal_id must be a string", "terminal_id")
+    terminal_id, batch_id, records = decode_upload(d, "terminal_id", OFFLINE_BATCH_RECORDS_MAX, _batch_bad)
     return OfflineBatch(
         terminal_id=terminal_id,
         batch_id=batch_id,
