@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from protocols.errors import CodecError
 from protocols.sm import sm3
+from protocols.strict import check_int, check_str
 
 __all__ = [
     "CLEARING_FILE_TYPE",
@@ -83,15 +84,11 @@ def _bad(message: str, field: str | None = None) -> ClearingFileInvalid:
 
 
 def _check_int(v: object, name: str, lo: int, hi: int) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise _bad(f"{name} must be an integer in [{lo}, {hi}]", name)
-    return v
+    return check_int(v, name, lo, hi, _bad)
 
 
 def _check_str(v: object, name: str, pattern: re.Pattern[str]) -> str:
-    if not isinstance(v, str) or not v.isascii() or not pattern.fullmatch(v):
-        raise _bad(f"{name} has the wrong format", name)
-    return v
+    return check_str(v, name, pattern, _bad)
 
 
 def _validate_header(h: ClearingHeader) -> None:

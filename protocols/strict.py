@@ -8,7 +8,9 @@ from typing import Any
 
 from protocols.errors import CodecError
 
-__all__ = ["check_exact_keys", "check_upload", "decode_upload"]
+__all__ = ["check_exact_keys", "check_int", "check_str", "check_upload", "decode_upload"]
+
+Bad = Callable[[str, str | None], CodecError]
 
 
 def check_exact_keys(
@@ -29,7 +31,18 @@ def check_exact_keys(
             raise bad(f"{k} missing", k)
 
 
-Bad = Callable[[str, str | None], CodecError]
+def check_int(v: object, name: str, lo: int, hi: int, bad: Bad) -> int:
+    """A JSON integer (not a boolean) in [lo, hi]."""
+    if type(v) is not int or not lo <= v <= hi:
+        raise bad(f"{name} must be an integer in [{lo}, {hi}]", name)
+    return v
+
+
+def check_str(v: object, name: str, pattern: re.Pattern[str], bad: Bad) -> str:
+    """An ASCII string matching `pattern` whole."""
+    if not isinstance(v, str) or not v.isascii() or not pattern.fullmatch(v):
+        raise bad(f"{name} has the wrong format", name)
+    return v
 
 
 def decode_upload(d: object, id_key: str, records_max: int, bad: Bad) -> tuple[str, int, list[Any]]:

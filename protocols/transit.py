@@ -19,7 +19,7 @@ from protocols.card import KEY_PURPOSE_TAC, HotlistAction, derive_card_key, vali
 from protocols.errors import CodecError, KeyInvalid
 from protocols.hotlist import HotlistEntry
 from protocols.sm import SM4_BLOCK_LEN_BYTES, SM4_KEY_LEN_BYTES, sm3, sm4_cbc_last_block
-from protocols.strict import check_exact_keys, check_upload, decode_upload
+from protocols.strict import check_exact_keys, check_int, check_str, check_upload, decode_upload
 
 __all__ = [
     "AMOUNT_FEN_MAX",
@@ -147,15 +147,11 @@ def _bad(message: str, field_name: str | None = None) -> TransitRecordInvalid:
 
 
 def _check_int(v: object, name: str, hi: int, lo: int = 0) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise _bad(f"{name} must be an integer in [{lo}, {hi}]", name)
-    return v
+    return check_int(v, name, lo, hi, _bad)
 
 
 def _check_str(v: object, name: str, pattern: re.Pattern[str]) -> str:
-    if not isinstance(v, str) or not v.isascii() or not pattern.fullmatch(v):
-        raise _bad(f"{name} has the wrong format", name)
-    return v
+    return check_str(v, name, pattern, _bad)
 
 
 def validate_record(r: OfflineRecord) -> None:
