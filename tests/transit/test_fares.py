@@ -774,6 +774,13 @@ def concession_price(t: FareTable, c: Concession, remaining: int, base: int) -> 
     return math.floor(Fraction(base * (100 - t.rules.card_discount_percent), 100) + Fraction(1, 2))
 
 
+def action_tap(act: Action, now: int, stations: dict[str, Any]) -> Tap:
+    """The tap a generated action makes at `now`."""
+    if act.kind == "bus":
+        return Tap(now, "bus", act.target)
+    return Tap(now, "metro", stations[act.target]["line"], act.target, "in" if act.kind == "in" else "out")
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.integers(1_700_000_000, 1_900_000_000))
 def test_random_tap_sequences_keep_every_invariant(
@@ -790,12 +797,7 @@ def test_random_tap_sequences_keep_every_invariant(
     per_day: dict[int, int] = {}
     for act in actions:
         now += act.gap_s
-        if act.kind == "bus":
-            tap = Tap(now, "bus", act.target)
-        else:
-            tap = Tap(
-                now, "metro", stations[act.target]["line"], act.target, "in" if act.kind == "in" else "out"
-            )
+        tap = action_tap(act, now, stations)
         c = Concession(concession.kind, remaining)
         d = fare(t, state, tap, c)
 
@@ -928,11 +930,7 @@ def test_a_ride_code_limit_caps_each_ride_and_nothing_else(
     state, now = EMPTY_STATE, start
     for act in actions:
         now += act.gap_s
-        if act.kind == "bus":
-            tap = Tap(now, "bus", act.target)
-        else:
-            tap = Tap(now, "metro", stations[act.target]["line"], act.target, "in" if act.kind == "in" else "out")
-        d = fare(t, state, tap, concession)
+        d = fare(t, state, action_tap(act, now, stations), concession)
         capped = cap_per_ride(d, max_fare)
         penalty = d.penalty.amount_fen if d.penalty else 0
         capped_penalty = capped.penalty.amount_fen if capped.penalty else 0
