@@ -1,0 +1,66 @@
+"""deploy/: the alerting rules use only metrics the service exports (with their labels), and, when
+promtool is installed, they pass `promtool check rules` and their unit tests; the systemd unit runs the
+service's own commands."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+
+from cardsvc import metrics
+
+DEPLOY = Path(__file__).parents[1] / "deploy"
+RULES = DEPLOY / "prometheus" / "cardsvc-alerts.yml"
+
+
+def exported() -> dict[str, set[str]]:
+    """Sample names the service can export -> their label names."""
+    assert metrics.HTTP_REQUESTS is not None  # the module registers everything on import
+    out: dict[str, set[str]] = {}
+    for collector in list(REGISTRY._collector_to_names):
+        labels = set(getattr(collector, "_labelnames", ()))
+        for family in REGISTRY._collector_to_names[collector]:
+            if family.startswith("cardsvc_"):
+                out[family] = labels | {"le"} if family.endswith("_bucket") else labels
+    return out
+
+
+def test_the_rules_use_only_exported_metrics_and_labels() -> None:
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    assert len(rules) >= 8 and all({"alert", "expr", "labels", "annotations"} <= set(r) for r in rules)
+    names = exported()
+    used = 0
+    for rule in rules:
+        for name, selector in re.findall(r"\b(cardsvc_[a-z_]+)(?:\{([^}]*)\})?", rule["expr"]):
+            assert name in names, (rule["alert"], name)
+            for label in re.findall(r"([a-z_]+)\s*=~?", selector or ""):
+                assert label in names[name] | {"instance", "job"}, (rule["alert"], name, label)
+            used += 1
+    assert used >= 8
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) is not installed")
+def test_promtool_accepts_the_rules_and_their_unit_tests() -> None:
+    check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run(
+        ["promtool", "test", "rules", "cardsvc-alerts.test.yml"],
+        cwd=RULES.parent, capture_output=True, text=True,
+    )  # fmt: skip
+    assert test.returncode == 0, test.stdout + test.stderr
+
+
+def test_the_systemd_unit_migrates_then_serves() -> None:
+    unit = (DEPLOY / "cardsvc.service").read_text()
+    assert re.search(r"^ExecStartPre=\S+/cardsvc migrate$", unit, re.M)
+    assert re.search(r"^ExecStart=\S+/cardsvc serve$", unit, re.M)
+    assert "KillSignal=SIGTERM" in unit and "EnvironmentFile=/etc/cardsvc/cardsvc.env" in unit
+    for line in (DEPLOY / "cardsvc.env.example").read_text().splitlines():
+        if line and not line.startswith("#"):
+            assert line.split("=", 1)[0].startswith("CARDSVC_"), line
