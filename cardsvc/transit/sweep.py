@@ -7,8 +7,9 @@ and lands in another clearing day, or never. The sweep charges it once the journ
 `journey_timeout_s`, at the moment it timed out:
 
 1. the candidates are the cards with a metro entry in the journal (an online tap-in writes a 0-fen fare
-   row) between the last sweep's watermark and now − `journey_timeout_s` (`journey_sweep.swept_to`), read
-   through the clearing index (operator, time);
+   row) between the last sweep's watermark (`journey_sweep.swept_to`; an hour back on the first run) and
+   now − `journey_timeout_s`, read through the clearing index (operator, time), whose purse still shows
+   an open journey that timed out (read without a lock: most of those riders have left);
 2. per chunk, one transaction: their purses locked `FOR UPDATE` in card order (as the tap engine does), the
    journey re-read under the lock and closed only if it is still open and timed out; the penalty and the
    purse in one statement. A card that cannot pay (below its overdraft) is left open: its next tap, after
@@ -35,7 +36,7 @@ __all__ = ["SWEEP_TERMINAL", "SweepResult", "sweep_timed_out_journeys"]
 
 SWEEP_TERMINAL = "system"
 CHUNK_CARDS = 500
-FIRST_LOOK_BACK = dt.timedelta(days=1)  # the first sweep of a database looks at the last day's entries
+FIRST_LOOK_BACK = dt.timedelta(hours=1)  # the first sweep of a database: entries of the hour before the timeout
 _LOCK_KEY = 0x6A6F75726E6579  # pg advisory lock: one sweep at a time across workers and hosts
 
 
@@ -49,11 +50,16 @@ class SweepResult:
     swept_to: dt.datetime | None = None
 
 
+# Cards that entered the metro in the window and whose purse still shows an open journey that timed out
+# (read without locks: most riders have left, and only the others are locked and re-checked).
 _CANDIDATES_SQL = """
-SELECT DISTINCT card_id FROM txn_journal
-WHERE counterparty = ANY($1::text[]) AND at >= $2 AND at < $3
-  AND kind = $4 AND amount_fen = 0 AND station_id IS NOT NULL
-ORDER BY card_id
+SELECT DISTINCT j.card_id FROM txn_journal j
+JOIN purse p ON p.card_id = j.card_id
+WHERE j.counterparty = ANY($1::text[]) AND j.at >= $2 AND j.at < $3
+  AND j.kind = $4 AND j.amount_fen = 0 AND j.station_id IS NOT NULL
+  AND jsonb_typeof(p.journey -> 'journey') = 'object'
+  AND (p.journey -> 'journey' ->> 'time')::bigint <= $5
+ORDER BY j.card_id
 """
 
 _LOCK_SQL = """
@@ -131,12 +137,14 @@ async def sweep_timed_out_journeys(
             since = await conn.fetchval("SELECT swept_to FROM journey_sweep") or upto - FIRST_LOOK_BACK
             if since >= upto:
                 return SweepResult(swept_to=since)
+            now_s = int(now.timestamp())
             cards = [
                 r["card_id"]
-                for r in await conn.fetch(_CANDIDATES_SQL, _metro_operators(table), since, upto, KIND_FARE)
+                for r in await conn.fetch(
+                    _CANDIDATES_SQL, _metro_operators(table), since, upto, KIND_FARE, now_s - table.rules.journey_timeout_s
+                )
             ]
             closed = charged = unpaid = 0
-            now_s = int(now.timestamp())
             for start in range(0, len(cards), CHUNK_CARDS):
                 c, f, u = await _close_chunk(conn, table, cards[start : start + CHUNK_CARDS], now_s, overdraft_fen)
                 closed, charged, unpaid = closed + c, charged + f, unpaid + u
