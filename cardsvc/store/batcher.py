@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-__all__ = ["BatcherClosed", "BatcherOverloaded", "MicroBatcher"]
+__all__ = ["BatcherClosed", "BatcherOverloaded", "MicroBatcher", "columns"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -118,3 +118,10 @@ class MicroBatcher(Generic[T, R]):
     async def __aexit__(self, *exc: object) -> None:
         with contextlib.suppress(Exception):
             await self.close()
+
+
+def columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """The rows of a set-based write as one list per column (the arrays a `unnest(...)` statement takes)."""
+    cols = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+    assert len(cols) == width, (len(cols), width)
+    return cols

@@ -31,6 +31,7 @@ import asyncpg
 import orjson
 
 from cardsvc import limits
+from cardsvc.store.batcher import columns
 from protocols import card, transit
 from protocols.card import HotlistAction, HotlistReason
 from protocols.hotlist import HotlistEntry
@@ -393,28 +394,10 @@ async def _write(
         KIND_OFFLINE,
         tid,
         SOURCE_OFFLINE,
-        [x[0] for x in j],
-        [x[1] for x in j],
-        [x[2] for x in j],
-        [x[3] for x in j],
-        [x[4] for x in j],
-        [x[5] for x in j],
-        [x[6] for x in j],
+        *columns(j, 7),
         batch_id,
-        [x[0] for x in led],
-        [x[1] for x in led],
-        [x[2] for x in led],
-        [x[3] for x in led],
-        [x[4] for x in led],
-        [x[5] for x in led],
-        [x[6] for x in led],
-        [x[0] for x in keys],
-        [x[1] for x in keys],
-        [x[2] for x in keys],
-        [x[3] for x in keys],
-        [x[4] for x in keys],
-        [x[5] for x in keys],
-        [x[6] for x in keys],
+        *columns(led, 7),
+        *columns(keys, 7),
     )
     assert row is not None
     if row["tt"] != len(keys) or row["posted"] != sum(1 for x in led if x[5]):

@@ -32,6 +32,7 @@ import asyncpg
 import orjson
 
 from cardsvc.flows.views import effective_status
+from cardsvc.store.batcher import columns
 from protocols.card import CardStatus
 
 from . import fares
@@ -194,7 +195,7 @@ WITH cu AS (
                              line_id, station_id, source)
     SELECT card_id, kind, terminal_id, terminal_seq, amount_fen, 1, at, counterparty, line_id, station_id, source
     FROM unnest($10::bigint[], $11::smallint[], $12::text[], $13::bigint[], $14::bigint[], $15::timestamptz[],
-                $16::text[], $17::text[], $18::text[], $27::smallint[])
+                $16::text[], $17::text[], $18::text[], $19::smallint[])
          AS v(card_id, kind, terminal_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id, source)
     RETURNING txn_id, terminal_id, terminal_seq, kind
 ), tt AS (
@@ -202,8 +203,8 @@ WITH cu AS (
                               txn_id, detail)
     SELECT v.terminal_id, v.terminal_seq, v.request_hash, v.card_id, v.result, v.amount_fen, v.balance_fen,
            j.txn_id, v.detail
-    FROM unnest($19::text[], $20::bigint[], $21::bytea[], $22::bigint[], $23::text[], $24::bigint[], $25::bigint[],
-                $26::jsonb[])
+    FROM unnest($20::text[], $21::bigint[], $22::bytea[], $23::bigint[], $24::text[], $25::bigint[], $26::bigint[],
+                $27::jsonb[])
          AS v(terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen, detail)
     LEFT JOIN j ON j.terminal_id = v.terminal_id AND j.terminal_seq = v.terminal_seq AND j.kind = 1
     ON CONFLICT DO NOTHING
@@ -465,39 +466,20 @@ async def _write(
     touched = [c for c in cards.values() if c.touched]
     quotas = [c for c in cards.values() if c.concession_touched]
     creds = batch.creds
-    j = batch.journal
     a = batch.answers
     if not a:
         return
     row = await conn.fetchrow(
         _WRITE_SQL,
-        [c[0] for c in creds],
-        [c[1] for c in creds],
-        [c[2] for c in creds],
+        *columns(creds, 3),
         [c.card_id for c in touched],
         [c.balance_fen for c in touched],
         [c.journey.to_dict() for c in touched],
         [c.holder_id for c in quotas],
         [c.concession.elderly_rides_remaining for c in quotas],
         [c.quota_year for c in quotas],
-        [x[0] for x in j],
-        [x[1] for x in j],
-        [x[2] for x in j],
-        [x[3] for x in j],
-        [x[4] for x in j],
-        [x[5] for x in j],
-        [x[6] for x in j],
-        [x[7] for x in j],
-        [x[8] for x in j],
-        [x[0] for x in a],
-        [x[1] for x in a],
-        [x[2] for x in a],
-        [x[3] for x in a],
-        [x[4] for x in a],
-        [x[5] for x in a],
-        [x[6] for x in a],
-        [x[7] for x in a],
-        [x[9] for x in j],
+        *columns(batch.journal, 10),
+        *columns(a, 8),
     )
     assert row is not None
     if row["cu"] != len(creds) or row["tt"] != len(a):
