@@ -66,7 +66,7 @@ from typing import Any
 
 import orjson
 
-from loadtests.bench import READY_POLLS, _cardsvc, _env, _wait_http, machine
+from loadtests.bench import READY_POLLS, _cardsvc, _env, _ms, _wait_http, machine
 from protocols import card, population, terminal_auth, transit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -405,16 +405,6 @@ function done(summary, latency, requests)
   io.write("missing: " .. table.concat(missing, ",") .. "\n")
 end
 """
-
-_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    if not m:
-        raise ValueError(f"unexpected wrk latency {text!r}")
-    return float(m.group(1)) * _UNITS_MS[m.group(2)]
-
 
 def parse_wrk_latency(out: str) -> dict[str, float]:
     """The --latency distribution of a wrk run: {"p50": ms, "p75": ..., "p90": ..., "p99": ...}."""
