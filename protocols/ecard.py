@@ -6,9 +6,7 @@ Layout (82 bytes) and text form are specified in ecard.md.
 from __future__ import annotations
 
 import base64
-import binascii
 import os
-import re
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
@@ -17,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from protocols import sm
 from protocols.errors import AlgorithmUnknown, CodecError, EcardCodeMalformed
+from protocols.strict import b32_canonical
 
 __all__ = [
     "CODE_COUNTER_MAX",
@@ -58,7 +57,6 @@ CODE_COUNTER_MAX = 2**32 - 1
 ISSUED_AT_MAX = 2**32 - 1
 
 _HEADER = struct.Struct(">BBQII")
-_B32_RE = re.compile(r"[A-Z2-7]*")
 
 
 class BusinessType(StrEnum):
@@ -132,15 +130,9 @@ def decode_code(text: str) -> EcardCode:
         raise _malformed("code too long or not text")
     if len(text) != CODE_TEXT_CHARS or not text.startswith(CODE_TEXT_PREFIX):
         raise _malformed("not an e-card code")
-    body = text[len(CODE_TEXT_PREFIX) :]
-    if not body.isascii() or not _B32_RE.fullmatch(body):
-        raise _malformed("not base32")
-    try:
-        raw = base64.b32decode(body + "=" * (-len(body) % 8))
-    except (binascii.Error, ValueError) as exc:
-        raise _malformed("not base32") from exc
-    if len(raw) != CODE_LEN_BYTES or base64.b32encode(raw).decode("ascii").rstrip("=") != body:
-        raise _malformed("non-canonical encoding")
+    raw = b32_canonical(text[len(CODE_TEXT_PREFIX) :], _malformed)
+    if len(raw) != CODE_LEN_BYTES:
+        raise _malformed("not an e-card code (length)")
     version, alg, ecard_id, issued_at, counter = _HEADER.unpack_from(raw)
     code = EcardCode(version, alg, ecard_id, issued_at, counter, raw[CODE_HEADER_LEN_BYTES:])
     _header(version, alg, ecard_id, issued_at, counter)  # range checks

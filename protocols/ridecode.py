@@ -5,7 +5,6 @@ verifier and the ride record the gate uploads later. See ridecode.md for the byt
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import re
 import struct
@@ -18,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from protocols import sm
 from protocols.errors import CodecError, KeyInvalid
-from protocols.strict import check_exact_keys, check_upload, decode_upload
+from protocols.strict import b32_canonical, check_exact_keys, check_upload, decode_upload
 from protocols.transit import DIRECTIONS, OFFLINE_BATCH_RECORDS_MAX
 
 __all__ = [
@@ -103,7 +102,6 @@ CODE_TEXT_CHARS: dict[int, int] = {
     alg: len(CODE_TEXT_PREFIX) + _b32_chars(_code_len(alg)) for alg in sorted(sm.ALGORITHMS)
 }
 _TEXT_LEN_TO_ALG = {n: alg for alg, n in CODE_TEXT_CHARS.items()}
-_B32_RE = re.compile(r"[A-Z2-7]*")
 _GATE_RE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _LINE_RE = re.compile(r"[A-Za-z0-9._-]{1,16}")
 _STATION_RE = re.compile(r"[A-Za-z0-9._-]{0,16}")
@@ -315,15 +313,7 @@ def decode_code(text: str) -> RideCode:
         raise _malformed("not a ride code (length)")
     if not text.startswith(CODE_TEXT_PREFIX):
         raise _malformed("not a ride code (prefix)")
-    body = text[len(CODE_TEXT_PREFIX) :]
-    if not body.isascii() or not _B32_RE.fullmatch(body):
-        raise _malformed("not base32")
-    try:
-        raw = base64.b32decode(body + "=" * (-len(body) % 8))
-    except (binascii.Error, ValueError) as exc:
-        raise _malformed("not base32") from exc
-    if base64.b32encode(raw).decode("ascii").rstrip("=") != body:
-        raise _malformed("non-canonical base32")
+    raw = b32_canonical(text[len(CODE_TEXT_PREFIX) :], _malformed)
     try:
         cert, n = _parse_cert(raw)
     except RideCertInvalid as exc:

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from protocols.errors import CodecError
 
-__all__ = ["check_exact_keys", "check_int", "check_str", "check_upload", "decode_upload"]
+__all__ = ["b32_canonical", "check_exact_keys", "check_int", "check_str", "check_upload", "decode_upload"]
 
 Bad = Callable[[str, str | None], CodecError]
+_B32_RE = re.compile(r"[A-Z2-7]*")
+
+
+def b32_canonical(body: str, malformed: Callable[[str], CodecError]) -> bytes:
+    """Unpadded uppercase base32 in its one canonical spelling (unused trailing bits zero), decoded; any
+    other text is `malformed(...)`: "not base32" or "non-canonical base32"."""
+    if not body.isascii() or not _B32_RE.fullmatch(body):
+        raise malformed("not base32")
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except (binascii.Error, ValueError) as exc:
+        raise malformed("not base32") from exc
+    if base64.b32encode(raw).decode("ascii").rstrip("=") != body:
+        raise malformed("non-canonical base32")
+    return raw
 
 
 def check_exact_keys(
