@@ -269,13 +269,26 @@ class Commands:
     def __init__(self) -> None:
         self.log: list[str] = []
 
-    def show(self, argv: Sequence[str], env: dict[str, str] | None = None) -> str:
+    def show(self, argv: Sequence[str | Path], env: dict[str, str] | None = None) -> str:
+        """Print and record `argv` as it would be typed from the repository root."""
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
         text = (prefix + " " if prefix else "") + shlex.join(str(a) for a in argv)
-        text = text.replace(str(ROOT) + "/", "")
+        text = text.replace(str(ROOT) + "/", "").replace(sys.executable, "python")
         self.log.append(text)
         print(f"$ {text}", flush=True)
         return text
+
+
+def start_report(module: str, argv: Sequence[str] | None) -> tuple[dict[str, Any], Commands]:
+    """Print the machine (with the load average now) and record the benchmark's own command line."""
+    info = machine()
+    info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    print("machine:")
+    for k, v in info.items():
+        print(f"  {k}: {v}")
+    cmds = Commands()
+    cmds.show(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
+    return info, cmds
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
@@ -707,13 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
 
-    info = machine()
-    info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    print("machine:")
-    for k, v in info.items():
-        print(f"  {k}: {v}")
-    cmds = Commands()
-    cmds.show(["python", "-m", "loadtests.bench", *(argv if argv is not None else sys.argv[1:])])
+    info, cmds = start_report("loadtests.bench", argv)
 
     print("\ncredential verification, microseconds per verification:", flush=True)
     micro = micro_benchmarks(args.batches)

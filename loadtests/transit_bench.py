@@ -52,7 +52,6 @@ import datetime as dt
 import os
 import re
 import resource
-import shlex
 import shutil
 import signal
 import subprocess
@@ -66,7 +65,7 @@ from typing import Any
 
 import orjson
 
-from loadtests.bench import READY_POLLS, _cardsvc, _env, _ms, _wait_http, machine
+from loadtests.bench import READY_POLLS, Commands, _cardsvc, _env, _ms, _wait_http, start_report
 from protocols import card, population, terminal_auth, transit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,21 +168,6 @@ def offline_batch(
 
 
 # ------------------------------------------------------------------ machine, commands, processes
-
-
-class Commands:
-    """Prints and records every external command, as it would be typed from the repository root."""
-
-    def __init__(self) -> None:
-        self.log: list[str] = []
-
-    def show(self, argv: Sequence[str | Path], env: dict[str, str] | None = None) -> str:
-        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
-        text = (prefix + " " if prefix else "") + shlex.join(str(a) for a in argv)
-        text = text.replace(str(ROOT) + "/", "").replace(sys.executable, "python")
-        self.log.append(text)
-        print(f"$ {text}", flush=True)
-        return text
 
 
 def _locust() -> str:
@@ -1042,13 +1026,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     started = time.time()
-    info = machine()
-    info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    print("machine:")
-    for k, v in info.items():
-        print(f"  {k}: {v}")
-    cmds = Commands()
-    cmds.show(["python", "-m", "loadtests.transit_bench", *(argv if argv is not None else sys.argv[1:])])
+    info, cmds = start_report("loadtests.transit_bench", argv)
     rel = str(args.data_dir.relative_to(ROOT)) if args.data_dir.is_relative_to(ROOT) else str(args.data_dir)
     env = {"CARDSVC_DATA_DIR": rel}
     seed_bytes = args.seed.encode()
