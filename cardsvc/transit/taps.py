@@ -19,6 +19,9 @@ One batch is one transaction:
 If a concurrent writer took a key between steps 1–2 and 4 (a retry racing its original on another worker,
 or the same card answer at the card-auth endpoint), the write notices (`ON CONFLICT DO NOTHING` returns
 fewer rows), the transaction rolls back and the batch runs again: it then sees the other's answer.
+The same holds for an elderly quota: its write is a compare-and-set on the value step 2 read, and a
+card-office change committed since (a grant while the batch waited for the purse lock) makes the batch
+run again on the new value.
 """
 
 from __future__ import annotations
@@ -116,6 +119,24 @@ class TapOutcome:
 
 
 @dataclasses.dataclass
+class _Quota:
+    """A holder's concession as the batch read it, one per holder (the quota is the holder's, not a card's).
+
+    The lock statement reads the concession row from its snapshot, taken before any wait for a purse
+    lock: a card-office change that held those locks and committed meanwhile is not in what it read.
+    So the write is a compare-and-set on the values read; if the row changed, it misses, and the batch
+    runs again on the new value instead of overwriting it.
+    """
+
+    holder_id: int
+    concession: fares.Concession
+    quota_year: int | None
+    read_rides_left: int | None
+    read_quota_year: int | None
+    touched: bool = False
+
+
+@dataclasses.dataclass
 class _Card:
     card_id: int
     card_sn: str
@@ -125,10 +146,8 @@ class _Card:
     has_purse: bool
     balance_fen: int
     journey: fares.JourneyState
-    concession: fares.Concession
-    quota_year: int | None
+    quota: _Quota
     touched: bool = False
-    concession_touched: bool = False
 
 
 # The batch's cards, locked, with the credential uses among the batch's credentials already recorded
@@ -187,15 +206,17 @@ WITH cu AS (
     RETURNING 1
 ), ku AS (
     UPDATE concession k SET rides_left = v.rides_left, quota_year = v.quota_year
-    FROM unnest($7::bigint[], $8::int[], $9::int[]) AS v(holder_id, rides_left, quota_year)
-    WHERE k.holder_id = v.holder_id
+    FROM unnest($7::bigint[], $8::int[], $9::int[], $10::int[], $11::int[])
+         AS v(holder_id, rides_left, quota_year, was_rides_left, was_quota_year)
+    WHERE k.holder_id = v.holder_id AND k.ended_at IS NULL AND k.kind = 'elderly'
+      AND k.rides_left IS NOT DISTINCT FROM v.was_rides_left AND k.quota_year IS NOT DISTINCT FROM v.was_quota_year
     RETURNING 1
 ), j AS (
     INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
                              line_id, station_id, source)
     SELECT card_id, kind, terminal_id, terminal_seq, amount_fen, 1, at, counterparty, line_id, station_id, source
-    FROM unnest($10::bigint[], $11::smallint[], $12::text[], $13::bigint[], $14::bigint[], $15::timestamptz[],
-                $16::text[], $17::text[], $18::text[], $19::smallint[])
+    FROM unnest($12::bigint[], $13::smallint[], $14::text[], $15::bigint[], $16::bigint[], $17::timestamptz[],
+                $18::text[], $19::text[], $20::text[], $21::smallint[])
          AS v(card_id, kind, terminal_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id, source)
     RETURNING txn_id, terminal_id, terminal_seq, kind
 ), tt AS (
@@ -203,14 +224,14 @@ WITH cu AS (
                               txn_id, detail)
     SELECT v.terminal_id, v.terminal_seq, v.request_hash, v.card_id, v.result, v.amount_fen, v.balance_fen,
            j.txn_id, v.detail
-    FROM unnest($20::text[], $21::bigint[], $22::bytea[], $23::bigint[], $24::text[], $25::bigint[], $26::bigint[],
-                $27::jsonb[])
+    FROM unnest($22::text[], $23::bigint[], $24::bytea[], $25::bigint[], $26::text[], $27::bigint[], $28::bigint[],
+                $29::jsonb[])
          AS v(terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen, detail)
     LEFT JOIN j ON j.terminal_id = v.terminal_id AND j.terminal_seq = v.terminal_seq AND j.kind = 1
     ON CONFLICT DO NOTHING
     RETURNING terminal_id, terminal_seq, txn_id
 )
-SELECT (SELECT count(*) FROM cu) AS cu, (SELECT count(*) FROM tt) AS tt,
+SELECT (SELECT count(*) FROM cu) AS cu, (SELECT count(*) FROM ku) AS ku, (SELECT count(*) FROM tt) AS tt,
        (SELECT coalesce(array_agg(terminal_id), '{}') FROM tt) AS t_ids,
        (SELECT coalesce(array_agg(terminal_seq), '{}') FROM tt) AS t_seqs,
        (SELECT coalesce(array_agg(txn_id), '{}') FROM tt) AS t_txns
@@ -283,7 +304,7 @@ def _decline(reason: str, balance: int | None = None, **detail: Any) -> TapOutco
 def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
     table = batch.table
     try:
-        decision = fares.fare(table, card.journey, item.tap, card.concession)
+        decision = fares.fare(table, card.journey, item.tap, card.quota.concession)
     except fares.FareInputError as exc:
         return _decline("fare_input_invalid", card.balance_fen, detail=str(exc)[:200])
     if item.max_fare_fen is not None:
@@ -293,7 +314,7 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
         # A metro entry needs at least the minimum fare for this card (plus any penalty charged now):
         # what leaving at the same station would cost, with the card's concession, before any transfer.
         leave = fares.Tap(item.tap.time, "metro", item.tap.line, item.tap.station, "out")
-        cheapest = fares.fare(table, dataclasses.replace(decision.state, window=None), leave, card.concession)
+        cheapest = fares.fare(table, dataclasses.replace(decision.state, window=None), leave, card.quota.concession)
         if item.max_fare_fen is not None:
             cheapest = fares.cap_per_ride(cheapest, item.max_fare_fen)
         total_needed = total + cheapest.total_fen
@@ -336,10 +357,11 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
     card.journey = decision.state
     card.touched = True
     if decision.quota_ride_consumed:
-        card.concession = dataclasses.replace(
-            card.concession, elderly_rides_remaining=card.concession.elderly_rides_remaining - 1
+        quota = card.quota
+        quota.concession = dataclasses.replace(
+            quota.concession, elderly_rides_remaining=quota.concession.elderly_rides_remaining - 1
         )
-        card.concession_touched = True
+        quota.touched = True
     detail: dict[str, Any] = {"rules": list(decision.rules), "operator": decision.operator}
     if decision.transfer_discount_fen:
         detail["transfer_discount_fen"] = decision.transfer_discount_fen
@@ -378,8 +400,14 @@ async def _attempt(
     year = fares.local_day(table, int(now.timestamp())).year
     cards_by_id: dict[int, _Card] = {}
     by_sn: dict[str, _Card] = {}
+    quotas: dict[int, _Quota] = {}
     for r in rows:
-        concession, quota_year = _concession(r, table, year)
+        quota = quotas.get(r["holder_id"])
+        if quota is None:
+            concession, quota_year = _concession(r, table, year)
+            quota = quotas[r["holder_id"]] = _Quota(
+                r["holder_id"], concession, quota_year, r["rides_left"], r["quota_year"]
+            )
         status = effective_status(r["status"], r["temp_loss_until"], now)
         usable = status == CardStatus.ACTIVE and not r["app_locked"] and r["expires_on"] >= now.date()
         locked = _Card(
@@ -391,8 +419,7 @@ async def _attempt(
             r["has_purse"],
             r["balance_fen"],
             fares.JourneyState.from_dict(r["journey"]) if r["journey"] else fares.EMPTY_STATE,
-            concession,
-            quota_year,
+            quota,
         )
         cards_by_id[locked.card_id] = locked
         by_sn[locked.card_sn] = locked
@@ -452,7 +479,7 @@ async def _attempt(
             continue
         outcomes.append(batch.answer(item, card_id, _charge(batch, item, card)))
 
-    await _write(conn, batch, cards_by_id, outcomes, items)
+    await _write(conn, batch, cards_by_id, [q for q in quotas.values() if q.touched], outcomes, items)
     return outcomes
 
 
@@ -460,11 +487,11 @@ async def _write(
     conn: asyncpg.Connection,
     batch: _Batch,
     cards: dict[int, _Card],
+    quotas: list[_Quota],
     outcomes: list[TapOutcome],
     items: Sequence[TapItem],
 ) -> None:
     touched = [c for c in cards.values() if c.touched]
-    quotas = [c for c in cards.values() if c.concession_touched]
     creds = batch.creds
     a = batch.answers
     if not a:
@@ -475,15 +502,17 @@ async def _write(
         [c.card_id for c in touched],
         [c.balance_fen for c in touched],
         [c.journey.to_dict() for c in touched],
-        [c.holder_id for c in quotas],
-        [c.concession.elderly_rides_remaining for c in quotas],
-        [c.quota_year for c in quotas],
+        *columns(
+            [(q.holder_id, q.concession.elderly_rides_remaining, q.quota_year, q.read_rides_left, q.read_quota_year)
+             for q in sorted(quotas, key=lambda q: q.holder_id)],
+            5,
+        ),
         *columns(batch.journal, 10),
         *columns(a, 8),
     )
     assert row is not None
-    if row["cu"] != len(creds) or row["tt"] != len(a):
-        raise _Retry()  # a concurrent writer took a key: roll back and look again
+    if row["cu"] != len(creds) or row["ku"] != len(quotas) or row["tt"] != len(a):
+        raise _Retry()  # a concurrent writer took a key or changed a quota: roll back and look again
     txn_ids = {
         (t, s): x for t, s, x in zip(row["t_ids"], row["t_seqs"], row["t_txns"], strict=True) if x is not None
     }

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import asyncpg
+import pytest
 
 from cardsvc.transit import fares
 from tests.helpers import ServiceHarness
@@ -165,6 +166,45 @@ async def test_taps_and_an_extra_quota_grant_at_once_lose_no_update(
     left = await db.fetchval("SELECT rides_left FROM concession WHERE holder_id = $1", c["holder_id"])
     assert left == QUOTA + EXTRA - 12
     assert (await svc.get(url(c), as_="ops")).body["elderly_rides_left"] == QUOTA + EXTRA - 12
+
+
+async def _until_a_lock_wait(db: asyncpg.Connection) -> None:
+    """Return once some backend waits for a lock (pg_locks is read live, not from a snapshot)."""
+    for _ in range(500):
+        if await db.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the tap never waited for the purse lock")
+
+
+@pytest.mark.parametrize(
+    ("change", "fare", "left"),
+    [
+        ("UPDATE concession SET rides_left = rides_left + $2, extra_year = quota_year WHERE holder_id = $1",
+         0, QUOTA + EXTRA - 2),
+        ("UPDATE concession SET ended_at = now() WHERE holder_id = $1 AND $2::int IS NOT NULL",
+         BUS_FARE, QUOTA - 1),
+    ],
+    ids=["extra-quota", "end"],
+)
+async def test_an_office_change_committed_while_a_tap_waits_for_the_purse_lock_is_not_overwritten(
+    svc: ServiceHarness, db: asyncpg.Connection, change: str, fare: int, left: int
+) -> None:
+    """The card office's way: hold the holder's purse locks, change the concession, commit. A tap whose
+    statement began before that commit and then waited for the purse lock must decide on the new row."""
+    c = await rider(svc, db, years_ago(75))
+    assert (await svc.put(url(c), {"kind": "elderly"})).status == 200
+    assert (await bus_tap(svc, c["card_sn"]))["fare_fen"] == 0  # the quota row now holds a count
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
+        tap = asyncio.create_task(bus_tap(svc, c["card_sn"]))
+        await _until_a_lock_wait(db)
+        await db.execute(change, c["holder_id"], EXTRA)
+    body = await tap
+    assert body["fare_fen"] == fare, body
+    row = await db.fetchrow("SELECT rides_left, ended_at FROM concession WHERE holder_id = $1", c["holder_id"])
+    assert row["rides_left"] == left, dict(row)
 
 
 async def test_bad_requests_change_nothing(svc: ServiceHarness, db: asyncpg.Connection) -> None:
