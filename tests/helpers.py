@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -85,11 +86,28 @@ def new_id_number(rng_seq: int | None = None, birth: dt.date | None = None) -> s
     return idnumber.make_id_number("500101", birth, n % 1000)
 
 
+async def until_lock_waits(db: asyncpg.Connection, waiting: int = 1) -> None:
+    """Return once `waiting` backends wait for a lock (pg_locks is read live, not from a snapshot): the
+    way a race test knows its other transaction has reached the lock it holds."""
+    for _ in range(500):
+        if await db.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted") >= waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{waiting} lock waits never came")
+
+
 def new_card_numbers() -> tuple[str, str]:
     n = next(_serial)
     card_no = f"T{n:08d}"
     card_sn = "500100D156000005" + secrets.token_hex(8).upper()
     return card_no, card_sn
+
+
+def replacement_body() -> dict[str, str]:
+    """A replacement card's numbers and expiry, for POST /v1/cards/{card_no}/replace."""
+    new_no, new_sn = new_card_numbers()
+    expires = (dt.date.today() + dt.timedelta(days=3650)).isoformat()
+    return {"new_card_no": new_no, "new_card_sn": new_sn, "expires_on": expires}
 
 
 class ServiceHarness:

@@ -160,7 +160,14 @@ async def apply(
         if status != row["status"]:
             # The temporary loss ran out before the sweeper saw it: record that first.
             await _expire_one(conn, row["card_id"], row["card_sn"], row["app_locked"])
-        state = CardState(status, row["pin_locked"], row["app_locked"], row["purse_balance_fen"])
+        balance = row["purse_balance_fen"]
+        if op == "cancel" and row["has_purse"]:
+            # The join above read the purse unlocked: a top-up may have committed since. Card, then purse
+            # is the order a replacement takes too.
+            balance = await conn.fetchval(
+                "SELECT balance_fen FROM purse WHERE card_id = $1 FOR UPDATE", row["card_id"]
+            ) or 0
+        state = CardState(status, row["pin_locked"], row["app_locked"], balance)
         try:
             p = plan(state, op)
         except IllegalTransition as exc:
@@ -217,8 +224,8 @@ async def _replace(
         field = "new_card_sn" if exc.constraint_name == "card_card_sn_key" else "new_card_no"
         raise ApiError("card_exists", field=field) from None
     await conn.execute("UPDATE card SET replaced_by = $2 WHERE card_id = $1", old["card_id"], new_id)
-    if old["has_purse"]:
-        await move_purse(conn, old["card_id"], new_id, actor)
+    # What moves is the balance read under the purse lock, not the one read before it.
+    purse_moved = await move_purse(conn, old["card_id"], new_id, actor) if old["has_purse"] else 0
     moved = await conn.fetchval(
         "UPDATE ecard SET card_id = $2 WHERE card_id = $1 AND revoked_at IS NULL RETURNING ecard_id",
         old["card_id"],
@@ -243,11 +250,11 @@ async def _replace(
         actor.operator,
         actor.request_id,
         int(S.ACTIVE),
-        {"replaces_card_id": old["card_id"], "purse_moved_fen": old["purse_balance_fen"]},
+        {"replaces_card_id": old["card_id"], "purse_moved_fen": purse_moved},
     )
     return {
         "new_card_id": new_id,
-        "purse_moved_fen": old["purse_balance_fen"],
+        "purse_moved_fen": purse_moved,
         "ecard_moved": moved is not None,
     }
 

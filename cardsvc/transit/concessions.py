@@ -86,7 +86,9 @@ async def _locked(
     (None: never registered) and the fare table's local calendar year."""
     async with conn.transaction():
         holder = await _lock_holder(conn, holder_id)
-        yield holder, await conn.fetchrow(_ROW, holder_id), _local_today(table, now).year
+        # The row itself locked too: a tap on a card the purse locks did not cover (a replacement issued
+        # meanwhile) then waits for this change, and its compare-and-set misses and runs again.
+        yield holder, await conn.fetchrow(_ROW + " FOR UPDATE", holder_id), _local_today(table, now).year
 
 
 async def _event(

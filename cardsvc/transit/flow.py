@@ -247,6 +247,11 @@ async def top_up(
     digest = request_hash({**body, "card_no": card_no})
     async with conn.transaction():
         row = await _purse_card(conn, card_no)
+        # The purse lock first, then the earlier answer: a resent top-up that waited for its original's
+        # lock then reads the original's answer instead of writing the same key again.
+        balance: int = await conn.fetchval(
+            "SELECT balance_fen FROM purse WHERE card_id = $1 FOR UPDATE", row["card_id"]
+        )
         prior = await conn.fetchrow(
             "SELECT request_hash, result, amount_fen, balance_fen, txn_id FROM terminal_txn "
             "WHERE terminal_id = $1 AND terminal_seq = $2",
@@ -263,9 +268,6 @@ async def top_up(
                 "txn_id": prior["txn_id"],
                 "replayed_answer": True,
             }
-        balance: int = await conn.fetchval(
-            "SELECT balance_fen FROM purse WHERE card_id = $1 FOR UPDATE", row["card_id"]
-        )
         sign = -1 if body["channel"] == "refund" else 1
         new_balance = balance + sign * body["amount_fen"]
         if new_balance > svc.settings.purse_balance_max_fen:
@@ -291,18 +293,23 @@ async def top_up(
             row["card_id"],
             new_balance,
         )
-        await conn.execute(
-            """INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result, amount_fen,
-                                         balance_fen, txn_id)
-               VALUES ($1, $2, $3, $4, 'approved', $5, $6, $7)""",
-            actor.terminal_id,
-            body["terminal_seq"],
-            digest,
-            row["card_id"],
-            sign * body["amount_fen"],
-            new_balance,
-            txn_id,
-        )
+        try:
+            await conn.execute(
+                """INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result,
+                                             amount_fen, balance_fen, txn_id)
+                   VALUES ($1, $2, $3, $4, 'approved', $5, $6, $7)""",
+                actor.terminal_id,
+                body["terminal_seq"],
+                digest,
+                row["card_id"],
+                sign * body["amount_fen"],
+                new_balance,
+                txn_id,
+            )
+        except asyncpg.UniqueViolationError:
+            # The key was taken meanwhile by a request for another card (the same card would have waited
+            # for the purse lock above and seen it): a different payload under one key.
+            raise ApiError("idempotency_conflict", field="terminal_seq") from None
     return {
         "result": "approved",
         "amount_fen": sign * body["amount_fen"],

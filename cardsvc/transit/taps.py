@@ -19,9 +19,11 @@ One batch is one transaction:
 If a concurrent writer took a key between steps 1–2 and 4 (a retry racing its original on another worker,
 or the same card answer at the card-auth endpoint), the write notices (`ON CONFLICT DO NOTHING` returns
 fewer rows), the transaction rolls back and the batch runs again: it then sees the other's answer.
-The same holds for an elderly quota: its write is a compare-and-set on the value step 2 read, and a
-card-office change committed since (a grant while the batch waited for the purse lock) makes the batch
-run again on the new value.
+Step 2 locks only the purses; the card row and the holder's elderly quota come from its snapshot, taken
+before any wait for a lock. A card-office change that held a purse lock and committed during that wait (a
+replacement that moved the purse and killed the card, a quota grant) is not in what it read, so the write
+is a compare-and-set on both: the card row's version and the quota's values. If either changed, the
+batch runs again on the new rows (and a replaced card is then refused).
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class _Card:
     card_id: int
     card_sn: str
     holder_id: int
+    version: int  # the card row's version (xmin) as read: the write checks it is still the one decided on
     usable: bool
     status: str
     has_purse: bool
@@ -154,7 +157,7 @@ class _Card:
 # for each (one round trip instead of two).
 _LOCK_SQL = """
 SELECT c.card_id, c.card_sn, c.holder_id, c.status, c.app_locked, c.expires_on, c.temp_loss_until, c.has_purse,
-       p.balance_fen, p.journey, k.kind AS concession, k.rides_left, k.quota_year,
+       c.xmin::text::bigint AS card_version, p.balance_fen, p.journey, k.kind AS concession, k.rides_left, k.quota_year,
        ARRAY(SELECT u.kind::bigint FROM credential_use u
              WHERE u.card_id = c.card_id AND (u.kind, u.token) IN (SELECT * FROM unnest($3::smallint[], $4::bigint[]))
              ORDER BY u.kind, u.token) AS used_kinds,
@@ -204,9 +207,12 @@ WITH cu AS (
     FROM unnest($4::bigint[], $5::bigint[], $6::jsonb[]) AS v(card_id, balance_fen, journey)
     WHERE p.card_id = v.card_id AND p.card_id = ANY($4::bigint[])
     RETURNING 1
+), cv AS (  -- the batch's cards still as read (a replacement, a loss report... committed since: run again)
+    SELECT count(*) AS n FROM unnest($7::bigint[], $8::bigint[]) AS v(card_id, version)
+    JOIN card c ON c.card_id = v.card_id AND c.xmin::text::bigint = v.version
 ), ku AS (
     UPDATE concession k SET rides_left = v.rides_left, quota_year = v.quota_year
-    FROM unnest($7::bigint[], $8::int[], $9::int[], $10::int[], $11::int[])
+    FROM unnest($9::bigint[], $10::int[], $11::int[], $12::int[], $13::int[])
          AS v(holder_id, rides_left, quota_year, was_rides_left, was_quota_year)
     WHERE k.holder_id = v.holder_id AND k.ended_at IS NULL AND k.kind = 'elderly'
       AND k.rides_left IS NOT DISTINCT FROM v.was_rides_left AND k.quota_year IS NOT DISTINCT FROM v.was_quota_year
@@ -215,8 +221,8 @@ WITH cu AS (
     INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
                              line_id, station_id, source)
     SELECT card_id, kind, terminal_id, terminal_seq, amount_fen, 1, at, counterparty, line_id, station_id, source
-    FROM unnest($12::bigint[], $13::smallint[], $14::text[], $15::bigint[], $16::bigint[], $17::timestamptz[],
-                $18::text[], $19::text[], $20::text[], $21::smallint[])
+    FROM unnest($14::bigint[], $15::smallint[], $16::text[], $17::bigint[], $18::bigint[], $19::timestamptz[],
+                $20::text[], $21::text[], $22::text[], $23::smallint[])
          AS v(card_id, kind, terminal_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id, source)
     RETURNING txn_id, terminal_id, terminal_seq, kind
 ), tt AS (
@@ -224,14 +230,14 @@ WITH cu AS (
                               txn_id, detail)
     SELECT v.terminal_id, v.terminal_seq, v.request_hash, v.card_id, v.result, v.amount_fen, v.balance_fen,
            j.txn_id, v.detail
-    FROM unnest($22::text[], $23::bigint[], $24::bytea[], $25::bigint[], $26::text[], $27::bigint[], $28::bigint[],
-                $29::jsonb[])
+    FROM unnest($24::text[], $25::bigint[], $26::bytea[], $27::bigint[], $28::text[], $29::bigint[], $30::bigint[],
+                $31::jsonb[])
          AS v(terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen, detail)
     LEFT JOIN j ON j.terminal_id = v.terminal_id AND j.terminal_seq = v.terminal_seq AND j.kind = 1
     ON CONFLICT DO NOTHING
     RETURNING terminal_id, terminal_seq, txn_id
 )
-SELECT (SELECT count(*) FROM cu) AS cu, (SELECT count(*) FROM ku) AS ku, (SELECT count(*) FROM tt) AS tt,
+SELECT (SELECT count(*) FROM cu) AS cu, (SELECT n FROM cv) AS cv, (SELECT count(*) FROM ku) AS ku, (SELECT count(*) FROM tt) AS tt,
        (SELECT coalesce(array_agg(terminal_id), '{}') FROM tt) AS t_ids,
        (SELECT coalesce(array_agg(terminal_seq), '{}') FROM tt) AS t_seqs,
        (SELECT coalesce(array_agg(txn_id), '{}') FROM tt) AS t_txns
@@ -414,6 +420,7 @@ async def _attempt(
             r["card_id"],
             r["card_sn"],
             r["holder_id"],
+            r["card_version"],
             usable,
             status.api_name,
             r["has_purse"],
@@ -502,6 +509,8 @@ async def _write(
         [c.card_id for c in touched],
         [c.balance_fen for c in touched],
         [c.journey.to_dict() for c in touched],
+        list(cards),
+        [c.version for c in cards.values()],
         *columns(
             [(q.holder_id, q.concession.elderly_rides_remaining, q.quota_year, q.read_rides_left, q.read_quota_year)
              for q in sorted(quotas, key=lambda q: q.holder_id)],
@@ -511,8 +520,8 @@ async def _write(
         *columns(a, 8),
     )
     assert row is not None
-    if row["cu"] != len(creds) or row["ku"] != len(quotas) or row["tt"] != len(a):
-        raise _Retry()  # a concurrent writer took a key or changed a quota: roll back and look again
+    if row["cu"] != len(creds) or row["cv"] != len(cards) or row["ku"] != len(quotas) or row["tt"] != len(a):
+        raise _Retry()  # a concurrent writer took a key, changed a card or a quota: roll back and look again
     txn_ids = {
         (t, s): x for t, s, x in zip(row["t_ids"], row["t_seqs"], row["t_txns"], strict=True) if x is not None
     }

@@ -16,7 +16,7 @@ from cardsvc.flows.lifecycle import OPERATIONS, CardState, IllegalTransition, pl
 from cardsvc.http.keys import SERVICES
 from protocols import ecard, hotlist, sm
 from protocols.card import CardStatus, HotlistAction, HotlistReason
-from tests.helpers import Response, ServiceHarness, new_card_numbers, new_id_number
+from tests.helpers import Response, ServiceHarness, new_card_numbers, new_id_number, replacement_body
 
 S = CardStatus
 TERMINAL = frozenset({S.LOST, S.REPLACED, S.CANCELLED})
@@ -156,12 +156,6 @@ async def get_card(svc: ServiceHarness, card_no: str) -> dict[str, Any]:
     r = await svc.get(f"/v1/cards/{card_no}")
     assert r.status == 200, r.body
     return dict(r.body)
-
-
-def replacement_body() -> dict[str, str]:
-    new_no, new_sn = new_card_numbers()
-    expires = (dt.date.today() + dt.timedelta(days=3650)).isoformat()
-    return {"new_card_no": new_no, "new_card_sn": new_sn, "expires_on": expires}
 
 
 async def read_hotlist(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import random
 import time
 
@@ -14,7 +15,7 @@ import pytest
 from cardsvc.flows.lifecycle import CardState, plan
 from protocols import ecard, hotlist, sm
 from protocols.card import CardStatus, HotlistAction
-from tests.helpers import ServiceHarness
+from tests.helpers import Response, ServiceHarness, replacement_body, until_lock_waits
 
 OPS = ["temporary-loss", "lift-loss", "lock-app", "unlock-app", "lock-pin", "unlock-pin", "formal-loss"]
 WEIGHTS = [6, 6, 5, 5, 5, 5, 1]
@@ -131,3 +132,99 @@ async def test_concurrent_ecard_issuance_for_one_card(svc: ServiceHarness) -> No
     assert card["ecard"]["ecard_id"] == winner["ecard_id"]
     ops = [e["op"] for e in (await svc.get(f"/v1/cards/{c['card_no']}/events")).body["events"]]
     assert ops.count("ecard-issue") == 1
+
+
+# ------------------------------------------------------------------ office operations and a purse lock
+
+
+async def _card_with_purse(svc: ServiceHarness, db: asyncpg.Connection, amount_fen: int) -> tuple[str, int]:
+    c = await svc.new_card(has_purse=True)
+    if amount_fen:
+        r = await _top_up(svc, c["card_no"], amount_fen)
+        assert r.status == 200, r.body
+    return c["card_no"], await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+
+
+_top_up_seq = itertools.count(1)
+
+
+async def _top_up(svc: ServiceHarness, card_no: str, amount_fen: int, seq: int | None = None) -> Response:
+    body = {"terminal_seq": seq or next(_top_up_seq), "amount_fen": amount_fen, "channel": "cash", "operator": "staff-1"}
+    return await svc.post(f"/v1/purses/{card_no}/top-ups", body)
+
+
+async def test_a_cancel_is_refused_when_a_top_up_commits_before_it(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    """Cancelling needs an empty purse. A top-up that commits after the cancel read the card, but before
+    the cancel decides, must stop it: the money would otherwise sit on a dead card."""
+    no, card_id = await _card_with_purse(svc, db, 0)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
+        cancel = asyncio.create_task(svc.post(f"/v1/cards/{no}/cancel", {"operator": "staff-1"}))
+        await until_lock_waits(db)  # the cancel holds the card and waits for the purse
+        await db.execute("UPDATE purse SET balance_fen = balance_fen + 700 WHERE card_id = $1", card_id)
+        await db.execute(
+            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty, source)
+               VALUES ($1, 3, 'office-test', 1, 700, 1, now(), 'topup:cash', 4)""",
+            card_id,
+        )
+    r = await cancel
+    assert (r.status, r.body["code"]) == (409, "illegal_transition"), r.body
+    card = (await svc.get(f"/v1/cards/{no}")).body
+    assert (card["status"], card["purse_balance_fen"]) == ("active", 700)
+
+
+async def test_a_replacement_moves_and_records_the_balance_it_locked(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A debit that commits while the replacement waits for the purse lock: what the new card gets, what
+    the answer says and what the append-only event records are all the balance after that debit."""
+    no, card_id = await _card_with_purse(svc, db, 500)
+    body = replacement_body()
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
+        replace = asyncio.create_task(svc.post(f"/v1/cards/{no}/replace", {**body, "operator": "staff-1"}))
+        await until_lock_waits(db)
+        await db.execute("UPDATE purse SET balance_fen = balance_fen - 200 WHERE card_id = $1", card_id)
+        await db.execute(
+            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty, source)
+               VALUES ($1, 1, 'bus-test', 1, -200, 1, now(), 'cq-bus', 1)""",
+            card_id,
+        )
+    r = await replace
+    assert r.status == 200, r.body
+    assert r.body["purse_balance_fen"] == 300
+    moved = await db.fetchval(
+        "SELECT detail->>'purse_moved_fen' FROM card_event WHERE op = 'issue-replacement' AND card_id = "
+        "(SELECT card_id FROM card WHERE card_no = $1)",
+        body["new_card_no"],
+    )
+    assert moved == "300"
+
+
+async def test_the_same_top_up_sent_twice_at_once_credits_once_and_answers_both(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    no, card_id = await _card_with_purse(svc, db, 0)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
+        both = [asyncio.create_task(_top_up(svc, no, 300, seq=999_001)) for _ in range(2)]
+        await until_lock_waits(db, 2)
+    first, second = await asyncio.gather(*both)
+    assert (first.status, second.status) == (200, 200), (first.body, second.body)
+    assert {first.body["replayed_answer"], second.body["replayed_answer"]} == {False, True}
+    assert first.body["txn_id"] == second.body["txn_id"] and first.body["balance_fen"] == 300
+    assert await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id) == 300
+
+
+async def test_one_top_up_key_for_two_cards_at_once_is_a_conflict_not_an_error(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    (a, a_id), (b, b_id) = [await _card_with_purse(svc, db, 0) for _ in range(2)]
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM purse WHERE card_id = ANY($1) FOR UPDATE", [a_id, b_id])
+        both = [asyncio.create_task(_top_up(svc, no, 300, seq=999_002)) for no in (a, b)]
+        await until_lock_waits(db, 2)
+    answers = sorted([(r.status, r.body.get("code")) for r in await asyncio.gather(*both)], key=str)
+    assert answers == [(200, None), (409, "idempotency_conflict")], answers
+    balances = await db.fetch("SELECT balance_fen FROM purse WHERE card_id = ANY($1)", [a_id, b_id])
+    assert sorted(r["balance_fen"] for r in balances) == [0, 300]

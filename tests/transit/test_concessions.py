@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from cardsvc.transit import fares
-from tests.helpers import ServiceHarness
+from tests.helpers import ServiceHarness, until_lock_waits
 
 TABLE = fares.load_demo_table()
 QUOTA = TABLE.rules.elderly_annual_quota
@@ -168,15 +168,6 @@ async def test_taps_and_an_extra_quota_grant_at_once_lose_no_update(
     assert (await svc.get(url(c), as_="ops")).body["elderly_rides_left"] == QUOTA + EXTRA - 12
 
 
-async def _until_a_lock_wait(db: asyncpg.Connection) -> None:
-    """Return once some backend waits for a lock (pg_locks is read live, not from a snapshot)."""
-    for _ in range(500):
-        if await db.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the tap never waited for the purse lock")
-
-
 @pytest.mark.parametrize(
     ("change", "fare", "left"),
     [
@@ -199,7 +190,7 @@ async def test_an_office_change_committed_while_a_tap_waits_for_the_purse_lock_i
     async with db.transaction():
         await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
         tap = asyncio.create_task(bus_tap(svc, c["card_sn"]))
-        await _until_a_lock_wait(db)
+        await until_lock_waits(db)
         await db.execute(change, c["holder_id"], EXTRA)
     body = await tap
     assert body["fare_fen"] == fare, body

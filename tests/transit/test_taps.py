@@ -20,7 +20,13 @@ import pytest
 from cardsvc.config import Settings
 from cardsvc.transit import fares
 from protocols import ridecode, sm
-from tests.helpers import ServiceHarness, new_card_numbers, purse_vs_journal
+from tests.helpers import (
+    ServiceHarness,
+    new_card_numbers,
+    purse_vs_journal,
+    replacement_body,
+    until_lock_waits,
+)
 
 TABLE = fares.load_demo_table()
 BUS_FARE = fares.card_price_fen(TABLE.bus_lines["bus-105"].fare_fen, TABLE.rules.card_discount_percent)
@@ -309,6 +315,40 @@ async def test_temporary_loss_is_refused_from_the_very_next_tap(svc: ServiceHarn
     assert (await tap(svc, tap_body(svc, c["card_sn"])))["result"] == "approved"
 
 
+async def test_a_tap_that_waited_for_a_replacement_is_refused_not_charged_to_the_dead_card(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A replacement locks the old card's purse, moves its balance to the new card and kills the old one.
+    A tap whose statement began before that committed, then waited for the purse lock, must be refused:
+    its snapshot still shows the card active, and the purse it gets is the emptied one."""
+    c = await funded_card(svc, 500)
+    body = replacement_body()
+    async with db.transaction():
+        # The replacement stops at its hotlist entry, after the purse has moved, holding the purse lock.
+        await db.execute("SELECT 1 FROM hotlist_head FOR UPDATE")
+        replace = asyncio.create_task(
+            svc.post(
+                f"/v1/cards/{c['card_no']}/replace",
+                {**body, "operator": "staff-1"},
+            )
+        )
+        await until_lock_waits(db, 1)
+        pending = asyncio.create_task(tap(svc, tap_body(svc, c["card_sn"])))
+        await until_lock_waits(db, 2)
+    assert (await replace).status == 200
+    ans = await pending
+    assert (ans["result"], ans["reason"], ans.get("card_status")) == ("declined", "card_unusable", "replaced"), ans
+    fares_on_old = await db.fetchval(
+        "SELECT count(*) FROM txn_journal WHERE card_id = $1 AND kind IN (1, 2)", c["card_id"]
+    )
+    balances = await db.fetch(
+        "SELECT c.card_no, p.balance_fen FROM purse p JOIN card c USING (card_id) WHERE c.card_no = ANY($1)",
+        [c["card_no"], body["new_card_no"]],
+    )
+    assert fares_on_old == 0
+    assert {r["card_no"]: r["balance_fen"] for r in balances} == {c["card_no"]: 0, body["new_card_no"]: 500}
+
+
 async def test_forged_expired_and_replayed_card_credentials(svc: ServiceHarness, db: asyncpg.Connection) -> None:
     c = await funded_card(svc, 1000)
     forged = tap_body(svc, c["card_sn"])
@@ -545,7 +585,7 @@ async def test_the_same_tap_sent_concurrently_is_charged_once(svc: ServiceHarnes
     assert len({tuple(sorted((k, str(v)) for k, v in a.items() if k != "replayed_answer")) for a in answers}) == 1
     assert answers[0]["result"] == "approved" and answers[0]["txn_id"] is not None
     assert await svc.balance(c["card_no"]) == 820
-    assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE card_id = $1 AND kind = 1", c["card_id"]) == 1
+    assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE card_id = $1 AND kind IN (1, 2)", c["card_id"]) == 1
 
 
 async def test_one_card_twice_at_once_is_charged_in_sequence(svc: ServiceHarness) -> None:
