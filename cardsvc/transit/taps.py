@@ -143,7 +143,10 @@ class _Card:
     card_id: int
     card_sn: str
     holder_id: int
-    version: int  # the card row's version (xmin) as read: the write checks it is still the one decided on
+    # The card row version decided on, by address (ctid) and creating transaction (xmin): the write checks
+    # it is still the visible one.
+    tid: tuple[int, int]
+    version: int
     usable: bool
     status: str
     has_purse: bool
@@ -157,7 +160,7 @@ class _Card:
 # for each (one round trip instead of two).
 _LOCK_SQL = """
 SELECT c.card_id, c.card_sn, c.holder_id, c.status, c.app_locked, c.expires_on, c.temp_loss_until, c.has_purse,
-       c.xmin::text::bigint AS card_version, p.balance_fen, p.journey, k.kind AS concession, k.rides_left, k.quota_year,
+       c.ctid AS card_tid, c.xmin::text::bigint AS card_version, p.balance_fen, p.journey, k.kind AS concession, k.rides_left, k.quota_year,
        ARRAY(SELECT u.kind::bigint FROM credential_use u
              WHERE u.card_id = c.card_id AND (u.kind, u.token) IN (SELECT * FROM unnest($3::smallint[], $4::bigint[]))
              ORDER BY u.kind, u.token) AS used_kinds,
@@ -208,11 +211,14 @@ WITH cu AS (
     WHERE p.card_id = v.card_id AND p.card_id = ANY($4::bigint[])
     RETURNING 1
 ), cv AS (  -- the batch's cards still as read (a replacement, a loss report... committed since: run again)
-    SELECT count(*) AS n FROM unnest($7::bigint[], $8::bigint[]) AS v(card_id, version)
-    JOIN card c ON c.card_id = v.card_id AND c.xmin::text::bigint = v.version
+    -- by the row version's address: the heap page the lock statement just read, no index to look up
+    SELECT count(*) AS n FROM card c
+    JOIN unnest($7::tid[], $8::bigint[], $9::bigint[]) AS v(tid, card_id, version)
+      ON c.ctid = v.tid AND c.card_id = v.card_id AND c.xmin::text::bigint = v.version
+    WHERE c.ctid = ANY($7::tid[])
 ), ku AS (
     UPDATE concession k SET rides_left = v.rides_left, quota_year = v.quota_year
-    FROM unnest($9::bigint[], $10::int[], $11::int[], $12::int[], $13::int[])
+    FROM unnest($10::bigint[], $11::int[], $12::int[], $13::int[], $14::int[])
          AS v(holder_id, rides_left, quota_year, was_rides_left, was_quota_year)
     WHERE k.holder_id = v.holder_id AND k.ended_at IS NULL AND k.kind = 'elderly'
       AND k.rides_left IS NOT DISTINCT FROM v.was_rides_left AND k.quota_year IS NOT DISTINCT FROM v.was_quota_year
@@ -221,8 +227,8 @@ WITH cu AS (
     INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
                              line_id, station_id, source)
     SELECT card_id, kind, terminal_id, terminal_seq, amount_fen, 1, at, counterparty, line_id, station_id, source
-    FROM unnest($14::bigint[], $15::smallint[], $16::text[], $17::bigint[], $18::bigint[], $19::timestamptz[],
-                $20::text[], $21::text[], $22::text[], $23::smallint[])
+    FROM unnest($15::bigint[], $16::smallint[], $17::text[], $18::bigint[], $19::bigint[], $20::timestamptz[],
+                $21::text[], $22::text[], $23::text[], $24::smallint[])
          AS v(card_id, kind, terminal_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id, source)
     RETURNING txn_id, terminal_id, terminal_seq, kind
 ), tt AS (
@@ -230,8 +236,8 @@ WITH cu AS (
                               txn_id, detail)
     SELECT v.terminal_id, v.terminal_seq, v.request_hash, v.card_id, v.result, v.amount_fen, v.balance_fen,
            j.txn_id, v.detail
-    FROM unnest($24::text[], $25::bigint[], $26::bytea[], $27::bigint[], $28::text[], $29::bigint[], $30::bigint[],
-                $31::jsonb[])
+    FROM unnest($25::text[], $26::bigint[], $27::bytea[], $28::bigint[], $29::text[], $30::bigint[], $31::bigint[],
+                $32::jsonb[])
          AS v(terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen, detail)
     LEFT JOIN j ON j.terminal_id = v.terminal_id AND j.terminal_seq = v.terminal_seq AND j.kind = 1
     ON CONFLICT DO NOTHING
@@ -420,6 +426,7 @@ async def _attempt(
             r["card_id"],
             r["card_sn"],
             r["holder_id"],
+            r["card_tid"],
             r["card_version"],
             usable,
             status.api_name,
@@ -509,6 +516,7 @@ async def _write(
         [c.card_id for c in touched],
         [c.balance_fen for c in touched],
         [c.journey.to_dict() for c in touched],
+        [c.tid for c in cards.values()],
         list(cards),
         [c.version for c in cards.values()],
         *columns(
