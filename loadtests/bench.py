@@ -80,6 +80,7 @@ def machine() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "postgresql": _postgres_version(),
+        "code": code_revision(),
     }
     try:
         import aiohttp
@@ -94,6 +95,25 @@ def machine() -> dict[str, Any]:
         out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
         info["wrk"] = (out.stdout + out.stderr).split("Copyright")[0].strip()
     return info
+
+
+def code_revision() -> str:
+    """The commit measured, and whether the working tree differed from it (outside the reports this run
+    rewrites), so that a committed report says which code it describes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", ".", ":(exclude)docs/benchmarks*"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head} with uncommitted changes" if status else head
 
 
 def _postgres_version() -> str:
@@ -593,7 +613,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"| load average (1, 5, 15 min) before / after the run | {m['load_average_at_start']} / "
         f"{m.get('load_average_at_end', '-')} |",
     ]
-    for k in ("aiohttp", "uvloop", "wrk"):
+    for k in ("code", "aiohttp", "uvloop", "wrk"):
         if k in m:
             out.append(f"| {k} | {m[k]} |")
     busiest = max(m["load_average_at_start"][0], m.get("load_average_at_end", [0])[0])

@@ -48,7 +48,15 @@ import orjson
 from locust import FastHttpUser, events, task
 
 from loadtests.presign import skewed_index
-from loadtests.transit_bench import OFFLINE_PATH, TAP_PATH, offline_batch, purse_cards, signed_headers
+from loadtests.transit_bench import (
+    OFFLINE_PATH,
+    TAP_PATH,
+    UPLOAD_INTERVAL_S,
+    UPLOAD_RECORDS,
+    offline_batch,
+    purse_cards,
+    signed_headers,
+)
 from protocols import card, ecard, population, sm, transit
 
 BUS_LINES = ("bus-105", "bus-111", "bus-261", "bus-421")
@@ -61,8 +69,6 @@ STATION_LINE = {s: s.split("-")[0].upper() for s in STATIONS}
 INTENDED_TAP_DECLINES = frozenset({"insufficient_balance", "card_unusable"})
 INTENDED_CODES = frozenset({"card_unusable", "purse_balance_cap", "illegal_transition"})
 TOPUP_FEN = 5_000
-UPLOAD_RECORDS = 250
-UPLOAD_INTERVAL_S = 3.0
 LOSS_INTERVAL_S = 2.0
 WEIGHTED_USERS = ("MetroValidator", "BusValidator", "AcceptancePoint", "HotlistClient")
 

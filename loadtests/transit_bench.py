@@ -76,6 +76,9 @@ TAP_PATH = "/v1/transit/taps"
 OFFLINE_PATH = "/v1/transit/offline-batches"
 OFFLINE_AMOUNT_FEN = 180  # a 2-yuan bus fare with the 10 % card discount
 OFFLINE_LINES = ("bus-105", "bus-111", "bus-421")
+# A Locust uploader (loadtests/locustfile.py): one batch of UPLOAD_RECORDS records every UPLOAD_INTERVAL_S.
+UPLOAD_RECORDS = 250
+UPLOAD_INTERVAL_S = 3.0
 CARD_CHALLENGE_AGE_S = 900  # for the run: a pre-signed answer waits in wrk's input up to a few minutes
 POSTED = frozenset(r.value for r in transit.RecordResult if r.posted)
 TRANSIT_KEYS = (
@@ -596,6 +599,34 @@ def purse_states(dsn: str, lo: int, hi: int) -> tuple[list[int], list[int]]:
     return [r["balance_fen"] for r in rows], [r["purse_seq"] for r in rows]
 
 
+def refill_purses(dsn: str, lo: int, hi: int, need_fen: int) -> int:
+    """Top up, to need_fen, the purses of cards lo..hi-1 that hold less: earlier runs on a reused data dir
+    spent them, and a chip that cannot pay is left out of the offline step. Journal rows like the card
+    office's top-ups (terminal `bench-refill`, not one of the run's terminals), so the audit balances and
+    the run's own reconciliation is unaffected. Returns how many purses were topped up."""
+    from cardsvc.transit.taps import KIND_TOPUP, SOURCE_OFFICE
+
+    rows = fetch(
+        dsn,
+        """WITH low AS (
+               SELECT card_id, $3::bigint - balance_fen AS amount_fen FROM purse
+               WHERE card_id > $1 AND card_id <= $2 AND balance_fen < $3 FOR UPDATE
+           ), j AS (
+               INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                        counterparty, source)
+               SELECT card_id, $4, 'bench-refill', card_id, amount_fen, 1, now(), 'topup:bench', $5 FROM low
+           )
+           UPDATE purse p SET balance_fen = $3, updated_at = now() FROM low WHERE p.card_id = low.card_id
+           RETURNING 1""",
+        lo,
+        hi,
+        need_fen,
+        KIND_TOPUP,
+        SOURCE_OFFICE,
+    )
+    return len(rows)
+
+
 async def _create_terminals(dsn: str, kek: bytes, specs: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
     import asyncpg
 
@@ -760,7 +791,7 @@ def render_section(d: dict[str, Any]) -> str:
         f"Measured on {t['measured_at']} by `./dev bench transit` (`python -m loadtests.transit_bench`, "
         f"{t['duration_s'] / 60:.1f} minutes); the numbers are copied from `benchmarks.json` (key `transit`).",
         f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM, {m.get('os')}, "
-        f"Python {m.get('python')}, {m.get('postgresql')}. Everything (PostgreSQL, `cardsvc serve --workers "
+        f"Python {m.get('python')}, {m.get('postgresql')}, code at {m.get('code', 'an unrecorded commit')}. Everything (PostgreSQL, `cardsvc serve --workers "
         f"{s['workers']}`, wrk, Locust) runs on this one machine; load average (1, 5, 15 min) before / after: "
         f"{m.get('load_average_at_start')} / {m.get('load_average_at_end')}.",
         "",
@@ -815,7 +846,9 @@ def render_section(d: dict[str, Any]) -> str:
     out += [
         "",
         f"Business answers in the mix: {_fmt(c.get('approved_taps'))} approved taps, declines by reason "
-        f"{c.get('tap_declines', {})}; offline verdicts {c.get('offline_verdicts', {})}; "
+        f"{c.get('tap_declines', {})}; offline uploads: {_fmt(c.get('offline_records'))} records, verdicts "
+        f"{c.get('offline_verdicts', {})}, {_fmt(c.get('offline_skipped_cards'))} chips skipped for want of "
+        "money; "
         f"{_fmt(c.get('loss_reports'))} loss reports, each followed by a tap of the lost card: "
         f"{_fmt(c.get('lost_card_refused'))} refused, {_fmt(c.get('lost_card_violations'))} accepted "
         "(violations, counted as failures).",
@@ -1156,9 +1189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n== f. offline ingestion", flush=True)
         sampler.phase = "offline"
         lo, hi = split.peak_offline
+        per = args.offline_batch_records
+        need = OFFLINE_AMOUNT_FEN * -(-args.offline_batches * per // (hi - lo))
+        cmds.show(["python", "-c", f"<top up to {need} fen the purses of cards {lo}..{hi - 1} that hold less>"])
+        print(f"  {refill_purses(dsn, lo, hi, need)} purses topped up", flush=True)
         balances, seqs = purse_states(dsn, lo, hi)
         chips = purse_cards(keys.card_tac_master, seed_bytes, lo, balances, seqs)
-        per = args.offline_batch_records
         off_terms = [terms[f"{prefix}off{k}"] for k in range(args.offline_terminals)]
         next_seq = [1] * len(off_terms)
         batches: list[tuple[dict[str, Any], bytes]] = []
@@ -1188,6 +1224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # g. Locust
         print("\n== g. Locust realistic mix", flush=True)
         lo, hi = split.locust_offline
+        # Each uploader cycles through its slice of the cards: top up what the run will debit, and a batch.
+        uploads = args.locust_duration / UPLOAD_INTERVAL_S + 1
+        per_card = -(-int(uploads * UPLOAD_RECORDS) // max(1, (hi - lo) // max(1, args.locust_uploaders)))
+        need = OFFLINE_AMOUNT_FEN * per_card
+        cmds.show(["python", "-c", f"<top up to {need} fen the purses of cards {lo}..{hi - 1} that hold less>"])
+        print(f"  {refill_purses(dsn, lo, hi, need)} purses topped up", flush=True)
         balances, seqs = purse_states(dsn, lo, hi)
         locust_cfg["offline_first"] = lo
         locust_cfg["offline_balances"] = balances

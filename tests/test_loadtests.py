@@ -3,12 +3,14 @@ checks them, the offline batches the benchmark builds, the Locust file loading, 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 
@@ -16,7 +18,7 @@ from cardsvc.security.credentials import CardKeyDeriver
 from cardsvc.security.keys import KeyRing
 from loadtests import presign, transit_bench
 from protocols import population, terminal_auth, transit
-from tests.helpers import ServiceHarness
+from tests.helpers import ServiceHarness, purse_vs_journal
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("path", "terminal", "key_id", "timestamp", "nonce", "signature", "body")
@@ -107,6 +109,27 @@ async def test_benchmark_offline_batches_are_accepted(svc: ServiceHarness) -> No
     assert r.body["balance_fen"] == 500 - 2 * transit_bench.OFFLINE_AMOUNT_FEN
 
 
+async def test_a_reused_data_dir_gets_its_offline_purses_topped_up_with_journal_rows(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """Earlier runs spend the offline cards' purses; the bench tops up those that hold less than the run
+    will debit, as journal top-ups, so that the audit still balances and the mix still uploads."""
+    cards = [await svc.new_card(has_purse=True) for _ in range(3)]
+    ids = [await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"]) for c in cards]
+    r = await svc.post(
+        f"/v1/purses/{cards[1]['card_no']}/top-ups",
+        {"terminal_seq": 92_001, "amount_fen": 5_000, "channel": "cash", "operator": "staff-1"},
+    )
+    assert r.status == 200, r.body
+    lo, hi = min(ids) - 1, max(ids)  # card ids lo+1..hi, like the bench's card index ranges
+    refilled = await asyncio.to_thread(transit_bench.refill_purses, svc.dsn, lo, hi, 900)
+    assert refilled == 2
+    rows = await db.fetch("SELECT card_id, balance_fen FROM purse WHERE card_id = ANY($1) ORDER BY card_id", ids)
+    assert [r["balance_fen"] for r in rows] == [900, 5_000, 900]
+    assert all(r["balance_fen"] == r["journal"] for r in await purse_vs_journal(svc.dsn))
+    assert await asyncio.to_thread(transit_bench.refill_purses, svc.dsn, lo, hi, 900) == 0
+
+
 def test_purse_cards_hold_the_keys_and_state_of_the_seeded_cards() -> None:
     keys = KeyRing.generate()
     chips = transit_bench.purse_cards(keys.card_tac_master, b"cardsvc-demo", 40, [5000, 120], [0, 65537])
@@ -169,3 +192,17 @@ def test_the_locustfile_loads_with_every_user_class() -> None:
     listed = {line.strip() for line in out.stdout.splitlines()}
     assert {"MetroValidator", "BusValidator", "AcceptancePoint", "HotlistClient", "OfflineUploader",
             "CardOffice"} <= listed  # fmt: skip
+
+
+def test_a_benchmark_report_names_the_commit_it_measured(tmp_path: Path) -> None:
+    from loadtests.bench import code_revision
+
+    head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, check=True)
+    assert code_revision().split(" ")[0] == head.stdout.strip()
+    # Outside a checkout it says so instead of failing the run.
+    out = subprocess.run(
+        [sys.executable, "-c", "from loadtests.bench import code_revision; print(code_revision())"],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "GIT_DIR": str(tmp_path / "none")},
+    )
+    assert out.stdout.strip() == "unknown (not a git checkout)"
