@@ -882,7 +882,9 @@ def render_section(d: dict[str, Any]) -> str:
         "- **Offline ingestion**: batches of "
         f"{s['offline_batch_records']} records from PurseCard chips (TAC with the card's TAC key), one",
         "  debit per card per batch, uploaded by an asyncio client; each record's TAC is verified, the purse",
-        "  locked, the verdict judged and the journal written before the answer.",
+        "  locked, the verdict judged and the journal written before the answer. On a reused data dir the",
+        "  purses this step and the mix's uploaders will debit are first topped up to what the run needs",
+        "  (journal top-ups from terminal `bench-refill`), since earlier runs spent them.",
         "- **Realistic mix**: `loadtests/locustfile.py` (FastHttpUser): metro tap-in/tap-out pairs and bus taps",
         "  (card cryptograms, some e-card codes) at validators, offline batch uploads, e-card code and card",
         "  verifications at hospitals and merchants, hotlist downloads with the version each validator holds,",

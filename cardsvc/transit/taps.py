@@ -123,12 +123,7 @@ class TapOutcome:
 @dataclasses.dataclass
 class _Quota:
     """A holder's concession as the batch read it, one per holder (the quota is the holder's, not a card's).
-
-    The lock statement reads the concession row from its snapshot, taken before any wait for a purse
-    lock: a card-office change that held those locks and committed meanwhile is not in what it read.
-    So the write is a compare-and-set on the values read; if the row changed, it misses, and the batch
-    runs again on the new value instead of overwriting it.
-    """
+    The write is a compare-and-set on `read_*` (the module docstring says why)."""
 
     holder_id: int
     concession: fares.Concession

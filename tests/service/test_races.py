@@ -153,6 +153,16 @@ async def _top_up(svc: ServiceHarness, card_no: str, amount_fen: int, seq: int |
     return await svc.post(f"/v1/purses/{card_no}/top-ups", body)
 
 
+async def _post(db: asyncpg.Connection, card_id: int, amount_fen: int, *, kind: int, counterparty: str, source: int) -> None:
+    """What a debit or a top-up writes, in the caller's transaction (which holds the purse lock)."""
+    await db.execute("UPDATE purse SET balance_fen = balance_fen + $2 WHERE card_id = $1", card_id, amount_fen)
+    await db.execute(
+        """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty, source)
+           VALUES ($1, $2, 'race-test', 1, $3, 1, now(), $4, $5)""",
+        card_id, kind, amount_fen, counterparty, source,
+    )
+
+
 async def test_a_cancel_is_refused_when_a_top_up_commits_before_it(svc: ServiceHarness, db: asyncpg.Connection) -> None:
     """Cancelling needs an empty purse. A top-up that commits after the cancel read the card, but before
     the cancel decides, must stop it: the money would otherwise sit on a dead card."""
@@ -161,12 +171,7 @@ async def test_a_cancel_is_refused_when_a_top_up_commits_before_it(svc: ServiceH
         await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
         cancel = asyncio.create_task(svc.post(f"/v1/cards/{no}/cancel", {"operator": "staff-1"}))
         await until_lock_waits(db)  # the cancel holds the card and waits for the purse
-        await db.execute("UPDATE purse SET balance_fen = balance_fen + 700 WHERE card_id = $1", card_id)
-        await db.execute(
-            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty, source)
-               VALUES ($1, 3, 'office-test', 1, 700, 1, now(), 'topup:cash', 4)""",
-            card_id,
-        )
+        await _post(db, card_id, 700, kind=3, counterparty="topup:cash", source=4)  # a top-up
     r = await cancel
     assert (r.status, r.body["code"]) == (409, "illegal_transition"), r.body
     card = (await svc.get(f"/v1/cards/{no}")).body
@@ -184,12 +189,7 @@ async def test_a_replacement_moves_and_records_the_balance_it_locked(
         await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
         replace = asyncio.create_task(svc.post(f"/v1/cards/{no}/replace", {**body, "operator": "staff-1"}))
         await until_lock_waits(db)
-        await db.execute("UPDATE purse SET balance_fen = balance_fen - 200 WHERE card_id = $1", card_id)
-        await db.execute(
-            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty, source)
-               VALUES ($1, 1, 'bus-test', 1, -200, 1, now(), 'cq-bus', 1)""",
-            card_id,
-        )
+        await _post(db, card_id, -200, kind=1, counterparty="cq-bus", source=1)  # a fare
     r = await replace
     assert r.status == 200, r.body
     assert r.body["purse_balance_fen"] == 300
