@@ -627,6 +627,11 @@ def refill_purses(dsn: str, lo: int, hi: int, need_fen: int) -> int:
     return len(rows)
 
 
+def _refill_step(cmds: Commands, dsn: str, lo: int, hi: int, need_fen: int) -> None:
+    cmds.show(["python", "-c", f"<top up to {need_fen} fen the purses of cards {lo}..{hi - 1} that hold less>"])
+    print(f"  {refill_purses(dsn, lo, hi, need_fen)} purses topped up", flush=True)
+
+
 async def _create_terminals(dsn: str, kek: bytes, specs: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
     import asyncpg
 
@@ -1193,8 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lo, hi = split.peak_offline
         per = args.offline_batch_records
         need = OFFLINE_AMOUNT_FEN * -(-args.offline_batches * per // (hi - lo))
-        cmds.show(["python", "-c", f"<top up to {need} fen the purses of cards {lo}..{hi - 1} that hold less>"])
-        print(f"  {refill_purses(dsn, lo, hi, need)} purses topped up", flush=True)
+        _refill_step(cmds, dsn, lo, hi, need)
         balances, seqs = purse_states(dsn, lo, hi)
         chips = purse_cards(keys.card_tac_master, seed_bytes, lo, balances, seqs)
         off_terms = [terms[f"{prefix}off{k}"] for k in range(args.offline_terminals)]
@@ -1230,8 +1234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         uploads = args.locust_duration / UPLOAD_INTERVAL_S + 1
         per_card = -(-int(uploads * UPLOAD_RECORDS) // max(1, (hi - lo) // max(1, args.locust_uploaders)))
         need = OFFLINE_AMOUNT_FEN * per_card
-        cmds.show(["python", "-c", f"<top up to {need} fen the purses of cards {lo}..{hi - 1} that hold less>"])
-        print(f"  {refill_purses(dsn, lo, hi, need)} purses topped up", flush=True)
+        _refill_step(cmds, dsn, lo, hi, need)
         balances, seqs = purse_states(dsn, lo, hi)
         locust_cfg["offline_first"] = lo
         locust_cfg["offline_balances"] = balances
