@@ -74,10 +74,11 @@ WITH pu AS (
     RETURNING 1
 )
 INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
-                         station_id, source)
-SELECT v.card_id, $4::smallint, $5::text, 0, v.amount_fen, 1, v.at, v.counterparty, v.station_id, $6::smallint
-FROM unnest($1::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::text[])
-     AS v(card_id, amount_fen, at, counterparty, station_id)
+                         line_id, station_id, source)
+SELECT v.card_id, $4::smallint, $5::text, 0, v.amount_fen, 1, v.at, v.counterparty, v.line_id, v.station_id,
+       $6::smallint
+FROM unnest($1::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::text[], $11::text[])
+     AS v(card_id, amount_fen, at, counterparty, line_id, station_id)
 """
 
 
@@ -95,6 +96,7 @@ async def _close_chunk(
     amounts: list[int] = []
     ats: list[dt.datetime] = []
     operators: list[str] = []
+    lines: list[str] = []  # clearing needs the line of every fare row: the entry station's
     stations: list[str] = []
     unpaid = 0
     async with conn.transaction():
@@ -115,11 +117,12 @@ async def _close_chunk(
             amounts.append(-penalty.amount_fen)
             ats.append(dt.datetime.fromtimestamp(entry.time + table.rules.journey_timeout_s, dt.UTC))
             operators.append(penalty.operator)
+            lines.append(table.stations[entry.station].line)
             stations.append(entry.station)
         if ids:
             await conn.execute(
                 _WRITE_SQL, ids, balances, journeys, KIND_PENALTY, SWEEP_TERMINAL, SOURCE_SWEEP, amounts, ats,
-                operators, stations,
+                operators, lines, stations,
             )  # fmt: skip
     return len(ids), -sum(amounts), unpaid
 
