@@ -152,7 +152,6 @@ WHERE terminal_id = $1 AND terminal_seq = ANY($2::bigint[])
 _LEDGER_SQL = """
 SELECT terminal_seq, result, reason, record FROM offline_record
 WHERE card_id = ANY($1::bigint[]) AND terminal_id = $2 AND terminal_seq = ANY($3::bigint[])
-  AND reason IS DISTINCT FROM 'terminal_seq_reused'
 """
 
 _POSTED_SQL = """
@@ -273,17 +272,19 @@ async def _attempt(
     by_id = {p.card_id: p for p in purses.values()}
     # Read after the locks: a concurrent upload of the same records has committed by now.
     seqs = [r.terminal_seq for r in records]
-    # (request hash, result, reason) per key: terminal_txn, else the card's permanent ledger.
-    answered: dict[int, tuple[bytes, str, str | None]] = {}
+    # (request hash, result, reason) of what each key already answered: terminal_txn (kept for a retention
+    # period), and the permanent ledger of the batch's cards, which also holds the records refused for
+    # reusing a key (one key can then have answered several records, one per card).
+    answered: dict[int, list[tuple[bytes, str, str | None]]] = {}
+    for row in await conn.fetch(_ANSWERED_SQL, tid, seqs):
+        answered.setdefault(row["terminal_seq"], []).append(
+            (bytes(row["request_hash"]), row["result"], (row["detail"] or {}).get("reason"))
+        )
     if by_id:
         for row in await conn.fetch(_LEDGER_SQL, list(by_id), tid, seqs):
-            answered[row["terminal_seq"]] = (_digest(row["record"]), row["result"], row["reason"])
-    for row in await conn.fetch(_ANSWERED_SQL, tid, seqs):
-        answered[row["terminal_seq"]] = (
-            bytes(row["request_hash"]),
-            row["result"],
-            (row["detail"] or {}).get("reason"),
-        )
+            answered.setdefault(row["terminal_seq"], []).append(
+                (_digest(row["record"]), row["result"], row["reason"])
+            )
     wanted = [
         (p.card_id, transit.extend_purse_seq(p.base_ext, r.purse_seq))
         for r in records
@@ -312,9 +313,10 @@ async def _attempt(
         digest = _digest(as_json)
         purse = purses.get(r.card_sn)
         prior = answered.get(r.terminal_seq)
-        if prior is not None:
-            if prior[0] == digest:
-                plan.answers.append(RecordAnswer(r.terminal_seq, prior[1], prior[2], True))
+        if prior:
+            same = next((p for p in prior if p[0] == digest), None)
+            if same is not None:
+                plan.answers.append(RecordAnswer(r.terminal_seq, same[1], same[2], True))
                 continue
             # The key answers another transaction (an online tap, another record): refused, and kept in the
             # card's ledger for investigation when the card is ours.

@@ -240,6 +240,30 @@ async def test_the_same_purse_seq_with_another_amount_is_a_conflict(svc: Service
     )
 
 
+async def test_a_record_refused_for_a_reused_key_gets_the_same_answer_after_the_answers_are_pruned(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A validator reset reuses a terminal_seq for another card. The terminal's answers are pruned after
+    their retention, the offline ledger is not: a re-upload within the upload window still gets the first
+    answer (the key is taken), never a second verdict or an error."""
+    (cx, chip_x), (cy, chip_y) = await funded(svc, 1000), await funded(svc, 1000)
+    t = tid(svc)
+    x = debit(chip_x, t, 180)
+    y = chip_y.debit(200, t, x.terminal_seq, x.txn_time + 1, **BUS)  # the same key, another card
+    assert results(await upload(svc, [x])) == ["accepted"]
+    first = await upload(svc, [y])
+    assert [(a["result"], a["reason"]) for a in first] == [("conflict", "terminal_seq_reused")]
+    await db.execute("DELETE FROM terminal_txn WHERE terminal_id = $1", t)  # retention pruning
+    before = await money_state(db)
+    for record in (y, x):
+        again = await upload(svc, [record])
+        assert [(a["result"], a["replayed_answer"]) for a in again] == [
+            ("conflict" if record is y else "accepted", True)
+        ], again
+    assert await money_state(db) == before
+    assert (await svc.balance(cx["card_no"]), await svc.balance(cy["card_no"])) == (820, 1000)
+
+
 def chip_resign(svc: ServiceHarness, record: OfflineRecord) -> OfflineRecord:
     """Sign a record with the card's real TAC key (what a cloned card could do)."""
     key = PurseCard(record.card_sn, master_key=svc.keys.card_tac_master).tac_key
