@@ -89,6 +89,7 @@ R_DISABLED_HALF = "disabled_half"
 R_MISSING_OUT = "missing_tap_out"
 R_MISSING_IN = "missing_tap_in"
 R_TIMEOUT = "journey_timeout"
+R_AFTER_SWEEP = "exit_of_swept_journey"  # the exit of a journey the sweep already charged: nothing more
 R_RIDE_MAX = "ride_code_max_fare"
 RULE_NAMES = frozenset(
     {
@@ -669,6 +670,15 @@ class TransferWindow:
     discount_used: bool
 
 
+def _journey_dict(j: OpenJourney) -> dict[str, object]:
+    return {"station": j.station, "time": j.time, "operator": j.operator}
+
+
+def _journey_from(data: object, name: str) -> OpenJourney:
+    j = _obj(data, name, {"station", "time", "operator"})
+    return OpenJourney(_str(j, f"{name}.station"), _int(j["time"], f"{name}.time"), _str(j, f"{name}.operator"))
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class JourneyState:
     """A card's fare state between taps. `day` is the local day number (days since 1970-01-01 local)."""
@@ -677,12 +687,16 @@ class JourneyState:
     window: TransferWindow | None = None
     day: int | None = None
     day_charged_fen: int = 0  # fares charged on `day` (penalties are not counted)
+    # The journey `close_open_journey` closed and charged, until the card's next tap: if that tap is an
+    # exit, it ends this journey, already paid, instead of being an exit without entry. Stored only when
+    # set (an optional key of the same state version).
+    swept: OpenJourney | None = None
 
     def to_dict(self) -> dict[str, object]:
         j, w = self.journey, self.window
-        return {
+        out: dict[str, object] = {
             "v": _STATE_VERSION,
-            "journey": None if j is None else {"station": j.station, "time": j.time, "operator": j.operator},
+            "journey": None if j is None else _journey_dict(j),
             "window": None
             if w is None
             else {
@@ -694,6 +708,9 @@ class JourneyState:
             "day": None if self.day is None else dt.date.fromordinal(_EPOCH_ORDINAL + self.day).isoformat(),
             "day_charged_fen": self.day_charged_fen,
         }
+        if self.swept is not None:
+            out["swept"] = _journey_dict(self.swept)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
@@ -703,16 +720,13 @@ class JourneyState:
         """Parse a stored state; `FareInputError` on anything malformed (never a half-valid state)."""
         if not isinstance(data, Mapping):
             raise FareInputError("journey state must be an object")
-        if set(data) != {"v", "journey", "window", "day", "day_charged_fen"}:
+        keys = {"v", "journey", "window", "day", "day_charged_fen"}
+        if set(data) not in (keys, keys | {"swept"}):
             raise FareInputError(f"journey state has keys {sorted(data)}")
         if data["v"] != _STATE_VERSION:
             raise FareInputError(f"journey state version {data['v']!r} is not {_STATE_VERSION}")
-        journey: OpenJourney | None = None
-        if data["journey"] is not None:
-            j = _obj(data["journey"], "journey", {"station", "time", "operator"})
-            journey = OpenJourney(
-                _str(j, "journey.station"), _int(j["time"], "journey.time"), _str(j, "journey.operator")
-            )
+        journey = None if data["journey"] is None else _journey_from(data["journey"], "journey")
+        swept = None if data.get("swept") is None else _journey_from(data["swept"], "swept")
         window: TransferWindow | None = None
         if data["window"] is not None:
             w = _obj(data["window"], "window", {"start", "first_fare_fen", "mode", "discount_used"})
@@ -736,7 +750,7 @@ class JourneyState:
                 day = dt.date.fromisoformat(data["day"]).toordinal() - _EPOCH_ORDINAL
             except ValueError as e:
                 raise FareInputError(f"journey state day: {e}") from None
-        return cls(journey, window, day, _int(data["day_charged_fen"], "day_charged_fen", minimum=0))
+        return cls(journey, window, day, _int(data["day_charged_fen"], "day_charged_fen", minimum=0), swept)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> JourneyState:
@@ -872,8 +886,11 @@ def fare(table: FareTable, state: JourneyState, tap: Tap, concession: Concession
 
     if tap.direction != "out":
         raise FareInputError(f"a metro tap has direction 'in' or 'out', got {tap.direction!r}")
-    if journey is None:  # exit without entry: the journey cannot be priced
+    if journey is None:
         new = JourneyState(None, state.window, day, charged_today)
+        if state.swept is not None:  # the exit of the journey the sweep charged the maximum fare for
+            return Decision(0, 0, (R_AFTER_SWEEP,), state.swept.operator, new, None)
+        # exit without entry: the journey cannot be priced
         return Decision(0, 0, (R_MISSING_IN,), operator, new, Penalty(table.cap_fen, operator, R_MISSING_IN))
     if t - journey.time >= r.journey_timeout_s:
         new = JourneyState(None, state.window, day, charged_today)
@@ -971,7 +988,7 @@ def close_open_journey(
     if j is None or (not force and now - j.time < table.rules.journey_timeout_s):
         return None, state
     return Penalty(table.cap_fen, j.operator, R_MISSING_OUT), JourneyState(
-        None, state.window, state.day, state.day_charged_fen
+        None, state.window, state.day, state.day_charged_fen, swept=j
     )
 
 

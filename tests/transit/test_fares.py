@@ -303,6 +303,26 @@ def test_close_open_journey(cq: FareTable) -> None:
     assert closed.journey is None and closed.window == state.window
     assert close_open_journey(cq, state, T0 + 60, force=True)[0] == penalty
     assert close_open_journey(cq, closed, T0 + 9 * 3600, force=True) == (None, closed)
+    # The closed journey is remembered until the next tap, through the stored form.
+    assert closed.swept == state.journey
+    assert JourneyState.from_json(closed.to_json()) == closed and "swept" in closed.to_dict()
+
+
+def test_the_exit_of_a_swept_journey_is_not_charged_again(cq: FareTable) -> None:
+    """The sweep charged the maximum fare for a journey left open; the rider's late exit then ends that
+    journey: one maximum fare in all, as when the exit itself finds the journey timed out."""
+    entered = fare(cq, EMPTY_STATE, m_in(T0, "l1-chaotianmen")).state
+    late = m_out(T0 + 5 * 3600, "l1-xiaoshizi")
+    unswept = fare(cq, entered, late)
+    penalty, swept = close_open_journey(cq, entered, T0 + 4 * 3600)
+    exit_ = fare(cq, swept, late)
+    assert penalty is not None and unswept.penalty is not None
+    assert penalty.amount_fen + exit_.total_fen == unswept.total_fen == cq.cap_fen
+    assert exit_.penalty is None and exit_.rules == ("exit_of_swept_journey",) and exit_.operator == "cq-metro"
+    assert exit_.state.swept is None and "swept" not in exit_.state.to_dict()
+    # Any other tap first starts something new: an exit after it is an exit without entry again.
+    after_bus = fare(cq, fare(cq, swept, bus(T0 + 5 * 3600)).state, late)
+    assert after_bus.penalty is not None and after_bus.penalty.reason == "missing_tap_in"
 
 
 @pytest.mark.parametrize(
@@ -357,6 +377,9 @@ def test_state_json_layout(cq: FareTable) -> None:
         lambda s: s["window"].update(discount_used="no"),
         lambda s: s["journey"].update(time="1"),
         lambda s: s["journey"].pop("operator"),
+        lambda s: s.update(swept={"station": "l1-xiaoshizi"}),
+        lambda s: s.update(swept="l1-xiaoshizi"),
+        lambda s: s.update(sweep=None),
     ],
 )
 def test_malformed_stored_states_are_refused(
@@ -878,9 +901,13 @@ def test_random_tap_sequences_keep_every_invariant(
 
     penalty, closed = close_open_journey(t, state, now, force=True)
     assert closed.journey is None
-    assert (penalty is not None) == (open_entry is not None)
+    assert (penalty is not None) == (open_entry is not None) == (closed.swept is not None)
     if penalty is not None:
         assert penalty.amount_fen == t.cap_fen and penalty.reason == "missing_tap_out"
+        # The journey's exit, if it comes, costs nothing more than what the sweep charged.
+        station = next(iter(stations))
+        exit_ = fare(t, closed, Tap(now + 60, "metro", stations[station]["line"], station, "out"), concession)
+        assert exit_.total_fen == 0 and exit_.penalty is None
 
 
 def big_network(n_lines: int = 12, per_line: int = 30) -> dict[str, Any]:

@@ -120,6 +120,18 @@ async def test_a_journey_left_open_is_charged_the_maximum_fare_once_when_it_time
     assert all(ch.ok for ch in checks), [ch for ch in checks if not ch.ok]
 
 
+async def test_the_late_exit_of_a_swept_journey_is_not_charged_again(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    c = await card_with(svc, db, 2000)
+    await metro(svc, c, A, "in")
+    done = await sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT + 60))
+    assert done.closed == 1
+    out = await metro(svc, c, B, "out")  # the rider finally taps out of the journey the sweep charged
+    assert (out["fare_fen"], out["rules"]) == (0, ["exit_of_swept_journey"]) and "penalty" not in out, out
+    assert await svc.balance(c["card_no"]) == 2000 - TABLE.cap_fen
+
+
 async def test_a_rider_who_left_owes_nothing_and_a_reentry_is_charged_per_journey(
     svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
