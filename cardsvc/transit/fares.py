@@ -27,6 +27,7 @@ import re
 import tomllib
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Literal, cast
 
@@ -53,8 +54,8 @@ __all__ = [
     "Station",
     "Tap",
     "TransferWindow",
+    "UnpairedTap",
     "band_fare_fen",
-    "cap_per_ride",
     "card_price_fen",
     "close_open_journey",
     "elderly_quota_for_year",
@@ -91,6 +92,10 @@ R_MISSING_IN = "missing_tap_in"
 R_TIMEOUT = "journey_timeout"
 R_AFTER_SWEEP = "exit_of_swept_journey"  # the exit of a journey the sweep already charged: nothing more
 R_RIDE_MAX = "ride_code_max_fare"
+# An uploaded tap older than the card's newest known tap (docs/fares.md "Late uploads"):
+R_LATE = "late_upload"  # priced on its own: no transfer, no effect on the open journey
+R_ENTRY_OF_CHARGED_EXIT = "entry_of_charged_exit"  # the entry of an exit already charged the maximum fare
+R_EXIT_OF_CHARGED_JOURNEY = "exit_of_charged_journey"  # the exit of a journey already charged the maximum fare
 RULE_NAMES = frozenset(
     {
         R_BUS,
@@ -107,7 +112,11 @@ RULE_NAMES = frozenset(
         R_MISSING_OUT,
         R_MISSING_IN,
         R_TIMEOUT,
+        R_AFTER_SWEEP,
         R_RIDE_MAX,
+        R_LATE,
+        R_ENTRY_OF_CHARGED_EXIT,
+        R_EXIT_OF_CHARGED_JOURNEY,
     }
 )
 
@@ -116,6 +125,10 @@ _MODES: frozenset[str] = frozenset({"bus", "metro"})
 _ID = re.compile(r"[A-Za-z0-9._-]{1,16}")
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 _STATE_VERSION = 1
+# Unpaired metro taps a card's state keeps (see JourneyState.unpaired): at most this many, the newest,
+# and none older than UNPAIRED_KEEP_S before the card's newest tap.
+UNPAIRED_MAX = 4
+UNPAIRED_KEEP_S = 7 * 86400
 
 
 # --------------------------------------------------------------------------------------------------
@@ -660,6 +673,29 @@ class OpenJourney:
     station: str  # entry station id
     time: int  # entry time, unix seconds
     operator: str  # operator credited for the journey (the entry station's line operator)
+    # The entry credential's per-ride limit (a ride code's max_fare_fen): the journey, and a penalty
+    # for it (even the sweep's), is never charged more. Stored only when set.
+    max_fare_fen: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UnpairedTap:
+    """A metro tap whose other half has not been seen, kept for that half arriving late (gates upload
+    independently; docs/fares.md "Late uploads"):
+
+    - `out`, charged: an exit without entry, charged the maximum fare (`missing_tap_in`); its entry,
+      uploaded later, costs nothing more;
+    - `in`, charged: the entry of a journey charged the maximum fare without its exit (missing tap-out
+      at the card's next tap, or the sweep); its exit, arriving later, costs nothing more;
+    - `in`, not charged: an uploaded entry older than the card's newest tap, which could not open the
+      journey (the card had moved on); its exit, arriving later, prices the ride."""
+
+    direction: Literal["in", "out"]
+    station: str
+    time: int
+    operator: str
+    max_fare_fen: int | None = None  # an `in`'s credential limit (see OpenJourney)
+    charged: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -671,12 +707,62 @@ class TransferWindow:
 
 
 def _journey_dict(j: OpenJourney) -> dict[str, object]:
-    return {"station": j.station, "time": j.time, "operator": j.operator}
+    out: dict[str, object] = {"station": j.station, "time": j.time, "operator": j.operator}
+    if j.max_fare_fen is not None:
+        out["max_fare_fen"] = j.max_fare_fen
+    return out
+
+
+_JOURNEY_KEYS = {"station", "time", "operator"}
+
+
+def _limit_from(j: Mapping[str, object], name: str) -> int | None:
+    return None if "max_fare_fen" not in j else _int(j["max_fare_fen"], f"{name}.max_fare_fen", minimum=0)
 
 
 def _journey_from(data: object, name: str) -> OpenJourney:
-    j = _obj(data, name, {"station", "time", "operator"})
-    return OpenJourney(_str(j, f"{name}.station"), _int(j["time"], f"{name}.time"), _str(j, f"{name}.operator"))
+    j = _obj(data, name, _JOURNEY_KEYS, optional={"max_fare_fen"})
+    return OpenJourney(
+        _str(j, f"{name}.station"), _int(j["time"], f"{name}.time"), _str(j, f"{name}.operator"), _limit_from(j, name)
+    )
+
+
+def _unpaired_dict(u: UnpairedTap) -> dict[str, object]:
+    out: dict[str, object] = {
+        "direction": u.direction,
+        "station": u.station,
+        "time": u.time,
+        "operator": u.operator,
+        "charged": u.charged,
+    }
+    if u.max_fare_fen is not None:
+        out["max_fare_fen"] = u.max_fare_fen
+    return out
+
+
+def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
+    if not isinstance(data, list) or not 0 < len(data) <= UNPAIRED_MAX:
+        raise FareInputError(f"journey state unpaired must be a list of 1 to {UNPAIRED_MAX} taps")
+    out = []
+    for i, item in enumerate(data):
+        name = f"unpaired[{i}]"
+        u = _obj(item, name, _JOURNEY_KEYS | {"direction", "charged"}, optional={"max_fare_fen"})
+        direction, charged = u["direction"], u["charged"]
+        if direction not in ("in", "out"):
+            raise FareInputError(f"journey state {name}.direction must be 'in' or 'out'")
+        if not isinstance(charged, bool) or (direction == "out" and not charged):
+            raise FareInputError(f"journey state {name}.charged must be a boolean, true for an 'out'")
+        out.append(
+            UnpairedTap(
+                direction,
+                _str(u, f"{name}.station"),
+                _int(u["time"], f"{name}.time"),
+                _str(u, f"{name}.operator"),
+                _limit_from(u, name),
+                charged,
+            )
+        )
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -691,6 +777,12 @@ class JourneyState:
     # exit, it ends this journey, already paid, instead of being an exit without entry. Stored only when
     # set (an optional key of the same state version).
     swept: OpenJourney | None = None
+    # Metro taps waiting for their other half (UnpairedTap), oldest first: gates upload independently,
+    # so a ride's exit may be priced before its entry arrives. Stored only when not empty.
+    unpaired: tuple[UnpairedTap, ...] = ()
+    # The time of the card's newest tap when the fields above do not show it (`_newest`): what tells a
+    # late upload. Stored only when set.
+    latest: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         j, w = self.journey, self.window
@@ -710,6 +802,10 @@ class JourneyState:
         }
         if self.swept is not None:
             out["swept"] = _journey_dict(self.swept)
+        if self.unpaired:
+            out["unpaired"] = [_unpaired_dict(u) for u in self.unpaired]
+        if self.latest is not None:
+            out["latest"] = self.latest
         return out
 
     def to_json(self) -> str:
@@ -721,12 +817,14 @@ class JourneyState:
         if not isinstance(data, Mapping):
             raise FareInputError("journey state must be an object")
         keys = {"v", "journey", "window", "day", "day_charged_fen"}
-        if set(data) not in (keys, keys | {"swept"}):
+        if not keys <= set(data) <= keys | {"swept", "unpaired", "latest"}:
             raise FareInputError(f"journey state has keys {sorted(data)}")
         if data["v"] != _STATE_VERSION:
             raise FareInputError(f"journey state version {data['v']!r} is not {_STATE_VERSION}")
         journey = None if data["journey"] is None else _journey_from(data["journey"], "journey")
         swept = None if data.get("swept") is None else _journey_from(data["swept"], "swept")
+        unpaired = () if "unpaired" not in data else _unpaired_from(data["unpaired"])
+        latest = None if "latest" not in data else _int(data["latest"], "latest")
         window: TransferWindow | None = None
         if data["window"] is not None:
             w = _obj(data["window"], "window", {"start", "first_fare_fen", "mode", "discount_used"})
@@ -750,7 +848,9 @@ class JourneyState:
                 day = dt.date.fromisoformat(data["day"]).toordinal() - _EPOCH_ORDINAL
             except ValueError as e:
                 raise FareInputError(f"journey state day: {e}") from None
-        return cls(journey, window, day, _int(data["day_charged_fen"], "day_charged_fen", minimum=0), swept)
+        return cls(
+            journey, window, day, _int(data["day_charged_fen"], "day_charged_fen", minimum=0), swept, unpaired, latest
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> JourneyState:
@@ -761,9 +861,12 @@ class JourneyState:
         return cls.from_dict(data)
 
 
-def _obj(value: object, name: str, keys: set[str]) -> Mapping[str, object]:
-    if not isinstance(value, Mapping) or set(value) != keys:
-        raise FareInputError(f"journey state {name} must be an object with keys {sorted(keys)}")
+def _obj(
+    value: object, name: str, keys: set[str], optional: AbstractSet[str] = frozenset()
+) -> Mapping[str, object]:
+    if not isinstance(value, Mapping) or not keys <= set(value) <= keys | optional:
+        extra = f" (optional: {sorted(optional)})" if optional else ""
+        raise FareInputError(f"journey state {name} must be an object with keys {sorted(keys)}{extra}")
     return cast(Mapping[str, object], value)
 
 
@@ -796,6 +899,12 @@ class Tap:
     line: str  # bus line id, or a metro line serving the station
     station: str | None = None  # metro only
     direction: Direction = "single"  # "single" for bus, "in" / "out" for metro
+    # The credential's per-ride limit (a ride code certificate's max_fare_fen): the ride this tap prices
+    # and a penalty charged with it each cost at most this much; an entry passes it on to its journey.
+    max_fare_fen: int | None = None
+    # Priced after the fact from a gate's upload: it may arrive after later taps of the card (see
+    # docs/fares.md "Late uploads"). Online taps are priced in arrival order, whatever their clock says.
+    uploaded: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -841,9 +950,29 @@ class Decision:
 def fare(table: FareTable, state: JourneyState, tap: Tap, concession: Concession = NO_CONCESSION) -> Decision:
     """Price one tap. Pure: no I/O, no clock; the same inputs always give the same Decision.
 
-    Taps of a card must be given in time order. Raises `FareInputError` for a tap that does not fit
-    the table (unknown line or station, wrong direction for the mode, bad concession).
+    Taps of a card are given in arrival order. Online taps arrive in time order (a validator's clock
+    a little behind is tolerated as such); an `uploaded` tap older than the card's newest tap is priced
+    as a late upload (docs/fares.md). Raises `FareInputError` for a tap that does not fit the table
+    (unknown line or station, wrong direction for the mode, bad concession, negative limit).
     """
+    if tap.max_fare_fen is not None and tap.max_fare_fen < 0:
+        raise FareInputError("max_fare_fen must be >= 0")
+    newest = _newest(state)
+    if tap.uploaded and newest is not None and tap.time < newest:
+        d = _late(table, state, tap, concession)
+    else:
+        d = _in_order(table, state, tap, concession)
+    after = _with_latest(d.state, tap.time if newest is None or tap.time > newest else newest)
+    if after is d.state:
+        return d
+    return Decision(
+        d.amount_fen, d.full_fare_fen, d.rules, d.operator, after, d.penalty, d.transfer_discount_fen,
+        d.quota_ride_consumed, d.distance_m,
+    )  # fmt: skip (positional: dataclasses.replace costs microseconds on the hot path)
+
+
+def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Concession) -> Decision:
+    """A tap priced in arrival order: the card's newest, or an online tap (see `fare`)."""
     r = table.rules
     t = tap.time
     day = (t + r.utc_offset_s) // 86400
@@ -853,19 +982,66 @@ def fare(table: FareTable, state: JourneyState, tap: Tap, concession: Concession
         day = state.day
         charged_today = state.day_charged_fen
     journey = state.journey
+    limit = tap.max_fare_fen
 
     if tap.mode == "bus":
-        line = table.bus_lines.get(tap.line)
-        if line is None:
-            raise FareInputError(f"unknown bus line {tap.line!r} in fare table {table.version}")
-        if tap.direction != "single":
-            raise FareInputError(f"a bus tap has direction 'single', got {tap.direction!r}")
+        line = _bus_line(table, tap)
         penalty = None if journey is None else Penalty(table.cap_fen, journey.operator, R_MISSING_OUT)
-        return _ride(
+        d = _ride(
             table, state, concession, day, charged_today, base=line.fare_fen, mode="bus", start=t, end=t,
             operator=line.operator, first_rule=R_BUS, penalty=penalty, distance=None,
         )  # fmt: skip
+        if journey is not None:
+            d = dataclasses.replace(d, state=_with_charged_entry(d.state, journey, t))
+        return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
 
+    place, operator = _metro_place(table, tap)
+    if tap.direction == "in":
+        rules: tuple[str, ...] = (R_ENTRY,)
+        penalty = None
+        if journey is not None:  # entering again: the open journey never tapped out
+            penalty = Penalty(table.cap_fen, journey.operator, R_MISSING_OUT)
+            rules = (R_MISSING_OUT, R_ENTRY)
+        new = JourneyState(
+            OpenJourney(tap.station or "", t, operator, limit), state.window, day, charged_today,
+            unpaired=state.unpaired,
+        )  # fmt: skip
+        if journey is not None:
+            new = _with_charged_entry(new, journey, t)
+        d = Decision(0, 0, rules, operator, new, penalty)
+        return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
+
+    if journey is None:
+        base = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
+        if state.swept is not None:  # the exit of the journey the sweep charged the maximum fare for
+            return _exit_of_swept(state.swept, base)
+        return _exit_without_journey(table, base, tap, concession, operator, late=False)
+    if t - journey.time >= r.journey_timeout_s:
+        new = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
+        d = Decision(0, 0, (R_TIMEOUT,), journey.operator, new, Penalty(table.cap_fen, journey.operator, R_TIMEOUT))
+        return _capped(d, limit, _min_limit(limit, journey.max_fare_fen))
+    entry = _place(table, journey.station)
+    d = _ride(
+        table, state, concession, day, charged_today, base=table.fare_matrix[entry][place], mode="metro",
+        start=journey.time, end=t, operator=journey.operator,
+        first_rule=R_SAME_STATION if entry == place else R_METRO, penalty=None,
+        distance=table.distance_m[entry][place],
+    )  # fmt: skip
+    limit = _min_limit(limit, journey.max_fare_fen)
+    return _capped(d, limit, limit)
+
+
+def _bus_line(table: FareTable, tap: Tap) -> BusLine:
+    line = table.bus_lines.get(tap.line)
+    if line is None:
+        raise FareInputError(f"unknown bus line {tap.line!r} in fare table {table.version}")
+    if tap.direction != "single":
+        raise FareInputError(f"a bus tap has direction 'single', got {tap.direction!r}")
+    return line
+
+
+def _metro_place(table: FareTable, tap: Tap) -> tuple[int, str]:
+    """(place index, operator) of a metro tap; refuses a tap that does not fit the table."""
     if tap.mode != "metro":
         raise FareInputError(f"unknown mode {tap.mode!r}")
     if tap.station is None:
@@ -873,37 +1049,188 @@ def fare(table: FareTable, state: JourneyState, tap: Tap, concession: Concession
     place = _place(table, tap.station)
     if tap.line not in table.place_lines[place]:
         raise FareInputError(f"metro line {tap.line!r} does not serve station {tap.station!r}")
-    operator = table.station_operator[tap.station]
-
-    if tap.direction == "in":
-        rules: tuple[str, ...] = (R_ENTRY,)
-        penalty = None
-        if journey is not None:  # entering again: the open journey never tapped out
-            penalty = Penalty(table.cap_fen, journey.operator, R_MISSING_OUT)
-            rules = (R_MISSING_OUT, R_ENTRY)
-        new = JourneyState(OpenJourney(tap.station, t, operator), state.window, day, charged_today)
-        return Decision(0, 0, rules, operator, new, penalty)
-
-    if tap.direction != "out":
+    if tap.direction not in ("in", "out"):
         raise FareInputError(f"a metro tap has direction 'in' or 'out', got {tap.direction!r}")
-    if journey is None:
-        new = JourneyState(None, state.window, day, charged_today)
-        if state.swept is not None:  # the exit of the journey the sweep charged the maximum fare for
-            return Decision(0, 0, (R_AFTER_SWEEP,), state.swept.operator, new, None)
-        # exit without entry: the journey cannot be priced
-        return Decision(0, 0, (R_MISSING_IN,), operator, new, Penalty(table.cap_fen, operator, R_MISSING_IN))
-    if t - journey.time >= r.journey_timeout_s:
-        new = JourneyState(None, state.window, day, charged_today)
-        return Decision(
-            0, 0, (R_TIMEOUT,), journey.operator, new, Penalty(table.cap_fen, journey.operator, R_TIMEOUT)
-        )
-    entry = _place(table, journey.station)
-    return _ride(
-        table, state, concession, day, charged_today, base=table.fare_matrix[entry][place], mode="metro",
-        start=journey.time, end=t, operator=journey.operator,
-        first_rule=R_SAME_STATION if entry == place else R_METRO, penalty=None,
-        distance=table.distance_m[entry][place],
+    return place, table.station_operator[tap.station]
+
+
+def _min_limit(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _capped(d: Decision, fare_limit: int | None, penalty_limit: int | None) -> Decision:
+    """A decision under per-ride limits (ride code certificates' max_fare_fen): the ride this tap prices
+    costs at most `fare_limit`, the penalty charged with it at most `penalty_limit` (the limits of the
+    credentials involved: this tap's and, for a journey, its entry's). The operator is credited what is
+    charged; the journey state (transfer window, daily total) keeps the uncapped fare. The same object
+    when nothing is over a limit."""
+    penalty = d.penalty
+    over_fare = fare_limit is not None and d.amount_fen > fare_limit
+    over_penalty = penalty is not None and penalty_limit is not None and penalty.amount_fen > penalty_limit
+    if not over_fare and not over_penalty:
+        return d
+    if penalty is not None and penalty_limit is not None and over_penalty:
+        penalty = dataclasses.replace(penalty, amount_fen=penalty_limit)
+    amount = d.amount_fen if fare_limit is None else min(d.amount_fen, fare_limit)
+    return dataclasses.replace(d, amount_fen=amount, penalty=penalty, rules=(*d.rules, R_RIDE_MAX))
+
+
+def _derived_newest(state: JourneyState) -> int | None:
+    newest = None if state.journey is None else state.journey.time
+    if state.window is not None and (newest is None or state.window.start > newest):
+        newest = state.window.start
+    for u in state.unpaired:
+        if newest is None or u.time > newest:
+            newest = u.time
+    return newest
+
+
+def _newest(state: JourneyState) -> int | None:
+    """The time of the card's newest tap: its open journey's entry, the end of its last ride (the
+    transfer window's start), its unpaired taps, or `latest` when those do not show it (a discounted
+    ride keeps the window, an unpaired tap is paired)."""
+    derived = _derived_newest(state)
+    if state.latest is None:
+        return derived
+    return state.latest if derived is None else max(derived, state.latest)
+
+
+def _with_latest(state: JourneyState, newest: int) -> JourneyState:
+    """`state` remembering `newest` as its newest tap time, stored only when the state does not show it."""
+    derived = _derived_newest(state)
+    latest = None if derived is not None and derived >= newest else newest
+    if latest == state.latest:
+        return state
+    s = state
+    return JourneyState(s.journey, s.window, s.day, s.day_charged_fen, s.swept, s.unpaired, latest)
+
+
+def _keep(unpaired: Sequence[UnpairedTap], newest: int) -> tuple[UnpairedTap, ...]:
+    """The unpaired taps worth keeping: the newest UNPAIRED_MAX within UNPAIRED_KEEP_S of `newest`."""
+    kept = sorted((u for u in unpaired if newest - u.time < UNPAIRED_KEEP_S), key=lambda u: u.time)
+    return tuple(kept[-UNPAIRED_MAX:])
+
+
+def _charged_entry(j: OpenJourney) -> UnpairedTap:
+    return UnpairedTap("in", j.station, j.time, j.operator, j.max_fare_fen, charged=True)
+
+
+def _with_charged_entry(state: JourneyState, j: OpenJourney, now: int) -> JourneyState:
+    """`state` keeping the entry of journey `j`, just charged the maximum fare, for its late exit."""
+    newest = max(now, _newest(state) or now)
+    return dataclasses.replace(state, unpaired=_keep((*state.unpaired, _charged_entry(j)), newest))
+
+
+def _exit_of_swept(swept: OpenJourney, state: JourneyState) -> Decision:
+    """The exit of the journey the sweep charged: nothing more, and its kept entry is paired."""
+    rest = tuple(u for u in state.unpaired if u != _charged_entry(swept))
+    return Decision(0, 0, (R_AFTER_SWEEP,), swept.operator, dataclasses.replace(state, swept=None, unpaired=rest))
+
+
+def _exit_without_journey(
+    table: FareTable, state: JourneyState, tap: Tap, concession: Concession, operator: str, *, late: bool
+) -> Decision:
+    """A metro exit with no open journey of its own: the ride from an unpaired (late) entry, if one fits
+    (entered before it, within the journey timeout), else an exit without entry, charged the maximum
+    fare and kept as unpaired for its entry to arrive. `state` is the card's state with the journey
+    this exit does not belong to (None, or a newer one) and the day already settled."""
+    r = table.rules
+    t = tap.time
+    fits = [u for u in state.unpaired if u.direction == "in" and u.time <= t and t - u.time < r.journey_timeout_s]
+    if fits:
+        entry = max(fits, key=lambda u: u.time)
+        rest = tuple(u for u in state.unpaired if u is not entry)
+        if entry.charged:  # its journey was charged the maximum fare when it did not tap out
+            return Decision(0, 0, (R_EXIT_OF_CHARGED_JOURNEY,), entry.operator, dataclasses.replace(state, unpaired=rest))
+        return _standalone(
+            table, dataclasses.replace(state, unpaired=rest), tap, concession,
+            start=entry.time, entry_station=entry.station, operator=entry.operator,
+            limit=_min_limit(tap.max_fare_fen, entry.max_fare_fen), late=late,
+        )  # fmt: skip
+    penalty = Penalty(table.cap_fen, operator, R_MISSING_IN)
+    unpaired = _keep((*state.unpaired, UnpairedTap("out", tap.station or "", t, operator)), max(t, _newest(state) or t))
+    rules = (R_MISSING_IN, R_LATE) if late else (R_MISSING_IN,)
+    d = Decision(0, 0, rules, operator, dataclasses.replace(state, unpaired=unpaired), penalty)
+    return _capped(d, tap.max_fare_fen, tap.max_fare_fen)
+
+
+def _standalone(
+    table: FareTable,
+    state: JourneyState,
+    tap: Tap,
+    concession: Concession,
+    *,
+    start: int,
+    entry_station: str | None,
+    operator: str,
+    limit: int | None,
+    late: bool,
+) -> Decision:
+    """A ride priced on its own (a bus ride or a metro ride whose entry came out of order): concession,
+    card discount and daily cap as usual, no transfer discount (the rides around it are not known in
+    order), and no effect on the card's open journey or transfer window. A ride on an earlier local day
+    than the state's counts toward no stored daily total."""
+    day = (tap.time + table.rules.utc_offset_s) // 86400
+    charged = state.day_charged_fen if state.day == day else 0
+    if tap.mode == "bus":
+        line = _bus_line(table, tap)
+        base, distance, first = line.fare_fen, None, R_BUS
+    else:
+        a, b = _place(table, entry_station or ""), _place(table, tap.station or "")
+        base, distance = table.fare_matrix[a][b], table.distance_m[a][b]
+        first = R_SAME_STATION if a == b else R_METRO
+    lone = JourneyState(None, None, day, charged)
+    d = _ride(
+        table, lone, concession, day, charged, base=base, mode=tap.mode, start=start, end=tap.time,
+        operator=operator, first_rule=first, penalty=None, distance=distance,
     )  # fmt: skip
+    if state.day is None or day > state.day:
+        new = dataclasses.replace(state, day=day, day_charged_fen=d.amount_fen)
+    elif day == state.day:
+        new = dataclasses.replace(state, day_charged_fen=state.day_charged_fen + d.amount_fen)
+    else:
+        new = state
+    rules = (*d.rules, R_LATE) if late else d.rules
+    return _capped(dataclasses.replace(d, state=new, rules=rules), limit, None)
+
+
+def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concession) -> Decision:
+    """An uploaded tap older than the card's newest tap (docs/fares.md "Late uploads"). It never
+    opens, closes or charges the card's open journey and never takes a transfer discount:
+
+    - a bus ride is priced on its own;
+    - an entry that an unpaired exit fits (the exit within the journey timeout after it) is that exit's
+      entry: the exit was charged the maximum fare, the entry costs nothing more. Otherwise it is kept
+      unpaired for its exit;
+    - an exit takes the latest unpaired entry that fits and prices that ride on its own; otherwise it
+      is an exit without entry (`missing_tap_in`), kept unpaired for its entry.
+    """
+    r = table.rules
+    t = tap.time
+    limit = tap.max_fare_fen
+    if tap.mode == "bus":
+        line = _bus_line(table, tap)
+        return _standalone(
+            table, state, tap, concession, start=t, entry_station=None, operator=line.operator, limit=limit,
+            late=True,
+        )  # fmt: skip
+    _, operator = _metro_place(table, tap)
+    if tap.direction == "in":
+        fits = [
+            u for u in state.unpaired if u.direction == "out" and t <= u.time and u.time - t < r.journey_timeout_s
+        ]
+        if fits:
+            exit_ = min(fits, key=lambda u: u.time)
+            rest = tuple(u for u in state.unpaired if u is not exit_)
+            return Decision(0, 0, (R_ENTRY_OF_CHARGED_EXIT,), operator, dataclasses.replace(state, unpaired=rest))
+        newest = _newest(state) or t
+        late_entry = UnpairedTap("in", tap.station or "", t, operator, limit, charged=False)
+        unpaired = _keep((*state.unpaired, late_entry), newest)
+        return Decision(0, 0, (R_ENTRY, R_LATE), operator, dataclasses.replace(state, unpaired=unpaired))
+    swept = state.swept
+    if swept is not None and state.journey is None and swept.time <= t < swept.time + r.journey_timeout_s:
+        return _exit_of_swept(swept, state)
+    return _exit_without_journey(table, state, tap, concession, operator, late=True)
 
 
 def _ride(
@@ -971,14 +1298,17 @@ def _ride(
         rules.append(R_CAP)
     if new_window is None:  # this ride opens a new window for the next one
         new_window = TransferWindow(end, price, mode, False)
-    new = JourneyState(None, new_window, day, charged_today + price)
+    # (`latest`: a window kept by a discount no longer shows this ride; see `_with_latest`.)
+    latest = end if new_window.start < end else None
+    new = JourneyState(None, new_window, day, charged_today + price, None, state.unpaired, latest)
     return Decision(price, base, tuple(rules), operator, new, penalty, discount, consumed, distance)
 
 
 def close_open_journey(
     table: FareTable, state: JourneyState, now: int, *, force: bool = False
 ) -> tuple[Penalty | None, JourneyState]:
-    """Charge an open metro journey that never tapped out: the maximum fare (`table.cap_fen`).
+    """Charge an open metro journey that never tapped out: the maximum fare (`table.cap_fen`), or the
+    entry credential's per-ride limit when that is lower.
 
     The journey is closed when it has timed out at `now` (now - entry >= rules.journey_timeout_s) or
     when `force` is set (e.g. an end-of-day run after the last train). Otherwise nothing changes and
@@ -987,28 +1317,6 @@ def close_open_journey(
     j = state.journey
     if j is None or (not force and now - j.time < table.rules.journey_timeout_s):
         return None, state
-    return Penalty(table.cap_fen, j.operator, R_MISSING_OUT), JourneyState(
-        None, state.window, state.day, state.day_charged_fen, swept=j
-    )
-
-
-def cap_per_ride(decision: Decision, max_fare_fen: int) -> Decision:
-    """A ride code's per-ride limit (protocols/ridecode.md `max_fare_fen`): the issuer promised the rider
-    that no ride is charged more. The ride this tap prices and a penalty for an earlier broken journey are
-    two rides: each is capped on its own. The operator is credited what is charged. Unchanged (the same
-    object) when nothing is over the limit."""
-    if max_fare_fen < 0:
-        raise FareInputError("max_fare_fen must be >= 0")
-    penalty = decision.penalty
-    over_fare = decision.amount_fen > max_fare_fen
-    over_penalty = penalty is not None and penalty.amount_fen > max_fare_fen
-    if not over_fare and not over_penalty:
-        return decision
-    if penalty is not None and over_penalty:
-        penalty = dataclasses.replace(penalty, amount_fen=max_fare_fen)
-    return dataclasses.replace(
-        decision,
-        amount_fen=min(decision.amount_fen, max_fare_fen),
-        penalty=penalty,
-        rules=(*decision.rules, R_RIDE_MAX),
-    )
+    amount = table.cap_fen if j.max_fare_fen is None else min(table.cap_fen, j.max_fare_fen)
+    closed = _with_charged_entry(dataclasses.replace(state, journey=None, swept=j), j, now)
+    return Penalty(amount, j.operator, R_MISSING_OUT), _with_latest(closed, _newest(state) or j.time)

@@ -177,13 +177,16 @@ async def ride_item(svc: Services, ctx: TransitContext, code_text: str, base: di
         )
     if row is None or row["card_id"] != cert.account_id:
         return TapItem(declined="credential_forged", **base)
-    base = {**base, "overdraft_fen": max(base["overdraft_fen"], cert.credit_limit_fen)}
+    base = {
+        **base,
+        "overdraft_fen": max(base["overdraft_fen"], cert.credit_limit_fen),
+        "tap": dataclasses.replace(base["tap"], max_fare_fen=cert.max_fare_fen),
+    }
     item = TapItem(
         card_id=cert.account_id,
         cred_kind=KIND_RIDE_CODE,
         cred_token=(cert.cert_serial << 32) | decision.code.counter,
         source=SOURCE_RIDECODE,
-        max_fare_fen=cert.max_fare_fen,
         **base,
     )
     if row["revoked_at"] is not None:

@@ -16,6 +16,7 @@ or before the ride's time is declined `card_unusable`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Sequence
@@ -40,10 +41,11 @@ DECLINE_RIDE_TIME = "ride_time_out_of_range"
 
 
 def ride_tap(r: RideRecord) -> fares.Tap:
-    """The fare engine's tap for a ride: metro when the gate names a station, bus otherwise."""
+    """The fare engine's tap for a ride: metro when the gate names a station, bus otherwise. `uploaded`:
+    gates upload independently, so a ride may arrive after later rides of the same card."""
     mode: fares.Mode = "metro" if r.station_id else "bus"
     direction: fares.Direction = "in" if r.direction == "in" else "out" if r.direction == "out" else "single"
-    return fares.Tap(r.time, mode, r.line_id, r.station_id or None, direction)
+    return fares.Tap(r.time, mode, r.line_id, r.station_id or None, direction, uploaded=True)
 
 
 def _request_hash(r: RideRecord) -> bytes:
@@ -109,6 +111,7 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
             items.append(TapItem(declined="credential_forged", **base))
             continue
         base["overdraft_fen"] = max(base["overdraft_fen"], cert.credit_limit_fen)
+        base["tap"] = dataclasses.replace(base["tap"], max_fare_fen=cert.max_fare_fen)
         revoked: dt.datetime | None = row["revoked_at"]
         items.append(
             TapItem(
@@ -116,7 +119,6 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
                 cred_kind=KIND_RIDE_CODE,
                 cred_token=(cert.cert_serial << 32) | decision.code.counter,
                 declined="card_unusable" if revoked is not None and revoked.timestamp() <= r.time else None,
-                max_fare_fen=cert.max_fare_fen,
                 **base,
             )
         )

@@ -92,8 +92,6 @@ class TapItem:
     source: int = SOURCE_ONLINE  # txn_journal.source of the debit (SOURCE_RIDECODE for a ride code)
     # The signed request's nonce, recorded by the batch (None: the caller recorded it).
     nonce: str | None = None
-    # A ride code's per-ride limit: no ride (nor a penalty for an earlier one) is charged more.
-    max_fare_fen: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -314,16 +312,14 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
         decision = fares.fare(table, card.journey, item.tap, card.quota.concession)
     except fares.FareInputError as exc:
         return _decline("fare_input_invalid", card.balance_fen, detail=str(exc)[:200])
-    if item.max_fare_fen is not None:
-        decision = fares.cap_per_ride(decision, item.max_fare_fen)
     total = decision.total_fen
-    if item.tap.direction == "in":
+    opened = decision.state.journey
+    if item.tap.direction == "in" and opened is not None and opened.time == item.tap.time:
         # A metro entry needs at least the minimum fare for this card (plus any penalty charged now):
         # what leaving at the same station would cost, with the card's concession, before any transfer.
-        leave = fares.Tap(item.tap.time, "metro", item.tap.line, item.tap.station, "out")
+        # (A late upload's entry opens no journey and needs nothing: docs/fares.md "Late uploads".)
+        leave = fares.Tap(item.tap.time, "metro", item.tap.line, item.tap.station, "out", item.tap.max_fare_fen)
         cheapest = fares.fare(table, dataclasses.replace(decision.state, window=None), leave, card.quota.concession)
-        if item.max_fare_fen is not None:
-            cheapest = fares.cap_per_ride(cheapest, item.max_fare_fen)
         total_needed = total + cheapest.total_fen
     else:
         total_needed = total

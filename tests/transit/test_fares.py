@@ -8,7 +8,9 @@ distances over stations, a journey model, and per-ride bounds).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
+import itertools
 import json
 import math
 import re
@@ -38,8 +40,8 @@ from cardsvc.transit.fares import (
     Penalty,
     Tap,
     TransferWindow,
+    UnpairedTap,
     band_fare_fen,
-    cap_per_ride,
     card_price_fen,
     close_open_journey,
     elderly_quota_for_year,
@@ -83,6 +85,11 @@ def m_in(t: int, station: str) -> Tap:
 
 def m_out(t: int, station: str) -> Tap:
     return Tap(t, "metro", station.split("-")[0].upper(), station, "out")
+
+
+def up(tap: Tap) -> Tap:
+    """The tap as a gate's upload (a ride code verified offline): it may arrive after later taps."""
+    return dataclasses.replace(tap, uploaded=True)
 
 
 def run(
@@ -325,6 +332,162 @@ def test_the_exit_of_a_swept_journey_is_not_charged_again(cq: FareTable) -> None
     assert after_bus.penalty is not None and after_bus.penalty.reason == "missing_tap_in"
 
 
+# --------------------------------------------------------------------------------------------------
+# Late uploads: gates upload on their own schedules (docs/fares.md "Late uploads")
+
+
+def test_an_exit_uploaded_before_its_entry_is_one_maximum_fare(cq: FareTable) -> None:
+    """The exit gate's record arrives first: an exit without entry, the maximum fare. The entry, when it
+    arrives, costs nothing more and opens no journey for the sweep to charge a second time."""
+    d = run(cq, [up(m_out(T0 + 30 * MIN, "l1-xiaoshizi")), up(m_in(T0, "l1-chaotianmen"))])
+    assert d[0].penalty == Penalty(700, "cq-metro", "missing_tap_in")
+    assert d[0].state.unpaired == (UnpairedTap("out", "l1-xiaoshizi", T0 + 30 * MIN, "cq-metro"),)
+    assert (d[1].total_fen, d[1].penalty, d[1].rules) == (0, None, ("entry_of_charged_exit",))
+    assert d[1].state.journey is None and d[1].state.unpaired == ()
+    assert close_open_journey(cq, d[1].state, T0 + 86400, force=True)[0] is None
+    # An entry that no charged exit fits (the exit more than the journey timeout later) is not paired.
+    far = fare(cq, d[0].state, up(m_in(T0 + 30 * MIN - 4 * 3600, "l1-chaotianmen")))
+    assert far.rules == ("metro_entry", "late_upload") and far.state.unpaired[0].charged is False
+    # An online entry is priced in arrival order, whatever the validator's clock says: it opens a journey.
+    assert fare(cq, d[0].state, m_in(T0, "l1-chaotianmen")).state.journey is not None
+
+
+def test_a_late_entry_and_its_exit_price_the_ride_and_leave_the_open_journey_alone(cq: FareTable) -> None:
+    open_ = fare(cq, EMPTY_STATE, m_in(T0 + 2 * 3600, "l2-daping")).state
+    d = run(cq, [up(m_in(T0, "l1-chaotianmen")), up(m_out(T0 + 20 * MIN, "l1-daping"))], state=open_)
+    assert (d[0].total_fen, d[0].rules) == (0, ("metro_entry", "late_upload"))
+    assert d[0].state.journey == open_.journey
+    # 6.9 km: 300 fen, card discount 10%: what the ride costs in order.
+    in_order = run(cq, [m_in(T0, "l1-chaotianmen"), m_out(T0 + 20 * MIN, "l1-daping")])[1]
+    assert (d[1].amount_fen, d[1].full_fare_fen, d[1].penalty) == (in_order.amount_fen, 300, None) == (270, 300, None)
+    assert d[1].rules == (*in_order.rules, "late_upload") and d[1].distance_m == 6900
+    assert d[1].state.journey == open_.journey and d[1].state.unpaired == ()
+    assert d[1].state.day_charged_fen == in_order.amount_fen
+    # The open journey still ends as it would have.
+    assert fare(cq, d[1].state, m_out(T0 + 2 * 3600 + 600, "l2-yuanjiagang")).penalty is None
+
+
+def test_a_journey_charged_for_a_missing_exit_costs_nothing_more_when_the_exit_arrives(cq: FareTable) -> None:
+    """Entry gates upload before the exit gate: the second entry charges the first journey the maximum
+    fare; that journey's exit, arriving later, is its end, not an exit without entry."""
+    d = run(
+        cq,
+        [
+            up(m_in(T0, "l1-chaotianmen")),
+            up(m_in(T0 + 3600, "l2-daping")),
+            up(m_out(T0 + 30 * MIN, "l1-daping")),
+            up(m_out(T0 + 3600 + 20 * MIN, "l2-yuanjiagang")),
+        ],
+    )
+    assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out")
+    assert (d[2].total_fen, d[2].rules) == (0, ("exit_of_charged_journey",))
+    assert d[3].penalty is None and d[3].amount_fen > 0 and d[3].state.unpaired == ()
+    # The same holds after the sweep and another tap: the sweep's journey keeps its entry for its exit.
+    entered = fare(cq, EMPTY_STATE, m_in(T0, "l1-chaotianmen")).state
+    _, swept = close_open_journey(cq, entered, T0 + 4 * 3600)
+    after_bus = fare(cq, swept, bus(T0 + 5 * 3600)).state
+    assert fare(cq, after_bus, up(m_out(T0 + 30 * MIN, "l1-daping"))).rules == ("exit_of_charged_journey",)
+
+
+def test_a_late_bus_ride_is_priced_on_its_own(cq: FareTable) -> None:
+    d = run(cq, [bus(T0), m_in(T0 + 2 * 3600, "l1-chaotianmen"), up(bus(T0 + 3600, "bus-105"))])
+    late = d[2]
+    # No transfer discount (the rides around it are not known in order), no penalty for the journey
+    # still open, the journey and the transfer window unchanged; the day's total counts it.
+    assert (late.amount_fen, late.penalty, late.transfer_discount_fen) == (180, None, 0)
+    assert late.rules == ("bus_flat_fare", "card_discount", "late_upload")
+    assert late.state == dataclasses.replace(d[1].state, day_charged_fen=d[1].state.day_charged_fen + 180)
+    # On an earlier local day than the card's: priced the same, no stored total to count it in.
+    earlier = fare(cq, late.state, up(bus(T0 - 86400)))
+    assert earlier.amount_fen == 180 and earlier.state == late.state
+
+
+def test_per_ride_limit_of_the_entry_follows_its_journey(cq: FareTable) -> None:
+    """A ride code's max_fare_fen is a promise for every ride entered with it: the ride, the penalty
+    when it never taps out, charged at the next tap (by whatever credential) or by the sweep."""
+    entry = dataclasses.replace(m_in(T0, "l1-chaotianmen"), max_fare_fen=300)
+    state = fare(cq, EMPTY_STATE, entry).state
+    assert state.journey is not None and state.journey.max_fare_fen == 300
+    assert JourneyState.from_json(state.to_json()) == state and state.to_dict()["journey"]["max_fare_fen"] == 300
+    long_ride = fare(cq, state, m_out(T0 + 3600, "l1-laijiaqiao"))
+    assert (long_ride.amount_fen, long_ride.full_fare_fen) == (300, 600)
+    assert long_ride.rules[-1] == "ride_code_max_fare"
+    assert close_open_journey(cq, state, T0 + 4 * 3600)[0] == Penalty(300, "cq-metro", "missing_tap_out")
+    again = fare(cq, state, m_in(T0 + 3600, "l1-daping"))
+    assert again.penalty == Penalty(300, "cq-metro", "missing_tap_out") and "ride_code_max_fare" in again.rules
+    timeout = fare(cq, state, m_out(T0 + 5 * 3600, "l1-daping"))
+    assert timeout.penalty == Penalty(300, "cq-metro", "journey_timeout")
+    # A journey entered without a limit keeps the maximum fare.
+    plain = fare(cq, EMPTY_STATE, m_in(T0, "l1-chaotianmen")).state
+    assert close_open_journey(cq, plain, T0 + 4 * 3600)[0] == Penalty(700, "cq-metro", "missing_tap_out")
+    assert "max_fare_fen" not in plain.to_dict()["journey"]
+    with pytest.raises(FareInputError, match="max_fare_fen"):
+        fare(cq, EMPTY_STATE, dataclasses.replace(m_in(T0, "l1-chaotianmen"), max_fare_fen=-1))
+
+
+_JOURNEY_STATIONS = ["l1-chaotianmen", "l1-xiaoshizi", "l1-daping", "l1-shapingba", "l2-daping", "l2-liziba"]
+
+
+@st.composite
+def journeys(draw: st.DrawFn) -> list[tuple[Tap, ...]]:
+    """1-4 trips one after the other: complete metro journeys, each within the journey timeout, and
+    (when drawn) bus rides, all uploaded by gates."""
+    out: list[tuple[Tap, ...]] = []
+    t = T0
+    buses = draw(st.booleans())
+    for _ in range(draw(st.integers(1, 4))):
+        t += draw(st.integers(60, 3 * 3600))
+        if buses and draw(st.booleans()):
+            out.append((up(bus(t, draw(st.sampled_from(["bus-105", "bus-261"])))),))
+            continue
+        a, b = draw(st.sampled_from(_JOURNEY_STATIONS)), draw(st.sampled_from(_JOURNEY_STATIONS))
+        end = t + draw(st.integers(60, 4 * 3600 - 1))
+        out.append((up(m_in(t, a)), up(m_out(end, b))))
+        t = end
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(journeys(), st.randoms(use_true_random=False))
+def test_uploads_in_any_order_charge_each_journey_once(trips: list[tuple[Tap, ...]], rnd: Any) -> None:
+    """Nothing twice, nothing lost: whatever order the gates' records arrive in, each metro journey costs
+    at least its fare and at most the maximum fare once, each bus ride at most its card fare; in time
+    order, exactly what it costs online."""
+    cq = load_demo_table()
+    in_order = run(cq, [tap for trip in trips for tap in trip])
+    rides = [d for d in in_order if d.full_fare_fen]
+    assert len(rides) == len(trips) and not any(d.penalty for d in in_order)
+    taps = [tap for trip in trips for tap in trip]
+    rnd.shuffle(taps)
+    decisions = run(cq, taps)
+    for d in decisions:
+        assert d.total_fen >= 0 and set(d.rules) <= RULE_NAMES
+        assert JourneyState.from_json(d.state.to_json()) == d.state
+    penalty, _ = close_open_journey(cq, decisions[-1].state, T0 + 30 * 86400, force=True)
+    total = sum(d.total_fen for d in decisions) + (penalty.amount_fen if penalty else 0)
+    bus_most = sum(card_price_fen(cq.bus_lines[tap.line].fare_fen, 10) for tap in taps if tap.mode == "bus")
+    metro_trips = sum(1 for trip in trips if len(trip) == 2)
+    assert total <= metro_trips * cq.cap_fen + bus_most
+    if not bus_most:  # (a bus ride priced out of order may take a transfer discount it did not in order)
+        assert sum(d.amount_fen for d in rides) <= total
+    if taps == sorted(taps, key=lambda tap: tap.time):
+        assert total == sum(d.amount_fen for d in rides)
+
+
+def test_every_order_of_two_journeys(cq: FareTable) -> None:
+    """The four records of two journeys in each of their 24 orders (the property above, exhaustively)."""
+    trips = [
+        (up(m_in(T0, "l1-chaotianmen")), up(m_out(T0 + 30 * MIN, "l1-daping"))),
+        (up(m_in(T0 + 3600, "l2-daping")), up(m_out(T0 + 3600 + 20 * MIN, "l2-liziba"))),
+    ]
+    fares_in_order = sum(d.amount_fen for d in run(cq, [tap for trip in trips for tap in trip]))
+    for order in itertools.permutations([tap for trip in trips for tap in trip]):
+        decisions = run(cq, list(order))
+        penalty, _ = close_open_journey(cq, decisions[-1].state, T0 + 86400, force=True)
+        total = sum(d.total_fen for d in decisions) + (penalty.amount_fen if penalty else 0)
+        assert fares_in_order <= total <= 2 * cq.cap_fen, [tap.time - T0 for tap in order]
+
+
 @pytest.mark.parametrize(
     ("tap", "message"),
     [
@@ -363,6 +526,18 @@ def test_state_json_layout(cq: FareTable) -> None:
         "day_charged_fen": 0,
     }
     assert JourneyState.from_json(d[1].state.to_json()) == d[1].state
+    # Optional keys of the same version, stored only when set: an entry's limit, unpaired taps.
+    late = run(
+        cq, [dataclasses.replace(up(m_in(T0, "l1-daping")), max_fare_fen=300), up(m_out(T0 - 60, "l1-xiaoshizi"))]
+    )
+    assert json.loads(late[1].state.to_json())["unpaired"] == [
+        {"direction": "out", "station": "l1-xiaoshizi", "time": T0 - 60, "operator": "cq-metro", "charged": True},
+    ]
+    assert json.loads(late[0].state.to_json())["journey"]["max_fare_fen"] == 300
+    assert JourneyState.from_json(late[1].state.to_json()) == late[1].state
+
+
+_UNPAIRED = {"direction": "out", "station": "l1-daping", "time": T0, "operator": "cq-metro", "charged": True}
 
 
 @pytest.mark.parametrize(
@@ -380,6 +555,15 @@ def test_state_json_layout(cq: FareTable) -> None:
         lambda s: s.update(swept={"station": "l1-xiaoshizi"}),
         lambda s: s.update(swept="l1-xiaoshizi"),
         lambda s: s.update(sweep=None),
+        lambda s: s["journey"].update(max_fare_fen=-1),
+        lambda s: s["journey"].update(max_fare_fen="300"),
+        lambda s: s.update(unpaired=[]),
+        lambda s: s.update(unpaired={"direction": "out"}),
+        lambda s: s.update(unpaired=[_UNPAIRED | {"direction": "up"}]),
+        lambda s: s.update(unpaired=[_UNPAIRED | {"charged": False}]),
+        lambda s: s.update(unpaired=[_UNPAIRED | {"charged": 1}]),
+        lambda s: s.update(unpaired=[{k: v for k, v in _UNPAIRED.items() if k != "time"}]),
+        lambda s: s.update(unpaired=[_UNPAIRED] * 5),
     ],
 )
 def test_malformed_stored_states_are_refused(
@@ -816,6 +1000,12 @@ def test_random_tap_sequences_keep_every_invariant(
     now = start
     remaining = concession.elderly_rides_remaining
     open_entry: tuple[str, int] | None = None  # the model's own view of the open journey
+    # Unpaired metro taps: the entries of journeys charged for a missing exit, the exits without entry
+    # (kept the newest 4 within 7 days; an exit without a journey ends the latest charged one that fits).
+    unpaired: list[tuple[str, int]] = []
+
+    def keep(*tap: tuple[str, int]) -> None:
+        unpaired[:] = sorted((u for u in (*unpaired, *tap) if now - u[1] < 7 * 86400), key=lambda u: u[1])[-4:]
     rides: list[Ride] = []
     per_day: dict[int, int] = {}
     for act in actions:
@@ -836,9 +1026,11 @@ def test_random_tap_sequences_keep_every_invariant(
         # Journey model: which taps price a ride, and which penalty each broken journey gets.
         ride_start: int | None = None
         expected_penalty = None
+        rule = None
         if act.kind == "bus":
             if open_entry is not None:
                 expected_penalty = "missing_tap_out"
+                keep(("in", open_entry[1]))
             open_entry = None
             ride_start = now
             assert d.full_fare_fen == t.bus_lines[act.target].fare_fen
@@ -846,10 +1038,17 @@ def test_random_tap_sequences_keep_every_invariant(
         elif act.kind == "in":
             if open_entry is not None:
                 expected_penalty = "missing_tap_out"
+                keep(("in", open_entry[1]))
             open_entry = (act.target, now)
             assert (d.amount_fen, d.full_fare_fen) == (0, 0)
         elif open_entry is None:
-            expected_penalty = "missing_tap_in"
+            fits = [u for u in unpaired if u[0] == "in" and u[1] <= now < u[1] + r.journey_timeout_s]
+            if fits:  # the exit of a journey already charged the maximum fare
+                unpaired.remove(max(fits, key=lambda u: u[1]))
+                rule = "exit_of_charged_journey"
+            else:
+                expected_penalty = "missing_tap_in"
+                keep(("out", now))
         elif now - open_entry[1] >= r.journey_timeout_s:
             expected_penalty = "journey_timeout"
             open_entry = None
@@ -860,6 +1059,8 @@ def test_random_tap_sequences_keep_every_invariant(
             assert d.full_fare_fen == next((f for lim, f in t.bands if dist <= lim), t.cap_fen) <= t.cap_fen
             open_entry = None
         assert (d.penalty.reason if d.penalty else None) == expected_penalty
+        assert (rule in d.rules) if rule else "exit_of_charged_journey" not in d.rules
+        assert [(u.direction, u.time) for u in d.state.unpaired] == unpaired
         assert (d.state.journey.station if d.state.journey else None) == (
             open_entry[0] if open_entry else None
         )
@@ -957,19 +1158,26 @@ def test_a_ride_code_limit_caps_each_ride_and_nothing_else(
     state, now = EMPTY_STATE, start
     for act in actions:
         now += act.gap_s
-        d = fare(t, state, action_tap(act, now, stations), concession)
-        capped = cap_per_ride(d, max_fare)
+        tap = action_tap(act, now, stations)
+        d = fare(t, state, tap, concession)
+        capped = fare(t, state, dataclasses.replace(tap, max_fare_fen=max_fare), concession)
         penalty = d.penalty.amount_fen if d.penalty else 0
         capped_penalty = capped.penalty.amount_fen if capped.penalty else 0
         # Each ride (the one priced now, the broken one before it) costs at most the limit, and exactly
-        # what it cost without the limit when that was within it; nothing else about the decision changes.
+        # what it cost without the limit when that was within it; nothing else about the decision changes
+        # but the entry's journey, which carries the limit on.
         assert capped.amount_fen == min(d.amount_fen, max_fare)
         assert capped_penalty == min(penalty, max_fare)
         assert (capped.penalty is None) == (d.penalty is None)
         assert 0 <= capped.total_fen <= d.total_fen
         assert ("ride_code_max_fare" in capped.rules) == (d.amount_fen > max_fare or penalty > max_fare)
         assert set(capped.rules) <= RULE_NAMES
-        assert (capped.state, capped.operator, capped.full_fare_fen) == (d.state, d.operator, d.full_fare_fen)
-        if capped.total_fen == d.total_fen:
-            assert capped is d
+        expected = d.state
+        if act.kind == "in" and d.state.journey is not None:
+            expected = dataclasses.replace(d.state, journey=dataclasses.replace(d.state.journey, max_fare_fen=max_fare))
+        assert (capped.state, capped.operator, capped.full_fare_fen) == (expected, d.operator, d.full_fare_fen)
+        # Entered with the limit, the journey's penalty, whoever charges it, is within it too.
+        if act.kind == "in":
+            swept, _ = close_open_journey(t, capped.state, now, force=True)
+            assert swept is not None and swept.amount_fen == min(t.cap_fen, max_fare)
         state = d.state

@@ -7,6 +7,7 @@ After every test the ledger must hold: each purse's balance equals the sum of it
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ import pytest
 
 from cardsvc.app import maintenance_once
 from cardsvc.store.pool import create_pool
-from cardsvc.transit import fares
+from cardsvc.transit import fares, sweep
 from cardsvc.transit.taps import SOURCE_RIDECODE
 from protocols import ridecode, sm
 from protocols.ridecode import RideBatch, RideRecord
@@ -174,6 +175,54 @@ async def test_no_ride_is_charged_more_than_the_certificates_max_fare(
     _, phone2, _ = await rider(svc)
     [full] = await upload(svc, [gate_record(svc, phone2.next_code(now - 60), now - 60)], batch_id=2)
     assert full["fare_fen"] == BUS_FARE and "ride_code_max_fare" not in full["rules"], full
+
+
+async def _sweep_after_timeout(svc: ServiceHarness) -> sweep.SweepResult:
+    pool = await create_pool(svc.dsn, svc.settings)
+    try:
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=TABLE.rules.journey_timeout_s + 60)
+        return await sweep.sweep_timed_out_journeys(pool, TABLE, svc.settings.purse_overdraft_fen, now=later)
+    finally:
+        await pool.close()
+
+
+async def test_an_exit_uploaded_before_its_entry_is_charged_once(svc: ServiceHarness) -> None:
+    """The exit gate uploads before the entry gate: the exit is priced first, as an exit without entry
+    (the maximum fare). The entry, uploaded later, costs nothing and leaves no open journey: the sweep
+    does not charge the journey a second time."""
+    c, _, issuer = await rider(svc)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 3600)
+    a, b = "l1-chaotianmen", "l1-daping"
+    entry = gate_record(svc, phone.next_code(now - 1800), now - 1800, line_id="L1", station_id=a, direction="in")
+    exit_ = gate_record(
+        svc, phone.next_code(now - 600), now - 600, gate=GATE_2, line_id="L1", station_id=b, direction="out"
+    )
+    for rec in (entry, exit_):
+        gate_lets_through(rec.code_text, issuer, rec.time)
+    [out] = await upload(svc, [exit_], as_=GATE_2)
+    assert out["result"] == "approved" and out["penalty"] == {"amount_fen": TABLE.cap_fen, "reason": "missing_tap_in"}
+    [in_] = await upload(svc, [entry], batch_id=2)
+    assert (in_["result"], in_["fare_fen"], in_["rules"]) == ("approved", 0, ["entry_of_charged_exit"]), in_
+    assert "penalty" not in in_
+    result = await _sweep_after_timeout(svc)
+    assert result.closed == 0
+    assert await svc.balance(c["card_no"]) == 1000 - TABLE.cap_fen
+
+
+async def test_the_sweep_keeps_the_certificates_max_fare(svc: ServiceHarness) -> None:
+    """A journey entered with a ride code and never left: the sweep charges it at most the certificate's
+    max_fare_fen, as a tap would."""
+    c, _, issuer = await rider(svc)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 3600, max_fare_fen=150)
+    entry = gate_record(svc, phone.next_code(now - 60), now - 60, line_id="L1", station_id="l1-daping", direction="in")
+    gate_lets_through(entry.code_text, issuer, entry.time)
+    [in_] = await upload(svc, [entry])
+    assert in_["result"] == "approved", in_
+    result = await _sweep_after_timeout(svc)
+    assert (result.closed, result.charged_fen) == (1, 150)
+    assert await svc.balance(c["card_no"]) == 1000 - 150
 
 
 async def test_a_ride_older_than_the_code_lifetime_is_verified_at_its_own_time(svc: ServiceHarness) -> None:
