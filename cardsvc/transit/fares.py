@@ -923,6 +923,9 @@ class Penalty:
     amount_fen: int
     operator: str
     reason: str  # missing_tap_out | missing_tap_in | journey_timeout
+    # The metro station of the broken journey (its entry; the exit for missing_tap_in): clearing lists
+    # the penalty under that station's line, whatever the tap that charged it.
+    station: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -986,7 +989,7 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
 
     if tap.mode == "bus":
         line = _bus_line(table, tap)
-        penalty = None if journey is None else Penalty(table.cap_fen, journey.operator, R_MISSING_OUT)
+        penalty = None if journey is None else Penalty(table.cap_fen, journey.operator, R_MISSING_OUT, journey.station)
         d = _ride(
             table, state, concession, day, charged_today, base=line.fare_fen, mode="bus", start=t, end=t,
             operator=line.operator, first_rule=R_BUS, penalty=penalty, distance=None,
@@ -1000,7 +1003,7 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
         rules: tuple[str, ...] = (R_ENTRY,)
         penalty = None
         if journey is not None:  # entering again: the open journey never tapped out
-            penalty = Penalty(table.cap_fen, journey.operator, R_MISSING_OUT)
+            penalty = Penalty(table.cap_fen, journey.operator, R_MISSING_OUT, journey.station)
             rules = (R_MISSING_OUT, R_ENTRY)
         new = JourneyState(
             OpenJourney(tap.station or "", t, operator, limit), state.window, day, charged_today,
@@ -1018,7 +1021,8 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
         return _exit_without_journey(table, base, tap, concession, operator, late=False)
     if t - journey.time >= r.journey_timeout_s:
         new = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
-        d = Decision(0, 0, (R_TIMEOUT,), journey.operator, new, Penalty(table.cap_fen, journey.operator, R_TIMEOUT))
+        penalty = Penalty(table.cap_fen, journey.operator, R_TIMEOUT, journey.station)
+        d = Decision(0, 0, (R_TIMEOUT,), journey.operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, journey.max_fare_fen))
     entry = _place(table, journey.station)
     d = _ride(
@@ -1147,7 +1151,7 @@ def _exit_without_journey(
             start=entry.time, entry_station=entry.station, operator=entry.operator,
             limit=_min_limit(tap.max_fare_fen, entry.max_fare_fen), late=late,
         )  # fmt: skip
-    penalty = Penalty(table.cap_fen, operator, R_MISSING_IN)
+    penalty = Penalty(table.cap_fen, operator, R_MISSING_IN, tap.station)
     unpaired = _keep((*state.unpaired, UnpairedTap("out", tap.station or "", t, operator)), max(t, _newest(state) or t))
     rules = (R_MISSING_IN, R_LATE) if late else (R_MISSING_IN,)
     d = Decision(0, 0, rules, operator, dataclasses.replace(state, unpaired=unpaired), penalty)
@@ -1319,4 +1323,4 @@ def close_open_journey(
         return None, state
     amount = table.cap_fen if j.max_fare_fen is None else min(table.cap_fen, j.max_fare_fen)
     closed = _with_charged_entry(dataclasses.replace(state, journey=None, swept=j), j, now)
-    return Penalty(amount, j.operator, R_MISSING_OUT), _with_latest(closed, _newest(state) or j.time)
+    return Penalty(amount, j.operator, R_MISSING_OUT, j.station), _with_latest(closed, _newest(state) or j.time)

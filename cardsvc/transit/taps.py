@@ -327,18 +327,22 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
         return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed)
     at = dt.datetime.fromtimestamp(item.tap.time, dt.UTC)
     station = item.tap.station
-    if decision.penalty is not None:
+    penalty = decision.penalty
+    if penalty is not None:
+        # Cleared under the broken journey's station and line, which may not be this tap's (a bus).
+        where = penalty.station or station
+        entry = table.stations.get(where) if where is not None else None
         batch.journal.append(
             (
                 card.card_id,
                 KIND_PENALTY,
                 item.terminal_id,
                 item.terminal_seq,
-                -decision.penalty.amount_fen,
+                -penalty.amount_fen,
                 at,
-                decision.penalty.operator,
-                item.tap.line,
-                station,
+                penalty.operator,
+                item.tap.line if entry is None else entry.line,
+                where,
                 item.source,
             )
         )

@@ -279,18 +279,18 @@ def test_rounding_is_half_up_on_the_fen() -> None:
 def test_odd_sequences(cq: FareTable) -> None:
     # Entering again while a journey is open: the open one is charged the maximum fare, a new one opens.
     d = run(cq, [m_in(T0, "l1-chaotianmen"), m_in(T0 + 90 * MIN, "l2-pingan")])
-    assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out")
+    assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out", "l1-chaotianmen")
     assert (d[1].amount_fen, d[1].total_fen, d[1].rules) == (0, 700, ("missing_tap_out", "metro_entry"))
     assert d[1].state.journey == OpenJourney("l2-pingan", T0 + 90 * MIN, "cq-metro")
     assert d[1].state.day_charged_fen == 0  # penalties are not fares: not counted toward a daily cap
     # Boarding a bus with an open metro journey: penalty for the metro, then the bus fare.
     d = run(cq, [m_in(T0, "l1-chaotianmen"), bus(T0 + 90 * MIN)])
     assert (d[1].amount_fen, d[1].total_fen, d[1].operator) == (180, 880, "cq-bus")
-    assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out")
+    assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out", "l1-chaotianmen")
     assert d[1].state.journey is None
     # Exit without entry: the maximum fare as a penalty, nothing else changes.
     d = run(cq, [bus(T0), m_out(T0 + 20 * MIN, "l1-shapingba")])
-    assert (d[1].amount_fen, d[1].penalty) == (0, Penalty(700, "cq-metro", "missing_tap_in"))
+    assert (d[1].amount_fen, d[1].penalty) == (0, Penalty(700, "cq-metro", "missing_tap_in", "l1-shapingba"))
     assert d[1].state.window == d[0].state.window
     # Same station in and out: the minimum fare (0 km band), with the card.
     d = run(cq, [m_in(T0, "l1-shapingba"), m_out(T0 + 2 * MIN, "l1-shapingba")])
@@ -298,7 +298,7 @@ def test_odd_sequences(cq: FareTable) -> None:
     assert d[1].rules == ("same_station_exit", "metro_distance_fare", "card_discount")
     # Exit after the journey timeout: one penalty, the journey is closed.
     d = run(cq, [m_in(T0, "l1-chaotianmen"), m_out(T0 + 4 * 3600, "l1-shapingba")])
-    assert (d[1].amount_fen, d[1].penalty) == (0, Penalty(700, "cq-metro", "journey_timeout"))
+    assert (d[1].amount_fen, d[1].penalty) == (0, Penalty(700, "cq-metro", "journey_timeout", "l1-chaotianmen"))
     assert d[1].state.journey is None
 
 
@@ -306,7 +306,7 @@ def test_close_open_journey(cq: FareTable) -> None:
     state = fare(cq, EMPTY_STATE, m_in(T0, "l1-chaotianmen")).state
     assert close_open_journey(cq, state, T0 + 4 * 3600 - 1) == (None, state)
     penalty, closed = close_open_journey(cq, state, T0 + 4 * 3600)
-    assert penalty == Penalty(700, "cq-metro", "missing_tap_out")
+    assert penalty == Penalty(700, "cq-metro", "missing_tap_out", "l1-chaotianmen")
     assert closed.journey is None and closed.window == state.window
     assert close_open_journey(cq, state, T0 + 60, force=True)[0] == penalty
     assert close_open_journey(cq, closed, T0 + 9 * 3600, force=True) == (None, closed)
@@ -340,7 +340,7 @@ def test_an_exit_uploaded_before_its_entry_is_one_maximum_fare(cq: FareTable) ->
     """The exit gate's record arrives first: an exit without entry, the maximum fare. The entry, when it
     arrives, costs nothing more and opens no journey for the sweep to charge a second time."""
     d = run(cq, [up(m_out(T0 + 30 * MIN, "l1-xiaoshizi")), up(m_in(T0, "l1-chaotianmen"))])
-    assert d[0].penalty == Penalty(700, "cq-metro", "missing_tap_in")
+    assert d[0].penalty == Penalty(700, "cq-metro", "missing_tap_in", "l1-xiaoshizi")
     assert d[0].state.unpaired == (UnpairedTap("out", "l1-xiaoshizi", T0 + 30 * MIN, "cq-metro"),)
     assert (d[1].total_fen, d[1].penalty, d[1].rules) == (0, None, ("entry_of_charged_exit",))
     assert d[1].state.journey is None and d[1].state.unpaired == ()
@@ -379,7 +379,7 @@ def test_a_journey_charged_for_a_missing_exit_costs_nothing_more_when_the_exit_a
             up(m_out(T0 + 3600 + 20 * MIN, "l2-yuanjiagang")),
         ],
     )
-    assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out")
+    assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out", "l1-chaotianmen")
     assert (d[2].total_fen, d[2].rules) == (0, ("exit_of_charged_journey",))
     assert d[3].penalty is None and d[3].amount_fen > 0 and d[3].state.unpaired == ()
     # The same holds after the sweep and another tap: the sweep's journey keeps its entry for its exit.
@@ -412,14 +412,14 @@ def test_per_ride_limit_of_the_entry_follows_its_journey(cq: FareTable) -> None:
     long_ride = fare(cq, state, m_out(T0 + 3600, "l1-laijiaqiao"))
     assert (long_ride.amount_fen, long_ride.full_fare_fen) == (300, 600)
     assert long_ride.rules[-1] == "ride_code_max_fare"
-    assert close_open_journey(cq, state, T0 + 4 * 3600)[0] == Penalty(300, "cq-metro", "missing_tap_out")
+    assert close_open_journey(cq, state, T0 + 4 * 3600)[0] == Penalty(300, "cq-metro", "missing_tap_out", "l1-chaotianmen")
     again = fare(cq, state, m_in(T0 + 3600, "l1-daping"))
-    assert again.penalty == Penalty(300, "cq-metro", "missing_tap_out") and "ride_code_max_fare" in again.rules
+    assert again.penalty == Penalty(300, "cq-metro", "missing_tap_out", "l1-chaotianmen") and "ride_code_max_fare" in again.rules
     timeout = fare(cq, state, m_out(T0 + 5 * 3600, "l1-daping"))
-    assert timeout.penalty == Penalty(300, "cq-metro", "journey_timeout")
+    assert timeout.penalty == Penalty(300, "cq-metro", "journey_timeout", "l1-chaotianmen")
     # A journey entered without a limit keeps the maximum fare.
     plain = fare(cq, EMPTY_STATE, m_in(T0, "l1-chaotianmen")).state
-    assert close_open_journey(cq, plain, T0 + 4 * 3600)[0] == Penalty(700, "cq-metro", "missing_tap_out")
+    assert close_open_journey(cq, plain, T0 + 4 * 3600)[0] == Penalty(700, "cq-metro", "missing_tap_out", "l1-chaotianmen")
     assert "max_fare_fen" not in plain.to_dict()["journey"]
     with pytest.raises(FareInputError, match="max_fare_fen"):
         fare(cq, EMPTY_STATE, dataclasses.replace(m_in(T0, "l1-chaotianmen"), max_fare_fen=-1))

@@ -183,14 +183,21 @@ async def test_missing_tap_out_is_charged_at_the_next_tap_in(svc: ServiceHarness
     assert again["fare_fen"] == TABLE.cap_fen == 700
     assert again["penalty"] == {"amount_fen": 700, "reason": "missing_tap_out"}
     assert again["balance_fen"] == 1300
-    kinds = await db.fetch(
-        "SELECT kind, amount_fen, counterparty FROM txn_journal WHERE card_id = $1 AND kind = 2", c["card_id"]
-    )
-    assert [(k["amount_fen"], k["counterparty"]) for k in kinds] == [(-700, "cq-metro")]
+    # The penalty is cleared under the broken journey's entry station and line, not the tap's.
+    penalty_rows = "SELECT amount_fen, counterparty, line_id, station_id FROM txn_journal WHERE card_id = $1 AND kind = 2"
+    rows = await db.fetch(penalty_rows, c["card_id"])
+    assert [tuple(r) for r in rows] == [(-700, "cq-metro", "L1", "l1-chaotianmen")]
     # The new journey is open: leaving at 大坪 (L2) is the same station, the minimum fare.
     out = await tap(svc, tap_body(svc, c["card_sn"], at=now, **metro("l2-daping", "out")))
     assert out["fare_fen"] == 180 and "same_station_exit" in out["rules"], out
     assert await svc.balance(c["card_no"]) == 2000 - 700 - 180
+    # A bus boarded with a journey open: the metro's penalty is not listed under the bus line.
+    await tap(svc, tap_body(svc, c["card_sn"], at=now + 60, **metro("l2-yuanjiagang", "in")))
+    bus = await tap(svc, tap_body(svc, c["card_sn"], at=now + 120))
+    assert bus["penalty"] == {"amount_fen": 700, "reason": "missing_tap_out"}, bus
+    rows = await db.fetch(penalty_rows + " ORDER BY txn_id", c["card_id"])
+    assert tuple(rows[-1]) == (-700, "cq-metro", "L2", "l2-yuanjiagang")
+    assert await svc.balance(c["card_no"]) == 2000 - 700 - 180 - bus["fare_fen"]  # the penalty and the bus fare
 
 
 async def test_the_answer_comes_after_commit(svc: ServiceHarness, db_dsn: str) -> None:
