@@ -686,7 +686,11 @@ class UnpairedTap:
     - `out`, charged: an exit without entry, charged the maximum fare (`missing_tap_in`); its entry,
       uploaded later, costs nothing more;
     - `in`, charged: the entry of a journey charged the maximum fare without its exit (missing tap-out
-      at the card's next tap, or the sweep); its exit, arriving later, costs nothing more;
+      at the card's next tap, a timed-out exit, or the sweep); its exit, arriving later, costs nothing
+      more. Its exit must come before `until` (the tap that charged it: the rider left before that
+      tap) and within the journey timeout. Once an exit has ended it (`pair_station`: the exit at
+      `until`), an earlier exit that fits is the better one: it takes the journey, and the exit it
+      displaces is charged as an exit without entry;
     - `in`, not charged: an uploaded entry older than the card's newest tap, which could not open the
       journey (the card had moved on); its exit, arriving later, prices the ride."""
 
@@ -696,6 +700,9 @@ class UnpairedTap:
     operator: str
     max_fare_fen: int | None = None  # an `in`'s credential limit (see OpenJourney)
     charged: bool = True
+    until: int | None = None  # a charged `in`: its exit is before this time
+    pair_station: str | None = None  # a charged `in`: the station of the exit at `until` that ended it
+    pair_max_fare_fen: int | None = None  # that exit's credential limit
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -737,7 +744,14 @@ def _unpaired_dict(u: UnpairedTap) -> dict[str, object]:
     }
     if u.max_fare_fen is not None:
         out["max_fare_fen"] = u.max_fare_fen
+    for key in _PAIR_KEYS:
+        value = getattr(u, key)
+        if value is not None:
+            out[key] = value
     return out
+
+
+_PAIR_KEYS = ("until", "pair_station", "pair_max_fare_fen")
 
 
 def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
@@ -746,12 +760,17 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
     out = []
     for i, item in enumerate(data):
         name = f"unpaired[{i}]"
-        u = _obj(item, name, _JOURNEY_KEYS | {"direction", "charged"}, optional={"max_fare_fen"})
+        u = _obj(item, name, _JOURNEY_KEYS | {"direction", "charged"}, optional={"max_fare_fen", *_PAIR_KEYS})
         direction, charged = u["direction"], u["charged"]
         if direction not in ("in", "out"):
             raise FareInputError(f"journey state {name}.direction must be 'in' or 'out'")
         if not isinstance(charged, bool) or (direction == "out" and not charged):
             raise FareInputError(f"journey state {name}.charged must be a boolean, true for an 'out'")
+        pair = {k: u[k] for k in _PAIR_KEYS if k in u}
+        if pair and (direction != "in" or not charged or ("pair_station" in pair) > ("until" in pair)):
+            raise FareInputError(f"journey state {name}: a pairing belongs to a charged 'in' with `until`")
+        if "pair_station" not in pair and "pair_max_fare_fen" in pair:
+            raise FareInputError(f"journey state {name}: pair_max_fare_fen without pair_station")
         out.append(
             UnpairedTap(
                 direction,
@@ -760,6 +779,9 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
                 _str(u, f"{name}.operator"),
                 _limit_from(u, name),
                 charged,
+                None if "until" not in u else _int(u["until"], f"{name}.until"),
+                None if "pair_station" not in u else _str(u, f"{name}.pair_station"),
+                None if "pair_max_fare_fen" not in u else _int(u["pair_max_fare_fen"], f"{name}.pair_max_fare_fen", minimum=0),
             )
         )
     return tuple(out)
@@ -995,7 +1017,7 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
             operator=line.operator, first_rule=R_BUS, penalty=penalty, distance=None,
         )  # fmt: skip
         if journey is not None:
-            d = dataclasses.replace(d, state=_with_charged_entry(d.state, journey, t))
+            d = dataclasses.replace(d, state=_with_charged_entry(d.state, _charged_entry(journey, until=t), t))
         return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
 
     place, operator = _metro_place(table, tap)
@@ -1010,18 +1032,20 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
             unpaired=state.unpaired,
         )  # fmt: skip
         if journey is not None:
-            new = _with_charged_entry(new, journey, t)
+            new = _with_charged_entry(new, _charged_entry(journey, until=t), t)
         d = Decision(0, 0, rules, operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
 
     if journey is None:
         base = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
         if state.swept is not None:  # the exit of the journey the sweep charged the maximum fare for
-            return _exit_of_swept(state.swept, base)
+            return _exit_of_swept(state.swept, base, tap)
         return _exit_without_journey(table, base, tap, concession, operator, late=False)
     if t - journey.time >= r.journey_timeout_s:
         new = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
         penalty = Penalty(table.cap_fen, journey.operator, R_TIMEOUT, journey.station)
+        # This exit may be another journey's (the real one arriving later from a gate): kept as paired.
+        new = _with_charged_entry(new, _charged_entry(journey, until=t, pair=tap), t)
         d = Decision(0, 0, (R_TIMEOUT,), journey.operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, journey.max_fare_fen))
     entry = _place(table, journey.station)
@@ -1115,20 +1139,31 @@ def _keep(unpaired: Sequence[UnpairedTap], newest: int) -> tuple[UnpairedTap, ..
     return tuple(kept[-UNPAIRED_MAX:])
 
 
-def _charged_entry(j: OpenJourney) -> UnpairedTap:
-    return UnpairedTap("in", j.station, j.time, j.operator, j.max_fare_fen, charged=True)
+def _charged_entry(j: OpenJourney, *, until: int | None = None, pair: Tap | None = None) -> UnpairedTap:
+    """The kept entry of journey `j`, charged the maximum fare; `until`: the time of the tap that charged
+    it; `pair`: the exit that ended it (at `until`)."""
+    return UnpairedTap(
+        "in", j.station, j.time, j.operator, j.max_fare_fen, True, until,
+        None if pair is None else pair.station, None if pair is None else pair.max_fare_fen,
+    )  # fmt: skip
 
 
-def _with_charged_entry(state: JourneyState, j: OpenJourney, now: int) -> JourneyState:
-    """`state` keeping the entry of journey `j`, just charged the maximum fare, for its late exit."""
+def _with_charged_entry(state: JourneyState, entry: UnpairedTap, now: int) -> JourneyState:
+    """`state` keeping `entry` (a journey just charged the maximum fare) for its late exit."""
     newest = max(now, _newest(state) or now)
-    return dataclasses.replace(state, unpaired=_keep((*state.unpaired, _charged_entry(j)), newest))
+    return dataclasses.replace(state, unpaired=_keep((*state.unpaired, entry), newest))
 
 
-def _exit_of_swept(swept: OpenJourney, state: JourneyState) -> Decision:
-    """The exit of the journey the sweep charged: nothing more, and its kept entry is paired."""
-    rest = tuple(u for u in state.unpaired if u != _charged_entry(swept))
-    return Decision(0, 0, (R_AFTER_SWEEP,), swept.operator, dataclasses.replace(state, swept=None, unpaired=rest))
+def _exit_of_swept(swept: OpenJourney, state: JourneyState, tap: Tap) -> Decision:
+    """The exit of the journey the sweep charged: nothing more. Its kept entry records this exit, which
+    an earlier exit of the journey, arriving later from a gate, may still displace."""
+    kept = _charged_entry(swept)
+    unpaired = tuple(
+        dataclasses.replace(u, until=tap.time, pair_station=tap.station, pair_max_fare_fen=tap.max_fare_fen)
+        if u == kept else u
+        for u in state.unpaired
+    )  # fmt: skip
+    return Decision(0, 0, (R_AFTER_SWEEP,), swept.operator, dataclasses.replace(state, swept=None, unpaired=unpaired))
 
 
 def _exit_without_journey(
@@ -1140,16 +1175,33 @@ def _exit_without_journey(
     this exit does not belong to (None, or a newer one) and the day already settled."""
     r = table.rules
     t = tap.time
-    fits = [u for u in state.unpaired if u.direction == "in" and u.time <= t and t - u.time < r.journey_timeout_s]
+    fits = [
+        u
+        for u in state.unpaired
+        if u.direction == "in" and u.time <= t and t - u.time < r.journey_timeout_s and (u.until is None or t < u.until)
+    ]
     if fits:
         entry = max(fits, key=lambda u: u.time)
         rest = tuple(u for u in state.unpaired if u is not entry)
         if entry.charged:  # its journey was charged the maximum fare when it did not tap out
-            return Decision(0, 0, (R_EXIT_OF_CHARGED_JOURNEY,), entry.operator, dataclasses.replace(state, unpaired=rest))
+            paired = dataclasses.replace(entry, until=t, pair_station=tap.station, pair_max_fare_fen=tap.max_fare_fen)
+            if entry.pair_station is None or entry.until is None:
+                new = dataclasses.replace(state, unpaired=tuple(paired if u is entry else u for u in state.unpaired))
+                return Decision(0, 0, (R_EXIT_OF_CHARGED_JOURNEY,), entry.operator, new)
+            # An exit had ended it: this one, earlier, is the better fit. The one displaced is an exit
+            # without entry now: charged the maximum fare, kept for its own entry.
+            where = entry.pair_station
+            displaced_operator = table.station_operator.get(where, entry.operator)
+            displaced = UnpairedTap("out", where, entry.until, displaced_operator)
+            newest = max(t, _newest(state) or t)
+            new = dataclasses.replace(state, unpaired=_keep((*rest, paired, displaced), newest))
+            penalty = Penalty(table.cap_fen, displaced_operator, R_MISSING_IN, where)
+            d = Decision(0, 0, (R_EXIT_OF_CHARGED_JOURNEY, R_MISSING_IN), entry.operator, new, penalty)
+            return _capped(d, None, _min_limit(entry.pair_max_fare_fen, tap.max_fare_fen))
         return _standalone(
             table, dataclasses.replace(state, unpaired=rest), tap, concession,
             start=entry.time, entry_station=entry.station, operator=entry.operator,
-            limit=_min_limit(tap.max_fare_fen, entry.max_fare_fen), late=late,
+            limit=_min_limit(tap.max_fare_fen, entry.max_fare_fen), late=True,  # (its entry was late)
         )  # fmt: skip
     penalty = Penalty(table.cap_fen, operator, R_MISSING_IN, tap.station)
     unpaired = _keep((*state.unpaired, UnpairedTap("out", tap.station or "", t, operator)), max(t, _newest(state) or t))
@@ -1231,9 +1283,6 @@ def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concessio
         late_entry = UnpairedTap("in", tap.station or "", t, operator, limit, charged=False)
         unpaired = _keep((*state.unpaired, late_entry), newest)
         return Decision(0, 0, (R_ENTRY, R_LATE), operator, dataclasses.replace(state, unpaired=unpaired))
-    swept = state.swept
-    if swept is not None and state.journey is None and swept.time <= t < swept.time + r.journey_timeout_s:
-        return _exit_of_swept(swept, state)
     return _exit_without_journey(table, state, tap, concession, operator, late=True)
 
 
@@ -1322,5 +1371,5 @@ def close_open_journey(
     if j is None or (not force and now - j.time < table.rules.journey_timeout_s):
         return None, state
     amount = table.cap_fen if j.max_fare_fen is None else min(table.cap_fen, j.max_fare_fen)
-    closed = _with_charged_entry(dataclasses.replace(state, journey=None, swept=j), j, now)
+    closed = _with_charged_entry(dataclasses.replace(state, journey=None, swept=j), _charged_entry(j), now)
     return Penalty(amount, j.operator, R_MISSING_OUT, j.station), _with_latest(closed, _newest(state) or j.time)

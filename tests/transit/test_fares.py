@@ -381,7 +381,10 @@ def test_a_journey_charged_for_a_missing_exit_costs_nothing_more_when_the_exit_a
     )
     assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out", "l1-chaotianmen")
     assert (d[2].total_fen, d[2].rules) == (0, ("exit_of_charged_journey",))
-    assert d[3].penalty is None and d[3].amount_fen > 0 and d[3].state.unpaired == ()
+    assert d[3].penalty is None and d[3].amount_fen > 0
+    # The charged journey remembers the exit that ended it (an earlier exit of it could still arrive).
+    [kept] = d[3].state.unpaired
+    assert (kept.time, kept.until, kept.pair_station) == (T0, T0 + 30 * MIN, "l1-daping")
     # The same holds after the sweep and another tap: the sweep's journey keeps its entry for its exit.
     entered = fare(cq, EMPTY_STATE, m_in(T0, "l1-chaotianmen")).state
     _, swept = close_open_journey(cq, entered, T0 + 4 * 3600)
@@ -431,47 +434,84 @@ _JOURNEY_STATIONS = ["l1-chaotianmen", "l1-xiaoshizi", "l1-daping", "l1-shapingb
 @st.composite
 def journeys(draw: st.DrawFn) -> list[tuple[Tap, ...]]:
     """1-4 trips one after the other: complete metro journeys, each within the journey timeout, and
-    (when drawn) bus rides, all uploaded by gates."""
+    (when drawn) bus rides, all uploaded by gates, each trip's ride code with or without a per-ride limit."""
     out: list[tuple[Tap, ...]] = []
     t = T0
     buses = draw(st.booleans())
     for _ in range(draw(st.integers(1, 4))):
-        t += draw(st.integers(60, 3 * 3600))
+        t += draw(st.integers(60, 5 * 3600))
+        limit = draw(st.sampled_from([None, None, 300, 500]))
         if buses and draw(st.booleans()):
-            out.append((up(bus(t, draw(st.sampled_from(["bus-105", "bus-261"])))),))
+            tap = up(bus(t, draw(st.sampled_from(["bus-105", "bus-261"]))))
+            out.append((dataclasses.replace(tap, max_fare_fen=limit),))
             continue
         a, b = draw(st.sampled_from(_JOURNEY_STATIONS)), draw(st.sampled_from(_JOURNEY_STATIONS))
         end = t + draw(st.integers(60, 4 * 3600 - 1))
-        out.append((up(m_in(t, a)), up(m_out(end, b))))
+        out.append(tuple(dataclasses.replace(x, max_fare_fen=limit) for x in (up(m_in(t, a)), up(m_out(end, b)))))
         t = end
     return out
 
 
-@settings(max_examples=400, deadline=None)
-@given(journeys(), st.randoms(use_true_random=False))
-def test_uploads_in_any_order_charge_each_journey_once(trips: list[tuple[Tap, ...]], rnd: Any) -> None:
-    """Nothing twice, nothing lost: whatever order the gates' records arrive in, each metro journey costs
-    at least its fare and at most the maximum fare once, each bus ride at most its card fare; in time
-    order, exactly what it costs online."""
+@settings(max_examples=500, deadline=None)
+@given(journeys(), st.randoms(use_true_random=False), st.lists(st.tuples(st.integers(0, 7), st.booleans()), max_size=3))
+def test_uploads_in_any_order_charge_each_journey_once(
+    trips: list[tuple[Tap, ...]], rnd: Any, sweeps: list[tuple[int, bool]]
+) -> None:
+    """Nothing twice: whatever order the gates' records arrive in, with sweeps between them, each metro
+    journey costs at most the maximum fare once (within its ride code's limit), each bus ride at most
+    its card fare; in time order, exactly what it costs online."""
     cq = load_demo_table()
     in_order = run(cq, [tap for trip in trips for tap in trip])
     rides = [d for d in in_order if d.full_fare_fen]
     assert len(rides) == len(trips) and not any(d.penalty for d in in_order)
     taps = [tap for trip in trips for tap in trip]
     rnd.shuffle(taps)
-    decisions = run(cq, taps)
-    for d in decisions:
+    state, total, seen = EMPTY_STATE, 0, T0
+    at = dict(sweeps)  # after the n-th record, a sweep (forced: an end-of-day run) 4 h after the newest ride
+    for n, tap in enumerate(taps):
+        d = fare(cq, state, tap)
         assert d.total_fen >= 0 and set(d.rules) <= RULE_NAMES
         assert JourneyState.from_json(d.state.to_json()) == d.state
-    penalty, _ = close_open_journey(cq, decisions[-1].state, T0 + 30 * 86400, force=True)
-    total = sum(d.total_fen for d in decisions) + (penalty.amount_fen if penalty else 0)
-    bus_most = sum(card_price_fen(cq.bus_lines[tap.line].fare_fen, 10) for tap in taps if tap.mode == "bus")
-    metro_trips = sum(1 for trip in trips if len(trip) == 2)
-    assert total <= metro_trips * cq.cap_fen + bus_most
-    if not bus_most:  # (a bus ride priced out of order may take a transfer discount it did not in order)
-        assert sum(d.amount_fen for d in rides) <= total
-    if taps == sorted(taps, key=lambda tap: tap.time):
+        state, total, seen = d.state, total + d.total_fen, max(seen, tap.time)
+        if n in at:
+            penalty, state = close_open_journey(cq, state, seen + 4 * 3600, force=at[n])
+            total += penalty.amount_fen if penalty else 0
+            assert JourneyState.from_json(state.to_json()) == state
+    penalty, _ = close_open_journey(cq, state, T0 + 30 * 86400, force=True)
+    total += penalty.amount_fen if penalty else 0
+    most = 0
+    for trip in trips:
+        limit = cq.cap_fen if trip[0].max_fare_fen is None else min(cq.cap_fen, trip[0].max_fare_fen)
+        most += limit if len(trip) == 2 else min(limit, card_price_fen(cq.bus_lines[trip[0].line].fare_fen, 10))
+    assert total <= most
+    if taps == sorted(taps, key=lambda tap: tap.time) and not sweeps:
         assert total == sum(d.amount_fen for d in rides)
+
+
+def test_an_earlier_exit_arriving_late_takes_its_journey_back(cq: FareTable) -> None:
+    """A journey charged the maximum fare keeps the exit that ended it. If an earlier exit that fits
+    arrives later from a gate, it is the journey's: the exit it displaces belonged to another journey
+    and is charged as an exit without entry, until its own entry arrives."""
+    a_in, a_out = up(m_in(T0, "l1-chaotianmen")), up(m_out(T0 + 30 * MIN, "l1-daping"))
+    b_in, b_out = up(m_in(T0 + 16000, "l2-daping")), up(m_out(T0 + 16600, "l2-liziba"))
+    # B's exit comes first and times A out; A's exit, then B's entry arrive later.
+    d = run(cq, [a_in, b_out, a_out, b_in])
+    assert [x.rules for x in d] == [
+        ("metro_entry",),
+        ("journey_timeout",),
+        ("exit_of_charged_journey", "missing_tap_in"),
+        ("entry_of_charged_exit",),
+    ]
+    assert d[2].penalty == Penalty(700, "cq-metro", "missing_tap_in", "l2-liziba")
+    assert sum(x.total_fen for x in d) == 2 * cq.cap_fen  # one maximum fare per journey
+    # The same with the sweep charging A and B's exit taken for A's.
+    _, swept = close_open_journey(cq, fare(cq, EMPTY_STATE, a_in).state, T0 + 15000)
+    d = run(cq, [b_out, a_out, b_in], state=swept)
+    assert [x.total_fen for x in d] == [0, 700, 0] and d[0].rules == ("exit_of_swept_journey",)
+    assert d[1].rules == ("exit_of_charged_journey", "missing_tap_in")
+    # An online exit after the tap that charged a journey is not that journey's exit.
+    d = run(cq, [m_in(T0, "l1-chaotianmen"), m_in(T0 + 600, "l2-daping"), m_out(T0 + 1200, "l2-liziba")])
+    assert fare(cq, d[2].state, m_out(T0 + 2000, "l1-daping")).rules == ("missing_tap_in",)
 
 
 def test_every_order_of_two_journeys(cq: FareTable) -> None:
@@ -564,6 +604,11 @@ _UNPAIRED = {"direction": "out", "station": "l1-daping", "time": T0, "operator":
         lambda s: s.update(unpaired=[_UNPAIRED | {"charged": 1}]),
         lambda s: s.update(unpaired=[{k: v for k, v in _UNPAIRED.items() if k != "time"}]),
         lambda s: s.update(unpaired=[_UNPAIRED] * 5),
+        lambda s: s.update(unpaired=[_UNPAIRED | {"until": T0 + 60}]),  # a pairing on an exit
+        lambda s: s.update(unpaired=[_UNPAIRED | {"direction": "in", "pair_station": "l1-daping"}]),  # no until
+        lambda s: s.update(unpaired=[_UNPAIRED | {"direction": "in", "until": T0, "pair_max_fare_fen": 1}]),
+        lambda s: s.update(unpaired=[_UNPAIRED | {"direction": "in", "charged": False, "until": T0}]),
+        lambda s: s.update(unpaired=[_UNPAIRED | {"direction": "in", "until": "soon"}]),
     ],
 )
 def test_malformed_stored_states_are_refused(
@@ -1001,7 +1046,8 @@ def test_random_tap_sequences_keep_every_invariant(
     remaining = concession.elderly_rides_remaining
     open_entry: tuple[str, int] | None = None  # the model's own view of the open journey
     # Unpaired metro taps: the entries of journeys charged for a missing exit, the exits without entry
-    # (kept the newest 4 within 7 days; an exit without a journey ends the latest charged one that fits).
+    # (kept the newest 4 within 7 days). Online taps come in order: an exit never pairs with a journey
+    # charged before it (its rider had left before the tap that charged it).
     unpaired: list[tuple[str, int]] = []
 
     def keep(*tap: tuple[str, int]) -> None:
@@ -1026,7 +1072,6 @@ def test_random_tap_sequences_keep_every_invariant(
         # Journey model: which taps price a ride, and which penalty each broken journey gets.
         ride_start: int | None = None
         expected_penalty = None
-        rule = None
         if act.kind == "bus":
             if open_entry is not None:
                 expected_penalty = "missing_tap_out"
@@ -1042,15 +1087,11 @@ def test_random_tap_sequences_keep_every_invariant(
             open_entry = (act.target, now)
             assert (d.amount_fen, d.full_fare_fen) == (0, 0)
         elif open_entry is None:
-            fits = [u for u in unpaired if u[0] == "in" and u[1] <= now < u[1] + r.journey_timeout_s]
-            if fits:  # the exit of a journey already charged the maximum fare
-                unpaired.remove(max(fits, key=lambda u: u[1]))
-                rule = "exit_of_charged_journey"
-            else:
-                expected_penalty = "missing_tap_in"
-                keep(("out", now))
+            expected_penalty = "missing_tap_in"
+            keep(("out", now))
         elif now - open_entry[1] >= r.journey_timeout_s:
             expected_penalty = "journey_timeout"
+            keep(("in", open_entry[1]))
             open_entry = None
         else:
             entry, ride_start = open_entry
@@ -1059,7 +1100,7 @@ def test_random_tap_sequences_keep_every_invariant(
             assert d.full_fare_fen == next((f for lim, f in t.bands if dist <= lim), t.cap_fen) <= t.cap_fen
             open_entry = None
         assert (d.penalty.reason if d.penalty else None) == expected_penalty
-        assert (rule in d.rules) if rule else "exit_of_charged_journey" not in d.rules
+        assert "exit_of_charged_journey" not in d.rules
         assert [(u.direction, u.time) for u in d.state.unpaired] == unpaired
         assert (d.state.journey.station if d.state.journey else None) == (
             open_entry[0] if open_entry else None
@@ -1147,6 +1188,16 @@ def test_a_network_of_hundreds_of_stations_loads() -> None:
     assert d[1].full_fare_fen == band_fare_fen(table, d[1].distance_m or 0)
 
 
+def _no_limits(state: JourneyState) -> JourneyState:
+    """`state` as if no tap had carried a per-ride limit."""
+    j = state.journey
+    return dataclasses.replace(
+        state,
+        journey=None if j is None else dataclasses.replace(j, max_fare_fen=None),
+        unpaired=tuple(dataclasses.replace(u, max_fare_fen=None, pair_max_fare_fen=None) for u in state.unpaired),
+    )
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.integers(1_700_000_000, 1_900_000_000), st.integers(0, 1_500))
 def test_a_ride_code_limit_caps_each_ride_and_nothing_else(
@@ -1172,10 +1223,9 @@ def test_a_ride_code_limit_caps_each_ride_and_nothing_else(
         assert 0 <= capped.total_fen <= d.total_fen
         assert ("ride_code_max_fare" in capped.rules) == (d.amount_fen > max_fare or penalty > max_fare)
         assert set(capped.rules) <= RULE_NAMES
-        expected = d.state
-        if act.kind == "in" and d.state.journey is not None:
-            expected = dataclasses.replace(d.state, journey=dataclasses.replace(d.state.journey, max_fare_fen=max_fare))
-        assert (capped.state, capped.operator, capped.full_fare_fen) == (expected, d.operator, d.full_fare_fen)
+        assert (_no_limits(capped.state), capped.operator, capped.full_fare_fen) == (d.state, d.operator, d.full_fare_fen)
+        if act.kind == "in":
+            assert capped.state.journey is not None and capped.state.journey.max_fare_fen == max_fare
         # Entered with the limit, the journey's penalty, whoever charges it, is within it too.
         if act.kind == "in":
             swept, _ = close_open_journey(t, capped.state, now, force=True)
