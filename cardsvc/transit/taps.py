@@ -146,13 +146,34 @@ class _Card:
     balance_fen: int
     journey: fares.JourneyState
     quota: _Quota
+    # A card under a temporary loss report keeps its purse: rides uploaded later that were taken before
+    # the report are still charged (`_usable_for`). The time of the report, else None.
+    lost_since: float | None = None
+    expires_on: dt.date | None = None
     touched: bool = False
+
+
+# Only a temporary loss: its status_changed_at is when the card stopped. A formal loss may follow a
+# temporary one, and then its status_changed_at is later than the stop (docs/transit.md).
+_KEEPS_PURSE_WHEN_LOST = (CardStatus.TEMP_LOST,)
+
+
+def _usable_for(card: _Card, item: TapItem) -> bool:
+    """Whether the card may be charged for this tap: usable now, or, for a ride a gate uploads later,
+    usable when it was taken (a loss reported after the ride does not undo it; docs/transit.md)."""
+    if card.usable:
+        return True
+    tap = item.tap
+    if not tap.uploaded or card.lost_since is None or card.expires_on is None:
+        return False
+    return tap.time < card.lost_since and dt.datetime.fromtimestamp(tap.time, dt.UTC).date() <= card.expires_on
 
 
 # The batch's cards, locked, with the credential uses among the batch's credentials already recorded
 # for each (one round trip instead of two).
 _LOCK_SQL = """
 SELECT c.card_id, c.card_sn, c.holder_id, c.status, c.app_locked, c.expires_on, c.temp_loss_until, c.has_purse,
+       c.status_changed_at,
        c.ctid AS card_tid, c.xmin::text::bigint AS card_version, p.balance_fen, p.journey, k.kind AS concession, k.rides_left, k.quota_year,
        ARRAY(SELECT u.kind::bigint FROM credential_use u
              WHERE u.card_id = c.card_id AND (u.kind, u.token) IN (SELECT * FROM unnest($3::smallint[], $4::bigint[]))
@@ -429,6 +450,10 @@ async def _attempt(
             r["balance_fen"],
             fares.JourneyState.from_dict(r["journey"]) if r["journey"] else fares.EMPTY_STATE,
             quota,
+            r["status_changed_at"].timestamp()
+            if status in _KEEPS_PURSE_WHEN_LOST and not r["app_locked"]
+            else None,
+            r["expires_on"],
         )
         cards_by_id[locked.card_id] = locked
         by_sn[locked.card_sn] = locked
@@ -480,7 +505,7 @@ async def _attempt(
                 continue
             used.add(cred)
             batch.creds.append(cred)
-        if not card.usable:
+        if not _usable_for(card, item):
             outcomes.append(batch.answer(item, card_id, _decline("card_unusable", card_status=card.status)))
             continue
         if not card.has_purse:
