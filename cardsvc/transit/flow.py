@@ -20,6 +20,7 @@ from cardsvc.flows.actor import Actor
 from cardsvc.flows.credentials import KIND_CARD_CRYPTOGRAM, KIND_ECARD_CODE
 from cardsvc.services import Services
 from protocols import card, ecard, ridecode, sm
+from protocols.card import CardStatus
 from protocols.errors import CodecError
 
 from . import fares
@@ -243,6 +244,9 @@ async def purse_view(conn: asyncpg.Connection, card_no: str) -> dict[str, Any]:
     }
 
 
+_DEAD = (CardStatus.REPLACED, CardStatus.CANCELLED)
+
+
 async def top_up(
     conn: asyncpg.Connection, svc: Services, card_no: str, body: dict[str, Any], actor: Actor
 ) -> dict[str, Any]:
@@ -272,6 +276,15 @@ async def top_up(
                 "replayed_answer": True,
             }
         sign = -1 if body["channel"] == "refund" else 1
+        if sign > 0:
+            # Money onto a dead card would be stuck there (a replacement moved the balance, a cancel needed
+            # it empty). Read after the purse lock: a replacement or a cancel holds it while it commits.
+            status = await conn.fetchval("SELECT status FROM card WHERE card_id = $1", row["card_id"])
+            if status in _DEAD:
+                raise ApiError(
+                    "card_unusable", "a replaced or cancelled card takes no top-up; only a refund",
+                    extra={"card_status": CardStatus(status).api_name},
+                )  # fmt: skip
         new_balance = balance + sign * body["amount_fen"]
         if new_balance > svc.settings.purse_balance_max_fen:
             raise ApiError(

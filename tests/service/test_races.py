@@ -228,3 +228,34 @@ async def test_one_top_up_key_for_two_cards_at_once_is_a_conflict_not_an_error(
     assert answers == [(200, None), (409, "idempotency_conflict")], answers
     balances = await db.fetch("SELECT balance_fen FROM purse WHERE card_id = ANY($1)", [a_id, b_id])
     assert sorted(r["balance_fen"] for r in balances) == [0, 300]
+
+
+async def test_a_replaced_or_cancelled_card_takes_no_top_up_but_a_retry_gets_its_answer(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """Money credited to a dead card would be stuck there: refused, nothing written. A top-up approved
+    before the replacement, sent again after it, still gets its stored answer."""
+    no, card_id = await _card_with_purse(svc, db, 0)
+    first = await _top_up(svc, no, 300, seq=999_101)
+    assert first.status == 200, first.body
+    r = await svc.post(f"/v1/cards/{no}/replace", {**replacement_body(), "operator": "staff-1"})
+    assert r.status == 200, r.body
+    rows = await db.fetchval("SELECT count(*) FROM txn_journal")
+    refused = await _top_up(svc, no, 500)
+    assert (refused.status, refused.body["code"], refused.body["card_status"]) == (422, "card_unusable", "replaced")
+    assert await db.fetchval("SELECT count(*) FROM txn_journal") == rows
+    assert await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id) == 0
+    again = await _top_up(svc, no, 300, seq=999_101)
+    assert (again.status, again.body["replayed_answer"], again.body["txn_id"]) == (200, True, first.body["txn_id"])
+
+
+async def test_a_top_up_waiting_while_the_card_is_replaced_is_refused(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    no, card_id = await _card_with_purse(svc, db, 0)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
+        top_up = asyncio.create_task(_top_up(svc, no, 500))
+        await until_lock_waits(db)  # the top-up read the card as active and waits for the purse
+        await db.execute("UPDATE card SET status = 5 WHERE card_id = $1", card_id)  # what a replacement commits
+    r = await top_up
+    assert (r.status, r.body["code"]) == (422, "card_unusable"), r.body
+    assert await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id) == 0
