@@ -276,16 +276,17 @@ async def top_up(
                 "replayed_answer": True,
             }
         sign = -1 if body["channel"] == "refund" else 1
-        if sign > 0:
+        new_balance = balance + sign * body["amount_fen"]
+        if sign > 0 and new_balance > 0:
             # Money onto a dead card would be stuck there (a replacement moved the balance, a cancel needed
-            # it empty). Read after the purse lock: a replacement or a cancel holds it while it commits.
+            # it empty): a credit only settles its debt, up to 0. Read after the purse lock: a replacement
+            # or a cancel holds it while it commits.
             status = await conn.fetchval("SELECT status FROM card WHERE card_id = $1", row["card_id"])
             if status in _DEAD:
                 raise ApiError(
-                    "card_unusable", "a replaced or cancelled card takes no top-up; only a refund",
+                    "card_unusable", "a replaced or cancelled card takes a top-up only to settle its debt",
                     extra={"card_status": CardStatus(status).api_name},
                 )  # fmt: skip
-        new_balance = balance + sign * body["amount_fen"]
         if new_balance > svc.settings.purse_balance_max_fen:
             raise ApiError(
                 "purse_balance_cap", f"at most {svc.settings.purse_balance_max_fen} fen", field="amount_fen"

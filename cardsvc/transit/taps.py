@@ -146,27 +146,39 @@ class _Card:
     balance_fen: int
     journey: fares.JourneyState
     quota: _Quota
-    # A card under a temporary loss report keeps its purse: rides uploaded later that were taken before
-    # the report are still charged (`_usable_for`). The time of the report, else None.
+    # A lost card (temporary or formal report) keeps its purse: rides uploaded later that were taken
+    # before the card stopped are still charged (`_usable_for`). The time it stopped, else None.
     lost_since: float | None = None
     expires_on: dt.date | None = None
     touched: bool = False
 
 
-# Only a temporary loss: its status_changed_at is when the card stopped. A formal loss may follow a
-# temporary one, and then its status_changed_at is later than the stop (docs/transit.md).
-_KEEPS_PURSE_WHEN_LOST = (CardStatus.TEMP_LOST,)
+# When a lost card stopped: a temporary loss's status_changed_at. A formal loss may follow a temporary
+# one, so its time is the card's last move out of active in the (append-only) card events, read only for
+# formally lost cards that have an uploaded ride in the batch.
+_STOPPED_STATUSES = [int(CardStatus.TEMP_LOST), int(CardStatus.LOST)]
+_STOPPED_SQL = """
+SELECT card_id, max(at) AS stopped FROM card_event
+WHERE card_id = ANY($1::bigint[]) AND status_before = $2 AND status_after = ANY($3::smallint[])
+GROUP BY card_id
+"""
 
 
 def _usable_for(card: _Card, item: TapItem) -> bool:
     """Whether the card may be charged for this tap: usable now, or, for a ride a gate uploads later,
-    usable when it was taken (a loss reported after the ride does not undo it; docs/transit.md)."""
+    taken before the card last stopped (a loss reported after the ride does not undo it; an earlier,
+    lifted loss is not looked at: docs/transit.md). The exit of a journey entered before the stop ends
+    that journey, at its distance fare, rather than leaving it to the sweep's maximum fare."""
     if card.usable:
         return True
     tap = item.tap
     if not tap.uploaded or card.lost_since is None or card.expires_on is None:
         return False
-    return tap.time < card.lost_since and dt.datetime.fromtimestamp(tap.time, dt.UTC).date() <= card.expires_on
+    started = tap.time
+    open_journey = card.journey.journey
+    if tap.direction == "out" and open_journey is not None and open_journey.time <= tap.time:
+        started = open_journey.time
+    return started < card.lost_since and dt.datetime.fromtimestamp(started, dt.UTC).date() <= card.expires_on
 
 
 # The batch's cards, locked, with the credential uses among the batch's credentials already recorded
@@ -428,6 +440,7 @@ async def _attempt(
     year = fares.local_day(table, int(now.timestamp())).year
     cards_by_id: dict[int, _Card] = {}
     by_sn: dict[str, _Card] = {}
+    formally_lost: list[_Card] = []
     quotas: dict[int, _Quota] = {}
     for r in rows:
         quota = quotas.get(r["holder_id"])
@@ -450,13 +463,24 @@ async def _attempt(
             r["balance_fen"],
             fares.JourneyState.from_dict(r["journey"]) if r["journey"] else fares.EMPTY_STATE,
             quota,
-            r["status_changed_at"].timestamp()
-            if status in _KEEPS_PURSE_WHEN_LOST and not r["app_locked"]
-            else None,
+            r["status_changed_at"].timestamp() if status == CardStatus.TEMP_LOST and not r["app_locked"] else None,
             r["expires_on"],
         )
         cards_by_id[locked.card_id] = locked
         by_sn[locked.card_sn] = locked
+        if status == CardStatus.LOST and not r["app_locked"]:
+            formally_lost.append(locked)
+    uploaded = {i.card_id for i in items if i.tap.uploaded} | {i.card_sn for i in items if i.tap.uploaded}
+    formally_lost = [c for c in formally_lost if c.card_id in uploaded or c.card_sn in uploaded]
+    if formally_lost:
+        lost_ids = [c.card_id for c in formally_lost]
+        stops = {
+            r["card_id"]: r["stopped"]
+            for r in await conn.fetch(_STOPPED_SQL, lost_ids, int(CardStatus.ACTIVE), _STOPPED_STATUSES)
+        }
+        for c in formally_lost:
+            stopped = stops.get(c.card_id)
+            c.lost_since = None if stopped is None else stopped.timestamp()
     # Cards not locked above have no purse row, or do not exist: tell the two apart (rare, unlocked).
     no_purse: dict[str | int, int] = {}
     missing_sns = [sn for sn in sns if sn not in by_sn]

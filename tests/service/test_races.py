@@ -249,6 +249,22 @@ async def test_a_replaced_or_cancelled_card_takes_no_top_up_but_a_retry_gets_its
     assert (again.status, again.body["replayed_answer"], again.body["txn_id"]) == (200, True, first.body["txn_id"])
 
 
+async def test_a_cancelled_card_in_debt_takes_a_top_up_up_to_zero(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    """A ride-code overdraft may leave a debt on a card that is then cancelled: a credit settles it, up to
+    0, and no further."""
+    no, card_id = await _card_with_purse(svc, db, 0)
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
+        await _post(db, card_id, -300, kind=1, counterparty="cq-bus", source=3)  # a ride on credit
+    r = await svc.post(f"/v1/cards/{no}/cancel", {"operator": "staff-1"})
+    assert r.status == 200, r.body
+    over = await _top_up(svc, no, 301)
+    assert (over.status, over.body["code"], over.body["card_status"]) == (422, "card_unusable", "cancelled")
+    settled = await _top_up(svc, no, 300)
+    assert (settled.status, settled.body["balance_fen"]) == (200, 0), settled.body
+    assert (await _top_up(svc, no, 1)).status == 422
+
+
 async def test_a_top_up_waiting_while_the_card_is_replaced_is_refused(svc: ServiceHarness, db: asyncpg.Connection) -> None:
     no, card_id = await _card_with_purse(svc, db, 0)
     async with db.transaction():

@@ -22,7 +22,7 @@ from cardsvc.transit import fares, sweep
 from cardsvc.transit.taps import SOURCE_RIDECODE
 from protocols import ridecode, sm
 from protocols.ridecode import RideBatch, RideRecord
-from tests.helpers import ServiceHarness, purse_vs_journal
+from tests.helpers import ServiceHarness, purse_vs_journal, replacement_body
 
 TABLE = fares.load_demo_table()
 BUS_FARE = fares.card_price_fen(TABLE.bus_lines["bus-105"].fare_fen, TABLE.rules.card_discount_percent)
@@ -278,25 +278,74 @@ async def test_revoked_and_unknown_certificates(svc: ServiceHarness, db: asyncpg
     assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
 
 
-async def test_a_loss_report_declines_the_rides_after_it_not_those_before(svc: ServiceHarness) -> None:
-    """The gate let the rider through before the card was reported lost: that ride is charged when it
-    is uploaded later. A ride after the report is declined (its gate had not heard of the loss yet)."""
-    c, phone, _ = await rider(svc)
+async def _bus_rides_around(
+    svc: ServiceHarness, c: dict[str, Any], phone: ridecode.RidePhone, report: str
+) -> tuple[int, int, dict[str, Any], dict[str, Any]]:
+    """A bus ride 30 s before a loss `report` and one 2 s after it, uploaded together after it:
+    (time before, time after, their answers)."""
     before = int(time.time()) - 30
-    r = await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})
+    r = await svc.post(f"/v1/cards/{c['card_no']}/{report}", {"operator": "staff-1"})
     assert r.status == 200, r.body
     after = int(time.time()) + 2
     rides = [gate_record(svc, phone.next_code(before), before), gate_record(svc, phone.next_code(after), after)]
     taken, refused = await upload(svc, rides)
+    return before, after, taken, refused
+
+
+async def test_a_loss_report_declines_the_rides_after_it_not_those_before(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """The gate let the rider through before the card was reported lost: that ride is charged when it
+    is uploaded later. A ride after the report is declined (its gate had not heard of the loss yet)."""
+    c, phone, _ = await rider(svc)
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    before, after, taken, refused = await _bus_rides_around(svc, c, phone, "temporary-loss")
     assert (taken["result"], taken["fare_fen"]) == ("approved", BUS_FARE), taken
     assert (refused["result"], refused["reason"]) == ("declined", "card_unusable"), refused
     assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
-    # A formal loss is judged as the card is now too: it may follow a temporary report, and the time of
-    # the first report is not on the card row (docs/transit.md).
+    # A formal loss after the temporary one: the card stopped at the first report, not the second.
     r = await svc.post(f"/v1/cards/{c['card_no']}/formal-loss", {"operator": "staff-1"})
     assert r.status == 200, r.body
-    [late] = await upload(svc, [gate_record(svc, phone.next_code(before + 5), before + 5)], batch_id=2)
-    assert (late["result"], late["reason"]) == ("declined", "card_unusable"), late
+    rides = [gate_record(svc, phone.next_code(t), t) for t in (before + 5, after + 1)]
+    taken, refused = await upload(svc, rides, batch_id=2)
+    assert taken["result"] == "approved" and "transfer_discount" in taken["rules"], taken  # bus, bus: 0
+    assert (refused["result"], refused["reason"], refused["card_status"]) == ("declined", "card_unusable", "formal_loss")
+    assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE card_id = $1 AND kind = 1", card_id) == 2
+    # A card replaced since: its purse moved, the ride is declined (docs/transit.md).
+    r = await svc.post(f"/v1/cards/{c['card_no']}/replace", {**replacement_body(), "operator": "staff-1"})
+    assert r.status == 200, r.body
+    [gone] = await upload(svc, [gate_record(svc, phone.next_code(before + 7), before + 7)], batch_id=3)
+    assert (gone["result"], gone["reason"]) == ("declined", "card_unusable"), gone
+
+
+async def test_a_journey_entered_before_a_loss_report_ends_at_its_exit(svc: ServiceHarness) -> None:
+    """Entered before the report, left after it: the exit ends the journey at its distance fare. Were it
+    declined, the journey would stay open and the sweep would charge the maximum fare."""
+    c, _, _ = await rider(svc)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 3600)
+    entry = gate_record(
+        svc, phone.next_code(now - 1200), now - 1200, line_id="L1", station_id="l1-chaotianmen", direction="in"
+    )
+    r = await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})
+    assert r.status == 200, r.body
+    left = int(time.time()) + 2
+    exit_ = gate_record(svc, phone.next_code(left), left, line_id="L1", station_id="l1-daping", direction="out")
+    a_in, a_out = await upload(svc, [entry, exit_])
+    assert (a_in["result"], a_out["result"]) == ("approved", "approved"), (a_in, a_out)
+    assert a_out["fare_fen"] == 270 and "penalty" not in a_out, a_out  # 6.9 km with the card
+    assert (await _sweep_after_timeout(svc)).closed == 0
+    assert await svc.balance(c["card_no"]) == 1000 - 270
+    # A journey entered after the report is another matter: its rides are declined.
+    late_in = gate_record(svc, phone.next_code(left + 1), left + 1, line_id="L1", station_id="l1-daping", direction="in")
+    [refused] = await upload(svc, [late_in], batch_id=2)
+    assert (refused["result"], refused["reason"]) == ("declined", "card_unusable")
+
+
+async def test_a_ride_before_a_direct_formal_loss_is_charged(svc: ServiceHarness) -> None:
+    c, phone, _ = await rider(svc)
+    _, _, taken, refused = await _bus_rides_around(svc, c, phone, "formal-loss")
+    assert (taken["result"], refused["result"]) == ("approved", "declined"), (taken, refused)
     assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
 
 
