@@ -1008,6 +1008,9 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
         charged_today = state.day_charged_fen
     journey = state.journey
     limit = tap.max_fare_fen
+    if tap.mode == "bus" or tap.direction == "in":
+        # The rider left any journey the sweep charged before this tap: its exit, if it comes, is earlier.
+        state = _bounded(state, t)
 
     if tap.mode == "bus":
         line = _bus_line(table, tap)
@@ -1146,6 +1149,19 @@ def _charged_entry(j: OpenJourney, *, until: int | None = None, pair: Tap | None
         "in", j.station, j.time, j.operator, j.max_fare_fen, True, until,
         None if pair is None else pair.station, None if pair is None else pair.max_fare_fen,
     )  # fmt: skip
+
+
+def _bounded(state: JourneyState, t: int) -> JourneyState:
+    """`state` with the charged entries that have no `until` yet (the sweep's) bounded by a tap at `t`."""
+    if not any(u.until is None and u.charged and u.direction == "in" for u in state.unpaired):
+        return state
+    return dataclasses.replace(
+        state,
+        unpaired=tuple(
+            dataclasses.replace(u, until=t) if u.until is None and u.charged and u.direction == "in" else u
+            for u in state.unpaired
+        ),
+    )
 
 
 def _with_charged_entry(state: JourneyState, entry: UnpairedTap, now: int) -> JourneyState:

@@ -512,6 +512,11 @@ def test_an_earlier_exit_arriving_late_takes_its_journey_back(cq: FareTable) -> 
     # An online exit after the tap that charged a journey is not that journey's exit.
     d = run(cq, [m_in(T0, "l1-chaotianmen"), m_in(T0 + 600, "l2-daping"), m_out(T0 + 1200, "l2-liziba")])
     assert fare(cq, d[2].state, m_out(T0 + 2000, "l1-daping")).rules == ("missing_tap_in",)
+    # Nor after a tap that came after the sweep (an end-of-day run may close a journey within its timeout).
+    _, swept = close_open_journey(cq, fare(cq, EMPTY_STATE, a_in).state, T0 + 60, force=True)
+    after_bus = fare(cq, swept, bus(T0 + 120)).state
+    assert fare(cq, after_bus, m_out(T0 + 600, "l1-daping")).rules == ("missing_tap_in",)
+    assert fare(cq, after_bus, up(m_out(T0 + 100, "l1-daping"))).rules == ("exit_of_charged_journey",)
 
 
 def test_every_order_of_two_journeys(cq: FareTable) -> None:
