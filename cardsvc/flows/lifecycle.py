@@ -260,12 +260,19 @@ async def _replace(
 
 
 async def move_purse(conn: asyncpg.Connection, old_id: int, new_id: int, actor: Actor) -> int:
-    """The purse balance moves to the replacement card: two journal transfers through the
-    'replacement' account (which nets to zero), so each purse still equals the sum of its journal."""
+    """The purse moves to the replacement card: its balance, by two journal transfers through the
+    'replacement' account (which nets to zero), so each purse still equals the sum of its journal; and its
+    fare state (an open metro journey, the transfer window, the day's total), so that the new card's next
+    tap charges a journey the old card left open, as the old card's would have."""
     balance: int = await conn.fetchval(
         "SELECT balance_fen FROM purse WHERE card_id = $1 FOR UPDATE", old_id
     ) or 0
-    await conn.execute("INSERT INTO purse (card_id, balance_fen) VALUES ($1, $2)", new_id, balance)
+    await conn.execute(
+        "INSERT INTO purse (card_id, balance_fen, journey) SELECT $1, $2, journey FROM purse WHERE card_id = $3",
+        new_id,
+        balance,
+        old_id,
+    )
     await conn.execute("UPDATE purse SET balance_fen = 0, journey = NULL WHERE card_id = $1", old_id)
     if balance:
         await conn.execute(

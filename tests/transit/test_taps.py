@@ -356,6 +356,25 @@ async def test_a_tap_that_waited_for_a_replacement_is_refused_not_charged_to_the
     assert {r["card_no"]: r["balance_fen"] for r in balances} == {c["card_no"]: 0, body["new_card_no"]: 500}
 
 
+async def test_the_replacement_card_carries_the_fare_state_on(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    """The purse moves to the replacement with its fare state: a metro journey the old card left open is
+    charged at the new card's next tap, and the day's transfer window goes on."""
+    c = await funded_card(svc, 2000)
+    now = int(time.time())
+    entered = await tap(svc, tap_body(svc, c["card_sn"], at=now - 120, **metro("l1-chaotianmen", "in")))
+    assert entered["result"] == "approved", entered
+    body = replacement_body()
+    r = await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "staff-1"})
+    assert r.status == 200, r.body
+    again = await tap(svc, tap_body(svc, body["new_card_sn"], at=now, **metro("l2-daping", "in")))
+    assert again["result"] == "approved" and again.get("penalty") == {"amount_fen": 700, "reason": "missing_tap_out"}, again
+    out = await tap(svc, tap_body(svc, body["new_card_sn"], at=now + 60, **metro("l2-daping", "out")))
+    bus = await tap(svc, tap_body(svc, body["new_card_sn"], at=now + 120))
+    assert bus["transfer_discount_fen"] > 0, bus  # the window of the exit just before goes on
+    assert await svc.balance(body["new_card_no"]) == 2000 - 700 - out["fare_fen"] - bus["fare_fen"]
+    assert await db.fetchval("SELECT journey FROM purse WHERE card_id = $1", c["card_id"]) is None
+
+
 async def test_forged_expired_and_replayed_card_credentials(svc: ServiceHarness, db: asyncpg.Connection) -> None:
     c = await funded_card(svc, 1000)
     forged = tap_body(svc, c["card_sn"])
