@@ -1217,7 +1217,7 @@ def _exit_without_journey(
         return _standalone(
             table, dataclasses.replace(state, unpaired=rest), tap, concession,
             start=entry.time, entry_station=entry.station, operator=entry.operator,
-            limit=_min_limit(tap.max_fare_fen, entry.max_fare_fen), late=True,  # (its entry was late)
+            limit=_min_limit(tap.max_fare_fen, entry.max_fare_fen),
         )  # fmt: skip
     penalty = Penalty(table.cap_fen, operator, R_MISSING_IN, tap.station)
     unpaired = _keep((*state.unpaired, UnpairedTap("out", tap.station or "", t, operator)), max(t, _newest(state) or t))
@@ -1236,12 +1236,11 @@ def _standalone(
     entry_station: str | None,
     operator: str,
     limit: int | None,
-    late: bool,
 ) -> Decision:
-    """A ride priced on its own (a bus ride or a metro ride whose entry came out of order): concession,
-    card discount and daily cap as usual, no transfer discount (the rides around it are not known in
-    order), and no effect on the card's open journey or transfer window. A ride on an earlier local day
-    than the state's counts toward no stored daily total."""
+    """A ride priced on its own (a late bus ride, or a metro ride whose entry came late), rule
+    `late_upload`: concession, card discount and daily cap as usual, no transfer discount (the rides
+    around it are not known in order), and no effect on the card's open journey or transfer window. A ride
+    on an earlier local day than the state's counts toward no stored daily total."""
     day = (tap.time + table.rules.utc_offset_s) // 86400
     charged = state.day_charged_fen if state.day == day else 0
     if tap.mode == "bus":
@@ -1262,8 +1261,7 @@ def _standalone(
         new = dataclasses.replace(state, day_charged_fen=state.day_charged_fen + d.amount_fen)
     else:
         new = state
-    rules = (*d.rules, R_LATE) if late else d.rules
-    return _capped(dataclasses.replace(d, state=new, rules=rules), limit, None)
+    return _capped(dataclasses.replace(d, state=new, rules=(*d.rules, R_LATE)), limit, None)
 
 
 def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concession) -> Decision:
@@ -1283,8 +1281,7 @@ def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concessio
     if tap.mode == "bus":
         line = _bus_line(table, tap)
         return _standalone(
-            table, state, tap, concession, start=t, entry_station=None, operator=line.operator, limit=limit,
-            late=True,
+            table, state, tap, concession, start=t, entry_station=None, operator=line.operator, limit=limit
         )  # fmt: skip
     _, operator = _metro_place(table, tap)
     if tap.direction == "in":

@@ -20,7 +20,6 @@ from cardsvc.flows.actor import Actor
 from cardsvc.flows.credentials import KIND_CARD_CRYPTOGRAM, KIND_ECARD_CODE
 from cardsvc.services import Services
 from protocols import card, ecard, ridecode, sm
-from protocols.card import CardStatus
 from protocols.errors import CodecError
 
 from . import fares
@@ -244,7 +243,7 @@ async def purse_view(conn: asyncpg.Connection, card_no: str) -> dict[str, Any]:
     }
 
 
-_DEAD = (CardStatus.REPLACED, CardStatus.CANCELLED)
+_DEAD = (card.CardStatus.REPLACED, card.CardStatus.CANCELLED)
 
 
 async def top_up(
@@ -285,7 +284,7 @@ async def top_up(
             if status in _DEAD:
                 raise ApiError(
                     "card_unusable", "a replaced or cancelled card takes a top-up only to settle its debt",
-                    extra={"card_status": CardStatus(status).api_name},
+                    extra={"card_status": card.CardStatus(status).api_name},
                 )  # fmt: skip
         if new_balance > svc.settings.purse_balance_max_fen:
             raise ApiError(

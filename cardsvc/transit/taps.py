@@ -164,6 +164,19 @@ GROUP BY card_id
 """
 
 
+async def _formal_loss_stops(conn: asyncpg.Connection, cards: Sequence[_Card], items: Sequence[TapItem]) -> None:
+    """Set `lost_since` of the formally lost `cards` that have an uploaded ride among `items`."""
+    uploaded = {key for i in items if i.tap.uploaded for key in (i.card_id, i.card_sn)}
+    wanted = [c for c in cards if c.card_id in uploaded or c.card_sn in uploaded]
+    if not wanted:
+        return
+    rows = await conn.fetch(_STOPPED_SQL, [c.card_id for c in wanted], int(CardStatus.ACTIVE), _STOPPED_STATUSES)
+    stops = {r["card_id"]: r["stopped"] for r in rows}
+    for c in wanted:
+        stopped = stops.get(c.card_id)
+        c.lost_since = None if stopped is None else stopped.timestamp()
+
+
 def _usable_for(card: _Card, item: TapItem) -> bool:
     """Whether the card may be charged for this tap: usable now, or, for a ride a gate uploads later,
     taken before the card last stopped (a loss reported after the ride does not undo it; an earlier,
@@ -470,17 +483,8 @@ async def _attempt(
         by_sn[locked.card_sn] = locked
         if status == CardStatus.LOST and not r["app_locked"]:
             formally_lost.append(locked)
-    uploaded = {i.card_id for i in items if i.tap.uploaded} | {i.card_sn for i in items if i.tap.uploaded}
-    formally_lost = [c for c in formally_lost if c.card_id in uploaded or c.card_sn in uploaded]
-    if formally_lost:
-        lost_ids = [c.card_id for c in formally_lost]
-        stops = {
-            r["card_id"]: r["stopped"]
-            for r in await conn.fetch(_STOPPED_SQL, lost_ids, int(CardStatus.ACTIVE), _STOPPED_STATUSES)
-        }
-        for c in formally_lost:
-            stopped = stops.get(c.card_id)
-            c.lost_since = None if stopped is None else stopped.timestamp()
+    if formally_lost:  # rare: a formally lost card in the batch
+        await _formal_loss_stops(conn, formally_lost, items)
     # Cards not locked above have no purse row, or do not exist: tell the two apart (rare, unlocked).
     no_purse: dict[str | int, int] = {}
     missing_sns = [sn for sn in sns if sn not in by_sn]
