@@ -22,7 +22,7 @@ from cardsvc.store.pool import create_pool
 from cardsvc.transit import clearing, fares
 from cardsvc.transit.sweep import SWEEP_TERMINAL, sweep_timed_out_journeys
 from cardsvc.transit.taps import KIND_PENALTY, SOURCE_SWEEP
-from tests.helpers import ServiceHarness, purse_vs_journal
+from tests.helpers import ServiceHarness, purse_vs_journal, replacement_body
 
 TABLE = fares.load_demo_table()
 TIMEOUT = TABLE.rules.journey_timeout_s
@@ -180,3 +180,22 @@ async def test_a_sweep_racing_the_riders_exit_never_charges_both(
             "SELECT count(*) FROM txn_journal WHERE card_id = $1 AND kind = 1 AND amount_fen < 0", c["card_id"]
         )
         assert len(swept) + fare == 1, (c["card_no"], swept, fare)  # the exit fare or the sweep, never both
+
+
+async def test_a_journey_open_when_its_card_was_replaced_is_swept_on_the_new_card(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """The replacement took the purse's fare state along: the sweep finds the journey through the old
+    card's entry row and charges the new card's purse, once."""
+    c = await card_with(svc, db, 2000)
+    await metro(svc, c, A, "in")
+    body = replacement_body()
+    r = await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "staff-1"})
+    assert r.status == 200, r.body
+    new_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", body["new_card_no"])
+    done = await sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT + 60))
+    assert (done.closed, done.charged_fen) == (1, TABLE.cap_fen)
+    assert [r["amount_fen"] for r in await sweep_rows(db, new_id)] == [-TABLE.cap_fen]
+    assert await sweep_rows(db, c["card_id"]) == []
+    assert await svc.balance(body["new_card_no"]) == 2000 - TABLE.cap_fen
+    assert (await sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT + 600))).closed == 0
