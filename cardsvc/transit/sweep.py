@@ -8,9 +8,10 @@ and lands in another clearing day, or never. The sweep charges it once the journ
 
 1. the candidates are the cards with a metro entry in the journal (an online tap-in writes a 0-fen fare
    row) between the last sweep's watermark (`journey_sweep.swept_to`; an hour back on the first run) and
-   now − `journey_timeout_s`, read through the clearing index (operator, time), whose purse (the
-   replacement card's, if the card was replaced since: its fare state moved there) still shows an open
-   journey that timed out (read without a lock: most of those riders have left);
+   now − `journey_timeout_s`, read through the clearing index (operator, time), whose purse still shows
+   an open journey that timed out (read without a lock: most of those riders have left); and the new
+   cards of the replacements since the window began (the fare state moved there), through a partial
+   index of replaced cards;
 2. per chunk, one transaction: their purses locked `FOR UPDATE` in card order (as the tap engine does), the
    journey re-read under the lock and closed only if it is still open and timed out; the penalty and the
    purse in one statement. A card that cannot pay (below its overdraft) is left open: its next tap, after
@@ -29,6 +30,8 @@ import datetime as dt
 from collections.abc import Sequence
 
 import asyncpg
+
+from protocols.card import CardStatus
 
 from . import fares
 from .taps import KIND_FARE, KIND_PENALTY, SOURCE_SWEEP
@@ -54,14 +57,19 @@ class SweepResult:
 # Cards that entered the metro in the window and whose purse still shows an open journey that timed out
 # (read without locks: most riders have left, and only the others are locked and re-checked).
 _CANDIDATES_SQL = """
-SELECT DISTINCT p.card_id FROM txn_journal j
-JOIN card c ON c.card_id = j.card_id
-JOIN purse p ON p.card_id = coalesce(c.replaced_by, j.card_id)  -- a replacement took the journey along
+SELECT j.card_id FROM txn_journal j
+JOIN purse p ON p.card_id = j.card_id
 WHERE j.counterparty = ANY($1::text[]) AND j.at >= $2 AND j.at < $3
   AND j.kind = $4 AND j.amount_fen = 0 AND j.station_id IS NOT NULL
   AND jsonb_typeof(p.journey -> 'journey') = 'object'
   AND (p.journey -> 'journey' ->> 'time')::bigint <= $5
-ORDER BY p.card_id
+UNION  -- a replacement since the window began may have taken an open journey to the new card
+SELECT p.card_id FROM card c
+JOIN purse p ON p.card_id = c.replaced_by
+WHERE c.status = $6 AND c.status_changed_at >= $2
+  AND jsonb_typeof(p.journey -> 'journey') = 'object'
+  AND (p.journey -> 'journey' ->> 'time')::bigint <= $5
+ORDER BY 1
 """
 
 _LOCK_SQL = """
@@ -146,7 +154,13 @@ async def sweep_timed_out_journeys(
             cards = [
                 r["card_id"]
                 for r in await conn.fetch(
-                    _CANDIDATES_SQL, _metro_operators(table), since, upto, KIND_FARE, now_s - table.rules.journey_timeout_s
+                    _CANDIDATES_SQL,
+                    _metro_operators(table),
+                    since,
+                    upto,
+                    KIND_FARE,
+                    now_s - table.rules.journey_timeout_s,
+                    int(CardStatus.REPLACED),
                 )
             ]
             closed = charged = unpaid = 0
