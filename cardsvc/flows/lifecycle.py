@@ -18,7 +18,7 @@ from cardsvc.errors import ApiError
 from protocols.card import CardStatus, HotlistAction, HotlistReason
 
 from .actor import SYSTEM, Actor
-from .credentials import KIND_ECARD_CODE
+from .credentials import KIND_ECARD_CODE, KIND_RIDE_CODE
 from .hotlist import append_entry
 from .registry import get_card
 from .views import effective_status
@@ -231,15 +231,19 @@ async def _replace(
         old["card_id"],
         new_id,
     )
-    if moved is not None:
-        # Single use follows the e-card: a code used while it belonged to the old card stays used.
+    # Single use follows the e-card, and the purse (ride-code rides taken before the replacement and
+    # uploaded after it are charged to the new card, docs/transit.md): a code used on the old card stays used.
+    kinds = [KIND_ECARD_CODE] if moved is not None else []
+    if old["has_purse"]:
+        kinds.append(KIND_RIDE_CODE)
+    if kinds:
         await conn.execute(
             """INSERT INTO credential_use (card_id, kind, token, used_at)
-               SELECT $2, kind, token, used_at FROM credential_use WHERE card_id = $1 AND kind = $3
+               SELECT $2, kind, token, used_at FROM credential_use WHERE card_id = $1 AND kind = ANY($3::smallint[])
                ON CONFLICT DO NOTHING""",
             old["card_id"],
             new_id,
-            KIND_ECARD_CODE,
+            kinds,
         )
     await conn.execute(
         """INSERT INTO card_event (card_id, op, terminal_id, operator, request_id, status_before, status_after,

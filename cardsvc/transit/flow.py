@@ -17,7 +17,7 @@ import asyncpg
 
 from cardsvc.errors import ApiError
 from cardsvc.flows.actor import Actor
-from cardsvc.flows.credentials import KIND_CARD_CRYPTOGRAM, KIND_ECARD_CODE
+from cardsvc.flows.credentials import KIND_CARD_CRYPTOGRAM, KIND_ECARD_CODE, KIND_RIDE_CODE
 from cardsvc.services import Services
 from protocols import card, ecard, ridecode, sm
 from protocols.errors import CodecError
@@ -35,7 +35,6 @@ __all__ = [
     "top_up",
 ]
 
-KIND_RIDE_CODE = 3
 ISSUER_KEY_ID = 1
 PURSE_HISTORY_ROWS = 20
 _ECARD_ID_MAX = 2**31 - 1

@@ -27,12 +27,13 @@ import orjson
 from cardsvc import limits
 from cardsvc.services import Services
 from protocols import ridecode
+from protocols.card import CardStatus
 from protocols.ridecode import RideBatch, RideRecord
 
 from . import fares
 from .context import TransitContext
 from .flow import _GATE_DECLINES, ISSUER_KEY_ID, KIND_RIDE_CODE
-from .taps import SOURCE_RIDECODE, TapItem, TapOutcome, process_taps
+from .taps import SOURCE_RIDECODE, TapItem, TapOutcome, process_taps, stop_times
 
 __all__ = ["RIDE_AGE_S_MAX", "charge_rides", "ride_items", "ride_tap"]
 
@@ -81,12 +82,17 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
         }
     )
     certs: dict[int, Any] = {}
+    stops: dict[int, float] = {}  # replaced cards: when they stopped
     if serials:
         async with svc.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT cert_serial, card_id, revoked_at FROM ride_cert WHERE cert_serial = ANY($1::bigint[])",
+                """SELECT r.cert_serial, r.card_id, r.revoked_at, c.status, c.replaced_by
+                   FROM ride_cert r JOIN card c ON c.card_id = r.card_id WHERE r.cert_serial = ANY($1::bigint[])""",
                 serials,
             )
+            replaced = [row["card_id"] for row in rows if row["status"] == CardStatus.REPLACED and row["replaced_by"]]
+            if replaced:
+                stops = await stop_times(conn, replaced)
         certs = {row["cert_serial"]: row for row in rows}
     items: list[TapItem] = []
     for r, decision in zip(batch.records, decisions, strict=True):
@@ -113,9 +119,14 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
         base["overdraft_fen"] = max(base["overdraft_fen"], cert.credit_limit_fen)
         base["tap"] = dataclasses.replace(base["tap"], max_fare_fen=cert.max_fare_fen)
         revoked: dt.datetime | None = row["revoked_at"]
+        # A ride taken before its card was replaced is charged to the new card: the purse (balance, fare
+        # state, ride-code uses) moved there. Later rides stay the old card's, declined.
+        card_id = cert.account_id
+        if row["replaced_by"] is not None and r.time < stops.get(card_id, float("-inf")):
+            card_id = row["replaced_by"]
         items.append(
             TapItem(
-                card_id=cert.account_id,
+                card_id=card_id,
                 cred_kind=KIND_RIDE_CODE,
                 cred_token=(cert.cert_serial << 32) | decision.code.counter,
                 declined="card_unusable" if revoked is not None and revoked.timestamp() <= r.time else None,

@@ -50,6 +50,7 @@ __all__ = [
     "TapItem",
     "TapOutcome",
     "process_taps",
+    "stop_times",
 ]
 
 # txn_journal.kind
@@ -155,13 +156,20 @@ class _Card:
 
 # When a lost card stopped: a temporary loss's status_changed_at. A formal loss may follow a temporary
 # one, so its time is the card's last move out of active in the (append-only) card events, read only for
-# formally lost cards that have an uploaded ride in the batch.
-_STOPPED_STATUSES = [int(CardStatus.TEMP_LOST), int(CardStatus.LOST)]
+# formally lost cards that have an uploaded ride in the batch (and by rides.py for replaced cards).
+_STOPPED_STATUSES = [int(CardStatus.TEMP_LOST), int(CardStatus.LOST), int(CardStatus.REPLACED)]
 _STOPPED_SQL = """
 SELECT card_id, max(at) AS stopped FROM card_event
 WHERE card_id = ANY($1::bigint[]) AND status_before = $2 AND status_after = ANY($3::smallint[])
 GROUP BY card_id
 """
+
+
+async def stop_times(conn: asyncpg.Connection, card_ids: Sequence[int]) -> dict[int, float]:
+    """When each of these cards last stopped being usable (its last move out of active: a loss report or
+    a replacement), unix seconds; cards never active are left out."""
+    rows = await conn.fetch(_STOPPED_SQL, list(card_ids), int(CardStatus.ACTIVE), _STOPPED_STATUSES)
+    return {r["card_id"]: r["stopped"].timestamp() for r in rows}
 
 
 async def _formal_loss_stops(conn: asyncpg.Connection, cards: Sequence[_Card], items: Sequence[TapItem]) -> None:
@@ -170,11 +178,9 @@ async def _formal_loss_stops(conn: asyncpg.Connection, cards: Sequence[_Card], i
     wanted = [c for c in cards if c.card_id in uploaded or c.card_sn in uploaded]
     if not wanted:
         return
-    rows = await conn.fetch(_STOPPED_SQL, [c.card_id for c in wanted], int(CardStatus.ACTIVE), _STOPPED_STATUSES)
-    stops = {r["card_id"]: r["stopped"] for r in rows}
+    stops = await stop_times(conn, [c.card_id for c in wanted])
     for c in wanted:
-        stopped = stops.get(c.card_id)
-        c.lost_since = None if stopped is None else stopped.timestamp()
+        c.lost_since = stops.get(c.card_id)
 
 
 def _usable_for(card: _Card, item: TapItem) -> bool:

@@ -311,11 +311,23 @@ async def test_a_loss_report_declines_the_rides_after_it_not_those_before(
     assert taken["result"] == "approved" and "transfer_discount" in taken["rules"], taken  # bus, bus: 0
     assert (refused["result"], refused["reason"], refused["card_status"]) == ("declined", "card_unusable", "formal_loss")
     assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE card_id = $1 AND kind = 1", card_id) == 2
-    # A card replaced since: its purse moved, the ride is declined (docs/transit.md).
-    r = await svc.post(f"/v1/cards/{c['card_no']}/replace", {**replacement_body(), "operator": "staff-1"})
+    # Replaced since: a ride before the stop is charged to the new card, where the purse went; a code
+    # already charged stays used; a ride after the stop stays declined (docs/transit.md).
+    body = replacement_body()
+    r = await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "staff-1"})
     assert r.status == 200, r.body
-    [gone] = await upload(svc, [gate_record(svc, phone.next_code(before + 7), before + 7)], batch_id=3)
+    moved = await svc.balance(body["new_card_no"])
+    used_code = rides[0].code_text
+    rides = [
+        gate_record(svc, phone.next_code(before + 7), before + 7),
+        gate_record(svc, used_code, before + 5),  # the same code, in another upload
+        gate_record(svc, phone.next_code(after + 3), after + 3),
+    ]
+    charged, replayed, gone = await upload(svc, rides, batch_id=3)
+    assert (charged["result"], charged["fare_fen"]) == ("approved", BUS_FARE), charged
+    assert (replayed["result"], replayed["reason"]) == ("declined", "credential_replayed"), replayed
     assert (gone["result"], gone["reason"]) == ("declined", "card_unusable"), gone
+    assert await svc.balance(body["new_card_no"]) == moved - BUS_FARE
 
 
 async def test_a_journey_entered_before_a_loss_report_ends_at_its_exit(svc: ServiceHarness) -> None:
