@@ -1020,7 +1020,7 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
             operator=line.operator, first_rule=R_BUS, penalty=penalty, distance=None,
         )  # fmt: skip
         if journey is not None:
-            d = dataclasses.replace(d, state=_with_charged_entry(d.state, _charged_entry(journey, until=t), t))
+            d = dataclasses.replace(d, state=_with_unpaired(d.state, t, _charged_entry(journey, until=t)))
         return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
 
     place, operator = _metro_place(table, tap)
@@ -1035,7 +1035,7 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
             unpaired=state.unpaired,
         )  # fmt: skip
         if journey is not None:
-            new = _with_charged_entry(new, _charged_entry(journey, until=t), t)
+            new = _with_unpaired(new, t, _charged_entry(journey, until=t))
         d = Decision(0, 0, rules, operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
 
@@ -1048,7 +1048,7 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
         new = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
         penalty = Penalty(table.cap_fen, journey.operator, R_TIMEOUT, journey.station)
         # This exit may be another journey's (the real one arriving later from a gate): kept as paired.
-        new = _with_charged_entry(new, _charged_entry(journey, until=t, pair=tap), t)
+        new = _with_unpaired(new, t, _charged_entry(journey, until=t, pair=tap))
         d = Decision(0, 0, (R_TIMEOUT,), journey.operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, journey.max_fare_fen))
     entry = _place(table, journey.station)
@@ -1164,10 +1164,10 @@ def _bounded(state: JourneyState, t: int) -> JourneyState:
     )
 
 
-def _with_charged_entry(state: JourneyState, entry: UnpairedTap, now: int) -> JourneyState:
-    """`state` keeping `entry` (a journey just charged the maximum fare) for its late exit."""
+def _with_unpaired(state: JourneyState, now: int, *taps: UnpairedTap) -> JourneyState:
+    """`state` keeping `taps` too, for their other halves (`_keep` decides what stays); `now`: the tap's time."""
     newest = max(now, _newest(state) or now)
-    return dataclasses.replace(state, unpaired=_keep((*state.unpaired, entry), newest))
+    return dataclasses.replace(state, unpaired=_keep((*state.unpaired, *taps), newest))
 
 
 def _exit_of_swept(swept: OpenJourney, state: JourneyState, tap: Tap) -> Decision:
@@ -1209,8 +1209,7 @@ def _exit_without_journey(
             where = entry.pair_station
             displaced_operator = table.station_operator.get(where, entry.operator)
             displaced = UnpairedTap("out", where, entry.until, displaced_operator)
-            newest = max(t, _newest(state) or t)
-            new = dataclasses.replace(state, unpaired=_keep((*rest, paired, displaced), newest))
+            new = _with_unpaired(dataclasses.replace(state, unpaired=rest), t, paired, displaced)
             penalty = Penalty(table.cap_fen, displaced_operator, R_MISSING_IN, where)
             d = Decision(0, 0, (R_EXIT_OF_CHARGED_JOURNEY, R_MISSING_IN), entry.operator, new, penalty)
             return _capped(d, None, _min_limit(entry.pair_max_fare_fen, tap.max_fare_fen))
@@ -1220,9 +1219,9 @@ def _exit_without_journey(
             limit=_min_limit(tap.max_fare_fen, entry.max_fare_fen),
         )  # fmt: skip
     penalty = Penalty(table.cap_fen, operator, R_MISSING_IN, tap.station)
-    unpaired = _keep((*state.unpaired, UnpairedTap("out", tap.station or "", t, operator)), max(t, _newest(state) or t))
+    new = _with_unpaired(state, t, UnpairedTap("out", tap.station or "", t, operator))
     rules = (R_MISSING_IN, R_LATE) if late else (R_MISSING_IN,)
-    d = Decision(0, 0, rules, operator, dataclasses.replace(state, unpaired=unpaired), penalty)
+    d = Decision(0, 0, rules, operator, new, penalty)
     return _capped(d, tap.max_fare_fen, tap.max_fare_fen)
 
 
@@ -1292,10 +1291,8 @@ def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concessio
             exit_ = min(fits, key=lambda u: u.time)
             rest = tuple(u for u in state.unpaired if u is not exit_)
             return Decision(0, 0, (R_ENTRY_OF_CHARGED_EXIT,), operator, dataclasses.replace(state, unpaired=rest))
-        newest = _newest(state) or t
         late_entry = UnpairedTap("in", tap.station or "", t, operator, limit, charged=False)
-        unpaired = _keep((*state.unpaired, late_entry), newest)
-        return Decision(0, 0, (R_ENTRY, R_LATE), operator, dataclasses.replace(state, unpaired=unpaired))
+        return Decision(0, 0, (R_ENTRY, R_LATE), operator, _with_unpaired(state, t, late_entry))
     return _exit_without_journey(table, state, tap, concession, operator, late=True)
 
 
@@ -1384,5 +1381,5 @@ def close_open_journey(
     if j is None or (not force and now - j.time < table.rules.journey_timeout_s):
         return None, state
     amount = table.cap_fen if j.max_fare_fen is None else min(table.cap_fen, j.max_fare_fen)
-    closed = _with_charged_entry(dataclasses.replace(state, journey=None, swept=j), _charged_entry(j), now)
+    closed = _with_unpaired(dataclasses.replace(state, journey=None, swept=j), now, _charged_entry(j))
     return Penalty(amount, j.operator, R_MISSING_OUT, j.station), _with_latest(closed, _newest(state) or j.time)
