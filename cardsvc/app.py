@@ -75,11 +75,17 @@ async def maintenance_once(
     if table is not None:
         swept = await sweep_timed_out_journeys(pool, table, settings.purse_overdraft_fen)
         metrics.JOURNEYS_SWEPT.labels("closed").inc(swept.closed)
+        metrics.JOURNEYS_SWEPT.labels("held_exit").inc(swept.held_exits)
         metrics.JOURNEYS_SWEPT.labels("unpaid").inc(swept.unpaid)
-        if swept.closed or swept.unpaid:
+        if swept.closed or swept.held_exits or swept.unpaid:
             log.info(
                 "timed-out metro journeys charged",
-                extra={"closed": swept.closed, "charged_fen": swept.charged_fen, "unpaid": swept.unpaid},
+                extra={
+                    "closed": swept.closed,
+                    "held_exits": swept.held_exits,
+                    "charged_fen": swept.charged_fen,
+                    "unpaid": swept.unpaid,
+                },
             )
     async with pool.acquire() as conn:
         await conn.execute(

@@ -89,8 +89,9 @@ CONCESSION_CHANGES = Counter(
 )
 JOURNEYS_SWEPT = Counter(
     "cardsvc_transit_journeys_swept_total",
-    "Metro journeys open past the journey timeout, found by the sweep: closed (charged the maximum fare) "
-    "or unpaid (the purse could not pay; charged at the card's next tap).",
+    "Metro journeys open past the journey timeout, found by the sweep: closed (charged the maximum fare), "
+    "held_exit (a gate's exit whose entry never came, charged the maximum fare) or unpaid (the purse could "
+    "not pay; charged at the card's next tap).",
     ["result"],
 )
 TAPS = Counter(

@@ -57,6 +57,7 @@ __all__ = [
     "UnpairedTap",
     "band_fare_fen",
     "card_price_fen",
+    "charge_held_exits",
     "close_open_journey",
     "elderly_quota_for_year",
     "fare",
@@ -96,6 +97,8 @@ R_RIDE_MAX = "ride_code_max_fare"
 R_LATE = "late_upload"  # priced on its own: no transfer, no effect on the open journey
 R_ENTRY_OF_CHARGED_EXIT = "entry_of_charged_exit"  # the entry of an exit already charged the maximum fare
 R_EXIT_OF_CHARGED_JOURNEY = "exit_of_charged_journey"  # the exit of a journey already charged the maximum fare
+R_EXIT_HELD = "exit_held"  # an uploaded exit without entry: held for its entry, charged nothing yet
+R_ENTRY_OF_HELD_EXIT = "entry_of_held_exit"  # the entry of a held exit: the ride is priced from the two
 RULE_NAMES = frozenset(
     {
         R_BUS,
@@ -117,6 +120,8 @@ RULE_NAMES = frozenset(
         R_LATE,
         R_ENTRY_OF_CHARGED_EXIT,
         R_EXIT_OF_CHARGED_JOURNEY,
+        R_EXIT_HELD,
+        R_ENTRY_OF_HELD_EXIT,
     }
 )
 
@@ -685,6 +690,10 @@ class UnpairedTap:
 
     - `out`, charged: an exit without entry, charged the maximum fare (`missing_tap_in`); its entry,
       uploaded later, costs nothing more;
+    - `out`, not charged (**held**): an uploaded exit without entry, charged nothing yet. Its entry,
+      uploaded later within the journey timeout before it, prices the ride. Once the exit is
+      `journey_timeout_s` old (`charge_held_exits`: the card's next tap in order, or the sweep) it is
+      charged the maximum fare and becomes a charged `out`;
     - `in`, charged: the entry of a journey charged the maximum fare without its exit (missing tap-out
       at the card's next tap, a timed-out exit, or the sweep); its exit, arriving later, costs nothing
       more. Its exit must come before `until` (the tap that charged it: the rider left before that
@@ -764,8 +773,8 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
         direction, charged = u["direction"], u["charged"]
         if direction not in ("in", "out"):
             raise FareInputError(f"journey state {name}.direction must be 'in' or 'out'")
-        if not isinstance(charged, bool) or (direction == "out" and not charged):
-            raise FareInputError(f"journey state {name}.charged must be a boolean, true for an 'out'")
+        if not isinstance(charged, bool):
+            raise FareInputError(f"journey state {name}.charged must be a boolean")
         pair = {k: u[k] for k in _PAIR_KEYS if k in u}
         if pair and (direction != "in" or not charged or ("pair_station" in pair) > ("until" in pair)):
             raise FareInputError(f"journey state {name}: a pairing belongs to a charged 'in' with `until`")
@@ -961,11 +970,17 @@ class Decision:
     transfer_discount_fen: int = 0  # part of full_fare_fen waived by the transfer rule
     quota_ride_consumed: bool = False  # True: decrement the holder's elderly ride quota by one
     distance_m: int | None = None  # metro exits: the shortest distance the fare is based on
+    # Held exits (see UnpairedTap) whose entry did not arrive in time, charged at this tap: each a
+    # `missing_tap_in` at its own exit station, credited to that station's operator.
+    due: tuple[Penalty, ...] = ()
 
     @property
     def total_fen(self) -> int:
-        """Everything to debit for this tap: the fare plus any penalty."""
-        return self.amount_fen + (self.penalty.amount_fen if self.penalty is not None else 0)
+        """Everything to debit for this tap: the fare plus any penalty and held exits now due."""
+        total = self.amount_fen + (self.penalty.amount_fen if self.penalty is not None else 0)
+        for p in self.due:
+            total += p.amount_fen
+        return total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -983,16 +998,20 @@ def fare(table: FareTable, state: JourneyState, tap: Tap, concession: Concession
     if tap.max_fare_fen is not None and tap.max_fare_fen < 0:
         raise FareInputError("max_fare_fen must be >= 0")
     newest = _newest(state)
+    due: tuple[Penalty, ...] = ()
     if tap.uploaded and newest is not None and tap.time < newest:
         d = _late(table, state, tap, concession)
     else:
+        if state.unpaired:  # held exits whose entry did not come in time are charged first
+            charged, state = charge_held_exits(table, state, tap.time)
+            due = tuple(p for _, p in charged)
         d = _in_order(table, state, tap, concession)
     after = _with_latest(d.state, tap.time if newest is None or tap.time > newest else newest)
-    if after is d.state:
+    if after is d.state and not due:
         return d
     return Decision(
         d.amount_fen, d.full_fare_fen, d.rules, d.operator, after, d.penalty, d.transfer_discount_fen,
-        d.quota_ride_consumed, d.distance_m,
+        d.quota_ride_consumed, d.distance_m, due,
     )  # fmt: skip (positional: dataclasses.replace costs microseconds on the hot path)
 
 
@@ -1136,10 +1155,44 @@ def _with_latest(state: JourneyState, newest: int) -> JourneyState:
     return JourneyState(s.journey, s.window, s.day, s.day_charged_fen, s.swept, s.unpaired, latest)
 
 
+def _held(u: UnpairedTap) -> bool:
+    return u.direction == "out" and not u.charged
+
+
 def _keep(unpaired: Sequence[UnpairedTap], newest: int) -> tuple[UnpairedTap, ...]:
-    """The unpaired taps worth keeping: the newest UNPAIRED_MAX within UNPAIRED_KEEP_S of `newest`."""
-    kept = sorted((u for u in unpaired if newest - u.time < UNPAIRED_KEEP_S), key=lambda u: u.time)
-    return tuple(kept[-UNPAIRED_MAX:])
+    """The unpaired taps worth keeping: every held exit (it is still to be charged; there are at most
+    UNPAIRED_MAX), then the newest others within UNPAIRED_KEEP_S of `newest`, UNPAIRED_MAX in all."""
+    held = [u for u in unpaired if _held(u)]
+    others = sorted((u for u in unpaired if not _held(u) and newest - u.time < UNPAIRED_KEEP_S), key=lambda u: u.time)
+    room = UNPAIRED_MAX - len(held)
+    return tuple(sorted(held + (others[-room:] if room > 0 else []), key=lambda u: u.time))
+
+
+def charge_held_exits(
+    table: FareTable, state: JourneyState, now: int
+) -> tuple[tuple[tuple[int, Penalty], ...], JourneyState]:
+    """Charge the held exits (see UnpairedTap) that are `journey_timeout_s` old at `now`: their entry
+    did not come in time. Each costs the maximum fare within its credential's limit (`missing_tap_in`
+    at its station, its operator), and stays as a charged exit, so that an entry arriving even later
+    costs nothing more. Returns ((the time each became due, its penalty), ...) and the new state;
+    `((), state)` when none is due. The fare engine calls it before a tap in order; the sweep calls it."""
+    timeout = table.rules.journey_timeout_s
+    due = [u for u in state.unpaired if _held(u) and now - u.time >= timeout]
+    if not due:
+        return (), state
+    charged = tuple(
+        (u.time + timeout, Penalty(_within(table.cap_fen, u.max_fare_fen), u.operator, R_MISSING_IN, u.station))
+        for u in due
+    )
+    unpaired = tuple(
+        dataclasses.replace(u, charged=True, max_fare_fen=None) if any(u is x for x in due) else u
+        for u in state.unpaired
+    )
+    return charged, dataclasses.replace(state, unpaired=unpaired)
+
+
+def _within(amount: int, limit: int | None) -> int:
+    return amount if limit is None else min(amount, limit)
 
 
 def _charged_entry(j: OpenJourney, *, until: int | None = None, pair: Tap | None = None) -> UnpairedTap:
@@ -1186,8 +1239,8 @@ def _exit_without_journey(
     table: FareTable, state: JourneyState, tap: Tap, concession: Concession, operator: str, *, late: bool
 ) -> Decision:
     """A metro exit with no open journey of its own: the ride from an unpaired (late) entry, if one fits
-    (entered before it, within the journey timeout), else an exit without entry, charged the maximum
-    fare and kept as unpaired for its entry to arrive. `state` is the card's state with the journey
+    (entered before it, within the journey timeout), else an exit without entry, kept as unpaired for
+    its entry to arrive: held (charged nothing yet) when a gate uploaded it, else charged the maximum fare. `state` is the card's state with the journey
     this exit does not belong to (None, or a newer one) and the day already settled."""
     r = table.rules
     t = tap.time
@@ -1218,6 +1271,10 @@ def _exit_without_journey(
             start=entry.time, entry_station=entry.station, operator=entry.operator,
             limit=_min_limit(tap.max_fare_fen, entry.max_fare_fen),
         )  # fmt: skip
+    if tap.uploaded and sum(1 for u in state.unpaired if _held(u)) < UNPAIRED_MAX:
+        # A gate's upload: its entry may still be on its way from another gate. Held, not charged yet.
+        held = UnpairedTap("out", tap.station or "", t, operator, tap.max_fare_fen, charged=False)
+        return Decision(0, 0, (R_EXIT_HELD, R_LATE) if late else (R_EXIT_HELD,), operator, _with_unpaired(state, t, held))
     penalty = Penalty(table.cap_fen, operator, R_MISSING_IN, tap.station)
     new = _with_unpaired(state, t, UnpairedTap("out", tap.station or "", t, operator))
     rules = (R_MISSING_IN, R_LATE) if late else (R_MISSING_IN,)
@@ -1269,10 +1326,10 @@ def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concessio
 
     - a bus ride is priced on its own;
     - an entry that an unpaired exit fits (the exit within the journey timeout after it) is that exit's
-      entry: the exit was charged the maximum fare, the entry costs nothing more. Otherwise it is kept
-      unpaired for its exit;
+      entry: a held exit's ride is priced on its own from the two; an exit charged the maximum fare
+      costs nothing more. Otherwise the entry is kept unpaired for its exit;
     - an exit takes the latest unpaired entry that fits and prices that ride on its own; otherwise it
-      is an exit without entry (`missing_tap_in`), kept unpaired for its entry.
+      is an exit without entry, held for its entry.
     """
     r = table.rules
     t = tap.time
@@ -1289,8 +1346,16 @@ def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concessio
         ]
         if fits:
             exit_ = min(fits, key=lambda u: u.time)
-            rest = tuple(u for u in state.unpaired if u is not exit_)
-            return Decision(0, 0, (R_ENTRY_OF_CHARGED_EXIT,), operator, dataclasses.replace(state, unpaired=rest))
+            rest = dataclasses.replace(state, unpaired=tuple(u for u in state.unpaired if u is not exit_))
+            if exit_.charged:
+                return Decision(0, 0, (R_ENTRY_OF_CHARGED_EXIT,), operator, rest)
+            # The entry of a held exit: the ride, priced on its own from the two.
+            out = Tap(exit_.time, "metro", tap.line, exit_.station, "out", exit_.max_fare_fen, uploaded=True)
+            d = _standalone(
+                table, rest, out, concession, start=t, entry_station=tap.station, operator=operator,
+                limit=_min_limit(limit, exit_.max_fare_fen),
+            )  # fmt: skip
+            return dataclasses.replace(d, rules=(*d.rules, R_ENTRY_OF_HELD_EXIT))
         late_entry = UnpairedTap("in", tap.station or "", t, operator, limit, charged=False)
         return Decision(0, 0, (R_ENTRY, R_LATE), operator, _with_unpaired(state, t, late_entry))
     return _exit_without_journey(table, state, tap, concession, operator, late=True)

@@ -1,15 +1,18 @@
-"""Timed-out metro journeys charged without waiting for the card's next tap (docs/transit.md
-"Open metro journeys").
+"""Timed-out metro journeys, and held exits whose entry never came, charged without waiting for the
+card's next tap (docs/transit.md "Open metro journeys").
 
 A rider who taps in and never taps out (an emergency gate, a broken validator) owes the maximum fare
 (`fares.close_open_journey`). The tap engine charges it at the card's next tap, which may be days later
 and lands in another clearing day, or never. The sweep charges it once the journey has been open for
-`journey_timeout_s`, at the moment it timed out:
+`journey_timeout_s`, at the moment it timed out. A ride-code gate's exit uploaded with no entry is
+held for its entry (docs/fares.md "Late uploads"); when none has come `journey_timeout_s` after the exit,
+the sweep charges it the maximum fare (`fares.charge_held_exits`), the same way:
 
 1. the candidates are the cards with a metro entry in the journal (an online tap-in writes a 0-fen fare
    row) between the last sweep's watermark (`journey_sweep.swept_to`; an hour back on the first run) and
    now − `journey_timeout_s`, read through the clearing index (operator, time), whose purse still shows
-   an open journey that timed out (read without a lock: most of those riders have left); and the new
+   an open journey that timed out or a held exit now due (read without a lock: most of those riders have
+   left; a held exit's own row is a 0-fen fare row at its station); and the new
    cards of the replacements since the window began (the fare state moved there), through a partial
    index of replaced cards;
 2. per chunk, one transaction: their purses locked `FOR UPDATE` in card order (as the tap engine does), the
@@ -47,28 +50,34 @@ _LOCK_KEY = 0x6A6F75726E6579  # pg advisory lock: one sweep at a time across wor
 @dataclasses.dataclass(frozen=True, slots=True)
 class SweepResult:
     candidates: int = 0
-    closed: int = 0
-    charged_fen: int = 0
-    unpaid: int = 0  # timed out, but the purse cannot pay: left for the card's next tap
+    closed: int = 0  # open journeys charged
+    charged_fen: int = 0  # for journeys and held exits
+    unpaid: int = 0  # cards with something due that the purse cannot pay: left for the card's next tap
+    held_exits: int = 0  # held exits charged
     skipped: bool = False  # another sweep was running
     swept_to: dt.datetime | None = None
 
 
-# Cards that entered the metro in the window and whose purse still shows an open journey that timed out
-# (read without locks: most riders have left, and only the others are locked and re-checked).
-_CANDIDATES_SQL = """
+# Cards with a metro tap in the window (an entry, or a held exit: 0-fen fare rows at a station) whose purse
+# still shows an open journey that timed out or a held exit now due (read without locks: most riders have
+# left, and only the others are locked and re-checked).
+_DUE_SQL = """(
+    (jsonb_typeof(p.journey -> 'journey') = 'object' AND (p.journey -> 'journey' ->> 'time')::bigint <= $5)
+    OR (p.journey ? 'unpaired' AND jsonb_path_exists(
+        p.journey, '$.unpaired[*] ? (@.direction == "out" && @.charged == false && @.time <= $cut)',
+        jsonb_build_object('cut', $5::bigint)))
+)"""
+_CANDIDATES_SQL = f"""
 SELECT j.card_id FROM txn_journal j
 JOIN purse p ON p.card_id = j.card_id
 WHERE j.counterparty = ANY($1::text[]) AND j.at >= $2 AND j.at < $3
   AND j.kind = $4 AND j.amount_fen = 0 AND j.station_id IS NOT NULL
-  AND jsonb_typeof(p.journey -> 'journey') = 'object'
-  AND (p.journey -> 'journey' ->> 'time')::bigint <= $5
+  AND {_DUE_SQL}
 UNION  -- a replacement since the window began may have taken an open journey to the new card
 SELECT p.card_id FROM card c
 JOIN purse p ON p.card_id = c.replaced_by
 WHERE c.status = $6 AND c.status_changed_at >= $2
-  AND jsonb_typeof(p.journey -> 'journey') = 'object'
-  AND (p.journey -> 'journey' ->> 'time')::bigint <= $5
+  AND {_DUE_SQL}
 ORDER BY 1
 """
 
@@ -87,7 +96,7 @@ INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, r
                          line_id, station_id, source)
 SELECT v.card_id, $4::smallint, $5::text, 0, v.amount_fen, 1, v.at, v.counterparty, v.line_id, v.station_id,
        $6::smallint
-FROM unnest($1::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::text[], $11::text[])
+FROM unnest($12::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::text[], $11::text[])
      AS v(card_id, amount_fen, at, counterparty, line_id, station_id)
 """
 
@@ -96,45 +105,68 @@ def _metro_operators(table: fares.FareTable) -> list[str]:
     return sorted(set(table.station_operator.values()))
 
 
+@dataclasses.dataclass
+class _Chunk:
+    """What one chunk's transaction writes: purses (one per card) and penalty rows (one or more per card)."""
+
+    ids: list[int] = dataclasses.field(default_factory=list)
+    balances: list[int] = dataclasses.field(default_factory=list)
+    journeys: list[dict[str, object]] = dataclasses.field(default_factory=list)
+    row_cards: list[int] = dataclasses.field(default_factory=list)
+    amounts: list[int] = dataclasses.field(default_factory=list)
+    ats: list[dt.datetime] = dataclasses.field(default_factory=list)
+    operators: list[str] = dataclasses.field(default_factory=list)
+    lines: list[str] = dataclasses.field(default_factory=list)  # clearing needs the line of every fare row
+    stations: list[str] = dataclasses.field(default_factory=list)
+    closed: int = 0
+    held: int = 0
+    unpaid: int = 0
+
+    def row(self, table: fares.FareTable, card_id: int, penalty: fares.Penalty, at_s: int) -> None:
+        assert penalty.station is not None
+        self.row_cards.append(card_id)
+        self.amounts.append(-penalty.amount_fen)
+        self.ats.append(dt.datetime.fromtimestamp(at_s, dt.UTC))
+        self.operators.append(penalty.operator)
+        self.lines.append(table.stations[penalty.station].line)
+        self.stations.append(penalty.station)
+
+
 async def _close_chunk(
     conn: asyncpg.Connection, table: fares.FareTable, card_ids: Sequence[int], now_s: int, overdraft_fen: int
-) -> tuple[int, int, int]:
-    """(closed, fen charged, unpaid) for one chunk, in one transaction."""
-    ids: list[int] = []
-    balances: list[int] = []
-    journeys: list[dict[str, object]] = []
-    amounts: list[int] = []
-    ats: list[dt.datetime] = []
-    operators: list[str] = []
-    lines: list[str] = []  # clearing needs the line of every fare row: the entry station's
-    stations: list[str] = []
-    unpaid = 0
+) -> _Chunk:
+    """Charge one chunk's timed-out journeys and due held exits, in one transaction."""
+    c = _Chunk()
+    timeout = table.rules.journey_timeout_s
     async with conn.transaction():
         for row in await conn.fetch(_LOCK_SQL, list(card_ids)):
             if not row["journey"]:
                 continue
             state = fares.JourneyState.from_dict(row["journey"])
             entry = state.journey
-            penalty, closed = fares.close_open_journey(table, state, now_s)
-            if penalty is None or entry is None:
-                continue  # exited, or entered again since: not timed out
-            if row["balance_fen"] - penalty.amount_fen < -overdraft_fen:
-                unpaid += 1
+            penalty, after = fares.close_open_journey(table, state, now_s)
+            held, after = fares.charge_held_exits(table, after, now_s)
+            if penalty is None and not held:
+                continue  # exited, entered again, or the held exit's entry came: nothing due
+            cost = (penalty.amount_fen if penalty is not None else 0) + sum(p.amount_fen for _, p in held)
+            if row["balance_fen"] - cost < -overdraft_fen:
+                c.unpaid += 1
                 continue
-            ids.append(row["card_id"])
-            balances.append(row["balance_fen"] - penalty.amount_fen)
-            journeys.append(closed.to_dict())
-            amounts.append(-penalty.amount_fen)
-            ats.append(dt.datetime.fromtimestamp(entry.time + table.rules.journey_timeout_s, dt.UTC))
-            operators.append(penalty.operator)
-            lines.append(table.stations[entry.station].line)
-            stations.append(entry.station)
-        if ids:
+            c.ids.append(row["card_id"])
+            c.balances.append(row["balance_fen"] - cost)
+            c.journeys.append(after.to_dict())
+            if penalty is not None and entry is not None:
+                c.row(table, row["card_id"], penalty, entry.time + timeout)  # at the moment it timed out
+                c.closed += 1
+            for due_s, p in held:
+                c.row(table, row["card_id"], p, due_s)
+                c.held += 1
+        if c.ids:
             await conn.execute(
-                _WRITE_SQL, ids, balances, journeys, KIND_PENALTY, SWEEP_TERMINAL, SOURCE_SWEEP, amounts, ats,
-                operators, lines, stations,
+                _WRITE_SQL, c.ids, c.balances, c.journeys, KIND_PENALTY, SWEEP_TERMINAL, SOURCE_SWEEP, c.amounts,
+                c.ats, c.operators, c.lines, c.stations, c.row_cards,
             )  # fmt: skip
-    return len(ids), -sum(amounts), unpaid
+    return c
 
 
 async def sweep_timed_out_journeys(
@@ -163,15 +195,16 @@ async def sweep_timed_out_journeys(
                     int(CardStatus.REPLACED),
                 )
             ]
-            closed = charged = unpaid = 0
+            closed = charged = unpaid = held = 0
             for start in range(0, len(cards), CHUNK_CARDS):
-                c, f, u = await _close_chunk(conn, table, cards[start : start + CHUNK_CARDS], now_s, overdraft_fen)
-                closed, charged, unpaid = closed + c, charged + f, unpaid + u
+                c = await _close_chunk(conn, table, cards[start : start + CHUNK_CARDS], now_s, overdraft_fen)
+                closed, charged = closed + c.closed, charged - sum(c.amounts)
+                unpaid, held = unpaid + c.unpaid, held + c.held
             await conn.execute(
                 """INSERT INTO journey_sweep (swept_to) VALUES ($1)
                    ON CONFLICT (one) DO UPDATE SET swept_to = greatest(journey_sweep.swept_to, EXCLUDED.swept_to)""",
                 upto,
             )
-            return SweepResult(len(cards), closed, charged, unpaid, False, upto)
+            return SweepResult(len(cards), closed, charged, unpaid, held, False, upto)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)

@@ -379,8 +379,9 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
         return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed)
     at = dt.datetime.fromtimestamp(item.tap.time, dt.UTC)
     station = item.tap.station
-    penalty = decision.penalty
-    if penalty is not None:
+    for penalty in (decision.penalty, *decision.due) if decision.due else (decision.penalty,):
+        if penalty is None:
+            continue
         # Cleared under the broken journey's station and line, which may not be this tap's (a bus).
         where = penalty.station or station
         entry = table.stations.get(where) if where is not None else None
@@ -426,6 +427,8 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
         detail["transfer_discount_fen"] = decision.transfer_discount_fen
     if decision.penalty is not None:
         detail["penalty"] = {"amount_fen": decision.penalty.amount_fen, "reason": decision.penalty.reason}
+    if decision.due:  # held exits of gate uploads whose entry never came, charged now
+        detail["held_exits_charged"] = [{"amount_fen": p.amount_fen, "reason": p.reason} for p in decision.due]
     if decision.distance_m is not None:
         detail["distance_m"] = decision.distance_m
     return TapOutcome("approved", None, total, card.balance_fen, None, detail)

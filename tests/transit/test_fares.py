@@ -30,6 +30,7 @@ from cardsvc.transit.fares import (
     EMPTY_STATE,
     NO_CONCESSION,
     RULE_NAMES,
+    UNPAIRED_MAX,
     Concession,
     Decision,
     FareInputError,
@@ -43,6 +44,7 @@ from cardsvc.transit.fares import (
     UnpairedTap,
     band_fare_fen,
     card_price_fen,
+    charge_held_exits,
     close_open_journey,
     elderly_quota_for_year,
     fare,
@@ -104,6 +106,13 @@ def run(
         out.append(d)
         state = d.state
     return out
+
+
+def sweep(table: FareTable, state: JourneyState, now: int, *, force: bool = False) -> tuple[int, JourneyState]:
+    """What the service's sweep charges a card at `now` (its open journey, its held exits) and the state after."""
+    penalty, state = close_open_journey(table, state, now, force=force)
+    held, state = charge_held_exits(table, state, now)
+    return (penalty.amount_fen if penalty else 0) + sum(p.amount_fen for _, p in held), state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,20 +345,87 @@ def test_the_exit_of_a_swept_journey_is_not_charged_again(cq: FareTable) -> None
 # Late uploads: gates upload on their own schedules (docs/fares.md "Late uploads")
 
 
-def test_an_exit_uploaded_before_its_entry_is_one_maximum_fare(cq: FareTable) -> None:
-    """The exit gate's record arrives first: an exit without entry, the maximum fare. The entry, when it
-    arrives, costs nothing more and opens no journey for the sweep to charge a second time."""
-    d = run(cq, [up(m_out(T0 + 30 * MIN, "l1-xiaoshizi")), up(m_in(T0, "l1-chaotianmen"))])
-    assert d[0].penalty == Penalty(700, "cq-metro", "missing_tap_in", "l1-xiaoshizi")
-    assert d[0].state.unpaired == (UnpairedTap("out", "l1-xiaoshizi", T0 + 30 * MIN, "cq-metro"),)
-    assert (d[1].total_fen, d[1].penalty, d[1].rules) == (0, None, ("entry_of_charged_exit",))
+def test_an_exit_uploaded_before_its_entry_is_held_and_priced_with_it(cq: FareTable) -> None:
+    """The exit gate's record arrives first: held, nothing charged yet. The entry, when it arrives,
+    prices the ride as it would have cost in order (but for a transfer discount) and opens no journey
+    for the sweep to charge."""
+    d = run(cq, [up(m_out(T0 + 30 * MIN, "l1-daping")), up(m_in(T0, "l1-chaotianmen"))])
+    assert (d[0].total_fen, d[0].penalty, d[0].rules) == (0, None, ("exit_held",))
+    assert d[0].state.unpaired == (UnpairedTap("out", "l1-daping", T0 + 30 * MIN, "cq-metro", charged=False),)
+    assert JourneyState.from_json(d[0].state.to_json()) == d[0].state
+    in_order = run(cq, [m_in(T0, "l1-chaotianmen"), m_out(T0 + 30 * MIN, "l1-daping")])[1]
+    assert (
+        (d[1].amount_fen, d[1].full_fare_fen, d[1].penalty)
+        == (in_order.amount_fen, 300, None)
+        == (270, 300, None)
+    )
+    assert d[1].rules == (*in_order.rules, "late_upload", "entry_of_held_exit") and d[1].distance_m == 6900
     assert d[1].state.journey is None and d[1].state.unpaired == ()
-    assert close_open_journey(cq, d[1].state, T0 + 86400, force=True)[0] is None
-    # An entry that no charged exit fits (the exit more than the journey timeout later) is not paired.
+    assert d[1].state.day_charged_fen == 270
+    assert sweep(cq, d[1].state, T0 + 86400, force=True)[0] == 0
+    # The per-ride limits of both halves apply to the ride.
+    exit_ = dataclasses.replace(up(m_out(T0 + 30 * MIN, "l1-daping")), max_fare_fen=200)
+    both = run(cq, [exit_, up(m_in(T0, "l1-chaotianmen"))])
+    assert both[1].amount_fen == 200 and both[1].rules[-2:] == ("ride_code_max_fare", "entry_of_held_exit")
+    # An entry that the held exit does not fit (more than the journey timeout before it) is not its entry.
     far = fare(cq, d[0].state, up(m_in(T0 + 30 * MIN - 4 * 3600, "l1-chaotianmen")))
     assert far.rules == ("metro_entry", "late_upload") and far.state.unpaired[0].charged is False
-    # An online entry is priced in arrival order, whatever the validator's clock says: it opens a journey.
-    assert fare(cq, d[0].state, m_in(T0, "l1-chaotianmen")).state.journey is not None
+    # An online entry is priced in arrival order, whatever the validator's clock says: it opens a
+    # journey, and the held exit waits for its own entry.
+    online = fare(cq, d[0].state, m_in(T0, "l1-chaotianmen"))
+    assert online.state.journey is not None and online.state.unpaired == d[0].state.unpaired
+    # An online exit without entry is charged at once, as always: the card's entry was online too.
+    assert fare(cq, EMPTY_STATE, m_out(T0, "l1-daping")).penalty == Penalty(
+        700, "cq-metro", "missing_tap_in", "l1-daping"
+    )
+
+
+def test_a_held_exit_whose_entry_does_not_come_costs_the_maximum_fare_once(cq: FareTable) -> None:
+    held = fare(cq, EMPTY_STATE, up(m_out(T0, "l1-xiaoshizi"))).state
+    # The card's next tap in order within the journey timeout: the exit is still held.
+    early = fare(cq, held, bus(T0 + 3600))
+    assert (early.due, early.total_fen) == ((), 180) and early.state.unpaired == held.unpaired
+    # A tap in order once the exit is journey_timeout_s old charges it, besides the tap's own fare.
+    later = fare(cq, early.state, bus(T0 + 4 * 3600))
+    assert later.due == (Penalty(700, "cq-metro", "missing_tap_in", "l1-xiaoshizi"),)
+    assert later.total_fen == 700 + later.amount_fen == 880
+    assert later.state.unpaired == (UnpairedTap("out", "l1-xiaoshizi", T0, "cq-metro"),)
+    # It stays as a charged exit: its entry, arriving even later, costs nothing more.
+    entry = fare(cq, later.state, up(m_in(T0 - 600, "l1-chaotianmen")))
+    assert (entry.total_fen, entry.rules) == (0, ("entry_of_charged_exit",))
+    # With another penalty at the same tap: both.
+    entered = fare(cq, held, m_in(T0 + 3600, "l1-daping")).state
+    both = fare(cq, entered, m_in(T0 + 5 * 3600, "l1-daping"))
+    assert both.penalty is not None and both.penalty.reason == "missing_tap_out" and len(both.due) == 1
+    assert both.total_fen == 1400
+    # A late upload is not the card's newest tap: it charges no held exit.
+    assert fare(cq, fare(cq, held, bus(T0 + 5 * 3600)).state, up(bus(T0 + 60))).due == ()
+    # The sweep: within the ride code's limit, at the moment the exit became due, once.
+    capped = fare(cq, EMPTY_STATE, dataclasses.replace(up(m_out(T0, "l1-xiaoshizi")), max_fare_fen=300)).state
+    assert charge_held_exits(cq, capped, T0 + 4 * 3600 - 1) == ((), capped)
+    charged, after = charge_held_exits(cq, capped, T0 + 5 * 3600)
+    assert charged == ((T0 + 4 * 3600, Penalty(300, "cq-metro", "missing_tap_in", "l1-xiaoshizi")),)
+    assert charge_held_exits(cq, after, T0 + 6 * 3600) == ((), after)
+    assert fare(cq, after, bus(T0 + 6 * 3600)).due == ()
+    assert JourneyState.from_json(after.to_json()) == after
+
+
+def test_held_exits_are_kept_until_charged(cq: FareTable) -> None:
+    """A card holds at most UNPAIRED_MAX exits: they are kept before any other unpaired tap, and one more
+    is charged at once."""
+    state = EMPTY_STATE
+    for k in range(UNPAIRED_MAX):
+        state = fare(cq, state, up(m_out(T0 + k * MIN, "l1-daping"))).state
+    assert [u.charged for u in state.unpaired] == [False] * UNPAIRED_MAX
+    # A late entry that fits none of them is not kept: the held exits come first.
+    assert fare(cq, state, up(m_in(T0 - 5 * 3600, "l1-daping"))).state.unpaired == state.unpaired
+    fifth = fare(cq, state, up(m_out(T0 + 10 * MIN, "l1-xiaoshizi")))
+    assert fifth.penalty == Penalty(700, "cq-metro", "missing_tap_in", "l1-xiaoshizi")
+    assert fifth.state.unpaired == state.unpaired
+    # The card's next tap in order once they are due charges them all.
+    due = fare(cq, state, bus(T0 + 5 * 3600))
+    assert len(due.due) == UNPAIRED_MAX and due.total_fen == UNPAIRED_MAX * 700 + 180
+    assert [u.charged for u in due.state.unpaired] == [True] * UNPAIRED_MAX
 
 
 def test_a_late_entry_and_its_exit_price_the_ride_and_leave_the_open_journey_alone(cq: FareTable) -> None:
@@ -474,11 +550,10 @@ def test_uploads_in_any_order_charge_each_journey_once(
         assert JourneyState.from_json(d.state.to_json()) == d.state
         state, total, seen = d.state, total + d.total_fen, max(seen, tap.time)
         if n in at:
-            penalty, state = close_open_journey(cq, state, seen + 4 * 3600, force=at[n])
-            total += penalty.amount_fen if penalty else 0
+            charged, state = sweep(cq, state, seen + 4 * 3600, force=at[n])
+            total += charged
             assert JourneyState.from_json(state.to_json()) == state
-    penalty, _ = close_open_journey(cq, state, T0 + 30 * 86400, force=True)
-    total += penalty.amount_fen if penalty else 0
+    total += sweep(cq, state, T0 + 30 * 86400, force=True)[0]
     most = 0
     for trip in trips:
         limit = cq.cap_fen if trip[0].max_fare_fen is None else min(cq.cap_fen, trip[0].max_fare_fen)
@@ -520,7 +595,9 @@ def test_an_earlier_exit_arriving_late_takes_its_journey_back(cq: FareTable) -> 
 
 
 def test_every_order_of_two_journeys(cq: FareTable) -> None:
-    """The four records of two journeys in each of their 24 orders (the property above, exhaustively)."""
+    """The four records of two journeys in each of their 24 orders (the property above, exhaustively).
+    When the two journeys' records do not interleave, whichever half of each comes first (a held exit),
+    the card pays exactly what the rides cost in order."""
     trips = [
         (up(m_in(T0, "l1-chaotianmen")), up(m_out(T0 + 30 * MIN, "l1-daping"))),
         (up(m_in(T0 + 3600, "l2-daping")), up(m_out(T0 + 3600 + 20 * MIN, "l2-liziba"))),
@@ -528,9 +605,10 @@ def test_every_order_of_two_journeys(cq: FareTable) -> None:
     fares_in_order = sum(d.amount_fen for d in run(cq, [tap for trip in trips for tap in trip]))
     for order in itertools.permutations([tap for trip in trips for tap in trip]):
         decisions = run(cq, list(order))
-        penalty, _ = close_open_journey(cq, decisions[-1].state, T0 + 86400, force=True)
-        total = sum(d.total_fen for d in decisions) + (penalty.amount_fen if penalty else 0)
+        total = sum(d.total_fen for d in decisions) + sweep(cq, decisions[-1].state, T0 + 86400, force=True)[0]
         assert fares_in_order <= total <= 2 * cq.cap_fen, [tap.time - T0 for tap in order]
+        if {order[0], order[1]} in ({*trips[0]}, {*trips[1]}):  # one journey's records, then the other's
+            assert total == fares_in_order, [tap.time - T0 for tap in order]
 
 
 @pytest.mark.parametrize(
@@ -576,8 +654,8 @@ def test_state_json_layout(cq: FareTable) -> None:
         cq, [dataclasses.replace(up(m_in(T0, "l1-daping")), max_fare_fen=300), up(m_out(T0 - 60, "l1-xiaoshizi"))]
     )
     assert json.loads(late[1].state.to_json())["unpaired"] == [
-        {"direction": "out", "station": "l1-xiaoshizi", "time": T0 - 60, "operator": "cq-metro", "charged": True},
-    ]
+        {"direction": "out", "station": "l1-xiaoshizi", "time": T0 - 60, "operator": "cq-metro", "charged": False},
+    ]  # a held exit
     assert json.loads(late[0].state.to_json())["journey"]["max_fare_fen"] == 300
     assert JourneyState.from_json(late[1].state.to_json()) == late[1].state
 
@@ -605,7 +683,6 @@ _UNPAIRED = {"direction": "out", "station": "l1-daping", "time": T0, "operator":
         lambda s: s.update(unpaired=[]),
         lambda s: s.update(unpaired={"direction": "out"}),
         lambda s: s.update(unpaired=[_UNPAIRED | {"direction": "up"}]),
-        lambda s: s.update(unpaired=[_UNPAIRED | {"charged": False}]),
         lambda s: s.update(unpaired=[_UNPAIRED | {"charged": 1}]),
         lambda s: s.update(unpaired=[{k: v for k, v in _UNPAIRED.items() if k != "time"}]),
         lambda s: s.update(unpaired=[_UNPAIRED] * 5),

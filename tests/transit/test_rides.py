@@ -19,7 +19,7 @@ import pytest
 from cardsvc.app import maintenance_once
 from cardsvc.store.pool import create_pool
 from cardsvc.transit import fares, sweep
-from cardsvc.transit.taps import SOURCE_RIDECODE
+from cardsvc.transit.taps import KIND_FARE, KIND_PENALTY, SOURCE_RIDECODE, SOURCE_SWEEP
 from protocols import ridecode, sm
 from protocols.ridecode import RideBatch, RideRecord
 from tests.helpers import ServiceHarness, purse_vs_journal, replacement_body
@@ -186,28 +186,119 @@ async def _sweep_after_timeout(svc: ServiceHarness) -> sweep.SweepResult:
         await pool.close()
 
 
-async def test_an_exit_uploaded_before_its_entry_is_charged_once(svc: ServiceHarness) -> None:
-    """The exit gate uploads before the entry gate: the exit is priced first, as an exit without entry
-    (the maximum fare). The entry, uploaded later, costs nothing and leaves no open journey: the sweep
-    does not charge the journey a second time."""
+async def test_an_exit_uploaded_before_its_entry_is_held_and_priced_with_it(svc: ServiceHarness) -> None:
+    """The exit gate uploads before the entry gate: the exit is held, nothing charged. The entry, uploaded
+    later, prices the ride at its distance fare and leaves no open journey: the sweep charges nothing."""
     c, _, issuer = await rider(svc)
     now = int(time.time())
     phone = await backdated_phone(svc, c["card_no"], now - 3600)
     a, b = "l1-chaotianmen", "l1-daping"
-    entry = gate_record(svc, phone.next_code(now - 1800), now - 1800, line_id="L1", station_id=a, direction="in")
+    entry = gate_record(
+        svc, phone.next_code(now - 1800), now - 1800, line_id="L1", station_id=a, direction="in"
+    )
     exit_ = gate_record(
         svc, phone.next_code(now - 600), now - 600, gate=GATE_2, line_id="L1", station_id=b, direction="out"
     )
     for rec in (entry, exit_):
         gate_lets_through(rec.code_text, issuer, rec.time)
     [out] = await upload(svc, [exit_], as_=GATE_2)
-    assert out["result"] == "approved" and out["penalty"] == {"amount_fen": TABLE.cap_fen, "reason": "missing_tap_in"}
+    assert (out["result"], out["fare_fen"], out["rules"]) == ("approved", 0, ["exit_held"]), out
+    assert "penalty" not in out and await svc.balance(c["card_no"]) == 1000
     [in_] = await upload(svc, [entry], batch_id=2)
-    assert (in_["result"], in_["fare_fen"], in_["rules"]) == ("approved", 0, ["entry_of_charged_exit"]), in_
-    assert "penalty" not in in_
+    ride = fares.metro_fare_fen(TABLE, a, b) * (100 - TABLE.rules.card_discount_percent) // 100
+    assert (in_["result"], in_["fare_fen"]) == ("approved", ride), in_
+    assert in_["rules"][-2:] == ["late_upload", "entry_of_held_exit"] and "penalty" not in in_
     result = await _sweep_after_timeout(svc)
-    assert result.closed == 0
+    assert (result.closed, result.held_exits) == (0, 0)
+    assert await svc.balance(c["card_no"]) == 1000 - ride
+
+
+async def test_a_held_exit_whose_entry_never_comes_is_charged_once_by_the_sweep(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c, _, issuer = await rider(svc)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 3600)
+    exit_ = gate_record(
+        svc,
+        phone.next_code(now - 600),
+        now - 600,
+        gate=GATE_2,
+        line_id="L1",
+        station_id="l1-daping",
+        direction="out",
+    )
+    gate_lets_through(exit_.code_text, issuer, exit_.time)
+    [out] = await upload(svc, [exit_], as_=GATE_2)
+    assert out["rules"] == ["exit_held"], out
+    result = await _sweep_after_timeout(svc)
+    assert (result.closed, result.held_exits, result.charged_fen, result.unpaid) == (0, 1, TABLE.cap_fen, 0)
     assert await svc.balance(c["card_no"]) == 1000 - TABLE.cap_fen
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    row = await db.fetchrow(
+        "SELECT amount_fen, at, counterparty, line_id, station_id, source FROM txn_journal WHERE card_id = $1 AND kind = $2",
+        card_id,
+        KIND_PENALTY,
+    )
+    assert row is not None and (row["amount_fen"], row["counterparty"], row["line_id"], row["station_id"]) == (
+        -TABLE.cap_fen, "cq-metro", "L1", "l1-daping",
+    )  # fmt: skip
+    assert (row["source"], int(row["at"].timestamp())) == (
+        SOURCE_SWEEP,
+        now - 600 + TABLE.rules.journey_timeout_s,
+    )
+    assert (await _sweep_after_timeout(svc)).held_exits == 0  # once
+    # Its entry, uploaded even later, costs nothing more.
+    entry = gate_record(
+        svc,
+        phone.next_code(now - 1800),
+        now - 1800,
+        line_id="L1",
+        station_id="l1-chaotianmen",
+        direction="in",
+    )
+    gate_lets_through(entry.code_text, issuer, entry.time)
+    [in_] = await upload(svc, [entry], batch_id=2)
+    assert (in_["fare_fen"], in_["rules"]) == (0, ["entry_of_charged_exit"]), in_
+    assert await svc.balance(c["card_no"]) == 1000 - TABLE.cap_fen
+
+
+async def test_a_held_exit_is_charged_at_the_cards_next_tap_once_due(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """No sweep ran: the card's next ride in order, journey_timeout_s after the held exit, charges it with
+    its own fare, each under its own operator and line."""
+    c, _, issuer = await rider(svc)
+    now = int(time.time())
+    held_at = now - TABLE.rules.journey_timeout_s - 600
+    phone = await backdated_phone(svc, c["card_no"], held_at - 60)
+    exit_ = gate_record(
+        svc,
+        phone.next_code(held_at),
+        held_at,
+        gate=GATE_2,
+        line_id="L1",
+        station_id="l1-daping",
+        direction="out",
+    )
+    bus = gate_record(svc, phone.next_code(now - 60), now - 60)
+    for rec in (exit_, bus):
+        gate_lets_through(rec.code_text, issuer, rec.time)
+    [out] = await upload(svc, [exit_], as_=GATE_2)
+    assert out["rules"] == ["exit_held"], out
+    [ride] = await upload(svc, [bus], batch_id=2)
+    assert ride["fare_fen"] == BUS_FARE + TABLE.cap_fen, ride
+    assert ride["held_exits_charged"] == [{"amount_fen": TABLE.cap_fen, "reason": "missing_tap_in"}]
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    rows = await db.fetch(
+        "SELECT kind, amount_fen, counterparty, line_id, station_id FROM txn_journal WHERE card_id = $1 AND amount_fen < 0",
+        card_id,
+    )
+    assert sorted((r["kind"], r["amount_fen"], r["line_id"], r["station_id"]) for r in rows) == sorted(
+        [(KIND_PENALTY, -TABLE.cap_fen, "L1", "l1-daping"), (KIND_FARE, -BUS_FARE, bus.line_id, None)]
+    )
+    assert (await _sweep_after_timeout(svc)).held_exits == 0
+    assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE - TABLE.cap_fen
 
 
 async def test_the_sweep_keeps_the_certificates_max_fare(svc: ServiceHarness) -> None:
