@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import asyncpg
 from aiohttp import web
 
-from cardsvc import limits, metrics
-from cardsvc.config import Settings
+from cardsvc import limits, localtime, metrics
+from cardsvc.config import ConfigError, Settings
 from cardsvc.flows import lifecycle
 from cardsvc.http.keys import SERVICES
 from cardsvc.http.middlewares import authenticate, observe
@@ -122,6 +122,7 @@ async def _maintenance_loop(pool: asyncpg.Pool, settings: Settings, table: fares
 
 
 def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool = True) -> web.Application:
+    localtime.configure(settings.utc_offset_minutes)
     app = web.Application(
         middlewares=[observe, authenticate],
         client_max_size=max(settings.body_bytes_max, limits.UPLOAD_BODY_BYTES_MAX),
@@ -129,6 +130,12 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
     )
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        table = fares.load_table(settings.fare_table) if settings.fare_table else fares.load_demo_table()
+        if table.rules.utc_offset_s != settings.utc_offset_minutes * 60:
+            raise ConfigError(
+                f"the fare table {table.version} counts days at UTC{table.rules.utc_offset_s // 60:+d} minutes, "
+                f"the service at UTC{settings.utc_offset_minutes:+d} (CARDSVC_UTC_OFFSET_MINUTES): they must agree"
+            )
         pool = await create_pool(dsn, settings)
         try:
             async with pool.acquire() as conn:
@@ -148,7 +155,6 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
             )
             nonces.start()
             signature_pool = ThreadPoolExecutor(settings.signature_threads_max, thread_name_prefix="sig")
-            table = fares.load_table(settings.fare_table) if settings.fare_table else fares.load_demo_table()
             transit = TransitContext.build(table, keys.ride_issuer_key)
 
             async def flush_taps(items: Sequence[TapItem]) -> list[TapOutcome]:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from cardsvc import localtime
 from cardsvc.config import ConfigError, Settings, load_settings
 
 __all__ = ["main"]
@@ -754,6 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    localtime.configure(settings.utc_offset_minutes)
     try:
         result: int = args.fn(settings, args)
         return result

@@ -48,6 +48,8 @@ class Settings:
     db_connect_timeout_s: float = limits.DB_CONNECT_TIMEOUT_S
     db_command_timeout_s: float = limits.DB_COMMAND_TIMEOUT_S
     clock_skew_s: int = limits.CLOCK_SKEW_S
+    # The city's local time (cardsvc/localtime.py): card expiry dates; must equal the fare table's.
+    utc_offset_minutes: int = limits.UTC_OFFSET_MINUTES
     ecard_code_lifetime_s: int = limits.ECARD_CODE_LIFETIME_S
     card_challenge_age_s: int = limits.CARD_CHALLENGE_AGE_S
     temp_loss_days: int = limits.TEMP_LOSS_DAYS
@@ -159,6 +161,9 @@ def _validate(s: Settings) -> None:
         raise ConfigError("CARDSVC_LOG_FORMAT must be json or text")
     if s.batch_wait_ms_max < 0:
         raise ConfigError("CARDSVC_BATCH_WAIT_MS_MAX must be >= 0")
+    lo, hi = limits.UTC_OFFSET_MINUTES_RANGE
+    if not lo <= s.utc_offset_minutes <= hi:
+        raise ConfigError(f"CARDSVC_UTC_OFFSET_MINUTES must be between {lo} and {hi}")
 
 
 def load_settings(

@@ -56,6 +56,10 @@ DB_COMMAND_TIMEOUT_S = 5.0
 CLOCK_SKEW_S = 300
 NONCE_RETENTION_S = 2 * CLOCK_SKEW_S
 
+# The city's fixed UTC offset (cardsvc/localtime.py): UTC+8 for Chongqing. A card's expiry date is local.
+UTC_OFFSET_MINUTES = 480
+UTC_OFFSET_MINUTES_RANGE = (-12 * 60, 14 * 60)
+
 # Electronic social security card codes refresh about every 60 s and are valid at most that long.
 ECARD_CODE_LIFETIME_S = 60
 # A card's INTERNAL AUTHENTICATE answer is accepted this long after the terminal stamped its challenge.

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from cardsvc.errors import ApiError
+from cardsvc.localtime import local_date
 from protocols.card import CardStatus, HotlistAction, HotlistReason
 
 from .actor import SYSTEM, Actor
@@ -188,7 +189,7 @@ async def apply(
         if temp_until is not None:
             detail["temp_loss_until"] = temp_until.isoformat()
         if op == "replace":
-            detail.update(await _replace(conn, row, body, actor))
+            detail.update(await _replace(conn, row, body, actor, now))
         elif op == "cancel":
             await conn.execute(
                 "UPDATE ecard SET revoked_at = now() WHERE card_id = $1 AND revoked_at IS NULL",
@@ -199,11 +200,11 @@ async def apply(
 
 
 async def _replace(
-    conn: asyncpg.Connection, old: asyncpg.Record, body: dict[str, Any], actor: Actor
+    conn: asyncpg.Connection, old: asyncpg.Record, body: dict[str, Any], actor: Actor, now: dt.datetime
 ) -> dict[str, Any]:
     """补卡/换卡: a new card number and chip for the same holder; the purse balance and the electronic
     card move to the new card; the old card is dead."""
-    if body["expires_on"] <= dt.date.today():
+    if body["expires_on"] <= local_date(now):
         raise ApiError("invalid_field", "expires_on must be in the future", field="expires_on")
     try:
         new_id = await conn.fetchval(

@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 
 from cardsvc.errors import ApiError
+from cardsvc.localtime import local_date
 from cardsvc.security.pii import PiiVault
 from protocols.card import CardStatus
 
@@ -63,7 +64,7 @@ async def lookup_holder(
 async def issue_card(
     conn: asyncpg.Connection, body: dict[str, Any], actor: Actor, now: dt.datetime
 ) -> dict[str, Any]:
-    if body["expires_on"] <= now.date():
+    if body["expires_on"] <= local_date(now):
         raise ApiError("invalid_field", "expires_on must be in the future", field="expires_on")
     async with conn.transaction():
         holder = await conn.fetchval("SELECT 1 FROM cardholder WHERE holder_id = $1", body["holder_id"])

@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 
+from cardsvc.localtime import local_date
 from protocols.card import CardStatus
 
 __all__ = ["CARD_VIEW_COLUMNS", "CARD_VIEW_FROM", "card_view", "effective_status", "usable"]
@@ -29,7 +30,7 @@ def effective_status(status: int, temp_loss_until: dt.datetime | None, now: dt.d
 
 def usable(row: asyncpg.Record | dict[str, Any], now: dt.datetime) -> bool:
     status = effective_status(row["status"], row["temp_loss_until"], now)
-    return status == CardStatus.ACTIVE and not row["app_locked"] and row["expires_on"] >= now.date()
+    return status == CardStatus.ACTIVE and not row["app_locked"] and row["expires_on"] >= local_date(now)
 
 
 def card_view(row: asyncpg.Record | dict[str, Any], now: dt.datetime) -> dict[str, Any]:

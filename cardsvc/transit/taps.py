@@ -183,7 +183,7 @@ async def _formal_loss_stops(conn: asyncpg.Connection, cards: Sequence[_Card], i
         c.lost_since = stops.get(c.card_id)
 
 
-def _usable_for(card: _Card, item: TapItem) -> bool:
+def _usable_for(card: _Card, item: TapItem, table: fares.FareTable) -> bool:
     """Whether the card may be charged for this tap: usable now, or, for a ride a gate uploads later,
     taken before the card last stopped (a loss reported after the ride does not undo it; an earlier,
     lifted loss is not looked at: docs/transit.md). The exit of a journey entered before the stop ends
@@ -197,7 +197,7 @@ def _usable_for(card: _Card, item: TapItem) -> bool:
     open_journey = card.journey.journey
     if tap.direction == "out" and open_journey is not None and open_journey.time <= tap.time:
         started = open_journey.time
-    return started < card.lost_since and dt.datetime.fromtimestamp(started, dt.UTC).date() <= card.expires_on
+    return started < card.lost_since and fares.local_day(table, started) <= card.expires_on
 
 
 # The batch's cards, locked, with the credential uses among the batch's credentials already recorded
@@ -459,7 +459,8 @@ async def _attempt(
         for r in rows
         for kind, token in zip(r["used_kinds"], r["used_tokens"], strict=True)
     }
-    year = fares.local_day(table, int(now.timestamp())).year
+    today = fares.local_day(table, int(now.timestamp()))
+    year = today.year
     cards_by_id: dict[int, _Card] = {}
     by_sn: dict[str, _Card] = {}
     formally_lost: list[_Card] = []
@@ -472,7 +473,7 @@ async def _attempt(
                 r["holder_id"], concession, quota_year, r["rides_left"], r["quota_year"]
             )
         status = effective_status(r["status"], r["temp_loss_until"], now)
-        usable = status == CardStatus.ACTIVE and not r["app_locked"] and r["expires_on"] >= now.date()
+        usable = status == CardStatus.ACTIVE and not r["app_locked"] and r["expires_on"] >= today
         locked = _Card(
             r["card_id"],
             r["card_sn"],
@@ -542,7 +543,7 @@ async def _attempt(
                 continue
             used.add(cred)
             batch.creds.append(cred)
-        if not _usable_for(card, item):
+        if not _usable_for(card, item, table):
             outcomes.append(batch.answer(item, card_id, _decline("card_unusable", card_status=card.status)))
             continue
         if not card.has_purse:

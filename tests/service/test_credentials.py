@@ -17,6 +17,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cardsvc import localtime
+from cardsvc.config import ConfigError, Settings, load_settings
+from cardsvc.flows import views
+from cardsvc.security.keys import KeyRing
 from protocols import card, ecard, sm
 from tests.helpers import Response, ServiceHarness, new_card_numbers, new_id_number
 
@@ -272,12 +276,42 @@ async def test_card_auth_refused_for_every_unusable_status(svc: ServiceHarness) 
 
 
 async def test_card_auth_refused_after_card_expiry(svc: ServiceHarness, db: Any) -> None:
+    """A card is valid through its expiry date in the city's local time (UTC+8), not in UTC."""
     c = await svc.new_card()
-    await db.execute(
-        "UPDATE card SET expires_on = current_date - 1 WHERE card_no = $1",
-        c["card_no"],
-    )
+    today = localtime.local_date(dt.datetime.now(dt.UTC))
+    await db.execute("UPDATE card SET expires_on = $2 WHERE card_no = $1", c["card_no"], today)
+    await accepted(svc, CARD, svc.card_auth_body(c["card_sn"]))
+    await db.execute("UPDATE card SET expires_on = $2 WHERE card_no = $1", c["card_no"], today - dt.timedelta(days=1))
     await refused(svc, CARD, "card_unusable", svc.card_auth_body(c["card_sn"]))
+
+
+@pytest.mark.parametrize(
+    ("utc", "expires_on", "usable"),
+    [
+        ("2026-11-30T15:59:59", "2026-11-30", True),  # 23:59:59 in Chongqing
+        ("2026-11-30T16:00:00", "2026-11-30", False),  # midnight in Chongqing: the UTC date is still the 30th
+        ("2026-11-30T16:00:00", "2026-12-01", True),
+        ("2026-11-30T00:00:00", "2026-11-29", False),
+    ],
+)
+def test_expiry_is_a_local_date(utc: str, expires_on: str, usable: bool) -> None:
+    row = {"status": 2, "temp_loss_until": None, "app_locked": False, "expires_on": dt.date.fromisoformat(expires_on)}
+    now = dt.datetime.fromisoformat(utc).replace(tzinfo=dt.UTC)
+    assert views.usable(row, now) is usable
+    assert localtime.utc_offset_minutes() == 480
+
+
+async def test_the_service_refuses_a_fare_table_on_another_utc_offset(
+    db_dsn: str, keys: KeyRing, settings: Settings, aiohttp_client: Any
+) -> None:
+    harness = ServiceHarness(db_dsn, keys, settings.replace(utc_offset_minutes=420))
+    try:
+        with pytest.raises(ConfigError, match="must agree"):
+            await harness.start(aiohttp_client)
+    finally:
+        localtime.configure(settings.utc_offset_minutes)
+    with pytest.raises(ConfigError, match="UTC_OFFSET_MINUTES"):
+        load_settings({"CARDSVC_UTC_OFFSET_MINUTES": "900"})
 
 
 async def test_pin_lock_does_not_stop_card_auth(svc: ServiceHarness) -> None:
