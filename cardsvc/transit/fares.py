@@ -1,17 +1,12 @@
-"""Transit fare tables and the fare engine (DOMAIN.md §5; the rules are specified in docs/fares.md).
-
-A fare table is a versioned TOML file (`tables/*.toml`). `load_table()` parses it with `tomllib`,
-validates every key and refuses a bad table with a `FareTableError` naming the file, the key path and
-the problem. Loading precomputes the metro fare of every pair of stations (shortest path along the
-lines through interchanges), so that `fare()` does no search and no I/O.
+"""The fare engine (DOMAIN.md §5; the rules are specified in docs/fares.md); the fare tables it reads
+are in `fare_table.py`, whose names this module re-exports.
 
 `fare(table, state, tap, concession) -> Decision` is a pure function: the holder's journey state
 before the tap goes in, the amount to charge and the new state come out. The caller stores the state
 (`JourneyState.to_dict()` / `to_json()`, one small JSON value per card) and the holder's elderly ride
 quota, which is shared by all of the holder's credentials and therefore not part of a card's state.
 
-Money is in integer fen everywhere; distances are integer metres (kilometres in the file are rounded
-to the metre once, at load time). Times are unix seconds; the local day (daily cap) uses the table's
+Money is in integer fen everywhere. Times are unix seconds; the local day (daily cap) uses the table's
 fixed UTC offset (UTC+8 for Chongqing), no time-zone database.
 """
 
@@ -19,17 +14,35 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import heapq
 import json
-import math
-import os
-import re
-import tomllib
-from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from pathlib import Path
 from typing import Literal, cast
+
+from .fare_table import (
+    DEMO_TABLE_PATH,
+    EPOCH_ORDINAL,
+    MODES,
+    BusLine,
+    FareInputError,
+    FareRules,
+    FareTable,
+    FareTableError,
+    MetroLine,
+    Operator,
+    Station,
+    band_fare_fen,
+    card_price_fen,
+    elderly_quota_for_year,
+    half_price_fen,
+    load_demo_table,
+    load_table,
+    local_day,
+    metro_distance_m,
+    metro_fare_fen,
+    parse_table,
+    place_of,
+)
 
 __all__ = [
     "DEMO_TABLE_PATH",
@@ -73,8 +86,6 @@ __all__ = [
 Mode = Literal["bus", "metro"]
 Direction = Literal["single", "in", "out"]
 ConcessionKind = Literal["none", "elderly", "disabled_free", "disabled_half"]
-
-DEMO_TABLE_PATH = Path(__file__).resolve().parent / "tables" / "chongqing-demo.toml"
 
 # Rule names reported in Decision.rules (stable strings: receipts and statistics use them).
 R_BUS = "bus_flat_fare"
@@ -125,548 +136,11 @@ RULE_NAMES = frozenset(
     }
 )
 
-_MODES: frozenset[str] = frozenset({"bus", "metro"})
-# Line and station ids travel in validator records (protocols/transit.md: line_id, station_id).
-_ID = re.compile(r"[A-Za-z0-9._-]{1,16}")
-_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 _STATE_VERSION = 1
 # Unpaired metro taps a card's state keeps (see JourneyState.unpaired): at most this many, the newest,
 # and none older than UNPAIRED_KEEP_S before the card's newest tap.
 UNPAIRED_MAX = 4
 UNPAIRED_KEEP_S = 7 * 86400
-
-
-# --------------------------------------------------------------------------------------------------
-# Errors
-
-
-class FareTableError(ValueError):
-    """A fare table file is refused: `file`, the key `path` inside it, and the `problem`."""
-
-    def __init__(self, file: str, path: str, problem: str) -> None:
-        self.file = file
-        self.path = path
-        self.problem = problem
-        super().__init__(f"{file}: {path}: {problem}")
-
-
-class FareInputError(ValueError):
-    """A tap, a concession or a stored state does not fit the fare table (unknown line, station...)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# The table
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Operator:
-    id: str
-    name: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BusLine:
-    id: str
-    name: str
-    operator: str
-    fare_fen: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class MetroLine:
-    id: str
-    name: str
-    operator: str
-    stations: tuple[str, ...]  # in route order, km strictly increasing
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Station:
-    id: str
-    name: str
-    line: str
-    km_m: int  # position along its line, metres
-    interchange: str | None  # stations sharing an interchange id are the same place
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class FareRules:
-    card_discount_percent: int  # 10 -> the card holder pays 90 % of the base fare
-    transfer_window_s: int
-    transfer_discount_max_fen: int
-    transfer_pairs: frozenset[tuple[str, str]]  # (mode of the first ride, mode of the next ride)
-    journey_timeout_s: int  # an open metro journey older than this is a missing tap-out
-    utc_offset_s: int  # fixed offset of local time (daily cap day), e.g. 8 * 3600
-    daily_cap_fen: int | None  # None: no daily cap
-    elderly_annual_quota: int
-    elderly_extra_quota: int
-    elderly_min_age: int = 65  # the card office registers the elderly concession from this age
-
-
-@dataclasses.dataclass(frozen=True, slots=True, eq=False)
-class FareTable:
-    source: str
-    version: str
-    effective_from: dt.date
-    rules: FareRules
-    operators: Mapping[str, Operator]
-    bus_lines: Mapping[str, BusLine]
-    metro_lines: Mapping[str, MetroLine]
-    stations: Mapping[str, Station]
-    bands: tuple[tuple[int, int], ...]  # (up_to_m, fare_fen), ascending
-    cap_fen: int  # metro fare beyond the last band = the maximum fare (missing tap-out charge)
-    # Precomputed at load time.
-    station_place: Mapping[str, int]  # station id -> place index (interchange groups share one)
-    station_operator: Mapping[str, str]
-    place_lines: tuple[frozenset[str], ...]  # metro lines serving each place
-    distance_m: tuple[tuple[int, ...], ...]  # [place][place] shortest distance along the lines
-    fare_matrix: tuple[tuple[int, ...], ...]  # [place][place] base metro fare, fen
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading and validation
-
-
-class _Checker:
-    def __init__(self, file: str) -> None:
-        self.file = file
-
-    def fail(self, path: str, problem: str) -> FareTableError:
-        return FareTableError(self.file, path or "(top level)", problem)
-
-    def table(self, value: object, path: str) -> dict[str, object]:
-        if not isinstance(value, dict):
-            raise self.fail(path, f"must be a table, got {_kind(value)}")
-        return cast(dict[str, object], value)
-
-    def keys(
-        self, d: Mapping[str, object], path: str, required: Sequence[str], optional: Sequence[str] = ()
-    ) -> None:
-        for key in required:
-            if key not in d:
-                raise self.fail(_join(path, key), "missing required key")
-        allowed = set(required) | set(optional)
-        for key in d:
-            if key not in allowed:
-                raise self.fail(_join(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
-
-    def array(self, value: object, path: str) -> list[object]:
-        if not isinstance(value, list):
-            raise self.fail(path, f"must be an array, got {_kind(value)}")
-        return cast(list[object], value)
-
-    def string(self, value: object, path: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(path, f"must be a non-empty string, got {_kind(value)}")
-        return value
-
-    def ident(self, value: object, path: str) -> str:
-        text = self.string(value, path)
-        if not _ID.fullmatch(text):
-            raise self.fail(
-                path, f"must be 1-16 characters of A-Z a-z 0-9 . _ - (as in validator records), got {text!r}"
-            )
-        return text
-
-    def integer(
-        self, value: object, path: str, *, minimum: int, maximum: int | None = None, unit: str
-    ) -> int:
-        if isinstance(value, float):
-            raise self.fail(path, f"must be an integer number of {unit}, got the float {value!r}")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(path, f"must be an integer number of {unit}, got {_kind(value)}")
-        if value < minimum:
-            raise self.fail(path, f"must be >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise self.fail(path, f"must be <= {maximum}, got {value}")
-        return value
-
-    def metres(self, value: object, path: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(path, f"must be a number of kilometres, got {_kind(value)}")
-        if not math.isfinite(value) or value < 0:
-            raise self.fail(path, f"must be a finite number of kilometres >= 0, got {value!r}")
-        return round(value * 1000)
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    return f"{type(value).__name__} {value!r}"
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def load_table(path: str | os.PathLike[str]) -> FareTable:
-    """Read, parse and validate one fare table file; `FareTableError` when it is refused."""
-    file = os.fspath(path)
-    try:
-        raw = Path(file).read_bytes()
-    except OSError as e:
-        raise FareTableError(file, "(file)", f"cannot read: {e.strerror or e}") from e
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise FareTableError(file, "(file)", f"not UTF-8: {e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise FareTableError(file, "(syntax)", f"invalid TOML: {e}") from e
-    return parse_table(data, source=file)
-
-
-def load_demo_table() -> FareTable:
-    """The Chongqing demo table shipped with the project (tables/chongqing-demo.toml)."""
-    return load_table(DEMO_TABLE_PATH)
-
-
-def parse_table(data: Mapping[str, object], source: str = "<memory>") -> FareTable:
-    """Validate an already parsed table (the TOML document as a dict); `source` names it in errors."""
-    c = _Checker(source)
-    top = c.table(dict(data), "")
-    c.keys(top, "", ["version", "effective_from", "rules", "operators", "bus_lines", "metro"], ["name"])
-    if "name" in top:
-        c.string(top["name"], "name")
-    version = c.string(top["version"], "version")
-    eff = top["effective_from"]
-    if not isinstance(eff, dt.date) or isinstance(eff, dt.datetime):
-        raise c.fail("effective_from", f"must be a TOML local date (2026-11-01), got {_kind(eff)}")
-    rules = _parse_rules(c, top["rules"])
-
-    operators: dict[str, Operator] = {}
-    for i, item in enumerate(c.array(top["operators"], "operators")):
-        p = f"operators[{i}]"
-        o = c.table(item, p)
-        c.keys(o, p, ["id", "name"])
-        oid = c.string(o["id"], f"{p}.id")
-        if oid in operators:
-            raise c.fail(f"{p}.id", f"duplicate operator id {oid!r}")
-        operators[oid] = Operator(oid, c.string(o["name"], f"{p}.name"))
-    if not operators:
-        raise c.fail("operators", "at least one operator is required")
-
-    def operator_ref(value: object, path: str) -> str:
-        oid = c.string(value, path)
-        if oid not in operators:
-            raise c.fail(path, f"unknown operator {oid!r} (declared: {', '.join(sorted(operators))})")
-        return oid
-
-    line_ids: set[str] = set()
-    bus_lines: dict[str, BusLine] = {}
-    for i, item in enumerate(c.array(top["bus_lines"], "bus_lines")):
-        p = f"bus_lines[{i}]"
-        b = c.table(item, p)
-        c.keys(b, p, ["id", "name", "operator", "fare_fen"])
-        lid = c.ident(b["id"], f"{p}.id")
-        if lid in line_ids:
-            raise c.fail(f"{p}.id", f"duplicate line id {lid!r}")
-        line_ids.add(lid)
-        bus_lines[lid] = BusLine(
-            lid,
-            c.string(b["name"], f"{p}.name"),
-            operator_ref(b["operator"], f"{p}.operator"),
-            c.integer(b["fare_fen"], f"{p}.fare_fen", minimum=0, unit="fen"),
-        )
-
-    metro = c.table(top["metro"], "metro")
-    c.keys(metro, "metro", ["cap_fen", "bands", "lines", "stations"])
-    cap_fen = c.integer(metro["cap_fen"], "metro.cap_fen", minimum=1, unit="fen")
-    bands: list[tuple[int, int]] = []
-    for i, item in enumerate(c.array(metro["bands"], "metro.bands")):
-        p = f"metro.bands[{i}]"
-        b = c.table(item, p)
-        c.keys(b, p, ["up_to_km", "fare_fen"])
-        up_to = c.metres(b["up_to_km"], f"{p}.up_to_km")
-        band_fare = c.integer(b["fare_fen"], f"{p}.fare_fen", minimum=0, unit="fen")
-        if up_to <= 0:
-            raise c.fail(f"{p}.up_to_km", "must be > 0")
-        if bands and up_to <= bands[-1][0]:
-            raise c.fail(
-                f"{p}.up_to_km",
-                f"bands must be strictly ascending: {up_to / 1000:g} km after {bands[-1][0] / 1000:g} km",
-            )
-        if bands and band_fare < bands[-1][1]:
-            raise c.fail(f"{p}.fare_fen", f"band fares must not decrease: {band_fare} after {bands[-1][1]}")
-        if band_fare > cap_fen:
-            raise c.fail(f"{p}.fare_fen", f"band fare {band_fare} exceeds metro.cap_fen {cap_fen}")
-        bands.append((up_to, band_fare))
-    if not bands:
-        raise c.fail("metro.bands", "at least one band is required")
-
-    # Stations first (lines refer to them), then lines.
-    stations: dict[str, Station] = {}
-    station_paths: dict[str, str] = {}
-    raw_stations = c.array(metro["stations"], "metro.stations")
-    raw_lines = c.array(metro["lines"], "metro.lines")
-    metro_line_ids: set[str] = set()
-    for i, item in enumerate(raw_lines):
-        p = f"metro.lines[{i}]"
-        line_item = c.table(item, p)
-        if "id" in line_item:
-            lid = c.ident(line_item["id"], f"{p}.id")
-            if lid in line_ids or lid in metro_line_ids:
-                raise c.fail(f"{p}.id", f"duplicate line id {lid!r}")
-            metro_line_ids.add(lid)
-    for i, item in enumerate(raw_stations):
-        p = f"metro.stations[{i}]"
-        s = c.table(item, p)
-        c.keys(s, p, ["id", "name", "line", "km"], ["interchange"])
-        sid = c.ident(s["id"], f"{p}.id")
-        if sid in stations:
-            raise c.fail(f"{p}.id", f"duplicate station id {sid!r}")
-        line = c.string(s["line"], f"{p}.line")
-        if line not in metro_line_ids:
-            raise c.fail(f"{p}.line", f"unknown metro line {line!r}")
-        group = c.string(s["interchange"], f"{p}.interchange") if "interchange" in s else None
-        stations[sid] = Station(
-            sid, c.string(s["name"], f"{p}.name"), line, c.metres(s["km"], f"{p}.km"), group
-        )
-        station_paths[sid] = p
-
-    metro_lines: dict[str, MetroLine] = {}
-    listed: dict[str, str] = {}
-    for i, item in enumerate(raw_lines):
-        p = f"metro.lines[{i}]"
-        m = c.table(item, p)
-        c.keys(m, p, ["id", "name", "operator", "stations"])
-        lid = c.string(m["id"], f"{p}.id")
-        if lid in line_ids:
-            raise c.fail(f"{p}.id", f"duplicate line id {lid!r}")
-        line_ids.add(lid)
-        ids: list[str] = []
-        for j, ref in enumerate(c.array(m["stations"], f"{p}.stations")):
-            sp = f"{p}.stations[{j}]"
-            sid = c.string(ref, sp)
-            if sid not in stations:
-                raise c.fail(sp, f"unknown station {sid!r}")
-            if sid in listed:
-                raise c.fail(sp, f"station {sid!r} is already listed by line {listed[sid]!r}")
-            if stations[sid].line != lid:
-                raise c.fail(sp, f"station {sid!r} declares line {stations[sid].line!r}, not {lid!r}")
-            if ids and stations[sid].km_m <= stations[ids[-1]].km_m:
-                raise c.fail(
-                    sp,
-                    f"km must increase along the line: {sid!r} at {stations[sid].km_m / 1000:g} km "
-                    f"after {ids[-1]!r} at {stations[ids[-1]].km_m / 1000:g} km",
-                )
-            listed[sid] = lid
-            ids.append(sid)
-        if len(ids) < 2:
-            raise c.fail(f"{p}.stations", "a metro line needs at least two stations")
-        metro_lines[lid] = MetroLine(
-            lid, c.string(m["name"], f"{p}.name"), operator_ref(m["operator"], f"{p}.operator"), tuple(ids)
-        )
-    if not metro_lines:
-        raise c.fail("metro.lines", "at least one metro line is required")
-    for sid, st in stations.items():
-        if sid not in listed:
-            raise c.fail(f"{station_paths[sid]}.id", f"station {sid!r} is not listed in line {st.line!r}")
-
-    # Places: an interchange group is one place.
-    groups: dict[str, list[str]] = {}
-    for sid, st in stations.items():
-        if st.interchange is not None:
-            groups.setdefault(st.interchange, []).append(sid)
-    for gid, members in groups.items():
-        first = station_paths[members[0]]
-        if len(members) < 2:
-            raise c.fail(f"{first}.interchange", f"interchange group {gid!r} has only one station")
-        seen_lines: set[str] = set()
-        for sid in members:
-            if stations[sid].line in seen_lines:
-                raise c.fail(
-                    f"{station_paths[sid]}.interchange",
-                    f"interchange group {gid!r} has two stations on line {stations[sid].line!r}",
-                )
-            seen_lines.add(stations[sid].line)
-    station_place: dict[str, int] = {}
-    place_of_group: dict[str, int] = {}
-    place_lines_l: list[set[str]] = []
-    for sid, st in stations.items():
-        if st.interchange is None:
-            idx = len(place_lines_l)
-            place_lines_l.append(set())
-        elif st.interchange in place_of_group:
-            idx = place_of_group[st.interchange]
-        else:
-            idx = place_of_group[st.interchange] = len(place_lines_l)
-            place_lines_l.append(set())
-        station_place[sid] = idx
-        place_lines_l[idx].add(st.line)
-
-    n = len(place_lines_l)
-    adjacency: list[dict[int, int]] = [{} for _ in range(n)]
-    for mline in metro_lines.values():
-        for sa, sb in zip(mline.stations, mline.stations[1:], strict=False):
-            pa, pb = station_place[sa], station_place[sb]
-            w = stations[sb].km_m - stations[sa].km_m
-            if pa == pb:  # cannot happen: an interchange group has one station per line
-                continue
-            if w < adjacency[pa].get(pb, w + 1):
-                adjacency[pa][pb] = w
-                adjacency[pb][pa] = w
-    distance = _all_pairs(adjacency)
-    for sid, p_idx in station_place.items():
-        if distance[0][p_idx] < 0:
-            origin = next(s for s, q in station_place.items() if q == 0)
-            raise c.fail(
-                f"{station_paths[sid]}.id",
-                f"metro network is not connected: station {sid!r} cannot be reached from {origin!r}",
-            )
-    band_limits = [b[0] for b in bands]
-    fare_matrix = tuple(tuple(_band(bands, band_limits, cap_fen, d) for d in row) for row in distance)
-
-    return FareTable(
-        source=source,
-        version=version,
-        effective_from=eff,
-        rules=rules,
-        operators=operators,
-        bus_lines=bus_lines,
-        metro_lines=metro_lines,
-        stations=stations,
-        bands=tuple(bands),
-        cap_fen=cap_fen,
-        station_place=station_place,
-        station_operator={sid: metro_lines[st.line].operator for sid, st in stations.items()},
-        place_lines=tuple(frozenset(s) for s in place_lines_l),
-        distance_m=tuple(tuple(row) for row in distance),
-        fare_matrix=fare_matrix,
-    )
-
-
-def _parse_rules(c: _Checker, value: object) -> FareRules:
-    r = c.table(value, "rules")
-    c.keys(
-        r,
-        "rules",
-        [
-            "card_discount_percent",
-            "transfer_window_s",
-            "transfer_discount_max_fen",
-            "transfer_pairs",
-            "journey_timeout_s",
-            "utc_offset_minutes",
-            "elderly_annual_quota",
-            "elderly_extra_quota",
-        ],
-        ["daily_cap_fen", "elderly_min_age"],
-    )
-    pairs: set[tuple[str, str]] = set()
-    for i, item in enumerate(c.array(r["transfer_pairs"], "rules.transfer_pairs")):
-        p = f"rules.transfer_pairs[{i}]"
-        text = c.string(item, p)
-        first, sep, second = text.partition("-")
-        if not sep or first not in _MODES or second not in _MODES:
-            raise c.fail(p, f"must be 'mode-mode' with modes bus or metro (e.g. 'bus-metro'), got {text!r}")
-        if (first, second) in pairs:
-            raise c.fail(p, f"duplicate transfer pair {text!r}")
-        pairs.add((first, second))
-    cap = r.get("daily_cap_fen")
-    return FareRules(
-        card_discount_percent=c.integer(
-            r["card_discount_percent"], "rules.card_discount_percent", minimum=0, maximum=100, unit="percent"
-        ),
-        transfer_window_s=c.integer(
-            r["transfer_window_s"], "rules.transfer_window_s", minimum=1, unit="seconds"
-        ),
-        transfer_discount_max_fen=c.integer(
-            r["transfer_discount_max_fen"], "rules.transfer_discount_max_fen", minimum=0, unit="fen"
-        ),
-        transfer_pairs=frozenset(pairs),
-        journey_timeout_s=c.integer(
-            r["journey_timeout_s"], "rules.journey_timeout_s", minimum=1, unit="seconds"
-        ),
-        utc_offset_s=60
-        * c.integer(
-            r["utc_offset_minutes"], "rules.utc_offset_minutes", minimum=-720, maximum=840, unit="minutes"
-        ),
-        daily_cap_fen=None if cap is None else c.integer(cap, "rules.daily_cap_fen", minimum=1, unit="fen"),
-        elderly_annual_quota=c.integer(
-            r["elderly_annual_quota"], "rules.elderly_annual_quota", minimum=0, unit="rides"
-        ),
-        elderly_extra_quota=c.integer(
-            r["elderly_extra_quota"], "rules.elderly_extra_quota", minimum=0, unit="rides"
-        ),
-        elderly_min_age=c.integer(
-            r.get("elderly_min_age", 65), "rules.elderly_min_age", minimum=0, maximum=130, unit="years"
-        ),
-    )
-
-
-def _all_pairs(adjacency: list[dict[int, int]]) -> list[list[int]]:
-    """Dijkstra from every place (the graph is sparse: a few edges per place). -1 = unreachable."""
-    n = len(adjacency)
-    edges = [tuple(a.items()) for a in adjacency]
-    result: list[list[int]] = []
-    push, pop = heapq.heappush, heapq.heappop
-    for source in range(n):
-        dist = [-1] * n
-        heap = [(0, source)]
-        while heap:
-            d, u = pop(heap)
-            if dist[u] >= 0:
-                continue
-            dist[u] = d
-            for v, w in edges[u]:
-                if dist[v] < 0:
-                    push(heap, (d + w, v))
-        result.append(dist)
-    return result
-
-
-def _band(bands: Sequence[tuple[int, int]], limits: Sequence[int], cap_fen: int, distance_m: int) -> int:
-    i = bisect_left(limits, distance_m)  # first band whose upper limit is >= the distance (inclusive)
-    return bands[i][1] if i < len(bands) else cap_fen
-
-
-def band_fare_fen(table: FareTable, distance_m: int) -> int:
-    """The metro fare for a distance: the first band with distance <= up_to (inclusive), else the cap."""
-    return _band(table.bands, [b[0] for b in table.bands], table.cap_fen, distance_m)
-
-
-def _place(table: FareTable, station: str) -> int:
-    try:
-        return table.station_place[station]
-    except KeyError:
-        raise FareInputError(f"unknown metro station {station!r} in fare table {table.version}") from None
-
-
-def metro_distance_m(table: FareTable, a: str, b: str) -> int:
-    """Shortest distance in metres between two stations, along the lines and through interchanges."""
-    return table.distance_m[_place(table, a)][_place(table, b)]
-
-
-def metro_fare_fen(table: FareTable, a: str, b: str) -> int:
-    """The base (full) metro fare between two stations, before any discount."""
-    return table.fare_matrix[_place(table, a)][_place(table, b)]
-
-
-def card_price_fen(base_fen: int, discount_percent: int) -> int:
-    """Base fare with the card discount: base * (100 - p) / 100, rounded half up to the fen."""
-    return (base_fen * (100 - discount_percent) + 50) // 100
-
-
-def half_price_fen(base_fen: int) -> int:
-    """Half fare, rounded half up to the fen (151 -> 76)."""
-    return (base_fen + 1) // 2
-
-
-def local_day(table: FareTable, time_s: int) -> dt.date:
-    """The local calendar date of a unix time under the table's fixed UTC offset."""
-    return dt.date.fromordinal(_EPOCH_ORDINAL + (time_s + table.rules.utc_offset_s) // 86400)
-
-
-def elderly_quota_for_year(table: FareTable, *, extra_granted: bool) -> int:
-    """A holder's elderly free rides for a calendar year (the caller keeps and resets the counter)."""
-    r = table.rules
-    return r.elderly_annual_quota + (r.elderly_extra_quota if extra_granted else 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -828,7 +302,7 @@ class JourneyState:
                 "mode": w.mode,
                 "discount_used": w.discount_used,
             },
-            "day": None if self.day is None else dt.date.fromordinal(_EPOCH_ORDINAL + self.day).isoformat(),
+            "day": None if self.day is None else dt.date.fromordinal(EPOCH_ORDINAL + self.day).isoformat(),
             "day_charged_fen": self.day_charged_fen,
         }
         if self.swept is not None:
@@ -860,7 +334,7 @@ class JourneyState:
         if data["window"] is not None:
             w = _obj(data["window"], "window", {"start", "first_fare_fen", "mode", "discount_used"})
             mode = w["mode"]
-            if mode not in _MODES:
+            if mode not in MODES:
                 raise FareInputError(f"journey state window.mode {mode!r} is not bus or metro")
             used = w["discount_used"]
             if not isinstance(used, bool):
@@ -876,7 +350,7 @@ class JourneyState:
             if not isinstance(data["day"], str):
                 raise FareInputError("journey state day must be an ISO date string or null")
             try:
-                day = dt.date.fromisoformat(data["day"]).toordinal() - _EPOCH_ORDINAL
+                day = dt.date.fromisoformat(data["day"]).toordinal() - EPOCH_ORDINAL
             except ValueError as e:
                 raise FareInputError(f"journey state day: {e}") from None
         return cls(
@@ -1070,7 +544,7 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
         new = _with_unpaired(new, t, _charged_entry(journey, until=t, pair=tap))
         d = Decision(0, 0, (R_TIMEOUT,), journey.operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, journey.max_fare_fen))
-    entry = _place(table, journey.station)
+    entry = place_of(table, journey.station)
     d = _ride(
         table, state, concession, day, charged_today, base=table.fare_matrix[entry][place], mode="metro",
         start=journey.time, end=t, operator=journey.operator,
@@ -1096,7 +570,7 @@ def _metro_place(table: FareTable, tap: Tap) -> tuple[int, str]:
         raise FareInputError(f"unknown mode {tap.mode!r}")
     if tap.station is None:
         raise FareInputError("a metro tap needs a station")
-    place = _place(table, tap.station)
+    place = place_of(table, tap.station)
     if tap.line not in table.place_lines[place]:
         raise FareInputError(f"metro line {tap.line!r} does not serve station {tap.station!r}")
     if tap.direction not in ("in", "out"):
@@ -1303,7 +777,7 @@ def _standalone(
         line = _bus_line(table, tap)
         base, distance, first = line.fare_fen, None, R_BUS
     else:
-        a, b = _place(table, entry_station or ""), _place(table, tap.station or "")
+        a, b = place_of(table, entry_station or ""), place_of(table, tap.station or "")
         base, distance = table.fare_matrix[a][b], table.distance_m[a][b]
         first = R_SAME_STATION if a == b else R_METRO
     lone = JourneyState(None, None, day, charged)
