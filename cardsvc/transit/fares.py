@@ -633,13 +633,24 @@ def _held(u: UnpairedTap) -> bool:
     return u.direction == "out" and not u.charged
 
 
+def _drop_rank(u: UnpairedTap) -> int:
+    """Which unpaired taps `_keep` drops first (lowest rank): those whose other half, arriving after
+    they are gone, costs the least harm. A charged exit's entry, a late entry's exit: priced at most
+    once anyway (0). A held exit: its ride would go unpaid (1). A charged entry: its exit would be
+    charged a second time (2)."""
+    if u.direction == "in":
+        return 2 if u.charged else 0
+    return 0 if u.charged else 1
+
+
 def _keep(unpaired: Sequence[UnpairedTap], newest: int) -> tuple[UnpairedTap, ...]:
-    """The unpaired taps worth keeping: every held exit (it is still to be charged; there are at most
-    UNPAIRED_MAX), then the newest others within UNPAIRED_KEEP_S of `newest`, UNPAIRED_MAX in all."""
-    held = [u for u in unpaired if _held(u)]
-    others = sorted((u for u in unpaired if not _held(u) and newest - u.time < UNPAIRED_KEEP_S), key=lambda u: u.time)
-    room = UNPAIRED_MAX - len(held)
-    return tuple(sorted(held + (others[-room:] if room > 0 else []), key=lambda u: u.time))
+    """The unpaired taps worth keeping, oldest first: at most UNPAIRED_MAX, none older than
+    UNPAIRED_KEEP_S before `newest` but held exits (still to be charged); over the limit, the
+    lowest `_drop_rank` goes first, then the oldest."""
+    kept = [u for u in unpaired if _held(u) or newest - u.time < UNPAIRED_KEEP_S]
+    if len(kept) > UNPAIRED_MAX:
+        kept = sorted(kept, key=lambda u: (_drop_rank(u), u.time))[-UNPAIRED_MAX:]
+    return tuple(sorted(kept, key=lambda u: u.time))
 
 
 def charge_held_exits(
@@ -745,8 +756,10 @@ def _exit_without_journey(
             start=entry.time, entry_station=entry.station, operator=entry.operator,
             limit=_min_limit(tap.max_fare_fen, entry.max_fare_fen),
         )  # fmt: skip
-    if tap.uploaded and sum(1 for u in state.unpaired if _held(u)) < UNPAIRED_MAX:
-        # A gate's upload: its entry may still be on its way from another gate. Held, not charged yet.
+    if tap.uploaded and sum(1 for u in state.unpaired if _drop_rank(u) > 0) < UNPAIRED_MAX:
+        # A gate's upload: its entry may still be on its way from another gate. Held, not charged yet,
+        # when the card can keep it without dropping another held exit or a charged entry (`_keep`);
+        # else charged at once, as an online exit is.
         held = UnpairedTap("out", tap.station or "", t, operator, tap.max_fare_fen, charged=False)
         return Decision(0, 0, (R_EXIT_HELD, R_LATE) if late else (R_EXIT_HELD,), operator, _with_unpaired(state, t, held))
     penalty = Penalty(table.cap_fen, operator, R_MISSING_IN, tap.station)

@@ -428,6 +428,33 @@ def test_held_exits_are_kept_until_charged(cq: FareTable) -> None:
     assert [u.charged for u in due.state.unpaired] == [True] * UNPAIRED_MAX
 
 
+def test_a_full_memory_of_unpaired_taps_drops_what_costs_least(cq: FareTable) -> None:
+    """Four journeys whose records arrive crossed fill the card's unpaired taps. A held exit must not push
+    out the entry of a journey already charged the maximum fare: that journey's exit, arriving next,
+    would be held and charged a second time. Charged entries are dropped last, held exits next, and the
+    rest first."""
+    h = 3600
+    d = (up(m_in(T0, "l1-xiaoshizi")), up(m_out(T0 + 1800, "l1-daping")))
+    a = (up(m_in(T0 + h, "l1-chaotianmen")), up(m_out(T0 + h + 1800, "l1-daping")))
+    b = (up(m_in(T0 + 2 * h, "l2-daping")), up(m_out(T0 + 2 * h + 1800, "l2-liziba")))
+    c = (up(m_in(T0 + 5 * h, "l1-xiaoshizi")), up(m_out(T0 + 7 * h + 2400, "l1-shapingba")))
+    decisions = run(cq, [a[0], b[0], c[1], c[0], b[1], d[1], a[1], d[0]])
+    assert decisions[5].rules == ("exit_held", "late_upload")  # D's exit: the late entry C in makes room
+    assert decisions[6].rules == ("exit_of_charged_journey",)  # A's exit finds A's charged entry
+    assert decisions[7].rules[-1] == "entry_of_held_exit"
+    total = sum(x.total_fen for x in decisions) + sweep(cq, decisions[-1].state, T0 + 86400, force=True)[0]
+    assert total <= 4 * cq.cap_fen
+    # A fifth exit without entry while four journeys wait on the card is charged at once instead.
+    state = EMPTY_STATE
+    for k in range(UNPAIRED_MAX):
+        state = fare(cq, state, up(m_in(T0 + k * h, "l1-daping"))).state  # each entry charges the one before
+    state = fare(cq, state, bus(T0 + 5 * h)).state
+    assert [(u.direction, u.charged) for u in state.unpaired] == [("in", True)] * UNPAIRED_MAX
+    extra = fare(cq, state, up(m_out(T0 + 6 * h, "l1-xiaoshizi")))
+    assert extra.penalty is not None and extra.penalty.reason == "missing_tap_in"
+    assert [(u.direction, u.charged) for u in extra.state.unpaired] == [("in", True)] * UNPAIRED_MAX
+
+
 def test_a_late_entry_and_its_exit_price_the_ride_and_leave_the_open_journey_alone(cq: FareTable) -> None:
     open_ = fare(cq, EMPTY_STATE, m_in(T0 + 2 * 3600, "l2-daping")).state
     d = run(cq, [up(m_in(T0, "l1-chaotianmen")), up(m_out(T0 + 20 * MIN, "l1-daping"))], state=open_)
@@ -1128,12 +1155,14 @@ def test_random_tap_sequences_keep_every_invariant(
     remaining = concession.elderly_rides_remaining
     open_entry: tuple[str, int] | None = None  # the model's own view of the open journey
     # Unpaired metro taps: the entries of journeys charged for a missing exit, the exits without entry
-    # (kept the newest 4 within 7 days). Online taps come in order: an exit never pairs with a journey
-    # charged before it (its rider had left before the tap that charged it).
+    # (at most 4 within 7 days; over 4, the exits go first, then the oldest). Online taps come in order:
+    # an exit never pairs with a journey charged before it (its rider had left before the tap that
+    # charged it).
     unpaired: list[tuple[str, int]] = []
 
     def keep(*tap: tuple[str, int]) -> None:
-        unpaired[:] = sorted((u for u in (*unpaired, *tap) if now - u[1] < 7 * 86400), key=lambda u: u[1])[-4:]
+        recent = [u for u in (*unpaired, *tap) if now - u[1] < 7 * 86400]
+        unpaired[:] = sorted(sorted(recent, key=lambda u: (u[0] == "in", u[1]))[-4:], key=lambda u: u[1])
     rides: list[Ride] = []
     per_day: dict[int, int] = {}
     for act in actions:
