@@ -729,10 +729,15 @@ def _exit_without_journey(
     this exit does not belong to (None, or a newer one) and the day already settled."""
     r = table.rules
     t = tap.time
+    # A charged entry's journey may have lasted the whole timeout: an exit at exactly entry + timeout would
+    # have found it timed out (one maximum fare, already charged), so it fits too.
     fits = [
         u
         for u in state.unpaired
-        if u.direction == "in" and u.time <= t and t - u.time < r.journey_timeout_s and (u.until is None or t < u.until)
+        if u.direction == "in"
+        and u.time <= t
+        and (t - u.time <= r.journey_timeout_s if u.charged else t - u.time < r.journey_timeout_s)
+        and (u.until is None or t < u.until)
     ]
     if fits:
         entry = max(fits, key=lambda u: u.time)

@@ -428,6 +428,18 @@ def test_held_exits_are_kept_until_charged(cq: FareTable) -> None:
     assert [u.charged for u in due.state.unpaired] == [True] * UNPAIRED_MAX
 
 
+def test_the_exit_of_a_charged_journey_that_lasted_the_whole_timeout_costs_nothing_more(cq: FareTable) -> None:
+    """In order, an exit exactly journey_timeout_s after the entry finds the journey timed out: one maximum
+    fare. Arriving late, after a later entry charged that journey, it must not be charged again."""
+    a_in, a_out = up(m_in(T0, "l1-chaotianmen")), up(m_out(T0 + 4 * 3600, "l1-daping"))
+    d = run(cq, [a_in, up(m_in(T0 + 5 * 3600, "l2-daping")), a_out])
+    assert d[1].penalty is not None and d[1].penalty.reason == "missing_tap_out"
+    assert (d[2].total_fen, d[2].rules) == (0, ("exit_of_charged_journey",))
+    assert charge_held_exits(cq, d[2].state, T0 + 86400)[0] == ()  # nothing held for later either
+    online = run(cq, [a_in, a_out])
+    assert online[1].penalty is not None and online[1].penalty.reason == "journey_timeout"
+
+
 def test_a_full_memory_of_unpaired_taps_drops_what_costs_least(cq: FareTable) -> None:
     """Four journeys whose records arrive crossed fill the card's unpaired taps. A held exit must not push
     out the entry of a journey already charged the maximum fare: that journey's exit, arriving next,
