@@ -937,6 +937,6 @@ def close_open_journey(
     j = state.journey
     if j is None or (not force and now - j.time < table.rules.journey_timeout_s):
         return None, state
-    amount = table.cap_fen if j.max_fare_fen is None else min(table.cap_fen, j.max_fare_fen)
+    amount = _within(table.cap_fen, j.max_fare_fen)
     closed = _with_unpaired(dataclasses.replace(state, journey=None, swept=j), now, _charged_entry(j))
     return Penalty(amount, j.operator, R_MISSING_OUT, j.station), _with_latest(closed, _newest(state) or j.time)

@@ -379,7 +379,7 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
         return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed)
     at = dt.datetime.fromtimestamp(item.tap.time, dt.UTC)
     station = item.tap.station
-    for penalty in (decision.penalty, *decision.due) if decision.due else (decision.penalty,):
+    for penalty in (decision.penalty, *decision.due):
         if penalty is None:
             continue
         # Cleared under the broken journey's station and line, which may not be this tap's (a bus).
