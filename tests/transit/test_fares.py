@@ -548,12 +548,13 @@ _JOURNEY_STATIONS = ["l1-chaotianmen", "l1-xiaoshizi", "l1-daping", "l1-shapingb
 
 @st.composite
 def journeys(draw: st.DrawFn) -> list[tuple[Tap, ...]]:
-    """1-4 trips one after the other: complete metro journeys, each within the journey timeout, and
-    (when drawn) bus rides, all uploaded by gates, each trip's ride code with or without a per-ride limit."""
+    """1-6 trips one after the other: complete metro journeys, each within the journey timeout, and
+    (when drawn) bus rides, all uploaded by gates, each trip's ride code with or without a per-ride limit.
+    Five or more journeys arriving crossed fill the card's memory of unpaired taps (UNPAIRED_MAX)."""
     out: list[tuple[Tap, ...]] = []
     t = T0
     buses = draw(st.booleans())
-    for _ in range(draw(st.integers(1, 4))):
+    for _ in range(draw(st.integers(1, 6))):
         t += draw(st.integers(60, 5 * 3600))
         limit = draw(st.sampled_from([None, None, 300, 500]))
         if buses and draw(st.booleans()):
@@ -567,8 +568,8 @@ def journeys(draw: st.DrawFn) -> list[tuple[Tap, ...]]:
     return out
 
 
-@settings(max_examples=500, deadline=None)
-@given(journeys(), st.randoms(use_true_random=False), st.lists(st.tuples(st.integers(0, 7), st.booleans()), max_size=3))
+@settings(max_examples=1000, deadline=None)
+@given(journeys(), st.randoms(use_true_random=False), st.lists(st.tuples(st.integers(0, 11), st.booleans()), max_size=3))
 def test_uploads_in_any_order_charge_each_journey_once(
     trips: list[tuple[Tap, ...]], rnd: Any, sweeps: list[tuple[int, bool]]
 ) -> None:
