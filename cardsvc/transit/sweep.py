@@ -144,8 +144,10 @@ async def _close_chunk(
                 continue
             state = fares.JourneyState.from_dict(row["journey"])
             entry = state.journey
-            penalty, after = fares.close_open_journey(table, state, now_s)
-            held, after = fares.charge_held_exits(table, after, now_s)
+            # Held exits first, as a tap does: closing the journey keeps its entry among the unpaired taps,
+            # which could otherwise push out a held exit before it is charged.
+            held, after = fares.charge_held_exits(table, state, now_s)
+            penalty, after = fares.close_open_journey(table, after, now_s)
             if penalty is None and not held:
                 continue  # exited, entered again, or the held exit's entry came: nothing due
             cost = (penalty.amount_fen if penalty is not None else 0) + sum(p.amount_fen for _, p in held)

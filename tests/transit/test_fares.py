@@ -109,9 +109,9 @@ def run(
 
 
 def sweep(table: FareTable, state: JourneyState, now: int, *, force: bool = False) -> tuple[int, JourneyState]:
-    """What the service's sweep charges a card at `now` (its open journey, its held exits) and the state after."""
-    penalty, state = close_open_journey(table, state, now, force=force)
+    """What the service's sweep charges a card at `now` (its held exits, then its open journey) and the state after."""
     held, state = charge_held_exits(table, state, now)
+    penalty, state = close_open_journey(table, state, now, force=force)
     return (penalty.amount_fen if penalty else 0) + sum(p.amount_fen for _, p in held), state
 
 

@@ -263,6 +263,27 @@ async def test_a_held_exit_whose_entry_never_comes_is_charged_once_by_the_sweep(
     assert await svc.balance(c["card_no"]) == 1000 - TABLE.cap_fen
 
 
+async def test_the_sweep_charges_every_due_held_exit_of_a_card_with_an_open_journey(svc: ServiceHarness) -> None:
+    """Four held exits and an open journey, all due: the sweep charges five maximum fares. (Closing the
+    journey first kept its entry among the card's four unpaired taps and pushed a held exit out.)"""
+    c, _, issuer = await rider(svc, 5000)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 7200)
+    entry = gate_record(svc, phone.next_code(now - 100), now - 100, line_id="L1", station_id="l1-chaotianmen", direction="in")
+    gate_lets_through(entry.code_text, issuer, entry.time)
+    [in_] = await upload(svc, [entry], batch_id=next(_seq))
+    assert in_["result"] == "approved", in_
+    for k in range(4):  # exits of earlier rides, uploaded late, their entries never come
+        at = now - 3000 + k * 600
+        exit_ = gate_record(svc, phone.next_code(at), at, gate=GATE_2, line_id="L1", station_id="l1-daping", direction="out")
+        gate_lets_through(exit_.code_text, issuer, exit_.time)
+        [out] = await upload(svc, [exit_], batch_id=next(_seq), as_=GATE_2)
+        assert out["rules"] == ["exit_held", "late_upload"], out
+    result = await _sweep_after_timeout(svc)
+    assert (result.closed, result.held_exits, result.charged_fen) == (1, 4, 5 * TABLE.cap_fen)
+    assert await svc.balance(c["card_no"]) == 5000 - 5 * TABLE.cap_fen
+
+
 async def test_a_held_exit_is_charged_at_the_cards_next_tap_once_due(
     svc: ServiceHarness, db: asyncpg.Connection
 ) -> None:
