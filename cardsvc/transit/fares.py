@@ -461,13 +461,22 @@ class Decision:
 # The engine
 
 
-def fare(table: FareTable, state: JourneyState, tap: Tap, concession: Concession = NO_CONCESSION) -> Decision:
+def fare(
+    table: FareTable,
+    state: JourneyState,
+    tap: Tap,
+    concession: Concession = NO_CONCESSION,
+    *,
+    charge_due: bool = True,
+) -> Decision:
     """Price one tap. Pure: no I/O, no clock; the same inputs always give the same Decision.
 
     Taps of a card are given in arrival order. Online taps arrive in time order (a validator's clock
     a little behind is tolerated as such); an `uploaded` tap older than the card's newest tap is priced
-    as a late upload (docs/fares.md). Raises `FareInputError` for a tap that does not fit the table
-    (unknown line or station, wrong direction for the mode, bad concession, negative limit).
+    as a late upload (docs/fares.md). A tap in order first charges the held exits now due
+    (`Decision.due`), unless `charge_due` is False: they then stay held, still due (the caller's choice
+    when the purse can pay the ride but not them). Raises `FareInputError` for a tap that does not fit
+    the table (unknown line or station, wrong direction for the mode, bad concession, negative limit).
     """
     if tap.max_fare_fen is not None and tap.max_fare_fen < 0:
         raise FareInputError("max_fare_fen must be >= 0")
@@ -476,7 +485,7 @@ def fare(table: FareTable, state: JourneyState, tap: Tap, concession: Concession
     if tap.uploaded and newest is not None and tap.time < newest:
         d = _late(table, state, tap, concession)
     else:
-        if state.unpaired:  # held exits whose entry did not come in time are charged first
+        if charge_due and state.unpaired:  # held exits whose entry did not come in time are charged first
             charged, state = charge_held_exits(table, state, tap.time)
             due = tuple(p for _, p in charged)
         d = _in_order(table, state, tap, concession)

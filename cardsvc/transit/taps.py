@@ -358,23 +358,32 @@ def _decline(reason: str, balance: int | None = None, **detail: Any) -> TapOutco
     return TapOutcome("declined", reason, 0, balance, None, detail)
 
 
+def _needed(table: fares.FareTable, item: TapItem, card: _Card, decision: fares.Decision) -> int:
+    """What the purse must hold for this decision: its total, and for a metro entry that opens a journey
+    at least the minimum fare for this card too (what leaving at the same station would cost, with the
+    card's concession, before any transfer). A late upload's entry opens no journey and needs nothing
+    more: docs/fares.md "Late uploads"."""
+    opened = decision.state.journey
+    if item.tap.direction != "in" or opened is None or opened.time != item.tap.time:
+        return decision.total_fen
+    leave = fares.Tap(item.tap.time, "metro", item.tap.line, item.tap.station, "out", item.tap.max_fare_fen)
+    cheapest = fares.fare(table, dataclasses.replace(decision.state, window=None), leave, card.quota.concession)
+    return decision.total_fen + cheapest.total_fen
+
+
 def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
     table = batch.table
     try:
         decision = fares.fare(table, card.journey, item.tap, card.quota.concession)
+        total_needed = _needed(table, item, card, decision)
+        if decision.due and item.tap.uploaded and card.balance_fen - total_needed < -item.overdraft_fen:
+            # The gate let this rider through already: the ride is charged if the purse can pay it, and
+            # the held exits now due stay held (still due) for a later tap or the sweep.
+            decision = fares.fare(table, card.journey, item.tap, card.quota.concession, charge_due=False)
+            total_needed = _needed(table, item, card, decision)
     except fares.FareInputError as exc:
         return _decline("fare_input_invalid", card.balance_fen, detail=str(exc)[:200])
     total = decision.total_fen
-    opened = decision.state.journey
-    if item.tap.direction == "in" and opened is not None and opened.time == item.tap.time:
-        # A metro entry needs at least the minimum fare for this card (plus any penalty charged now):
-        # what leaving at the same station would cost, with the card's concession, before any transfer.
-        # (A late upload's entry opens no journey and needs nothing: docs/fares.md "Late uploads".)
-        leave = fares.Tap(item.tap.time, "metro", item.tap.line, item.tap.station, "out", item.tap.max_fare_fen)
-        cheapest = fares.fare(table, dataclasses.replace(decision.state, window=None), leave, card.quota.concession)
-        total_needed = total + cheapest.total_fen
-    else:
-        total_needed = total
     if card.balance_fen - total_needed < -item.overdraft_fen:
         return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed)
     at = dt.datetime.fromtimestamp(item.tap.time, dt.UTC)

@@ -390,6 +390,10 @@ def test_a_held_exit_whose_entry_does_not_come_costs_the_maximum_fare_once(cq: F
     assert later.due == (Penalty(700, "cq-metro", "missing_tap_in", "l1-xiaoshizi"),)
     assert later.total_fen == 700 + later.amount_fen == 880
     assert later.state.unpaired == (UnpairedTap("out", "l1-xiaoshizi", T0, "cq-metro"),)
+    # Unless the caller keeps them for later (the purse can pay the ride, not them): still held, still due.
+    kept = fare(cq, early.state, bus(T0 + 4 * 3600), charge_due=False)
+    assert (kept.due, kept.total_fen) == ((), 180) and kept.state.unpaired == held.unpaired
+    assert len(fare(cq, kept.state, bus(T0 + 5 * 3600)).due) == 1
     # It stays as a charged exit: its entry, arriving even later, costs nothing more.
     entry = fare(cq, later.state, up(m_in(T0 - 600, "l1-chaotianmen")))
     assert (entry.total_fen, entry.rules) == (0, ("entry_of_charged_exit",))

@@ -322,6 +322,44 @@ async def test_a_held_exit_is_charged_at_the_cards_next_tap_once_due(
     assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE - TABLE.cap_fen
 
 
+async def test_a_ride_the_credit_covers_is_charged_even_when_a_held_exit_due_is_not(svc: ServiceHarness) -> None:
+    """The gate let the rider through: a ride within the certificate's credit is charged even if the held
+    exit now due does not fit too. That exit stays held, and a tap after a top-up charges it."""
+    credit = svc.settings.ride_credit_limit_fen
+    c, _, issuer = await rider(svc)
+    now = int(time.time())
+    held_at = now - TABLE.rules.journey_timeout_s - 600
+    phone = await backdated_phone(svc, c["card_no"], held_at - 60_000)
+    # Bus rides over the day before (4,000 s apart: no transfer discount) spend the purse into the credit
+    # until the next bus ride fits and the bus ride plus a maximum fare does not.
+    spend = (1000 + credit - BUS_FARE - TABLE.cap_fen) // BUS_FARE + 1
+    buses = [gate_record(svc, phone.next_code(held_at - 50_000 + k * 4000), held_at - 50_000 + k * 4000) for k in range(spend)]
+    exit_ = gate_record(svc, phone.next_code(held_at), held_at, gate=GATE_2, line_id="L1", station_id="l1-daping", direction="out")
+    ride = gate_record(svc, phone.next_code(now - 30), now - 30)
+    for rec in (*buses, exit_, ride):
+        gate_lets_through(rec.code_text, issuer, rec.time)
+    assert all(a["result"] == "approved" for a in await upload(svc, buses, batch_id=next(_seq)))
+    balance = await svc.balance(c["card_no"])
+    assert balance - BUS_FARE >= -credit > balance - BUS_FARE - TABLE.cap_fen
+    [out] = await upload(svc, [exit_], batch_id=next(_seq), as_=GATE_2)
+    assert out["rules"] == ["exit_held"], out
+    [bus] = await upload(svc, [ride], batch_id=next(_seq))
+    assert (bus["result"], bus["fare_fen"]) == ("approved", BUS_FARE), bus
+    assert "held_exits_charged" not in bus
+    assert await svc.balance(c["card_no"]) == balance - BUS_FARE
+    # The next tap after a top-up charges it.
+    r = await svc.post(
+        f"/v1/purses/{c['card_no']}/top-ups",
+        {"terminal_seq": next(_seq), "amount_fen": 3000, "channel": "cash", "operator": "staff-1"},
+    )
+    assert r.status == 200, r.body
+    after = gate_record(svc, phone.next_code(now - 10), now - 10, line_id="bus-261")
+    gate_lets_through(after.code_text, issuer, after.time)
+    [next_] = await upload(svc, [after], batch_id=next(_seq))
+    assert next_["held_exits_charged"] == [{"amount_fen": TABLE.cap_fen, "reason": "missing_tap_in"}], next_
+    assert await svc.balance(c["card_no"]) == balance - BUS_FARE + 3000 - next_["fare_fen"]
+
+
 async def test_the_sweep_keeps_the_certificates_max_fare(svc: ServiceHarness) -> None:
     """A journey entered with a ride code and never left: the sweep charges it at most the certificate's
     max_fare_fen, as a tap would."""
