@@ -110,6 +110,7 @@ R_ENTRY_OF_CHARGED_EXIT = "entry_of_charged_exit"  # the entry of an exit alread
 R_EXIT_OF_CHARGED_JOURNEY = "exit_of_charged_journey"  # the exit of a journey already charged the maximum fare
 R_EXIT_HELD = "exit_held"  # an uploaded exit without entry: held for its entry, charged nothing yet
 R_ENTRY_OF_HELD_EXIT = "entry_of_held_exit"  # the entry of a held exit: the ride is priced from the two
+R_EXIT_AFTER_STOP = "exit_after_stop"  # an exit after its card stopped that no journey before the stop can take
 RULE_NAMES = frozenset(
     {
         R_BUS,
@@ -133,6 +134,7 @@ RULE_NAMES = frozenset(
         R_EXIT_OF_CHARGED_JOURNEY,
         R_EXIT_HELD,
         R_ENTRY_OF_HELD_EXIT,
+        R_EXIT_AFTER_STOP,
     }
 )
 
@@ -183,7 +185,7 @@ class UnpairedTap:
     operator: str
     max_fare_fen: int | None = None  # an `in`'s credential limit (see OpenJourney)
     charged: bool = True
-    until: int | None = None  # a charged `in`: its exit is before this time
+    until: int | None = None  # a charged `in`: its exit is before this time; a held `out`: its entry is
     pair_station: str | None = None  # a charged `in`: the station of the exit at `until` that ended it
     pair_max_fare_fen: int | None = None  # that exit's credential limit
 
@@ -250,7 +252,8 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
         if not isinstance(charged, bool):
             raise FareInputError(f"journey state {name}.charged must be a boolean")
         pair = {k: u[k] for k in _PAIR_KEYS if k in u}
-        if pair and (direction != "in" or not charged or ("pair_station" in pair) > ("until" in pair)):
+        held_until = direction == "out" and not charged and set(pair) == {"until"}  # a held exit after a stop
+        if pair and not held_until and (direction != "in" or not charged or ("pair_station" in pair) > ("until" in pair)):
             raise FareInputError(f"journey state {name}: a pairing belongs to a charged 'in' with `until`")
         if "pair_station" not in pair and "pair_max_fare_fen" in pair:
             raise FareInputError(f"journey state {name}: pair_max_fare_fen without pair_station")
@@ -410,6 +413,9 @@ class Tap:
     # Priced after the fact from a gate's upload: it may arrive after later taps of the card (see
     # docs/fares.md "Late uploads"). Online taps are priced in arrival order, whatever their clock says.
     uploaded: bool = False
+    # An uploaded exit taken after its card stopped (a loss report) at this time: it counts only as the
+    # end of a journey entered before then (rule `exit_after_stop` when none can take it).
+    entered_before: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -668,8 +674,10 @@ def charge_held_exits(
     """Charge the held exits (see UnpairedTap) that are `journey_timeout_s` old at `now`: their entry
     did not come in time. Each costs the maximum fare within its credential's limit (`missing_tap_in`
     at its station, its operator), and stays as a charged exit, so that an entry arriving even later
-    costs nothing more. Returns ((the time each became due, its penalty), ...) and the new state;
-    `((), state)` when none is due. The fare engine calls it before a tap in order; the sweep calls it."""
+    costs nothing more. A held exit taken after its card stopped (`until`: the stop) is dropped instead,
+    uncharged: no entry before the stop came for it. Returns ((the time each became due, its penalty),
+    ...) and the new state; `((), state)` when none is due. The fare engine calls it before a tap in
+    order; the sweep calls it."""
     timeout = table.rules.journey_timeout_s
     due = [u for u in state.unpaired if _held(u) and now - u.time >= timeout]
     if not due:
@@ -677,12 +685,16 @@ def charge_held_exits(
     charged = tuple(
         (u.time + timeout, Penalty(_within(table.cap_fen, u.max_fare_fen), u.operator, R_MISSING_IN, u.station))
         for u in due
+        if u.until is None
     )
     unpaired = tuple(
         dataclasses.replace(u, charged=True, max_fare_fen=None) if any(u is x for x in due) else u
         for u in state.unpaired
+        if u.until is None or not any(u is x for x in due)
     )
-    return charged, dataclasses.replace(state, unpaired=unpaired)
+    after = dataclasses.replace(state, unpaired=unpaired)
+    newest = _newest(state)
+    return charged, after if newest is None else _with_latest(after, newest)  # a dropped exit's time counts
 
 
 def _within(amount: int, limit: int | None) -> int:
@@ -734,8 +746,10 @@ def _exit_without_journey(
 ) -> Decision:
     """A metro exit with no open journey of its own: the ride from an unpaired (late) entry, if one fits
     (entered before it, within the journey timeout), else an exit without entry, kept as unpaired for
-    its entry to arrive: held (charged nothing yet) when a gate uploaded it, else charged the maximum fare. `state` is the card's state with the journey
-    this exit does not belong to (None, or a newer one) and the day already settled."""
+    its entry to arrive: held (charged nothing yet) when a gate uploaded it, else charged the maximum
+    fare. An exit after its card stopped (`entered_before`) only ends a journey entered before the stop:
+    held for such an entry (`until`), never charged on its own. `state` is the card's state with the
+    journey this exit does not belong to (None, or a newer one) and the day already settled."""
     r = table.rules
     t = tap.time
     # A charged entry's journey may have lasted the whole timeout: an exit at exactly entry + timeout would
@@ -747,6 +761,7 @@ def _exit_without_journey(
         and u.time <= t
         and (t - u.time <= r.journey_timeout_s if u.charged else t - u.time < r.journey_timeout_s)
         and (u.until is None or t < u.until)
+        and (tap.entered_before is None or u.time < tap.entered_before)
     ]
     if fits:
         entry = max(fits, key=lambda u: u.time)
@@ -774,8 +789,10 @@ def _exit_without_journey(
         # A gate's upload: its entry may still be on its way from another gate. Held, not charged yet,
         # when the card can keep it without dropping another held exit or a charged entry (`_keep`);
         # else charged at once, as an online exit is.
-        held = UnpairedTap("out", tap.station or "", t, operator, tap.max_fare_fen, charged=False)
+        held = UnpairedTap("out", tap.station or "", t, operator, tap.max_fare_fen, False, tap.entered_before)
         return Decision(0, 0, (R_EXIT_HELD, R_LATE) if late else (R_EXIT_HELD,), operator, _with_unpaired(state, t, held))
+    if tap.entered_before is not None:  # no room to hold it, and it is not chargeable on its own
+        return Decision(0, 0, (R_EXIT_AFTER_STOP,), operator, state)
     penalty = Penalty(table.cap_fen, operator, R_MISSING_IN, tap.station)
     new = _with_unpaired(state, t, UnpairedTap("out", tap.station or "", t, operator))
     rules = (R_MISSING_IN, R_LATE) if late else (R_MISSING_IN,)
@@ -843,7 +860,9 @@ def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concessio
     _, operator = _metro_place(table, tap)
     if tap.direction == "in":
         fits = [
-            u for u in state.unpaired if u.direction == "out" and t <= u.time and u.time - t < r.journey_timeout_s
+            u
+            for u in state.unpaired
+            if u.direction == "out" and t <= u.time and u.time - t < r.journey_timeout_s and (u.until is None or t < u.until)
         ]
         if fits:
             exit_ = min(fits, key=lambda u: u.time)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -187,7 +188,9 @@ def _usable_for(card: _Card, item: TapItem, table: fares.FareTable) -> bool:
     """Whether the card may be charged for this tap: usable now, or, for a ride a gate uploads later,
     taken before the card last stopped (a loss reported after the ride does not undo it; an earlier,
     lifted loss is not looked at: docs/transit.md). The exit of a journey entered before the stop ends
-    that journey, at its distance fare, rather than leaving it to the sweep's maximum fare."""
+    that journey, at its distance fare, rather than leaving it to the sweep's maximum fare; when that
+    journey's entry has not arrived yet, the exit is priced as one that only such an entry can take
+    (`_priced_tap`), if it came within the journey timeout after the stop."""
     if card.usable:
         return True
     tap = item.tap
@@ -197,7 +200,19 @@ def _usable_for(card: _Card, item: TapItem, table: fares.FareTable) -> bool:
     open_journey = card.journey.journey
     if tap.direction == "out" and open_journey is not None and open_journey.time <= tap.time:
         started = open_journey.time
+    elif tap.direction == "out" and tap.time - table.rules.journey_timeout_s < card.lost_since:
+        started = math.ceil(card.lost_since) - 1  # its entry, if it comes, is before the stop
     return started < card.lost_since and fares.local_day(table, started) <= card.expires_on
+
+
+def _priced_tap(card: _Card, item: TapItem) -> fares.Tap:
+    """The tap as the fare engine prices it: an uploaded exit after the card stopped counts only as the end
+    of a journey entered before the stop (`Tap.entered_before`)."""
+    tap = item.tap
+    if card.usable or not tap.uploaded or tap.direction != "out" or card.lost_since is None:
+        return tap
+    stop = math.ceil(card.lost_since)  # an entry at whole second t is before the stop iff t < stop
+    return tap if tap.time < stop else dataclasses.replace(tap, entered_before=stop)
 
 
 # The batch's cards, locked, with the credential uses among the batch's credentials already recorded
@@ -373,16 +388,19 @@ def _needed(table: fares.FareTable, item: TapItem, card: _Card, decision: fares.
 
 def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
     table = batch.table
+    tap = _priced_tap(card, item)
     try:
-        decision = fares.fare(table, card.journey, item.tap, card.quota.concession)
+        decision = fares.fare(table, card.journey, tap, card.quota.concession)
         total_needed = _needed(table, item, card, decision)
-        if decision.due and item.tap.uploaded and card.balance_fen - total_needed < -item.overdraft_fen:
+        if decision.due and tap.uploaded and card.balance_fen - total_needed < -item.overdraft_fen:
             # The gate let this rider through already: the ride is charged if the purse can pay it, and
             # the held exits now due stay held (still due) for a later tap or the sweep.
-            decision = fares.fare(table, card.journey, item.tap, card.quota.concession, charge_due=False)
+            decision = fares.fare(table, card.journey, tap, card.quota.concession, charge_due=False)
             total_needed = _needed(table, item, card, decision)
     except fares.FareInputError as exc:
         return _decline("fare_input_invalid", card.balance_fen, detail=str(exc)[:200])
+    if fares.R_EXIT_AFTER_STOP in decision.rules:  # after the stop, and no journey before it can take it
+        return _decline("card_unusable", card_status=card.status)
     total = decision.total_fen
     if card.balance_fen - total_needed < -item.overdraft_fen:
         return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed)

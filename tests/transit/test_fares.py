@@ -444,6 +444,34 @@ def test_the_exit_of_a_charged_journey_that_lasted_the_whole_timeout_costs_nothi
     assert online[1].penalty is not None and online[1].penalty.reason == "journey_timeout"
 
 
+def test_an_exit_after_the_card_stopped_counts_only_for_an_entry_before_the_stop(cq: FareTable) -> None:
+    """A loss report at `stop` between a ride's entry and exit, the exit uploaded first: held for an entry
+    before the stop, priced with it, and never charged on its own (the card was stopped when it was taken)."""
+    stop = T0 + 600
+    exit_ = dataclasses.replace(up(m_out(T0 + 1800, "l1-daping")), entered_before=stop)
+    held = fare(cq, EMPTY_STATE, exit_)
+    assert (held.total_fen, held.rules) == (0, ("exit_held",))
+    assert held.state.unpaired == (UnpairedTap("out", "l1-daping", T0 + 1800, "cq-metro", None, False, stop),)
+    assert JourneyState.from_json(held.state.to_json()) == held.state
+    ride = fare(cq, held.state, up(m_in(T0, "l1-chaotianmen")))
+    assert (ride.amount_fen, ride.rules[-1]) == (270, "entry_of_held_exit")
+    # An entry after the stop does not take it (the service declines such an entry anyway).
+    assert fare(cq, held.state, up(m_in(T0 + 900, "l1-chaotianmen"))).rules == ("metro_entry", "late_upload")
+    # No entry before the stop: dropped once due, uncharged, by the sweep or the next tap.
+    dropped, after = charge_held_exits(cq, held.state, T0 + 1800 + 4 * 3600)
+    assert (dropped, after.unpaired, after.latest) == ((), (), T0 + 1800)
+    later = fare(cq, held.state, bus(T0 + 6 * 3600))
+    assert (later.due, later.total_fen, later.state.unpaired) == ((), 180, ())
+    # No room to hold it: nothing charged and nothing kept (rule exit_after_stop; the service declines it).
+    full = EMPTY_STATE
+    for k in range(UNPAIRED_MAX + 1):
+        full = fare(cq, full, up(m_in(T0 - 10 * 3600 + k * 3600, "l1-daping"))).state
+    full = fare(cq, full, bus(T0 - 5 * 3600)).state  # each entry and the bus charge the journey before
+    assert [(u.direction, u.charged) for u in full.unpaired] == [("in", True)] * UNPAIRED_MAX
+    refused = fare(cq, full, dataclasses.replace(up(m_out(T0 - 4 * 3600, "l1-xiaoshizi")), entered_before=stop))
+    assert (refused.total_fen, refused.rules, refused.state.unpaired) == (0, ("exit_after_stop",), full.unpaired)
+
+
 def test_a_full_memory_of_unpaired_taps_drops_what_costs_least(cq: FareTable) -> None:
     """Four journeys whose records arrive crossed fill the card's unpaired taps. A held exit must not push
     out the entry of a journey already charged the maximum fare: that journey's exit, arriving next,

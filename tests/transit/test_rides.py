@@ -360,6 +360,34 @@ async def test_a_ride_the_credit_covers_is_charged_even_when_a_held_exit_due_is_
     assert await svc.balance(c["card_no"]) == balance - BUS_FARE + 3000 - next_["fare_fen"]
 
 
+async def test_an_exit_after_a_loss_uploaded_before_its_entry_ends_the_journey_at_its_fare(svc: ServiceHarness) -> None:
+    """The card is reported lost during a ride and the exit gate uploads first: the exit is held for an
+    entry before the report, which then prices the ride (not the sweep's maximum fare). An exit after
+    the report whose entry never comes is not charged."""
+    c, _, issuer = await rider(svc)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 3600)
+    entry = gate_record(svc, phone.next_code(now - 1200), now - 1200, line_id="L1", station_id="l1-chaotianmen", direction="in")
+    assert (await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
+    at = int(time.time()) + 2
+    exit_ = gate_record(svc, phone.next_code(at), at, gate=GATE_2, line_id="L1", station_id="l1-daping", direction="out")
+    for rec in (entry, exit_):
+        gate_lets_through(rec.code_text, issuer, rec.time)
+    [out] = await upload(svc, [exit_], batch_id=next(_seq), as_=GATE_2)
+    assert (out["result"], out["fare_fen"], out["rules"]) == ("approved", 0, ["exit_held"]), out
+    [in_] = await upload(svc, [entry], batch_id=next(_seq))
+    ride = fares.metro_fare_fen(TABLE, "l1-chaotianmen", "l1-daping") * (100 - TABLE.rules.card_discount_percent) // 100
+    assert (in_["result"], in_["fare_fen"], in_["rules"][-1]) == ("approved", ride, "entry_of_held_exit"), in_
+    # Another exit after the report, whose entry never comes.
+    lone = gate_record(svc, phone.next_code(at + 1), at + 1, gate=GATE_2, line_id="L1", station_id="l1-xiaoshizi", direction="out")
+    gate_lets_through(lone.code_text, issuer, lone.time)
+    [held] = await upload(svc, [lone], batch_id=next(_seq), as_=GATE_2)
+    assert held["rules"] == ["exit_held"], held
+    result = await _sweep_after_timeout(svc)
+    assert (result.closed, result.held_exits, result.charged_fen) == (0, 0, 0)
+    assert await svc.balance(c["card_no"]) == 1000 - ride
+
+
 async def test_the_sweep_keeps_the_certificates_max_fare(svc: ServiceHarness) -> None:
     """A journey entered with a ride code and never left: the sweep charges it at most the certificate's
     max_fare_fen, as a tap would."""
