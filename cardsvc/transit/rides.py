@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,10 +121,17 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
         base["tap"] = dataclasses.replace(base["tap"], max_fare_fen=cert.max_fare_fen)
         revoked: dt.datetime | None = row["revoked_at"]
         # A ride taken before its card was replaced is charged to the new card: the purse (balance, fare
-        # state, ride-code uses) moved there. Later rides stay the old card's, declined.
+        # state, ride-code uses) moved there. So is an exit within the journey timeout after the stop, as
+        # the end of a journey entered before it only (Tap.entered_before, as after a loss report). Later
+        # rides stay the old card's, declined.
         card_id = cert.account_id
-        if row["replaced_by"] is not None and r.time < stops.get(card_id, float("-inf")):
-            card_id = row["replaced_by"]
+        if row["replaced_by"] is not None:
+            stop = stops.get(card_id, float("-inf"))
+            if r.time < stop:
+                card_id = row["replaced_by"]
+            elif r.direction == "out" and r.time - ctx.table.rules.journey_timeout_s < stop:
+                card_id = row["replaced_by"]
+                base["tap"] = dataclasses.replace(base["tap"], entered_before=math.ceil(stop))
         items.append(
             TapItem(
                 card_id=card_id,
