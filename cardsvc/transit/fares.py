@@ -413,8 +413,8 @@ class Tap:
     # Priced after the fact from a gate's upload: it may arrive after later taps of the card (see
     # docs/fares.md "Late uploads"). Online taps are priced in arrival order, whatever their clock says.
     uploaded: bool = False
-    # An uploaded exit taken after its card stopped (a loss report) at this time: it counts only as the
-    # end of a journey entered before then (rule `exit_after_stop` when none can take it).
+    # An uploaded exit taken after its card stopped (a loss report, a replacement) at this time: it counts
+    # only as the end of a journey entered before then (rule `exit_after_stop` when none can take it).
     entered_before: int | None = None
 
 
