@@ -547,6 +547,10 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
         d = Decision(0, 0, rules, operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
 
+    if journey is not None and tap.entered_before is not None and journey.time >= tap.entered_before:
+        # An exit after the card stopped is not the exit of a journey entered after the stop (another rider
+        # of the same purse, on the replacement card): that journey stays open; this exit waits for its own.
+        return _late(table, state, tap, concession)
     if journey is None:
         base = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
         if state.swept is not None:  # the exit of the journey the sweep charged the maximum fare for

@@ -472,6 +472,21 @@ def test_an_exit_after_the_card_stopped_counts_only_for_an_entry_before_the_stop
     assert (refused.total_fen, refused.rules, refused.state.unpaired) == (0, ("exit_after_stop",), full.unpaired)
 
 
+def test_an_exit_after_a_replacement_leaves_the_new_cards_own_journey_alone(cq: FareTable) -> None:
+    """Two riders of one purse: A entered with the old card's ride code before the replacement and left
+    after it; B entered with the new card after it. A's exit must not end B's journey."""
+    stop = T0 + 600
+    a_in = up(m_in(T0, "l1-chaotianmen"))
+    a_out = dataclasses.replace(up(m_out(T0 + 1200, "l1-daping")), entered_before=stop)
+    b_in, b_out = m_in(T0 + 900, "l1-xiaoshizi"), m_out(T0 + 1500, "l1-daping")
+    d = run(cq, [b_in, a_out, b_out, a_in])
+    assert d[1].rules == ("exit_held", "late_upload") and d[1].state.journey == d[0].state.journey
+    assert d[2].penalty is None and d[2].distance_m == metro_distance_m(cq, "l1-xiaoshizi", "l1-daping")
+    assert d[3].rules[-1] == "entry_of_held_exit"
+    in_order = run(cq, [a_in, up(m_out(T0 + 1200, "l1-daping"))])[1].amount_fen + run(cq, [b_in, b_out])[1].amount_fen
+    assert sum(x.total_fen for x in d) == in_order
+
+
 def test_a_full_memory_of_unpaired_taps_drops_what_costs_least(cq: FareTable) -> None:
     """Four journeys whose records arrive crossed fill the card's unpaired taps. A held exit must not push
     out the entry of a journey already charged the maximum fare: that journey's exit, arriving next,
