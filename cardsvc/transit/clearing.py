@@ -224,7 +224,9 @@ async def _stream_file(
 
 async def _settle(conn: asyncpg.Connection, day: dt.date, end: dt.datetime, settle_s: float) -> None:
     """Return once no transaction that began before `end` is open: every row it may post in the day is
-    then committed (or gone), so the snapshot taken next holds the whole day. Waits up to `settle_s`."""
+    then committed (or gone), so the snapshot taken next holds the whole day. Waits up to `settle_s`.
+    PostgreSQL clears a session's `xact_start` only after its commit is visible to new snapshots
+    (CommitTransaction). cardsvc uses no prepared (two-phase) transactions, which this would not see."""
     deadline = time.monotonic() + settle_s
     while True:
         row = await conn.fetchrow(_OPEN_BEFORE_SQL, end)
