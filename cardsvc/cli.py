@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from cardsvc import localtime
+from cardsvc import limits, localtime
 from cardsvc.config import ConfigError, Settings, load_settings
 
 __all__ = ["main"]
@@ -733,8 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operator", help="only this operator id")
     p.add_argument("--out", help="output directory (default <data_dir>/clearing)")
     p.add_argument(
-        "--wait", type=float, default=30.0, metavar="SECONDS",
-        help="wait this long for transactions that began before the day ended (default 30)",
+        "--wait", type=float, default=limits.CLEARING_SETTLE_S, metavar="SECONDS",
+        help="wait this long for transactions that began before the day ended (default %(default)g)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 

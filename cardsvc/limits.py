@@ -13,6 +13,8 @@ __all__ = [
     "BATCH_WAIT_MS_MAX",
     "BODY_BYTES_MAX",
     "CARD_CHALLENGE_AGE_S",
+    "CLEARING_MARGIN_S",
+    "CLEARING_SETTLE_S",
     "CLOCK_SKEW_S",
     "CREDENTIAL_USE_RETENTION_S",
     "DB_COMMAND_TIMEOUT_S",
@@ -45,6 +47,11 @@ BODY_BYTES_MAX = 64 * 1024
 UPLOAD_BODY_BYTES_MAX = 512 * 1024
 REQUEST_TIMEOUT_S = 10.0
 SHUTDOWN_GRACE_S = 15.0
+# Daily clearing (cardsvc/transit/clearing.py): a day can be cleared this long after it ended (clocks
+# stepped back a little, a transaction that read its start time but is not listed as started yet), and a
+# run waits this long for transactions that began before the day ended.
+CLEARING_MARGIN_S = 60.0
+CLEARING_SETTLE_S = 30.0
 
 DB_POOL_MIN = 2
 DB_POOL_MAX = 16

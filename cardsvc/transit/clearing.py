@@ -15,9 +15,11 @@ metro entry, a free or fully discounted ride) are not cleared. A row that credit
 (`amount_fen > 0`: a reversal) cannot be expressed in clearing file v1: the run refuses that operator's
 day instead of hiding it.
 
-When. A day can be cleared once it is over on the database's clock and no transaction that began before
-its end is still open (`posted_at` is the writing transaction's start, so such a transaction could still
-commit rows of the day). The run waits for those a little (`settle_s`), then refuses.
+When. A day can be cleared once it is over on the database's clock (by `CLEARING_MARGIN_S`) and no
+transaction that began before its end is still open (`posted_at` is the writing transaction's start, so
+such a transaction could still commit rows of the day). The run waits for those a little (`settle_s`),
+then refuses. To see every session's transaction the clearing role needs `pg_read_all_stats` (or is a
+superuser); without it the run refuses.
 
 How. One set-based aggregate (GROUP BY counterparty) gives each operator's count and total; the detail
 lines are then streamed from a server-side cursor, ordered by txn_id, straight into the file with an
@@ -46,6 +48,7 @@ from typing import Any
 
 import asyncpg
 
+from cardsvc import limits
 from protocols import clearing as wire
 
 from . import fares
@@ -66,7 +69,6 @@ __all__ = [
 
 CLEARING_KINDS = (KIND_FARE, KIND_PENALTY, KIND_OFFLINE, KIND_RIDECODE)
 CURSOR_PREFETCH = 10_000
-SETTLE_S = 30.0  # waiting for transactions that began before the day's end (tap batches take milliseconds)
 SETTLE_POLL_S = 0.2
 PROGRESS_EVERY_LINES = 100_000
 _LOCK_NAMESPACE = 0x434C52  # "CLR": advisory lock namespace of clearing runs
@@ -103,14 +105,14 @@ ORDER BY txn_id
 """
 
 
-# Client sessions of this database (other than ours) whose transaction began before $1; and the sessions
-# this role may not look at, whose transactions it therefore cannot wait for.
+# Client sessions of this database (other than ours) whose transaction began before $1, the oldest first.
+# Complete only for a role that may read every session's activity (`_settle` checks that first: for the
+# others PostgreSQL hides even backend_type).
 _OPEN_BEFORE_SQL = """
-SELECT count(*) FILTER (WHERE query = '<insufficient privilege>') AS hidden,
-       min(xact_start) FILTER (WHERE xact_start < $1) AS oldest,
-       (array_agg(pid ORDER BY xact_start) FILTER (WHERE xact_start < $1))[1] AS pid
-FROM pg_stat_activity
+SELECT pid, xact_start FROM pg_stat_activity
 WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()
+  AND xact_start < $1
+ORDER BY xact_start LIMIT 1
 """
 
 
@@ -227,20 +229,19 @@ async def _settle(conn: asyncpg.Connection, day: dt.date, end: dt.datetime, sett
     then committed (or gone), so the snapshot taken next holds the whole day. Waits up to `settle_s`.
     PostgreSQL clears a session's `xact_start` only after its commit is visible to new snapshots
     (CommitTransaction). cardsvc uses no prepared (two-phase) transactions, which this would not see."""
+    if not await conn.fetchval("SELECT pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')"):
+        raise ClearingError(
+            "this database role cannot see other roles' sessions (pg_stat_activity), so it cannot tell "
+            "whether they are still writing the day: grant it pg_read_all_stats (or pg_monitor)"
+        )
     deadline = time.monotonic() + settle_s
     while True:
         row = await conn.fetchrow(_OPEN_BEFORE_SQL, end)
-        if row["hidden"]:
-            raise ClearingError(
-                f"this database role cannot see {row['hidden']} other session(s) (pg_stat_activity), so it "
-                "cannot tell whether they are still writing the day: run the clearing as the service's role "
-                "or grant it pg_read_all_stats"
-            )
-        if row["oldest"] is None:
+        if row is None:
             return
         if time.monotonic() >= deadline:
             raise ClearingError(
-                f"a transaction that began before {day} ended (at {row['oldest'].isoformat()}, pid "
+                f"a transaction that began before {day} ended (at {row['xact_start'].isoformat()}, pid "
                 f"{row['pid']}) is still open and may still write rows of the day; run again when it has ended"
             )
         await asyncio.sleep(SETTLE_POLL_S)
@@ -262,16 +263,21 @@ async def clear_day(
     operator_id: str | None = None,
     now: dt.datetime | None = None,
     progress: Callable[[str], None] | None = None,
-    settle_s: float = SETTLE_S,
+    settle_s: float = limits.CLEARING_SETTLE_S,
 ) -> list[OperatorResult]:
     """Clear one day for every operator (or one): write the files and record the reports.
 
-    `now` replaces the database's clock for the "day is over" check (tests); `settle_s` is how long to
-    wait for transactions that began before the day's end (they may still write rows of the day)."""
+    `now` replaces the database's clock for the "day is over" check: for tests only, since with a `now`
+    in the future a day still open is cleared, and its rows written after the run make it a mismatch.
+    `settle_s`: how long to wait for transactions that began before the day's end."""
     now = now or await conn.fetchval("SELECT clock_timestamp()")
     bounds = business_day_bounds(table, day)
-    if bounds[1] > now:
-        raise ClearingError(f"business day {day} is not over yet (it ends {bounds[1].isoformat()})")
+    clearable = bounds[1] + dt.timedelta(seconds=limits.CLEARING_MARGIN_S)
+    if clearable > now:
+        raise ClearingError(
+            f"business day {day} is not over yet (it ends {bounds[1].isoformat()}; "
+            f"it can be cleared from {clearable.isoformat()})"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a batch command on its own event loop
     lock_key = day.toordinal()
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", _LOCK_NAMESPACE, lock_key):

@@ -252,8 +252,11 @@ async def journal_totals(db: asyncpg.Connection, day: dt.date) -> dict[str, tupl
     belongs to the day it was posted, or to its ride time's day if that is later."""
     start, end = clearing.business_day_bounds(TABLE, day)
     out: dict[str, tuple[int, int]] = {}
-    for r in await db.fetch("SELECT counterparty, kind, amount_fen, at, posted_at, result FROM txn_journal"):
-        cleared_at = max(r["at"], r["posted_at"])
+    for r in await db.fetch(
+        """SELECT counterparty, kind, amount_fen, at, posted_at, posted_at = '-infinity' AS legacy, result
+           FROM txn_journal"""
+    ):
+        cleared_at = r["at"] if r["legacy"] else max(r["at"], r["posted_at"])  # legacy: written before 0007
         if r["kind"] in KINDS and r["result"] == 1 and start <= cleared_at < end and r["amount_fen"] < 0:
             n, t = out.get(r["counterparty"], (0, 0))
             out[r["counterparty"]] = (n + 1, t - r["amount_fen"])
@@ -292,9 +295,14 @@ async def test_clearing_files_round_trip_and_match_the_journal(
     assert {r.operator_id: r.status for r in again} == {"cq-bus": "unchanged", "cq-metro": "unchanged"}
     assert {r.operator_id: r.path.read_bytes() for r in again if r.path} == files
 
-    # The journal of a cleared day is changed by hand (a correction written into the day): no silent
-    # overwrite, and the audit fails.
-    await _post(db, await _any_card(db), 2, -50, "cq-bus")
+    # A cleared row is changed by hand (its amount corrected, and its purse with it): no silent
+    # overwrite, and the audit fails on the report alone.
+    card_id = await db.fetchval(
+        """UPDATE txn_journal SET amount_fen = amount_fen - 50
+           WHERE txn_id = (SELECT min(txn_id) FROM txn_journal WHERE counterparty = 'cq-bus' AND amount_fen < 0)
+           RETURNING card_id"""
+    )
+    await db.execute("UPDATE purse SET balance_fen = balance_fen - 50 WHERE card_id = $1", card_id)
     if fares.local_day(TABLE, int(time.time())) == day:  # not across local midnight while the test ran
         third = await clearing.clear_day(db, TABLE, day, tmp_path, now=later)
         bus = next(r for r in third if r.operator_id == "cq-bus")
@@ -342,6 +350,57 @@ async def test_a_late_upload_is_cleared_on_the_day_it_arrives_and_a_cleared_day_
     header, [line] = wire.read_clearing_file(bus.path.read_bytes())
     assert header.business_date == today and (line.txn_time, line.amount_fen, line.line_id) == (ridden, 180, "bus-105")
     assert (await run_cli("audit")).status == 0
+
+
+async def test_a_row_is_cleared_on_its_writing_day_or_its_ride_day_if_later(
+    db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    day = local_today() - dt.timedelta(days=3)
+    start, end = clearing.business_day_bounds(TABLE, day)
+    rows = [  # (at, posted_at, amount): the day each belongs to
+        (start + dt.timedelta(hours=9), start + dt.timedelta(hours=9, seconds=1), -100),  # written that day
+        (start - dt.timedelta(days=5), start + dt.timedelta(hours=10), -200),  # uploaded late: this day
+        (start + dt.timedelta(hours=11), start + dt.timedelta(days=1, hours=1), -400),  # uploaded the next day
+        (end + dt.timedelta(minutes=5), end - dt.timedelta(minutes=5), -800),  # a validator clock ahead: next day
+        (start + dt.timedelta(hours=12), None, -1600),  # written before migration 0007: its ride day
+    ]
+    for seq, (at, posted_at, amount) in enumerate(rows, 1):
+        await db.execute(
+            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                        counterparty, line_id, source, posted_at)
+               VALUES (1, 5, 'v1', $1, $2, 1, $3, 'cq-bus', 'bus-105', 2, coalesce($4::timestamptz, '-infinity'::timestamptz))""",
+            seq, amount, at, posted_at,
+        )
+    cleared = {}
+    for d in (day, day + dt.timedelta(days=1)):
+        bus = next(r for r in await clearing.clear_day(db, TABLE, d, tmp_path) if r.operator_id == "cq-bus")
+        cleared[d] = (bus.txn_count, bus.total_fen)
+    assert cleared == {day: (3, 100 + 200 + 1600), day + dt.timedelta(days=1): (2, 400 + 800)}
+    assert (await journal_totals(db, day))["cq-bus"] == cleared[day]
+
+
+async def test_clearing_refuses_a_role_that_cannot_see_every_session(
+    db: asyncpg.Connection, db_dsn: str, tmp_path: Path
+) -> None:
+    role = f"clearing_probe_{os.getpid()}"
+    await db.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        probe = await asyncpg.connect(db_dsn, user=role)
+        try:
+            with pytest.raises(clearing.ClearingError, match="pg_read_all_stats"):
+                await clearing.clear_day(probe, TABLE, local_today() - dt.timedelta(days=2), tmp_path)
+        finally:
+            await probe.close()
+        await db.execute(f"GRANT pg_read_all_stats TO {role}")
+        probe = await asyncpg.connect(db_dsn, user=role)
+        try:  # past the check: it stops at the first table it may not read
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await clearing.clear_day(probe, TABLE, local_today() - dt.timedelta(days=2), tmp_path)
+        finally:
+            await probe.close()
+    finally:
+        await db.execute(f"DROP OWNED BY {role}")
+        await db.execute(f"DROP ROLE {role}")
 
 
 async def test_clearing_waits_for_a_transaction_that_began_before_the_day_ended(
