@@ -19,6 +19,8 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cardsvc import cli
 from cardsvc.config import Settings
@@ -377,6 +379,56 @@ async def test_a_row_is_cleared_on_its_writing_day_or_its_ride_day_if_later(
         cleared[d] = (bus.txn_count, bus.total_fen)
     assert cleared == {day: (3, 100 + 200 + 1600), day + dt.timedelta(days=1): (2, 400 + 800)}
     assert (await journal_totals(db, day))["cq-bus"] == cleared[day]
+
+
+_journal_rows = st.lists(
+    st.tuples(
+        st.integers(0, 3 * 86400 - 1),  # ride time, seconds after the first day began
+        st.integers(-600, 2 * 86400),  # written this long after the ride (negative: a validator clock ahead)
+        st.integers(1, 5000),  # fen
+        st.sampled_from(["cq-bus", "cq-metro"]),
+        st.booleans(),  # written before migration 0007 (no writing time)
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=_journal_rows)
+async def test_every_row_is_cleared_exactly_once_on_its_day(
+    db: asyncpg.Connection, tmp_path: Path, rows: list[tuple[int, int, int, str, bool]]
+) -> None:
+    """Whatever the ride and writing times, each approved fare is in exactly one day's file: the local day
+    of greatest(ride, written), or of the ride for a row written before migration 0007."""
+    first = local_today() - dt.timedelta(days=10)
+    start, _ = clearing.business_day_bounds(TABLE, first)
+    await db.execute("DELETE FROM clearing_report")
+    await db.execute("DELETE FROM txn_journal WHERE terminal_id = 'prop'")
+    expected: dict[int, tuple[dt.date, str, int]] = {}
+    for seq, (ride, delay, amount, operator, legacy) in enumerate(rows, 1):
+        at = start + dt.timedelta(seconds=ride)
+        posted = None if legacy else at + dt.timedelta(seconds=delay)
+        txn_id = await db.fetchval(
+            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                        counterparty, line_id, source, posted_at)
+               VALUES (1, 5, 'prop', $1, $2, 1, $3, $4, 'bus-105', 2,
+                       coalesce($5::timestamptz, '-infinity'::timestamptz))
+               RETURNING txn_id""",
+            seq, -amount, at, operator, posted,
+        )
+        cleared_at = at if posted is None else max(at, posted)
+        expected[txn_id] = (fares.local_day(TABLE, int(cleared_at.timestamp())), operator, amount)
+    seen: dict[int, tuple[dt.date, str, int]] = {}
+    for k in range(6):  # rides span 3 days, writes 2 more
+        day = first + dt.timedelta(days=k)
+        for r in await clearing.clear_day(db, TABLE, day, tmp_path / str(k)):
+            assert r.status == "created" and r.path is not None, r
+            header, lines = clearing.read_back(r.path)
+            assert header.business_date == day and header.record_count == len(lines)
+            for ln in lines:
+                assert ln.txn_id not in seen, f"txn {ln.txn_id} cleared twice"
+                seen[ln.txn_id] = (day, r.operator_id, ln.amount_fen)
+    assert seen == expected
 
 
 async def test_clearing_refuses_a_role_that_cannot_see_every_session(
