@@ -110,7 +110,8 @@ async def test_a_journey_left_open_is_charged_the_maximum_fare_once_when_it_time
     nxt = await metro(svc, c, B, "in")
     assert "penalty" not in nxt and "missing_tap_out" not in nxt["rules"], nxt
 
-    # Clearing counts it for the operator, on the day it timed out; the audit passes.
+    # Clearing counts it for the operator (on its ride day: the sweep ran on a clock hours ahead of the
+    # database's, so the ride time is the later of the two); the audit passes.
     day = fares.local_day(TABLE, int(row["at"].timestamp()))
     results = await clearing.clear_day(db, TABLE, day, tmp_path, now=later(3 * 86400))
     [metro_op] = [r for r in results if r.operator_id == TABLE.station_operator[A]]
