@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import shutil
 import signal
@@ -527,6 +528,52 @@ async def test_migrate_check_then_migrate(empty_dsn: str, keys_for_process: KeyR
     check = await asyncio.to_thread(_run_cli, tmp_path, empty_dsn, key_file, "migrate", "--check")
     assert check.returncode == 0, check
     assert "schema is current" in check.stdout
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_migration_0007_attaches_the_indexes_built_beforehand(empty_dsn: str) -> None:
+    """deploy/sql/0007_before_migrate.sql, run as psql would (each `\\gexec` row executed), then the
+    migration: the partitions' indexes built beforehand are attached, not built again."""
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        await conn.execute("CREATE TABLE schema_migration (version int PRIMARY KEY, name text NOT NULL, "
+                           "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in migrate.available()[:6]:  # the schema before 0007
+            async with conn.transaction():
+                await conn.execute(m.sql)
+                await conn.execute("INSERT INTO schema_migration (version, name, checksum) VALUES ($1, $2, $3)",
+                                   m.version, m.name, m.checksum)  # fmt: skip
+        await conn.execute("INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, "
+                           "result, at) VALUES (1, 1, 'v1', 1, -180, 1, now())")  # fmt: skip
+        script = (ROOT / "deploy" / "sql" / "0007_before_migrate.sql").read_text()
+        ddl, select = script.split("\nSELECT ", 1)
+        await conn.execute(ddl)
+        for (statement,) in await conn.fetch("SELECT " + select.replace("\\gexec", "")):
+            await conn.execute(statement)  # CONCURRENTLY: outside a transaction, as psql runs it
+        built = {r["relname"]: r["oid"] for r in await conn.fetch(_PARTITION_INDEXES)}
+        assert built and all(name.endswith("_greatest_idx") for name in built)
+        assert await conn.fetchval("SELECT posted_at FROM txn_journal") == dt.datetime.min  # -infinity
+
+        assert [m.version for m in await migrate.apply(conn)] == [7]
+        attached = await conn.fetch(
+            """SELECT c.relname, c.oid, p.relname AS parent FROM pg_inherits i
+               JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent
+               WHERE p.relname = 'txn_journal_clearing_day'"""
+        )
+        assert {r["relname"]: r["oid"] for r in attached} == built  # the same indexes, not new ones
+        assert await migrate.pending(conn) == []
+    finally:
+        await conn.close()
+
+
+_PARTITION_INDEXES = """
+SELECT ic.relname, ic.oid FROM pg_inherits i
+JOIN pg_index x ON x.indrelid = i.inhrelid JOIN pg_class ic ON ic.oid = x.indexrelid
+JOIN pg_am am ON am.oid = ic.relam
+WHERE i.inhparent = 'txn_journal'::regclass AND am.amname = 'brin'
+"""
 
 
 # ------------------------------------------------------------------ (e) help

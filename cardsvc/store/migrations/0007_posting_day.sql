@@ -6,11 +6,14 @@
 -- '-infinity' (a constant default: no table rewrite, instant at any size) and are therefore cleared by
 -- their ride time `at`, as they always were: the clearing day of a row is greatest(at, posted_at), so
 -- every report made before the migration stays equal to its journal.
-ALTER TABLE txn_journal ADD COLUMN posted_at timestamptz NOT NULL DEFAULT '-infinity';
+--
+-- IF NOT EXISTS: on a large journal the column and each partition's index can be made beforehand without
+-- blocking taps (deploy/sql/0007_before_migrate.sql); this migration then attaches those indexes.
+ALTER TABLE txn_journal ADD COLUMN IF NOT EXISTS posted_at timestamptz NOT NULL DEFAULT '-infinity';
 ALTER TABLE txn_journal ALTER COLUMN posted_at SET DEFAULT now();
 
 -- The rows of one clearing day. greatest(at, posted_at) grows with the insertion order within each
 -- partition (online rides are written as they happen, late uploads are appended at the end), which is
 -- what a BRIN index needs: a few pages for the whole journal, and next to nothing per insert.
-CREATE INDEX txn_journal_clearing_day ON txn_journal USING brin ((greatest(at, posted_at)))
+CREATE INDEX IF NOT EXISTS txn_journal_clearing_day ON txn_journal USING brin ((greatest(at, posted_at)))
     WITH (autosummarize = on);
