@@ -31,16 +31,19 @@ WORKER_EARLY_DEATH_S = 10.0
 WORKER_EARLY_DEATHS_MAX = 3
 
 
-# The cyclic garbage collector's young-generation threshold (Python's default is 700 allocations). A
-# request allocates thousands of short-lived objects, nearly all freed by reference counting; collecting
-# every 700 of them cost ~6 % of a worker's CPU in the realistic mix (perf), for garbage that is almost
-# never cyclic. See docs/operations.md "Worker memory and the garbage collector".
+# The cyclic garbage collector's thresholds (Python's defaults: 700, 10, 10). The first counts container
+# objects allocated minus those freed since the last young collection: under load, the many requests in
+# flight keep it high, and collecting every 700 scanned the same live objects over and over (~6 % of a
+# worker's CPU in the realistic mix, perf), for garbage that is almost never cyclic. The last makes full
+# collections ten times rarer. These are Python 3.11-3.13 semantics (3.14's incremental collector reads
+# them differently). See docs/operations.md "Worker memory and the garbage collector".
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def _tune_gc() -> None:
-    """Freeze what start-up built (modules, fare table, pools: alive until exit, so never worth scanning
-    again) and collect the young generation less often. Cycles are still collected: RSS stays flat."""
+    """Freeze what start-up built (modules, fare table, pools: long-lived, so not worth scanning again;
+    reference counting still frees them when replaced) and collect less often. Cycles are still
+    collected: RSS stays flat."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -55,9 +58,9 @@ async def _serve_async(settings: Settings, dsn: str, key_path: Path, reuse_port:
     app = create_app(settings, dsn, KeyRing.load(key_path))
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_grace_s, access_log=None)
     await runner.setup()
+    _tune_gc()  # before taking connections: its full collection then delays no request
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=1024)
     await site.start()
-    _tune_gc()
     log.info("listening", extra={"host": settings.host, "port": settings.port, "pid": os.getpid()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import os
 import shutil
 import signal
@@ -531,12 +530,27 @@ async def test_migrate_check_then_migrate(empty_dsn: str, keys_for_process: KeyR
 
 
 ROOT = Path(__file__).resolve().parents[2]
+_PARTITION_INDEXES = """
+SELECT ic.relname, ic.oid, x.indisvalid, pg_get_indexdef(ic.oid) AS def FROM pg_inherits i
+JOIN pg_index x ON x.indrelid = i.inhrelid JOIN pg_class ic ON ic.oid = x.indexrelid
+JOIN pg_am am ON am.oid = ic.relam
+WHERE i.inhparent = 'txn_journal'::regclass AND am.amname = 'brin'
+"""
+_ADD_COLUMN = "ALTER TABLE txn_journal ADD COLUMN IF NOT EXISTS posted_at timestamptz NOT NULL DEFAULT '-infinity'"
+
+
+def _psql_script(dsn: str, script: Path) -> subprocess.CompletedProcess[str]:
+    psql = EmbeddedPostgres(Path(tempfile.gettempdir())).tool("psql")
+    return subprocess.run([str(psql), dsn, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(script)],
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
 
 
 async def test_migration_0007_attaches_the_indexes_built_beforehand(empty_dsn: str) -> None:
-    """deploy/sql/0007_before_migrate.sql, run as psql would (each `\\gexec` row executed), then the
-    migration: the partitions' indexes built beforehand are attached, not built again."""
+    """docs/operations.md "Upgrading a large journal": deploy/sql/0007_before_migrate.sql run by psql,
+    after an interrupted build left an INVALID index, then the migration, which attaches the script's
+    indexes; and the migration refuses to attach an INVALID one."""
     conn = await asyncpg.connect(empty_dsn)
+    other = await asyncpg.connect(empty_dsn)
     try:
         await conn.execute("CREATE TABLE schema_migration (version int PRIMARY KEY, name text NOT NULL, "
                            "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
@@ -545,35 +559,52 @@ async def test_migration_0007_attaches_the_indexes_built_beforehand(empty_dsn: s
                 await conn.execute(m.sql)
                 await conn.execute("INSERT INTO schema_migration (version, name, checksum) VALUES ($1, $2, $3)",
                                    m.version, m.name, m.checksum)  # fmt: skip
-        await conn.execute("INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, "
-                           "result, at) VALUES (1, 1, 'v1', 1, -180, 1, now())")  # fmt: skip
-        script = (ROOT / "deploy" / "sql" / "0007_before_migrate.sql").read_text()
-        ddl, select = script.split("\nSELECT ", 1)
-        await conn.execute(ddl)
-        for (statement,) in await conn.fetch("SELECT " + select.replace("\\gexec", "")):
-            await conn.execute(statement)  # CONCURRENTLY: outside a transaction, as psql runs it
-        built = {r["relname"]: r["oid"] for r in await conn.fetch(_PARTITION_INDEXES)}
-        assert built and all(name.endswith("_greatest_idx") for name in built)
-        assert await conn.fetchval("SELECT posted_at FROM txn_journal") == dt.datetime.min  # -infinity
+        insert = ("INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at) "
+                  "VALUES (1, 1, 'v1', $1, -180, 1, now())")  # fmt: skip
+        await conn.execute(insert, 1)
+        partition = await conn.fetchval("SELECT tableoid::regclass::text FROM txn_journal")
+
+        # An interrupted build: CONCURRENTLY waits for a writer's transaction, and its timeout cancels it.
+        await conn.execute(_ADD_COLUMN)
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(insert, 2)
+        await conn.execute("SET statement_timeout = '500ms'")
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await conn.execute(f"CREATE INDEX CONCURRENTLY {partition}_greatest_idx ON {partition} "
+                               "USING brin ((greatest(at, posted_at))) WITH (autosummarize = on)")  # fmt: skip
+        await tx.rollback()
+        await conn.execute("RESET statement_timeout")
+        assert [r["indisvalid"] for r in await conn.fetch(_PARTITION_INDEXES)] == [False]
+        # The migration does not attach it: it fails and changes nothing.
+        with pytest.raises(asyncpg.RaiseError, match="INVALID"):
+            await migrate.apply(conn)
+        assert [m.version for m in await migrate.pending(conn)] == [7]
+
+        script = _psql_script(empty_dsn, ROOT / "deploy" / "sql" / "0007_before_migrate.sql")
+        assert script.returncode == 0, script.stdout + script.stderr
+        built = {r["relname"]: r for r in await conn.fetch(_PARTITION_INDEXES)}
+        partitions = await conn.fetchval("SELECT count(*) FROM pg_inherits WHERE inhparent = 'txn_journal'::regclass")
+        assert len(built) == partitions and all(r["indisvalid"] for r in built.values())
+        assert all("autosummarize='on'" in r["def"] for r in built.values()), built
+        # Until the release, a row keeps its ride day: the running release still clears by ride time.
+        await conn.execute(insert, 3)
+        assert await conn.fetchval("SELECT count(*) FROM txn_journal WHERE posted_at <> '-infinity'") == 0
+        assert _psql_script(empty_dsn, ROOT / "deploy" / "sql" / "0007_before_migrate.sql").returncode == 0
 
         assert [m.version for m in await migrate.apply(conn)] == [7]
         attached = await conn.fetch(
-            """SELECT c.relname, c.oid, p.relname AS parent FROM pg_inherits i
+            """SELECT c.relname, c.oid FROM pg_inherits i
                JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent
                WHERE p.relname = 'txn_journal_clearing_day'"""
         )
-        assert {r["relname"]: r["oid"] for r in attached} == built  # the same indexes, not new ones
+        assert {r["relname"]: r["oid"] for r in attached} == {n: r["oid"] for n, r in built.items()}  # not rebuilt
         assert await migrate.pending(conn) == []
+        await conn.execute(insert, 4)
+        assert await conn.fetchval("SELECT count(*) FROM txn_journal WHERE posted_at <> '-infinity'") == 1
     finally:
+        await other.close()
         await conn.close()
-
-
-_PARTITION_INDEXES = """
-SELECT ic.relname, ic.oid FROM pg_inherits i
-JOIN pg_index x ON x.indrelid = i.inhrelid JOIN pg_class ic ON ic.oid = x.indexrelid
-JOIN pg_am am ON am.oid = ic.relam
-WHERE i.inhparent = 'txn_journal'::regclass AND am.amname = 'brin'
-"""
 
 
 # ------------------------------------------------------------------ (e) help

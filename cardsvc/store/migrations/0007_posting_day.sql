@@ -7,8 +7,8 @@
 -- their ride time `at`, as they always were: the clearing day of a row is greatest(at, posted_at), so
 -- every report made before the migration stays equal to its journal.
 --
--- IF NOT EXISTS: on a large journal the column and each partition's index can be made beforehand without
--- blocking taps (deploy/sql/0007_before_migrate.sql); this migration then attaches those indexes.
+-- IF NOT EXISTS: on a large journal the column and each partition's index can be made beforehand while
+-- the service writes (deploy/sql/0007_before_migrate.sql); this migration then attaches those indexes.
 ALTER TABLE txn_journal ADD COLUMN IF NOT EXISTS posted_at timestamptz NOT NULL DEFAULT '-infinity';
 ALTER TABLE txn_journal ALTER COLUMN posted_at SET DEFAULT now();
 
@@ -17,3 +17,13 @@ ALTER TABLE txn_journal ALTER COLUMN posted_at SET DEFAULT now();
 -- what a BRIN index needs: a few pages for the whole journal, and next to nothing per insert.
 CREATE INDEX IF NOT EXISTS txn_journal_clearing_day ON txn_journal USING brin ((greatest(at, posted_at)))
     WITH (autosummarize = on);
+
+-- An index built beforehand and left INVALID by an interrupted build would be attached as it is (never
+-- maintained, never used): refuse, and roll the migration back.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid
+               WHERE i.inhparent = 'txn_journal_clearing_day'::regclass AND NOT x.indisvalid) THEN
+        RAISE EXCEPTION 'an index of txn_journal_clearing_day is INVALID (an interrupted build): drop it, or run deploy/sql/0007_before_migrate.sql again';
+    END IF;
+END $$;
