@@ -521,6 +521,16 @@ async def test_clearing_refuses_a_day_that_is_not_over(run_cli: Any, tmp_path: P
     assert res.status == 2
 
 
+async def test_a_day_can_be_cleared_from_one_minute_after_its_end(db: asyncpg.Connection, tmp_path: Path) -> None:
+    day = local_today() - dt.timedelta(days=2)
+    _, end = clearing.business_day_bounds(TABLE, day)
+    with pytest.raises(clearing.ClearingError, match="can be cleared from"):
+        await clearing.clear_day(db, TABLE, day, tmp_path, now=end + dt.timedelta(seconds=59))
+    assert await db.fetchval("SELECT count(*) FROM clearing_report") == 0
+    results = await clearing.clear_day(db, TABLE, day, tmp_path, now=end + dt.timedelta(seconds=60))
+    assert {r.status for r in results} == {"created"}
+
+
 async def test_an_empty_day_gives_empty_files(db: asyncpg.Connection, tmp_path: Path, settings: Settings) -> None:
     day = local_today() - dt.timedelta(days=2)
     results = await clearing.clear_day(db, TABLE, day, tmp_path)
