@@ -165,12 +165,15 @@ def cmd_seed(settings: Settings, args: argparse.Namespace) -> int:
     from cardsvc import demo, seed
     from cardsvc.store.pool import resolve_dsn
 
+    rules = _fare_table(settings).rules
     opts = seed.SeedOptions(
         count=args.count,
         seed=args.seed.encode(),
         jobs=args.jobs,
         key_pool=args.ecard_key_pool,
         append=args.append,
+        elderly_min_age=rules.elderly_min_age,
+        elderly_quota=rules.elderly_annual_quota,
     )
 
     async def go() -> seed.SeedReport:
@@ -601,8 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_seed,
         "load a large synthetic registry fast (load and size tests)",
         "Create --count cardholders with active cards, transit purses (opening balance in the journal)\n"
-        "and, for 80%, e-cards whose device keys come from a pool of --ecard-key-pool keys; plus the demo\n"
-        "terminals. Deterministic from --seed: load generators derive every card's identity and\n"
+        "and, for 80%, e-cards whose device keys come from a pool of --ecard-key-pool keys; transit\n"
+        "concessions for about a quarter (elderly for ~80% of those at the fare table's elderly_min_age\n"
+        "or older today, with its annual quota; disability kinds for ~2.6%); plus the demo terminals.\n"
+        "Deterministic from --seed: load generators derive every card's identity and\n"
         "credentials from its index (protocols/population.py). Into an empty registry the indexes are\n"
         "built after the load; a registry with cards needs --append (slower). See docs/schema.md.",
     )

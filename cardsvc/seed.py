@@ -2,7 +2,9 @@
 
 Cardholder i (0-based) of protocols.population gets holder_id = card_id = ecard_id = i + 1, an active card
 with a transit purse whose opening balance is a journal transfer (kind 4 'opening', so every balance equals
-the sum of its journal rows), and, for 80% of people, an electronic card. Everything derives from
+the sum of its journal rows), for 80% of people an electronic card, and for about a quarter a transit
+concession (population.concession: elderly for ~80 % of those aged 65 or more on the seeding day, a
+disability kind for ~2.6 %), registered with a `concession_event` like the card office's. Everything derives from
 (--seed, i), so a load generator presents valid credentials for any index without reading the database.
 E-card device keys come from a pool of --ecard-key-pool precomputed keys (population.ecard_device_seed):
 an SM2 public key costs ~0.3 ms to derive, too slow for 32 million e-cards.
@@ -42,6 +44,7 @@ except (ImportError, AttributeError):  # pragma: no cover - another cryptography
     def _encryption_ctx(algorithm: Any, mode: Any) -> Any:
         return Cipher(algorithm, mode).encryptor()
 
+from cardsvc import localtime
 from cardsvc.demo import CARD_COLUMNS, ECARD_COLUMNS, HOLDER_COLUMNS
 from protocols import idnumber, population, sm
 
@@ -66,9 +69,11 @@ CARD_GENERATION = 3
 ECARD_CHANNEL = "gov_app"
 # Tables the load writes to, parents before children. Their primary keys, unique and plain indexes and
 # the foreign keys on or to them are rebuilt after a load into an empty registry.
-LOADED_TABLES = ("cardholder", "card", "ecard", "purse", "txn_journal")
+LOADED_TABLES = ("cardholder", "concession", "concession_event", "card", "ecard", "purse", "txn_journal")
 
 PURSE_COLUMNS = ("card_id", "balance_fen")
+CONCESSION_COLUMNS = ("holder_id", "kind", "quota_year", "rides_left")
+CONCESSION_EVENT_COLUMNS = ("holder_id", "op", "kind_after", "rides_left", "terminal_id", "at")
 JOURNAL_COLUMNS = (
     "card_id",
     "kind",
@@ -97,6 +102,9 @@ class SeedOptions:
     index_connections: int = 0  # 0: os.cpu_count()
     maintenance_work_mem: str = "1GB"
     ecard_alg: int = sm.ALG_SM2_SM3
+    # From the fare table (cardsvc.transit.fare_table.Rules): who is registered elderly, with how many rides.
+    elderly_min_age: int = population.ELDERLY_MIN_AGE
+    elderly_quota: int = 1_200
 
 
 @dataclasses.dataclass
@@ -110,6 +118,7 @@ class SeedReport:
     index_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     database_bytes: int = 0
     table_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    concessions: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ rows
@@ -140,12 +149,19 @@ def row_maker(
     expires: dt.date,
     at: dt.datetime,
     ecard_alg: int = sm.ALG_SM2_SM3,
+    on: dt.date | None = None,
+    elderly_min_age: int = population.ELDERLY_MIN_AGE,
+    elderly_quota: int = 1_200,
 ) -> Callable[[int, int], tuple[list[tuple[Any, ...]], ...]]:
-    """A function (start, stop) -> (holders, cards, ecards, purses, journal) rows for people start..stop-1.
+    """A function (start, stop) -> (holders, cards, ecards, purses, journal, concessions, concession
+    events) rows for people start..stop-1, registering concessions as the card office would on the
+    local date `on` (default: the city's date at `at`), an elderly one with `elderly_quota` rides for
+    that year.
 
-    Computes exactly what population.person(i, seed) and PiiVault.seal give (tests compare them), with
-    the per-person work cut down: ID-number check sums from precomputed partial sums, one keyed SM3
-    state copied per look-up hash, SM4 key schedule objects and random nonces prepared per chunk.
+    Computes exactly what population.person(i, seed), population.concession(i, on, seed) and
+    PiiVault.seal give (tests compare them), with the per-person work cut down: ID-number check sums
+    from precomputed partial sums, one keyed SM3 state copied per look-up hash, SM4 key schedule objects
+    and random nonces prepared per chunk, the elderly age test per birth date.
     """
     areas = population._AREAS
     n_areas = len(areas)
@@ -155,6 +171,13 @@ def row_maker(
         (population._BIRTH_START + dt.timedelta(days=d)).strftime("%Y%m%d") for d in range(days)
     ]
     birth_sums = [_partial_sum(b, 6) for b in births]
+    today = on if on is not None else localtime.local_date(at)
+    aged = [
+        idnumber.age_on(population._BIRTH_START + dt.timedelta(days=d), today) >= elderly_min_age
+        for d in range(days)
+    ]
+    elderly = population.ELDERLY
+    concession_kind = population.concession_kind
     seqs = [f"{s:03d}" for s in range(1000)]
     seq_sums = [_partial_sum(s, 14) for s in seqs]
     checks = idnumber._CHECK_CHARS
@@ -182,6 +205,8 @@ def row_maker(
         ecards: list[tuple[Any, ...]] = []
         purses: list[tuple[Any, ...]] = []
         journal: list[tuple[Any, ...]] = []
+        concessions: list[tuple[Any, ...]] = []
+        events: list[tuple[Any, ...]] = []
         nonces = os.urandom(2 * _NONCE_BYTES * (stop - start))
         pos = 0
         for i in range(start, stop):
@@ -244,7 +269,12 @@ def row_maker(
             journal.append(
                 (ident, KIND_OPENING, SEED_TERMINAL, ident, OPENING_FEN, 1, at, "opening", SOURCE_OFFICE)
             )
-        return holders, cards, ecards, purses, journal
+            kind = concession_kind(d, aged[b])
+            if kind is not None:
+                rides = elderly_quota if kind == elderly else None
+                concessions.append((ident, kind, today.year if kind == elderly else None, rides))
+                events.append((ident, "set", kind, rides, SEED_TERMINAL, at))
+        return holders, cards, ecards, purses, journal, concessions, events
 
     return make
 
@@ -261,7 +291,10 @@ class _WorkerArgs:
     pool_keys: list[bytes]
     expires: dt.date
     at: dt.datetime
+    on: dt.date
     ecard_alg: int
+    elderly_min_age: int
+    elderly_quota: int
     journal_table: str
     explicit_txn_id: bool
 
@@ -281,7 +314,16 @@ async def _worker_main(args: _WorkerArgs, tasks: Any, results: Any) -> None:
     try:
         await conn.execute("SET synchronous_commit = off")
         make = row_maker(
-            args.hash_key, args.enc_key, args.seed, args.pool_keys, args.expires, args.at, args.ecard_alg
+            args.hash_key,
+            args.enc_key,
+            args.seed,
+            args.pool_keys,
+            args.expires,
+            args.at,
+            args.ecard_alg,
+            args.on,
+            args.elderly_min_age,
+            args.elderly_quota,
         )
         journal_columns = (("txn_id", *JOURNAL_COLUMNS)) if args.explicit_txn_id else JOURNAL_COLUMNS
         loop = asyncio.get_running_loop()
@@ -291,12 +333,16 @@ async def _worker_main(args: _WorkerArgs, tasks: Any, results: Any) -> None:
                 break
             start, stop = task
             t0 = time.perf_counter()
-            holders, cards, ecards, purses, journal = make(start, stop)
+            holders, cards, ecards, purses, journal, concessions, events = make(start, stop)
             if args.explicit_txn_id:
                 journal = [(r[0], *r) for r in journal]  # txn_id = card_id
             t1 = time.perf_counter()
             async with conn.transaction():
                 await conn.copy_records_to_table("cardholder", records=holders, columns=HOLDER_COLUMNS)
+                await conn.copy_records_to_table("concession", records=concessions, columns=CONCESSION_COLUMNS)
+                await conn.copy_records_to_table(
+                    "concession_event", records=events, columns=CONCESSION_EVENT_COLUMNS
+                )
                 await conn.copy_records_to_table("card", records=cards, columns=CARD_COLUMNS)
                 await conn.copy_records_to_table("ecard", records=ecards, columns=ECARD_COLUMNS)
                 await conn.copy_records_to_table("purse", records=purses, columns=PURSE_COLUMNS)
@@ -304,7 +350,7 @@ async def _worker_main(args: _WorkerArgs, tasks: Any, results: Any) -> None:
                     args.journal_table, records=journal, columns=journal_columns
                 )
             t2 = time.perf_counter()
-            rows = len(holders) + len(cards) + len(ecards) + len(purses) + len(journal)
+            rows = sum(map(len, (holders, cards, ecards, purses, journal, concessions, events)))
             results.put(("done", stop - start, rows, t1 - t0, t2 - t1))
     finally:
         await conn.close()
@@ -375,7 +421,7 @@ async def _set_autovacuum(conn: asyncpg.Connection, tables: Sequence[str], on: b
 def _plan_rebuild(ddl: list[_Ddl], connections: int) -> list[list[_Ddl]]:
     """Index builds grouped per table (a table's builds run one after another, so that the ACCESS
     EXCLUSIVE lock of ADD PRIMARY KEY never waits), tables spread over the connections, biggest first."""
-    weight = {"card": 5, "cardholder": 3, "txn_journal": 2, "ecard": 2, "purse": 1}
+    weight = {"card": 5, "cardholder": 3, "txn_journal": 2, "ecard": 2, "purse": 1, "concession": 1, "concession_event": 1}
     by_table: dict[str, list[_Ddl]] = {}
     for d in ddl:
         if d.kind != "fkey":
@@ -461,7 +507,7 @@ async def seed(
         report.seconds["key_pool"] = time.perf_counter() - t
 
         ddl: list[_Ddl] = []
-        autovac_tables = ["cardholder", "card", "ecard", "purse", journal_table]
+        autovac_tables = [*LOADED_TABLES[:-1], journal_table]
         if fresh:
             t = time.perf_counter()
             ddl = await _capture_ddl(conn)
@@ -510,9 +556,14 @@ async def seed(
             top = await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM {table}")
             if top > used:  # only ever forward: the service may be handing out ids (--append)
                 await conn.execute("SELECT setval($1, $2)", seq, top)
-        for table in ("cardholder", "card", "ecard", "purse", "txn_journal"):
+        for table in LOADED_TABLES:
             await conn.execute(f"ANALYZE {table}")
         report.seconds["analyze"] = time.perf_counter() - t
+        first_id = first + 1
+        for r in await conn.fetch(
+            "SELECT kind, count(*) AS n FROM concession WHERE holder_id >= $1 GROUP BY kind ORDER BY kind", first_id
+        ):
+            report.concessions[r["kind"]] = int(r["n"])
         report.database_bytes = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
         for r in await conn.fetch(
             """SELECT c.relname, pg_total_relation_size(c.oid) AS bytes FROM pg_class c
@@ -565,7 +616,10 @@ async def _load(
         pool_keys,
         dt.date.today().replace(day=1) + dt.timedelta(days=3650),
         at,
+        localtime.local_date(at),
         opts.ecard_alg,
+        opts.elderly_min_age,
+        opts.elderly_quota,
         journal_table,
         explicit_txn_id=fresh,
     )
@@ -644,6 +698,10 @@ def format_report(report: SeedReport) -> str:
         lines.append(
             "index and key builds: "
             + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(report.index_seconds.items(), key=lambda kv: -kv[1]))
+        )
+    if report.concessions:
+        lines.append(
+            "concessions registered: " + ", ".join(f"{k} {v:,}" for k, v in report.concessions.items())
         )
     lines.append(f"database size {report.database_bytes / 2**20:,.0f} MiB")
     for name, size in report.table_bytes.items():

@@ -18,6 +18,7 @@ __all__ = [
     "PAN_LEN_CHARS_MAX",
     "PAN_LEN_CHARS_MIN",
     "PROVINCE_CODES",
+    "age_on",
     "birth_date_of",
     "check_character",
     "gender_of",
@@ -103,6 +104,11 @@ def gender_of(id_number: str) -> str:
     """'male' (odd sequence) or 'female' (even) from a validated-format ID number."""
     s = _format_only(id_number)
     return "male" if int(s[16]) % 2 == 1 else "female"
+
+
+def age_on(born: date, day: date) -> int:
+    """Completed years of age on `day` (a 29 February birthday falls on 1 March in other years)."""
+    return day.year - born.year - ((day.month, day.day) < (born.month, born.day))
 
 
 def birth_date_of(id_number: str) -> date:

@@ -13,7 +13,23 @@ import hashlib
 
 from . import idnumber, sm
 
-__all__ = ["ECARD_KEY_POOL_DEFAULT", "POPULATION_MAX", "Person", "ecard_device_seed", "ecard_pool_seed", "person"]
+__all__ = [
+    "DISABLED_FREE",
+    "DISABLED_HALF",
+    "DISABLED_PER_65536",
+    "ECARD_KEY_POOL_DEFAULT",
+    "ELDERLY",
+    "ELDERLY_MIN_AGE",
+    "ELDERLY_REGISTERED_PER_256",
+    "POPULATION_MAX",
+    "Person",
+    "birth_date",
+    "concession",
+    "concession_kind",
+    "ecard_device_seed",
+    "ecard_pool_seed",
+    "person",
+]
 
 # 11 Chongqing district codes x 30,000 birth dates x 1,000 sequence numbers.
 _AREAS = (
@@ -36,6 +52,13 @@ CARD_AREA = "500100"  # issuing area of the city's cards
 # `cardsvc seed` gives e-card i the device key (i mod pool) of a pool of precomputed keys: deriving an
 # SM2 public key costs ~0.3 ms, too slow for 32 million e-cards (docs/schema.md).
 ECARD_KEY_POOL_DEFAULT = 4096
+
+# Transit concessions `cardsvc seed` registers (docs/transit.md "Concessions"). Birth dates are spread
+# evenly over 1940-2022, so ~27 % of the people are 65 or older in 2026 (Chongqing's census: ~17 %).
+ELDERLY, DISABLED_FREE, DISABLED_HALF = "elderly", "disabled_free", "disabled_half"
+ELDERLY_MIN_AGE = 65  # the fare table's elderly_min_age by default
+ELDERLY_REGISTERED_PER_256 = 205  # ~80 % of those old enough have registered with the card office
+DISABLED_PER_65536 = 1_704  # ~2.6 % hold a disability certificate (China: ~37 of 1,410 million)
 
 _SURNAMES = (
     "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈"
@@ -69,7 +92,7 @@ def person(i: int, seed: bytes = b"cardsvc-demo", ecard_alg: int = sm.ALG_SM2_SM
     """Cardholder number i (0 <= i < POPULATION_MAX)."""
     assert 0 <= i < POPULATION_MAX
     area = _AREAS[i % len(_AREAS)]
-    birth = _BIRTH_START + dt.timedelta(days=(i // len(_AREAS)) % _DAYS)
+    birth = birth_date(i)
     seq = i // (len(_AREAS) * _DAYS)
     digest = hashlib.new("sm3", seed + i.to_bytes(8, "big")).digest()
     name = _SURNAMES[digest[0] % len(_SURNAMES)] + _GIVEN[digest[1] % len(_GIVEN)]
@@ -85,6 +108,31 @@ def person(i: int, seed: bytes = b"cardsvc-demo", ecard_alg: int = sm.ALG_SM2_SM
         ecard_seed=hashlib.new("sm3", b"ecard" + seed + i.to_bytes(8, "big")).digest(),
         ecard_alg=ecard_alg,
     )
+
+
+def birth_date(i: int) -> dt.date:
+    """Cardholder i's birth date (the one in their ID number)."""
+    return _BIRTH_START + dt.timedelta(days=(i // len(_AREAS)) % _DAYS)
+
+
+def concession_kind(digest: bytes, aged: bool) -> str | None:
+    """The concession of the person whose SM3 digest (as in person()) is `digest`; `aged`: 65 or older
+    on the day it is registered. A disability comes first (its fare is never above the elderly one)."""
+    if (digest[8] << 8 | digest[9]) < DISABLED_PER_65536:
+        return DISABLED_FREE if digest[10] & 1 else DISABLED_HALF
+    if aged and digest[11] < ELDERLY_REGISTERED_PER_256:
+        return ELDERLY
+    return None
+
+
+def concession(
+    i: int, on: dt.date, seed: bytes = b"cardsvc-demo", elderly_min_age: int = ELDERLY_MIN_AGE
+) -> str | None:
+    """The concession `cardsvc seed` registers for cardholder i when it seeds on the local date `on`
+    (None: pays the card fare)."""
+    assert 0 <= i < POPULATION_MAX
+    digest = hashlib.new("sm3", seed + i.to_bytes(8, "big")).digest()
+    return concession_kind(digest, idnumber.age_on(birth_date(i), on) >= elderly_min_age)
 
 
 def ecard_pool_seed(j: int, seed: bytes = b"cardsvc-demo") -> bytes:

@@ -34,10 +34,6 @@ __all__ = ["end_concession", "get_concession", "grant_extra_quota", "set_concess
 ELDERLY = "elderly"
 
 
-def _age_on(born: dt.date, day: dt.date) -> int:
-    return day.year - born.year - ((day.month, day.day) < (born.month, born.day))
-
-
 def _rides_left(row: asyncpg.Record, table: fares.FareTable, year: int) -> int | None:
     """The elderly rides left this year (a year not started yet has its full base quota)."""
     if row["kind"] != ELDERLY:
@@ -140,7 +136,7 @@ async def set_concession(
     async with _locked(conn, table, holder_id, now) as (holder, before, year):
         if kind == ELDERLY:
             born = idnumber.birth_date_of(vault.open_id_number(bytes(holder["id_cipher"])))
-            if _age_on(born, _local_today(table, now)) < table.rules.elderly_min_age:
+            if idnumber.age_on(born, _local_today(table, now)) < table.rules.elderly_min_age:
                 raise ApiError(
                     "concession_not_eligible",
                     f"the elderly concession starts at {table.rules.elderly_min_age}",

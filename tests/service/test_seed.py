@@ -14,13 +14,17 @@ from typing import Any
 import asyncpg
 import pytest
 
-from cardsvc import cli, seed
+from cardsvc import cli, localtime, seed
 from cardsvc.security.keys import KeyRing
 from cardsvc.security.pii import PiiVault
-from protocols import ecard, population
+from cardsvc.transit import fares
+from protocols import ecard, idnumber, population
 from tests.helpers import ServiceHarness, scratch_database
+from tests.transit.test_concessions import bus_tap
 
 SEED = "seed-test"
+TABLE = fares.load_demo_table()
+QUOTA = TABLE.rules.elderly_annual_quota
 POOL = 64  # small, so that some seeded e-cards share a device key
 
 
@@ -70,6 +74,36 @@ async def _schema(conn: asyncpg.Connection) -> dict[str, Any]:
     }
 
 
+async def _check_concessions(db: asyncpg.Connection, start: int, stop: int) -> None:
+    """The concession rows and their events are what population.concession derives for the seeding day."""
+    rows = await db.fetch(
+        """SELECT c.holder_id, c.kind, c.quota_year, c.rides_left, c.ended_at, e.op, e.kind_before, e.kind_after,
+                  e.rides_left AS event_rides, e.terminal_id, j.at
+           FROM concession c JOIN concession_event e USING (holder_id)
+           JOIN txn_journal j ON j.card_id = c.holder_id AND j.kind = 4
+           WHERE c.holder_id BETWEEN $1 AND $2 ORDER BY 1""",
+        start + 1,
+        stop,
+    )
+    expected = {}
+    for i in range(start, stop):
+        # the seeding day of this person's load (an --append may be another day)
+        at = await db.fetchval("SELECT at FROM txn_journal WHERE card_id = $1 AND kind = 4", i + 1)
+        kind = population.concession(i, localtime.local_date(at), SEED.encode(), TABLE.rules.elderly_min_age)
+        if kind is not None:
+            expected[i + 1] = kind
+    assert {r["holder_id"]: r["kind"] for r in rows} == expected and len(rows) == len(expected)
+    assert {"elderly", "disabled_free", "disabled_half"} <= set(expected.values())
+    for r in rows:
+        elderly = r["kind"] == "elderly"
+        year = localtime.local_date(r["at"]).year
+        assert (r["quota_year"], r["rides_left"]) == ((year, QUOTA) if elderly else (None, None))
+        assert r["ended_at"] is None
+        assert (r["op"], r["kind_before"], r["kind_after"], r["event_rides"], r["terminal_id"]) == (
+            "set", None, r["kind"], QUOTA if elderly else None, seed.SEED_TERMINAL
+        )
+
+
 async def _row_of(conn: asyncpg.Connection, i: int) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """SELECT h.id_hash, h.id_cipher, h.name_cipher, h.id_masked, h.name_masked, c.card_no, c.card_sn,
@@ -88,7 +122,7 @@ def test_row_maker_equals_population_and_vault(keys: KeyRing) -> None:
     make = seed.row_maker(keys.pii_hash_key, keys.pii_enc_key, b"x", pool, dt.date(2036, 1, 1), dt.datetime.now(dt.UTC))
     starts = [0, 330_000 - 3, 36**4 - 2, 36**5 - 1, 123_456_789, population.POPULATION_MAX - 4]
     for start in starts:
-        holders, cards, ecards, purses, journal = make(start, start + 4)
+        holders, cards, ecards, purses, journal, _, _ = make(start, start + 4)
         by_card = {e[1]: e for e in ecards}
         for k, i in enumerate(range(start, start + 4)):
             p = population.person(i, b"x")
@@ -107,6 +141,42 @@ def test_row_maker_equals_population_and_vault(keys: KeyRing) -> None:
     assert make(7, 8)[0][0][2] != make(7, 8)[0][0][2]
 
 
+def test_row_maker_registers_the_concessions_population_derives(keys: KeyRing) -> None:
+    """Concessions as population.concession gives them, as of the seeding day: the elderly only from
+    the fare table's age (a birthday on the day counts), with the table's quota for that year."""
+    on = dt.date(2026, 11, 30)
+    pool = seed.device_public_keys(b"x", 1)
+    at = dt.datetime(2026, 11, 30, 1, 0, tzinfo=dt.UTC)
+    # People 0..10 are born 1940-01-01, every 11th person one day later: 0..~230,000 cover 1940-1997.
+    start, stop = 0, 240_000
+    for min_age, quota in ((65, 1200), (70, 900)):
+        make = seed.row_maker(
+            keys.pii_hash_key, keys.pii_enc_key, b"x", pool, dt.date(2036, 1, 1), at,
+            on=on, elderly_min_age=min_age, elderly_quota=quota,
+        )  # fmt: skip
+        _, _, _, _, _, concessions, events = make(start, stop)
+        got = {c[0] - 1: c for c in concessions}
+        for i in range(start, stop):
+            kind = population.concession(i, on, b"x", elderly_min_age=min_age)
+            assert (got[i][1] if i in got else None) == kind, i
+        elderly = [c for c in concessions if c[1] == "elderly"]
+        assert {(c[2], c[3]) for c in elderly} == {(2026, quota)}
+        assert {(c[2], c[3]) for c in concessions if c[1] != "elderly"} == {(None, None)}
+        assert [(e[0], e[2], e[3]) for e in events] == [(c[0], c[1], c[3]) for c in concessions]
+        assert {(e[1], e[4], e[5]) for e in events} == {("set", seed.SEED_TERMINAL, at)}
+        # Everyone registered elderly is old enough on the day, and the youngest of them turns it that day.
+        ages = [idnumber.age_on(population.birth_date(c[0] - 1), on) for c in elderly]
+        assert min(ages) == min_age
+        born_today = [
+            i for i in range(start, stop) if population.birth_date(i) == on.replace(year=on.year - min_age)
+        ]
+        assert born_today and any(i in got and got[i][1] == "elderly" for i in born_today)
+        assert all(got[i][1] != "elderly" for i in range(start, stop)
+                   if i in got and idnumber.age_on(population.birth_date(i), on) < min_age)  # fmt: skip
+        kinds = [c[1] for c in concessions]
+        assert {"elderly", "disabled_free", "disabled_half"} <= set(kinds)
+
+
 async def test_seed_loads_the_derived_population(
     svc: ServiceHarness, db: asyncpg.Connection, keys: KeyRing, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,6 +190,7 @@ async def test_seed_loads_the_derived_population(
                   (SELECT count(*) FROM txn_journal) AS journal"""
     )
     assert dict(counts) == {"holders": 2000, "cards": 2000, "ecards": 1600, "purses": 2000, "journal": 2000}
+    await _check_concessions(db, 0, 2000)
 
     # Same indexes, constraints (validated), partition attachments and storage options as migrated.
     assert await _schema(db) == before
@@ -183,6 +254,19 @@ async def test_seed_loads_the_derived_population(
     r = await svc.get(f"/v1/purses/{population.person(5, SEED.encode()).card_no}", as_="ops")
     assert r.status == 200 and r.body["balance_fen"] == seed.OPENING_FEN, r.body
 
+    # A seeded concession rides as one the card office registered: the elderly free within the quota,
+    # the disabled_half at half the full fare.
+    on = localtime.local_date(await db.fetchval("SELECT min(at) FROM txn_journal"))
+    kinds = {i: population.concession(i, on, SEED.encode()) for i in range(2000)}
+    old = next(i for i, k in kinds.items() if k == "elderly")
+    half = next(i for i, k in kinds.items() if k == "disabled_half")
+    ans = await bus_tap(svc, population.person(old, SEED.encode()).card_sn)
+    assert ans["fare_fen"] == 0 and "elderly_free" in ans["rules"], ans
+    r = await svc.get(f"/v1/holders/{old + 1}/concession", as_="ops")
+    assert r.status == 200 and r.body["elderly_rides_left"] == QUOTA - 1, r.body
+    ans = await bus_tap(svc, population.person(half, SEED.encode()).card_sn)
+    assert ans["fare_fen"] == TABLE.bus_lines["bus-105"].fare_fen // 2, ans
+
     # The service carries on after a seed: new holders, cards and e-cards get fresh ids.
     c = await svc.new_card()
     assert await db.fetchval("SELECT max(holder_id) FROM cardholder") == 2001
@@ -212,6 +296,7 @@ async def test_refuses_a_registry_with_cards_unless_append(
     assert "indices 300..499" in capsys.readouterr().out
     assert await db.fetchval("SELECT count(*) FROM card") == 500
     assert await _schema(db) == before
+    await _check_concessions(db, 0, 500)
     vault = PiiVault(keys)
     for i in (300, 499):
         r = await _row_of(db, i)
