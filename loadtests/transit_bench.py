@@ -804,6 +804,13 @@ def render_section(d: dict[str, Any]) -> str:
         "| --- | ---: |",
         f"| cards in the registry | {_fmt(d['cards'])} |",
         f"| seed time (`cardsvc seed`) | {_fmt(d['seed_seconds'])} s{' (reused data dir: recorded time)' if t['seed']['reused'] else ''} |",
+        "| holders with a transit concession | "
+        + (
+            "not recorded"
+            if t.get("concessions") is None
+            else ", ".join(f"{k} {_fmt(v)}" for k, v in t["concessions"].items()) or "none"
+        )
+        + " |",
         f"| pgbench TPC-B (scale {s['tpcb_scale']}, {s['tpcb_clients']} clients, prepared, {s['tpcb_seconds']:g} s): "
         f"the reference | {_fmt(tpcb)} TPS |",
         *(
@@ -1314,6 +1321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "journal_topup_rows": rows["topup"],
     }
     print(reconciliation, flush=True)
+    concessions = {
+        r["kind"]: int(r["n"])
+        for r in fetch(
+            dsn, "SELECT kind, count(*) AS n FROM concession WHERE ended_at IS NULL GROUP BY kind ORDER BY kind"
+        )
+    }
     if not was_running:
         cmds.show(["cardsvc", "db", "stop"], env)
         pg.stop()
@@ -1457,6 +1470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "regions": dataclasses.asdict(split),
         },
         "seed": seeded,
+        "concessions": concessions,
         "tpcb": tpcb,
         "bare": results["bare"],
         "peak_online": peak,

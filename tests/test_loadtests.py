@@ -161,6 +161,20 @@ def test_the_report_section_replaces_only_its_markers() -> None:
     assert second.count(transit_bench.MARK_BEGIN) == 1
 
 
+def test_the_report_says_which_concessions_the_registry_held() -> None:
+    committed = orjson.loads((ROOT / "docs" / "benchmarks.json").read_bytes())
+    committed["transit"].pop("concessions", None)
+
+    def line(d: dict[str, object]) -> str:
+        return next(x for x in transit_bench.render_section(d).splitlines() if "transit concession" in x)
+
+    assert line(committed).endswith("| not recorded |")  # a report from before the count was kept
+    committed["transit"]["concessions"] = {}
+    assert line(committed).endswith("| none |")
+    committed["transit"]["concessions"] = {"disabled_free": 1_040_000, "elderly": 8_560_123}
+    assert line(committed).endswith("| disabled_free 1,040,000, elderly 8,560,123 |")
+
+
 def test_wrk_output_is_read() -> None:
     out = """  Latency Distribution
      50%    3.21ms
