@@ -19,11 +19,14 @@ One batch is one transaction:
 If a concurrent writer took a key between steps 1–2 and 4 (a retry racing its original on another worker,
 or the same card answer at the card-auth endpoint), the write notices (`ON CONFLICT DO NOTHING` returns
 fewer rows), the transaction rolls back and the batch runs again: it then sees the other's answer.
-Step 2 locks only the purses; the card row and the holder's elderly quota come from its snapshot, taken
-before any wait for a lock. A card-office change that held a purse lock and committed during that wait (a
-replacement that moved the purse and killed the card, a quota grant) is not in what it read, so the write
-is a compare-and-set on both: the card row's version and the quota's values. If either changed, the
-batch runs again on the new rows (and a replaced card is then refused).
+Step 2 locks only the purses; the card row comes from its snapshot, taken before any wait for a lock. A
+card-office change that held a purse lock and committed during that wait (a replacement that moved the
+purse and killed the card) is not in what it read, so the write is a compare-and-set on the card row's
+version: if it changed, the batch runs again on the new rows (and a replaced card is then refused). The
+concessions the snapshot shows are read again, locked, once the purses are (`_QUOTA_SQL`): another batch
+of the same holder (several gates uploading one rider's rides), an extra-rides grant or an end that
+committed during the wait is then seen at once, instead of costing an attempt (elderly) or being missed
+(an ended disability concession). The quota's write is a compare-and-set too.
 """
 
 from __future__ import annotations
@@ -235,6 +238,15 @@ ORDER BY c.card_id
 FOR UPDATE OF p
 """
 
+# The concessions of the holders the lock statement saw with one, current and locked: every writer of a
+# concession holds its holder's purse locks first (taps, the card office), so this never waits for long.
+_QUOTA_SQL = """
+SELECT holder_id, kind AS concession, rides_left, quota_year FROM concession
+WHERE holder_id = ANY($1::bigint[]) AND ended_at IS NULL
+ORDER BY holder_id
+FOR UPDATE
+"""
+
 _NO_PURSE_SQL = """
 SELECT card_id, card_sn FROM card WHERE card_sn = ANY($1::text[]) OR card_id = ANY($2::bigint[])
 """
@@ -326,17 +338,19 @@ def _stored(row: asyncpg.Record, item: TapItem) -> TapOutcome:
 
 
 def _concession(
-    row: asyncpg.Record, table: fares.FareTable, year: int
+    row: Any, table: fares.FareTable, year: int
 ) -> tuple[fares.Concession, int | None]:
-    kind = row["concession"]
+    kind = row["concession"] if row is not None else None
     if kind is None:
         return fares.NO_CONCESSION, None
     if kind != "elderly":
         return fares.Concession(kind), row["quota_year"]
-    rides = row["rides_left"]
-    if row["quota_year"] != year:  # a new calendar year: a fresh quota
-        rides = fares.elderly_quota_for_year(table, extra_granted=False)
-    return fares.Concession("elderly", max(0, rides or 0)), year
+    rides, quota_year = row["rides_left"], row["quota_year"]
+    if quota_year is None or quota_year < year:  # a new calendar year: a fresh quota
+        rides, quota_year = fares.elderly_quota_for_year(table, extra_granted=False), year
+    # A year ahead of the batch's is the current one: the batch took its clock before a lock wait across
+    # the local New Year, and a writer after midnight (a ride, the extra rides) started the new year.
+    return fares.Concession("elderly", max(0, rides or 0)), quota_year
 
 
 class _Batch:
@@ -488,6 +502,10 @@ async def _attempt(
     }
     today = fares.local_day(table, int(now.timestamp()))
     year = today.year
+    with_concession = sorted({r["holder_id"] for r in rows if r["concession"] is not None})
+    current = (
+        {q["holder_id"]: q for q in await conn.fetch(_QUOTA_SQL, with_concession)} if with_concession else {}
+    )
     cards_by_id: dict[int, _Card] = {}
     by_sn: dict[str, _Card] = {}
     formally_lost: list[_Card] = []
@@ -495,9 +513,14 @@ async def _attempt(
     for r in rows:
         quota = quotas.get(r["holder_id"])
         if quota is None:
-            concession, quota_year = _concession(r, table, year)
+            q = current.get(r["holder_id"]) if r["concession"] is not None else r
+            concession, quota_year = _concession(q, table, year)
             quota = quotas[r["holder_id"]] = _Quota(
-                r["holder_id"], concession, quota_year, r["rides_left"], r["quota_year"]
+                r["holder_id"],
+                concession,
+                quota_year,
+                q["rides_left"] if q is not None else None,
+                q["quota_year"] if q is not None else None,
             )
         status = effective_status(r["status"], r["temp_loss_until"], now)
         usable = status == CardStatus.ACTIVE and not r["app_locked"] and r["expires_on"] >= today
