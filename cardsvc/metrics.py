@@ -61,8 +61,9 @@ HTTP_REQUESTS_IN_FLIGHT = Gauge(
 )
 VERIFICATIONS = Counter(
     "cardsvc_credential_verifications_total",
-    "Credential verifications by kind (card_cryptogram, ecard_code) and outcome "
-    "(ok, forged, replayed, expired, malformed, card_unusable, unknown_card).",
+    "Credential verifications by kind (card_cryptogram, ecard_code, ride_code; at the credential endpoints, "
+    "online taps and ride uploads) and outcome (ok, forged, replayed, expired, malformed, card_unusable, "
+    "unknown_card).",
     ["kind", "outcome"],
 )
 VERIFICATION_DURATION = Histogram(

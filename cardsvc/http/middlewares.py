@@ -131,6 +131,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         REQUEST_ID.reset(token)
 
 
+# A lock not granted within the pool's lock_timeout (a row held by a long transaction), a deadlock or a
+# serialization failure that outlasted its retries: the transaction rolled back, so a retry is safe.
+_CONTENDED = frozenset({"55P03", "40P01", "40001"})
+
+
 async def _answer(request: web.Request, handler: Handler, rid: str, route: str) -> web.StreamResponse:
     retry = {"Retry-After": "2"}
     try:
@@ -151,6 +156,9 @@ async def _answer(request: web.Request, handler: Handler, rid: str, route: str) 
     except asyncpg.PostgresError as exc:
         if exc.sqlstate and exc.sqlstate.startswith(("08", "57P")):
             return problem_response(ApiError("db_unavailable", headers=retry), rid)
+        if exc.sqlstate in _CONTENDED:  # rolled back, nothing changed: the same request may be sent again
+            log.warning("database contention", extra={"route": route, "sqlstate": exc.sqlstate})
+            return problem_response(ApiError("timeout", headers=retry), rid)
         log.exception("database error", extra={"route": route, "sqlstate": exc.sqlstate})
         return problem_response(ApiError("internal"), rid)
     except Exception:

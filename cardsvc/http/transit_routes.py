@@ -19,6 +19,28 @@ from .routes import _actor, _card_no, _json, _parse
 
 __all__ = ["setup_transit_routes"]
 
+# A tap's or an uploaded ride's credential, counted with the verifications of the credential endpoints
+# (cardsvc_credential_verifications_total, which the forged-or-replayed alert watches): a clone at a
+# validator is the case that matters most. Declines that say nothing about the credential (a tap stamped
+# outside the clock window, a ride too old) are not verifications.
+_CREDENTIAL_KINDS = {"card": "card_cryptogram", "ecard_code": "ecard_code", "ride_code": "ride_code"}
+_CREDENTIAL_OUTCOMES: dict[str | None, str | None] = {
+    "credential_forged": "forged",
+    "credential_replayed": "replayed",
+    "credential_expired": "expired",
+    "credential_malformed": "malformed",
+    "card_unusable": "card_unusable",
+    "unknown_card": "unknown_card",
+    "tap_time_out_of_window": None,
+    rides.DECLINE_RIDE_TIME: None,
+}
+
+
+def _count_credential(kind: str, reason: str | None) -> None:
+    outcome = _CREDENTIAL_OUTCOMES.get(reason, "ok")
+    if outcome is not None:
+        metrics.VERIFICATIONS.labels(kind, outcome).inc()
+
 
 @operation("transit.tap")
 @nonce_in_handler
@@ -37,6 +59,8 @@ async def tap(request: web.Request) -> web.Response:
     if outcome.result == "replayed":
         raise replayed()
     metrics.TAPS.labels(body["mode"], outcome.result, outcome.reason or "").inc()
+    if not outcome.replayed_answer and outcome.result != "conflict":
+        _count_credential(_CREDENTIAL_KINDS[body["credential"]], outcome.reason)
     if outcome.result == "conflict":
         raise ApiError("idempotency_conflict", field="terminal_seq")
     return _json({**outcome.to_json(), "replayed_answer": outcome.replayed_answer})
@@ -123,6 +147,8 @@ async def ride_batch(request: web.Request) -> web.Response:
     for r, o in zip(batch.records, outcomes, strict=True):
         if not o.replayed_answer:
             metrics.UPLOADED_RECORDS.labels("ridecode", o.result, o.reason or "").inc()
+            if o.result != "conflict":
+                _count_credential("ride_code", o.reason)
         out.append({"gate_seq": r.gate_seq, **o.to_json(), "replayed_answer": o.replayed_answer})
     return _json({"gate_id": batch.gate_id, "batch_id": batch.batch_id, "records": out})
 

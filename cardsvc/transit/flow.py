@@ -22,7 +22,7 @@ from cardsvc.services import Services
 from protocols import card, ecard, ridecode, sm
 from protocols.errors import CodecError
 
-from . import fares
+from . import fare_table, fares
 from .context import TransitContext
 from .taps import KIND_TOPUP, SOURCE_OFFICE, SOURCE_RIDECODE, TapItem, request_hash
 
@@ -64,10 +64,16 @@ async def build_tap_item(
             )
         if body["station_id"] not in ctx.table.stations:
             raise ApiError("invalid_field", "unknown station", field="station_id")
+        if body["line_id"] not in ctx.table.place_lines[fare_table.place_of(ctx.table, body["station_id"])]:
+            raise ApiError("invalid_field", "this metro line does not serve the station", field="line_id")
     elif body["direction"] != "single":
         raise ApiError("invalid_field", "a bus tap has direction single", field="direction")
     elif body["line_id"] not in ctx.table.bus_lines:
         raise ApiError("invalid_field", "unknown bus line", field="line_id")
+    elif body["station_id"] is not None:
+        # The fare table has no bus stops: an id here could not be checked, yet would reach the journal
+        # and the operator's clearing file.
+        raise ApiError("invalid_field", "a bus tap has no station_id", field="station_id")
     tap = fares.Tap(body["time"], body["mode"], body["line_id"], body["station_id"], body["direction"])
     base = {
         "terminal_id": terminal_id,

@@ -40,6 +40,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from cardsvc.errors import ApiError
 from cardsvc.flows.views import effective_status
 from cardsvc.store.batcher import columns
 from protocols.card import CardStatus
@@ -77,6 +78,9 @@ BATCH_ATTEMPTS_MAX = 3
 
 class _Retry(Exception):
     pass
+
+
+_RETRY = {"Retry-After": "2"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -658,9 +662,10 @@ async def process_taps(
             try:
                 async with conn.transaction():
                     return await _attempt(conn, table, items, now)
-            except _Retry:
+            except _Retry as exc:
                 if attempt == BATCH_ATTEMPTS_MAX - 1:
-                    raise
+                    # Rolled back every time: nothing was written, the taps may be sent again (503).
+                    raise ApiError("timeout", "the batch kept meeting concurrent changes", headers=_RETRY) from exc
             except asyncpg.DeadlockDetectedError:
                 if attempt == BATCH_ATTEMPTS_MAX - 1:
                     raise

@@ -27,6 +27,7 @@ from tests.helpers import (
     replacement_body,
     until_lock_waits,
 )
+from tests.service.test_credentials import delta, verifications
 
 TABLE = fares.load_demo_table()
 BUS_FARE = fares.card_price_fen(TABLE.bus_lines["bus-105"].fare_fen, TABLE.rules.card_discount_percent)
@@ -322,6 +323,30 @@ async def test_temporary_loss_is_refused_from_the_very_next_tap(svc: ServiceHarn
     assert (await tap(svc, tap_body(svc, c["card_sn"])))["result"] == "approved"
 
 
+async def test_a_purse_locked_past_the_lock_timeout_answers_503_and_changes_nothing(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A purse row held longer than the pool's lock_timeout (3 s) by another transaction: the tap and the
+    top-up waiting for it are rolled back and answered 503 `timeout` with Retry-After, not 500; sent again
+    once the lock is gone, they go through under the same sequence numbers."""
+    c = await funded_card(svc, 1000)
+    body = tap_body(svc, c["card_sn"])
+    top = {"terminal_seq": next(_seq), "amount_fen": 100, "channel": "cash", "operator": "staff-1"}
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", c["card_id"])
+        before = await money_state(db)
+        waited = await asyncio.gather(
+            svc.post("/v1/transit/taps", body, as_="transit_validator"),
+            svc.post(f"/v1/purses/{c['card_no']}/top-ups", top),
+        )
+        assert [(r.status, r.body["code"]) for r in waited] == [(503, "timeout")] * 2, [r.body for r in waited]
+        assert all(r.headers.get("Retry-After") for r in waited)
+        assert await money_state(db) == before
+    assert (await tap(svc, body))["result"] == "approved"  # the same tap again: its card answer unused
+    r = await svc.post(f"/v1/purses/{c['card_no']}/top-ups", top)
+    assert r.status == 200 and r.body["balance_fen"] == 1000 - 180 + 100, r.body
+
+
 async def test_a_tap_that_waited_for_a_replacement_is_refused_not_charged_to_the_dead_card(
     svc: ServiceHarness, db: asyncpg.Connection
 ) -> None:
@@ -377,6 +402,7 @@ async def test_the_replacement_card_carries_the_fare_state_on(svc: ServiceHarnes
 
 async def test_forged_expired_and_replayed_card_credentials(svc: ServiceHarness, db: asyncpg.Connection) -> None:
     c = await funded_card(svc, 1000)
+    before = await verifications(svc)
     forged = tap_body(svc, c["card_sn"])
     forged["cryptogram"] = ("0" if forged["cryptogram"][0] != "0" else "1") + forged["cryptogram"][1:]
     await declined(svc, db, forged, "credential_forged")
@@ -388,6 +414,15 @@ async def test_forged_expired_and_replayed_card_credentials(svc: ServiceHarness,
     replay = {**body, "terminal_seq": next(_seq)}  # the same card answer under a new terminal sequence
     await declined(svc, db, replay, "credential_replayed")
     assert await svc.balance(c["card_no"]) == 820
+    # Counted with every other credential check, which the forged-or-replayed alert watches; a retry of
+    # an answered tap (its stored answer) is not a second check.
+    assert (await tap(svc, body))["replayed_answer"] is True
+    assert delta(before, await verifications(svc)) == {
+        ("card_cryptogram", "forged"): 1,
+        ("card_cryptogram", "expired"): 1,
+        ("card_cryptogram", "ok"): 1,
+        ("card_cryptogram", "replayed"): 1,
+    }
 
 
 async def test_unknown_card(svc: ServiceHarness, db: asyncpg.Connection) -> None:
@@ -478,6 +513,9 @@ async def test_ride_code_rides_on_credit_up_to_the_certificate_limit(svc: Servic
         ({"line_id": "bus-999"}, "line_id"),
         ({"mode": "metro", "line_id": "L1", "station_id": "l1-chaotianmen", "direction": "single"}, "direction"),
         ({"credential": "ecard_code"}, "code"),
+        # a line that does not serve the station: not a stored fare_input_invalid decline
+        ({"mode": "metro", "line_id": "L2", "station_id": "l1-chaotianmen", "direction": "in"}, "line_id"),
+        ({"station_id": "no-such-stop"}, "station_id"),  # no bus stops in the fare table to check it
     ],
 )
 async def test_bad_input_is_refused_with_nothing_changed(
