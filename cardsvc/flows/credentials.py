@@ -26,13 +26,11 @@ from cardsvc.services import Services
 from protocols import card, ecard
 from protocols.errors import CodecError
 
+from .credential_use import KIND_CARD_CRYPTOGRAM, KIND_ECARD_CODE, KIND_RIDE_CODE
 from .views import CARD_VIEW_COLUMNS, CARD_VIEW_FROM, card_view, usable
 
 __all__ = ["KIND_CARD_CRYPTOGRAM", "KIND_ECARD_CODE", "KIND_RIDE_CODE", "verify_card", "verify_ecard_code"]
 
-KIND_CARD_CRYPTOGRAM = 1
-KIND_ECARD_CODE = 2
-KIND_RIDE_CODE = 3  # token = cert_serial << 32 | counter (cardsvc/transit: ride codes)
 _ECARD_ID_MAX = 2**31 - 1  # token = ecard_id << 32 | counter must fit a bigint
 
 _OUTCOME_CODES = {

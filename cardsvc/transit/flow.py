@@ -144,8 +144,8 @@ async def _ecard_item(svc: Services, body: dict[str, Any], base: dict[str, Any],
     )
     if not await svc.run_in_signature_pool(ecard.verify_code, code, bytes(row["device_key"])):
         return dataclasses.replace(item, declined="credential_forged", cred_kind=None, cred_token=None)
-    if row["revoked_at"] is not None:
-        return dataclasses.replace(item, declined="card_unusable")
+    # A revoked e-card is refused by the batch, which reads revocations once it holds the purse locks: a
+    # revocation that commits while this tap waits is seen there (`card_unusable`, `card_status` revoked).
     return item
 
 

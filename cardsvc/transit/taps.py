@@ -41,6 +41,7 @@ import asyncpg
 import orjson
 
 from cardsvc.errors import ApiError
+from cardsvc.flows.credential_use import KIND_ECARD_CODE
 from cardsvc.flows.views import effective_status
 from cardsvc.store.batcher import columns
 from protocols.card import CardStatus
@@ -249,6 +250,12 @@ SELECT holder_id, kind AS concession, rides_left, quota_year FROM concession
 WHERE holder_id = ANY($1::bigint[]) AND ended_at IS NULL
 ORDER BY holder_id
 FOR UPDATE
+"""
+
+# The batch's e-cards revoked by now, read once the purses are locked: an e-card revoked while its tap
+# waited in the queue or for a lock is refused, not charged (the handler's check ran before the wait).
+_REVOKED_ECARDS_SQL = """
+SELECT ecard_id FROM ecard WHERE ecard_id = ANY($1::bigint[]) AND revoked_at IS NOT NULL
 """
 
 _NO_PURSE_SQL = """
@@ -510,6 +517,10 @@ async def _attempt(
     current = (
         {q["holder_id"]: q for q in await conn.fetch(_QUOTA_SQL, with_concession)} if with_concession else {}
     )
+    ecard_ids = sorted(
+        {i.cred_token >> 32 for i in items if i.cred_kind == KIND_ECARD_CODE and i.cred_token is not None}
+    )
+    revoked = {r["ecard_id"] for r in await conn.fetch(_REVOKED_ECARDS_SQL, ecard_ids)} if ecard_ids else set()
     cards_by_id: dict[int, _Card] = {}
     by_sn: dict[str, _Card] = {}
     formally_lost: list[_Card] = []
@@ -597,6 +608,9 @@ async def _attempt(
                 continue
             used.add(cred)
             batch.creds.append(cred)
+        if item.cred_kind == KIND_ECARD_CODE and item.cred_token is not None and item.cred_token >> 32 in revoked:
+            outcomes.append(batch.answer(item, card_id, _decline("card_unusable", card_status="revoked")))
+            continue
         if not _usable_for(card, item, table):
             outcomes.append(batch.answer(item, card_id, _decline("card_unusable", card_status=card.status)))
             continue

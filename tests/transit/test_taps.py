@@ -452,6 +452,29 @@ async def test_ecard_code_tap(svc: ServiceHarness, db: asyncpg.Connection) -> No
     assert await svc.balance(c["card_no"]) == 820
 
 
+async def test_an_ecard_revoked_before_or_while_its_tap_waits_is_refused(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    c = await funded_card(svc, 1000)
+    device = await svc.new_ecard(c["card_no"])
+    code = device.next_code(int(time.time()))
+    async with db.transaction():  # something holds the purse (a batch, a top-up): the tap waits for it
+        await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", c["card_id"])
+        pending = asyncio.create_task(tap(svc, tap_body(svc, None, credential={"credential": "ecard_code", "code": code})))
+        await until_lock_waits(db)
+        r = await svc.post(f"/v1/ecards/{device.ecard_id}/revoke", {"operator": "staff-1"}, as_="ecard_channel")
+        assert r.status == 200 and r.body["status"] == "revoked", r.body
+        assert not pending.done()
+    ans = await pending  # the revocation answered first: the tap must not be charged
+    assert (ans["result"], ans["reason"], ans.get("card_status")) == ("declined", "card_unusable", "revoked"), ans
+    later = await declined(
+        svc, db, tap_body(svc, None, credential={"credential": "ecard_code", "code": device.next_code(int(time.time()))}),
+        "card_unusable",
+    )  # fmt: skip
+    assert later["card_status"] == "revoked"
+    assert await svc.balance(c["card_no"]) == 1000
+
+
 async def ride_phone(svc: ServiceHarness, card_no: str) -> ridecode.RidePhone:
     key = sm.sm2_generate()
     r = await svc.post(
