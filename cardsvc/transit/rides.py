@@ -34,12 +34,13 @@ from protocols.ridecode import RideBatch, RideRecord
 from . import fares
 from .context import TransitContext
 from .flow import _GATE_DECLINES, ISSUER_KEY_ID, KIND_RIDE_CODE
-from .taps import SOURCE_RIDECODE, TapItem, TapOutcome, process_taps, stop_times
+from .taps import SOURCE_RIDECODE, ReplacedMeanwhile, TapItem, TapOutcome, process_taps, stop_times
 
 __all__ = ["RIDE_AGE_S_MAX", "charge_rides", "ride_items", "ride_tap"]
 
 RIDE_AGE_S_MAX = limits.UPLOAD_AGE_S_MAX
 DECLINE_RIDE_TIME = "ride_time_out_of_range"
+RESOLVE_ATTEMPTS_MAX = 3  # look-ups of a chunk's cards, when a replacement commits in between
 
 
 def ride_tap(r: RideRecord) -> fares.Tap:
@@ -125,6 +126,7 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
         # the end of a journey entered before it only (Tap.entered_before, as after a loss report). Later
         # rides stay the old card's, declined.
         card_id = cert.account_id
+        base["resolved_unreplaced"] = row["replaced_by"] is None
         if row["replaced_by"] is not None:
             stop = stops.get(card_id, float("-inf"))
             if r.time < stop:
@@ -149,10 +151,21 @@ async def charge_rides(
 ) -> list[TapOutcome]:
     """Verify and charge an upload; one outcome per ride, in batch order. Chunks of at most
     settings.batch_items_max rides, each one transaction of the tap engine."""
-    items = await ride_items(svc, ctx, batch, now or dt.datetime.now(dt.UTC))
+    at = now or dt.datetime.now(dt.UTC)
+    items = await ride_items(svc, ctx, batch, at)
     chunk = max(1, svc.settings.batch_items_max)
     outcomes: list[TapOutcome] = []
     for start in range(0, len(items), chunk):
         part: Sequence[TapItem] = items[start : start + chunk]
-        outcomes.extend(await process_taps(svc.pool, ctx.table, part))
+        for attempt in range(RESOLVE_ATTEMPTS_MAX):
+            try:
+                outcomes.extend(await process_taps(svc.pool, ctx.table, part))
+                break
+            except ReplacedMeanwhile:
+                # A card was replaced between the look-up above and the batch's lock: look again, so a ride
+                # taken before the replacement goes to the new card (nothing of this chunk was written).
+                if attempt == RESOLVE_ATTEMPTS_MAX - 1:
+                    raise
+                records = batch.records[start : start + chunk]
+                part = await ride_items(svc, ctx, dataclasses.replace(batch, records=records), at)
     return outcomes

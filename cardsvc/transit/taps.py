@@ -81,7 +81,14 @@ class _Retry(Exception):
     pass
 
 
+class ReplacedMeanwhile(Exception):
+    """A `TapItem.resolved_unreplaced` item's card was replaced by the time the batch locked it: the batch
+    is rolled back and its caller resolves the rides again (a ride before the replacement goes to the new
+    card, docs/transit.md)."""
+
+
 _RETRY = {"Retry-After": "2"}
+_REPLACED = CardStatus.REPLACED.api_name
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,6 +109,9 @@ class TapItem:
     source: int = SOURCE_ONLINE  # txn_journal.source of the debit (SOURCE_RIDECODE for a ride code)
     # The signed request's nonce, recorded by the batch (None: the caller recorded it).
     nonce: str | None = None
+    # rides.py named the card while it was not replaced; if it is by the time of the lock, the batch raises
+    # ReplacedMeanwhile instead of refusing the ride on the dead card.
+    resolved_unreplaced: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -611,6 +621,8 @@ async def _attempt(
         if item.cred_kind == KIND_ECARD_CODE and item.cred_token is not None and item.cred_token >> 32 in revoked:
             outcomes.append(batch.answer(item, card_id, _decline("card_unusable", card_status="revoked")))
             continue
+        if item.resolved_unreplaced and card.status == _REPLACED:
+            raise ReplacedMeanwhile()
         if not _usable_for(card, item, table):
             outcomes.append(batch.answer(item, card_id, _decline("card_unusable", card_status=card.status)))
             continue

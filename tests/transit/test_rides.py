@@ -17,8 +17,10 @@ import asyncpg
 import pytest
 
 from cardsvc.app import maintenance_once
+from cardsvc.http.keys import SERVICES
 from cardsvc.store.pool import create_pool
 from cardsvc.transit import fares, sweep
+from cardsvc.transit import rides as rides_mod
 from cardsvc.transit.taps import KIND_FARE, KIND_PENALTY, SOURCE_RIDECODE, SOURCE_SWEEP
 from protocols import ridecode, sm
 from protocols.ridecode import RideBatch, RideRecord
@@ -548,6 +550,36 @@ async def test_a_loss_report_declines_the_rides_after_it_not_those_before(
     assert (replayed["result"], replayed["reason"]) == ("declined", "credential_replayed"), replayed
     assert (gone["result"], gone["reason"]) == ("declined", "card_unusable"), gone
     assert await svc.balance(body["new_card_no"]) == moved - BUS_FARE
+
+
+async def test_a_replacement_committed_during_an_upload_sends_the_ride_to_the_new_card(
+    svc: ServiceHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload looks the certificates' cards up, then charges chunk by chunk. A replacement that commits
+    in between (here: just before the first chunk's batch) is not a reason to refuse a ride taken before
+    it: the batch notices the card is replaced, writes nothing, and the chunk is looked up again, so the
+    ride goes to the new card like one uploaded after the replacement."""
+    c, phone, _ = await rider(svc)
+    at = int(time.time()) - 60
+    body = replacement_body()
+    real = rides_mod.process_taps
+    calls = []
+
+    async def replaced_first(pool: Any, table: Any, items: Any) -> Any:
+        if not calls:
+            r = await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "staff-1"})
+            assert r.status == 200, r.body
+        calls.append([i.card_id for i in items])
+        return await real(pool, table, items)
+
+    monkeypatch.setattr(rides_mod, "process_taps", replaced_first)
+    [charged] = await upload(svc, [gate_record(svc, phone.next_code(at), at)])
+    assert (charged["result"], charged["fare_fen"]) == ("approved", BUS_FARE), charged
+    new_id = await svc.app[SERVICES].pool.fetchval("SELECT card_id FROM card WHERE card_no = $1", body["new_card_no"])
+    assert [ids[0] for ids in calls][-1] == new_id and len(calls) == 2, calls  # looked up again, once
+    assert await svc.balance(body["new_card_no"]) == 1000 - BUS_FARE
+    for row in await purse_vs_journal(svc.dsn):
+        assert row["balance_fen"] == row["journal"], dict(row)
 
 
 async def test_a_journey_entered_before_a_loss_report_ends_at_its_exit(svc: ServiceHarness) -> None:
