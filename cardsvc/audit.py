@@ -10,16 +10,22 @@ Checks (docs/operations.md explains each and what to do when it fails):
 
 - purse_balances: each purse balance equals the sum of its journal rows; no journal rows without a purse;
 - purse_overdraft: no purse below -purse_overdraft_fen. Two kinds of purse may be lower and are counted
-  separately, not failed: a card with a ride-code certificate, down to -ride_credit_limit_fen (post-paid
-  rides), and a purse with accepted offline debits (the card's own balance allowed them; the back office
-  purse is a shadow of the card's and can fall behind it). Such offline shadow overdraft is shown as a count
-  and an amount owed;
+  separately, not failed: a purse whose card, or a card it replaced, has a ride-code certificate, down to
+  -ride_credit_limit_fen (post-paid rides, charged to the new card when taken before a replacement); and a
+  purse whose accepted offline debits explain the rest (without them it would be within its limit: the
+  card's own balance allowed them, and the back office purse is a shadow of the card's that can fall
+  behind it). Such offline shadow overdraft is shown as a count and the amount owed beyond the limit. A
+  purse lower than its offline debits explain fails: an online debit took it there;
 - replacement_transfers: transfers through the 'replacement' account net to zero, each with its pair;
 - terminal_txn_journal: every approved terminal transaction has its journal row, and every fare or penalty
   journal row of the tap engine (online taps, uploaded ride-code rides) inside the terminal transactions'
   retention has its terminal transaction;
-- clearing_reports: every clearing report equals the journal aggregate for its operator and day (the rows
-  posted that day, the clearing run's own rule);
+- clearing_reports: every clearing report's count and total equal the journal aggregate for its operator
+  and day (the rows posted that day, the clearing run's own rule). Not its digest: that is SM3 over the
+  file's lines, which would mean streaming every cleared row of every report through the audit (the whole
+  cleared journal, each run) instead of one aggregate per report in PostgreSQL. A change that keeps a
+  day's count and total (two amounts swapped, a row's card or line rewritten) is seen by running the
+  clearing for that day again (MISMATCH);
 - hotlist_versions: hotlist entries are versions 1..head with no gap.
 """
 
@@ -38,7 +44,6 @@ from cardsvc.transit.taps import (
     KIND_FARE,
     KIND_OFFLINE,
     KIND_PENALTY,
-    KIND_RIDECODE,
     SOURCE_ONLINE,
     SOURCE_RIDECODE,
 )
@@ -105,11 +110,40 @@ async def _purse_balances(
                  tuple(samples[:SAMPLES_MAX]))
 
 
+# The purses below the online limit, each with what may explain it (only those few purses are looked at,
+# each through indexes). Its card's lineage: the card and the cards it replaced, following card.replaced_by
+# back through the holder's cards (index card_holder); a replacement moves the purse, debt included.
+# - ride_credit: a ride-code certificate anywhere in the lineage. A ride taken before a replacement is
+#   charged post-paid to the new card (docs/transit.md), which has no certificate of its own.
+# - offline_fen: the accepted offline debits (kind 5, negative) that are in this purse's balance: the
+#   card's own (a replaced card's only after its replacement transfer, which moved the earlier ones on), and
+#   those of each earlier card before its replacement transfer (the transfer carried them here). txn_id
+#   orders one purse's rows: every writer holds the purse row lock. A card replaced with a zero balance
+#   has no transfer to split its rows at: none of its debits are counted (stricter, never looser).
 _OVERDRAFT_SQL = """
-SELECT p.card_id, p.balance_fen,
-       EXISTS (SELECT 1 FROM ride_cert r WHERE r.card_id = p.card_id) AS ride_credit,
-       EXISTS (SELECT 1 FROM txn_journal j WHERE j.card_id = p.card_id AND j.kind = ANY($2::smallint[])) AS offline
-FROM purse p WHERE p.balance_fen < -$1::bigint
+SELECT p.card_id, p.balance_fen, f.ride_credit, f.offline_fen
+FROM purse p
+CROSS JOIN LATERAL (
+    WITH RECURSIVE lineage (card_id, holder_id, replaced_by, depth) AS (
+        SELECT c.card_id, c.holder_id, c.replaced_by, 0 FROM card c WHERE c.card_id = p.card_id
+        UNION ALL
+        SELECT o.card_id, o.holder_id, o.replaced_by, l.depth + 1 FROM lineage l
+        JOIN card o ON o.holder_id = l.holder_id AND o.replaced_by = l.card_id
+        WHERE l.depth < 100
+    )
+    SELECT bool_or(EXISTS (SELECT 1 FROM ride_cert r WHERE r.card_id = l.card_id)) AS ride_credit,
+           coalesce(sum((
+               SELECT sum(j.amount_fen) FROM txn_journal j
+               WHERE j.card_id = l.card_id AND j.kind = $2::smallint
+                 AND CASE WHEN l.depth = 0 THEN l.replaced_by IS NULL OR j.txn_id > t.txn_id
+                          ELSE j.txn_id < t.txn_id END)), 0)::bigint AS offline_fen
+    FROM lineage l
+    LEFT JOIN LATERAL (
+        SELECT min(k.txn_id) AS txn_id FROM txn_journal k
+        WHERE k.card_id = l.card_id AND k.counterparty = 'replacement' AND k.terminal_seq = l.replaced_by
+    ) t ON true
+) f
+WHERE p.balance_fen < -$1::bigint
 ORDER BY p.card_id
 """
 
@@ -119,18 +153,27 @@ async def _overdraft(conn: asyncpg.Connection, settings: Settings) -> Check:
     credit = max(limit, settings.ride_credit_limit_fen)
     below: list[int] = []
     on_credit = shadow = shadow_fen = 0
-    for r in await conn.fetch(_OVERDRAFT_SQL, limit, [KIND_OFFLINE, KIND_RIDECODE]):
-        if r["ride_credit"] and r["balance_fen"] >= -credit:
+    for r in await conn.fetch(_OVERDRAFT_SQL, limit, KIND_OFFLINE):
+        floor = -credit if r["ride_credit"] else -limit
+        if r["balance_fen"] >= floor:
             on_credit += 1
-        elif r["offline"]:
+        elif r["balance_fen"] - r["offline_fen"] >= floor:
+            # Without its offline debits the purse would be within its limit: every online debit was
+            # checked against a balance at least as low as this one, so the offline debits alone (allowed
+            # by the card's own balance, uploaded later) explain the overdraft beyond the limit.
             shadow += 1
-            shadow_fen += -r["balance_fen"] - limit
+            shadow_fen += floor - r["balance_fen"]
         else:
             below.append(r["card_id"])
     counts = {"below_limit": len(below), "on_ride_credit": on_credit, "offline_shadow": shadow,
               "offline_shadow_fen": shadow_fen, "overdraft_limit_fen": limit}
-    detail = f"online debits took {len(below)} purse(s) below -{limit} fen" if below else (
-        f"{shadow} purse(s) owe {shadow_fen} fen from accepted offline debits" if shadow else "")
+    if below:
+        detail = (f"{len(below)} purse(s) below -{limit} fen (-{credit} fen with a ride-code certificate) "
+                  "by more than their offline debits explain")
+    elif shadow:
+        detail = f"{shadow} purse(s) owe {shadow_fen} fen beyond their limit, all of it from accepted offline debits"
+    else:
+        detail = ""
     return Check("purse_overdraft", not below, counts, detail, tuple(below[:SAMPLES_MAX]))
 
 

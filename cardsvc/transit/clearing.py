@@ -30,8 +30,8 @@ produces for the same lines (tested).
 Idempotent. The header's `created_at` is the report's first creation time, so re-running a day writes
 identical bytes and leaves the report alone ("unchanged"). If the journal of a cleared day changed anyway
 (a manual correction: count, total or digest differ), the run does not overwrite the report or the file:
-it reports "mismatch" and exits non-zero, and `cardsvc audit` fails on the same comparison until someone
-investigates.
+it reports "mismatch" and exits non-zero. `cardsvc audit` compares count and total only (not the digest,
+which would mean formatting every cleared row again): it fails too when those moved.
 """
 
 from __future__ import annotations

@@ -22,13 +22,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cardsvc import cli
+from cardsvc import cli, limits
 from cardsvc.config import Settings
 from cardsvc.transit import clearing, fares
 from protocols import clearing as wire
 from protocols.transit import PurseCard
 from tests.helpers import ServiceHarness, new_card_numbers
 from tests.transit.test_offline import BUS, upload
+from tests.transit.test_rides import gate_record as ride_record
+from tests.transit.test_rides import rider
+from tests.transit.test_rides import upload as upload_rides
 from tests.transit.test_taps import funded_card, metro, tap, tap_body
 
 TABLE = fares.load_demo_table()
@@ -227,6 +230,90 @@ async def test_offline_shadow_overdraft_is_reported_not_failed(
     assert counts["below_limit"] == 0 and counts["offline_shadow"] == 1 and counts["offline_shadow_fen"] == 260
 
 
+async def _audit_overdraft(run_cli: Any) -> tuple[int, dict[str, Any]]:
+    res = await run_cli("audit", "--json")
+    return res.status, by_name(res.json)["purse_overdraft"]
+
+
+async def test_offline_debits_excuse_only_the_overdraft_they_explain(
+    svc: ServiceHarness, db: asyncpg.Connection, run_cli: Any
+) -> None:
+    """A purse is excused as offline shadow overdraft only if it would be within its limit without its
+    offline debits: one small offline debit last month does not hide an online debit below zero today."""
+    shadow, online = await funded_card(svc, 1000), await funded_card(svc, 1000)
+    await _post(db, shadow["card_id"], 5, -1260, "cq-bus", seq=1)  # the chip paid; the shadow falls behind
+    await _post(db, online["card_id"], 5, -1, "cq-bus", seq=2)  # covered by the balance
+    status, check = await _audit_overdraft(run_cli)
+    assert status == 0 and check["ok"], check
+    assert (check["counts"]["offline_shadow"], check["counts"]["offline_shadow_fen"]) == (1, 260)
+    assert "owe 260 fen beyond their limit" in check["detail"]
+    await _post(db, online["card_id"], 3, -999 - 5000, "topup:refund", seq=3)  # online, 50 yuan below zero
+    status, check = await _audit_overdraft(run_cli)
+    assert status == 1 and not check["ok"], check
+    assert check["counts"]["below_limit"] == 1 and check["samples"] == [online["card_id"]]
+    assert check["counts"]["offline_shadow"] == 1  # the other purse is still excused, and counted
+
+
+async def test_offline_shadow_debt_moves_with_the_purse_at_a_replacement(
+    svc: ServiceHarness, db: asyncpg.Connection, run_cli: Any
+) -> None:
+    """The replacement transfer carries the old card's offline debt to the new card, whose own journal has
+    no offline row: still excused. The old purse answers only for what was posted to it afterwards."""
+    c = await funded_card(svc, 1000)
+    await _post(db, c["card_id"], 5, -1260, "cq-bus")
+    new_no, new_sn = new_card_numbers()
+    r = await svc.post(
+        f"/v1/cards/{c['card_no']}/replace",
+        {"new_card_no": new_no, "new_card_sn": new_sn, "operator": "staff-1",
+         "expires_on": (dt.date.today() + dt.timedelta(days=3650)).isoformat()},
+    )
+    assert r.status == 200, r.body
+    assert (await svc.balance(c["card_no"]), await svc.balance(new_no)) == (0, -260)
+    status, check = await _audit_overdraft(run_cli)
+    assert status == 0 and (check["counts"]["offline_shadow"], check["counts"]["offline_shadow_fen"]) == (1, 260)
+    # A debit the old chip made before the replacement, uploaded after it, stays on the old purse: excused.
+    await _post(db, c["card_id"], 5, -180, "cq-bus", seq=2)
+    status, check = await _audit_overdraft(run_cli)
+    assert status == 0 and (check["counts"]["offline_shadow"], check["counts"]["offline_shadow_fen"]) == (2, 440)
+    # The debits it passed on to the new card do not excuse an online debit on the dead card.
+    await _post(db, c["card_id"], 3, -50, "topup:refund", seq=3)
+    status, check = await _audit_overdraft(run_cli)
+    assert status == 1 and check["samples"] == [c["card_id"]], check
+
+
+async def test_a_ride_before_a_replacement_is_charged_on_ride_credit_to_the_new_card(
+    svc: ServiceHarness, db: asyncpg.Connection, run_cli: Any
+) -> None:
+    """A ride-code ride taken before the card was replaced is charged post-paid to the new card, which has
+    no certificate (docs/transit.md): ride credit, through any number of replacements, within the
+    certificate's credit and no further."""
+    c, phone, _ = await rider(svc, 100)
+    at = int(time.time()) - 30
+    ride = ride_record(svc, phone.next_code(at), at)
+    chain = [c["card_no"]]
+    for _ in range(2):  # the debt moves on with the purse at a second replacement
+        new_no, new_sn = new_card_numbers()
+        r = await svc.post(
+            f"/v1/cards/{chain[-1]}/replace",
+            {"new_card_no": new_no, "new_card_sn": new_sn, "operator": "staff-1",
+             "expires_on": (dt.date.today() + dt.timedelta(days=3650)).isoformat()},
+        )
+        assert r.status == 200, r.body
+        chain.append(new_no)
+        if len(chain) == 2:
+            [answer] = await upload_rides(svc, [ride])
+            assert answer["result"] == "approved", answer
+            assert await svc.balance(new_no) == 100 - answer["fare_fen"] < 0
+        status, check = await _audit_overdraft(run_cli)
+        assert status == 0 and check["counts"]["on_ride_credit"] == 1 and check["counts"]["below_limit"] == 0, check
+    last = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", chain[-1])
+    assert not await db.fetchval("SELECT count(*) FROM ride_cert WHERE card_id = $1", last)
+    balance = await svc.balance(chain[-1])
+    await _post(db, last, 3, -limits.RIDE_CREDIT_LIMIT_FEN - balance - 1, "topup:refund")  # one fen beyond
+    status, check = await _audit_overdraft(run_cli)
+    assert status == 1 and check["samples"] == [last], check
+
+
 # ------------------------------------------------------------------ clearing
 
 
@@ -314,6 +401,30 @@ async def test_clearing_files_round_trip_and_match_the_journal(
         res = await run_cli("audit", "--json")
         assert res.status == 1 and by_name(res.json)["clearing_reports"]["counts"]["mismatched"] == 1
         assert [n for n, c in by_name(res.json).items() if not c["ok"]] == ["clearing_reports"]
+
+
+async def test_a_change_that_keeps_count_and_total_is_found_by_the_clearing_run_not_the_audit(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
+) -> None:
+    """docs/operations.md: the audit compares a report's count and total with the journal, not its digest
+    (that would stream every cleared row through the audit); running the clearing for the day again does.
+    Two cleared fares of one card swap their amounts: count, total and the purse are unchanged."""
+    await scenario(svc)
+    day = local_today()
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    assert {r.status for r in await clearing.clear_day(db, TABLE, day, tmp_path, now=later)} == {"created"}
+    rows = await db.fetch(
+        "SELECT txn_id, card_id, amount_fen FROM txn_journal WHERE counterparty = 'cq-bus' AND amount_fen < 0"
+    )
+    x, y = next((a, b) for a in rows for b in rows if a["card_id"] == b["card_id"] and a["amount_fen"] != b["amount_fen"])
+    async with db.transaction():
+        for a, b in ((x, y), (y, x)):
+            await db.execute("UPDATE txn_journal SET amount_fen = $2 WHERE txn_id = $1", a["txn_id"], b["amount_fen"])
+    res = await run_cli("audit", "--json")
+    assert res.status == 0 and by_name(res.json)["clearing_reports"]["counts"]["mismatched"] == 0, res.out
+    if fares.local_day(TABLE, int(time.time())) == day:  # not across local midnight while the test ran
+        bus = next(r for r in await clearing.clear_day(db, TABLE, day, tmp_path, now=later) if r.operator_id == "cq-bus")
+        assert bus.status == "mismatch" and not bus.ok, bus
 
 
 async def test_a_late_upload_is_cleared_on_the_day_it_arrives_and_a_cleared_day_stays_as_paid(
