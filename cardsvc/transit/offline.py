@@ -6,12 +6,13 @@ uploads its records in batches (protocols/transit.py `OfflineBatch`). One upload
 1. the purses of every card in the batch, locked `FOR UPDATE` in card order (the online tap engine locks
    in the same order, so the two never deadlock);
 2. the answers already given for the batch's (terminal, terminal_seq) keys (idempotency: a re-upload is
-   answered from them), the records already posted for the same (card, unwrapped purse_seq), and the
-   cards' hotlist entries;
+   answered from them: terminal_txn, the cards' ledgers and the refused records), the records already
+   posted for the same (card, unwrapped purse_seq), and the cards' hotlist entries;
 3. in Python, record by record in batch order: `protocols.transit.judge_record` on the locked state,
    updated in memory (so two records of one card in one batch see each other);
 4. one statement writes everything: purse balances and sequences, journal transfers, the per-record
-   ledger (`offline_record`) and the per-key answers (`terminal_txn`).
+   ledger (`offline_record`), the records refused outside any card's ledger (`offline_refusal`) and the
+   per-key answers (`terminal_txn`).
 
 Money: a posted record debits the purse by its amount even below zero (the chip already paid; the
 shadow balance follows it so that balance == sum(journal) always holds). A record whose verdict clears
@@ -52,7 +53,7 @@ __all__ = [
 
 # A record older than this (validator clock vs server clock) is refused as malformed: the journal is
 # partitioned by month of the transaction time and only recent months are guaranteed to exist. It is
-# kept in offline_record / terminal_txn for manual handling.
+# kept in offline_record (offline_refusal for a card that is not ours) for manual handling.
 RECORD_AGE_S_MAX = limits.UPLOAD_AGE_S_MAX
 HOTLISTED_PREFIX = "hotlisted:"
 BATCH_ATTEMPTS_MAX = 3
@@ -154,6 +155,11 @@ SELECT terminal_seq, result, reason, record FROM offline_record
 WHERE card_id = ANY($1::bigint[]) AND terminal_id = $2 AND terminal_seq = ANY($3::bigint[])
 """
 
+_REFUSED_SQL = """
+SELECT terminal_seq, request_hash, result, reason FROM offline_refusal
+WHERE terminal_id = $1 AND terminal_seq = ANY($2::bigint[])
+"""
+
 _POSTED_SQL = """
 SELECT o.card_id, o.purse_seq, o.record
 FROM unnest($1::bigint[], $2::bigint[]) AS k(card_id, purse_seq)
@@ -199,8 +205,16 @@ WITH pu AS (
     LEFT JOIN j ON j.terminal_seq = v.terminal_seq
     ON CONFLICT DO NOTHING
     RETURNING 1
+), rf AS (
+    INSERT INTO offline_refusal (terminal_id, terminal_seq, request_hash, card_id, result, reason, record, batch_id)
+    SELECT $5::text, v.terminal_seq, v.request_hash, v.card_id, v.result, v.reason, v.record, $14::bigint
+    FROM unnest($29::bigint[], $30::bytea[], $31::bigint[], $32::text[], $33::text[], $34::jsonb[])
+         AS v(terminal_seq, request_hash, card_id, result, reason, record)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
 )
-SELECT (SELECT count(*) FROM tt) AS tt, (SELECT count(*) FROM o WHERE posted) AS posted
+SELECT (SELECT count(*) FROM tt) AS tt, (SELECT count(*) FROM o WHERE posted) AS posted,
+       (SELECT count(*) FROM rf) AS refused
 """
 
 
@@ -215,6 +229,8 @@ class _Plan:
         self.ledger: list[tuple[int, int, int, str, str | None, bool, dict[str, Any]]] = []
         # (terminal_seq, request_hash, card_id, result, amount_fen, balance_fen, detail)
         self.keys: list[tuple[int, bytes, int | None, str, int, int | None, dict[str, Any]]] = []
+        # (terminal_seq, request_hash, card_id, result, reason, record): refused outside any card's ledger
+        self.refused: list[tuple[int, bytes, int | None, str, str | None, dict[str, Any]]] = []
 
 
 def _judge(
@@ -273,12 +289,16 @@ async def _attempt(
     # Read after the locks: a concurrent upload of the same records has committed by now.
     seqs = [r.terminal_seq for r in records]
     # (request hash, result, reason) of what each key already answered: terminal_txn (kept for a retention
-    # period), and the permanent ledger of the batch's cards, which also holds the records refused for
-    # reusing a key (one key can then have answered several records, one per card).
+    # period), and, never pruned, the ledger of the batch's cards and the records refused outside any
+    # card's ledger (for reusing a key, or of no known card): one key can have answered several records.
     answered: dict[int, list[tuple[bytes, str, str | None]]] = {}
     for row in await conn.fetch(_ANSWERED_SQL, tid, seqs):
         answered.setdefault(row["terminal_seq"], []).append(
             (bytes(row["request_hash"]), row["result"], (row["detail"] or {}).get("reason"))
+        )
+    for row in await conn.fetch(_REFUSED_SQL, tid, seqs):
+        answered.setdefault(row["terminal_seq"], []).append(
+            (bytes(row["request_hash"]), row["result"], row["reason"])
         )
     if by_id:
         for row in await conn.fetch(_LEDGER_SQL, list(by_id), tid, seqs):
@@ -318,24 +338,23 @@ async def _attempt(
             if same is not None:
                 plan.answers.append(RecordAnswer(r.terminal_seq, same[1], same[2], True))
                 continue
-            # The key answers another transaction (an online tap, another record): refused, and kept in the
-            # card's ledger for investigation when the card is ours.
+            # The key answers another transaction (an online tap, another record): refused, never posted (the
+            # key cannot answer two transactions), and kept as uploaded for investigation, whoever's card it
+            # is. Not in the card's ledger: its key there may be the first record's, and a re-upload must
+            # find it whatever the card.
             plan.answers.append(
                 RecordAnswer(r.terminal_seq, RecordResult.CONFLICT.value, REASON_TERMINAL_SEQ_REUSED)
             )
-            if purse is not None:
-                reused_ext = transit.extend_purse_seq(purse.base_ext, r.purse_seq)
-                plan.ledger.append(
-                    (
-                        purse.card_id,
-                        r.terminal_seq,
-                        reused_ext,
-                        RecordResult.CONFLICT.value,
-                        REASON_TERMINAL_SEQ_REUSED,
-                        False,
-                        as_json,
-                    )
+            plan.refused.append(
+                (
+                    r.terminal_seq,
+                    digest,
+                    purse.card_id if purse is not None else None,
+                    RecordResult.CONFLICT.value,
+                    REASON_TERMINAL_SEQ_REUSED,
+                    as_json,
                 )
+            )
             continue
         verdict, reason, ext, operator = _judge(r, purse, posted, tac, table, now_s, skew_s)
         detail: dict[str, Any] = {"kind": "offline", "batch_id": batch.batch_id}
@@ -371,8 +390,8 @@ async def _attempt(
             plan.ledger.append(
                 (purse.card_id, r.terminal_seq, ext, verdict.value, reason, verdict.posted, as_json)
             )
-        else:
-            detail["record"] = as_json  # not in any card's ledger: keep it with the answer
+        else:  # not one of our cards: no ledger, kept with the refused records
+            plan.refused.append((r.terminal_seq, digest, None, verdict.value, reason, as_json))
         plan.keys.append(
             (r.terminal_seq, digest, purse.card_id if purse else None, verdict.value, amount, balance, detail)
         )
@@ -385,9 +404,9 @@ async def _attempt(
 async def _write(
     conn: asyncpg.Connection, plan: _Plan, tid: str, batch_id: int, touched: list[_Purse]
 ) -> None:
-    if not plan.keys and not plan.ledger:
+    if not plan.keys and not plan.ledger and not plan.refused:
         return
-    j, led, keys = plan.journal, plan.ledger, plan.keys
+    j, led, keys, refused = plan.journal, plan.ledger, plan.keys, plan.refused
     row = await conn.fetchrow(
         _WRITE_SQL,
         [p.card_id for p in touched],
@@ -400,10 +419,11 @@ async def _write(
         batch_id,
         *columns(led, 7),
         *columns(keys, 7),
+        *columns(refused, 6),
     )
     assert row is not None
-    if row["tt"] != len(keys) or row["posted"] != sum(1 for x in led if x[5]):
-        raise _Retry()  # a concurrent upload took a key first: roll back and answer from what it wrote
+    if row["tt"] != len(keys) or row["posted"] != sum(1 for x in led if x[5]) or row["refused"] != len(refused):
+        raise _Retry()  # a concurrent upload took a key (or stored a refusal) first: answer from what it wrote
 
 
 async def process_batch(

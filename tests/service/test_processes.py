@@ -579,7 +579,8 @@ async def test_migration_0007_attaches_the_indexes_built_beforehand(empty_dsn: s
         # The migration does not attach it: it fails and changes nothing.
         with pytest.raises(asyncpg.RaiseError, match="INVALID"):
             await migrate.apply(conn)
-        assert [m.version for m in await migrate.pending(conn)] == [7]
+        later = [m.version for m in migrate.available()[6:]]  # 0007 and what came after it
+        assert [m.version for m in await migrate.pending(conn)] == later
 
         script = _psql_script(empty_dsn, ROOT / "deploy" / "sql" / "0007_before_migrate.sql")
         assert script.returncode == 0, script.stdout + script.stderr
@@ -592,7 +593,7 @@ async def test_migration_0007_attaches_the_indexes_built_beforehand(empty_dsn: s
         assert await conn.fetchval("SELECT count(*) FROM txn_journal WHERE posted_at <> '-infinity'") == 0
         assert _psql_script(empty_dsn, ROOT / "deploy" / "sql" / "0007_before_migrate.sql").returncode == 0
 
-        assert [m.version for m in await migrate.apply(conn)] == [7]
+        assert [m.version for m in await migrate.apply(conn)] == later
         attached = await conn.fetch(
             """SELECT c.relname, c.oid FROM pg_inherits i
                JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent

@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from cardsvc import limits
+from cardsvc.store import migrate
 from protocols import transit
 from protocols.transit import OfflineBatch, OfflineRecord, PurseCard
 from tests.helpers import ServiceHarness, new_card_numbers, purse_vs_journal
@@ -84,7 +85,18 @@ async def money_state(db: asyncpg.Connection) -> tuple[Any, ...]:
         await db.fetchval("SELECT count(*) FROM txn_journal"),
         await db.fetchval("SELECT count(*) FROM offline_record"),
         await db.fetchval("SELECT count(*) FROM terminal_txn"),
+        await db.fetchval("SELECT count(*) FROM offline_refusal"),
     )
+
+
+async def refusals(db: asyncpg.Connection, terminal_id: str) -> list[tuple[Any, ...]]:
+    """The refused records kept outside any card's ledger: (terminal_seq, card_id, result, reason, amount)."""
+    rows = await db.fetch(
+        """SELECT terminal_seq, card_id, result, reason, (record->>'amount_fen')::int AS amount FROM offline_refusal
+           WHERE terminal_id = $1 ORDER BY terminal_seq, amount""",
+        terminal_id,
+    )
+    return [tuple(r.values()) for r in rows]
 
 
 def forge(record: OfflineRecord, **changes: Any) -> OfflineRecord:
@@ -181,9 +193,11 @@ async def test_reuploading_a_batch_answers_the_same_and_changes_nothing(
     assert await money_state(db) == state
     # The same records in another batch id (a validator that lost its batch numbering): the same answers.
     assert results(await upload(svc, recs[1:], batch_id=78)) == results(first)[1:]
-    # Past the terminal-answer retention the card's ledger still answers, nothing posts twice.
+    # Past the terminal-answer retention the card's ledger still answers, nothing posts twice. The key is
+    # part of the record (and of its TAC), so a posted record is always found by its key first: replayed
+    # with its first verdict, never answered `duplicate`.
     await db.execute("DELETE FROM terminal_txn WHERE terminal_id = $1", t)
-    assert results(await upload(svc, recs)) == results(first)
+    assert await upload(svc, recs) == again
     assert (await money_state(db))[:3] == state[:3]
     assert await svc.balance(c["card_no"]) == 1000 - 3 * 180
 
@@ -232,12 +246,14 @@ async def test_the_same_purse_seq_with_another_amount_is_a_conflict(svc: Service
     reused = chip_resign(svc, forge(reused, terminal_seq=original.terminal_seq))
     assert [(a["result"], a["reason"]) for a in await upload(svc, [reused])] == [("conflict", "terminal_seq_reused")]
     assert await svc.balance(c["card_no"]) == 820
-    # Kept for investigation: the clone's record (a record reusing a key of the same card is answered only:
-    # the card's ledger already holds that key).
+    # Kept for investigation: the clone's record in the card's ledger, the record reusing a key with the
+    # refused records (the card's ledger holds that key for the original).
     kept = await db.fetch("SELECT terminal_id, result, posted FROM offline_record ORDER BY terminal_id")
     assert sorted((r["terminal_id"], r["result"], r["posted"]) for r in kept) == sorted(
         [(t, "accepted", True), (other, "conflict", False)]
     )
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    assert await refusals(db, t) == [(original.terminal_seq, card_id, "conflict", "terminal_seq_reused", 120)]
 
 
 async def test_a_record_refused_for_a_reused_key_gets_the_same_answer_after_the_answers_are_pruned(
@@ -262,6 +278,92 @@ async def test_a_record_refused_for_a_reused_key_gets_the_same_answer_after_the_
         ], again
     assert await money_state(db) == before
     assert (await svc.balance(cx["card_no"]), await svc.balance(cy["card_no"])) == (820, 1000)
+    card_y = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", cy["card_no"])
+    assert await refusals(db, t) == [(x.terminal_seq, card_y, "conflict", "terminal_seq_reused", 200)]
+
+
+async def test_a_reused_key_of_the_same_card_is_kept_never_posted_and_replayed(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A validator reset: the same card taps again under a terminal_seq its first record used. The card's
+    ledger holds that key for the first record, so the refused one is kept with the refused records;
+    re-uploads (at once, later, after the answers are pruned) are replays and change nothing."""
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    x1 = debit(chip, t, 180)
+    assert results(await upload(svc, [x1])) == ["accepted"]
+    x2 = chip.debit(200, t, x1.terminal_seq, x1.txn_time + 60, **BUS)  # genuine TAC, purse_seq 2
+    answers = await asyncio.gather(upload(svc, [x2], batch_id=41), upload(svc, [x2], batch_id=41))
+    assert sorted((a[0]["result"], a[0]["reason"], a[0]["replayed_answer"]) for a in answers) == [
+        ("conflict", "terminal_seq_reused", False), ("conflict", "terminal_seq_reused", True)
+    ]  # fmt: skip
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    kept = [(x1.terminal_seq, card_id, "conflict", "terminal_seq_reused", 200)]
+    assert await refusals(db, t) == kept
+    assert orjson.loads(await db.fetchval("SELECT record FROM offline_refusal")) == transit.record_to_dict(x2)
+    state = await money_state(db)
+    await db.execute("DELETE FROM terminal_txn WHERE terminal_id = $1", t)  # retention pruning
+    for record, verdict in ((x2, "conflict"), (x1, "accepted")):
+        again = await upload(svc, [record])
+        assert [(a["result"], a["replayed_answer"]) for a in again] == [(verdict, True)], again
+    assert (await money_state(db))[:3] == state[:3] and await refusals(db, t) == kept
+    assert await svc.balance(c["card_no"]) == 820  # never posted: its purse_seq stays a gap of the card
+    assert results(await upload(svc, [debit(chip, t, 100)])) == ["sequence_gap"]
+
+
+async def test_records_of_unknown_cards_are_kept_and_replayed_after_the_answers_are_pruned(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A card that is not ours (e.g. another city's): its records, and one that also reuses a key, are
+    kept with the refused records; a re-upload is a replay, before and after terminal_txn is pruned."""
+    _, chip = await funded(svc, 1000)
+    t = tid(svc)
+    x = debit(chip, t, 180)
+    assert results(await upload(svc, [x])) == ["accepted"]
+    stranger = PurseCard(new_card_numbers()[1], master_key=svc.keys.card_tac_master, balance_fen=500)
+    reused = stranger.debit(150, t, x.terminal_seq, x.txn_time + 1, **BUS)
+    unknown = debit(stranger, t, 120)
+    first = await upload(svc, [reused, unknown])
+    assert [(a["result"], a["reason"], a["replayed_answer"]) for a in first] == [
+        ("conflict", "terminal_seq_reused", False), ("card_unknown", "card_not_known", False)
+    ]  # fmt: skip
+    kept = [(x.terminal_seq, None, "conflict", "terminal_seq_reused", 150),
+            (unknown.terminal_seq, None, "card_unknown", "card_not_known", 120)]  # fmt: skip
+    assert await refusals(db, t) == kept
+    state = await money_state(db)
+    assert await upload(svc, [reused, unknown]) == [{**a, "replayed_answer": True} for a in first]
+    assert await money_state(db) == state
+    await db.execute("DELETE FROM terminal_txn WHERE terminal_id = $1", t)  # retention pruning
+    assert await upload(svc, [reused, unknown]) == [{**a, "replayed_answer": True} for a in first]
+    assert (await money_state(db))[:3] == state[:3] and await refusals(db, t) == kept
+
+
+async def test_migration_0008_keeps_the_records_of_unknown_cards_answered_before_it(db: asyncpg.Connection) -> None:
+    """Before migration 0008 a record of no known card was kept only in its terminal answer (detail.record),
+    pruned with it: the migration copies those still there."""
+    stranger = PurseCard(new_card_numbers()[1], master_key=bytes(16), balance_fen=500)
+    record = transit.record_to_dict(stranger.debit(150, "v-old", 9, int(time.time()) - 60, **BUS))
+    old = {"kind": "offline", "batch_id": 3, "reason": "card_not_known", "record": record}
+    [migration] = [m for m in migrate.available() if m.version == 8]
+    tx = db.transaction()
+    await tx.start()
+    try:
+        await db.execute("DROP TABLE offline_refusal")
+        await db.execute(
+            """INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result, detail)
+               VALUES ('v-old', 9, '\\x01', NULL, 'card_unknown', $1::jsonb),
+                      ('v-old', 10, '\\x02', 1, 'accepted', '{"kind": "offline", "batch_id": 3, "purse_seq": 1}'),
+                      ('v-old', 11, '\\x03', 1, 'approved', '{"fare": 180}')""",
+            orjson.dumps(old).decode(),
+        )
+        await db.execute(migration.sql)
+        rows = await db.fetch("SELECT * FROM offline_refusal")
+        assert [(r["terminal_id"], r["terminal_seq"], bytes(r["request_hash"]), r["card_id"], r["result"], r["reason"],
+                 orjson.loads(r["record"]), r["batch_id"]) for r in rows] == [
+            ("v-old", 9, b"\x01", None, "card_unknown", "card_not_known", record, 3)
+        ]  # fmt: skip
+    finally:
+        await tx.rollback()
 
 
 def chip_resign(svc: ServiceHarness, record: OfflineRecord) -> OfflineRecord:
@@ -329,11 +431,12 @@ async def test_unknown_cards_and_cards_without_a_purse(svc: ServiceHarness, db: 
     answers = await upload(svc, [debit(stranger, t), debit(chip, t)])
     assert [(a["result"], a["reason"]) for a in answers] == [("card_unknown", "card_not_known")] * 2
     after = await money_state(db)
-    assert after[:3] == before[:3] and after[3] == before[3] + 2  # answered and kept with the answer
-    kept = orjson.loads(
-        await db.fetchval("SELECT detail FROM terminal_txn WHERE terminal_id = $1 ORDER BY terminal_seq LIMIT 1", t)
-    )
-    assert kept["record"]["card_sn"] == stranger.card_sn
+    # Answered (terminal_txn) and kept with the refused records, without a card: neither is a purse of ours.
+    assert after[:3] == before[:3] and (after[3], after[4]) == (before[3] + 2, before[4] + 2)
+    kept = await db.fetch("SELECT card_id, record FROM offline_refusal WHERE terminal_id = $1 ORDER BY terminal_seq", t)
+    assert [(r["card_id"], orjson.loads(r["record"])["card_sn"]) for r in kept] == [
+        (None, stranger.card_sn), (None, no_purse["card_sn"])
+    ]  # fmt: skip
 
 
 async def test_malformed_records_are_refused(svc: ServiceHarness, db: asyncpg.Connection) -> None:
