@@ -250,6 +250,17 @@ async def purse_view(conn: asyncpg.Connection, card_no: str) -> dict[str, Any]:
 
 _DEAD = (card.CardStatus.REPLACED, card.CardStatus.CANCELLED)
 
+# The key's earlier answer: terminal_txn (any transaction, kept for a retention period), else topup_key (top-ups
+# only, kept for good: a top-up has no time of its own to refuse a late copy with; migration 0009).
+_PRIOR_TOPUP_SQL = """
+SELECT request_hash, result, amount_fen, balance_fen, txn_id FROM terminal_txn
+WHERE terminal_id = $1 AND terminal_seq = $2
+UNION ALL
+SELECT request_hash, 'approved', amount_fen, balance_fen, txn_id FROM topup_key
+WHERE terminal_id = $1 AND terminal_seq = $2
+LIMIT 1
+"""
+
 
 async def top_up(
     conn: asyncpg.Connection, svc: Services, card_no: str, body: dict[str, Any], actor: Actor
@@ -263,12 +274,7 @@ async def top_up(
         balance: int = await conn.fetchval(
             "SELECT balance_fen FROM purse WHERE card_id = $1 FOR UPDATE", row["card_id"]
         )
-        prior = await conn.fetchrow(
-            "SELECT request_hash, result, amount_fen, balance_fen, txn_id FROM terminal_txn "
-            "WHERE terminal_id = $1 AND terminal_seq = $2",
-            actor.terminal_id,
-            body["terminal_seq"],
-        )
+        prior = await conn.fetchrow(_PRIOR_TOPUP_SQL, actor.terminal_id, body["terminal_seq"])
         if prior is not None:
             if bytes(prior["request_hash"]) != digest:
                 raise ApiError("idempotency_conflict", field="terminal_seq")
@@ -316,7 +322,12 @@ async def top_up(
         )
         try:
             await conn.execute(
-                """INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result,
+                """WITH k AS (
+                       INSERT INTO topup_key (terminal_id, terminal_seq, request_hash, card_id, amount_fen,
+                                              balance_fen, txn_id)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7)
+                   )
+                   INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result,
                                              amount_fen, balance_fen, txn_id)
                    VALUES ($1, $2, $3, $4, 'approved', $5, $6, $7)""",
                 actor.terminal_id,

@@ -12,7 +12,9 @@ import time
 import asyncpg
 import pytest
 
+from cardsvc.app import maintenance_once
 from cardsvc.flows.lifecycle import CardState, plan
+from cardsvc.http.keys import SERVICES
 from protocols import ecard, hotlist, sm
 from protocols.card import CardStatus, HotlistAction
 from tests.helpers import Response, ServiceHarness, replacement_body, until_lock_waits
@@ -214,6 +216,29 @@ async def test_the_same_top_up_sent_twice_at_once_credits_once_and_answers_both(
     assert {first.body["replayed_answer"], second.body["replayed_answer"]} == {False, True}
     assert first.body["txn_id"] == second.body["txn_id"] and first.body["balance_fen"] == 300
     assert await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id) == 300
+
+
+async def test_a_top_up_resent_after_its_answer_was_pruned_is_still_answered_not_credited_again(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """Maintenance prunes terminal_txn after the retention period. A top-up has no time of its own that
+    would refuse a late copy (a tap has), so a bank channel resending it a week later must still get its
+    answer from the top-up keys kept for good, not a second credit; another body under the key is still
+    a conflict, for this card or another."""
+    no, card_id = await _card_with_purse(svc, db, 0)
+    first = await _top_up(svc, no, 500, seq=999_010)
+    assert first.status == 200, first.body
+    await db.execute("UPDATE terminal_txn SET at = at - interval '8 days' WHERE txn_id = $1", first.body["txn_id"])
+    await maintenance_once(svc.app[SERVICES].pool, svc.settings, svc.app[SERVICES].transit.table)
+    assert await db.fetchval("SELECT count(*) FROM terminal_txn WHERE txn_id = $1", first.body["txn_id"]) == 0
+    again = await _top_up(svc, no, 500, seq=999_010)
+    assert again.status == 200 and again.body == {**first.body, "replayed_answer": True}, again.body
+    other, _ = await _card_with_purse(svc, db, 0)
+    for card_no, amount in ((no, 600), (other, 500)):
+        r = await _top_up(svc, card_no, amount, seq=999_010)
+        assert (r.status, r.body["code"]) == (409, "idempotency_conflict"), r.body
+    assert await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id) == 500
+    assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE card_id = $1 AND kind = 3", card_id) == 1
 
 
 async def test_one_top_up_key_for_two_cards_at_once_is_a_conflict_not_an_error(
