@@ -44,6 +44,7 @@ from cardsvc.transit.taps import (
     KIND_FARE,
     KIND_OFFLINE,
     KIND_PENALTY,
+    SOURCE_OFFLINE,
     SOURCE_ONLINE,
     SOURCE_RIDECODE,
 )
@@ -120,6 +121,9 @@ async def _purse_balances(
 #   those of each earlier card before its replacement transfer (the transfer carried them here). txn_id
 #   orders one purse's rows: every writer holds the purse row lock. A card replaced with a zero balance
 #   has no transfer to split its rows at: none of its debits are counted (stricter, never looser).
+#   A replaced card's offline debits uploaded after its replacement are carried to the card that replaced
+#   it (cardsvc/transit/offline.py): there they are its negative 'replacement' rows written by an upload
+#   (source offline; a replacement's own transfers are the card office's), counted like its own debits.
 _OVERDRAFT_SQL = """
 SELECT p.card_id, p.balance_fen, f.ride_credit, f.offline_fen
 FROM purse p
@@ -134,7 +138,9 @@ CROSS JOIN LATERAL (
     SELECT bool_or(EXISTS (SELECT 1 FROM ride_cert r WHERE r.card_id = l.card_id)) AS ride_credit,
            coalesce(sum((
                SELECT sum(j.amount_fen) FROM txn_journal j
-               WHERE j.card_id = l.card_id AND j.kind = $2::smallint
+               WHERE j.card_id = l.card_id
+                 AND (j.kind = $2::smallint
+                      OR (j.counterparty = 'replacement' AND j.source = $3::smallint AND j.amount_fen < 0))
                  AND CASE WHEN l.depth = 0 THEN l.replaced_by IS NULL OR j.txn_id > t.txn_id
                           ELSE j.txn_id < t.txn_id END)), 0)::bigint AS offline_fen
     FROM lineage l
@@ -153,7 +159,7 @@ async def _overdraft(conn: asyncpg.Connection, settings: Settings) -> Check:
     credit = max(limit, settings.ride_credit_limit_fen)
     below: list[int] = []
     on_credit = shadow = shadow_fen = 0
-    for r in await conn.fetch(_OVERDRAFT_SQL, limit, KIND_OFFLINE):
+    for r in await conn.fetch(_OVERDRAFT_SQL, limit, KIND_OFFLINE, SOURCE_OFFLINE):
         floor = -credit if r["ride_credit"] else -limit
         if r["balance_fen"] >= floor:
             on_credit += 1

@@ -17,7 +17,9 @@ uploads its records in batches (protocols/transit.py `OfflineBatch`). One upload
 Money: a posted record debits the purse by its amount even below zero (the chip already paid; the
 shadow balance follows it so that balance == sum(journal) always holds). A record whose verdict clears
 pays the operator of its line; a hotlisted one is posted against `hotlisted:<operator>` (the card paid,
-the operator that should have refused it is not paid).
+the operator that should have refused it is not paid). A replaced card's records are judged on its own
+chip's ledger and each posted debit is carried to the card that replaced it, where its purse went
+(docs/transit.md "A replaced card's records").
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ import orjson
 from cardsvc import limits
 from cardsvc.store.batcher import columns
 from protocols import card, transit
-from protocols.card import HotlistAction, HotlistReason
+from protocols.card import CardStatus, HotlistAction, HotlistReason
 from protocols.hotlist import HotlistEntry
 from protocols.transit import OfflineBatch, OfflineRecord, RecordResult
 
 from . import fares
-from .taps import KIND_OFFLINE, SOURCE_OFFLINE
+from .taps import KIND_OFFLINE, KIND_TRANSFER, SOURCE_OFFLINE
 
 __all__ = [
     "HOTLISTED_PREFIX",
@@ -135,14 +137,41 @@ class _Purse:
     base_ext: int  # last_ext when locked: every record of the batch is unwrapped against it
     entries: list[HotlistEntry]
     touched: bool = False
+    # A replaced card: its purse moved to `settle_to`'s, and the chip never knew. `moved_fen` is what the
+    # chip still holds beyond this (emptied) purse: the move, less the debits carried over since.
+    settle_to: _Purse | None = None
+    moved_fen: int = 0
+
+    @property
+    def chip_balance_fen(self) -> int:
+        """The balance the card's own chip shows, as far as the back office knows."""
+        return self.balance_fen + self.moved_fen
 
 
+class _NeedCards(Exception):
+    """Cards the batch must lock too (the replacing cards of replaced cards in the batch): run again."""
+
+    def __init__(self, card_ids: set[int]) -> None:
+        self.card_ids = card_ids
+
+
+# The batch's cards and, from the second attempt on, the cards that replaced some of them ($2), purses
+# locked in card order. The card row is the statement's snapshot: the write checks it is still the same.
 _LOCK_SQL = """
-SELECT c.card_id, c.card_sn, p.balance_fen, p.purse_seq
+SELECT c.card_id, c.card_sn, c.status, c.replaced_by, c.ctid AS card_tid, c.xmin::text::bigint AS card_version,
+       p.balance_fen, p.purse_seq
 FROM card c JOIN purse p ON p.card_id = c.card_id
-WHERE c.card_sn = ANY($1::text[]) AND c.has_purse
+WHERE (c.card_sn = ANY($1::text[]) OR c.card_id = ANY($2::bigint[])) AND c.has_purse
 ORDER BY c.card_id
 FOR UPDATE OF p
+"""
+
+# What each replaced card's purse moved to the card that replaced it, net of the debits carried there since.
+_MOVED_SQL = """
+SELECT j.card_id, coalesce(-sum(j.amount_fen), 0)::bigint AS moved_fen
+FROM unnest($1::bigint[], $2::bigint[]) AS v(card_id, replaced_by)
+JOIN txn_journal j ON j.card_id = v.card_id AND j.counterparty = 'replacement' AND j.terminal_seq = v.replaced_by
+GROUP BY j.card_id
 """
 
 _ANSWERED_SQL = """
@@ -205,6 +234,16 @@ WITH pu AS (
     LEFT JOIN j ON j.terminal_seq = v.terminal_seq
     ON CONFLICT DO NOTHING
     RETURNING 1
+), tr AS (
+    INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty, source)
+    SELECT v.card_id, $35::smallint, $5::text, v.other, v.amount_fen, 1, now(), 'replacement', $6::smallint
+    FROM unnest($36::bigint[], $37::bigint[], $38::bigint[]) AS v(card_id, other, amount_fen)
+    RETURNING 1
+), cv AS (  -- the batch's cards still as read (a replacement committed during the lock wait: run again)
+    SELECT count(*) AS n FROM card c
+    JOIN unnest($39::tid[], $40::bigint[], $41::bigint[]) AS v(tid, card_id, version)
+      ON c.ctid = v.tid AND c.card_id = v.card_id AND c.xmin::text::bigint = v.version
+    WHERE c.ctid = ANY($39::tid[])
 ), rf AS (
     INSERT INTO offline_refusal (terminal_id, terminal_seq, request_hash, card_id, result, reason, record, batch_id)
     SELECT $5::text, v.terminal_seq, v.request_hash, v.card_id, v.result, v.reason, v.record, $14::bigint
@@ -214,7 +253,7 @@ WITH pu AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM tt) AS tt, (SELECT count(*) FROM o WHERE posted) AS posted,
-       (SELECT count(*) FROM rf) AS refused
+       (SELECT count(*) FROM rf) AS refused, (SELECT n FROM cv) AS cv, (SELECT count(*) FROM tr) AS tr
 """
 
 
@@ -231,6 +270,8 @@ class _Plan:
         self.keys: list[tuple[int, bytes, int | None, str, int, int | None, dict[str, Any]]] = []
         # (terminal_seq, request_hash, card_id, result, reason, record): refused outside any card's ledger
         self.refused: list[tuple[int, bytes, int | None, str, str | None, dict[str, Any]]] = []
+        # (card_id, the other card, amount_fen): a replaced card's debit carried to its replacing card
+        self.transfers: list[tuple[int, int, int]] = []
 
 
 def _judge(
@@ -262,7 +303,7 @@ def _judge(
         posted=posted.get((purse.card_id, ext)),
         blocked_at_validator_version=transit.blocked_at_version(purse.entries, r.card_sn, r.hotlist_version),
         last_purse_seq=purse.last_ext,
-        shadow_balance_fen=purse.balance_fen,
+        shadow_balance_fen=purse.chip_balance_fen,
     )
     reason = REASONS.get(verdict)
     if verdict == RecordResult.ACCEPTED and transit.purse_seq_delta(purse.last_ext, r.purse_seq) <= 0:
@@ -277,15 +318,35 @@ async def _attempt(
     batch: OfflineBatch,
     now: dt.datetime,
     skew_s: int,
+    extra_cards: set[int],
 ) -> list[RecordAnswer]:
     records = batch.records
     tid = batch.terminal_id
-    rows = await conn.fetch(_LOCK_SQL, list({r.card_sn for r in records}))
+    wanted_sns = {r.card_sn for r in records}
+    rows = await conn.fetch(_LOCK_SQL, list(wanted_sns), sorted(extra_cards))
     purses: dict[str, _Purse] = {
         row["card_sn"]: _Purse(row["card_id"], row["balance_fen"], row["purse_seq"], row["purse_seq"], [])
         for row in rows
     }
     by_id = {p.card_id: p for p in purses.values()}
+    cards = [(row["card_tid"], row["card_id"], row["card_version"]) for row in rows]
+    # A replaced card's debits made before the validator knew of the replacement are real (its chip paid),
+    # but its purse moved to the new card: each is posted on the old card's purse, as the chip's ledger
+    # wants, and carried to the new card's by a transfer through the replacement account (docs/transit.md).
+    replaced = {
+        row["card_id"]: row["replaced_by"]
+        for row in rows
+        if row["status"] == CardStatus.REPLACED and row["replaced_by"] is not None and row["card_sn"] in wanted_sns
+    }
+    missing = set(replaced.values()) - by_id.keys()
+    if missing - extra_cards:
+        raise _NeedCards(missing)
+    replaced = {old: new for old, new in replaced.items() if new in by_id}  # else no purse: stays on the old
+    if replaced:
+        for row in await conn.fetch(_MOVED_SQL, list(replaced), list(replaced.values())):
+            by_id[row["card_id"]].moved_fen = row["moved_fen"]
+        for old, new in replaced.items():
+            by_id[old].settle_to = by_id[new]
     # Read after the locks: a concurrent upload of the same records has committed by now.
     seqs = [r.terminal_seq for r in records]
     # (request hash, result, reason) of what each key already answered: terminal_txn (kept for a retention
@@ -368,8 +429,15 @@ async def _attempt(
             purse.balance_fen -= amount
             purse.last_ext = max(purse.last_ext, ext)
             purse.touched = True
-            balance = purse.balance_fen
             posted[(purse.card_id, ext)] = r
+            if purse.settle_to is not None and amount:
+                new = purse.settle_to
+                purse.balance_fen += amount
+                purse.moved_fen -= amount
+                new.balance_fen -= amount
+                new.touched = True
+                plan.transfers += [(purse.card_id, new.card_id, amount), (new.card_id, purse.card_id, -amount)]
+            balance = purse.chip_balance_fen
             if amount:
                 counterparty = operator if verdict.cleared else HOTLISTED_PREFIX + operator
                 plan.journal.append(
@@ -397,12 +465,17 @@ async def _attempt(
         )
         plan.answers.append(RecordAnswer(r.terminal_seq, verdict.value, reason))
 
-    await _write(conn, plan, tid, batch.batch_id, [p for p in purses.values() if p.touched])
+    await _write(conn, plan, tid, batch.batch_id, [p for p in purses.values() if p.touched], cards)
     return plan.answers
 
 
 async def _write(
-    conn: asyncpg.Connection, plan: _Plan, tid: str, batch_id: int, touched: list[_Purse]
+    conn: asyncpg.Connection,
+    plan: _Plan,
+    tid: str,
+    batch_id: int,
+    touched: list[_Purse],
+    cards: list[tuple[str, int, int]],
 ) -> None:
     if not plan.keys and not plan.ledger and not plan.refused:
         return
@@ -420,10 +493,20 @@ async def _write(
         *columns(led, 7),
         *columns(keys, 7),
         *columns(refused, 6),
+        KIND_TRANSFER,
+        *columns(plan.transfers, 3),
+        *columns(cards, 3),
     )
     assert row is not None
-    if row["tt"] != len(keys) or row["posted"] != sum(1 for x in led if x[5]) or row["refused"] != len(refused):
-        raise _Retry()  # a concurrent upload took a key (or stored a refusal) first: answer from what it wrote
+    if (
+        row["tt"] != len(keys)
+        or row["posted"] != sum(1 for x in led if x[5])
+        or row["refused"] != len(refused)
+        or row["cv"] != len(cards)
+    ):
+        # A concurrent upload took a key (or stored a refusal) first: answer from what it wrote. Or a card
+        # changed while the batch waited for its purse lock (a replacement moved the purse): look again.
+        raise _Retry()
 
 
 async def process_batch(
@@ -437,12 +520,18 @@ async def process_batch(
 ) -> list[RecordAnswer]:
     """Judge, post and record one upload; one answer per record, in batch order."""
     at = now or dt.datetime.now(dt.UTC)
+    extra: set[int] = set()
     async with pool.acquire() as conn:
-        for attempt in range(BATCH_ATTEMPTS_MAX):
+        attempt = 0
+        while True:
             try:
                 async with conn.transaction():
-                    return await _attempt(conn, table, tac, batch, at, skew_s)
+                    return await _attempt(conn, table, tac, batch, at, skew_s, extra)
+            except _NeedCards as need:
+                if need.card_ids <= extra:
+                    raise AssertionError("a replacing card was locked and still missing") from None
+                extra |= need.card_ids  # rolled back before waiting for more locks: not an attempt
             except (_Retry, asyncpg.DeadlockDetectedError):
-                if attempt == BATCH_ATTEMPTS_MAX - 1:
+                attempt += 1
+                if attempt == BATCH_ATTEMPTS_MAX:
                     raise
-    raise AssertionError("unreachable")

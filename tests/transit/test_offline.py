@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -19,11 +20,20 @@ import asyncpg
 import orjson
 import pytest
 
-from cardsvc import limits
+from cardsvc import audit, limits
+from cardsvc.flows import lifecycle
+from cardsvc.flows.actor import Actor
+from cardsvc.http.keys import SERVICES
 from cardsvc.store import migrate
 from protocols import transit
 from protocols.transit import OfflineBatch, OfflineRecord, PurseCard
-from tests.helpers import ServiceHarness, new_card_numbers, purse_vs_journal
+from tests.helpers import (
+    ServiceHarness,
+    new_card_numbers,
+    purse_vs_journal,
+    replacement_body,
+    until_lock_waits,
+)
 
 BUS = {"line_id": "bus-105", "station_id": "", "direction": "single"}
 _seq = itertools.count(1)
@@ -420,6 +430,100 @@ async def test_a_hotlisted_card_moves_the_purse_but_the_operator_is_not_paid(
     assert [(r["counterparty"], r["amount_fen"]) for r in rows] == [
         ("cq-bus", -180), ("hotlisted:cq-bus", -200), ("hotlisted:cq-bus", -100)
     ]  # fmt: skip
+
+
+async def _replaced_journal(db: asyncpg.Connection, old_no: str, new_no: str) -> list[tuple[str, int, int, str]]:
+    rows = await db.fetch(
+        """SELECT c.card_no, j.kind, j.amount_fen, j.counterparty FROM txn_journal j JOIN card c USING (card_id)
+           WHERE c.card_no = ANY($1::text[]) AND j.kind IN (5, 7) ORDER BY j.txn_id""",
+        [old_no, new_no],
+    )
+    return [("old" if r["card_no"] == old_no else "new", r["kind"], r["amount_fen"], r["counterparty"]) for r in rows]
+
+
+async def test_a_replaced_cards_offline_debits_are_carried_to_the_new_card(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """The old chip paid offline before its validators knew of the replacement; the records arrive after
+    the replacement moved the purse. Each is judged on the old chip's own ledger (its sequence, and its
+    balance: the moved money is still on the chip), posted there, and carried to the new card's purse
+    through the replacement account: the dead card keeps no debt, the new card pays."""
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    before = (await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"]
+    early = [debit(chip, t, 180, hotlist_version=before), debit(chip, t, 200, hotlist_version=before)]
+    body = replacement_body()
+    r = await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "staff-1"})
+    assert r.status == 200, r.body
+    after = (await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"]
+    late = debit(chip, t, 100, hotlist_version=after)  # this validator knew: it should have refused the chip
+    answers = await upload(svc, [early[0]])
+    answers += await upload(svc, [early[1], late])
+    assert [(a["result"], a["reason"]) for a in answers] == [
+        ("accepted", None), ("accepted", None), ("hotlisted", "blocked_at_validator_hotlist_version")
+    ]  # fmt: skip
+    assert (await svc.balance(c["card_no"]), await svc.balance(body["new_card_no"])) == (0, 1000 - 480)
+    journal = await _replaced_journal(db, c["card_no"], body["new_card_no"])
+    assert journal[:2] == [("old", 7, -1000, "replacement"), ("new", 7, 1000, "replacement")]  # the move
+    assert sorted(journal[2:]) == sorted([
+        ("old", 5, -180, "cq-bus"), ("old", 7, 180, "replacement"), ("new", 7, -180, "replacement"),
+        ("old", 5, -200, "cq-bus"), ("old", 7, 200, "replacement"), ("new", 7, -200, "replacement"),
+        ("old", 5, -100, "hotlisted:cq-bus"), ("old", 7, 100, "replacement"), ("new", 7, -100, "replacement"),
+    ])  # fmt: skip
+    # Uploaded again: answered, nothing moves.
+    again = await upload(svc, [*early, late])
+    assert all(a["replayed_answer"] for a in again)
+    assert await svc.balance(body["new_card_no"]) == 520
+    _, checks = await audit.run_audit(db, svc.settings, svc.app[SERVICES].transit.table)
+    assert all(ch.ok for ch in checks), [ch for ch in checks if not ch.ok]
+
+
+async def test_a_late_debit_of_the_old_chip_may_overdraw_the_new_card_and_the_audit_knows_why(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """The new card spent its balance online; then the old chip's offline debit (its own balance allowed
+    it) arrives and is carried over: the new purse is below zero, and the audit counts it as offline
+    shadow debt, not as an online overdraft."""
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    rec = debit(chip, t, 180, hotlist_version=(await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"])
+    body = replacement_body()
+    assert (await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "staff-1"})).status == 200
+    r = await svc.post(
+        f"/v1/purses/{body['new_card_no']}/top-ups",
+        {"terminal_seq": next(_seq), "amount_fen": 900, "channel": "refund", "operator": "staff-1"},
+    )
+    assert r.status == 200 and r.body["balance_fen"] == 100, r.body
+    [answer] = await upload(svc, [rec])
+    assert answer["result"] == "accepted" and await svc.balance(body["new_card_no"]) == -80
+    _, checks = await audit.run_audit(db, svc.settings, svc.app[SERVICES].transit.table)
+    overdraft = next(ch for ch in checks if ch.name == "purse_overdraft")
+    assert overdraft.ok and overdraft.counts["offline_shadow"] == 1, overdraft
+    assert overdraft.counts["offline_shadow_fen"] == 80, overdraft  # the default overdraft limit is 0
+    assert all(ch.ok for ch in checks), [ch for ch in checks if not ch.ok]
+
+
+async def test_a_replacement_committed_while_an_upload_waits_for_the_purse(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """The replacement holds the old purse's lock and commits while the upload waits for it: the upload
+    read the card before the wait (still active), sees it changed when it writes, and runs again."""
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    rec = debit(chip, t, 180, hotlist_version=(await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"])
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    body = replacement_body()
+    async with svc.app[SERVICES].pool.acquire() as office, office.transaction():  # the office's replacement
+        await office.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
+        pending = asyncio.create_task(upload(svc, [rec]))
+        await until_lock_waits(db)
+        await lifecycle.apply(
+            office, c["card_no"], "replace", {**body, "expires_on": dt.date.fromisoformat(body["expires_on"])},
+            Actor("card-office-test", "staff-1"), dt.datetime.now(dt.UTC), 30,
+        )  # fmt: skip
+    [answer] = await pending
+    assert (answer["result"], answer["reason"]) == ("accepted", None), answer
+    assert (await svc.balance(c["card_no"]), await svc.balance(body["new_card_no"])) == (0, 820)
 
 
 async def test_unknown_cards_and_cards_without_a_purse(svc: ServiceHarness, db: asyncpg.Connection) -> None:
