@@ -107,7 +107,12 @@ async def maintenance_once(
             "DELETE FROM terminal_txn WHERE at < now() - make_interval(days => $1)",
             settings.terminal_txn_retention_days,
         )
-        await conn.execute("SELECT cardsvc_ensure_partitions(now()::date, 3)")
+        # The months ahead, and back to the oldest ride an upload may still post (UPLOAD_AGE_S_MAX and the
+        # clock skew): a database created early in a month has no partition yet for a month-old record.
+        await conn.execute(
+            "SELECT cardsvc_ensure_partitions((now() - make_interval(secs => $1))::date, 5)",
+            float(limits.UPLOAD_AGE_S_MAX + settings.clock_skew_s + 86400),
+        )
 
 
 async def _maintenance_loop(pool: asyncpg.Pool, settings: Settings, table: fares.FareTable) -> None:
