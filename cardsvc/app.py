@@ -103,10 +103,24 @@ async def maintenance_once(
             float(limits.UPLOAD_AGE_S_MAX + 2 * settings.clock_skew_s + settings.ecard_code_lifetime_s),
             KIND_RIDE_CODE,
         )
-        await conn.execute(
-            "DELETE FROM terminal_txn WHERE at < now() - make_interval(days => $1)",
-            settings.terminal_txn_retention_days,
-        )
+        # Top-up answers are kept for good in topup_key (migration 0009). The service writes both; a top-up
+        # a release before 0009 wrote while the migration ran has only its terminal_txn answer: keep it
+        # before that goes (top-ups are the answers without a detail; taps and uploads always have one).
+        async with conn.transaction():
+            await conn.execute(
+                """INSERT INTO topup_key (terminal_id, terminal_seq, request_hash, card_id, amount_fen, balance_fen,
+                                          txn_id, at)
+                   SELECT terminal_id, terminal_seq, request_hash, card_id, amount_fen, balance_fen, txn_id, at
+                   FROM terminal_txn
+                   WHERE at < now() - make_interval(days => $1) AND detail IS NULL AND result = 'approved'
+                     AND txn_id IS NOT NULL AND card_id IS NOT NULL AND balance_fen IS NOT NULL
+                   ON CONFLICT DO NOTHING""",
+                settings.terminal_txn_retention_days,
+            )
+            await conn.execute(
+                "DELETE FROM terminal_txn WHERE at < now() - make_interval(days => $1)",
+                settings.terminal_txn_retention_days,
+            )
         # The months ahead, and back to the oldest ride an upload may still post (UPLOAD_AGE_S_MAX and the
         # clock skew): a database created early in a month has no partition yet for a month-old record.
         await conn.execute(

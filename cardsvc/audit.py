@@ -120,7 +120,9 @@ async def _purse_balances(
 #   card's own (a replaced card's only after its replacement transfer, which moved the earlier ones on), and
 #   those of each earlier card before its replacement transfer (the transfer carried them here). txn_id
 #   orders one purse's rows: every writer holds the purse row lock. A card replaced with a zero balance
-#   has no transfer to split its rows at: none of its debits are counted (stricter, never looser).
+#   has no move to split its rows at: none of its debits are counted (stricter), or, once one of its
+#   debits was carried over after the replacement, that carry is the split (the carried debit may then
+#   count twice: looser by at most that one debit).
 #   A replaced card's offline debits uploaded after its replacement are carried to the card that replaced
 #   it (cardsvc/transit/offline.py): there they are its negative 'replacement' rows written by an upload
 #   (source offline; a replacement's own transfers are the card office's), counted like its own debits.

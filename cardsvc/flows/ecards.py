@@ -96,6 +96,14 @@ async def revoke_ecard(
     conn: asyncpg.Connection, ecard_id: int, actor: Actor, now: dt.datetime
 ) -> dict[str, Any]:
     async with conn.transaction():
+        # The card's purse lock first, as every writer a tap batch must see takes it (taps, top-ups, the
+        # card office): a batch holding it has read the e-card's state and commits before this revocation,
+        # or waits and then refuses the tap. Purse, then e-card: a replacement locks card, purse, e-card.
+        await conn.execute(
+            """SELECT 1 FROM purse p JOIN ecard e ON e.card_id = p.card_id WHERE e.ecard_id = $1
+               FOR UPDATE OF p""",
+            ecard_id,
+        )
         row = await conn.fetchrow(
             """UPDATE ecard e SET revoked_at = now() FROM card c
                WHERE e.ecard_id = $1 AND e.revoked_at IS NULL AND c.card_id = e.card_id

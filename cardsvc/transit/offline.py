@@ -34,6 +34,7 @@ import asyncpg
 import orjson
 
 from cardsvc import limits
+from cardsvc.errors import ApiError
 from cardsvc.store.batcher import columns
 from protocols import card, transit
 from protocols.card import CardStatus, HotlistAction, HotlistReason
@@ -156,10 +157,10 @@ class _NeedCards(Exception):
 
 
 # The batch's cards and, from the second attempt on, the cards that replaced some of them ($2), purses
-# locked in card order. The card row is the statement's snapshot: the write checks it is still the same.
+# locked in card order. The card row is the statement's snapshot: the write checks that its status and
+# replacement are still those (a replacement commits holding the purse lock this statement waited for).
 _LOCK_SQL = """
-SELECT c.card_id, c.card_sn, c.status, c.replaced_by, c.ctid AS card_tid, c.xmin::text::bigint AS card_version,
-       p.balance_fen, p.purse_seq
+SELECT c.card_id, c.card_sn, c.status, c.replaced_by, p.balance_fen, p.purse_seq
 FROM card c JOIN purse p ON p.card_id = c.card_id
 WHERE (c.card_sn = ANY($1::text[]) OR c.card_id = ANY($2::bigint[])) AND c.has_purse
 ORDER BY c.card_id
@@ -241,9 +242,8 @@ WITH pu AS (
     RETURNING 1
 ), cv AS (  -- the batch's cards still as read (a replacement committed during the lock wait: run again)
     SELECT count(*) AS n FROM card c
-    JOIN unnest($39::tid[], $40::bigint[], $41::bigint[]) AS v(tid, card_id, version)
-      ON c.ctid = v.tid AND c.card_id = v.card_id AND c.xmin::text::bigint = v.version
-    WHERE c.ctid = ANY($39::tid[])
+    JOIN unnest($39::bigint[], $40::smallint[], $41::bigint[]) AS v(card_id, status, replaced_by)
+      ON c.card_id = v.card_id AND c.status = v.status AND c.replaced_by IS NOT DISTINCT FROM v.replaced_by
 ), rf AS (
     INSERT INTO offline_refusal (terminal_id, terminal_seq, request_hash, card_id, result, reason, record, batch_id)
     SELECT $5::text, v.terminal_seq, v.request_hash, v.card_id, v.result, v.reason, v.record, $14::bigint
@@ -329,7 +329,7 @@ async def _attempt(
         for row in rows
     }
     by_id = {p.card_id: p for p in purses.values()}
-    cards = [(row["card_tid"], row["card_id"], row["card_version"]) for row in rows]
+    cards = [(row["card_id"], row["status"], row["replaced_by"]) for row in rows]
     # A replaced card's debits made before the validator knew of the replacement are real (its chip paid),
     # but its purse moved to the new card: each is posted on the old card's purse, as the chip's ledger
     # wants, and carried to the new card's by a transfer through the replacement account (docs/transit.md).
@@ -475,7 +475,7 @@ async def _write(
     tid: str,
     batch_id: int,
     touched: list[_Purse],
-    cards: list[tuple[str, int, int]],
+    cards: list[tuple[int, int, int | None]],
 ) -> None:
     if not plan.keys and not plan.ledger and not plan.refused:
         return
@@ -531,7 +531,10 @@ async def process_batch(
                 if need.card_ids <= extra:
                     raise AssertionError("a replacing card was locked and still missing") from None
                 extra |= need.card_ids  # rolled back before waiting for more locks: not an attempt
-            except (_Retry, asyncpg.DeadlockDetectedError):
+            except (_Retry, asyncpg.DeadlockDetectedError) as exc:
                 attempt += 1
                 if attempt == BATCH_ATTEMPTS_MAX:
-                    raise
+                    # Rolled back every time: nothing was written, the batch may be uploaded again (503).
+                    raise ApiError(
+                        "timeout", "the upload kept meeting concurrent changes", headers={"Retry-After": "2"}
+                    ) from exc

@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from cardsvc import limits
+from cardsvc.errors import ApiError
 from cardsvc.services import Services
 from protocols import ridecode
 from protocols.card import CardStatus
@@ -161,11 +162,13 @@ async def charge_rides(
             try:
                 outcomes.extend(await process_taps(svc.pool, ctx.table, part))
                 break
-            except ReplacedMeanwhile:
+            except ReplacedMeanwhile as exc:
                 # A card was replaced between the look-up above and the batch's lock: look again, so a ride
                 # taken before the replacement goes to the new card (nothing of this chunk was written).
                 if attempt == RESOLVE_ATTEMPTS_MAX - 1:
-                    raise
+                    raise ApiError(
+                        "timeout", "cards kept being replaced during the upload", headers={"Retry-After": "2"}
+                    ) from exc
                 records = batch.records[start : start + chunk]
                 part = await ride_items(svc, ctx, dataclasses.replace(batch, records=records), at)
     return outcomes

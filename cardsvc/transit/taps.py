@@ -23,10 +23,10 @@ Step 2 locks only the purses; the card row comes from its snapshot, taken before
 card-office change that held a purse lock and committed during that wait (a replacement that moved the
 purse and killed the card) is not in what it read, so the write is a compare-and-set on the card row's
 version: if it changed, the batch runs again on the new rows (and a replaced card is then refused). The
-concessions the snapshot shows are read again, locked, once the purses are (`_QUOTA_SQL`): another batch
-of the same holder (several gates uploading one rider's rides), an extra-rides grant or an end that
-committed during the wait is then seen at once, instead of costing an attempt (elderly) or being missed
-(an ended disability concession). The quota's write is a compare-and-set too.
+holders' concessions are read once the purses are locked, and locked (`_QUOTA_SQL`): another batch of the
+same holder (several gates uploading one rider's rides), a registration, an extra-rides grant or an end
+that committed during the wait is then seen at once, instead of costing an attempt (elderly) or being
+missed. The quota's write is a compare-and-set too.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def _priced_tap(card: _Card, item: TapItem) -> fares.Tap:
 _LOCK_SQL = """
 SELECT c.card_id, c.card_sn, c.holder_id, c.status, c.app_locked, c.expires_on, c.temp_loss_until, c.has_purse,
        c.status_changed_at,
-       c.ctid AS card_tid, c.xmin::text::bigint AS card_version, p.balance_fen, p.journey, k.kind AS concession, k.rides_left, k.quota_year,
+       c.ctid AS card_tid, c.xmin::text::bigint AS card_version, p.balance_fen, p.journey,
        ARRAY(SELECT u.kind::bigint FROM credential_use u
              WHERE u.card_id = c.card_id AND (u.kind, u.token) IN (SELECT * FROM unnest($3::smallint[], $4::bigint[]))
              ORDER BY u.kind, u.token) AS used_kinds,
@@ -247,14 +247,14 @@ SELECT c.card_id, c.card_sn, c.holder_id, c.status, c.app_locked, c.expires_on, 
              ORDER BY u.kind, u.token) AS used_tokens
 FROM card c
 JOIN purse p ON p.card_id = c.card_id
-LEFT JOIN concession k ON k.holder_id = c.holder_id AND k.ended_at IS NULL
 WHERE c.card_sn = ANY($1::text[]) OR c.card_id = ANY($2::bigint[])
 ORDER BY c.card_id
 FOR UPDATE OF p
 """
 
-# The concessions of the holders the lock statement saw with one, current and locked: every writer of a
-# concession holds its holder's purse locks first (taps, the card office), so this never waits for long.
+# The concessions of the batch's holders, read once the purses are locked (so current) and locked: every
+# writer of a concession holds its holder's purse locks first (taps, the card office), so this never waits
+# for long. A holder without one costs a primary-key probe.
 _QUOTA_SQL = """
 SELECT holder_id, kind AS concession, rides_left, quota_year FROM concession
 WHERE holder_id = ANY($1::bigint[]) AND ended_at IS NULL
@@ -523,10 +523,8 @@ async def _attempt(
     }
     today = fares.local_day(table, int(now.timestamp()))
     year = today.year
-    with_concession = sorted({r["holder_id"] for r in rows if r["concession"] is not None})
-    current = (
-        {q["holder_id"]: q for q in await conn.fetch(_QUOTA_SQL, with_concession)} if with_concession else {}
-    )
+    holders = sorted({r["holder_id"] for r in rows})
+    current = {q["holder_id"]: q for q in await conn.fetch(_QUOTA_SQL, holders)} if holders else {}
     ecard_ids = sorted(
         {i.cred_token >> 32 for i in items if i.cred_kind == KIND_ECARD_CODE and i.cred_token is not None}
     )
@@ -538,7 +536,7 @@ async def _attempt(
     for r in rows:
         quota = quotas.get(r["holder_id"])
         if quota is None:
-            q = current.get(r["holder_id"]) if r["concession"] is not None else r
+            q = current.get(r["holder_id"])
             concession, quota_year = _concession(q, table, year)
             quota = quotas[r["holder_id"]] = _Quota(
                 r["holder_id"],

@@ -15,6 +15,7 @@ import pytest
 from cardsvc.config import Settings, load_settings
 from cardsvc.errors import ApiError
 from cardsvc.flows.actor import Actor
+from cardsvc.http.keys import SERVICES
 from cardsvc.transit import concessions, fares
 from tests.helpers import ServiceHarness, until_lock_waits
 from tests.transit.test_concessions import BUS_FARE, EXTRA, QUOTA, TABLE, _seq, bus_tap, rider, url, years_ago
@@ -114,3 +115,23 @@ async def test_a_disability_concession_ended_while_a_tap_waits_is_not_applied(
         assert ended["kind"] == kind
     body = await pending
     assert body["fare_fen"] == BUS_FARE and kind not in body["rules"], body
+
+
+async def test_a_concession_registered_while_a_tap_waits_applies_to_it(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """The card office registers the elderly concession (holding the purse lock) while a tap waits for that
+    lock: the tap, decided after the registration committed, rides free on the new quota."""
+    c = await rider(svc, db, years_ago(70))
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card_id)
+        pending = asyncio.create_task(bus_tap(svc, c["card_sn"]))
+        await until_lock_waits(db)
+        registered = await concessions.set_concession(
+            db, svc.app[SERVICES].vault, TABLE, c["holder_id"], "elderly", Actor("office"), dt.datetime.now(dt.UTC)
+        )
+        assert registered["kind"] == "elderly"
+    body = await pending
+    assert body["fare_fen"] == 0 and "elderly_free" in body["rules"], body
+    assert await db.fetchval("SELECT rides_left FROM concession WHERE holder_id = $1", c["holder_id"]) == QUOTA - 1

@@ -26,6 +26,7 @@ from cardsvc.flows import lifecycle
 from cardsvc.flows.actor import Actor
 from cardsvc.http.keys import SERVICES
 from cardsvc.store import migrate
+from cardsvc.transit import offline as offline_mod
 from protocols import transit
 from protocols.transit import OfflineBatch, OfflineRecord, PurseCard
 from tests.helpers import (
@@ -525,6 +526,28 @@ async def test_a_replacement_committed_while_an_upload_waits_for_the_purse(
     [answer] = await pending
     assert (answer["result"], answer["reason"]) == ("accepted", None), answer
     assert (await svc.balance(c["card_no"]), await svc.balance(body["new_card_no"])) == (0, 820)
+
+
+async def test_card_changes_that_do_not_move_the_purse_do_not_make_an_upload_run_again(
+    svc: ServiceHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write checks that each card's status and replacement are still those the batch read; a PIN lock
+    or unlock committed in between changes neither, so the upload is written at its first attempt."""
+    c, chip = await funded(svc, 1000)
+    rec = debit(chip, tid(svc), 180, hotlist_version=(await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"])
+    real = offline_mod._write
+    calls = 0
+
+    async def write(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        r = await svc.post(f"/v1/cards/{c['card_no']}/{'lock-pin' if calls % 2 else 'unlock-pin'}", {"operator": "staff-1"})
+        assert r.status == 200, r.body
+        return await real(*args)
+
+    monkeypatch.setattr(offline_mod, "_write", write)
+    [answer] = await upload(svc, [rec])
+    assert answer["result"] == "accepted" and calls == 1, (answer, calls)
 
 
 async def test_the_journal_has_a_month_for_the_oldest_record_an_upload_may_post(

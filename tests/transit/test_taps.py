@@ -19,6 +19,7 @@ import pytest
 
 from cardsvc.config import Settings
 from cardsvc.transit import fares
+from cardsvc.transit import taps as taps_mod
 from protocols import ridecode, sm
 from tests.helpers import (
     ServiceHarness,
@@ -458,14 +459,18 @@ async def test_an_ecard_revoked_before_or_while_its_tap_waits_is_refused(
     c = await funded_card(svc, 1000)
     device = await svc.new_ecard(c["card_no"])
     code = device.next_code(int(time.time()))
-    async with db.transaction():  # something holds the purse (a batch, a top-up): the tap waits for it
+    async with db.transaction():  # something holds the purse (a batch, a top-up): both wait for it
         await db.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", c["card_id"])
-        pending = asyncio.create_task(tap(svc, tap_body(svc, None, credential={"credential": "ecard_code", "code": code})))
+        revoke = asyncio.create_task(
+            svc.post(f"/v1/ecards/{device.ecard_id}/revoke", {"operator": "staff-1"}, as_="ecard_channel")
+        )
         await until_lock_waits(db)
-        r = await svc.post(f"/v1/ecards/{device.ecard_id}/revoke", {"operator": "staff-1"}, as_="ecard_channel")
-        assert r.status == 200 and r.body["status"] == "revoked", r.body
-        assert not pending.done()
-    ans = await pending  # the revocation answered first: the tap must not be charged
+        # The tap was checked (and its e-card read) while the revocation waited; it waits behind it.
+        pending = asyncio.create_task(tap(svc, tap_body(svc, None, credential={"credential": "ecard_code", "code": code})))
+        await until_lock_waits(db, 2)
+    r = await revoke
+    assert r.status == 200 and r.body["status"] == "revoked", r.body
+    ans = await pending  # the revocation committed first: the tap must not be charged
     assert (ans["result"], ans["reason"], ans.get("card_status")) == ("declined", "card_unusable", "revoked"), ans
     later = await declined(
         svc, db, tap_body(svc, None, credential={"credential": "ecard_code", "code": device.next_code(int(time.time()))}),
@@ -473,6 +478,34 @@ async def test_an_ecard_revoked_before_or_while_its_tap_waits_is_refused(
     )  # fmt: skip
     assert later["card_status"] == "revoked"
     assert await svc.balance(c["card_no"]) == 1000
+
+
+async def test_a_revocation_waits_for_a_tap_batch_that_already_read_the_ecard(
+    svc: ServiceHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revocation sent after the batch read the e-card's state and before it wrote: it waits for the
+    batch's purse lock, so it is answered after the tap is committed, never before an approved debit."""
+    c = await funded_card(svc, 1000)
+    device = await svc.new_ecard(c["card_no"])
+    code = device.next_code(int(time.time()))
+    real = taps_mod._write
+    seen: dict[str, Any] = {}
+
+    async def write(*args: Any) -> Any:
+        if not seen:
+            revoke = asyncio.create_task(
+                svc.post(f"/v1/ecards/{device.ecard_id}/revoke", {"operator": "staff-1"}, as_="ecard_channel")
+            )
+            done, _ = await asyncio.wait({revoke}, timeout=1.0)
+            seen["answered_first"], seen["task"] = bool(done), revoke
+        return await real(*args)
+
+    monkeypatch.setattr(taps_mod, "_write", write)
+    ans = await tap(svc, tap_body(svc, None, credential={"credential": "ecard_code", "code": code}))
+    assert seen["answered_first"] is False  # it waited for the batch
+    assert ans["result"] == "approved" and ans["balance_fen"] == 820, ans
+    r = await seen["task"]
+    assert r.status == 200 and r.body["status"] == "revoked", r.body
 
 
 async def ride_phone(svc: ServiceHarness, card_no: str) -> ridecode.RidePhone:
