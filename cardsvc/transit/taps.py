@@ -9,8 +9,9 @@ One batch is one transaction:
    `replayed`, nothing else happens for it), recorded in the same statement as step 1;
 1. the terminal transactions already answered (idempotency: a retry gets the stored answer, the same key
    with a different payload is a conflict);
-2. the purses, cards and concessions of every card in the batch, locked `FOR UPDATE` in card order (so
-   two batches never deadlock), and the credential uses already recorded;
+2. the purses and cards of every card in the batch, the purses locked `FOR UPDATE` in card order (so
+   two batches never deadlock), and the credential uses already recorded; then, in one more statement,
+   the holders' concessions (locked, in holder order) and the batch's e-cards revoked by now;
 3. in Python, item by item in arrival order: the pure fare engine on the locked state, updated in memory,
    so one card twice in a batch is charged correctly (the second tap sees the first one's journey);
 4. one statement writes everything: credential uses, purse balances and journeys, concession quotas,
@@ -23,7 +24,7 @@ Step 2 locks only the purses; the card row comes from its snapshot, taken before
 card-office change that held a purse lock and committed during that wait (a replacement that moved the
 purse and killed the card) is not in what it read, so the write is a compare-and-set on the card row's
 version: if it changed, the batch runs again on the new rows (and a replaced card is then refused). The
-holders' concessions are read once the purses are locked, and locked (`_QUOTA_SQL`): another batch of the
+holders' concessions are read once the purses are locked, and locked (`_AFTER_LOCK_SQL`): another batch of the
 same holder (several gates uploading one rider's rides), a registration, an extra-rides grant or an end
 that committed during the wait is then seen at once, instead of costing an attempt (elderly) or being
 missed. The quota's write is a compare-and-set too.
@@ -252,20 +253,22 @@ ORDER BY c.card_id
 FOR UPDATE OF p
 """
 
-# The concessions of the batch's holders, read once the purses are locked (so current) and locked: every
-# writer of a concession holds its holder's purse locks first (taps, the card office), so this never waits
-# for long. A holder without one costs a primary-key probe.
-_QUOTA_SQL = """
-SELECT holder_id, kind AS concession, rides_left, quota_year FROM concession
-WHERE holder_id = ANY($1::bigint[]) AND ended_at IS NULL
-ORDER BY holder_id
-FOR UPDATE
-"""
-
-# The batch's e-cards revoked by now, read once the purses are locked: an e-card revoked while its tap
-# waited in the queue or for a lock is refused, not charged (the handler's check ran before the wait).
-_REVOKED_ECARDS_SQL = """
-SELECT ecard_id FROM ecard WHERE ecard_id = ANY($1::bigint[]) AND revoked_at IS NOT NULL
+# Read once the purses are locked, so current (one round trip):
+# - the concessions of the batch's holders, locked: every writer of a concession holds its holder's purse
+#   locks first (taps, the card office), so this never waits for long; a holder without one costs a
+#   primary-key probe;
+# - the batch's e-cards revoked by now: one revoked while its tap waited in the queue or for a lock is
+#   refused, not charged (the handler's check ran before the wait; a revocation takes the purse lock).
+_AFTER_LOCK_SQL = """
+WITH q AS (
+    SELECT holder_id, kind, rides_left, quota_year FROM concession
+    WHERE holder_id = ANY($1::bigint[]) AND ended_at IS NULL
+    ORDER BY holder_id
+    FOR UPDATE
+)
+SELECT holder_id, kind AS concession, rides_left, quota_year, NULL::bigint AS revoked_ecard FROM q
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, ecard_id FROM ecard WHERE ecard_id = ANY($2::bigint[]) AND revoked_at IS NOT NULL
 """
 
 _NO_PURSE_SQL = """
@@ -524,11 +527,17 @@ async def _attempt(
     today = fares.local_day(table, int(now.timestamp()))
     year = today.year
     holders = sorted({r["holder_id"] for r in rows})
-    current = {q["holder_id"]: q for q in await conn.fetch(_QUOTA_SQL, holders)} if holders else {}
     ecard_ids = sorted(
         {i.cred_token >> 32 for i in items if i.cred_kind == KIND_ECARD_CODE and i.cred_token is not None}
     )
-    revoked = {r["ecard_id"] for r in await conn.fetch(_REVOKED_ECARDS_SQL, ecard_ids)} if ecard_ids else set()
+    current: dict[int, asyncpg.Record] = {}
+    revoked: set[int] = set()
+    if holders or ecard_ids:
+        for q in await conn.fetch(_AFTER_LOCK_SQL, holders, ecard_ids):
+            if q["revoked_ecard"] is not None:
+                revoked.add(q["revoked_ecard"])
+            else:
+                current[q["holder_id"]] = q
     cards_by_id: dict[int, _Card] = {}
     by_sn: dict[str, _Card] = {}
     formally_lost: list[_Card] = []
