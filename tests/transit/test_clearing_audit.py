@@ -27,7 +27,7 @@ from cardsvc.config import Settings
 from cardsvc.transit import clearing, fares
 from protocols import clearing as wire
 from protocols.transit import PurseCard
-from tests.helpers import ServiceHarness, new_card_numbers
+from tests.helpers import ServiceHarness, replacement_body
 from tests.transit.test_offline import BUS, upload
 from tests.transit.test_rides import gate_record as ride_record
 from tests.transit.test_rides import rider
@@ -80,14 +80,10 @@ async def scenario(svc: ServiceHarness) -> dict[str, Any]:
     for op in ("temporary-loss", "lift-loss", "temporary-loss", "formal-loss"):
         r = await svc.post(f"/v1/cards/{b['card_no']}/{op}", {"operator": "staff-1"})
         assert r.status == 200, r.body
-    new_no, new_sn = new_card_numbers()
-    r = await svc.post(
-        f"/v1/cards/{b['card_no']}/replace",
-        {"new_card_no": new_no, "new_card_sn": new_sn, "operator": "staff-1",
-         "expires_on": (dt.date.today() + dt.timedelta(days=3650)).isoformat()},
-    )
+    body = replacement_body()
+    r = await svc.post(f"/v1/cards/{b['card_no']}/replace", {**body, "operator": "staff-1"})
     assert r.status == 200, r.body
-    return {"a": a, "b": b, "new_card_no": new_no}
+    return {"a": a, "b": b, "new_card_no": body["new_card_no"]}
 
 
 def by_name(report: Any) -> dict[str, Any]:
@@ -261,17 +257,15 @@ async def test_offline_shadow_debt_moves_with_the_purse_at_a_replacement(
     no offline row: still excused. The old purse answers only for what was posted to it afterwards."""
     c = await funded_card(svc, 1000)
     await _post(db, c["card_id"], 5, -1260, "cq-bus")
-    new_no, new_sn = new_card_numbers()
-    r = await svc.post(
-        f"/v1/cards/{c['card_no']}/replace",
-        {"new_card_no": new_no, "new_card_sn": new_sn, "operator": "staff-1",
-         "expires_on": (dt.date.today() + dt.timedelta(days=3650)).isoformat()},
-    )
+    body = replacement_body()
+    r = await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "staff-1"})
     assert r.status == 200, r.body
+    new_no = body["new_card_no"]
     assert (await svc.balance(c["card_no"]), await svc.balance(new_no)) == (0, -260)
     status, check = await _audit_overdraft(run_cli)
     assert status == 0 and (check["counts"]["offline_shadow"], check["counts"]["offline_shadow_fen"]) == (1, 260)
-    # A debit the old chip made before the replacement, uploaded after it, stays on the old purse: excused.
+    # A debit written on the old purse after the replacement (uploads carry theirs to the new card since
+    # docs/transit.md "A replaced card's records"; before that, they stayed here): excused.
     await _post(db, c["card_id"], 5, -180, "cq-bus", seq=2)
     status, check = await _audit_overdraft(run_cli)
     assert status == 0 and (check["counts"]["offline_shadow"], check["counts"]["offline_shadow_fen"]) == (2, 440)
@@ -292,13 +286,10 @@ async def test_a_ride_before_a_replacement_is_charged_on_ride_credit_to_the_new_
     ride = ride_record(svc, phone.next_code(at), at)
     chain = [c["card_no"]]
     for _ in range(2):  # the debt moves on with the purse at a second replacement
-        new_no, new_sn = new_card_numbers()
-        r = await svc.post(
-            f"/v1/cards/{chain[-1]}/replace",
-            {"new_card_no": new_no, "new_card_sn": new_sn, "operator": "staff-1",
-             "expires_on": (dt.date.today() + dt.timedelta(days=3650)).isoformat()},
-        )
+        body = replacement_body()
+        r = await svc.post(f"/v1/cards/{chain[-1]}/replace", {**body, "operator": "staff-1"})
         assert r.status == 200, r.body
+        new_no = body["new_card_no"]
         chain.append(new_no)
         if len(chain) == 2:
             [answer] = await upload_rides(svc, [ride])
