@@ -96,7 +96,9 @@ JOURNEYS_SWEPT = Counter(
     ["result"],
 )
 TAPS = Counter(
-    "cardsvc_transit_taps_total", "Online transit taps by mode, result (approved, declined, conflict) and reason.",
+    "cardsvc_transit_taps_total",
+    "Online transit taps answered by mode, result (approved, declined, conflict) and reason; a retry that gets "
+    "its stored answer is not counted again.",
     ["mode", "result", "reason"],
 )
 UPLOADED_RECORDS = Counter(

@@ -58,8 +58,10 @@ async def tap(request: web.Request) -> web.Response:
     outcome = await svc.taps.submit(item)  # records the nonce in the batch's transaction
     if outcome.result == "replayed":
         raise replayed()
-    metrics.TAPS.labels(body["mode"], outcome.result, outcome.reason or "").inc()
-    if not outcome.replayed_answer and outcome.result != "conflict":
+    if outcome.result == "conflict":
+        metrics.TAPS.labels(body["mode"], outcome.result, outcome.reason or "").inc()
+    elif not outcome.replayed_answer:  # a retry's stored answer is not another tap
+        metrics.TAPS.labels(body["mode"], outcome.result, outcome.reason or "").inc()
         _count_credential(_CREDENTIAL_KINDS[body["credential"]], outcome.reason)
     if outcome.result == "conflict":
         raise ApiError("idempotency_conflict", field="terminal_seq")

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from cardsvc import metrics
 from cardsvc.config import Settings
 from cardsvc.transit import fares
 from cardsvc.transit import taps as taps_mod
@@ -229,6 +230,8 @@ async def test_a_retry_gets_the_stored_answer_and_no_second_debit(
 ) -> None:
     c = await funded_card(svc, 1000)
     body = tap_body(svc, c["card_sn"])
+    taps_counted = metrics.TAPS.labels("bus", "approved", "")
+    counted = taps_counted._value.get()
     first = await tap(svc, body)
     before = await money_state(db)
     again = await tap(svc, body)
@@ -236,6 +239,7 @@ async def test_a_retry_gets_the_stored_answer_and_no_second_debit(
     assert {**again, "replayed_answer": False} == first
     assert await money_state(db) == before
     assert await svc.balance(c["card_no"]) == 820
+    assert taps_counted._value.get() == counted + 1  # one tap, answered twice
 
 
 async def test_same_key_with_another_payload_is_a_conflict_and_changes_nothing(
