@@ -14,7 +14,7 @@ from cardsvc.errors import ApiError
 from protocols import hotlist
 from protocols.card import HotlistAction, HotlistReason
 
-__all__ = ["append_entry", "latest_version", "read_block"]
+__all__ = ["append_entry", "latest_version", "read_block", "record_served"]
 
 
 async def append_entry(
@@ -36,6 +36,19 @@ async def latest_version(conn: asyncpg.Connection) -> int:
     version: int = await conn.fetchval("SELECT version FROM hotlist_head")
     metrics.HOTLIST_VERSION.set(version)
     return version
+
+
+async def record_served(conn: asyncpg.Connection, terminal_id: str, version: int) -> None:
+    """Remember that `terminal_id` holds `version` from now on (migration 0010): its offline records made
+    after this are judged as of this version at least (cardsvc/transit/offline.py). Written only when the
+    terminal moves forward, so a poll that brings nothing new costs a primary-key probe."""
+    await conn.execute(
+        """INSERT INTO terminal_hotlist (terminal_id, version, served_at) VALUES ($1, $2, now())
+           ON CONFLICT (terminal_id) DO UPDATE SET version = EXCLUDED.version, served_at = EXCLUDED.served_at
+           WHERE terminal_hotlist.version < EXCLUDED.version""",
+        terminal_id,
+        version,
+    )
 
 
 async def read_block(conn: asyncpg.Connection, since: int, limit: int) -> hotlist.HotlistBlock:

@@ -216,6 +216,7 @@ async def get_hotlist(request: web.Request) -> web.Response:
     limit = _int_param(request.query.get("limit"), "limit", 1000, 1, svc.settings.hotlist_block_entries_max)
     async with svc.pool.acquire() as conn:
         block = await hotlist.read_block(conn, since, limit)
+        await hotlist.record_served(conn, request[AUTH].terminal_id, block.to_version)
     return _json(hotlist_wire.encode_block(block))
 
 

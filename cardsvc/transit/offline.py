@@ -282,8 +282,10 @@ def _judge(
     table: fares.FareTable,
     now_s: int,
     skew_s: int,
+    served: tuple[int, int] | None = None,
 ) -> tuple[RecordResult, str | None, int | None, str | None]:
-    """(verdict, reason, unwrapped purse_seq or None, operator or None) in RESULT_PRECEDENCE order."""
+    """(verdict, reason, unwrapped purse_seq or None, operator or None) in RESULT_PRECEDENCE order.
+    `served`: (version, unix time) of the hotlist last served to the record's terminal, if any."""
     operator, bad_place = record_operator(table, r)
     ext = transit.extend_purse_seq(purse.base_ext, r.purse_seq) if purse is not None else None
     if r.txn_time > now_s + skew_s:
@@ -301,7 +303,7 @@ def _judge(
         card_known=True,
         tac_ok=tac.verify(r),
         posted=posted.get((purse.card_id, ext)),
-        blocked_at_validator_version=transit.blocked_at_version(purse.entries, r.card_sn, r.hotlist_version),
+        blocked_at_validator_version=transit.blocked_at_version(purse.entries, r.card_sn, _held_version(r, served)),
         last_purse_seq=purse.last_ext,
         shadow_balance_fen=purse.chip_balance_fen,
     )
@@ -309,6 +311,18 @@ def _judge(
     if verdict == RecordResult.ACCEPTED and transit.purse_seq_delta(purse.last_ext, r.purse_seq) <= 0:
         reason = REASON_LATE_FILL
     return verdict, reason, ext, operator
+
+
+def _held_version(r: OfflineRecord, served: tuple[int, int] | None) -> int:
+    """The hotlist version the record is judged as of: the one it claims, but at least the one the service
+    served its terminal before the record's time (by the validator's clock): the claim is not covered by the
+    TAC, and a terminal never holds less than it was served (migration 0010)."""
+    if served is not None and r.txn_time >= served[1]:
+        return max(r.hotlist_version, served[0])
+    return r.hotlist_version
+
+
+_SERVED_SQL = "SELECT version, served_at FROM terminal_hotlist WHERE terminal_id = $1"
 
 
 async def _attempt(
@@ -387,6 +401,8 @@ async def _attempt(
                 )
             )
 
+    served_row = await conn.fetchrow(_SERVED_SQL, tid)
+    served = (served_row["version"], int(served_row["served_at"].timestamp())) if served_row else None
     plan = _Plan()
     now_s = int(now.timestamp())
     for r in records:
@@ -417,7 +433,7 @@ async def _attempt(
                 )
             )
             continue
-        verdict, reason, ext, operator = _judge(r, purse, posted, tac, table, now_s, skew_s)
+        verdict, reason, ext, operator = _judge(r, purse, posted, tac, table, now_s, skew_s, served)
         detail: dict[str, Any] = {"kind": "offline", "batch_id": batch.batch_id}
         if reason is not None:
             detail["reason"] = reason

@@ -570,6 +570,35 @@ async def test_the_journal_has_a_month_for_the_oldest_record_an_upload_may_post(
     assert await db.fetchval("SELECT tableoid::regclass::text FROM txn_journal WHERE kind = 5") == f"txn_journal_{month}"
 
 
+async def test_a_record_made_after_its_validator_downloaded_a_block_is_judged_as_of_that_block(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """The hotlist version a record claims is not covered by its TAC. A validator that downloaded the loss
+    cannot claim, for a record it made afterwards, the list from before it: that record is judged as of
+    the version it was served (the operator is not paid for a blocked card); one made before the
+    download keeps its claim."""
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    before_loss = (await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"]
+    r = await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})
+    assert r.status == 200, r.body
+    now = int(time.time())
+    earlier = debit(chip, t, 180, hotlist_version=before_loss, txn_time=now - 60)
+    served = await svc.get(f"/v1/hotlist?since={before_loss}", as_="transit_validator")
+    assert served.status == 200 and served.body["to_version"] > before_loss, served.body
+    later = debit(chip, t, 200, hotlist_version=before_loss, txn_time=now + 2)  # claims the old list
+    answers = await upload(svc, [earlier, later])
+    assert [(a["result"], a["reason"]) for a in answers] == [
+        ("accepted", None), ("hotlisted", "blocked_at_validator_hotlist_version")
+    ]  # fmt: skip
+    rows = await db.fetch("SELECT counterparty, amount_fen FROM txn_journal WHERE kind = 5 ORDER BY terminal_seq")
+    assert [(r["counterparty"], r["amount_fen"]) for r in rows] == [("cq-bus", -180), ("hotlisted:cq-bus", -200)]
+    # Polling again with nothing new does not move the time the version was served.
+    kept = await db.fetchrow("SELECT version, served_at FROM terminal_hotlist WHERE terminal_id = $1", t)
+    assert (await svc.get(f"/v1/hotlist?since={served.body['to_version']}", as_="transit_validator")).status == 200
+    assert await db.fetchrow("SELECT version, served_at FROM terminal_hotlist WHERE terminal_id = $1", t) == kept
+
+
 async def test_unknown_cards_and_cards_without_a_purse(svc: ServiceHarness, db: asyncpg.Connection) -> None:
     t = tid(svc)
     stranger = PurseCard(new_card_numbers()[1], master_key=svc.keys.card_tac_master, balance_fen=500)
