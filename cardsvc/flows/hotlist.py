@@ -41,9 +41,12 @@ async def latest_version(conn: asyncpg.Connection) -> int:
 async def record_served(conn: asyncpg.Connection, terminal_id: str, version: int) -> None:
     """Remember that `terminal_id` holds `version` from now on (migration 0010): its offline records made
     after this are judged as of this version at least (cardsvc/transit/offline.py). Written only when the
-    terminal moves forward, so a poll that brings nothing new costs a primary-key probe."""
+    terminal moves forward: a poll that brings nothing new costs a primary-key probe, and no row lock (an
+    ON CONFLICT that finds the row would lock it even to change nothing)."""
     await conn.execute(
-        """INSERT INTO terminal_hotlist (terminal_id, version, served_at) VALUES ($1, $2, now())
+        """INSERT INTO terminal_hotlist (terminal_id, version, served_at)
+           SELECT $1, $2, now()
+           WHERE NOT EXISTS (SELECT 1 FROM terminal_hotlist WHERE terminal_id = $1 AND version >= $2)
            ON CONFLICT (terminal_id) DO UPDATE SET version = EXCLUDED.version, served_at = EXCLUDED.served_at
            WHERE terminal_hotlist.version < EXCLUDED.version""",
         terminal_id,
