@@ -8,7 +8,10 @@ from typing import Any
 
 from protocols.api import ERRORS
 
-__all__ = ["ApiError"]
+__all__ = ["RETRY_LATER", "ApiError"]
+
+# The headers of a 503 whose request may simply be sent again (nothing was written, or idempotency holds).
+RETRY_LATER = {"Retry-After": "2"}
 
 
 class ApiError(Exception):

@@ -23,6 +23,7 @@ import asyncpg
 from aiohttp import web
 
 from cardsvc import metrics
+from cardsvc.errors import RETRY_LATER
 from cardsvc.logs import REQUEST_ID
 from cardsvc.store.batcher import BatcherClosed, BatcherOverloaded
 from cardsvc.store.pool import DB_UNAVAILABLE_ERRORS
@@ -137,7 +138,7 @@ _CONTENDED = frozenset({"55P03", "40P01", "40001"})
 
 
 async def _answer(request: web.Request, handler: Handler, rid: str, route: str) -> web.StreamResponse:
-    retry = {"Retry-After": "2"}
+    retry = RETRY_LATER
     try:
         async with asyncio.timeout(request.app[SERVICES].settings.request_timeout_s):
             return await handler(request)

@@ -34,7 +34,7 @@ import asyncpg
 import orjson
 
 from cardsvc import limits
-from cardsvc.errors import ApiError
+from cardsvc.errors import RETRY_LATER, ApiError
 from cardsvc.store.batcher import columns
 from protocols import card, transit
 from protocols.card import CardStatus, HotlistAction, HotlistReason
@@ -253,7 +253,7 @@ WITH pu AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM tt) AS tt, (SELECT count(*) FROM o WHERE posted) AS posted,
-       (SELECT count(*) FROM rf) AS refused, (SELECT n FROM cv) AS cv, (SELECT count(*) FROM tr) AS tr
+       (SELECT count(*) FROM rf) AS refused, (SELECT n FROM cv) AS cv
 """
 
 
@@ -543,14 +543,12 @@ async def process_batch(
             try:
                 async with conn.transaction():
                     return await _attempt(conn, table, tac, batch, at, skew_s, extra)
-            except _NeedCards as need:
-                if need.card_ids <= extra:
-                    raise AssertionError("a replacing card was locked and still missing") from None
+            except _NeedCards as need:  # raised only for cards not in `extra` yet: this ends
                 extra |= need.card_ids  # rolled back before waiting for more locks: not an attempt
             except (_Retry, asyncpg.DeadlockDetectedError) as exc:
                 attempt += 1
                 if attempt == BATCH_ATTEMPTS_MAX:
                     # Rolled back every time: nothing was written, the batch may be uploaded again (503).
                     raise ApiError(
-                        "timeout", "the upload kept meeting concurrent changes", headers={"Retry-After": "2"}
+                        "timeout", "the upload kept meeting concurrent changes", headers=RETRY_LATER
                     ) from exc

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from cardsvc import limits
-from cardsvc.errors import ApiError
+from cardsvc.errors import RETRY_LATER, ApiError
 from cardsvc.services import Services
 from protocols import ridecode
 from protocols.card import CardStatus
@@ -167,7 +167,7 @@ async def charge_rides(
                 # taken before the replacement goes to the new card (nothing of this chunk was written).
                 if attempt == RESOLVE_ATTEMPTS_MAX - 1:
                     raise ApiError(
-                        "timeout", "cards kept being replaced during the upload", headers={"Retry-After": "2"}
+                        "timeout", "cards kept being replaced during the upload", headers=RETRY_LATER
                     ) from exc
                 records = batch.records[start : start + chunk]
                 part = await ride_items(svc, ctx, dataclasses.replace(batch, records=records), at)

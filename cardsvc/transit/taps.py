@@ -41,7 +41,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from cardsvc.errors import ApiError
+from cardsvc.errors import RETRY_LATER, ApiError
 from cardsvc.flows.credential_use import KIND_ECARD_CODE
 from cardsvc.flows.views import effective_status
 from cardsvc.store.batcher import columns
@@ -88,7 +88,6 @@ class ReplacedMeanwhile(Exception):
     card, docs/transit.md)."""
 
 
-_RETRY = {"Retry-After": "2"}
 _REPLACED = CardStatus.REPLACED.api_name
 
 
@@ -698,7 +697,7 @@ async def process_taps(
             except _Retry as exc:
                 if attempt == BATCH_ATTEMPTS_MAX - 1:
                     # Rolled back every time: nothing was written, the taps may be sent again (503).
-                    raise ApiError("timeout", "the batch kept meeting concurrent changes", headers=_RETRY) from exc
+                    raise ApiError("timeout", "the batch kept meeting concurrent changes", headers=RETRY_LATER) from exc
             except asyncpg.DeadlockDetectedError:
                 if attempt == BATCH_ATTEMPTS_MAX - 1:
                     raise
