@@ -122,19 +122,34 @@ async def _demo_data(settings: Settings, count: int) -> dict[str, Any]:
 
     from cardsvc import demo
 
+    rules = _fare_table(settings).rules
     keys = _keys(settings, create=True)
     await _migrate(settings)
     conn = await _connect(settings)
     try:
+        rule = demo.ConcessionRule(
+            localtime.local_date(dt.datetime.now(dt.UTC)), rules.elderly_min_age, rules.elderly_annual_quota
+        )
         with tqdm(total=count, unit="card", desc="demo data", disable=not sys.stderr.isatty()) as bar:
-            added = await demo.load_population(conn, keys, count, bar.update)
+            added = await demo.load_population(conn, keys, count, bar.update, rule)
         creds = await demo.ensure_demo_terminals(conn, keys, settings.data_dir / "demo-terminals.json")
+        kinds = await conn.fetch(
+            """SELECT kind, count(*) AS n, min(holder_id) - 1 AS first FROM concession
+               WHERE holder_id <= $1 AND ended_at IS NULL GROUP BY kind ORDER BY kind""",
+            count,
+        )
     finally:
         await conn.close()
     print(
         f"demo data: {count} cards ({added} added); terminals in {settings.data_dir / 'demo-terminals.json'}",
         file=sys.stderr,
     )
+    if kinds:
+        print(
+            "concessions: "
+            + ", ".join(f"{r['kind']} {r['n']} (e.g. --index {r['first']})" for r in kinds),
+            file=sys.stderr,
+        )
     return creds
 
 
@@ -152,6 +167,7 @@ cardsvc demo on {base} (Ctrl-C stops it). In another shell, try:
   .venv/bin/cardsvc call GET /v1/cards/A00000001 --as card_office
   .venv/bin/cardsvc demo-credential ecard-code --index 1 | .venv/bin/cardsvc call POST /v1/ecard-codes/verify --as merchant_pos --data @-
   .venv/bin/cardsvc demo-credential card-auth --index 2 | .venv/bin/cardsvc call POST /v1/card-auth --as transit_validator --data @-
+  .venv/bin/cardsvc demo-credential tap --index 2 | .venv/bin/cardsvc call POST /v1/transit/taps --as transit_validator --data @-
   curl -s {base}/metrics | grep cardsvc_credential
 """,
         file=sys.stderr,
@@ -457,8 +473,31 @@ def cmd_demo_credential(settings: Settings, args: argparse.Namespace) -> int:
     else:
         keys = _keys(settings)
         sim = card.CardSimulator(p.card_sn, master_key=keys.card_auth_master)
-        _print_json(card.build_card_auth_request(sim, now, os.urandom(4)))
+        body: dict[str, Any] = card.build_card_auth_request(sim, now, os.urandom(4))
+        if args.kind == "tap":
+            body.update(_demo_tap(settings, args, now))
+        _print_json(body)
     return 0
+
+
+def _demo_tap(settings: Settings, args: argparse.Namespace, now: int) -> dict[str, Any]:
+    """The rest of an online tap at a demo validator: where, which way, and a fresh terminal_seq."""
+    table = _fare_table(settings)
+    where: dict[str, Any]
+    if args.station:
+        station = table.stations.get(args.station)
+        if station is None:
+            raise SystemExit(f"no station {args.station!r} in the fare table (docs/fares.md lists the demo's)")
+        where = {"mode": "metro", "line_id": station.line, "station_id": args.station,
+                 "direction": args.direction or "in"}  # fmt: skip
+    else:
+        if args.line not in table.bus_lines:
+            raise SystemExit(f"no bus line {args.line!r} in the fare table: one of {', '.join(table.bus_lines)}")
+        where = {"mode": "bus", "line_id": args.line, "direction": "single"}
+    # A fresh sequence number per call from a shell (milliseconds, within the 32-bit range); a retry of
+    # the same tap sends the printed body again.
+    seq = int(time.time() * 1000) % 2**32
+    return {"terminal_seq": seq, "time": now, "credential": "card", **where}
 
 
 # ------------------------------------------------------------------ clearing and audit
@@ -625,10 +664,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_demo_credential,
         "print a credential of a demo person, as a request body",
         "Compute what a demo person's card or phone would present: a card-authentication answer\n"
-        "(needs the key file) or a fresh e-card code. Pipe it into `cardsvc call ... --data @-`.",
+        "(needs the key file), a fresh e-card code, or an online transit tap with that card (a bus\n"
+        "line, or a metro station and direction). Pipe it into `cardsvc call ... --data @-`.",
     )
-    p.add_argument("kind", choices=["card-auth", "ecard-code"])
+    p.add_argument("kind", choices=["card-auth", "ecard-code", "tap"])
     p.add_argument("--index", type=int, default=1, help="demo person number (default 1)")
+    p.add_argument("--line", default="bus-105", help="tap: the bus line (default bus-105)")
+    p.add_argument("--station", help="tap: a metro station instead of a bus (e.g. l1-chaotianmen)")
+    p.add_argument("--direction", choices=["in", "out"], help="tap: metro direction (default in)")
     p.add_argument(
         "--business-type",
         default="01",

@@ -2,11 +2,15 @@
 every kind whose credentials are written to <data_dir>/demo-terminals.json (mode 0600).
 
 Idempotent: running it again adds only what is missing. Cards are active, have a transit purse, and 80%
-have an electronic card whose device key derives from the same seed as the load generators use.
+have an electronic card whose device key derives from the same seed as the load generators use. New
+cardholders get the transit concession `cardsvc seed` would register (population.concession: elderly for
+~80 % of those at the fare table's elderly_min_age, a disability kind for ~2.6 %), with a `set` event of
+the terminal `demo`, so the demo shows free and half-fare rides as well as full fares.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 from collections.abc import Callable
@@ -16,12 +20,13 @@ from typing import Any
 import asyncpg
 import orjson
 
+from cardsvc import localtime
 from cardsvc.security import terminals
 from cardsvc.security.keys import KeyRing
 from cardsvc.security.pii import PiiVault
 from protocols import ecard, population, terminal_auth
 
-__all__ = ["DEMO_SEED", "ensure_demo_terminals", "load_population"]
+__all__ = ["DEMO_SEED", "ConcessionRule", "ensure_demo_terminals", "load_population"]
 
 DEMO_SEED = b"cardsvc-demo"
 CHUNK_ROWS = 5_000
@@ -43,6 +48,7 @@ CARD_COLUMNS = (
     "expires_on",
 )
 ECARD_COLUMNS = ("ecard_id", "card_id", "channel", "alg", "device_key")
+CONCESSION_COLUMNS = ("holder_id", "kind", "quota_year", "rides_left")
 # Every demo purse starts with an opening transfer in the journal, so balances equal their journal rows.
 OPENING_SQL = """
 WITH p AS (
@@ -52,10 +58,35 @@ WITH p AS (
 INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty, source)
 SELECT card_id, 4, 'demo', card_id, balance_fen, 1, now(), 'opening', 4 FROM p
 """
+# Concessions of the cardholders this chunk added (not of those already there: the card office may have
+# ended or changed theirs), each with the event the card office's registration writes.
+CONCESSION_SQL = """
+WITH c AS (
+    INSERT INTO concession (holder_id, kind, quota_year, rides_left)
+    SELECT d.holder_id, d.kind, d.quota_year, d.rides_left FROM demo_concession d
+    WHERE d.holder_id = ANY($1::bigint[])
+    ON CONFLICT DO NOTHING RETURNING holder_id, kind, rides_left
+)
+INSERT INTO concession_event (holder_id, op, kind_after, rides_left, terminal_id)
+SELECT holder_id, 'set', kind, rides_left, 'demo' FROM c
+"""
 
 
-def _rows(vault: PiiVault, start: int, stop: int, expires: dt.date) -> tuple[list[Any], list[Any], list[Any]]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConcessionRule:
+    """What the fare table says about elderly riders: the age from which they ride free and the rides a
+    year; concessions are registered as on the city's date `on`."""
+
+    on: dt.date
+    elderly_min_age: int = population.ELDERLY_MIN_AGE
+    elderly_quota: int = 1_200
+
+
+def _rows(
+    vault: PiiVault, start: int, stop: int, expires: dt.date, rule: ConcessionRule
+) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
     holders, cards, ecards = [], [], []
+    concessions: list[tuple[int, str, int | None, int | None]] = []
     for i in range(start, stop):
         p = population.person(i, DEMO_SEED)
         sealed = vault.seal(p.id_number, p.name)
@@ -87,14 +118,25 @@ def _rows(vault: PiiVault, start: int, stop: int, expires: dt.date) -> tuple[lis
         if p.has_ecard:
             device = ecard.EcardDevice.from_seed(p.ecard_seed, i + 1, p.ecard_alg)
             ecards.append((i + 1, i + 1, "gov_app", p.ecard_alg, device.public_key_bytes))
-    return holders, cards, ecards
+        kind = population.concession(i, rule.on, DEMO_SEED, rule.elderly_min_age)
+        if kind == population.ELDERLY:
+            concessions.append((i + 1, kind, rule.on.year, rule.elderly_quota))
+        elif kind is not None:
+            concessions.append((i + 1, kind, None, None))
+    return holders, cards, ecards, concessions
 
 
 async def load_population(
-    conn: asyncpg.Connection, keys: KeyRing, count: int, progress: Callable[[int], None] | None = None
+    conn: asyncpg.Connection,
+    keys: KeyRing,
+    count: int,
+    progress: Callable[[int], None] | None = None,
+    concessions: ConcessionRule | None = None,
 ) -> int:
-    """Make sure people 0..count-1 exist; returns how many were added."""
+    """Make sure people 0..count-1 exist; returns how many were added. The people added get their
+    concessions by `concessions` (default: the demo fare table's rule on today's date in the city)."""
     vault = PiiVault(keys)
+    rule = concessions or ConcessionRule(localtime.local_date(dt.datetime.now(dt.UTC)))
     have: int = await conn.fetchval("SELECT count(*) FROM card WHERE card_id <= $1", count)
     if have >= count:
         if progress:
@@ -104,20 +146,28 @@ async def load_population(
     added = 0
     for start in range(0, count, CHUNK_ROWS):
         stop = min(count, start + CHUNK_ROWS)
-        holders, cards, ecards = _rows(vault, start, stop, expires)
+        holders, cards, ecards, concession_rows = _rows(vault, start, stop, expires, rule)
         async with conn.transaction():
             await conn.execute(
                 """CREATE TEMP TABLE IF NOT EXISTS demo_holder (LIKE cardholder INCLUDING DEFAULTS) ON COMMIT DROP;
                    CREATE TEMP TABLE IF NOT EXISTS demo_card (LIKE card INCLUDING DEFAULTS) ON COMMIT DROP;
-                   CREATE TEMP TABLE IF NOT EXISTS demo_ecard (LIKE ecard INCLUDING DEFAULTS) ON COMMIT DROP;"""
+                   CREATE TEMP TABLE IF NOT EXISTS demo_ecard (LIKE ecard INCLUDING DEFAULTS) ON COMMIT DROP;
+                   CREATE TEMP TABLE IF NOT EXISTS demo_concession (LIKE concession INCLUDING DEFAULTS)
+                       ON COMMIT DROP;"""
             )
             await conn.copy_records_to_table("demo_holder", records=holders, columns=HOLDER_COLUMNS)
             await conn.copy_records_to_table("demo_card", records=cards, columns=CARD_COLUMNS)
             await conn.copy_records_to_table("demo_ecard", records=ecards, columns=ECARD_COLUMNS)
-            await conn.execute("INSERT INTO cardholder SELECT * FROM demo_holder ON CONFLICT DO NOTHING")
+            await conn.copy_records_to_table(
+                "demo_concession", records=concession_rows, columns=CONCESSION_COLUMNS
+            )
+            new_holders = await conn.fetch(
+                "INSERT INTO cardholder SELECT * FROM demo_holder ON CONFLICT DO NOTHING RETURNING holder_id"
+            )
             status = await conn.execute("INSERT INTO card SELECT * FROM demo_card ON CONFLICT DO NOTHING")
             await conn.execute("INSERT INTO ecard SELECT * FROM demo_ecard ON CONFLICT DO NOTHING")
             await conn.execute(OPENING_SQL, DEMO_PURSE_FEN)
+            await conn.execute(CONCESSION_SQL, [r["holder_id"] for r in new_holders])
             added += int(status.split()[-1])
         if progress:
             progress(stop - start)

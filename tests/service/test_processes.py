@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ import orjson
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from cardsvc import demo
+from cardsvc import demo, localtime
 from cardsvc.cli import build_parser
 from cardsvc.security import terminals
 from cardsvc.security.keys import KeyRing
@@ -606,6 +607,100 @@ async def test_migration_0007_attaches_the_indexes_built_beforehand(empty_dsn: s
     finally:
         await other.close()
         await conn.close()
+
+
+# ------------------------------------------------------------------ (d2) the demo, from a shell
+
+
+def _demo_people_with_each_concession(on: dt.date) -> dict[str | None, int]:
+    """The first demo person of each concession kind (None: no concession) on the city's date `on`."""
+    first: dict[str | None, int] = {}
+    for i in range(2_000):
+        first.setdefault(population.concession(i, on, demo.DEMO_SEED), i)
+        if len(first) == 4:
+            return first
+    raise AssertionError(f"not every concession kind among 2,000 demo people: {first}")
+
+
+async def test_demo_data_registers_concessions_and_a_shell_tap_pays_by_them(
+    db_dsn: str, keys_for_process: KeyRing, tmp_path: Path
+) -> None:
+    """The README's path: `cardsvc demo-data`, then `cardsvc demo-credential tap | cardsvc call ...`.
+    Demo people hold the concessions `cardsvc seed` would give them, and their bus taps pay by them."""
+    svc = Service(tmp_path, db_dsn, keys_for_process)
+    env = _env(tmp_path, db_dsn, svc.key_file, svc.port)
+    today = localtime.local_date(dt.datetime.now(dt.UTC))
+    people = _demo_people_with_each_concession(today)
+    count = max(people.values()) + 1
+
+    def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*_cli(), *args], env=env, input=stdin, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    loaded = await asyncio.to_thread(cli, "demo-data", "--cards", str(count))
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        rows = await conn.fetch("SELECT holder_id, kind, quota_year, rides_left FROM concession ORDER BY 1")
+        events = await conn.fetch("SELECT holder_id, op, kind_after, terminal_id FROM concession_event ORDER BY 1")
+        expected = {
+            i + 1: kind for i in range(count) if (kind := population.concession(i, today, demo.DEMO_SEED))
+        }
+        assert {r["holder_id"]: r["kind"] for r in rows} == expected
+        assert all(
+            (r["quota_year"], r["rides_left"]) == ((today.year, 1_200) if r["kind"] == "elderly" else (None, None))
+            for r in rows
+        )
+        assert [(e["holder_id"], e["op"], e["kind_after"], e["terminal_id"]) for e in events] == [
+            (h, "set", k, "demo") for h, k in expected.items()
+        ]
+        # The summary names an example of each kind, for the shell.
+        for kind in ("elderly", "disabled_free", "disabled_half"):
+            assert f"{kind} " in loaded.stderr and f"--index {people[kind]})" in loaded.stderr, loaded.stderr
+
+        # Loading again adds nothing, and does not give back a concession the card office ended.
+        await conn.execute("UPDATE concession SET ended_at = now() WHERE holder_id = $1", people["elderly"] + 1)
+        again = await asyncio.to_thread(cli, "demo-data", "--cards", str(count))
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert await conn.fetchval("SELECT count(*) FROM concession_event") == len(expected)
+        await conn.execute("UPDATE concession SET ended_at = NULL WHERE holder_id = $1", people["elderly"] + 1)
+    finally:
+        await conn.close()
+
+    svc.start()
+    try:
+        await svc.wait_ready()
+        fares = {}
+        for kind, index in people.items():
+            body = await asyncio.to_thread(cli, "demo-credential", "tap", "--index", str(index))
+            assert body.returncode == 0, body.stderr
+            answer = await asyncio.to_thread(
+                cli, "call", "POST", "/v1/transit/taps", "--as", "transit_validator", "--data", "@-",
+                "--url", svc.base, stdin=body.stdout,
+            )  # fmt: skip
+            assert answer.returncode == 0, answer.stdout + answer.stderr
+            tap = orjson.loads(answer.stdout)
+            assert tap["result"] == "approved", tap
+            fares[kind] = (tap["fare_fen"], tap["balance_fen"], tap["rules"][-1])
+        # bus-105 costs 200 fen: 180 with the card discount; half fare is half the base fare, no discount.
+        assert fares == {
+            None: (180, demo.DEMO_PURSE_FEN - 180, "card_discount"),
+            "elderly": (0, demo.DEMO_PURSE_FEN, "elderly_free"),
+            "disabled_free": (0, demo.DEMO_PURSE_FEN, "disabled_free"),
+            "disabled_half": (100, demo.DEMO_PURSE_FEN - 100, "disabled_half"),
+        }
+        # A metro entry from the shell, too.
+        body = await asyncio.to_thread(
+            cli, "demo-credential", "tap", "--index", str(people[None]), "--station", "l1-chaotianmen"
+        )
+        tap_in = orjson.loads(body.stdout)
+        assert (tap_in["mode"], tap_in["line_id"], tap_in["direction"]) == ("metro", "L1", "in")
+        refused = await asyncio.to_thread(cli, "demo-credential", "tap", "--station", "nowhere")
+        assert refused.returncode != 0 and "no station 'nowhere'" in refused.stderr
+        assert await svc.terminate() == 0
+    finally:
+        await svc.close()
 
 
 # ------------------------------------------------------------------ (e) help
