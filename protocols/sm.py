@@ -52,6 +52,7 @@ __all__ = [
     "ed25519_generate",
     "ed25519_public_bytes",
     "ed25519_sign",
+    "ed25519_small_order",
     "ed25519_verify",
     "hmac_sm3",
     "private_key_from_seed",
@@ -333,9 +334,35 @@ def ed25519_sign(priv: ed25519.Ed25519PrivateKey, msg: bytes) -> bytes:
     return priv.sign(bytes(msg))
 
 
+_ED25519_P = 2**255 - 19
+# The y coordinates (as encoded: 255 bits, little-endian, the sign bit of x aside) of the 8 points of small
+# order on edwards25519, canonical and not: 1 (the identity) and p + 1, p - 1 (order 2), 0 and p (order 4),
+# and the two of order 8. A public key among them makes signatures forgeable without any private key:
+# with R the identity and S = 0 a signature verifies for every message (OpenSSL's verification, like RFC
+# 8032's cofactorless one, does not refuse such keys). The same list as libsodium's.
+_ED25519_SMALL_ORDER_Y = frozenset(
+    {
+        0,
+        1,
+        _ED25519_P - 1,
+        _ED25519_P,
+        _ED25519_P + 1,
+        2707385501144840649318225287225658788936804267575313519463743609750303402022,
+        55188659117513257062467267217118295137698188065244968500265048394206261417927,
+    }
+)
+
+
+def ed25519_small_order(pub32: bytes) -> bool:
+    """True if the 32-byte encoding is one of a point of small order (whatever its sign bit)."""
+    return int.from_bytes(pub32, "little") & ((1 << 255) - 1) in _ED25519_SMALL_ORDER_Y
+
+
 def _ed25519_load(pub32: bytes) -> ed25519.Ed25519PublicKey:
     if not isinstance(pub32, bytes | bytearray) or len(pub32) != ED25519_PUBLIC_KEY_LEN_BYTES:
         raise KeyInvalid("public_key_invalid", "an Ed25519 public key is 32 bytes")
+    if ed25519_small_order(pub32):
+        raise KeyInvalid("public_key_invalid", "an Ed25519 public key of small order")
     try:
         return ed25519.Ed25519PublicKey.from_public_bytes(bytes(pub32))
     except ValueError as exc:

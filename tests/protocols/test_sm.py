@@ -141,6 +141,88 @@ def test_ed25519() -> None:
     assert sm.ed25519_verify(sm.ed25519_public_bytes(sm.ed25519_generate()), sig, b"m") is False
 
 
+# edwards25519 in affine coordinates, just enough to find its points of small order independently of the
+# list in protocols/sm.py: -x^2 + y^2 = 1 + d x^2 y^2 over GF(p).
+_P = 2**255 - 19
+_D = -121665 * pow(121666, -1, _P) % _P
+_I = pow(2, (_P - 1) // 4, _P)  # a square root of -1
+
+
+def _add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    (x1, y1), (x2, y2) = a, b
+    t = _D * x1 * x2 * y1 * y2 % _P
+    return ((x1 * y2 + x2 * y1) * pow(1 + t, -1, _P) % _P, (y1 * y2 + x1 * x2) * pow(1 - t, -1, _P) % _P)
+
+
+def _x_of(y: int) -> int | None:
+    """An x with (x, y) on the curve, or None."""
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = u * pow(v, _P - 2, _P) % _P
+    r = pow(x, (_P + 3) // 8, _P)
+    if r * r % _P != x:
+        r = r * _I % _P
+    return r if r * r % _P == x else None
+
+
+def _encode(pt: tuple[int, int]) -> bytes:
+    x, y = pt
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _mul(n: int, pt: tuple[int, int]) -> tuple[int, int]:
+    acc = (0, 1)
+    while n:
+        if n & 1:
+            acc = _add(acc, pt)
+        pt, n = _add(pt, pt), n >> 1
+    return acc
+
+
+def _small_order_points() -> set[tuple[int, int]]:
+    """The points of small order, found as [L]R for points R of the curve (L the prime order of the base
+    point's group: [L]R is R's component in the 8-torsion, and L is odd, so every torsion point shows up)."""
+    order_l = 2**252 + 27742317777372353535851937790883648493
+    found: set[tuple[int, int]] = set()
+    for y in range(2, 400):
+        x = _x_of(y)
+        if x is not None:
+            found.add(_mul(order_l, (x, y)))
+            if len(found) == 8:
+                break
+    assert all(_mul(8, pt) == (0, 1) for pt in found)
+    return found
+
+
+def test_ed25519_keys_of_small_order_are_refused() -> None:
+    """A public key of small order lets anyone forge: R = identity, S = 0 verifies for every message under
+    the identity key. Every encoding of the 8 small-order points is refused, and only those."""
+    points = _small_order_points()
+    assert len(points) == 8
+    encodings = {_encode(pt) for pt in points}
+    # Non-canonical encodings: y + p where that still fits in 255 bits, with either sign bit.
+    for _x, y in points:
+        if y + _P < 2**255:
+            encodings.add((y + _P).to_bytes(32, "little"))
+            encodings.add((y + _P | 1 << 255).to_bytes(32, "little"))
+    identity = (1).to_bytes(32, "little")
+    assert identity in encodings and len(encodings) >= 10
+    for enc in encodings:
+        assert sm.ed25519_small_order(enc), enc.hex()
+        with pytest.raises(CodecError):
+            sm.validate_public_key(sm.ALG_ED25519, enc)
+        with pytest.raises(CodecError):  # as for any bad key: the credential is refused, not an error
+            sm.verify(sm.ALG_ED25519, enc, identity + bytes(32), b"any message")
+    # The forgery these keys allow, had they been accepted (cryptography's own check, not ours):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    Ed25519PublicKey.from_public_bytes(identity).verify(identity + bytes(32), b"any message")  # no exception
+    # Real keys pass.
+    for seed in range(50):
+        pub = sm.ed25519_public_bytes(sm.ed25519_from_seed(seed.to_bytes(32, "big")))
+        assert not sm.ed25519_small_order(pub)
+        assert sm.validate_public_key(sm.ALG_ED25519, pub) == pub
+
+
 def test_registry() -> None:
     assert sm.public_key_length(sm.ALG_SM2_SM3) == 65
     assert sm.public_key_length(sm.ALG_ED25519) == 32

@@ -395,6 +395,27 @@ async def test_ecard_code_signed_by_another_device_is_forged(svc: ServiceHarness
     await refused(svc, CODE, "forged", ecard.EcardDevice.generate(dev.ecard_id, other_alg).next_code(now_s()))
 
 
+async def test_ecard_device_key_of_small_order_is_refused(svc: ServiceHarness, db: Any) -> None:
+    """An Ed25519 key of small order (here the identity point) would let anyone sign codes for the e-card
+    without its private key (R = identity, S = 0 verifies for every message). Issuing refuses it, and a
+    key like it already in the registry verifies nothing."""
+    c = await svc.new_card()
+    identity = bytes([1]) + bytes(31)
+    r = await svc.post(
+        "/v1/ecards",
+        {"card_no": c["card_no"], "channel": "gov_app", "alg": sm.ALG_ED25519, "device_public_key": identity.hex()},
+        as_="ecard_channel",
+    )
+    assert r.status == 400 and r.body["code"] == "invalid_field", r.body
+    assert await db.fetchval("SELECT count(*) FROM ecard WHERE card_id = (SELECT card_id FROM card WHERE card_no = $1)", c["card_no"]) == 0  # fmt: skip
+    dev = await svc.new_ecard(c["card_no"], sm.ALG_ED25519)
+    await db.execute("UPDATE ecard SET device_key = $1 WHERE ecard_id = $2", identity, dev.ecard_id)
+    keyless = ecard.encode_code(
+        ecard.EcardCode(ecard.CODE_VERSION, sm.ALG_ED25519, dev.ecard_id, now_s(), 7, identity + bytes(32))
+    )
+    await refused(svc, CODE, "forged", keyless)
+
+
 async def test_ecard_code_for_another_ecard_is_forged(svc: ServiceHarness) -> None:
     a = await svc.new_card()
     b = await svc.new_card()

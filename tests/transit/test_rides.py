@@ -58,6 +58,20 @@ async def rider(svc: ServiceHarness, amount_fen: int = 1000) -> tuple[dict[str, 
     return c, phone, bytes.fromhex(r.body["issuer_public_key"])
 
 
+async def test_a_ride_code_user_key_of_small_order_is_not_certified(svc: ServiceHarness, db: Any) -> None:
+    """A certificate for an Ed25519 key of small order would let anyone who saw one of its codes make
+    more without the phone's key, each charged to the purse. Certifying refuses it, and nothing is issued."""
+    c = await svc.new_card(has_purse=True)
+    for key in (bytes([1]) + bytes(31), bytes(32), bytes([0xEC]) + b"\xff" * 30 + b"\x7f"):
+        r = await svc.post(
+            "/v1/ride-certs",
+            {"card_no": c["card_no"], "alg": sm.ALG_ED25519, "user_public_key": key.hex()},
+            as_="ecard_channel",
+        )
+        assert r.status == 400 and r.body["code"] == "invalid_field", (key.hex(), r.body)
+    assert await db.fetchval("SELECT count(*) FROM ride_cert") == 0
+
+
 def gate_record(svc: ServiceHarness, code: str, at: int, gate: str = "transit_validator", **kw: Any) -> RideRecord:
     values: dict[str, Any] = {"line_id": "bus-105", "station_id": "", "direction": "single", "deny_list_version": 0}
     values.update(kw)
