@@ -4,8 +4,9 @@ Physical card (server-side HSM mode): the terminal forwards the card's challenge
 (which carries its clock) and the card's INTERNAL AUTHENTICATE answer; we derive the card key, check
 the cryptogram, then in one statement look the card up and record the terminal challenge as used.
 
-Electronic card code: decode, check the time window, fetch the e-card's device key and the card's status
-(one statement), verify the signature off the event loop, record the counter as used.
+Electronic card code: decode, check the time window, fetch the e-card's device key, verify the signature
+off the event loop, then in one statement record the counter as used on the card the e-card belongs to at
+that moment and read that card's status (`_ECARD_USE_SQL`).
 
 Single use is enforced by the primary key of `credential_use`, so a code or answer used once is refused
 the second time even when the two uses hit different worker processes or hosts. Every outcome is counted
@@ -17,8 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 from typing import Any
-
-import asyncpg
 
 from cardsvc import metrics
 from cardsvc.errors import ApiError
@@ -32,6 +31,25 @@ from .views import CARD_VIEW_COLUMNS, CARD_VIEW_FROM, card_view, usable
 __all__ = ["KIND_CARD_CRYPTOGRAM", "KIND_ECARD_CODE", "KIND_RIDE_CODE", "verify_card", "verify_ecard_code"]
 
 _ECARD_ID_MAX = 2**31 - 1  # token = ecard_id << 32 | counter must fit a bigint
+
+# The use of an e-card code is recorded on the card that holds the e-card when the use commits, and the
+# answer is about that card. A replacement moves the e-card and then copies its card's uses to the new
+# card (flows/lifecycle.py); the share lock on the e-card row orders the two: a use committed first is
+# copied, and one waiting for the replacement lands on the new card, where the copied uses are. (Read
+# before the signature check instead, a use could land on the old card after the copy, and the code
+# would be fresh again on the new one.) The new card's row is not in this statement's snapshot when it
+# waited for the replacement: then the card is read again.
+_ECARD_USE_SQL = f"""
+WITH e AS (SELECT card_id, revoked_at FROM ecard WHERE ecard_id = $1 FOR SHARE),
+     u AS (INSERT INTO credential_use (card_id, kind, token) SELECT card_id, {KIND_ECARD_CODE}, $2 FROM e
+           ON CONFLICT DO NOTHING RETURNING 1)
+SELECT EXISTS (SELECT 1 FROM u) AS fresh, e.revoked_at, {CARD_VIEW_COLUMNS}
+FROM e LEFT JOIN ({CARD_VIEW_FROM}) ON c.card_id = e.card_id
+"""
+_ECARD_CARD_SQL = f"""
+SELECT e.revoked_at, {CARD_VIEW_COLUMNS} FROM ecard e JOIN {CARD_VIEW_FROM} ON c.card_id = e.card_id
+WHERE e.ecard_id = $1
+"""
 
 _OUTCOME_CODES = {
     "forged": "credential_forged",
@@ -124,17 +142,18 @@ async def verify_ecard_code(svc: Services, body: dict[str, Any], now: dt.datetim
     if not 0 < code.ecard_id <= _ECARD_ID_MAX:
         raise _refuse(kind, "forged", started)
     async with svc.pool.acquire() as conn:
-        row = await conn.fetchrow(
-            f"""SELECT e.alg, e.device_key, e.revoked_at, {CARD_VIEW_COLUMNS}
-                FROM ecard e JOIN {CARD_VIEW_FROM} ON c.card_id = e.card_id WHERE e.ecard_id = $1""",
-            code.ecard_id,
-        )
-        if row is None or row["alg"] != code.alg:
+        key = await conn.fetchrow("SELECT alg, device_key FROM ecard WHERE ecard_id = $1", code.ecard_id)
+        if key is None or key["alg"] != code.alg:
             raise _refuse(kind, "forged", started)
-        ok = await svc.run_in_signature_pool(ecard.verify_code, code, bytes(row["device_key"]))
+        ok = await svc.run_in_signature_pool(ecard.verify_code, code, bytes(key["device_key"]))
         if not ok:
             raise _refuse(kind, "forged", started)
-        fresh = await _use(conn, row["card_id"], KIND_ECARD_CODE, (code.ecard_id << 32) | code.counter)
+        row = await conn.fetchrow(_ECARD_USE_SQL, code.ecard_id, (code.ecard_id << 32) | code.counter)
+        assert row is not None  # e-cards are never deleted
+        fresh = row["fresh"]
+        if fresh and row["card_id"] is None:  # the card it moved to while the use waited: read it now
+            row = await conn.fetchrow(_ECARD_CARD_SQL, code.ecard_id)
+            assert row is not None
     if not fresh:
         raise _refuse(kind, "replayed", started)
     view = card_view(row, now)
@@ -152,14 +171,3 @@ async def verify_ecard_code(svc: Services, body: dict[str, Any], now: dt.datetim
         "business_type": body["business_type"],
         "card": view,
     }
-
-
-async def _use(conn: asyncpg.Connection, card_id: int, kind: int, token: int) -> bool:
-    inserted = await conn.fetchval(
-        """INSERT INTO credential_use (card_id, kind, token) VALUES ($1, $2, $3)
-           ON CONFLICT DO NOTHING RETURNING true""",
-        card_id,
-        kind,
-        token,
-    )
-    return bool(inserted)

@@ -7,10 +7,12 @@ exactly one, under its own {kind, outcome} and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import datetime as dt
 import os
+import threading
 import time
 from typing import Any
 
@@ -22,7 +24,7 @@ from cardsvc.config import ConfigError, Settings, load_settings
 from cardsvc.flows import views
 from cardsvc.security.keys import KeyRing
 from protocols import card, ecard, sm
-from tests.helpers import Response, ServiceHarness, new_card_numbers, new_id_number
+from tests.helpers import Response, ServiceHarness, new_card_numbers, new_id_number, until_lock_waits
 
 CARD = "card_cryptogram"
 CODE = "ecard_code"
@@ -527,6 +529,74 @@ async def test_ecard_follows_the_card_to_its_replacement(svc: ServiceHarness) ->
     assert r.body["card"]["status"] == "active"
     # A code used before the replacement is still single-use after the e-card moved.
     await refused(svc, CODE, "replayed", used)
+
+
+async def test_a_code_checked_while_its_card_is_replaced_is_accepted_once(
+    svc: ServiceHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The card office replaces the card while a code's signature is being checked: the code is used on
+    the card the e-card belongs to when the use is recorded (the new one), once, and the answer is about
+    that card. (The use used to land on the old card after the replacement had copied its uses, so the
+    same code was accepted again.)"""
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"], sm.ALG_ED25519)
+    code = dev.next_code(now_s())
+    checking, replaced = threading.Event(), threading.Event()
+    real_verify = ecard.verify_code
+
+    def verify_during_replacement(code_obj: ecard.EcardCode, key: bytes) -> bool:
+        checking.set()
+        replaced.wait(10)
+        return real_verify(code_obj, key)
+
+    monkeypatch.setattr(ecard, "verify_code", verify_during_replacement)
+    before = await verifications(svc)
+    first = asyncio.create_task(verify_code(svc, code))
+    assert await asyncio.to_thread(checking.wait, 10)
+    new = await replace(svc, c["card_no"])
+    replaced.set()
+    r = await first
+    assert r.status == 200 and r.body["card"]["card_no"] == new["card_no"], r.body
+    assert r.body["card"]["status"] == "active"
+    monkeypatch.setattr(ecard, "verify_code", real_verify)
+    again = await verify_code(svc, code)
+    assert again.status == 422 and again.body["code"] == "credential_replayed", again.body
+    assert delta(before, await verifications(svc)) == {(CODE, "ok"): 1, (CODE, "replayed"): 1}
+
+
+async def test_a_use_waiting_for_a_replacement_lands_on_the_new_card(svc: ServiceHarness, db: Any) -> None:
+    """A code's use that waits for a replacement in progress (on the e-card row) is recorded on the new
+    card after the replacement has copied the old card's uses, and the answer reads the new card, which
+    was created after the use's statement began."""
+    c = await svc.new_card()
+    dev = await svc.new_ecard(c["card_no"])
+    used = dev.next_code(now_s())
+    await accepted(svc, CODE, used)
+    code = dev.next_code(now_s())
+    async with db.transaction():
+        # The replacement moves the e-card and copies the uses, then waits for the hotlist's head row.
+        await db.execute("SELECT 1 FROM hotlist_head FOR UPDATE")
+        replacing = asyncio.create_task(replace(svc, c["card_no"]))
+        await until_lock_waits(db, 1)
+        checking = asyncio.create_task(verify_code(svc, code))
+        await until_lock_waits(db, 2)  # the use waits for the replacement's lock on the e-card row
+    new = await replacing
+    r = await checking
+    assert r.status == 200, r.body
+    assert (r.body["card"]["card_no"], r.body["card"]["status"]) == (new["card_no"], "active")
+    uses = await db.fetch(
+        "SELECT card_id, token FROM credential_use WHERE kind = 2 AND token >> 32 = $1 ORDER BY token", dev.ecard_id
+    )
+    new_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", new["card_no"])
+    old_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    # The first code: used on the old card and copied; the second: on the new card only.
+    assert {(u["card_id"], u["token"] & 0xFFFFFFFF) for u in uses} == {
+        (old_id, dev.counter - 1),
+        (new_id, dev.counter - 1),
+        (new_id, dev.counter),
+    }
+    await refused(svc, CODE, "replayed", used)
+    await refused(svc, CODE, "replayed", code)
 
 
 async def test_cancelled_card_revokes_its_ecard(svc: ServiceHarness) -> None:
