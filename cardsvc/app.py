@@ -185,6 +185,7 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
                 wait_ms_max=settings.batch_wait_ms_max,
                 queue_items_max=settings.batch_items_max * 32,
                 flushes_max=max(1, settings.db_pool_max // 2),
+                finish_in_flight=True,  # a tap in a flush is answered with its outcome, never a 503
             )
             taps.start()
             app[SERVICES] = Services(

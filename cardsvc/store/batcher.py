@@ -4,6 +4,14 @@ set-based statement (flush at `items_max` or after `wait_ms_max`), each caller g
 Bounded everywhere: the queue refuses work past `queue_items_max` (the caller answers 503), at most
 `flushes_max` flushes run at once (each holds one pool connection), and `close()` drains what was
 accepted before it returns. No fire-and-forget: every task it starts is awaited on close.
+
+A caller cancelled (its request's deadline, a shutdown) while its item still waits in the queue takes
+the item out: nothing of it is written, so an answer that says so is true. Once the item is in a flush,
+the write may commit whatever the caller does. With `finish_in_flight` the caller then waits for the
+flush and returns its result, so that it never answers "nothing happened" for a write that committed
+(taps: a validator that gives up after a 503 must not have charged the rider it turned away); the wait is
+bounded by the flush's own timeouts. Without it, the cancellation goes through (nonces: a nonce recorded
+for a request that was refused only makes its resend `auth_replayed`).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ class MicroBatcher(Generic[T, R]):
         wait_ms_max: float,
         queue_items_max: int,
         flushes_max: int = 4,
+        finish_in_flight: bool = False,
     ) -> None:
         assert items_max > 0 and queue_items_max >= items_max and flushes_max > 0
         self._flush = flush
@@ -48,6 +57,7 @@ class MicroBatcher(Generic[T, R]):
         self._flushes: set[asyncio.Task[None]] = set()
         self._closed = False
         self._runner: asyncio.Task[None] | None = None
+        self._finish_in_flight = finish_in_flight
 
     def start(self) -> None:
         assert self._runner is None
@@ -59,9 +69,24 @@ class MicroBatcher(Generic[T, R]):
         if len(self._pending) >= self._queue_items_max:
             raise BatcherOverloaded("batch queue is full")
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, fut))
+        entry = (item, fut)
+        self._pending.append(entry)
         self._wakeup.set()
-        return await fut
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            queued = next((i for i, e in enumerate(self._pending) if e is entry), None)
+            if queued is not None:  # not taken into a flush yet: nothing written
+                del self._pending[queued]
+                fut.cancel()
+                raise
+            if not self._finish_in_flight:
+                raise
+        # In a flush: its outcome is the answer, even past the caller's deadline.
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(fut)
+        return fut.result()
 
     async def _run(self) -> None:
         while True:

@@ -348,7 +348,8 @@ SELECT (SELECT count(*) FROM cu) AS cu, (SELECT n FROM cv) AS cv, (SELECT count(
 def _stored(row: asyncpg.Record, item: TapItem) -> TapOutcome:
     if bytes(row["request_hash"]) != item.request_hash:
         return TapOutcome("conflict", "idempotency_conflict", 0, None, None, {}, replayed_answer=True)
-    detail = row["detail"] or {}
+    # A copy: the record hands out the same decoded dict to every retry of this key in the batch.
+    detail = dict(row["detail"] or {})
     return TapOutcome(
         row["result"],
         detail.pop("reason", None),

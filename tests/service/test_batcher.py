@@ -1,0 +1,76 @@
+"""MicroBatcher and cancelled callers (cardsvc/store/batcher.py): a queued item whose caller is cancelled
+is never flushed; an item in a flush is answered with the flush's result when `finish_in_flight`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from cardsvc.store.batcher import MicroBatcher
+
+
+class Writes:
+    """A flush that records what it was given and waits for the test's go-ahead."""
+
+    def __init__(self) -> None:
+        self.flushed: list[list[str]] = []
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def __call__(self, items: Sequence[str]) -> list[str]:
+        self.flushed.append(list(items))
+        self.started.set()
+        await self.go.wait()
+        return [f"wrote {i}" for i in items]
+
+
+def _batcher(writes: Writes, finish_in_flight: bool) -> MicroBatcher[str, str]:
+    return MicroBatcher(
+        writes, items_max=10, wait_ms_max=0, queue_items_max=100, flushes_max=1, finish_in_flight=finish_in_flight
+    )
+
+
+@pytest.mark.parametrize("finish_in_flight", [True, False])
+async def test_a_cancelled_caller_whose_item_is_queued_takes_it_out(finish_in_flight: bool) -> None:
+    writes = Writes()
+    async with _batcher(writes, finish_in_flight) as batcher:
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await writes.started.wait()  # "a" holds the only flush
+        # Two equal items queued: cancelling one takes out that one, not its twin.
+        twin, gone = asyncio.ensure_future(batcher.submit("b")), asyncio.ensure_future(batcher.submit("b"))
+        late = asyncio.ensure_future(batcher.submit("c"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        writes.go.set()
+        assert await asyncio.gather(first, twin, late) == ["wrote a", "wrote b", "wrote c"]
+    assert writes.flushed == [["a"], ["b", "c"]]
+
+
+async def test_a_cancelled_caller_whose_item_is_in_a_flush_gets_its_result() -> None:
+    writes = Writes()
+    async with _batcher(writes, finish_in_flight=True) as batcher:
+        caller = asyncio.ensure_future(batcher.submit("a"))
+        await writes.started.wait()
+        caller.cancel()  # e.g. the request's deadline; twice, as a shutdown may
+        await asyncio.sleep(0)
+        caller.cancel()
+        await asyncio.sleep(0)
+        assert not caller.done()  # still waiting for the write it started
+        writes.go.set()
+        assert await caller == "wrote a"
+
+
+async def test_without_finish_in_flight_the_cancellation_goes_through() -> None:
+    writes = Writes()
+    async with _batcher(writes, finish_in_flight=False) as batcher:
+        caller = asyncio.ensure_future(batcher.submit("a"))
+        await writes.started.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        writes.go.set()
+    assert writes.flushed == [["a"]]  # the flush itself ran to its end
