@@ -46,7 +46,7 @@ class JsonFormatter(logging.Formatter):
         }
         rid = REQUEST_ID.get()
         if rid:
-            out["request_id"] = rid
+            out["request_id"] = redact(rid)
         for key, value in record.__dict__.items():
             if key not in _STD_ATTRS and not key.startswith("_"):
                 out[key] = redact(value) if isinstance(value, str) else value

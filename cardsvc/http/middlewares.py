@@ -24,7 +24,7 @@ from aiohttp import web
 
 from cardsvc import metrics
 from cardsvc.errors import RETRY_LATER
-from cardsvc.logs import REQUEST_ID
+from cardsvc.logs import REQUEST_ID, redact
 from cardsvc.store.batcher import BatcherClosed, BatcherOverloaded
 from cardsvc.store.pool import DB_UNAVAILABLE_ERRORS
 from protocols import terminal_auth
@@ -93,6 +93,7 @@ def _request_id(request: web.Request) -> str:
         0 < len(given) <= _REQUEST_ID_CHARS_MAX
         and given.isascii()
         and all(c.isalnum() or c in "-_." for c in given)
+        and redact(given) == given  # not shaped like an ID number or a bank card: it is logged and stored
     ):
         return given
     return secrets.token_hex(8)

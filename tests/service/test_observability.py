@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cardsvc import logs
 from cardsvc.store import migrate
 from protocols import idnumber
-from tests.helpers import Response, ServiceHarness
+from tests.helpers import Response, ServiceHarness, new_id_number
 from tests.service.test_input import assert_problem
 
 # Known personal data for the scenario: an ID number no other test uses, a name, a card.
@@ -221,6 +221,13 @@ async def test_incoming_request_id(
     echoed = [line for line in captured_logs.lines if orjson.loads(line).get("request_id") == given]
     assert echoed, "the incoming request id is in the log lines"
     assert not any(NAME in line for line in captured_logs.lines)
+    # Nor one shaped like an ID number or a bank card number: it would go to the logs and the audit trail.
+    for personal in (new_id_number(), "6222021234567890123"):
+        r = await svc.post(f"/v1/cards/{c['card_no']}/unlock-pin", {}, headers={"X-Request-Id": personal})
+        assert r.status == 200 and r.headers["X-Request-Id"] != personal, r.body
+        assert not any(personal in line for line in captured_logs.lines)
+        assert await db.fetchval("SELECT count(*) FROM card_event WHERE request_id = $1", personal) == 0
+        await svc.post(f"/v1/cards/{c['card_no']}/lock-pin", {})
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -283,3 +290,15 @@ async def test_metrics_names_types_and_labels(svc: ServiceHarness) -> None:
     }
     for key in (("card_cryptogram", "ok"), ("card_cryptogram", "forged"), ("ecard_code", "replayed")):
         assert ver.get(key, 0) >= 1, (key, ver)
+
+
+def test_the_json_formatter_redacts_a_request_id_shaped_like_an_id_number() -> None:
+    """Whatever sets the request id (a middleware that let one through, a background task), the line
+    does not carry an ID number."""
+    id_number = new_id_number()
+    token = logs.REQUEST_ID.set(id_number)
+    try:
+        line = logs.JsonFormatter().format(logging.LogRecord("cardsvc.access", logging.INFO, __file__, 1, "x", (), None))
+    finally:
+        logs.REQUEST_ID.reset(token)
+    assert id_number not in line and orjson.loads(line)["request_id"] == "[redacted]", line
