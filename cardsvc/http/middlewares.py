@@ -189,6 +189,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if spec is None:
         return await handler(request)
     svc = request.app[SERVICES]
+    if len(request.query) != len(set(request.query)):
+        # The signature covers the parameters sorted, the handlers read the first of each name: with a name
+        # repeated, reordering the values would keep the signature and change the request.
+        raise ApiError("invalid_parameter", "a query parameter is repeated")
     limit = max(svc.settings.body_bytes_max, getattr(request.match_info.handler, "cardsvc_body_bytes_max", 0))
     if request.content_length is not None and request.content_length > limit:
         raise ApiError("body_too_large", f"at most {limit} bytes")
