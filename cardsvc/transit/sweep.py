@@ -209,4 +209,17 @@ async def sweep_timed_out_journeys(
             )
             return SweepResult(len(cards), closed, charged, unpaid, held, False, upto)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+            await _unlock(conn)
+
+
+async def _unlock(conn: asyncpg.Connection) -> None:
+    """Release the sweep's session lock. The pool does not reset connections it takes back, so one that
+    could not release it (the unlock cancelled by a shutdown, the server gone) is closed instead: a
+    pooled session holding the lock would skip every sweep of every worker from then on."""
+    try:
+        released = await conn.fetchval("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    except BaseException:
+        conn.terminate()
+        raise
+    if not released:  # never expected: the lock was taken on this session
+        conn.terminate()

@@ -19,7 +19,7 @@ import pytest
 
 from cardsvc.audit import run_audit
 from cardsvc.store.pool import create_pool
-from cardsvc.transit import clearing, fares
+from cardsvc.transit import clearing, fares, sweep
 from cardsvc.transit.sweep import SWEEP_TERMINAL, sweep_timed_out_journeys
 from cardsvc.transit.taps import KIND_PENALTY, SOURCE_SWEEP
 from tests.helpers import ServiceHarness, purse_vs_journal, replacement_body
@@ -200,3 +200,32 @@ async def test_a_journey_open_when_its_card_was_replaced_is_swept_on_the_new_car
     assert await sweep_rows(db, c["card_id"]) == []
     assert await svc.balance(body["new_card_no"]) == 2000 - TABLE.cap_fen
     assert (await sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT + 600))).closed == 0
+
+
+async def test_a_connection_that_cannot_release_the_sweep_lock_is_closed(db_dsn: str) -> None:
+    """The pool does not reset the connections it takes back, so a pooled session still holding the
+    sweep's lock would make every later sweep of every worker skip. A session whose unlock fails (here:
+    inside a failed transaction, where a session lock outlives the rollback) is closed, which frees it."""
+    conn = await asyncpg.connect(db_dsn)
+    other = await asyncpg.connect(db_dsn)
+    try:
+        assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", sweep._LOCK_KEY)
+        tx = conn.transaction()
+        await tx.start()
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await conn.fetchval("SELECT 1 / 0")
+        with pytest.raises(asyncpg.InFailedSQLTransactionError):
+            await sweep._unlock(conn)
+        assert conn.is_closed()
+        for _ in range(200):  # the server ends the closed session on its own time
+            if await other.fetchval("SELECT pg_try_advisory_lock($1)", sweep._LOCK_KEY):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the sweep lock stayed held")
+        await sweep._unlock(other)  # released normally: the connection stays open
+        assert not other.is_closed()
+    finally:
+        await other.close()
+        if not conn.is_closed():
+            await conn.close()
