@@ -177,7 +177,7 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
             transit = TransitContext.build(table, keys.ride_issuer_key)
 
             async def flush_taps(items: Sequence[TapItem]) -> list[TapOutcome]:
-                return await process_taps(pool, table, items)
+                return await process_taps(pool, table, items, isolate_held=True)
 
             taps: MicroBatcher[TapItem, TapOutcome] = MicroBatcher(
                 flush_taps,

@@ -8,8 +8,9 @@ import datetime as dt
 from aiohttp import web
 
 from cardsvc import limits, metrics
-from cardsvc.errors import ApiError
+from cardsvc.errors import RETRY_LATER, ApiError
 from cardsvc.transit import concessions, flow, offline, rides
+from cardsvc.transit.taps import HELD
 from protocols import api, ridecode, transit
 from protocols.errors import CodecError
 
@@ -58,6 +59,8 @@ async def tap(request: web.Request) -> web.Response:
     outcome = await svc.taps.submit(item)  # records the nonce in the batch's transaction
     if outcome.result == "replayed":
         raise replayed()
+    if outcome is HELD:  # nothing written: the same tap may be sent again
+        raise ApiError("timeout", "the card's purse is held by another transaction", headers=RETRY_LATER)
     if outcome.result == "conflict":
         metrics.TAPS.labels(body["mode"], outcome.result, outcome.reason or "").inc()
     elif not outcome.replayed_answer:  # a retry's stored answer is not another tap

@@ -50,6 +50,7 @@ from protocols.card import CardStatus
 from . import fares
 
 __all__ = [
+    "HELD",
     "KIND_FARE",
     "KIND_PENALTY",
     "SOURCE_ONLINE",
@@ -685,23 +686,73 @@ async def _write(
             )
 
 
+# The answer to a tap whose card's purse another transaction held past lock_timeout, when the rest of its
+# batch went ahead without it (process_taps(isolate_held=True)): nothing of it was written.
+HELD = TapOutcome("held", "purse_held", 0, None, None, {})
+
+# The batch's purses that another transaction holds: those the probe cannot lock at once. Its own locks go
+# when its transaction is rolled back, right after.
+_HELD_SQL = """
+WITH c AS (SELECT card_id, card_sn FROM card WHERE card_sn = ANY($1::text[]) OR card_id = ANY($2::bigint[])),
+     f AS (SELECT card_id FROM purse WHERE card_id IN (SELECT card_id FROM c) FOR UPDATE SKIP LOCKED)
+SELECT c.card_id, c.card_sn FROM c JOIN purse p ON p.card_id = c.card_id
+WHERE c.card_id NOT IN (SELECT card_id FROM f)
+"""
+
+
+async def _held(conn: asyncpg.Connection, items: Sequence[TapItem]) -> list[bool]:
+    """For each item: whether its card's purse is held by another transaction right now."""
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        rows = await conn.fetch(
+            _HELD_SQL,
+            list({i.card_sn for i in items if i.card_sn is not None}),
+            list({i.card_id for i in items if i.card_id is not None}),
+        )
+    finally:
+        await tx.rollback()
+    sns, ids = {r["card_sn"] for r in rows}, {r["card_id"] for r in rows}
+    return [i.card_sn in sns or i.card_id in ids for i in items]
+
+
 async def process_taps(
-    pool: asyncpg.Pool, table: fares.FareTable, items: Sequence[TapItem]
+    pool: asyncpg.Pool, table: fares.FareTable, items: Sequence[TapItem], *, isolate_held: bool = False
 ) -> list[TapOutcome]:
-    """Decide and commit a batch of taps; one outcome per item, in order."""
+    """Decide and commit a batch of taps; one outcome per item, in order.
+
+    A purse that another transaction holds past lock_timeout fails the batch (asyncpg.LockNotAvailableError,
+    all rolled back). With `isolate_held` (the online batcher), the taps of the purses held at that moment
+    are answered HELD and the rest of the batch is decided again without them: one held card does not fail
+    the others. (If the rest meets a held purse too, the batch fails as before.)"""
     now = dt.datetime.now(dt.UTC)
     async with pool.acquire() as conn:
-        for attempt in range(BATCH_ATTEMPTS_MAX):
-            try:
-                async with conn.transaction():
-                    return await _attempt(conn, table, items, now)
-            except _Retry as exc:
-                if attempt == BATCH_ATTEMPTS_MAX - 1:
-                    # Rolled back every time: nothing was written, the taps may be sent again (503).
-                    raise ApiError("timeout", "the batch kept meeting concurrent changes", headers=RETRY_LATER) from exc
-            except asyncpg.DeadlockDetectedError:
-                if attempt == BATCH_ATTEMPTS_MAX - 1:
-                    raise
+        try:
+            return await _process(conn, table, items, now)
+        except asyncpg.LockNotAvailableError:
+            if not isolate_held or len(items) < 2:
+                raise
+            held = await _held(conn, items)
+            if not any(held) or all(held):
+                raise
+            rest = iter(await _process(conn, table, [i for i, h in zip(items, held, strict=True) if not h], now))
+            return [HELD if h else next(rest) for h in held]
+
+
+async def _process(
+    conn: asyncpg.Connection, table: fares.FareTable, items: Sequence[TapItem], now: dt.datetime
+) -> list[TapOutcome]:
+    for attempt in range(BATCH_ATTEMPTS_MAX):
+        try:
+            async with conn.transaction():
+                return await _attempt(conn, table, items, now)
+        except _Retry as exc:
+            if attempt == BATCH_ATTEMPTS_MAX - 1:
+                # Rolled back every time: nothing was written, the taps may be sent again (503).
+                raise ApiError("timeout", "the batch kept meeting concurrent changes", headers=RETRY_LATER) from exc
+        except asyncpg.DeadlockDetectedError:
+            if attempt == BATCH_ATTEMPTS_MAX - 1:
+                raise
     raise AssertionError("unreachable")
 
 

@@ -46,3 +46,39 @@ async def test_retries_of_one_declined_tap_in_one_batch_each_get_its_reason(
     assert [(r.status, r.body["result"], r.body["reason"], r.body["replayed_answer"]) for r in answers] == [
         (200, "declined", "insufficient_balance", True)
     ] * 3
+
+
+async def test_a_purse_held_past_the_lock_timeout_fails_only_its_own_tap(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A and B tap together while another transaction holds A's purse past lock_timeout (3 s): B is
+    charged, A is answered 503 `timeout` with nothing written, and A sent again later is charged once."""
+    a, b, c = [await funded_card(svc, 1000) for _ in range(3)]
+    body_a, body_b = tap_body(svc, a["card_sn"]), tap_body(svc, b["card_sn"])
+    holder, gate = await asyncpg.connect(svc.dsn), await asyncpg.connect(svc.dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", a["card_id"])
+            async with gate.transaction():  # holds the only flush, so that A and B queue into one batch
+                await gate.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", c["card_id"])
+                first = asyncio.ensure_future(
+                    svc.post("/v1/transit/taps", tap_body(svc, c["card_sn"]), as_="transit_validator")
+                )
+                await until_lock_waits(db)
+                both = asyncio.gather(
+                    svc.post("/v1/transit/taps", body_a, as_="transit_validator"),
+                    svc.post("/v1/transit/taps", body_b, as_="transit_validator"),
+                )
+                await asyncio.sleep(0.2)  # let them reach the queue
+            assert (await first).status == 200
+            ra, rb = await both
+        assert rb.status == 200 and rb.body["result"] == "approved", rb.body
+        assert ra.status == 503 and ra.body["code"] == "timeout" and ra.headers.get("Retry-After"), ra.body
+        assert await db.fetchval("SELECT count(*) FROM terminal_txn WHERE terminal_seq = $1", body_a["terminal_seq"]) == 0
+        again = await svc.post("/v1/transit/taps", body_a, as_="transit_validator")
+        assert again.status == 200 and again.body["result"] == "approved" and not again.body["replayed_answer"]
+        balances = [await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", x["card_id"]) for x in (a, b)]
+        assert balances == [820, 820]
+    finally:
+        await holder.close()
+        await gate.close()
