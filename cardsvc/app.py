@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -66,27 +67,46 @@ def _nonce_flush(pool: asyncpg.Pool):  # type: ignore[no-untyped-def]
     return flush
 
 
-async def maintenance_once(
-    pool: asyncpg.Pool, settings: Settings, table: fares.FareTable | None = None
-) -> None:
-    """Expire temporary losses, forget old nonces, credential uses and terminal answers past their
-    retention, keep journal partitions ahead, and (given the fare table) charge timed-out metro journeys."""
-    await lifecycle.expire_temporary_losses(pool)
-    if table is not None:
-        swept = await sweep_timed_out_journeys(pool, table, settings.purse_overdraft_fen)
-        metrics.JOURNEYS_SWEPT.labels("closed").inc(swept.closed)
-        metrics.JOURNEYS_SWEPT.labels("held_exit").inc(swept.held_exits)
-        metrics.JOURNEYS_SWEPT.labels("unpaid").inc(swept.unpaid)
-        if swept.closed or swept.held_exits or swept.unpaid:
-            log.info(
-                "timed-out metro journeys charged",
-                extra={
-                    "closed": swept.closed,
-                    "held_exits": swept.held_exits,
-                    "charged_fen": swept.charged_fen,
-                    "unpaid": swept.unpaid,
-                },
-            )
+class MaintenanceFailed(RuntimeError):
+    """Some maintenance steps failed (the others ran): their names, each logged with its error."""
+
+
+async def _partitions(pool: asyncpg.Pool, settings: Settings) -> None:
+    # The months ahead, and back to the oldest ride an upload may still post (UPLOAD_AGE_S_MAX and the
+    # clock skew): a database created early in a month has no partition yet for a month-old record.
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "SELECT cardsvc_ensure_partitions((now() - make_interval(secs => $1))::date, 5)",
+            float(limits.UPLOAD_AGE_S_MAX + settings.clock_skew_s + 86400),
+        )
+
+
+async def _sweep(pool: asyncpg.Pool, settings: Settings, table: fares.FareTable) -> None:
+    swept = await sweep_timed_out_journeys(pool, table, settings.purse_overdraft_fen)
+    metrics.JOURNEYS_SWEPT.labels("closed").inc(swept.closed)
+    metrics.JOURNEYS_SWEPT.labels("held_exit").inc(swept.held_exits)
+    metrics.JOURNEYS_SWEPT.labels("unpaid").inc(swept.unpaid)
+    if swept.closed or swept.held_exits or swept.unpaid:
+        log.info(
+            "timed-out metro journeys charged",
+            extra={
+                "closed": swept.closed,
+                "held_exits": swept.held_exits,
+                "charged_fen": swept.charged_fen,
+                "unpaid": swept.unpaid,
+            },
+        )
+
+
+def ride_code_use_retention_s(settings: Settings) -> int:
+    """How long a ride code's use is remembered: as long as a copy of the code can still be uploaded. A
+    gate accepts the code up to its lifetime and the clock skew after the phone stamped it, the gate's
+    record may be the skew ahead of the server and UPLOAD_AGE_S_MAX old at upload, and ride times are
+    whole seconds."""
+    return limits.UPLOAD_AGE_S_MAX + 3 * settings.clock_skew_s + settings.ecard_code_lifetime_s + 1
+
+
+async def _prune(pool: asyncpg.Pool, settings: Settings) -> None:
     async with pool.acquire() as conn:
         await conn.execute(
             "DELETE FROM request_nonce WHERE seen_at < now() - make_interval(secs => $1)",
@@ -100,7 +120,7 @@ async def maintenance_once(
         # Ride codes are charged when the gate uploads, up to UPLOAD_AGE_S_MAX after the ride.
         await conn.execute(
             "DELETE FROM credential_use WHERE kind = $2 AND used_at < now() - make_interval(secs => $1)",
-            float(limits.UPLOAD_AGE_S_MAX + 2 * settings.clock_skew_s + settings.ecard_code_lifetime_s),
+            float(ride_code_use_retention_s(settings)),
             KIND_RIDE_CODE,
         )
         # Top-up answers are kept for good in topup_key (migration 0009). The service writes both; a top-up
@@ -121,12 +141,34 @@ async def maintenance_once(
                 "DELETE FROM terminal_txn WHERE at < now() - make_interval(days => $1)",
                 settings.terminal_txn_retention_days,
             )
-        # The months ahead, and back to the oldest ride an upload may still post (UPLOAD_AGE_S_MAX and the
-        # clock skew): a database created early in a month has no partition yet for a month-old record.
-        await conn.execute(
-            "SELECT cardsvc_ensure_partitions((now() - make_interval(secs => $1))::date, 5)",
-            float(limits.UPLOAD_AGE_S_MAX + settings.clock_skew_s + 86400),
-        )
+
+
+async def maintenance_once(
+    pool: asyncpg.Pool, settings: Settings, table: fares.FareTable | None = None
+) -> None:
+    """Keep journal partitions ahead, expire temporary losses, (given the fare table) charge timed-out
+    metro journeys, and forget old nonces, credential uses and terminal answers past their retention.
+
+    Each step runs on its own: one that fails (logged, counted in cardsvc_maintenance_failures_total)
+    does not keep the others from running; MaintenanceFailed names the failed ones at the end. Partitions
+    come first: without next month's partition, every write to the journal fails."""
+    steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("partitions", lambda: _partitions(pool, settings)),
+        ("temporary_losses", lambda: lifecycle.expire_temporary_losses(pool)),
+    ]
+    if table is not None:
+        steps.append(("sweep", lambda: _sweep(pool, settings, table)))
+    steps.append(("prune", lambda: _prune(pool, settings)))
+    failed = []
+    for name, step in steps:
+        try:
+            await step()
+        except Exception:
+            log.warning("maintenance step failed; retrying next interval", extra={"step": name}, exc_info=True)
+            metrics.MAINTENANCE_FAILURES.labels(name).inc()
+            failed.append(name)
+    if failed:
+        raise MaintenanceFailed(", ".join(failed))
 
 
 async def _maintenance_loop(pool: asyncpg.Pool, settings: Settings, table: fares.FareTable) -> None:
@@ -135,6 +177,8 @@ async def _maintenance_loop(pool: asyncpg.Pool, settings: Settings, table: fares
             await maintenance_once(pool, settings, table)
         except asyncio.CancelledError:
             raise
+        except MaintenanceFailed:
+            pass  # each failed step was logged with its error
         except Exception:
             log.warning("maintenance pass failed; retrying next interval", exc_info=True)
         await asyncio.sleep(settings.sweep_interval_s)

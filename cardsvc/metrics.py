@@ -31,6 +31,7 @@ __all__ = [
     "HTTP_REQUEST_DURATION",
     "JOURNEYS_SWEPT",
     "LIFECYCLE_OPERATIONS",
+    "MAINTENANCE_FAILURES",
     "REQUEST_AUTH_FAILURES",
     "TAPS",
     "UPLOADED_RECORDS",
@@ -94,6 +95,12 @@ JOURNEYS_SWEPT = Counter(
     "held_exit (a gate's exit whose entry never came, charged the maximum fare) or unpaid (the purse could "
     "not pay; charged at the card's next tap).",
     ["result"],
+)
+MAINTENANCE_FAILURES = Counter(
+    "cardsvc_maintenance_failures_total",
+    "Maintenance steps that failed (partitions, temporary_losses, sweep, prune); the others of the round ran, "
+    "and the step is tried again next round.",
+    ["step"],
 )
 TAPS = Counter(
     "cardsvc_transit_taps_total",

@@ -16,10 +16,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from cardsvc import limits
 from cardsvc.app import maintenance_once
 from cardsvc.http.keys import SERVICES
 from cardsvc.store.pool import create_pool
-from cardsvc.transit import fares, sweep
+from cardsvc.transit import fares, flow, sweep
 from cardsvc.transit import rides as rides_mod
 from cardsvc.transit.taps import KIND_FARE, KIND_PENALTY, SOURCE_RIDECODE, SOURCE_SWEEP
 from protocols import ridecode, sm
@@ -666,3 +667,68 @@ async def test_a_full_batch_of_rides_from_many_phones(svc: ServiceHarness, db: a
     for c, _, _ in riders:
         assert await svc.balance(c["card_no"]) < 2000
     assert await db.fetchval("SELECT count(*) FROM txn_journal WHERE source = $1", SOURCE_RIDECODE) == len(recs)
+
+
+BUS = {"line_id": "bus-105", "station_id": "", "direction": "single", "deny_list_version": 0}
+
+
+def at(s: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(s, dt.UTC)
+
+
+async def test_a_ride_code_use_is_kept_as_long_as_a_copy_can_still_be_uploaded(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A gate accepts a code up to its lifetime and the clock skew after the phone stamped it, on the gate's
+    clock, which may be the skew ahead of the phone's... and the server's; the record may come up to
+    UPLOAD_AGE_S_MAX late. The code's use must be remembered that long: here every clock is as far apart as
+    allowed, and a second gate's copy uploaded at the end of that window is still a replay."""
+    services = svc.app[SERVICES]
+    ctx = services.transit
+    s = svc.settings
+    skew, life = s.clock_skew_s, s.ecard_code_lifetime_s
+    c = await svc.new_card(has_purse=True)
+    r = await svc.post(
+        f"/v1/purses/{c['card_no']}/top-ups",
+        {"terminal_seq": 1, "amount_fen": 1000, "channel": "cash", "operator": "staff-1"},
+    )
+    assert r.status == 200, r.body
+    now = int(time.time())
+    t0 = now - limits.UPLOAD_AGE_S_MAX - (2 * skew + life) - 40  # the first upload: 40 s past its retention
+    key = sm.sm2_generate()
+    async with services.pool.acquire() as conn:
+        cert = await flow.issue_ride_cert(
+            conn, services, ctx,
+            {"card_no": c["card_no"], "alg": sm.ALG_SM2_SM3, "user_public_key": sm.public_key_bytes(key).hex()},
+            at(t0 - 3600),
+        )  # fmt: skip
+    phone = ridecode.RidePhone(ridecode.decode_cert(bytes.fromhex(cert["cert"])), key)
+    await maintenance_once(services.pool, s)  # the journal partitions back to the upload window
+    gate = svc.terminals["transit_validator"].terminal_id
+    # The phone's clock is `skew` ahead of the gate's, the gate's `skew` ahead of the server's: all allowed.
+    code = phone.next_code(t0 + 2 * skew)
+    first = RideRecord(code, gate, 101, time=t0 + skew, **BUS)
+    [o1] = await rides_mod.charge_rides(services, ctx, RideBatch(gate, 1, [first]), now=at(t0))
+    assert o1.result == "approved", o1
+    # A second ride with the next code takes the transfer window's one discount.
+    mid = RideRecord(phone.next_code(t0 + 400), gate, 104, time=t0 + 400, **BUS)
+    [om] = await rides_mod.charge_rides(services, ctx, RideBatch(gate, 4, [mid]), now=at(t0 + 400))
+    assert om.result == "approved", om
+    # The use as the upload at t0 wrote it (used_at = the database's now() then).
+    token = (cert["cert_serial"] << 32) | 1  # the first code's (cert_serial, counter)
+    done = await db.execute("UPDATE credential_use SET used_at = $1 WHERE kind = 3 AND token = $2", at(t0), token)
+    assert done == "UPDATE 1"
+    # The same code in a second gate record, at the end of the code's validity at that gate (its clock).
+    copy_at = t0 + 2 * skew + life + skew
+    assert ridecode.verify_at_gate(code, ctx.issuer_public, copy_at, (), (), life, skew).ok
+    control = RideRecord(code, gate, 102, time=copy_at, **BUS)
+    [oc] = await rides_mod.charge_rides(services, ctx, RideBatch(gate, 2, [control]), now=at(now))
+    assert (oc.result, oc.reason) == ("declined", "credential_replayed"), oc  # before maintenance: refused
+
+    before = await svc.balance(c["card_no"])
+    await maintenance_once(services.pool, s)
+    copy = RideRecord(code, gate, 103, time=copy_at, **BUS)
+    [o2] = await rides_mod.charge_rides(services, ctx, RideBatch(gate, 3, [copy]), now=at(int(time.time())))
+    balance = await svc.balance(c["card_no"])
+    # Refused as a replay, nothing charged (the use was pruned one clock skew too early before).
+    assert (o2.result, o2.reason, before - balance) == ("declined", "credential_replayed", 0), (o2, before, balance)

@@ -6,6 +6,7 @@ or entered again, never beyond what the purse may pay; clearing and the audit co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import itertools
 import time
@@ -17,6 +18,8 @@ import asyncpg
 import orjson
 import pytest
 
+from cardsvc import metrics
+from cardsvc.app import MaintenanceFailed, maintenance_once
 from cardsvc.audit import run_audit
 from cardsvc.store.pool import create_pool
 from cardsvc.transit import clearing, fares, sweep
@@ -200,6 +203,52 @@ async def test_a_journey_open_when_its_card_was_replaced_is_swept_on_the_new_car
     assert await sweep_rows(db, c["card_id"]) == []
     assert await svc.balance(body["new_card_no"]) == 2000 - TABLE.cap_fen
     assert (await sweep_timed_out_journeys(pool, TABLE, 0, now=later(TIMEOUT + 600))).closed == 0
+
+
+async def test_a_sweep_behind_by_hours_goes_through_them_window_by_window(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """After the service was stopped for hours, one run charges every journey that timed out meanwhile,
+    reading the journal a bounded window at a time (one unbounded read at 40M cards outlasts the
+    command timeout, and the window would only grow)."""
+    c = await card_with(svc, db, 2000)
+    await metro(svc, c, A, "in")
+    now = later(TIMEOUT + 60)
+    due = now - dt.timedelta(seconds=TIMEOUT)
+    behind = due - 5 * sweep.WINDOW_MAX - dt.timedelta(minutes=7)
+    await db.execute(
+        "INSERT INTO journey_sweep (swept_to) VALUES ($1) ON CONFLICT (one) DO UPDATE SET swept_to = $1", behind
+    )
+    done = await sweep_timed_out_journeys(pool, TABLE, 0, now=now)
+    assert (done.closed, done.charged_fen, done.swept_to) == (1, TABLE.cap_fen, due)
+    assert await db.fetchval("SELECT swept_to FROM journey_sweep") == due
+    assert await svc.balance(c["card_no"]) == 2000 - TABLE.cap_fen
+
+
+async def test_a_failing_maintenance_step_does_not_keep_the_others_from_running(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """A sweep that fails every round (here: a fare table deployed without a station where a journey is
+    still open) used to skip pruning and the journal's partitions too, round after round."""
+    c = await card_with(svc, db, 2000)
+    await metro(svc, c, A, "in")
+    closed_a = dataclasses.replace(TABLE, stations={k: v for k, v in TABLE.stations.items() if k != A})
+    await db.execute("INSERT INTO request_nonce (terminal_id, nonce, seen_at) VALUES ('T-x', 'n-old', now() - interval '1 day')")
+    await db.execute(
+        """INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, result, detail, at)
+           VALUES ('T-x', 1, '\\x00', 'declined', '{}', now() - interval '30 days')"""
+    )
+    ahead = await db.fetchval("SELECT 'txn_journal_' || to_char(date_trunc('month', now()) + interval '2 months', 'YYYYMM')")
+    await db.execute(f"DROP TABLE IF EXISTS {ahead}")
+    await db.execute("UPDATE journey_sweep SET swept_to = now() - make_interval(secs => $1) - interval '1 minute'", float(TIMEOUT))
+    failures = metrics.MAINTENANCE_FAILURES.labels("sweep")
+    before = failures._value.get()
+    with pytest.raises(MaintenanceFailed, match=r"^sweep$"):
+        await maintenance_once(pool, svc.settings, dataclasses.replace(closed_a, rules=dataclasses.replace(TABLE.rules, journey_timeout_s=0)))
+    assert failures._value.get() == before + 1
+    assert await db.fetchval("SELECT count(*) FROM request_nonce WHERE nonce = 'n-old'") == 0
+    assert await db.fetchval("SELECT count(*) FROM terminal_txn WHERE terminal_id = 'T-x'") == 0
+    assert await db.fetchval("SELECT to_regclass($1) IS NOT NULL", ahead)
 
 
 async def test_a_connection_that_cannot_release_the_sweep_lock_is_closed(db_dsn: str) -> None:
