@@ -251,6 +251,46 @@ async def test_a_failing_maintenance_step_does_not_keep_the_others_from_running(
     assert await db.fetchval("SELECT to_regclass($1) IS NOT NULL", ahead)
 
 
+async def test_a_new_journal_partition_does_not_wait_for_a_long_reader(
+    svc: ServiceHarness, db: asyncpg.Connection, db_dsn: str, pool: asyncpg.Pool
+) -> None:
+    """Maintenance makes next months' journal partitions while a long reader holds its snapshot of the
+    journal (`cardsvc audit`, a clearing run, pg_dump). Made with CREATE TABLE ... PARTITION OF, the
+    partition waited for the reader (ACCESS EXCLUSIVE on the journal) and failed after lock_timeout, with
+    every journal write queued behind it meanwhile; attached, it needs no lock the reader or writers hold."""
+    c = await card_with(svc, db, 2000)
+    ahead = await db.fetchval("SELECT 'txn_journal_' || to_char(date_trunc('month', now()) + interval '3 months', 'YYYYMM')")
+    await db.execute(f"DROP TABLE IF EXISTS {ahead}")
+    reader = await asyncpg.connect(db_dsn)
+    try:
+        snapshot = reader.transaction(isolation="repeatable_read", readonly=True)
+        await snapshot.start()
+        await reader.fetchval("SELECT count(*) FROM txn_journal")
+        await maintenance_once(pool, svc.settings)  # no MaintenanceFailed("partitions")
+        assert await db.fetchval("SELECT to_regclass($1) IS NOT NULL", ahead)
+        await metro(svc, c, A, "in")  # and the journal takes writes
+        await snapshot.rollback()
+    finally:
+        await reader.close()
+    # The attached partition is the journal's like the others: bounds, indexes, and rows written through
+    # the journal land in it with the journal's txn_id.
+    bounds = await db.fetchval("SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = $1", ahead)
+    assert bounds.startswith("FOR VALUES FROM ("), bounds
+    indexes = await db.fetchval("SELECT count(*) FROM pg_indexes WHERE tablename = $1", ahead)
+    assert indexes == await db.fetchval(
+        "SELECT count(*) FROM pg_indexes WHERE tablename = (SELECT relname FROM pg_class WHERE oid = "
+        "(SELECT inhrelid FROM pg_inherits WHERE inhparent = 'txn_journal'::regclass LIMIT 1))"
+    )
+    month = await db.fetchval("SELECT date_trunc('month', now()) + interval '3 months' + interval '1 day'")
+    txn = await db.fetchval(
+        """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty)
+           VALUES ($1, 3, 'T-p', 1, 0, 1, $2, 'x') RETURNING txn_id""",
+        c["card_id"], month,
+    )  # fmt: skip
+    assert await db.fetchval(f"SELECT txn_id FROM {ahead}") == txn
+    assert txn > await db.fetchval("SELECT max(txn_id) FROM txn_journal WHERE txn_id <> $1", txn)
+
+
 async def test_a_connection_that_cannot_release_the_sweep_lock_is_closed(db_dsn: str) -> None:
     """The pool does not reset the connections it takes back, so a pooled session still holding the
     sweep's lock would make every later sweep of every worker skip. A session whose unlock fails (here:
