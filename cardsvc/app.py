@@ -123,6 +123,12 @@ async def _prune(pool: asyncpg.Pool, settings: Settings) -> None:
             float(ride_code_use_retention_s(settings)),
             KIND_RIDE_CODE,
         )
+        # The hotlist versions served to each terminal, an hour at a time: an offline record older than the
+        # upload window is refused whatever its validator held (each terminal's last serve stays).
+        await conn.execute(
+            "DELETE FROM terminal_hotlist_serve WHERE served_at < now() - make_interval(secs => $1)",
+            float(limits.UPLOAD_AGE_S_MAX + settings.clock_skew_s + 86400),
+        )
         # Top-up answers are kept for good in topup_key (migration 0009). The service writes both; a top-up
         # a release before 0009 wrote while the migration ran has only its terminal_txn answer: keep it
         # before that goes (top-ups are the answers without a detail; taps and uploads always have one).

@@ -39,16 +39,24 @@ async def latest_version(conn: asyncpg.Connection) -> int:
 
 
 async def record_served(conn: asyncpg.Connection, terminal_id: str, version: int) -> None:
-    """Remember that `terminal_id` holds `version` from now on (migration 0010): its offline records made
-    after this are judged as of this version at least (cardsvc/transit/offline.py). Written only when the
-    terminal moves forward: a poll that brings nothing new costs a primary-key probe, and no row lock (an
-    ON CONFLICT that finds the row would lock it even to change nothing)."""
+    """Remember that `terminal_id` holds `version` from now on (migrations 0010, 0012): its offline records
+    made after this are judged as of this version at least (cardsvc/transit/offline.py). Written only when
+    the terminal moves forward: a poll that brings nothing new costs a primary-key probe, and no row lock
+    (an ON CONFLICT that finds the row would lock it even to change nothing). The first such serve of each
+    hour is also kept for the upload window (`terminal_hotlist_serve`), so that records made before the
+    terminal's last download are judged as of what it held then."""
     await conn.execute(
-        """INSERT INTO terminal_hotlist (terminal_id, version, served_at)
-           SELECT $1, $2, now()
-           WHERE NOT EXISTS (SELECT 1 FROM terminal_hotlist WHERE terminal_id = $1 AND version >= $2)
-           ON CONFLICT (terminal_id) DO UPDATE SET version = EXCLUDED.version, served_at = EXCLUDED.served_at
-           WHERE terminal_hotlist.version < EXCLUDED.version""",
+        """WITH t AS (
+               INSERT INTO terminal_hotlist (terminal_id, version, served_at)
+               SELECT $1, $2, now()
+               WHERE NOT EXISTS (SELECT 1 FROM terminal_hotlist WHERE terminal_id = $1 AND version >= $2)
+               ON CONFLICT (terminal_id) DO UPDATE SET version = EXCLUDED.version, served_at = EXCLUDED.served_at
+               WHERE terminal_hotlist.version < EXCLUDED.version
+               RETURNING terminal_id, version, served_at
+           )
+           INSERT INTO terminal_hotlist_serve (terminal_id, hour, version, served_at)
+           SELECT terminal_id, date_trunc('hour', served_at), version, served_at FROM t
+           ON CONFLICT (terminal_id, hour) DO NOTHING""",
         terminal_id,
         version,
     )

@@ -24,6 +24,7 @@ chip's ledger and each posted debit is carried to the card that replaced it, whe
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime as dt
 import functools
@@ -282,10 +283,10 @@ def _judge(
     table: fares.FareTable,
     now_s: int,
     skew_s: int,
-    served: tuple[int, int] | None = None,
+    served: Served | None = None,
 ) -> tuple[RecordResult, str | None, int | None, str | None]:
     """(verdict, reason, unwrapped purse_seq or None, operator or None) in RESULT_PRECEDENCE order.
-    `served`: (version, unix time) of the hotlist last served to the record's terminal, if any."""
+    `served`: the hotlist versions served to the record's terminal, if known."""
     operator, bad_place = record_operator(table, r)
     ext = transit.extend_purse_seq(purse.base_ext, r.purse_seq) if purse is not None else None
     if r.txn_time > now_s + skew_s:
@@ -313,16 +314,43 @@ def _judge(
     return verdict, reason, ext, operator
 
 
-def _held_version(r: OfflineRecord, served: tuple[int, int] | None) -> int:
-    """The hotlist version the record is judged as of: the one it claims, but at least the one the service
-    served its terminal before the record's time (by the validator's clock): the claim is not covered by the
-    TAC, and a terminal never holds less than it was served (migration 0010)."""
-    if served is not None and r.txn_time >= served[1]:
-        return max(r.hotlist_version, served[0])
-    return r.hotlist_version
+@dataclasses.dataclass(frozen=True, slots=True)
+class Served:
+    """Hotlist versions served to one terminal (migrations 0010, 0012): `times` (unix seconds, ascending)
+    and `floors`, the highest version served at or before each of them."""
+
+    times: tuple[int, ...]
+    floors: tuple[int, ...]
+
+    @classmethod
+    def of(cls, serves: list[tuple[int, int]]) -> Served:
+        """From (unix time, version) pairs in any order."""
+        times, floors, high = [], [], 0
+        for at, version in sorted(serves):
+            high = max(high, version)
+            times.append(at)
+            floors.append(high)
+        return cls(tuple(times), tuple(floors))
+
+    def at(self, t: int) -> int:
+        """The highest version known served at or before `t` (0: none)."""
+        i = bisect.bisect_right(self.times, t)
+        return self.floors[i - 1] if i else 0
 
 
-_SERVED_SQL = "SELECT version, served_at FROM terminal_hotlist WHERE terminal_id = $1"
+def _held_version(r: OfflineRecord, served: Served | None) -> int:
+    """The hotlist version the record is judged as of: the one it claims, but at least the highest one the
+    service is known to have served its terminal before the record's time (by the validator's clock): the
+    claim is not covered by the TAC, and a terminal never holds less than it was served (migrations 0010
+    and 0012: its last serve, and the first of each hour over the upload window)."""
+    return max(r.hotlist_version, served.at(r.txn_time)) if served is not None else r.hotlist_version
+
+
+_SERVED_SQL = """
+SELECT version, served_at FROM terminal_hotlist WHERE terminal_id = $1
+UNION ALL
+SELECT version, served_at FROM terminal_hotlist_serve WHERE terminal_id = $1 AND served_at >= $2
+"""
 
 
 async def _attempt(
@@ -401,8 +429,12 @@ async def _attempt(
                 )
             )
 
-    served_row = await conn.fetchrow(_SERVED_SQL, tid)
-    served = (served_row["version"], int(served_row["served_at"].timestamp())) if served_row else None
+    served = Served.of(
+        [
+            (int(row["served_at"].timestamp()), row["version"])
+            for row in await conn.fetch(_SERVED_SQL, tid, now - dt.timedelta(seconds=RECORD_AGE_S_MAX + skew_s))
+        ]
+    )
     plan = _Plan()
     now_s = int(now.timestamp())
     for r in records:

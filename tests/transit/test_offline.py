@@ -599,6 +599,57 @@ async def test_a_record_made_after_its_validator_downloaded_a_block_is_judged_as
     assert await db.fetchrow("SELECT version, served_at FROM terminal_hotlist WHERE terminal_id = $1", t) == kept
 
 
+async def test_a_record_made_between_two_downloads_is_judged_as_of_the_first(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """Validators poll the hotlist every few minutes and upload later: by the upload, the terminal's last
+    download is after its records. A record made after the download that brought the loss, claiming the
+    list from before it, is still judged as of that download (kept an hour at a time, migration 0012)."""
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    before_loss = (await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"]
+    assert (await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
+    served = await svc.get(f"/v1/hotlist?since={before_loss}", as_="transit_validator")
+    assert served.status == 200 and served.body["to_version"] > before_loss, served.body
+    # That download was ten minutes ago (within this hour's first serve), the record five minutes ago.
+    for table in ("terminal_hotlist", "terminal_hotlist_serve"):
+        await db.execute(f"UPDATE {table} SET served_at = served_at - interval '10 minutes' WHERE terminal_id = $1", t)
+    first = await db.fetchval("SELECT served_at FROM terminal_hotlist_serve WHERE terminal_id = $1", t)
+    rec = debit(chip, t, 200, hotlist_version=before_loss, txn_time=int(first.timestamp()) + 300)
+    # Then another loss, and the validator downloads it too before uploading.
+    other = await svc.new_card(has_purse=True)
+    assert (await svc.post(f"/v1/cards/{other['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
+    again = await svc.get(f"/v1/hotlist?since={served.body['to_version']}", as_="transit_validator")
+    assert again.status == 200 and again.body["to_version"] > served.body["to_version"], again.body
+    assert await db.fetchval("SELECT served_at FROM terminal_hotlist WHERE terminal_id = $1", t) > first
+    [answer] = await upload(svc, [rec])
+    assert (answer["result"], answer["reason"]) == ("hotlisted", "blocked_at_validator_hotlist_version"), answer
+    assert await db.fetchval("SELECT counterparty FROM txn_journal WHERE kind = 5") == "hotlisted:cq-bus"
+
+
+async def test_the_serves_older_than_the_upload_window_are_pruned(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    window = limits.UPLOAD_AGE_S_MAX + svc.settings.clock_skew_s + 86400
+    for terminal, age in (("T-old", window + 3600), ("T-kept", window - 3600)):
+        await db.execute(
+            """INSERT INTO terminal_hotlist_serve (terminal_id, hour, version, served_at)
+               VALUES ($1, date_trunc('hour', now() - make_interval(secs => $2)), 3, now() - make_interval(secs => $2))""",
+            terminal, float(age),
+        )  # fmt: skip
+        await db.execute(
+            "INSERT INTO terminal_hotlist (terminal_id, version, served_at) VALUES ($1, 3, now() - make_interval(secs => $2))",
+            terminal, float(age),
+        )  # fmt: skip
+    await maintenance_once(svc.app[SERVICES].pool, svc.settings)
+    assert [r["terminal_id"] for r in await db.fetch("SELECT terminal_id FROM terminal_hotlist_serve")] == ["T-kept"]
+    assert await db.fetchval("SELECT count(*) FROM terminal_hotlist") == 2  # each terminal's last serve stays
+
+
+def test_the_versions_served_give_the_highest_at_or_before_a_time() -> None:
+    served = offline_mod.Served.of([(300, 7), (100, 5), (200, 4)])  # a lower version later: a stale answer
+    assert [served.at(t) for t in (99, 100, 199, 200, 299, 300, 10**9)] == [0, 5, 5, 5, 5, 7, 7]
+    assert offline_mod.Served.of([]).at(10**9) == 0
+
+
 async def test_unknown_cards_and_cards_without_a_purse(svc: ServiceHarness, db: asyncpg.Connection) -> None:
     t = tid(svc)
     stranger = PurseCard(new_card_numbers()[1], master_key=svc.keys.card_tac_master, balance_fen=500)
