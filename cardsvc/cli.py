@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import getpass
 import os
@@ -167,7 +168,7 @@ cardsvc demo on {base} (Ctrl-C stops it). In another shell, try:
   .venv/bin/cardsvc call GET /v1/cards/A00000001 --as card_office
   .venv/bin/cardsvc demo-credential ecard-code --index 1 | .venv/bin/cardsvc call POST /v1/ecard-codes/verify --as merchant_pos --data @-
   .venv/bin/cardsvc demo-credential card-auth --index 2 | .venv/bin/cardsvc call POST /v1/card-auth --as transit_validator --data @-
-  .venv/bin/cardsvc demo-credential tap --index 2 | .venv/bin/cardsvc call POST /v1/transit/taps --as transit_validator --data @-
+  .venv/bin/cardsvc demo-credential tap --index 9 | .venv/bin/cardsvc call POST /v1/transit/taps --as transit_validator --data @-
   curl -s {base}/metrics | grep cardsvc_credential
 """,
         file=sys.stderr,
@@ -272,12 +273,24 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ terminals
 
 
-def _write_credentials(data: dict[str, Any], output: str | None) -> None:
+def _open_output(output: str | None) -> int | None:
+    """The credentials file, created (mode 0600, never over an existing file) before the database is
+    changed: a secret that cannot be written is never issued."""
+    if not output:
+        return None
+    try:
+        return os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise SystemExit(f"error: cannot create {output}: {exc.strerror}") from None
+
+
+def _write_credentials(data: dict[str, Any], fd: int | None, output: str | None) -> None:
     body = orjson.dumps(data, option=orjson.OPT_INDENT_2)
-    if output:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if fd is not None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
         print(f"credentials written to {output} (mode 0600); they are not shown again", file=sys.stderr)
     else:
         print(body.decode())
@@ -288,41 +301,40 @@ def cmd_terminal(settings: Settings, args: argparse.Namespace) -> int:
     from cardsvc.security import terminals
     from protocols import terminal_auth
 
+    if args.action in ("add", "rotate-key", "disable", "enable") and not args.terminal_id:
+        raise SystemExit(f"error: `cardsvc terminal {args.action}` needs a terminal ID")
+    if args.action == "add" and not (args.kind and args.org):
+        raise SystemExit("error: `cardsvc terminal add ID` needs --kind and --org")
+    overlap_s = args.overlap_s if args.overlap_s is not None else settings.key_rotation_overlap_s
+
     async def go() -> int:
         keys = _keys(settings)
         conn = await _connect(settings)
+        fd = _open_output(args.output) if args.action in ("add", "rotate-key") else None
+        written = False
         try:
-            if args.action == "add":
-                ops = args.operations.split(",") if args.operations else None
-                secret = await terminals.add_terminal(
-                    conn,
-                    keys.terminal_kek,
-                    args.terminal_id,
-                    args.kind,
-                    args.org,
-                    ops,
-                    args.description or "",
-                )
-                _write_credentials(
-                    {
+            if args.action in ("add", "rotate-key"):
+                # The key and the file together: if the file cannot be written, the key is rolled back.
+                async with conn.transaction():
+                    if args.action == "add":
+                        ops = args.operations.split(",") if args.operations else None
+                        secret = await terminals.add_terminal(
+                            conn, keys.terminal_kek, args.terminal_id, args.kind, args.org, ops,
+                            args.description or "",
+                        )  # fmt: skip
+                        key_id = "k1"
+                    else:
+                        secret = await terminals.rotate_key(
+                            conn, keys.terminal_kek, args.terminal_id, args.key_id, overlap_s
+                        )
+                        key_id = args.key_id
+                    data = {
                         "terminal_id": args.terminal_id,
-                        "key_id": "k1",
+                        "key_id": key_id,
                         "secret": terminal_auth.encode_secret(secret),
-                    },
-                    args.output,
-                )
-            elif args.action == "rotate-key":
-                secret = await terminals.rotate_key(
-                    conn, keys.terminal_kek, args.terminal_id, args.key_id, args.overlap_s
-                )
-                _write_credentials(
-                    {
-                        "terminal_id": args.terminal_id,
-                        "key_id": args.key_id,
-                        "secret": terminal_auth.encode_secret(secret),
-                    },
-                    args.output,
-                )
+                    }
+                    _write_credentials(data, fd, args.output)
+                    written = True
             elif args.action == "list":
                 rows = await conn.fetch(
                     """SELECT t.terminal_id, t.kind, t.org, t.operations, t.disabled,
@@ -349,6 +361,10 @@ def cmd_terminal(settings: Settings, args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         finally:
+            if fd is not None and not written:  # nothing issued: no file either
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                os.unlink(args.output)
             await conn.close()
 
     return _run(go())
@@ -586,6 +602,21 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {lo} or more" if hi is None else f"must be {lo} to {hi}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cardsvc",
@@ -633,10 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate, load a synthetic population and one demo terminal of each kind, then serve.",
     )
     server_opts(p)
-    p.add_argument("--cards", type=int, default=1000, help="size of the demo population (default 1000)")
+    p.add_argument("--cards", type=_int_in(1), default=1000, help="size of the demo population (default 1000)")
 
     p = add("demo-data", cmd_demo_data, "load demo data only (idempotent)")
-    p.add_argument("--cards", type=int, default=1000, help="size of the demo population (default 1000)")
+    p.add_argument("--cards", type=_int_in(1), default=1000, help="size of the demo population (default 1000)")
 
     p = add(
         "seed",
@@ -668,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
         "line, or a metro station and direction). Pipe it into `cardsvc call ... --data @-`.",
     )
     p.add_argument("kind", choices=["card-auth", "ecard-code", "tap"])
-    p.add_argument("--index", type=int, default=1, help="demo person number (default 1)")
+    p.add_argument("--index", type=_int_in(0), default=1, help="demo person number (default 1)")
     p.add_argument("--line", default="bus-105", help="tap: the bus line (default bus-105)")
     p.add_argument("--station", help="tap: a metro station instead of a bus (e.g. l1-chaotianmen)")
     p.add_argument("--direction", choices=["in", "out"], help="tap: metro direction (default in)")
@@ -703,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "terminal",
         cmd_terminal,
-        "register terminals and operators, rotate their keys",
+        "register terminals, rotate their keys, disable them",
         "Terminals sign every request with HMAC-SM3 (protocols/terminal_auth.md).\n"
         "  add ID --kind K --org O     create one; prints its credentials once\n"
         "  rotate-key ID --key-id K2   add a key; older keys stop after --overlap-s\n"
@@ -716,7 +747,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operations", help="comma-separated subset of the kind's operations (default: all)")
     p.add_argument("--description", help="free text (no personal data)")
     p.add_argument("--key-id", default="k2", help="new key id for rotate-key")
-    p.add_argument("--overlap-s", type=int, default=7 * 24 * 3600, help="how long old keys stay valid")
+    p.add_argument(
+        "--overlap-s",
+        type=int,
+        default=None,
+        help="how long older keys stay valid after rotate-key (default CARDSVC_KEY_ROTATION_OVERLAP_S, 7 days)",
+    )
     p.add_argument("--output", help="write credentials to this file (mode 0600) instead of stdout")
 
     p = add(
@@ -746,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("card_no")
     p.add_argument("--operator", help="staff id recorded in the audit trail (default: your user name)")
-    p.add_argument("--limit", type=int, default=100, help="events to show")
+    p.add_argument("--limit", type=_int_in(1, 500), default=100, help="events to show (1-500, default 100)")
     p.add_argument("--new-card-no", help="replace: the new card's number")
     p.add_argument("--new-card-sn", help="replace: the new card's identification code")
     p.add_argument("--expires-on", help="replace: the new card's expiry date YYYY-MM-DD")
@@ -816,9 +852,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # an operator-facing command: one clear line, not a traceback
+        import asyncpg
+
         from cardsvc.security.keys import KeyFileError
         from cardsvc.store.embedded import EmbeddedPostgresError
+        from cardsvc.transit.fare_table import FareTableError
 
+        if isinstance(exc, asyncpg.UndefinedTableError):
+            print(f"error: {exc}: the database schema is behind; run `cardsvc migrate`", file=sys.stderr)
+            return 1
+        if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+            print(f"database error: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, FareTableError):
+            print(f"fare table error: {exc}", file=sys.stderr)
+            return 1
         if isinstance(exc, KeyFileError | EmbeddedPostgresError | ConfigError | OSError):
             print(f"error: {exc}", file=sys.stderr)
             return 1

@@ -8,6 +8,7 @@ Every field is documented in docs/configuration.md; `cardsvc config` prints the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -96,12 +97,20 @@ class Settings:
 
 
 def _mask_password(url: str) -> str:
+    """The URL with its password shown as ***: in the user part or as a `password=` parameter."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
         return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    if "@" in rest.split("?", 1)[0]:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        rest = f"{user}:***@{host}" if ":" in creds else rest
+    path, qsep, query = rest.partition("?")
+    if qsep:
+        query = "&".join(
+            "password=***" if p.split("=", 1)[0].lower() == "password" else p for p in query.split("&")
+        )
+    return f"{scheme}://{path}{qsep}{query}"
 
 
 def _coerce(name: str, raw: Any, target: Any) -> Any:
@@ -121,8 +130,15 @@ def _coerce(name: str, raw: Any, target: Any) -> Any:
                 raise ValueError(text)
             return int(text)
         if target in (float, "float"):
-            return float(text)
-        if target in ("Path", "Path | None"):
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+            return value
+        if target == "Path":  # a setting that must name a directory or file
+            if not text:
+                raise ValueError(text)
+            return Path(text).expanduser()
+        if target == "Path | None":
             return Path(text).expanduser() if text else None
         return text
     except ValueError:
@@ -147,12 +163,22 @@ def _validate(s: Settings) -> None:
         "purse_balance_max_fen",
         "terminal_txn_retention_days",
         "ride_cert_days",
+        "shutdown_grace_s",
+        "sweep_interval_s",
+        "key_cache_refresh_s",
     ]
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+    for name in ("purse_overdraft_fen", "ride_credit_limit_fen", "ride_max_fare_fen", "key_rotation_overlap_s"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
+    if s.db_pool_max < 2:  # one connection listens for terminal changes; requests need at least one more
+        raise ConfigError("CARDSVC_DB_POOL_MAX must be >= 2")
     if s.db_pool_min < 0 or s.db_pool_min > s.db_pool_max:
         raise ConfigError("CARDSVC_DB_POOL_MIN must be between 0 and CARDSVC_DB_POOL_MAX")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError("CARDSVC_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
     if not 0 < s.port < 65536:
         raise ConfigError("CARDSVC_PORT must be between 1 and 65535")
     if s.access_log not in ("all", "errors", "off"):
@@ -179,6 +205,9 @@ def load_settings(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
         section = data.get("cardsvc", data)
+        if section is not data and len(data) > 1:
+            others = ", ".join(sorted(k for k in data if k != "cardsvc"))
+            raise ConfigError(f"config file {path}: settings go either at the top or under [cardsvc], not both ({others})")
         for key, raw in section.items():
             if key not in fields:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +61,11 @@ async def _serve_async(settings: Settings, dsn: str, key_path: Path, reuse_port:
     await runner.setup()
     _tune_gc()  # before taking connections: its full collection then delays no request
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()  # the pools and background tasks go too, or closing the loop waits for them
+        raise
     log.info("listening", extra={"host": settings.host, "port": settings.port, "pid": os.getpid()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,11 +91,23 @@ def _worker_entry(settings: Settings, dsn: str, key_path: Path) -> None:
     run_worker(settings, dsn, key_path, reuse_port=True)
 
 
+def _port_is_free(host: str, port: int) -> None:
+    """Workers share the port with SO_REUSEPORT, which would as well let them join another service already
+    listening there with it (another `cardsvc serve --workers N`), splitting its traffic. A bind without
+    it fails on any listener: OSError (address in use) before a worker starts. (SO_REUSEADDR, as the
+    workers have: the connections of a service just restarted, in TIME_WAIT, do not count.)"""
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr)
+
+
 def serve(settings: Settings, dsn: str, key_path: Path) -> int:
     """Run the service in the foreground until SIGTERM/SIGINT; returns the exit status."""
     if settings.workers == 1:
         run_worker(settings, dsn, key_path)
         return 0
+    _port_is_free(settings.host, settings.port)
     # Metrics from every worker land in one directory and /metrics aggregates them.
     metrics_dir = Path(tempfile.mkdtemp(prefix="cardsvc-metrics-"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)

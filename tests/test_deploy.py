@@ -64,3 +64,18 @@ def test_the_systemd_unit_migrates_then_serves() -> None:
     for line in (DEPLOY / "cardsvc.env.example").read_text().splitlines():
         if line and not line.startswith("#"):
             assert line.split("=", 1)[0].startswith("CARDSVC_"), line
+
+
+def test_the_systemd_unit_puts_each_key_in_its_section() -> None:
+    """systemd ignores a key in the wrong section with only a warning: StartLimit* under [Service] left the
+    crash-loop brake off."""
+    sections: dict[str, set[str]] = {}
+    current = ""
+    for line in (DEPLOY / "cardsvc.service").read_text().splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif "=" in line and not line.startswith("#"):
+            sections.setdefault(current, set()).add(line.split("=", 1)[0])
+    assert {"StartLimitIntervalSec", "StartLimitBurst", "After", "Wants"} <= sections["Unit"]
+    assert {"ExecStart", "Restart", "RestartSec", "KillSignal"} <= sections["Service"]
+    assert not {"StartLimitIntervalSec", "StartLimitBurst"} & sections["Service"]

@@ -1,7 +1,7 @@
 """The service's secret keys, loaded from a key file outside the database.
 
 The key file is JSON with hex values (see docs/security.md). In production it is provisioned from the
-bureau's key management (or replaced by an HSM adapter); for the embedded default, `cardsvc keys init`
+bureau's key management (or replaced by an HSM adapter); for the embedded default, `cardsvc keys`
 (or the first `cardsvc demo`) writes a fresh one with mode 0600. Per-card keys are never stored: they
 are derived from `card_auth_master` on demand (protocols/card.md).
 """
@@ -9,6 +9,7 @@ are derived from `card_auth_master` on demand (protocols/card.md).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import orjson
 
 from protocols import sm
+
+log = logging.getLogger(__name__)
 
 __all__ = ["KeyFileError", "KeyRing"]
 
@@ -56,11 +59,17 @@ class KeyRing:
         try:
             data = orjson.loads(path.read_bytes())
         except FileNotFoundError:
-            raise KeyFileError(f"key file {path} not found (create one with `cardsvc keys init`)") from None
+            raise KeyFileError(f"key file {path} not found (create one with `cardsvc keys`)") from None
         except (OSError, orjson.JSONDecodeError) as exc:
             raise KeyFileError(f"key file {path} unreadable: {exc}") from None
         if not isinstance(data, dict):
             raise KeyFileError(f"key file {path}: expected a JSON object")
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            log.warning(
+                "the key file can be read by other users: chmod 600 it",
+                extra={"key_file": str(path), "mode": oct(mode & 0o777)},
+            )
         values: dict[str, bytes] = {}
         for name, length in _LENGTHS.items():
             raw = data.get(name)

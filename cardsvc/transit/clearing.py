@@ -308,7 +308,10 @@ async def _clear_locked(
     results: list[OperatorResult] = []
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         aggregate = {r["operator_id"]: r for r in await conn.fetch(AGGREGATE_SQL, list(CLEARING_KINDS), *bounds, operator_id)}
-        operators = [operator_id] if operator_id else await _operators(conn, table)
+        known = await _operators(conn, table)
+        if operator_id is not None and operator_id not in known:
+            raise ClearingError(f"no operator {operator_id!r}: one of {', '.join(known)}")
+        operators = [operator_id] if operator_id else known
         for other in sorted(set(aggregate) - set(operators)):
             # Not an operator, e.g. `hotlisted:<operator>` (offline debits of a card the validator should
             # have refused): the purse paid, nobody is paid; shown, never cleared.

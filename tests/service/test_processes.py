@@ -609,6 +609,33 @@ async def test_migration_0007_attaches_the_indexes_built_beforehand(empty_dsn: s
         await conn.close()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_serve_on_a_port_in_use_says_so_and_exits(
+    db_dsn: str, keys_for_process: KeyRing, tmp_path: Path, workers: int
+) -> None:
+    """Another service already listens on the port, with SO_REUSEPORT as cardsvc's workers do: serve
+    neither hangs (it used to wait forever for its pools) nor joins it (splitting its traffic)."""
+    key_file = tmp_path / "keys.json"
+    keys_for_process.write(key_file)
+    port = _free_port()
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [*_cli(), "serve", "--workers", str(workers)],
+            env=_env(tmp_path, db_dsn, key_file, port),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    out = result.stdout + result.stderr
+    assert result.returncode == 1 and "address already in use" in out.lower(), out[-2000:]
+    assert "Traceback" not in out, out[-2000:]
+
+
 # ------------------------------------------------------------------ (d2) the demo, from a shell
 
 
@@ -632,6 +659,8 @@ async def test_demo_data_registers_concessions_and_a_shell_tap_pays_by_them(
     today = localtime.local_date(dt.datetime.now(dt.UTC))
     people = _demo_people_with_each_concession(today)
     count = max(people.values()) + 1
+    # The README's and docs/api.md's examples: person 9 pays the card fare, person 2 rides free.
+    assert people[None] == 9 and population.concession(2, today, demo.DEMO_SEED) == "elderly"
 
     def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
