@@ -92,6 +92,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.name == "database_url" and value:
                 value = _mask_password(value)
+            if f.name == "key_file":
+                value = self.key_path  # the one used, default included
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
 
