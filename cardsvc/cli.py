@@ -242,8 +242,8 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
         running = server.running()
         print(f"{'running' if running else 'stopped'}: {server.data_dir}")
         return 0 if running else 3
-    elif args.action == "url":
-        print(server.dsn())
+    elif args.action == "url":  # a URL that connects: the server is started if it is not running
+        print(server.start())
     elif args.action == "psql":
         server.start()
         psql = str(server.tool("psql"))
@@ -719,7 +719,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("migrate", cmd_migrate, "apply pending database migrations")
     p.add_argument("--check", action="store_true", help="only report; exit 1 if migrations are pending")
 
-    p = add("db", cmd_db, "manage the embedded PostgreSQL")
+    p = add(
+        "db",
+        cmd_db,
+        "manage the embedded PostgreSQL",
+        "  start | stop   the server in <data_dir>/pg (it keeps running across service restarts)\n"
+        "  status         running or stopped (exit 3 when stopped)\n"
+        "  url            its connection URL (Unix socket), starting it when needed\n"
+        "  psql           a psql shell on the cardsvc database, starting it when needed",
+    )
     p.add_argument("action", choices=["start", "stop", "status", "url", "psql"])
 
     add(
