@@ -100,12 +100,17 @@ class MicroBatcher(Generic[T, R]):
                 # Give concurrent requests a moment to join this batch.
                 await asyncio.sleep(self._wait_s)
             await self._slots.acquire()
+            if not self._pending:  # its callers were cancelled while it waited: nothing to write
+                self._slots.release()
+                continue
             batch, self._pending = self._pending[: self._items_max], self._pending[self._items_max :]
             if not self._pending:
                 self._wakeup.clear()
             task = asyncio.get_running_loop().create_task(self._flush_one(batch))
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
+            if self._closed and not self._pending:  # close() set the event once, before this batch
+                return
 
     async def _flush_one(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:

@@ -74,3 +74,53 @@ async def test_without_finish_in_flight_the_cancellation_goes_through() -> None:
             await caller
         writes.go.set()
     assert writes.flushed == [["a"]]  # the flush itself ran to its end
+
+
+async def _closes(batcher: MicroBatcher[str, str]) -> bool:
+    """close() returns (within a generous bound: a hang is the failure, not slowness)."""
+    closing = asyncio.ensure_future(batcher.close())
+    done, _ = await asyncio.wait({closing}, timeout=5)
+    if not done:
+        batcher._wakeup.set()  # let the stuck runner see `closed`, so that the test ends
+        await closing
+    return bool(done)
+
+
+async def test_close_returns_when_an_item_was_queued_behind_a_busy_flush() -> None:
+    """Shutdown while an item waits for the only flush slot: it is flushed and answered, and close()
+    returns (the runner used to clear its wake-up after taking that last batch and wait forever)."""
+    writes = Writes()
+    batcher = _batcher(writes, finish_in_flight=True)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit("a"))
+    await writes.started.wait()
+    queued = asyncio.ensure_future(batcher.submit("b"))
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(_closes(batcher))
+    await asyncio.sleep(0)
+    writes.go.set()
+    assert await asyncio.gather(first, queued) == ["wrote a", "wrote b"]
+    assert await closing
+    assert writes.flushed == [["a"], ["b"]]
+
+
+async def test_a_cancelled_queued_caller_leaves_no_empty_flush() -> None:
+    """The shutdown path: the flush slot busy, a queued caller cancelled (its handler cancelled after the
+    grace). The runner, waiting for the slot, must not flush an empty batch (a pool connection and a
+    transaction for taps), and close() returns."""
+    writes = Writes()
+    batcher = _batcher(writes, finish_in_flight=True)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit("a"))
+    await writes.started.wait()
+    queued = asyncio.ensure_future(batcher.submit("b"))
+    await asyncio.sleep(0)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    closing = asyncio.ensure_future(_closes(batcher))
+    await asyncio.sleep(0)
+    writes.go.set()
+    assert await first == "wrote a"
+    assert await closing
+    assert writes.flushed == [["a"]]
