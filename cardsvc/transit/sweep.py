@@ -190,6 +190,9 @@ async def sweep_timed_out_journeys(
                 return SweepResult(swept_to=since)
             now_s = int(now.timestamp())
             candidates = closed = charged = unpaid = held = 0
+            # The replacements since the run's first window began, up to now, are looked at once, with it
+            # (their status: none in the later windows).
+            replaced = int(CardStatus.REPLACED)
             while since < due:  # one bounded window at a time, each with its watermark
                 upto = min(due, since + WINDOW_MAX)
                 cards = [
@@ -201,9 +204,10 @@ async def sweep_timed_out_journeys(
                         upto,
                         KIND_FARE,
                         now_s - table.rules.journey_timeout_s,
-                        int(CardStatus.REPLACED),
+                        replaced,
                     )
                 ]
+                replaced = -1
                 for start in range(0, len(cards), CHUNK_CARDS):
                     c = await _close_chunk(conn, table, cards[start : start + CHUNK_CARDS], now_s, overdraft_fen)
                     closed, charged = closed + c.closed, charged - sum(c.amounts)

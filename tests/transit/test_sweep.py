@@ -225,6 +225,24 @@ async def test_a_sweep_behind_by_hours_goes_through_them_window_by_window(
     assert await svc.balance(c["card_no"]) == 2000 - TABLE.cap_fen
 
 
+async def test_a_replaced_card_that_cannot_pay_is_looked_at_once_per_run(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """A run that catches up window by window looks at the replacements since it began once: a new card
+    whose purse cannot pay its journey counts one unpaid card (the alert reads it), not one per window."""
+    c = await card_with(svc, db, TABLE.cap_fen - 1)
+    await metro(svc, c, A, "in")
+    r = await svc.post(f"/v1/cards/{c['card_no']}/replace", {**replacement_body(), "operator": "staff-1"})
+    assert r.status == 200, r.body
+    now = later(TIMEOUT + 60)
+    behind = now - dt.timedelta(seconds=TIMEOUT) - 4 * sweep.WINDOW_MAX
+    await db.execute(
+        "INSERT INTO journey_sweep (swept_to) VALUES ($1) ON CONFLICT (one) DO UPDATE SET swept_to = $1", behind
+    )
+    done = await sweep_timed_out_journeys(pool, TABLE, 0, now=now)
+    assert (done.candidates, done.unpaid) == (1, 1), done
+
+
 async def test_a_failing_maintenance_step_does_not_keep_the_others_from_running(
     svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
