@@ -124,9 +124,14 @@ async def _prune(pool: asyncpg.Pool, settings: Settings) -> None:
             KIND_RIDE_CODE,
         )
         # The hotlist versions served to each terminal, an hour at a time: an offline record older than the
-        # upload window is refused whatever its validator held (each terminal's last serve stays).
+        # upload window is refused whatever its validator held. Each terminal's newest hour before the
+        # window stays (what a record early in the window was made under), and its last serve.
         await conn.execute(
-            "DELETE FROM terminal_hotlist_serve WHERE served_at < now() - make_interval(secs => $1)",
+            """DELETE FROM terminal_hotlist_serve s
+               WHERE s.hour < now() - make_interval(secs => $1)
+                 AND EXISTS (SELECT 1 FROM terminal_hotlist_serve n
+                             WHERE n.terminal_id = s.terminal_id AND n.hour > s.hour
+                               AND n.hour < now() - make_interval(secs => $1))""",
             float(limits.UPLOAD_AGE_S_MAX + settings.clock_skew_s + 86400),
         )
         # Top-up answers are kept for good in topup_key (migration 0009). The service writes both; a top-up

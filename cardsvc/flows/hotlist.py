@@ -42,9 +42,9 @@ async def record_served(conn: asyncpg.Connection, terminal_id: str, version: int
     """Remember that `terminal_id` holds `version` from now on (migrations 0010, 0012): its offline records
     made after this are judged as of this version at least (cardsvc/transit/offline.py). Written only when
     the terminal moves forward: a poll that brings nothing new costs a primary-key probe, and no row lock
-    (an ON CONFLICT that finds the row would lock it even to change nothing). The first such serve of each
-    hour is also kept for the upload window (`terminal_hotlist_serve`), so that records made before the
-    terminal's last download are judged as of what it held then."""
+    (an ON CONFLICT that finds the row would lock it even to change nothing). The first and the last such
+    serve of each hour are also kept for the upload window (`terminal_hotlist_serve`), so that records made
+    before the terminal's last download are judged as of what it held then."""
     await conn.execute(
         """WITH t AS (
                INSERT INTO terminal_hotlist (terminal_id, version, served_at)
@@ -54,9 +54,10 @@ async def record_served(conn: asyncpg.Connection, terminal_id: str, version: int
                WHERE terminal_hotlist.version < EXCLUDED.version
                RETURNING terminal_id, version, served_at
            )
-           INSERT INTO terminal_hotlist_serve (terminal_id, hour, version, served_at)
-           SELECT terminal_id, date_trunc('hour', served_at), version, served_at FROM t
-           ON CONFLICT (terminal_id, hour) DO NOTHING""",
+           INSERT INTO terminal_hotlist_serve (terminal_id, hour, first_version, first_at, last_version, last_at)
+           SELECT terminal_id, date_trunc('hour', served_at), version, served_at, version, served_at FROM t
+           ON CONFLICT (terminal_id, hour) DO UPDATE SET last_version = EXCLUDED.last_version, last_at = EXCLUDED.last_at
+           WHERE terminal_hotlist_serve.last_version < EXCLUDED.last_version""",
         terminal_id,
         version,
     )

@@ -342,14 +342,21 @@ def _held_version(r: OfflineRecord, served: Served | None) -> int:
     """The hotlist version the record is judged as of: the one it claims, but at least the highest one the
     service is known to have served its terminal before the record's time (by the validator's clock): the
     claim is not covered by the TAC, and a terminal never holds less than it was served (migrations 0010
-    and 0012: its last serve, and the first of each hour over the upload window)."""
+    and 0012: its last serve, and the first and last of each hour over the upload window)."""
     return max(r.hotlist_version, served.at(r.txn_time)) if served is not None else r.hotlist_version
 
 
+# The terminal's last serve; the first and last of each hour since $2 (the oldest record an upload
+# accepts); and its newest hour before $2, the version a record early in the window was made under.
 _SERVED_SQL = """
 SELECT version, served_at FROM terminal_hotlist WHERE terminal_id = $1
 UNION ALL
-SELECT version, served_at FROM terminal_hotlist_serve WHERE terminal_id = $1 AND served_at >= $2
+SELECT v.version, v.served_at FROM terminal_hotlist_serve s,
+       LATERAL (VALUES (s.first_version, s.first_at), (s.last_version, s.last_at)) AS v(version, served_at)
+WHERE s.terminal_id = $1 AND s.hour >= $2
+UNION ALL
+(SELECT last_version, last_at FROM terminal_hotlist_serve WHERE terminal_id = $1 AND hour < $2
+ ORDER BY hour DESC LIMIT 1)
 """
 
 

@@ -611,10 +611,15 @@ async def test_a_record_made_between_two_downloads_is_judged_as_of_the_first(
     assert (await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
     served = await svc.get(f"/v1/hotlist?since={before_loss}", as_="transit_validator")
     assert served.status == 200 and served.body["to_version"] > before_loss, served.body
-    # That download was ten minutes ago (within this hour's first serve), the record five minutes ago.
-    for table in ("terminal_hotlist", "terminal_hotlist_serve"):
-        await db.execute(f"UPDATE {table} SET served_at = served_at - interval '10 minutes' WHERE terminal_id = $1", t)
-    first = await db.fetchval("SELECT served_at FROM terminal_hotlist_serve WHERE terminal_id = $1", t)
+    # That download was ten minutes ago, the record five minutes ago.
+    await db.execute("UPDATE terminal_hotlist SET served_at = served_at - interval '10 minutes' WHERE terminal_id = $1", t)
+    await db.execute(
+        """UPDATE terminal_hotlist_serve SET first_at = first_at - interval '10 minutes',
+                  last_at = last_at - interval '10 minutes', hour = date_trunc('hour', first_at - interval '10 minutes')
+           WHERE terminal_id = $1""",
+        t,
+    )
+    first = await db.fetchval("SELECT first_at FROM terminal_hotlist_serve WHERE terminal_id = $1", t)
     rec = debit(chip, t, 200, hotlist_version=before_loss, txn_time=int(first.timestamp()) + 300)
     # Then another loss, and the validator downloads it too before uploading.
     other = await svc.new_card(has_purse=True)
@@ -627,21 +632,79 @@ async def test_a_record_made_between_two_downloads_is_judged_as_of_the_first(
     assert await db.fetchval("SELECT counterparty FROM txn_journal WHERE kind = 5") == "hotlisted:cq-bus"
 
 
-async def test_the_serves_older_than_the_upload_window_are_pruned(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+async def test_the_serves_older_than_the_upload_window_are_pruned_but_the_newest_of_them(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
     window = limits.UPLOAD_AGE_S_MAX + svc.settings.clock_skew_s + 86400
-    for terminal, age in (("T-old", window + 3600), ("T-kept", window - 3600)):
+    for terminal, age, version in (("T-1", window + 7200, 3), ("T-1", window + 3600, 4), ("T-1", window - 3600, 5),
+                                   ("T-2", window + 7200, 3), ("T-2", window + 3600, 4)):  # fmt: skip
         await db.execute(
-            """INSERT INTO terminal_hotlist_serve (terminal_id, hour, version, served_at)
-               VALUES ($1, date_trunc('hour', now() - make_interval(secs => $2)), 3, now() - make_interval(secs => $2))""",
-            terminal, float(age),
-        )  # fmt: skip
-        await db.execute(
-            "INSERT INTO terminal_hotlist (terminal_id, version, served_at) VALUES ($1, 3, now() - make_interval(secs => $2))",
-            terminal, float(age),
+            """INSERT INTO terminal_hotlist_serve (terminal_id, hour, first_version, first_at, last_version, last_at)
+               VALUES ($1, date_trunc('hour', now() - make_interval(secs => $2)), $3,
+                       now() - make_interval(secs => $2), $3, now() - make_interval(secs => $2))""",
+            terminal, float(age), version,
         )  # fmt: skip
     await maintenance_once(svc.app[SERVICES].pool, svc.settings)
-    assert [r["terminal_id"] for r in await db.fetch("SELECT terminal_id FROM terminal_hotlist_serve")] == ["T-kept"]
-    assert await db.fetchval("SELECT count(*) FROM terminal_hotlist") == 2  # each terminal's last serve stays
+    kept = await db.fetch("SELECT terminal_id, last_version FROM terminal_hotlist_serve ORDER BY 1, 2")
+    # Each terminal keeps its newest hour before the window (a record early in the window was made under it).
+    assert [(r["terminal_id"], r["last_version"]) for r in kept] == [("T-1", 4), ("T-1", 5), ("T-2", 4)]
+
+
+async def test_a_record_early_in_the_window_is_judged_as_of_the_serve_before_it(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """The serve a record was made under may be older than the upload window (a terminal whose list rarely
+    moves); it still counts, after a later download."""
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    before_loss = (await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"]
+    assert (await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
+    served = await svc.get(f"/v1/hotlist?since={before_loss}", as_="transit_validator")
+    edge = int(time.time()) - offline_mod.RECORD_AGE_S_MAX  # the oldest record an upload takes
+    at = float(edge - svc.settings.clock_skew_s - 600)  # the download: before the window
+    await db.execute("UPDATE terminal_hotlist SET served_at = to_timestamp($2) WHERE terminal_id = $1", t, at)
+    await db.execute(
+        """UPDATE terminal_hotlist_serve SET first_at = to_timestamp($2), last_at = to_timestamp($2),
+                  hour = date_trunc('hour', to_timestamp($2)) WHERE terminal_id = $1""",
+        t, at,
+    )  # fmt: skip
+    rec = debit(chip, t, 200, hotlist_version=before_loss, txn_time=edge + 120)
+    other = await svc.new_card(has_purse=True)
+    assert (await svc.post(f"/v1/cards/{other['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
+    again = await svc.get(f"/v1/hotlist?since={served.body['to_version']}", as_="transit_validator")
+    assert again.status == 200 and again.body["to_version"] > served.body["to_version"], again.body
+    [answer] = await upload(svc, [rec])
+    assert (answer["result"], answer["reason"]) == ("hotlisted", "blocked_at_validator_hotlist_version"), answer
+
+
+async def test_the_last_serve_of_an_hour_counts_after_a_quiet_hour_and_a_later_download(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """Hour H: downloads at H:05 and at H:50, the second with card C's loss; nothing new in hour H+1; a
+    download later. C's record at H+1:20, claiming the list from before C's loss, is judged as of H:50."""
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    v0 = (await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"]
+    first_loss = await svc.new_card(has_purse=True)
+    assert (await svc.post(f"/v1/cards/{first_loss['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
+    s1 = await svc.get(f"/v1/hotlist?since={v0}", as_="transit_validator")
+    assert (await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
+    s2 = await svc.get(f"/v1/hotlist?since={s1.body['to_version']}", as_="transit_validator")
+    row = await db.fetchrow("SELECT first_version, last_version FROM terminal_hotlist_serve WHERE terminal_id = $1", t)
+    assert (row["first_version"], row["last_version"]) == (s1.body["to_version"], s2.body["to_version"])
+    h = float(int(time.time()) // 3600 * 3600 - 3 * 3600)  # hour H, three hours ago
+    await db.execute(
+        """UPDATE terminal_hotlist_serve SET hour = to_timestamp($2), first_at = to_timestamp($2 + 300),
+                  last_at = to_timestamp($2 + 3000) WHERE terminal_id = $1""",
+        t, h,
+    )  # fmt: skip
+    await db.execute("UPDATE terminal_hotlist SET served_at = to_timestamp($2 + 3000) WHERE terminal_id = $1", t, h)
+    rec = debit(chip, t, 200, hotlist_version=s1.body["to_version"], txn_time=int(h) + 3600 + 1200)
+    third = await svc.new_card(has_purse=True)
+    assert (await svc.post(f"/v1/cards/{third['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
+    assert (await svc.get(f"/v1/hotlist?since={s2.body['to_version']}", as_="transit_validator")).status == 200
+    [answer] = await upload(svc, [rec])
+    assert (answer["result"], answer["reason"]) == ("hotlisted", "blocked_at_validator_hotlist_version"), answer
 
 
 def test_the_versions_served_give_the_highest_at_or_before_a_time() -> None:
