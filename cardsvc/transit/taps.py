@@ -32,6 +32,7 @@ missed. The quota's write is a compare-and-set too.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import math
@@ -700,20 +701,26 @@ WHERE c.card_id NOT IN (SELECT card_id FROM f)
 """
 
 
+HELD_PROBE_GAP_S = 0.05  # a purse locked by another tap batch is free again within milliseconds
+
+
 async def _held(conn: asyncpg.Connection, items: Sequence[TapItem]) -> list[bool]:
-    """For each item: whether its card's purse is held by another transaction right now."""
-    tx = conn.transaction()
-    await tx.start()
-    try:
-        rows = await conn.fetch(
-            _HELD_SQL,
-            list({i.card_sn for i in items if i.card_sn is not None}),
-            list({i.card_id for i in items if i.card_id is not None}),
-        )
-    finally:
-        await tx.rollback()
-    sns, ids = {r["card_sn"] for r in rows}, {r["card_id"] for r in rows}
-    return [i.card_sn in sns or i.card_id in ids for i in items]
+    """For each item: whether its card's purse is held by another transaction: locked at two probes
+    HELD_PROBE_GAP_S apart (a purse that a concurrent batch locks for a moment is not held)."""
+    sns = list({i.card_sn for i in items if i.card_sn is not None})
+    ids = list({i.card_id for i in items if i.card_id is not None})
+    for probe in range(2):
+        if probe:
+            await asyncio.sleep(HELD_PROBE_GAP_S)
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            rows = await conn.fetch(_HELD_SQL, sns, ids)
+        finally:
+            await tx.rollback()
+        sns, ids = [r["card_sn"] for r in rows], [r["card_id"] for r in rows]
+    held_sns, held_ids = set(sns), set(ids)
+    return [i.card_sn in held_sns or i.card_id in held_ids for i in items]
 
 
 async def process_taps(
