@@ -309,9 +309,15 @@ def cmd_terminal(settings: Settings, args: argparse.Namespace) -> int:
 
     async def go() -> int:
         keys = _keys(settings)
-        conn = await _connect(settings)
         fd = _open_output(args.output) if args.action in ("add", "rotate-key") else None
         written = False
+        try:
+            conn = await _connect(settings)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+                os.unlink(args.output)
+            raise
         try:
             if args.action in ("add", "rotate-key"):
                 # The key and the file together: if the file cannot be written, the key is rolled back.
@@ -333,8 +339,9 @@ def cmd_terminal(settings: Settings, args: argparse.Namespace) -> int:
                         "key_id": key_id,
                         "secret": terminal_auth.encode_secret(secret),
                     }
-                    _write_credentials(data, fd, args.output)
-                    written = True
+                    owned, fd = fd, None  # the file's descriptor is closed by the writing, whatever happens
+                    _write_credentials(data, owned, args.output)
+                written = True  # committed with its file
             elif args.action == "list":
                 rows = await conn.fetch(
                     """SELECT t.terminal_id, t.kind, t.org, t.operations, t.disabled,
@@ -361,10 +368,11 @@ def cmd_terminal(settings: Settings, args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         finally:
-            if fd is not None and not written:  # nothing issued: no file either
-                with contextlib.suppress(OSError):
+            if args.output and args.action in ("add", "rotate-key") and not written:  # nothing issued: no file
+                if fd is not None:
                     os.close(fd)
-                os.unlink(args.output)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(args.output)
             await conn.close()
 
     return _run(go())
