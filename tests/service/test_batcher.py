@@ -86,9 +86,8 @@ async def _closes(batcher: MicroBatcher[str, str]) -> bool:
     return bool(done)
 
 
-async def test_close_returns_when_an_item_was_queued_behind_a_busy_flush() -> None:
-    """Shutdown while an item waits for the only flush slot: it is flushed and answered, and close()
-    returns (the runner used to clear its wake-up after taking that last batch and wait forever)."""
+async def _b_queued_behind_a() -> tuple[Writes, MicroBatcher[str, str], asyncio.Future[str], asyncio.Future[str]]:
+    """A started batcher whose only flush writes "a" (until `go`), with "b" queued behind it."""
     writes = Writes()
     batcher = _batcher(writes, finish_in_flight=True)
     batcher.start()
@@ -96,6 +95,13 @@ async def test_close_returns_when_an_item_was_queued_behind_a_busy_flush() -> No
     await writes.started.wait()
     queued = asyncio.ensure_future(batcher.submit("b"))
     await asyncio.sleep(0)
+    return writes, batcher, first, queued
+
+
+async def test_close_returns_when_an_item_was_queued_behind_a_busy_flush() -> None:
+    """Shutdown while an item waits for the only flush slot: it is flushed and answered, and close()
+    returns (the runner used to clear its wake-up after taking that last batch and wait forever)."""
+    writes, batcher, first, queued = await _b_queued_behind_a()
     closing = asyncio.ensure_future(_closes(batcher))
     await asyncio.sleep(0)
     writes.go.set()
@@ -108,13 +114,7 @@ async def test_a_cancelled_queued_caller_leaves_no_empty_flush() -> None:
     """The shutdown path: the flush slot busy, a queued caller cancelled (its handler cancelled after the
     grace). The runner, waiting for the slot, must not flush an empty batch (a pool connection and a
     transaction for taps), and close() returns."""
-    writes = Writes()
-    batcher = _batcher(writes, finish_in_flight=True)
-    batcher.start()
-    first = asyncio.ensure_future(batcher.submit("a"))
-    await writes.started.wait()
-    queued = asyncio.ensure_future(batcher.submit("b"))
-    await asyncio.sleep(0)
+    writes, batcher, first, queued = await _b_queued_behind_a()
     queued.cancel()
     with pytest.raises(asyncio.CancelledError):
         await queued
