@@ -346,16 +346,17 @@ def _held_version(r: OfflineRecord, served: Served | None) -> int:
     return max(r.hotlist_version, served.at(r.txn_time)) if served is not None else r.hotlist_version
 
 
-# The terminal's last serve; the first and last of each hour since $2 (the oldest record an upload
-# accepts); and its newest hour before $2, the version a record early in the window was made under.
+# The terminal's last serve; the first and last of each hour from the one holding $2 (the oldest record an
+# upload accepts); and its newest hour before that, the version a record early in the window was made under.
 _SERVED_SQL = """
 SELECT version, served_at FROM terminal_hotlist WHERE terminal_id = $1
 UNION ALL
 SELECT v.version, v.served_at FROM terminal_hotlist_serve s,
        LATERAL (VALUES (s.first_version, s.first_at), (s.last_version, s.last_at)) AS v(version, served_at)
-WHERE s.terminal_id = $1 AND s.hour >= $2
+WHERE s.terminal_id = $1 AND s.hour >= date_trunc('hour', $2::timestamptz)
 UNION ALL
-(SELECT last_version, last_at FROM terminal_hotlist_serve WHERE terminal_id = $1 AND hour < $2
+(SELECT last_version, last_at FROM terminal_hotlist_serve
+ WHERE terminal_id = $1 AND hour < date_trunc('hour', $2::timestamptz)
  ORDER BY hour DESC LIMIT 1)
 """
 

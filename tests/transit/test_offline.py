@@ -707,6 +707,33 @@ async def test_the_last_serve_of_an_hour_counts_after_a_quiet_hour_and_a_later_d
     assert (answer["result"], answer["reason"]) == ("hotlisted", "blocked_at_validator_hotlist_version"), answer
 
 
+async def test_the_serves_read_for_an_upload_include_the_hour_holding_the_window_start(
+    db: asyncpg.Connection,
+) -> None:
+    """The upload window starts inside an hour: that hour's first serve (which may come before a record at
+    the window's start) and the newest hour before it are read too, not only the hour's last serve."""
+    h = dt.datetime(2026, 11, 1, 8, tzinfo=dt.UTC)
+    rows = [  # (hour, first version, first at, last version, last at)
+        (h - dt.timedelta(hours=2), 1, 10, 2, 20),
+        (h - dt.timedelta(hours=1), 3, 10, 4, 50),  # the newest hour before the window's hour
+        (h, 5, 1, 6, 59),  # the hour holding the window's start (at minute 30)
+        (h + dt.timedelta(hours=1), 7, 5, 7, 5),
+    ]
+    for hour, v1, m1, v2, m2 in rows:
+        await db.execute(
+            """INSERT INTO terminal_hotlist_serve (terminal_id, hour, first_version, first_at, last_version, last_at)
+               VALUES ('T-w', $1::timestamptz, $2, $1::timestamptz + make_interval(mins => $3), $4,
+                       $1::timestamptz + make_interval(mins => $5))""",
+            hour, v1, m1, v2, m2,
+        )  # fmt: skip
+    read = await db.fetch(offline_mod._SERVED_SQL, "T-w", h + dt.timedelta(minutes=30))
+    served = offline_mod.Served.of([(int(r["served_at"].timestamp()), r["version"]) for r in read])
+    at = int((h + dt.timedelta(minutes=45)).timestamp())  # a record in the window, before the hour's last serve
+    assert served.at(at) == 5
+    assert served.at(int(h.timestamp())) == 4  # before the hour's first serve: the hour before
+    assert sorted(r["version"] for r in read) == [4, 5, 6, 7, 7]
+
+
 def test_the_versions_served_give_the_highest_at_or_before_a_time() -> None:
     served = offline_mod.Served.of([(300, 7), (100, 5), (200, 4)])  # a lower version later: a stale answer
     assert [served.at(t) for t in (99, 100, 199, 200, 299, 300, 10**9)] == [0, 5, 5, 5, 5, 7, 7]
