@@ -339,9 +339,12 @@ def cmd_terminal(settings: Settings, args: argparse.Namespace) -> int:
                         "key_id": key_id,
                         "secret": terminal_auth.encode_secret(secret),
                     }
-                    owned, fd = fd, None  # the file's descriptor is closed by the writing, whatever happens
-                    _write_credentials(data, owned, args.output)
+                    if fd is not None:
+                        owned, fd = fd, None  # its descriptor is closed by the writing, whatever happens
+                        _write_credentials(data, owned, args.output)
                 written = True  # committed with its file
+                if not args.output:  # shown only once the key is committed
+                    _write_credentials(data, None, None)
             elif args.action == "list":
                 rows = await conn.fetch(
                     """SELECT t.terminal_id, t.kind, t.org, t.operations, t.disabled,
@@ -765,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-id", default="k2", help="new key id for rotate-key")
     p.add_argument(
         "--overlap-s",
-        type=int,
+        type=_int_in(0),
         default=None,
         help="how long older keys stay valid after rotate-key (default CARDSVC_KEY_ROTATION_OVERLAP_S, 7 days)",
     )

@@ -8,6 +8,7 @@ Every field is documented in docs/configuration.md; `cardsvc config` prints the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import tomllib
@@ -179,8 +180,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("CARDSVC_DB_POOL_MAX must be >= 2")
     if s.db_pool_min < 0 or s.db_pool_min > s.db_pool_max:
         raise ConfigError("CARDSVC_DB_POOL_MIN must be between 0 and CARDSVC_DB_POOL_MAX")
-    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError("CARDSVC_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    if s.log_level.upper() not in logging.getLevelNamesMapping():
+        raise ConfigError(f"CARDSVC_LOG_LEVEL must be one of {', '.join(logging.getLevelNamesMapping())}")
     if not 0 < s.port < 65536:
         raise ConfigError("CARDSVC_PORT must be between 1 and 65535")
     if s.access_log not in ("all", "errors", "off"):

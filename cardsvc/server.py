@@ -94,20 +94,24 @@ def _worker_entry(settings: Settings, dsn: str, key_path: Path) -> None:
 def _port_is_free(host: str, port: int) -> None:
     """Workers share the port with SO_REUSEPORT, which would as well let them join another service already
     listening there with it (another `cardsvc serve --workers N`), splitting its traffic. A bind without
-    it fails on any listener: OSError (address in use) before a worker starts. (SO_REUSEADDR, as the
+    it fails on any listener: OSError (address in use) before a worker (or the one worker) starts. (SO_REUSEADDR, as the
     workers have: the connections of a service just restarted, in TIME_WAIT, do not count.)"""
-    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    # As asyncio's create_server binds: an empty host is every interface, an IPv6 socket is IPv6 only.
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, addr in infos:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             probe.bind(addr)
 
 
 def serve(settings: Settings, dsn: str, key_path: Path) -> int:
     """Run the service in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    _port_is_free(settings.host, settings.port)  # before anything starts
     if settings.workers == 1:
         run_worker(settings, dsn, key_path)
         return 0
-    _port_is_free(settings.host, settings.port)
     # Metrics from every worker land in one directory and /metrics aggregates them.
     metrics_dir = Path(tempfile.mkdtemp(prefix="cardsvc-metrics-"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)

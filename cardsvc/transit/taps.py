@@ -711,6 +711,8 @@ async def _held(conn: asyncpg.Connection, items: Sequence[TapItem]) -> list[bool
     ids = list({i.card_id for i in items if i.card_id is not None})
     for probe in range(2):
         if probe:
+            if not (sns or ids):
+                break  # nothing locked at the first probe
             await asyncio.sleep(HELD_PROBE_GAP_S)
         tx = conn.transaction()
         await tx.start()

@@ -35,6 +35,11 @@ def test_a_setting_that_would_break_the_service_is_refused(env: dict[str, str], 
         load_settings(environ=env)
 
 
+@pytest.mark.parametrize("level", ["DEBUG", "warn", "WARNING", "FATAL", "notset"])
+def test_python_level_names_are_log_levels(level: str) -> None:
+    assert load_settings(environ={"CARDSVC_LOG_LEVEL": level}).log_level == level
+
+
 def test_settings_at_the_top_and_under_the_section_are_not_mixed(tmp_path: Path) -> None:
     mixed = tmp_path / "mixed.toml"
     mixed.write_text("port = 9000\n[cardsvc]\nworkers = 3\n")

@@ -636,6 +636,39 @@ async def test_serve_on_a_port_in_use_says_so_and_exits(
     assert "Traceback" not in out, out[-2000:]
 
 
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("::", "http://[::1]:{port}/healthz"),  # IPv6 only (as the workers bind it), an IPv4 service on the port
+        ("", "http://127.0.0.1:{port}/healthz"),  # empty: every interface, as asyncio binds it
+    ],
+)
+async def test_serve_probes_the_port_as_its_workers_bind_it(
+    db_dsn: str, keys_for_process: KeyRing, tmp_path: Path, host: str, url: str
+) -> None:
+    svc = Service(tmp_path, db_dsn, keys_for_process, workers=2)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as ipv4_only:
+        if host == "::":
+            ipv4_only.bind(("127.0.0.1", svc.port))
+            ipv4_only.listen()
+        svc.start(CARDSVC_HOST=host)
+        try:
+            for _ in range(POLL_ATTEMPTS):
+                assert svc.proc is not None and svc.proc.poll() is None, svc.log_path.read_text(errors="replace")[-1500:]
+                try:
+                    async with svc.http.get(url.format(port=svc.port)) as r:
+                        if r.status == 200:
+                            break
+                except (aiohttp.ClientError, OSError):
+                    pass
+                await asyncio.sleep(POLL_INTERVAL_S)
+            else:
+                raise AssertionError("never served")
+            assert await svc.terminate() == 0
+        finally:
+            await svc.close()
+
+
 # ------------------------------------------------------------------ (d2) the demo, from a shell
 
 
