@@ -86,6 +86,12 @@ async def _sweep(pool: asyncpg.Pool, settings: Settings, table: fares.FareTable)
     metrics.JOURNEYS_SWEPT.labels("closed").inc(swept.closed)
     metrics.JOURNEYS_SWEPT.labels("held_exit").inc(swept.held_exits)
     metrics.JOURNEYS_SWEPT.labels("unpaid").inc(swept.unpaid)
+    metrics.JOURNEYS_SWEPT.labels("unpriced").inc(swept.unpriced)
+    if swept.unpriced:
+        log.warning(
+            "timed-out metro journeys at stations the fare table does not have; list them under metro.retired",
+            extra={"unpriced": swept.unpriced, "stations": ",".join(swept.unknown_stations)[:500]},
+        )
     if swept.closed or swept.held_exits or swept.unpaid:
         log.info(
             "timed-out metro journeys charged",

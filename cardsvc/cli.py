@@ -610,6 +610,41 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_fares(settings: Settings, args: argparse.Namespace) -> int:
+    from cardsvc.transit import fares, table_check
+
+    path = args.table or settings.fare_table
+    table = fares.load_table(path) if path else fares.load_demo_table()
+    print(f"fare table {table.version} ({table.source}): valid, effective from {table.effective_from}")
+    print(f"  {len(table.operators)} operators, {len(table.bus_lines)} bus lines, {len(table.metro_lines)} metro "
+          f"lines, {len(table.stations)} stations, {len(table.retired)} retired")  # fmt: skip
+    if args.no_database:
+        return 0
+
+    async def go() -> dict[str, int]:
+        conn = await _connect(settings)
+        try:
+            return await table_check.stations_in_use(conn, chunk_cards=args.chunk_cards, progress=_progress)
+        finally:
+            await conn.close()
+
+    used = _run(go())
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    unknown = table_check.unknown_stations(table, used)
+    retired = sorted(s for s in used if s in table.retired)
+    print(f"stored journeys name {len(used)} stations"
+          + (f", {len(retired)} of them retired: {', '.join(retired)}" if retired else ""))  # fmt: skip
+    if not unknown:
+        print("every one is priced by this table")
+        return 0
+    n = len(unknown)
+    print(f"{n} station{'s' * (n != 1)} this table cannot price (list under metro.retired):", file=sys.stderr)
+    for station, cards in unknown.items():
+        print(f"  {station}: {cards} card{'s' * (cards != 1)}", file=sys.stderr)
+    return 1
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -840,6 +875,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait this long for transactions that began before the day ended (default %(default)g)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    p = add(
+        "fares",
+        cmd_fares,
+        "check a fare table before it goes live",
+        "check [--table FILE]: load and validate the table (default: the configured one), then read the\n"
+        "stored journey states and list every metro station they name that the table neither serves nor\n"
+        "retires (metro.retired): such journeys could not be priced. Exit 1 if there is one. Read-only;\n"
+        "safe beside the running service. See docs/fares.md \"Closing a station\".",
+    )
+    p.add_argument("action", choices=["check"])
+    p.add_argument("--table", type=Path, help="fare table file (default: CARDSVC_FARE_TABLE, else the demo table)")
+    p.add_argument("--no-database", action="store_true", help="only validate the file")
+    p.add_argument(
+        "--chunk-cards", type=_int_in(1), default=1_000_000, help="card ids per statement (progress step)"
+    )
 
     p = add(
         "audit",

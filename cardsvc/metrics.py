@@ -93,7 +93,8 @@ JOURNEYS_SWEPT = Counter(
     "cardsvc_transit_journeys_swept_total",
     "Metro journeys open past the journey timeout, found by the sweep: closed (charged the maximum fare), "
     "held_exit (a gate's exit whose entry never came, charged the maximum fare) or unpaid (the purse could "
-    "not pay; charged at the card's next tap).",
+    "not pay; charged at the card's next tap) or unpriced (at a station the fare table does not have, "
+    "neither served nor under metro.retired; left for the card's next tap).",
     ["result"],
 )
 MAINTENANCE_FAILURES = Counter(

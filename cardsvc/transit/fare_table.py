@@ -38,12 +38,14 @@ __all__ = [
     "card_price_fen",
     "elderly_quota_for_year",
     "half_price_fen",
+    "journey_place",
     "load_demo_table",
     "load_table",
     "local_day",
     "metro_distance_m",
     "metro_fare_fen",
     "parse_table",
+    "station_line",
 ]
 
 DEMO_TABLE_PATH = Path(__file__).resolve().parent / "tables" / "chongqing-demo.toml"
@@ -139,6 +141,9 @@ class FareTable:
     place_lines: tuple[frozenset[str], ...]  # metro lines serving each place
     distance_m: tuple[tuple[int, ...], ...]  # [place][place] shortest distance along the lines
     fare_matrix: tuple[tuple[int, ...], ...]  # [place][place] base metro fare, fen
+    # Stations closed since an earlier table (`metro.retired`): id -> the station of this table that a
+    # stored journey entered there is priced and cleared as. No tap is accepted at a retired station.
+    retired: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,7 +298,7 @@ def parse_table(data: Mapping[str, object], source: str = "<memory>") -> FareTab
         )
 
     metro = c.table(top["metro"], "metro")
-    c.keys(metro, "metro", ["cap_fen", "bands", "lines", "stations"])
+    c.keys(metro, "metro", ["cap_fen", "bands", "lines", "stations"], ["retired"])
     cap_fen = c.integer(metro["cap_fen"], "metro.cap_fen", minimum=1, unit="fen")
     bands: list[tuple[int, int]] = []
     for i, item in enumerate(c.array(metro["bands"], "metro.bands")):
@@ -437,6 +442,7 @@ def parse_table(data: Mapping[str, object], source: str = "<memory>") -> FareTab
                 f"{station_paths[sid]}.id",
                 f"metro network is not connected: station {sid!r} cannot be reached from {origin!r}",
             )
+    retired = _parse_retired(c, metro.get("retired", []), stations)
     band_limits = [b[0] for b in bands]
     fare_matrix = tuple(tuple(_band(bands, band_limits, cap_fen, d) for d in row) for row in distance)
 
@@ -456,7 +462,29 @@ def parse_table(data: Mapping[str, object], source: str = "<memory>") -> FareTab
         place_lines=tuple(frozenset(s) for s in place_lines_l),
         distance_m=tuple(tuple(row) for row in distance),
         fare_matrix=fare_matrix,
+        retired=retired,
     )
+
+
+def _parse_retired(c: _Checker, value: object, stations: Mapping[str, Station]) -> dict[str, str]:
+    """`metro.retired`: stations an earlier table had, each priced as a station of this one."""
+    retired: dict[str, str] = {}
+    for i, item in enumerate(c.array(value, "metro.retired")):
+        p = f"metro.retired[{i}]"
+        r = c.table(item, p)
+        c.keys(r, p, ["id", "priced_as"], ["name"])
+        rid = c.ident(r["id"], f"{p}.id")
+        if rid in stations:
+            raise c.fail(f"{p}.id", f"station {rid!r} is in metro.stations: a retired station is not served")
+        if rid in retired:
+            raise c.fail(f"{p}.id", f"duplicate retired station {rid!r}")
+        if "name" in r:
+            c.string(r["name"], f"{p}.name")
+        target = c.string(r["priced_as"], f"{p}.priced_as")
+        if target not in stations:
+            raise c.fail(f"{p}.priced_as", f"unknown station {target!r}: it must be a station of this table")
+        retired[rid] = target
+    return retired
 
 
 def _parse_rules(c: _Checker, value: object) -> FareRules:
@@ -555,6 +583,25 @@ def place_of(table: FareTable, station: str) -> int:
         return table.station_place[station]
     except KeyError:
         raise FareInputError(f"unknown metro station {station!r} in fare table {table.version}") from None
+
+
+def journey_place(table: FareTable, station: str) -> int:
+    """The place of a station a stored journey or unpaired tap refers to: a station of the table, or a
+    retired one (`metro.retired`), priced as its `priced_as` station."""
+    try:
+        return table.station_place[table.retired.get(station, station)]
+    except KeyError:
+        raise FareInputError(
+            f"metro station {station!r} of a stored journey is not in fare table {table.version}: "
+            "list it under metro.retired (docs/fares.md \"Closing a station\")"
+        ) from None
+
+
+def station_line(table: FareTable, station: str) -> str | None:
+    """The line a journey at a station (current or retired) is cleared under; None if the table does
+    not know the station."""
+    st = table.stations.get(table.retired.get(station, station))
+    return None if st is None else st.line
 
 
 def metro_distance_m(table: FareTable, a: str, b: str) -> int:

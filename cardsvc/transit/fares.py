@@ -35,6 +35,7 @@ from .fare_table import (
     card_price_fen,
     elderly_quota_for_year,
     half_price_fen,
+    journey_place,
     load_demo_table,
     load_table,
     local_day,
@@ -42,6 +43,7 @@ from .fare_table import (
     metro_fare_fen,
     parse_table,
     place_of,
+    station_line,
 )
 
 __all__ = [
@@ -75,12 +77,14 @@ __all__ = [
     "elderly_quota_for_year",
     "fare",
     "half_price_fen",
+    "journey_place",
     "load_demo_table",
     "load_table",
     "local_day",
     "metro_distance_m",
     "metro_fare_fen",
     "parse_table",
+    "station_line",
 ]
 
 Mode = Literal["bus", "metro"]
@@ -563,7 +567,7 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
         new = _with_unpaired(new, t, _charged_entry(journey, until=t, pair=tap))
         d = Decision(0, 0, (R_TIMEOUT,), journey.operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, journey.max_fare_fen))
-    entry = place_of(table, journey.station)
+    entry = journey_place(table, journey.station)
     d = _ride(
         table, state, concession, day, charged_today, base=table.fare_matrix[entry][place], mode="metro",
         start=journey.time, end=t, operator=journey.operator,
@@ -778,7 +782,7 @@ def _exit_without_journey(
             # An exit had ended it: this one, earlier, is the better fit. The one displaced is an exit
             # without entry now: charged the maximum fare, kept for its own entry.
             where = entry.pair_station
-            displaced_operator = table.station_operator.get(where, entry.operator)
+            displaced_operator = table.station_operator.get(table.retired.get(where, where), entry.operator)
             displaced = UnpairedTap("out", where, entry.until, displaced_operator)
             new = _with_unpaired(dataclasses.replace(state, unpaired=rest), t, paired, displaced)
             penalty = Penalty(table.cap_fen, displaced_operator, R_MISSING_IN, where)
@@ -825,7 +829,8 @@ def _standalone(
         line = _bus_line(table, tap)
         base, distance, first = line.fare_fen, None, R_BUS
     else:
-        a, b = place_of(table, entry_station or ""), place_of(table, tap.station or "")
+        # Stored stations, possibly retired since (`journey_place`); the tap's own was checked already.
+        a, b = journey_place(table, entry_station or ""), journey_place(table, tap.station or "")
         base, distance = table.fare_matrix[a][b], table.distance_m[a][b]
         first = R_SAME_STATION if a == b else R_METRO
     lone = JourneyState(None, None, day, charged)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Sequence
+from typing import cast
 
 import asyncpg
 
@@ -60,6 +61,10 @@ class SweepResult:
     held_exits: int = 0  # held exits charged
     skipped: bool = False  # another sweep was running
     swept_to: dt.datetime | None = None
+    # cards with something due at a station the fare table does not know (neither served nor retired):
+    # left for the card's next tap; docs/fares.md "Closing a station"
+    unpriced: int = 0
+    unknown_stations: tuple[str, ...] = ()  # those stations' ids, sorted
 
 
 # Cards with a metro tap in the window (an entry, or a held exit: 0-fen fare rows at a station) whose purse
@@ -126,13 +131,16 @@ class _Chunk:
     held: int = 0
     unpaid: int = 0
 
-    def row(self, table: fares.FareTable, card_id: int, penalty: fares.Penalty, at_s: int) -> None:
+    unpriced: int = 0
+    unknown_stations: set[str] = dataclasses.field(default_factory=set)
+
+    def row(self, card_id: int, penalty: fares.Penalty, line: str, at_s: int) -> None:
         assert penalty.station is not None
         self.row_cards.append(card_id)
         self.amounts.append(-penalty.amount_fen)
         self.ats.append(dt.datetime.fromtimestamp(at_s, dt.UTC))
         self.operators.append(penalty.operator)
-        self.lines.append(table.stations[penalty.station].line)
+        self.lines.append(line)
         self.stations.append(penalty.station)
 
 
@@ -155,18 +163,25 @@ async def _close_chunk(
             if penalty is None and not held:
                 continue  # exited, entered again, or the held exit's entry came: nothing due
             cost = (penalty.amount_fen if penalty is not None else 0) + sum(p.amount_fen for _, p in held)
+            # Clearing lists each penalty under its station's line: a station the table no longer has (a
+            # fare table deployed without listing it under metro.retired) leaves the card for its next tap.
+            charges = [] if penalty is None or entry is None else [(penalty, entry.time + timeout)]
+            charges += [(p, due_s) for due_s, p in held]
+            lines = [fares.station_line(table, p.station or "") for p, _ in charges]
+            if None in lines:
+                c.unpriced += 1
+                c.unknown_stations.update(p.station or "" for (p, _), ln in zip(charges, lines, strict=True) if ln is None)
+                continue
             if row["balance_fen"] - cost < -overdraft_fen:
                 c.unpaid += 1
                 continue
             c.ids.append(row["card_id"])
             c.balances.append(row["balance_fen"] - cost)
             c.journeys.append(after.to_dict())
-            if penalty is not None and entry is not None:
-                c.row(table, row["card_id"], penalty, entry.time + timeout)  # at the moment it timed out
-                c.closed += 1
-            for due_s, p in held:
-                c.row(table, row["card_id"], p, due_s)
-                c.held += 1
+            for (p, at_s), line in zip(charges, lines, strict=True):
+                c.row(row["card_id"], p, cast(str, line), at_s)  # a journey: at the moment it timed out
+            c.closed += 1 if penalty is not None and entry is not None else 0
+            c.held += len(held)
         if c.ids:
             await conn.execute(
                 _WRITE_SQL, c.ids, c.balances, c.journeys, KIND_PENALTY, SWEEP_TERMINAL, SOURCE_SWEEP, c.amounts,
@@ -189,7 +204,8 @@ async def sweep_timed_out_journeys(
             if since >= due:
                 return SweepResult(swept_to=since)
             now_s = int(now.timestamp())
-            candidates = closed = charged = unpaid = held = 0
+            candidates = closed = charged = unpaid = held = unpriced = 0
+            unknown: set[str] = set()
             # The replacements since the run's first window began, up to now, are looked at once, with it
             # (their status: none in the later windows).
             replaced = int(CardStatus.REPLACED)
@@ -211,7 +227,8 @@ async def sweep_timed_out_journeys(
                 for start in range(0, len(cards), CHUNK_CARDS):
                     c = await _close_chunk(conn, table, cards[start : start + CHUNK_CARDS], now_s, overdraft_fen)
                     closed, charged = closed + c.closed, charged - sum(c.amounts)
-                    unpaid, held = unpaid + c.unpaid, held + c.held
+                    unpaid, held, unpriced = unpaid + c.unpaid, held + c.held, unpriced + c.unpriced
+                    unknown |= c.unknown_stations
                 candidates += len(cards)
                 await conn.execute(
                     """INSERT INTO journey_sweep (swept_to) VALUES ($1)
@@ -219,7 +236,7 @@ async def sweep_timed_out_journeys(
                     upto,
                 )
                 since = upto
-            return SweepResult(candidates, closed, charged, unpaid, held, False, since)
+            return SweepResult(candidates, closed, charged, unpaid, held, False, since, unpriced, tuple(sorted(unknown)))
         finally:
             await _unlock(conn)
 

@@ -451,7 +451,7 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
             continue
         # Cleared under the broken journey's station and line, which may not be this tap's (a bus).
         where = penalty.station or station
-        entry = table.stations.get(where) if where is not None else None
+        line = None if where is None else fares.station_line(table, where)
         batch.journal.append(
             (
                 card.card_id,
@@ -461,7 +461,7 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
                 -penalty.amount_fen,
                 at,
                 penalty.operator,
-                item.tap.line if entry is None else entry.line,
+                item.tap.line if line is None else line,
                 where,
                 item.source,
             )
