@@ -201,6 +201,16 @@ async def _maintenance_loop(pool: asyncpg.Pool, settings: Settings, table: fares
         await asyncio.sleep(settings.sweep_interval_s)
 
 
+async def _pool_gauges(pool: asyncpg.Pool) -> None:
+    """This worker's pool in the livesum gauges, every second: /metrics is answered by one worker and adds
+    up what every worker last wrote (a gauge set only at a scrape would count the scraped worker alone)."""
+    while True:
+        size = pool.get_size()
+        metrics.DB_POOL_CONNECTIONS.set(size)
+        metrics.DB_POOL_IN_USE.set(size - pool.get_idle_size())
+        await asyncio.sleep(1.0)
+
+
 def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool = True) -> web.Application:
     localtime.configure(settings.utc_offset_minutes)
     app = web.Application(
@@ -261,18 +271,17 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
                 transit=transit,
                 taps=taps,
             )
-            loop_task = (
-                asyncio.get_running_loop().create_task(_maintenance_loop(pool, settings, table))
-                if maintenance
-                else None
-            )
+            loop = asyncio.get_running_loop()
+            tasks = [loop.create_task(_pool_gauges(pool))]
+            if maintenance:
+                tasks.append(loop.create_task(_maintenance_loop(pool, settings, table)))
             try:
                 yield
             finally:
-                if loop_task is not None:
-                    loop_task.cancel()
+                for task in tasks:
+                    task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
-                        await loop_task
+                        await task
                 await taps.close()
                 await nonces.close()
                 await terminals.stop(pool)

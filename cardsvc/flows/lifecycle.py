@@ -222,6 +222,8 @@ async def _replace(
             body["expires_on"],
         )
     except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "card_one_live_per_holder":  # the holder was issued another card meanwhile
+            raise ApiError("holder_has_live_card", field="holder_id") from None
         field = "new_card_sn" if exc.constraint_name == "card_card_sn_key" else "new_card_no"
         raise ApiError("card_exists", field=field) from None
     await conn.execute("UPDATE card SET replaced_by = $2 WHERE card_id = $1", old["card_id"], new_id)

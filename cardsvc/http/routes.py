@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
+import asyncpg
 import orjson
 from aiohttp import web
 
@@ -88,6 +90,13 @@ async def metrics_handler(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
     metrics.DB_POOL_CONNECTIONS.set(svc.pool.get_size())
     metrics.DB_POOL_IN_USE.set(svc.pool.get_size() - svc.pool.get_idle_size())
+    # The hotlist head as of this scrape: a loss report moves it in whichever worker took it, or none
+    # (`cardsvc card` from a shell). Without the database, /metrics still answers with the last value.
+    try:
+        async with asyncio.timeout(1.0), svc.pool.acquire() as conn:
+            await hotlist.latest_version(conn)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        pass
     return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE_LATEST})
 
 

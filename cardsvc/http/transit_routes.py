@@ -4,6 +4,7 @@ purse records and ride-code rides."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from aiohttp import web
 
@@ -17,6 +18,8 @@ from protocols.errors import CodecError
 from .keys import AUTH, NONCE, SERVICES
 from .middlewares import body_bytes_max, consume_nonce, json_body, nonce_in_handler, operation, replayed
 from .routes import _actor, _card_no, _json, _parse
+
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 
 __all__ = ["setup_transit_routes"]
 
@@ -169,8 +172,11 @@ async def clearing_report(request: web.Request) -> web.Response:
         and all(c.isalnum() or c in "_-" for c in operator_id)
     ):
         raise ApiError("invalid_parameter", "operator_id is 1-16 of A-Z a-z 0-9 _ -", field="operator_id")
-    try:
-        day = dt.date.fromisoformat(request.match_info["date"])
+    text = request.match_info["date"]
+    try:  # fromisoformat alone also takes ISO basic (20261128) and week dates (2026-W48-6)
+        if not _DATE.fullmatch(text):
+            raise ValueError(text)
+        day = dt.date.fromisoformat(text)
     except ValueError:
         raise ApiError("invalid_parameter", "date is YYYY-MM-DD", field="date") from None
     svc = request.app[SERVICES]

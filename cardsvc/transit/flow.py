@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from cardsvc.errors import ApiError
+from cardsvc.flows import views
 from cardsvc.flows.actor import Actor
 from cardsvc.flows.credentials import KIND_CARD_CRYPTOGRAM, KIND_ECARD_CODE, KIND_RIDE_CODE
 from cardsvc.services import Services
@@ -369,12 +370,13 @@ async def issue_ride_cert(
     valid_to = valid_from + svc.settings.ride_cert_days * 86400
     async with conn.transaction():
         row = await conn.fetchrow(
-            "SELECT card_id, status, app_locked, has_purse FROM card WHERE card_no = $1 FOR SHARE",
+            """SELECT card_id, status, temp_loss_until, expires_on, app_locked, has_purse FROM card
+               WHERE card_no = $1 FOR SHARE""",
             body["card_no"],
         )
         if row is None:
             raise ApiError("not_found", "no such card", field="card_no")
-        if row["status"] != int(card.CardStatus.ACTIVE) or row["app_locked"]:
+        if not views.usable(row, now):  # active (a temporary loss that ran out is), not locked, not expired
             raise ApiError("card_not_active", field="card_no")
         if not row["has_purse"]:
             raise ApiError("no_transit_purse")
