@@ -9,6 +9,9 @@ at a quiet hour or on a replica, since a long snapshot holds back vacuum.
 Checks (docs/operations.md explains each and what to do when it fails):
 
 - purse_balances: each purse balance equals the sum of its journal rows; no journal rows without a purse;
+- journal_postings (read in the same pass): every row approved and of a known kind; every fare, penalty,
+  offline or ride-code debit credited to an operator clearing knows (or `hotlisted:<operator>`), and every
+  row credited to an operator of a kind clearing lists: otherwise the purse paid and no operator is paid;
 - purse_overdraft: no purse below -purse_overdraft_fen. Two kinds of purse may be lower and are counted
   separately, not failed: a purse whose card, or a card it replaced, has a ride-code certificate, down to
   -ride_credit_limit_fen (post-paid rides, charged to the new card when taken before a replacement); and a
@@ -43,7 +46,11 @@ from cardsvc.transit import clearing, fares
 from cardsvc.transit.taps import (
     KIND_FARE,
     KIND_OFFLINE,
+    KIND_OPENING,
     KIND_PENALTY,
+    KIND_RIDECODE,
+    KIND_TOPUP,
+    KIND_TRANSFER,
     SOURCE_OFFLINE,
     SOURCE_ONLINE,
     SOURCE_RIDECODE,
@@ -52,6 +59,7 @@ from cardsvc.transit.taps import (
 __all__ = ["CHUNK_CARDS", "Check", "run_audit"]
 
 CHUNK_CARDS = 1_000_000
+_KINDS = (KIND_FARE, KIND_PENALTY, KIND_TOPUP, KIND_OPENING, KIND_OFFLINE, KIND_RIDECODE, KIND_TRANSFER)
 SAMPLES_MAX = 5  # offending card ids shown (internal ids only, never card numbers or holder data)
 
 
@@ -74,41 +82,69 @@ class Check:
                 "samples": list(self.samples)}
 
 
+# Also, in the same pass over the journal, the rows clearing would not pay out as the purse paid them
+# (`stray`): not approved (result <> 1), of an unknown kind, a fare-like debit (the kinds clearing lists)
+# credited to no operator clearing knows ($5: the fare table's and transit_operator's; `hotlisted:<op>` is
+# offline debits the validator should have refused, listed apart), or a row credited to an operator under a
+# kind clearing does not list. Each of these keeps the purse's balance right and the operator unpaid.
 _PURSE_CHUNK_SQL = """
 SELECT count(p.card_id) AS purses,
        count(*) FILTER (WHERE p.card_id IS NOT NULL AND p.balance_fen <> coalesce(j.total, 0)) AS mismatched,
        count(*) FILTER (WHERE p.card_id IS NULL) AS journal_without_purse,
        coalesce(sum(j.rows), 0)::bigint AS journal_rows,
+       coalesce(sum(j.stray), 0)::bigint AS stray_rows,
        (array_agg(coalesce(p.card_id, j.card_id) ORDER BY coalesce(p.card_id, j.card_id))
-            FILTER (WHERE p.card_id IS NULL OR p.balance_fen <> coalesce(j.total, 0)))[1:5] AS samples
+            FILTER (WHERE p.card_id IS NULL OR p.balance_fen <> coalesce(j.total, 0)))[1:5] AS samples,
+       (array_agg(j.card_id ORDER BY j.card_id) FILTER (WHERE j.stray > 0))[1:5] AS stray_samples
 FROM (SELECT card_id, balance_fen FROM purse WHERE card_id >= $1 AND card_id < $2) p
-FULL JOIN (SELECT card_id, sum(amount_fen) AS total, count(*) AS rows
+FULL JOIN (SELECT card_id, sum(amount_fen) AS total, count(*) AS rows,
+                  count(*) FILTER (WHERE result <> 1 OR NOT kind = ANY($3::smallint[])
+                                      OR (kind = ANY($4::smallint[]) AND amount_fen <> 0
+                                          AND NOT (counterparty = ANY($5::text[]) OR counterparty LIKE 'hotlisted:%'))
+                                      OR (counterparty = ANY($5::text[]) AND NOT kind = ANY($4::smallint[]))) AS stray
            FROM txn_journal WHERE card_id >= $1 AND card_id < $2 GROUP BY card_id) j
        ON j.card_id = p.card_id
 """
 
 
 async def _purse_balances(
-    conn: asyncpg.Connection, chunk: int, progress: Callable[[str], None] | None
-) -> Check:
+    conn: asyncpg.Connection, table: fares.FareTable, chunk: int, progress: Callable[[str], None] | None
+) -> tuple[Check, Check]:
     top: int = await conn.fetchval(
         """SELECT greatest((SELECT max(card_id) FROM purse), (SELECT max(card_id) FROM txn_journal),
                            0)"""
     )
-    totals = {"purses": 0, "journal_rows": 0, "mismatched": 0, "journal_without_purse": 0}
+    operators = await clearing.operators(conn, table)
+    totals = {"purses": 0, "journal_rows": 0, "mismatched": 0, "journal_without_purse": 0, "stray_rows": 0}
     samples: list[int] = []
+    stray: list[int] = []
     chunks = top // chunk + 1
     for n, lo in enumerate(range(0, top + 1, chunk), 1):
-        r = await conn.fetchrow(_PURSE_CHUNK_SQL, lo, lo + chunk)
+        r = await conn.fetchrow(
+            _PURSE_CHUNK_SQL, lo, lo + chunk, list(_KINDS), list(clearing.CLEARING_KINDS), operators
+        )
         assert r is not None
         for k in totals:
             totals[k] += r[k]
         samples.extend(r["samples"] or ())
+        stray.extend(r["stray_samples"] or ())
         if progress is not None and chunks > 1:
             progress(f"purse_balances: card ids {min(lo + chunk, top + 1)}/{top + 1} ({n}/{chunks} chunks)")
     ok = totals["mismatched"] == 0 and totals["journal_without_purse"] == 0
-    return Check("purse_balances", ok, totals, "" if ok else "balance differs from the sum of its journal rows",
-                 tuple(samples[:SAMPLES_MAX]))
+    rows = totals.pop("stray_rows")
+    balances = Check("purse_balances", ok, totals, "" if ok else "balance differs from the sum of its journal rows",
+                     tuple(samples[:SAMPLES_MAX]))  # fmt: skip
+    postings = Check(
+        "journal_postings",
+        rows == 0,
+        {"stray_rows": rows, "operators": len(operators)},
+        "" if rows == 0 else (
+            "journal rows clearing would not pay as the purse paid them: not approved, of an unknown kind, "
+            "a fare-like debit credited to no known operator, or an operator's row of a kind clearing skips"
+        ),
+        tuple(stray[:SAMPLES_MAX]),
+    )  # fmt: skip
+    return balances, postings
 
 
 # The purses below the online limit, each with what may explain it (only those few purses are looked at,
@@ -116,7 +152,8 @@ async def _purse_balances(
 # back through the holder's cards (index card_holder); a replacement moves the purse, debt included.
 # - ride_credit: a ride-code certificate anywhere in the lineage. A ride taken before a replacement is
 #   charged post-paid to the new card (docs/transit.md), which has no certificate of its own.
-# - offline_fen: the accepted offline debits (kind 5, negative) that are in this purse's balance: the
+# - offline_fen: the accepted offline debits (kind 5, negative) posted after the purse's last online
+#   debit (the balance that debit was checked at had paid the earlier ones) that are in its balance: the
 #   card's own (a replaced card's only after its replacement transfer, which moved the earlier ones on), and
 #   those of each earlier card before its replacement transfer (the transfer carried them here). txn_id
 #   orders one purse's rows: every writer holds the purse row lock. A card replaced with a zero balance
@@ -137,19 +174,28 @@ CROSS JOIN LATERAL (
         JOIN card o ON o.holder_id = l.holder_id AND o.replaced_by = l.card_id
         WHERE l.depth < 100
     )
-    SELECT bool_or(EXISTS (SELECT 1 FROM ride_cert r WHERE r.card_id = l.card_id)) AS ride_credit,
-           coalesce(sum((
-               SELECT sum(j.amount_fen) FROM txn_journal j
-               WHERE j.card_id = l.card_id
-                 AND (j.kind = $2::smallint
-                      OR (j.counterparty = 'replacement' AND j.source = $3::smallint AND j.amount_fen < 0))
-                 AND CASE WHEN l.depth = 0 THEN l.replaced_by IS NULL OR j.txn_id > t.txn_id
-                          ELSE j.txn_id < t.txn_id END)), 0)::bigint AS offline_fen
-    FROM lineage l
-    LEFT JOIN LATERAL (
-        SELECT min(k.txn_id) AS txn_id FROM txn_journal k
-        WHERE k.card_id = l.card_id AND k.counterparty = 'replacement' AND k.terminal_seq = l.replaced_by
-    ) t ON true
+    , held AS (  -- the rows in this purse's balance, each marked offline or not
+        SELECT l.card_id, j.txn_id, j.amount_fen,
+               (j.kind = $2::smallint
+                OR (j.counterparty = 'replacement' AND j.source = $3::smallint AND j.amount_fen < 0)) AS offline,
+               j.counterparty
+        FROM lineage l
+        LEFT JOIN LATERAL (
+            SELECT min(k.txn_id) AS txn_id FROM txn_journal k
+            WHERE k.card_id = l.card_id AND k.counterparty = 'replacement' AND k.terminal_seq = l.replaced_by
+        ) t ON true
+        JOIN txn_journal j ON j.card_id = l.card_id
+         AND CASE WHEN l.depth = 0 THEN l.replaced_by IS NULL OR j.txn_id > t.txn_id
+                  ELSE j.txn_id < t.txn_id END
+    ), last_online AS (  -- the last debit checked against the balance online (tap, ride, refund, sweep)
+        SELECT coalesce(max(txn_id), 0) AS txn_id FROM held
+        WHERE NOT offline AND amount_fen < 0 AND counterparty <> 'replacement'
+    )
+    SELECT (SELECT bool_or(EXISTS (SELECT 1 FROM ride_cert r WHERE r.card_id = l.card_id)) FROM lineage l)
+               AS ride_credit,
+           -- only the offline debits after it: those before were paid from the balance it was checked at
+           coalesce((SELECT sum(h.amount_fen) FROM held h, last_online o WHERE h.offline AND h.txn_id > o.txn_id),
+                    0)::bigint AS offline_fen
 ) f
 WHERE p.balance_fen < -$1::bigint
 ORDER BY p.card_id
@@ -294,7 +340,7 @@ async def run_audit(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         at: dt.datetime = await conn.fetchval("SELECT now()")
         checks = [
-            await _purse_balances(conn, max(1, chunk_cards), progress),
+            *await _purse_balances(conn, table, max(1, chunk_cards), progress),
             await _overdraft(conn, settings),
             await _replacement(conn),
             await _terminal_txns(conn, settings),

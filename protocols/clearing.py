@@ -19,6 +19,7 @@ __all__ = [
     "CLEARING_FILE_TYPE",
     "CLEARING_FILE_VERSION",
     "CLEARING_RECORDS_MAX",
+    "OPERATOR_ID_RE",
     "ClearingFileInvalid",
     "ClearingHeader",
     "ClearingLine",
@@ -41,7 +42,7 @@ _HEADER_FIELDS = 8
 _DETAIL_FIELDS = 9
 _TRAILER_FIELDS = 3
 _UINT_RE = re.compile(r"0|[1-9][0-9]{0,18}")
-_OPERATOR_RE = re.compile(r"[A-Za-z0-9_-]{1,16}")
+OPERATOR_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,16}")  # also what a fare table may name an operator
 _LINE_RE = re.compile(r"[A-Za-z0-9._-]{1,16}")
 _STATION_RE = re.compile(r"[A-Za-z0-9._-]{0,16}")
 _DATE_RE = re.compile(r"[0-9]{8}")
@@ -92,7 +93,7 @@ def _check_str(v: object, name: str, pattern: re.Pattern[str]) -> str:
 
 
 def _validate_header(h: ClearingHeader) -> None:
-    _check_str(h.operator_id, "header.operator_id", _OPERATOR_RE)
+    _check_str(h.operator_id, "header.operator_id", OPERATOR_ID_RE)
     if type(h.business_date) is not date or h.business_date.year < 1000:
         raise _bad("business_date must be a date", "header.business_date")
     _check_int(h.record_count, "header.record_count", 0, CLEARING_RECORDS_MAX)
@@ -232,7 +233,7 @@ def read_clearing_file(data: bytes) -> tuple[ClearingHeader, list[ClearingLine]]
     if h[2] != str(CLEARING_FILE_VERSION):
         raise _bad("unsupported version", "header.version")
     header = ClearingHeader(
-        operator_id=_check_str(h[3], "header.operator_id", _OPERATOR_RE),
+        operator_id=_check_str(h[3], "header.operator_id", OPERATOR_ID_RE),
         business_date=_parse_date(h[4]),
         record_count=_uint(h[5], "header.record_count", 0, CLEARING_RECORDS_MAX),
         total_fen=_uint(h[6], "header.total_fen", 0, TOTAL_FEN_MAX),

@@ -63,6 +63,7 @@ __all__ = [
     "clear_day",
     "clearing_file_name",
     "in_day_sql",
+    "operators",
     "read_back",
     "report_view",
 ]
@@ -247,7 +248,7 @@ async def _settle(conn: asyncpg.Connection, day: dt.date, end: dt.datetime, sett
         await asyncio.sleep(SETTLE_POLL_S)
 
 
-async def _operators(conn: asyncpg.Connection, table: fares.FareTable) -> list[str]:
+async def operators(conn: asyncpg.Connection, table: fares.FareTable) -> list[str]:
     """The operators cleared: the fare table's and the registered ones (transit_operator)."""
     known = set(table.operators)
     known |= {r["operator_id"] for r in await conn.fetch("SELECT operator_id FROM transit_operator")}
@@ -308,11 +309,11 @@ async def _clear_locked(
     results: list[OperatorResult] = []
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         aggregate = {r["operator_id"]: r for r in await conn.fetch(AGGREGATE_SQL, list(CLEARING_KINDS), *bounds, operator_id)}
-        known = await _operators(conn, table)
+        known = await operators(conn, table)
         if operator_id is not None and operator_id not in known:
             raise ClearingError(f"no operator {operator_id!r}: one of {', '.join(known)}")
-        operators = [operator_id] if operator_id else known
-        for other in sorted(set(aggregate) - set(operators)):
+        cleared = [operator_id] if operator_id else known
+        for other in sorted(set(aggregate) - set(cleared)):
             # Not an operator, e.g. `hotlisted:<operator>` (offline debits of a card the validator should
             # have refused): the purse paid, nobody is paid; shown, never cleared.
             if operator_id is None:
@@ -320,7 +321,7 @@ async def _clear_locked(
                 results.append(OperatorResult(other, day, "not_cleared", a["txn_count"], a["total_fen"], None,
                                               None, "not an operator: kept out of clearing"))
         made: list[tuple[OperatorResult, Path, int]] = []
-        for op in operators:
+        for op in cleared:
             agg = aggregate.get(op)
             count, total = (agg["txn_count"], agg["total_fen"]) if agg else (0, 0)
             if agg and agg["reversals"]:
@@ -329,12 +330,15 @@ async def _clear_locked(
                 continue
             prior = stored.get(op)
             created_at = int(prior["created_at"].timestamp()) if prior else int(time.time())
+            tmp: Path | None = None
             try:
                 header = wire.ClearingHeader(op, day, count, total, created_at)
                 path = out_dir / clearing_file_name(op, day)
                 tmp = path.with_name(path.name + ".tmp")
                 digest = await _stream_file(conn, header, bounds, tmp, progress)
             except (ClearingError, wire.ClearingFileInvalid) as exc:
+                if tmp is not None:  # a refused day leaves no half-written file behind
+                    tmp.unlink(missing_ok=True)
                 results.append(OperatorResult(op, day, "refused", count, total, None, None, str(exc)))
                 continue
             if prior is not None and (prior["txn_count"], prior["total_fen"], prior["digest"]) != (count, total, digest):

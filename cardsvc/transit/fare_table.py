@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
+from protocols.clearing import OPERATOR_ID_RE
+
 __all__ = [
     "DEMO_TABLE_PATH",
     "BusLine",
@@ -268,6 +270,8 @@ def parse_table(data: Mapping[str, object], source: str = "<memory>") -> FareTab
         o = c.table(item, p)
         c.keys(o, p, ["id", "name"])
         oid = c.string(o["id"], f"{p}.id")
+        if not OPERATOR_ID_RE.fullmatch(oid):  # else no clearing file could carry its money
+            raise c.fail(f"{p}.id", f"must be 1-16 characters of A-Z a-z 0-9 _ - (as in clearing files), got {oid!r}")
         if oid in operators:
             raise c.fail(f"{p}.id", f"duplicate operator id {oid!r}")
         operators[oid] = Operator(oid, c.string(o["name"], f"{p}.name"))

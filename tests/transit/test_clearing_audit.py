@@ -101,7 +101,7 @@ async def test_audit_passes_after_a_scenario(svc: ServiceHarness, run_cli: Any, 
     assert res.status == 0, res.out + res.err
     assert "purse_balances: card ids" in res.err  # the progress line of a chunked walk
     lines = res.out.splitlines()
-    assert sum(line.startswith("PASS ") for line in lines) == 6 and not any(line.startswith("FAIL") for line in lines)
+    assert sum(line.startswith("PASS ") for line in lines) == 7 and not any(line.startswith("FAIL") for line in lines)
     assert "audit PASSED" in lines[-1]
     res = await run_cli("audit", "--json")
     assert res.status == 0
@@ -147,6 +147,39 @@ async def break_overdraft(db: asyncpg.Connection) -> None:
     await _post(db, card_id, 3, -balance - 50, "topup:refund")  # an online movement below zero
 
 
+async def break_overdraft_after_offline(db: asyncpg.Connection) -> None:
+    """Offline debits the purse paid from a positive balance, then an online movement below zero: the
+    offline debits do not explain it (they were counted as explaining it, whatever their order)."""
+    card_id = await _any_card(db)
+    for seq in range(1, 6):
+        await _post(db, card_id, 5, -100, "cq-bus", seq=seq)
+    balance = await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id)
+    assert balance > 0
+    await _post(db, card_id, 3, -balance - 50, "topup:refund", seq=99)
+
+
+async def _a_bus_fare(db: asyncpg.Connection) -> int:
+    txn_id: int = await db.fetchval(
+        "SELECT min(txn_id) FROM txn_journal WHERE counterparty = 'cq-bus' AND kind = 1 AND amount_fen < 0"
+    )
+    return txn_id
+
+
+async def break_fare_result(db: asyncpg.Connection) -> None:
+    """A fare no longer 'approved': clearing skips it, the purse still paid it."""
+    await db.execute("UPDATE txn_journal SET result = 0 WHERE txn_id = $1", await _a_bus_fare(db))
+
+
+async def break_fare_kind(db: asyncpg.Connection) -> None:
+    """A fare relabelled as a top-up movement: clearing skips it, the purse still paid it."""
+    await db.execute("UPDATE txn_journal SET kind = 3 WHERE txn_id = $1", await _a_bus_fare(db))
+
+
+async def break_fare_counterparty(db: asyncpg.Connection) -> None:
+    """A fare credited to an operator no clearing run knows."""
+    await db.execute("UPDATE txn_journal SET counterparty = 'cq-gone' WHERE txn_id = $1", await _a_bus_fare(db))
+
+
 async def break_replacement(db: asyncpg.Connection) -> None:
     await _post(db, await _any_card(db), 7, 300, "replacement", seq=424242)
 
@@ -189,6 +222,10 @@ async def break_report(db: asyncpg.Connection) -> None:
         (break_balance, "purse_balances", "mismatched"),
         (break_journal_without_purse, "purse_balances", "journal_without_purse"),
         (break_overdraft, "purse_overdraft", "below_limit"),
+        (break_overdraft_after_offline, "purse_overdraft", "below_limit"),
+        (break_fare_result, "journal_postings", "stray_rows"),
+        (break_fare_kind, "journal_postings", "stray_rows"),
+        (break_fare_counterparty, "journal_postings", "stray_rows"),
         (break_replacement, "replacement_transfers", "unpaired"),
         (break_txn_without_journal, "terminal_txn_journal", "approved_without_journal"),
         (break_journal_without_txn, "terminal_txn_journal", "journal_without_txn"),
@@ -657,3 +694,23 @@ async def test_hotlisted_counterparties_are_not_cleared(db: asyncpg.Connection, 
     results = {r.operator_id: r for r in await clearing.clear_day(db, TABLE, day, tmp_path)}
     assert results["hotlisted:cq-bus"].status == "not_cleared" and results["hotlisted:cq-bus"].path is None
     assert (results["cq-bus"].txn_count, results["cq-bus"].total_fen) == (1, 180)
+
+
+async def test_a_refused_operator_day_leaves_no_half_written_file(db: asyncpg.Connection, tmp_path: Path) -> None:
+    """Files are written to *.tmp and renamed. A day refused while its file was being written (here a cleared
+    row without line_id) left `<operator>_<date>.clr.tmp` behind, its header announcing lines and a total
+    that were not all there."""
+    day = fares.local_day(TABLE, int(time.time())) - dt.timedelta(days=3)
+    start, _ = clearing.business_day_bounds(TABLE, day)
+    for seq, line in ((1, "bus-105"), (2, None)):
+        await db.execute(
+            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                        counterparty, line_id, source, posted_at)
+               VALUES (1, 5, 'v1', $1, -180, 1, $2, 'cq-bus', $3, 2, $2)""",
+            seq,
+            start + dt.timedelta(hours=9, seconds=seq),
+            line,
+        )
+    results = {r.operator_id: r for r in await clearing.clear_day(db, TABLE, day, tmp_path)}
+    assert results["cq-bus"].status == "refused" and "line_id" in (results["cq-bus"].detail or ""), results
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("cq-bus")], "a refused day leaves no file"

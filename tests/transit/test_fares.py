@@ -881,6 +881,12 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         "operators[1].id",
         "duplicate operator id 'cq-bus'",
     ),
+    (  # a clearing file could not carry its money (protocols/clearing.md: 1-16 x [A-Za-z0-9_-])
+        "operator id not for clearing",
+        _set(["operators", 1, "id"], "cq.rail-transit-group"),
+        "operators[1].id",
+        "must be 1-16 characters of A-Z a-z 0-9 _ - (as in clearing files), got 'cq.rail-transit-group'",
+    ),
     (
         "duplicate bus line",
         _set(["bus_lines", 3, "id"], "bus-105"),
