@@ -213,11 +213,12 @@ def terminal_challenge_time(ch8: bytes) -> int:
 def check_terminal_challenge(
     ch8: bytes, now_s: int, max_age_s: int = TERMINAL_CHALLENGE_AGE_S_MAX_DEFAULT, skew_s: int = 5
 ) -> str | None:
-    """None if the challenge time is within [now - max_age - skew, now + skew]; else 'expired'/'future'."""
+    """None if the challenge time is within [now - max_age, now + skew]; else 'expired'/'future'. The skew
+    is allowed on the future side only: it never stretches the age (as ecard.check_freshness)."""
     t = terminal_challenge_time(ch8)
     if t > now_s + skew_s:
         return "future"
-    if now_s - t > max_age_s + skew_s:
+    if now_s - t > max_age_s:
         return "expired"
     return None
 

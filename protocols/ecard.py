@@ -153,10 +153,12 @@ def check_freshness(
     lifetime_s: int = CODE_LIFETIME_S_DEFAULT,
     skew_s: int = CODE_SKEW_S_DEFAULT,
 ) -> str | None:
-    """None if issued_at is in [now - lifetime - skew, now + skew]; else 'expired' or 'future'."""
+    """None if issued_at is in [now - lifetime, now + skew]; else 'expired' or 'future'. The skew is allowed
+    on the future side only, so that a clock difference never stretches the lifetime (the verifier's replay
+    memory covers lifetime + skew)."""
     if code.issued_at > now_s + skew_s:
         return "future"
-    if now_s - code.issued_at > lifetime_s + skew_s:
+    if now_s - code.issued_at > lifetime_s:
         return "expired"
     return None
 

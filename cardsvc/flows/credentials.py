@@ -72,15 +72,7 @@ def _accept(kind: str, started: float) -> None:
     metrics.VERIFICATION_DURATION.labels(kind).observe(time.perf_counter() - started)
 
 
-def _stale(stamped_s: int, now: dt.datetime, lifetime_s: int, svc: Services) -> str | None:
-    """A credential is valid `lifetime_s` after it was stamped. The clock skew is allowed on the future
-    side only, so that it never stretches the lifetime (docs/configuration.md)."""
-    age_s = int(now.timestamp()) - stamped_s
-    if age_s > lifetime_s:
-        return "expired"
-    if age_s < -svc.settings.clock_skew_s:
-        return "stamped in the future"
-    return None
+_STALE = {"expired": "expired", "future": "stamped in the future"}
 
 
 def _why_unusable(view: dict[str, Any]) -> str:
@@ -101,9 +93,11 @@ async def verify_card(svc: Services, body: dict[str, Any], now: dt.datetime) -> 
     card_ch = bytes.fromhex(body["card_challenge"])
     term_ch = bytes.fromhex(body["terminal_challenge"])
     cryptogram = bytes.fromhex(body["cryptogram"])
-    too_old = _stale(card.terminal_challenge_time(term_ch), now, svc.settings.card_challenge_age_s, svc)
+    # The protocol's own rule (protocols/card.md): the clock skew on the future side only.
+    s = svc.settings
+    too_old = card.check_terminal_challenge(term_ch, int(now.timestamp()), s.card_challenge_age_s, s.clock_skew_s)
     if too_old is not None:
-        raise _refuse(kind, "expired", started, f"the terminal challenge is {too_old}")
+        raise _refuse(kind, "expired", started, f"the terminal challenge is {_STALE[too_old]}")
     if not svc.card_keys.verify(body["card_sn"], card_ch, term_ch, cryptogram):
         raise _refuse(kind, "forged", started)
     async with svc.pool.acquire() as conn:
@@ -136,9 +130,10 @@ async def verify_ecard_code(svc: Services, body: dict[str, Any], now: dt.datetim
         code = ecard.decode_code(body["code"])
     except CodecError:
         raise _refuse(kind, "malformed", started) from None
-    too_old = _stale(code.issued_at, now, svc.settings.ecard_code_lifetime_s, svc)
+    s = svc.settings
+    too_old = ecard.check_freshness(code, int(now.timestamp()), s.ecard_code_lifetime_s, s.clock_skew_s)
     if too_old is not None:
-        raise _refuse(kind, "expired", started, f"the code is {too_old}")
+        raise _refuse(kind, "expired", started, f"the code is {_STALE[too_old]}")
     if not 0 < code.ecard_id <= _ECARD_ID_MAX:
         raise _refuse(kind, "forged", started)
     async with svc.pool.acquire() as conn:

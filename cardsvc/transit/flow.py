@@ -41,11 +41,6 @@ PURSE_HISTORY_ROWS = 20
 _ECARD_ID_MAX = 2**31 - 1
 
 
-def _stale(stamped_s: int, now_s: int, lifetime_s: int, skew_s: int) -> bool:
-    age = now_s - stamped_s
-    return age > lifetime_s or age < -skew_s
-
-
 async def build_tap_item(
     svc: Services,
     ctx: TransitContext,
@@ -112,7 +107,7 @@ def _card_item(svc: Services, body: dict[str, Any], base: dict[str, Any], now_s:
         **base,
     )
     s = svc.settings
-    if _stale(card.terminal_challenge_time(term_ch), now_s, s.card_challenge_age_s, s.clock_skew_s):
+    if card.check_terminal_challenge(term_ch, now_s, s.card_challenge_age_s, s.clock_skew_s) is not None:
         return dataclasses.replace(item, declined="credential_expired")
     if not svc.card_keys.verify(
         body["card_sn"], bytes.fromhex(body["card_challenge"]), term_ch, bytes.fromhex(body["cryptogram"])
@@ -127,7 +122,7 @@ async def _ecard_item(svc: Services, body: dict[str, Any], base: dict[str, Any],
         code = ecard.decode_code(body["code"])
     except CodecError:
         return TapItem(declined="credential_malformed", **base)
-    if _stale(code.issued_at, now_s, svc.settings.ecard_code_lifetime_s, svc.settings.clock_skew_s):
+    if ecard.check_freshness(code, now_s, svc.settings.ecard_code_lifetime_s, svc.settings.clock_skew_s) is not None:
         return TapItem(declined="credential_expired", **base)
     if not 0 < code.ecard_id <= _ECARD_ID_MAX:
         return TapItem(declined="credential_forged", **base)

@@ -238,7 +238,7 @@ def _terminal_auth() -> Vectors:
     secret = bytes(range(32))
     cases = [
         ("POST", "/v1/cards/auth", b'{"card_sn":"411600D156000005C38275EEFC9B9648"}'),
-        ("get", "/v1/hotlist?since=100&limit=500&a=%20b&a=1", b""),
+        ("get", "/v1/hotlist?since=100&limit=500&b=%20b&a=1", b""),
         ("PUT", "/v1/cards/JA334687X/status", '{"note":"挂失"}'.encode()),
     ]
     out = []
