@@ -11,6 +11,7 @@ from protocols.errors import CodecError, HotlistBlockInvalid
 from protocols.sm import sm3
 
 __all__ = [
+    "ACCOUNT_ID_MAX",
     "DIGEST_DOMAIN",
     "HOTLIST_BLOCK_ENTRIES_MAX",
     "HOTLIST_VERSION_MAX",
@@ -23,10 +24,11 @@ __all__ = [
     "encode_block",
 ]
 
-DIGEST_DOMAIN = "CARDSVC-HOTLIST-V1"
+DIGEST_DOMAIN = "CARDSVC-HOTLIST-V2"
 HOTLIST_BLOCK_ENTRIES_MAX = 10_000
 HOTLIST_VERSION_MAX = 2**63 - 1
 HOTLIST_AT_S_MAX = 2**63 - 1
+ACCOUNT_ID_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,9 @@ class HotlistEntry:
     action: HotlistAction
     reason: HotlistReason
     at: int  # unix seconds
+    # The account the card's ride-code certificates name (ridecode.md `account_id`): a gate denies ride codes
+    # by it as a validator denies the card by card_sn.
+    account_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +63,9 @@ def canonical_lines(block: HotlistBlock) -> list[str]:
         DIGEST_DOMAIN,
         f"{block.since_version}|{block.to_version}|{block.latest_version}|{int(block.more)}|{len(block.entries)}",
     ]
-    lines.extend(f"{e.version}|{e.card_sn}|{int(e.action)}|{int(e.reason)}|{e.at}" for e in block.entries)
+    lines.extend(
+        f"{e.version}|{e.card_sn}|{e.account_id}|{int(e.action)}|{int(e.reason)}|{e.at}" for e in block.entries
+    )
     return lines
 
 
@@ -79,6 +86,7 @@ def encode_block(block: HotlistBlock) -> dict[str, Any]:
             {
                 "version": e.version,
                 "card_sn": e.card_sn,
+                "account_id": e.account_id,
                 "action": int(e.action),
                 "reason": int(e.reason),
                 "at": e.at,
@@ -122,6 +130,7 @@ def _validate(block: HotlistBlock) -> None:
         if not isinstance(e.action, HotlistAction) or not isinstance(e.reason, HotlistReason):
             raise _bad("action/reason invalid", "action")
         _int(e.at, "at", 0, HOTLIST_AT_S_MAX)
+        _int(e.account_id, "account_id", 1, ACCOUNT_ID_MAX)
 
 
 def _entry(d: object) -> HotlistEntry:
@@ -148,6 +157,7 @@ def _entry(d: object) -> HotlistEntry:
         action=act,
         reason=rsn,
         at=_int(d.get("at"), "at", 0, HOTLIST_AT_S_MAX),
+        account_id=_int(d.get("account_id"), "account_id", 1, ACCOUNT_ID_MAX),
     )
 
 
@@ -178,11 +188,13 @@ def decode_block(d: Mapping[str, object]) -> HotlistBlock:
 
 
 class HotlistReplica:
-    """Terminal-side copy of the deny-list: apply blocks in order, ask whether a card is blocked."""
+    """Terminal-side copy of the deny-list: apply blocks in order, ask whether a card is blocked (a
+    validator, by card_sn) or a ride code's account is (a gate, by account_id: ridecode.md)."""
 
-    def __init__(self, version: int = 0, blocked: Iterable[str] = ()) -> None:
+    def __init__(self, version: int = 0, blocked: Iterable[str] = (), blocked_accounts: Iterable[int] = ()) -> None:
         self.version = version
         self.blocked: set[str] = set(blocked)
+        self.blocked_accounts: set[int] = set(blocked_accounts)
 
     def apply(self, block: HotlistBlock) -> bool:
         """Apply a decoded block; returns ``block.more``. Refuses a block not starting at our version."""
@@ -195,8 +207,10 @@ class HotlistReplica:
         for e in block.entries:
             if e.action == HotlistAction.BLOCK:
                 self.blocked.add(e.card_sn)
+                self.blocked_accounts.add(e.account_id)
             else:
                 self.blocked.discard(e.card_sn)
+                self.blocked_accounts.discard(e.account_id)
         self.version = block.to_version
         return block.more
 

@@ -70,7 +70,7 @@ async def read_block(conn: asyncpg.Connection, since: int, limit: int) -> hotlis
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         latest: int = await conn.fetchval("SELECT version FROM hotlist_head")
         rows = await conn.fetch(
-            """SELECT version, card_sn, action, reason, at FROM hotlist_entry
+            """SELECT version, card_id, card_sn, action, reason, at FROM hotlist_entry
                WHERE version > $1 ORDER BY version LIMIT $2""",
             since,
             limit,
@@ -83,6 +83,7 @@ async def read_block(conn: asyncpg.Connection, since: int, limit: int) -> hotlis
             action=HotlistAction(r["action"]),
             reason=HotlistReason(r["reason"]),
             at=int(r["at"].timestamp()),
+            account_id=r["card_id"],
         )
         for r in rows
     ]

@@ -361,6 +361,12 @@ UNION ALL
 """
 
 
+async def served_to(conn: asyncpg.Connection, terminal_id: str, oldest: dt.datetime) -> Served:
+    """The hotlist versions known served to a terminal, for its records (or rides) made since `oldest`."""
+    rows = await conn.fetch(_SERVED_SQL, terminal_id, oldest)
+    return Served.of([(int(row["served_at"].timestamp()), row["version"]) for row in rows])
+
+
 async def _attempt(
     conn: asyncpg.Connection,
     table: fares.FareTable,
@@ -434,15 +440,11 @@ async def _attempt(
                     HotlistAction(row["action"]),
                     HotlistReason(row["reason"]),
                     int(row["at"].timestamp()),
+                    row["card_id"],
                 )
             )
 
-    served = Served.of(
-        [
-            (int(row["served_at"].timestamp()), row["version"])
-            for row in await conn.fetch(_SERVED_SQL, tid, now - dt.timedelta(seconds=RECORD_AGE_S_MAX + skew_s))
-        ]
-    )
+    served = await served_to(conn, tid, now - dt.timedelta(seconds=RECORD_AGE_S_MAX + skew_s))
     plan = _Plan()
     now_s = int(now.timestamp())
     for r in records:

@@ -35,6 +35,7 @@ from protocols.ridecode import RideBatch, RideRecord
 from . import fares
 from .context import TransitContext
 from .flow import _GATE_DECLINES, ISSUER_KEY_ID, KIND_RIDE_CODE
+from .offline import Served, served_to
 from .taps import SOURCE_RIDECODE, ReplacedMeanwhile, TapItem, TapOutcome, process_taps, stop_times
 
 __all__ = ["RIDE_AGE_S_MAX", "charge_rides", "ride_items", "ride_tap"]
@@ -86,8 +87,12 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
     )
     certs: dict[int, Any] = {}
     stops: dict[int, float] = {}  # replaced cards: when they stopped
+    served = Served.of([])
     if serials:
         async with svc.pool.acquire() as conn:
+            # The deny-list versions served to the gate: a ride is judged as of the one its record claims,
+            # but at least the one the gate is known to have held (the claim is the gate's word).
+            served = await served_to(conn, batch.gate_id, now - dt.timedelta(seconds=RIDE_AGE_S_MAX + s.clock_skew_s))
             rows = await conn.fetch(
                 """SELECT r.cert_serial, r.card_id, r.revoked_at, c.status, c.replaced_by
                    FROM ride_cert r JOIN card c ON c.card_id = r.card_id WHERE r.cert_serial = ANY($1::bigint[])""",
@@ -140,6 +145,7 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
                 card_id=card_id,
                 cred_kind=KIND_RIDE_CODE,
                 cred_token=(cert.cert_serial << 32) | decision.code.counter,
+                deny_version=max(r.deny_list_version, served.at(r.time)),
                 declined="card_unusable" if revoked is not None and revoked.timestamp() <= r.time else None,
                 **base,
             )

@@ -46,7 +46,7 @@ from cardsvc.errors import RETRY_LATER, ApiError
 from cardsvc.flows.credential_use import KIND_ECARD_CODE
 from cardsvc.flows.views import effective_status
 from cardsvc.store.batcher import columns
-from protocols.card import CardStatus
+from protocols.card import CardStatus, HotlistAction
 
 from . import fares
 
@@ -114,6 +114,9 @@ class TapItem:
     # rides.py named the card while it was not replaced; if it is by the time of the lock, the batch raises
     # ReplacedMeanwhile instead of refusing the ride on the dead card.
     resolved_unreplaced: bool = False
+    # An uploaded ride-code ride: the deny-list (hotlist) version its gate held, at least the highest served
+    # to it before the ride (rides.py). A lost card not yet blocked as of that version is charged as usable.
+    deny_version: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -173,6 +176,9 @@ class _Card:
     lost_since: float | None = None
     expires_on: dt.date | None = None
     touched: bool = False
+    # A lost card's hotlist entries, (version, is a block) ascending: read only when a ride in the batch
+    # names the deny-list version its gate held (`_gate_unaware`).
+    hotlist: tuple[tuple[int, bool], ...] | None = None
 
 
 # When a lost card stopped: a temporary loss's status_changed_at. A formal loss may follow a temporary
@@ -204,6 +210,39 @@ async def _formal_loss_stops(conn: asyncpg.Connection, cards: Sequence[_Card], i
         c.lost_since = stops.get(c.card_id)
 
 
+_CARD_HOTLIST_SQL = """
+SELECT card_id, version, action FROM hotlist_entry WHERE card_id = ANY($1::bigint[]) ORDER BY card_id, version
+"""
+
+
+async def _deny_lists(conn: asyncpg.Connection, cards: Sequence[_Card], items: Sequence[TapItem]) -> None:
+    """Read the hotlist entries of the lost `cards` that a ride naming its gate's deny-list version is for."""
+    named = {key for i in items if i.deny_version is not None for key in (i.card_id, i.card_sn)}
+    wanted = {c.card_id: c for c in cards if c.lost_since is not None and (c.card_id in named or c.card_sn in named)}
+    if not wanted:
+        return
+    entries: dict[int, list[tuple[int, bool]]] = {card_id: [] for card_id in wanted}
+    for r in await conn.fetch(_CARD_HOTLIST_SQL, list(wanted)):
+        entries[r["card_id"]].append((r["version"], r["action"] == HotlistAction.BLOCK))
+    for card_id, card in wanted.items():
+        card.hotlist = tuple(entries[card_id])
+
+
+def _gate_unaware(card: _Card, item: TapItem) -> bool:
+    """A lost card's ride let through by a gate whose deny-list (the hotlist as of `item.deny_version`)
+    did not block the card yet: the gate could not refuse it, so it is charged as if the card were usable
+    (protocols/ridecode.md: "an ok there and a deny entry added later is the scheme's risk, not the
+    operator's"). A gate that held the block should have refused the code: judged as usual."""
+    if item.deny_version is None or card.lost_since is None or card.hotlist is None:
+        return False
+    blocked = False
+    for version, is_block in card.hotlist:
+        if version > item.deny_version:
+            break
+        blocked = is_block
+    return not blocked
+
+
 def _usable_for(card: _Card, item: TapItem, table: fares.FareTable) -> bool:
     """Whether the card may be charged for this tap: usable now, or, for a ride a gate uploads later,
     taken before the card last stopped (a loss reported after the ride does not undo it; an earlier,
@@ -216,6 +255,8 @@ def _usable_for(card: _Card, item: TapItem, table: fares.FareTable) -> bool:
     tap = item.tap
     if not tap.uploaded or card.lost_since is None or card.expires_on is None:
         return False
+    if _gate_unaware(card, item):
+        return fares.local_day(table, tap.time) <= card.expires_on
     started = tap.time
     open_journey = card.journey.journey
     if tap.direction == "out" and open_journey is not None and open_journey.time <= tap.time:
@@ -230,6 +271,8 @@ def _priced_tap(card: _Card, item: TapItem) -> fares.Tap:
     of a journey entered before the stop (`Tap.entered_before`)."""
     tap = item.tap
     if card.usable or not tap.uploaded or tap.direction != "out" or card.lost_since is None:
+        return tap
+    if _gate_unaware(card, item):
         return tap
     stop = math.ceil(card.lost_since)  # an entry at whole second t is before the stop iff t < stop
     return tap if tap.time < stop else dataclasses.replace(tap, entered_before=stop)
@@ -579,6 +622,7 @@ async def _attempt(
             formally_lost.append(locked)
     if formally_lost:  # rare: a formally lost card in the batch
         await _formal_loss_stops(conn, formally_lost, items)
+    await _deny_lists(conn, list(cards_by_id.values()), items)
     # Cards not locked above have no purse row, or do not exist: tell the two apart (rare, unlocked).
     no_purse: dict[str | int, int] = {}
     missing_sns = [sn for sn in sns if sn not in by_sn]

@@ -203,6 +203,7 @@ def _hotlist() -> Vectors:
             card.HotlistAction.BLOCK,
             card.HotlistReason.TEMP_LOSS,
             1_767_225_600,
+            1_000_001,
         ),
         hotlist.HotlistEntry(
             105,
@@ -210,6 +211,7 @@ def _hotlist() -> Vectors:
             card.HotlistAction.BLOCK,
             card.HotlistReason.FORMAL_LOSS,
             1_767_225_700,
+            1_000_002,
         ),
         hotlist.HotlistEntry(
             107,
@@ -217,6 +219,7 @@ def _hotlist() -> Vectors:
             card.HotlistAction.UNBLOCK,
             card.HotlistReason.LOSS_LIFTED,
             1_767_226_000,
+            1_000_001,
         ),
     )
     blocks = [
@@ -230,7 +233,11 @@ def _hotlist() -> Vectors:
             {"json": hotlist.encode_block(b), "canonical": "\n".join(hotlist.canonical_lines(b))}
             for b in blocks
         ],
-        "replica_after": {"version": 107, "blocked": ["500100D1560000050123456789ABCDEF"]},
+        "replica_after": {
+            "version": 107,
+            "blocked": ["500100D1560000050123456789ABCDEF"],
+            "blocked_accounts": [1_000_002],
+        },
     }
 
 

@@ -15,9 +15,9 @@ from protocols.errors import CodecError
 SN1 = "411600D156000005C38275EEFC9B9648"
 SN2 = "500100D1560000050123456789ABCDEF"
 
-E1 = hotlist.HotlistEntry(11, SN1, HotlistAction.BLOCK, HotlistReason.TEMP_LOSS, 1_767_225_600)
-E2 = hotlist.HotlistEntry(12, SN2, HotlistAction.BLOCK, HotlistReason.FORMAL_LOSS, 1_767_225_601)
-E3 = hotlist.HotlistEntry(15, SN1, HotlistAction.UNBLOCK, HotlistReason.LOSS_LIFTED, 1_767_225_602)
+E1 = hotlist.HotlistEntry(11, SN1, HotlistAction.BLOCK, HotlistReason.TEMP_LOSS, 1_767_225_600, 501)
+E2 = hotlist.HotlistEntry(12, SN2, HotlistAction.BLOCK, HotlistReason.FORMAL_LOSS, 1_767_225_601, 502)
+E3 = hotlist.HotlistEntry(15, SN1, HotlistAction.UNBLOCK, HotlistReason.LOSS_LIFTED, 1_767_225_602, 501)
 BLOCK = hotlist.HotlistBlock(10, 12, 15, True, (E1, E2))
 BLOCK2 = hotlist.HotlistBlock(12, 15, 15, False, (E3,))
 
@@ -31,10 +31,10 @@ def test_round_trip_through_json() -> None:
 
 def test_canonical_form() -> None:
     assert hotlist.canonical_lines(BLOCK) == [
-        "CARDSVC-HOTLIST-V1",
+        "CARDSVC-HOTLIST-V2",
         "10|12|15|1|2",
-        f"11|{SN1}|1|1|1767225600",
-        f"12|{SN2}|1|2|1767225601",
+        f"11|{SN1}|501|1|1|1767225600",
+        f"12|{SN2}|502|1|2|1767225601",
     ]
 
 
@@ -48,7 +48,7 @@ def _mutations(d: dict[str, Any]) -> list[dict[str, Any]]:
     m["more"] = not m["more"]
     out.append(m)
     for i in range(len(d["entries"])):
-        for key in ("version", "action", "reason", "at"):
+        for key in ("version", "action", "reason", "at", "account_id"):
             m = copy.deepcopy(d)
             m["entries"][i][key] = m["entries"][i][key] + 1 if key != "action" else 3 - m["entries"][i][key]
             out.append(m)
@@ -154,9 +154,11 @@ def test_replica() -> None:
     assert r.apply(hotlist.decode_block(hotlist.encode_block(BLOCK))) is True
     assert r.version == 12
     assert r.is_blocked(SN1) and r.is_blocked(SN2.lower())
+    assert r.blocked_accounts == {501, 502}  # a gate denies their ride codes (ridecode.md)
     assert r.apply(BLOCK2) is False
     assert r.version == 15
     assert not r.is_blocked(SN1) and r.is_blocked(SN2)
+    assert r.blocked_accounts == {502}
     assert not r.is_blocked("garbage")
     with pytest.raises(CodecError):
         r.apply(BLOCK)

@@ -394,9 +394,9 @@ def test_judge_precedence() -> None:
 
 def test_blocked_at_version() -> None:
     entries = [
-        HotlistEntry(100, SN, HotlistAction.BLOCK, HotlistReason.TEMP_LOSS, T0),
-        HotlistEntry(105, SN, HotlistAction.UNBLOCK, HotlistReason.LOSS_LIFTED, T0 + 10),
-        HotlistEntry(103, SN2, HotlistAction.BLOCK, HotlistReason.FORMAL_LOSS, T0 + 5),
+        HotlistEntry(100, SN, HotlistAction.BLOCK, HotlistReason.TEMP_LOSS, T0, 7),
+        HotlistEntry(105, SN, HotlistAction.UNBLOCK, HotlistReason.LOSS_LIFTED, T0 + 10, 7),
+        HotlistEntry(103, SN2, HotlistAction.BLOCK, HotlistReason.FORMAL_LOSS, T0 + 5, 8),
     ]
     assert not transit.blocked_at_version(entries, SN, 99)
     assert transit.blocked_at_version(entries, SN, 100)

@@ -123,6 +123,7 @@ def test_hotlist_vectors() -> None:
         replica.apply(block)
     assert replica.version == v["replica_after"]["version"]
     assert sorted(replica.blocked) == v["replica_after"]["blocked"]
+    assert sorted(replica.blocked_accounts) == v["replica_after"]["blocked_accounts"]
 
 
 def test_terminal_auth_vectors() -> None:

@@ -23,7 +23,7 @@ from cardsvc.store.pool import create_pool
 from cardsvc.transit import fares, flow, sweep
 from cardsvc.transit import rides as rides_mod
 from cardsvc.transit.taps import KIND_FARE, KIND_PENALTY, SOURCE_RIDECODE, SOURCE_SWEEP
-from protocols import ridecode, sm
+from protocols import hotlist, ridecode, sm
 from protocols.ridecode import RideBatch, RideRecord
 from tests.helpers import ServiceHarness, purse_vs_journal, replacement_body
 
@@ -77,6 +77,17 @@ def gate_record(svc: ServiceHarness, code: str, at: int, gate: str = "transit_va
     values: dict[str, Any] = {"line_id": "bus-105", "station_id": "", "direction": "single", "deny_list_version": 0}
     values.update(kw)
     return RideRecord(code, svc.terminals[gate].terminal_id, next(_seq), time=at, **values)
+
+
+async def gate_downloads(svc: ServiceHarness, gate: str = "transit_validator") -> int:
+    """The gate fetches the hotlist (its deny-list) up to the latest version; the service records the serve."""
+    version = 0
+    while True:
+        r = await svc.get(f"/v1/hotlist?since={version}&limit=10000", as_=gate)
+        assert r.status == 200, r.body
+        version = r.body["to_version"]
+        if not r.body["more"]:
+            return version
 
 
 def gate_lets_through(code: str, issuer: bytes, at: int) -> None:
@@ -386,6 +397,7 @@ async def test_an_exit_after_a_loss_uploaded_before_its_entry_ends_the_journey_a
     phone = await backdated_phone(svc, c["card_no"], now - 3600)
     entry = gate_record(svc, phone.next_code(now - 1200), now - 1200, line_id="L1", station_id="l1-chaotianmen", direction="in")
     assert (await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
+    await gate_downloads(svc, GATE_2)  # the exit gate knows of the loss: only a journey before it may end there
     at = int(time.time()) + 2
     exit_ = gate_record(svc, phone.next_code(at), at, gate=GATE_2, line_id="L1", station_id="l1-daping", direction="out")
     for rec in (entry, exit_):
@@ -518,11 +530,12 @@ async def test_revoked_and_unknown_certificates(svc: ServiceHarness, db: asyncpg
 async def _bus_rides_around(
     svc: ServiceHarness, c: dict[str, Any], phone: ridecode.RidePhone, report: str
 ) -> tuple[int, int, dict[str, Any], dict[str, Any]]:
-    """A bus ride 30 s before a loss `report` and one 2 s after it, uploaded together after it:
-    (time before, time after, their answers)."""
+    """A bus ride 30 s before a loss `report` and one 2 s after it, by a gate that had downloaded the
+    report's hotlist entry, uploaded together after it: (time before, time after, their answers)."""
     before = int(time.time()) - 30
     r = await svc.post(f"/v1/cards/{c['card_no']}/{report}", {"operator": "staff-1"})
     assert r.status == 200, r.body
+    await gate_downloads(svc)
     after = int(time.time()) + 2
     rides = [gate_record(svc, phone.next_code(before), before), gate_record(svc, phone.next_code(after), after)]
     taken, refused = await upload(svc, rides)
@@ -533,7 +546,8 @@ async def test_a_loss_report_declines_the_rides_after_it_not_those_before(
     svc: ServiceHarness, db: asyncpg.Connection
 ) -> None:
     """The gate let the rider through before the card was reported lost: that ride is charged when it
-    is uploaded later. A ride after the report is declined (its gate had not heard of the loss yet)."""
+    is uploaded later. A ride after the report, at a gate that held the block, is declined (the gate
+    should have denied the code)."""
     c, phone, _ = await rider(svc)
     card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
     before, after, taken, refused = await _bus_rides_around(svc, c, phone, "temporary-loss")
@@ -608,6 +622,7 @@ async def test_a_journey_entered_before_a_loss_report_ends_at_its_exit(svc: Serv
     )
     r = await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})
     assert r.status == 200, r.body
+    await gate_downloads(svc)
     left = int(time.time()) + 2
     exit_ = gate_record(svc, phone.next_code(left), left, line_id="L1", station_id="l1-daping", direction="out")
     a_in, a_out = await upload(svc, [entry, exit_])
@@ -619,6 +634,43 @@ async def test_a_journey_entered_before_a_loss_report_ends_at_its_exit(svc: Serv
     late_in = gate_record(svc, phone.next_code(left + 1), left + 1, line_id="L1", station_id="l1-daping", direction="in")
     [refused] = await upload(svc, [late_in], batch_id=2)
     assert (refused["result"], refused["reason"]) == ("declined", "card_unusable")
+
+
+async def test_a_lost_cards_ride_is_judged_as_of_the_deny_list_its_gate_held(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """protocols/ridecode.md: the server judges a ride "with the deny-lists as of `deny_list_version`". A
+    gate learns a loss from the hotlist, whose entries name the account its ride codes charge: a gate that
+    held the block denies the code itself; one that did not could not refuse it, so its ride is charged (it
+    was declined, and the operator unpaid, whatever the gate held). The version is the gate's claim, but at
+    least the highest the service served it before the ride."""
+    c, phone, issuer = await rider(svc)
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    before = await db.fetchval("SELECT version FROM hotlist_head")
+    r = await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})
+    assert r.status == 200, r.body
+    blocked = await db.fetchval("SELECT version FROM hotlist_head")
+    at = int(time.time()) + 1
+
+    # The hotlist tells a gate which ride codes to deny: their account.
+    replica = hotlist.HotlistReplica()
+    reply = await svc.get("/v1/hotlist?since=0&limit=10000", as_=GATE_2)
+    replica.apply(hotlist.decode_block(reply.body))
+    assert card_id in replica.blocked_accounts
+    code = phone.next_code(at)
+    assert ridecode.verify_at_gate(code, issuer, at, (), replica.blocked_accounts).outcome == ridecode.GateOutcome.DENIED
+
+    # transit_validator has downloaded nothing: it held `before` and let the rider through.
+    unaware = gate_record(svc, phone.next_code(at), at, deny_list_version=before)
+    knew = gate_record(svc, phone.next_code(at + 1), at + 1, deny_list_version=blocked)
+    charged, refused = await upload(svc, [unaware, knew])
+    assert (charged["result"], charged["fare_fen"]) == ("approved", BUS_FARE), charged
+    assert (refused["result"], refused["reason"]) == ("declined", "card_unusable"), refused
+    # GATE_2 was served the block above: its claim of an older version does not make it unaware.
+    claimed_old = gate_record(svc, phone.next_code(at + 2), at + 2, gate=GATE_2, deny_list_version=before)
+    [late] = await upload(svc, [claimed_old], batch_id=2, as_=GATE_2)
+    assert (late["result"], late["reason"]) == ("declined", "card_unusable"), late
+    assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
 
 
 async def test_a_ride_before_a_direct_formal_loss_is_charged(svc: ServiceHarness) -> None:
