@@ -545,9 +545,40 @@ def _progress(message: str) -> None:
     sys.stderr.flush()
 
 
+def _register_operator(settings: Settings, args: argparse.Namespace) -> int:
+    """`clearing register`: an operator no longer (or not yet) in the fare table, so that its days can
+    still be cleared and the audit knows where its fares go."""
+    from protocols.clearing import OPERATOR_ID_RE
+
+    if not args.operator or not OPERATOR_ID_RE.fullmatch(args.operator) or not (args.name or "").strip():
+        print("error: register needs --operator (1-16 of A-Z a-z 0-9 _ -) and --name", file=sys.stderr)
+        return 2
+
+    async def go() -> str:
+        conn = await _connect(settings)
+        try:
+            status: str = await conn.execute(
+                """INSERT INTO transit_operator (operator_id, name) VALUES ($1, $2)
+                   ON CONFLICT (operator_id) DO UPDATE SET name = EXCLUDED.name""",
+                args.operator, args.name.strip(),
+            )  # fmt: skip
+            return status
+        finally:
+            await conn.close()
+
+    _run(go())
+    print(f"operator {args.operator} registered for clearing")
+    return 0
+
+
 def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
     from cardsvc.transit import clearing
 
+    if args.action == "register":
+        return _register_operator(settings, args)
+    if not args.date:
+        print("error: run needs --date YYYY-MM-DD", file=sys.stderr)
+        return 2
     try:
         day = dt.date.fromisoformat(args.date)
     except ValueError:
@@ -864,11 +895,14 @@ def build_parser() -> argparse.ArgumentParser:
         "local business day (the fare table's UTC offset; a ride uploaded late is cleared on the day it\n"
         "arrived) as a clearing file (protocols/clearing.md) in --out, recorded in clearing_report.\n"
         "Re-running a day rewrites identical files; if the journal of a cleared day was changed by hand,\n"
-        "the report and file are kept and the run exits 1 (an audit failure).",
+        "the report and file are kept and the run exits 1 (an audit failure).\n"
+        "register --operator ID --name NAME: an operator that is not in the fare table (removed from it,\n"
+        "with fares still to clear), so that `run` clears it and `cardsvc audit` knows it.",
     )
-    p.add_argument("action", choices=["run"])
-    p.add_argument("--date", required=True, help="business day YYYY-MM-DD (it must be over)")
-    p.add_argument("--operator", help="only this operator id")
+    p.add_argument("action", choices=["run", "register"])
+    p.add_argument("--date", help="run: business day YYYY-MM-DD (it must be over)")
+    p.add_argument("--operator", help="run: only this operator id; register: the operator id")
+    p.add_argument("--name", help="register: the operator's name")
     p.add_argument("--out", help="output directory (default <data_dir>/clearing)")
     p.add_argument(
         "--wait", type=float, default=limits.CLEARING_SETTLE_S, metavar="SECONDS",

@@ -714,3 +714,24 @@ async def test_a_refused_operator_day_leaves_no_half_written_file(db: asyncpg.Co
     results = {r.operator_id: r for r in await clearing.clear_day(db, TABLE, day, tmp_path)}
     assert results["cq-bus"].status == "refused" and "line_id" in (results["cq-bus"].detail or ""), results
     assert not [n for n in os.listdir(tmp_path) if n.startswith("cq-bus")], "a refused day leaves no file"
+
+
+async def test_an_operator_gone_from_the_fare_table_is_registered_and_cleared(
+    svc: ServiceHarness, db: asyncpg.Connection, run_cli: Any, tmp_path: Path
+) -> None:
+    """Fares credited to an operator the fare table no longer lists: the audit says clearing will not pay
+    them, and `clearing run --operator` refuses it, until `clearing register` records it."""
+    await scenario(svc)
+    await db.execute("UPDATE txn_journal SET counterparty = 'cq-old' WHERE counterparty = 'cq-bus'")
+    res = await run_cli("audit", "--json")
+    assert res.status == 1 and by_name(res.json)["journal_postings"]["counts"]["stray_rows"] >= 3, res.out
+    day = fares.local_day(TABLE, int(time.time())) - dt.timedelta(days=1)
+    refused = await run_cli("clearing", "run", "--date", day.isoformat(), "--operator", "cq-old", "--out", str(tmp_path))
+    assert refused.status == 1 and "no operator 'cq-old'" in refused.err, (refused.out, refused.err)
+    assert (await run_cli("clearing", "register", "--operator", "cq.old", "--name", "x")).status == 2  # not an id
+    assert (await run_cli("clearing", "run")).status == 2  # run needs --date
+    done = await run_cli("clearing", "register", "--operator", "cq-old", "--name", "Old bus company")
+    assert done.status == 0 and "cq-old registered" in done.out, (done.out, done.err)
+    assert (await run_cli("audit")).status == 0
+    ran = await run_cli("clearing", "run", "--date", day.isoformat(), "--operator", "cq-old", "--out", str(tmp_path))
+    assert ran.status == 0 and "cq-old" in ran.out, (ran.out, ran.err)
