@@ -18,6 +18,7 @@ from typing import Any
 
 from . import card, ecard, idnumber
 from .errors import CodecError
+from .strict import shown_key
 
 __all__ = [
     "CARD_AUTH",
@@ -201,8 +202,10 @@ class Message:
         known = {f.name for f in self.fields}
         for key in data:
             if key not in known:
-                shown = key[:40] if isinstance(key, str) else "?"
-                raise ApiInputError("unknown_field", shown, f"unknown field {shown!r}")
+                shown = shown_key(key)
+                raise ApiInputError(
+                    "unknown_field", shown, f"unknown field {shown!r}" if shown else "an unknown field (not shown)"
+                )
         out: dict[str, Any] = {}
         for f in self.fields:
             if f.name not in data or data[f.name] is None:
@@ -230,13 +233,25 @@ def _date(value: str) -> dt.date:
 
 
 _HEX = "[0-9A-Fa-f]"
+_LONG_DIGITS = re.compile(r"\d{11,}")
+
+
+def _staff_id(value: str) -> str:
+    """A staff id is stored in the audit trail, which holds no personal data: refuse one with a run of 11
+    or more digits (an ID, mobile phone or card number typed in its place)."""
+    if _LONG_DIGITS.search(value):
+        raise ValueError("must be a staff id, not an ID, phone or card number")
+    return value
+
+
 OPERATOR = Field(
     "operator",
     str,
     required=False,
     pattern=r"[A-Za-z0-9._-]{1,32}",
     max_chars=32,
-    description="Staff id of the person at the terminal (not personal data).",
+    check=_staff_id,
+    description="Staff id of the person at the terminal (not personal data: no run of 11 or more digits).",
 )
 EXPIRES_ON = Field("expires_on", str, pattern=r"\d{4}-\d{2}-\d{2}", max_chars=10, check=_date, fmt="date")
 

@@ -10,7 +10,29 @@ from typing import Any
 
 from protocols.errors import CodecError
 
-__all__ = ["b32_canonical", "check_exact_keys", "check_int", "check_str", "check_upload", "decode_upload"]
+__all__ = [
+    "b32_canonical",
+    "check_exact_keys",
+    "check_int",
+    "check_str",
+    "check_upload",
+    "decode_upload",
+    "shown_key",
+]
+
+# A key an error message may name: a field name's shape. Anything else (an ID number or a name sent as a
+# key) is refused without being echoed into the answer or a log line.
+_KEY_SHOWN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+
+
+def shown_key(key: object) -> str | None:
+    """The key as an error may show it, or None when it is not shaped like a field name."""
+    return key if isinstance(key, str) and _KEY_SHOWN.fullmatch(key) else None
+
+
+def _unknown(key: str, bad: Bad) -> CodecError:
+    shown = shown_key(key)
+    return bad(f"unknown key {shown!r}" if shown else "an unknown key (not shown)", shown)
 
 Bad = Callable[[str, str | None], CodecError]
 _B32_RE = re.compile(r"[A-Z2-7]*")
@@ -34,7 +56,7 @@ def check_exact_keys(
     d: Mapping[object, object],
     keys: Sequence[str],
     key_set: Collection[str],
-    bad: Callable[[str, str], CodecError],
+    bad: Bad,
 ) -> None:
     """An object must have exactly `keys` (`key_set` is the same keys as a set): the first unknown key
     (sorted) or the first missing one (in `keys` order) is raised as `bad(message, key)`."""
@@ -42,7 +64,7 @@ def check_exact_keys(
         return
     unknown = sorted(str(k) for k in d if k not in key_set)
     if unknown:
-        raise bad(f"unknown key {unknown[0]!r}", unknown[0])
+        raise _unknown(unknown[0], bad)
     for k in keys:
         if k not in d:
             raise bad(f"{k} missing", k)
@@ -69,7 +91,7 @@ def decode_upload(d: object, id_key: str, records_max: int, bad: Bad) -> tuple[s
         raise bad("batch must be an object", None)
     unknown = sorted(str(k) for k in d if k not in (id_key, "batch_id", "records"))
     if unknown:
-        raise bad(f"unknown key {unknown[0]!r}", unknown[0])
+        raise _unknown(unknown[0], bad)
     records = d.get("records")
     if not isinstance(records, list) or not 1 <= len(records) <= records_max:
         raise bad(f"records must be a list of 1 to {records_max}", "records")

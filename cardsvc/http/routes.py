@@ -153,7 +153,7 @@ async def card_operation(request: web.Request) -> web.Response:
     op = request.match_info["op"]
     message = api.CARD_OPERATIONS.get(op)
     if message is None:
-        raise ApiError("not_found", f"no card operation {op[:40]!r}")
+        raise ApiError("not_found", "no such card operation (docs/api.md lists them)")
     body = _parse(message, request)
     svc = request.app[SERVICES]
     card_no = _card_no(request)

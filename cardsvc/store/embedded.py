@@ -45,6 +45,7 @@ SERVER_SETTINGS: dict[str, str] = {
     "fsync": "on",
     "wal_compression": "on",
     "log_min_duration_statement": "1000",
+    "log_parameter_max_length": "0",  # a slow statement's log line without its values (card numbers)
     "unix_socket_permissions": "0770",
     "listen_addresses": "''",
 }

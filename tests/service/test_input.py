@@ -268,9 +268,13 @@ async def test_wrong_types_missing_and_unknown_fields_change_nothing(
                 assert_problem(r, 400, "missing_field", f.name)
                 r = await svc.post(path, {**valid, f.name: None})
                 assert_problem(r, 400, "missing_field", f.name)
-        for unknown in ("extra", "ID_NUMBER", "card_no ", "", "é", "x" * 1000):
+        # Named back only when shaped like a field name: an ID number or a name sent as a key is not echoed.
+        shown = {"extra": "extra", "ID_NUMBER": "ID_NUMBER", "card_no ": None, "": None, "é": None,
+                 "x" * 1000: None, "500101198001011235": None}  # fmt: skip
+        for unknown, field in shown.items():
             r = await svc.post(path, {**valid, unknown: 1})
-            assert_problem(r, 400, "unknown_field", unknown[:40] or None)
+            assert_problem(r, 400, "unknown_field", field)
+            assert field is not None or not unknown or unknown not in str(r.body)
     # ecards: alg must be 1 or 2; public key must be hex of the right length and on the curve.
     ecard_body = {
         "card_no": fx["issued"]["card_no"],
