@@ -652,27 +652,38 @@ def cmd_fares(settings: Settings, args: argparse.Namespace) -> int:
     if args.no_database:
         return 0
 
-    async def go() -> dict[str, int]:
+    async def go() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
         conn = await _connect(settings)
         try:
-            return await table_check.stations_in_use(conn, chunk_cards=args.chunk_cards, progress=_progress)
+            stations, operators = await table_check.stations_in_use(
+                conn, chunk_cards=args.chunk_cards, progress=_progress
+            )
+            return stations, operators, await table_check.unknown_operators(conn, table, operators)
         finally:
             await conn.close()
 
-    used = _run(go())
+    used, operators, gone = _run(go())
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     unknown = table_check.unknown_stations(table, used)
     retired = sorted(s for s in used if s in table.retired)
     print(f"stored journeys name {len(used)} stations"
-          + (f", {len(retired)} of them retired: {', '.join(retired)}" if retired else ""))  # fmt: skip
-    if not unknown:
+          + (f", {len(retired)} of them retired: {', '.join(retired)}" if retired else "")
+          + f", and {len(operators)} operator{'s' * (len(operators) != 1)}")  # fmt: skip
+    if not unknown and not gone:
         print("every one is priced by this table")
         return 0
-    n = len(unknown)
-    print(f"{n} station{'s' * (n != 1)} this table cannot price (list under metro.retired):", file=sys.stderr)
-    for station, cards in unknown.items():
-        print(f"  {station}: {cards} card{'s' * (cards != 1)}", file=sys.stderr)
+    if unknown:
+        n = len(unknown)
+        print(f"{n} station{'s' * (n != 1)} this table cannot price (list under metro.retired):", file=sys.stderr)
+        for station, cards in unknown.items():
+            print(f"  {station}: {cards} card{'s' * (cards != 1)}", file=sys.stderr)
+    if gone:
+        n = len(gone)
+        print(f"{n} operator{'s' * (n != 1)} neither in this table nor registered "
+              "(cardsvc clearing register --operator ID --name NAME):", file=sys.stderr)  # fmt: skip
+        for operator, cards in gone.items():
+            print(f"  {operator}: {cards} card{'s' * (cards != 1)}", file=sys.stderr)
     return 1
 
 

@@ -588,17 +588,19 @@ def _bus_line(table: FareTable, tap: Tap) -> BusLine:
 
 
 def _metro_place(table: FareTable, tap: Tap) -> tuple[int, str]:
-    """(place index, operator) of a metro tap; refuses a tap that does not fit the table."""
+    """(place index, operator) of a metro tap; refuses a tap that does not fit the table. An uploaded tap
+    may be at a station closed since it was made (`metro.retired`): priced as its `priced_as` station."""
     if tap.mode != "metro":
         raise FareInputError(f"unknown mode {tap.mode!r}")
     if tap.station is None:
         raise FareInputError("a metro tap needs a station")
-    place = place_of(table, tap.station)
-    if tap.line not in table.place_lines[place]:
+    station = table.retired.get(tap.station, tap.station) if tap.uploaded else tap.station
+    place = place_of(table, station)
+    if station == tap.station and tap.line not in table.place_lines[place]:  # a retired one was checked then
         raise FareInputError(f"metro line {tap.line!r} does not serve station {tap.station!r}")
     if tap.direction not in ("in", "out"):
         raise FareInputError(f"a metro tap has direction 'in' or 'out', got {tap.direction!r}")
-    return place, table.station_operator[tap.station]
+    return place, table.station_operator[station]
 
 
 def _min_limit(a: int | None, b: int | None) -> int | None:

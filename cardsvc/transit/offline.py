@@ -114,9 +114,10 @@ class RecordAnswer:
 
 
 def record_operator(table: fares.FareTable, r: OfflineRecord) -> tuple[str | None, str | None]:
-    """The operator credited with a record (its station's, else its line's) or a malformed reason."""
+    """The operator credited with a record (its station's, else its line's) or a malformed reason. A record
+    made at a station closed since (`metro.retired`) is credited to its `priced_as` station's operator."""
     if r.station_id:
-        op = table.station_operator.get(r.station_id)
+        op = table.station_operator.get(table.retired.get(r.station_id, r.station_id))
         return (op, None) if op is not None else (None, "unknown_station")
     bus = table.bus_lines.get(r.line_id)
     if bus is not None:

@@ -36,7 +36,16 @@ from . import fares
 from .context import TransitContext
 from .flow import _GATE_DECLINES, ISSUER_KEY_ID, KIND_RIDE_CODE
 from .offline import Served, served_to
-from .taps import SOURCE_RIDECODE, ReplacedMeanwhile, TapItem, TapOutcome, process_taps, stop_times
+from .taps import (
+    SOURCE_RIDECODE,
+    ReplacedMeanwhile,
+    TapItem,
+    TapOutcome,
+    blocked_as_of,
+    card_hotlists,
+    process_taps,
+    stop_times,
+)
 
 __all__ = ["RIDE_AGE_S_MAX", "charge_rides", "ride_items", "ride_tap"]
 
@@ -87,6 +96,7 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
     )
     certs: dict[int, Any] = {}
     stops: dict[int, float] = {}  # replaced cards: when they stopped
+    hotlists: dict[int, tuple[tuple[int, bool], ...]] = {}  # replaced cards: their hotlist entries
     served = Served.of([])
     if serials:
         async with svc.pool.acquire() as conn:
@@ -101,6 +111,7 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
             replaced = [row["card_id"] for row in rows if row["status"] == CardStatus.REPLACED and row["replaced_by"]]
             if replaced:
                 stops = await stop_times(conn, replaced)
+                hotlists = await card_hotlists(conn, replaced)
         certs = {row["cert_serial"]: row for row in rows}
     items: list[TapItem] = []
     for r, decision in zip(batch.records, decisions, strict=True):
@@ -128,14 +139,16 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
         base["tap"] = dataclasses.replace(base["tap"], max_fare_fen=cert.max_fare_fen)
         revoked: dt.datetime | None = row["revoked_at"]
         # A ride taken before its card was replaced is charged to the new card: the purse (balance, fare
-        # state, ride-code uses) moved there. So is an exit within the journey timeout after the stop, as
-        # the end of a journey entered before it only (Tap.entered_before, as after a loss report). Later
-        # rides stay the old card's, declined.
+        # state, ride-code uses) moved there. So is a later one its gate could not refuse (the old card not
+        # blocked yet in the deny-list the gate held), and an exit within the journey timeout after the
+        # stop, as the end of a journey entered before it only (Tap.entered_before, as after a loss
+        # report). Other later rides stay the old card's, declined.
         card_id = cert.account_id
+        deny_version = max(r.deny_list_version, served.at(r.time))
         base["resolved_unreplaced"] = row["replaced_by"] is None
         if row["replaced_by"] is not None:
             stop = stops.get(card_id, float("-inf"))
-            if r.time < stop:
+            if r.time < stop or not blocked_as_of(hotlists.get(card_id, ()), deny_version):
                 card_id = row["replaced_by"]
             elif r.direction == "out" and r.time - ctx.table.rules.journey_timeout_s < stop:
                 card_id = row["replaced_by"]
@@ -145,7 +158,7 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
                 card_id=card_id,
                 cred_kind=KIND_RIDE_CODE,
                 cred_token=(cert.cert_serial << 32) | decision.code.counter,
-                deny_version=max(r.deny_list_version, served.at(r.time)),
+                deny_version=deny_version,
                 declined="card_unusable" if revoked is not None and revoked.timestamp() <= r.time else None,
                 **base,
             )

@@ -204,6 +204,10 @@ async def sweep_timed_out_journeys(
             if since >= due:
                 return SweepResult(swept_to=since)
             now_s = int(now.timestamp())
+            # Entries credited to the table's metro operators, and to registered ones: an operator removed
+            # from the table (`cardsvc clearing register`) may still have journeys open.
+            registered = [r["operator_id"] for r in await conn.fetch("SELECT operator_id FROM transit_operator")]
+            operators = sorted(set(_metro_operators(table)) | set(registered))
             candidates = closed = charged = unpaid = held = unpriced = 0
             unknown: set[str] = set()
             # The replacements since the run's first window began, up to now, are looked at once, with it
@@ -215,7 +219,7 @@ async def sweep_timed_out_journeys(
                     r["card_id"]
                     for r in await conn.fetch(
                         _CANDIDATES_SQL,
-                        _metro_operators(table),
+                        operators,
                         since,
                         upto,
                         KIND_FARE,

@@ -6,7 +6,9 @@ sweep charged, and its unpaired taps (and the exit that paired a charged entry).
 cleared with the table running when the card's next tap or the sweep comes, possibly a newer one. A
 station the new table neither serves nor lists under `metro.retired` cannot be priced: such a card's
 metro exits are declined `fare_input_invalid`, and the sweep leaves its timed-out journey (counted
-`unpriced`). `cardsvc fares check` finds them before the table goes live.
+`unpriced`). Likewise an operator the stored states credit that is neither the table's nor registered
+(`transit_operator`): the sweep would not find its open journeys. `cardsvc fares check` finds both before
+the table goes live.
 
 Read-only: one statement per `chunk_cards` card ids (the progress step), each an index range scan of
 `purse`, so the check runs beside the live service.
@@ -34,6 +36,19 @@ WHERE p.card_id >= $1 AND p.card_id < $2 AND p.journey IS NOT NULL AND s.station
 GROUP BY s.station
 """
 
+# Every operator a stored state credits a journey or an unpaired tap to.
+_OPERATORS_SQL = """
+SELECT o.operator, count(DISTINCT p.card_id) AS cards
+FROM purse p
+CROSS JOIN LATERAL (
+    SELECT p.journey -> 'journey' ->> 'operator'
+    UNION ALL SELECT p.journey -> 'swept' ->> 'operator'
+    UNION ALL SELECT u ->> 'operator' FROM jsonb_array_elements(coalesce(p.journey -> 'unpaired', '[]')) u
+) AS o (operator)
+WHERE p.card_id >= $1 AND p.card_id < $2 AND p.journey IS NOT NULL AND o.operator IS NOT NULL
+GROUP BY o.operator
+"""
+
 CHUNK_CARDS = 1_000_000
 
 
@@ -42,20 +57,32 @@ async def stations_in_use(
     *,
     chunk_cards: int = CHUNK_CARDS,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, int]:
-    """Every metro station the stored journey states name -> the number of cards naming it."""
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Every metro station, and every operator, the stored journey states name -> the number of cards
+    naming it."""
     hi = await conn.fetchval("SELECT coalesce(max(card_id), 0) FROM purse")
-    used: dict[str, int] = {}
+    stations: dict[str, int] = {}
+    operators: dict[str, int] = {}
     start = 0
     while start <= hi:
-        for r in await conn.fetch(_STATIONS_SQL, start, start + chunk_cards):
-            used[r["station"]] = used.get(r["station"], 0) + r["cards"]
+        for sql, key, into in ((_STATIONS_SQL, "station", stations), (_OPERATORS_SQL, "operator", operators)):
+            for r in await conn.fetch(sql, start, start + chunk_cards):
+                into[r[key]] = into.get(r[key], 0) + r["cards"]
         start += chunk_cards
         if progress is not None:
             progress(f"journey states: {min(start, hi + 1):,}/{hi + 1:,} card ids read")
-    return used
+    return stations, operators
 
 
 def unknown_stations(table: fares.FareTable, used: Mapping[str, int]) -> dict[str, int]:
     """The stations in `used` that `table` can neither price nor clear (not served, not retired)."""
     return {s: n for s, n in sorted(used.items()) if fares.station_line(table, s) is None}
+
+
+async def unknown_operators(
+    conn: asyncpg.Connection, table: fares.FareTable, used: Mapping[str, int]
+) -> dict[str, int]:
+    """The operators in `used` that are neither the table's nor registered (transit_operator): the sweep
+    would not find their open journeys, and clearing would not pay their penalties."""
+    registered = {r["operator_id"] for r in await conn.fetch("SELECT operator_id FROM transit_operator")}
+    return {o: n for o, n in sorted(used.items()) if o not in table.operators and o not in registered}

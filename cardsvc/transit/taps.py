@@ -58,6 +58,8 @@ __all__ = [
     "SOURCE_SWEEP",
     "TapItem",
     "TapOutcome",
+    "blocked_as_of",
+    "card_hotlists",
     "process_taps",
     "stop_times",
 ]
@@ -215,32 +217,43 @@ SELECT card_id, version, action FROM hotlist_entry WHERE card_id = ANY($1::bigin
 """
 
 
+async def card_hotlists(conn: asyncpg.Connection, card_ids: Sequence[int]) -> dict[int, tuple[tuple[int, bool], ...]]:
+    """Each card's hotlist entries, (version, is a block) ascending."""
+    entries: dict[int, list[tuple[int, bool]]] = {card_id: [] for card_id in card_ids}
+    for r in await conn.fetch(_CARD_HOTLIST_SQL, list(card_ids)):
+        entries[r["card_id"]].append((r["version"], r["action"] == HotlistAction.BLOCK))
+    return {card_id: tuple(e) for card_id, e in entries.items()}
+
+
+def blocked_as_of(entries: Sequence[tuple[int, bool]], version: int) -> bool:
+    """Whether a card with these hotlist entries was blocked in the hotlist as of `version`."""
+    blocked = False
+    for v, is_block in entries:
+        if v > version:
+            break
+        blocked = is_block
+    return blocked
+
+
 async def _deny_lists(conn: asyncpg.Connection, cards: Sequence[_Card], items: Sequence[TapItem]) -> None:
     """Read the hotlist entries of the lost `cards` that a ride naming its gate's deny-list version is for."""
     named = {key for i in items if i.deny_version is not None for key in (i.card_id, i.card_sn)}
     wanted = {c.card_id: c for c in cards if c.lost_since is not None and (c.card_id in named or c.card_sn in named)}
     if not wanted:
         return
-    entries: dict[int, list[tuple[int, bool]]] = {card_id: [] for card_id in wanted}
-    for r in await conn.fetch(_CARD_HOTLIST_SQL, list(wanted)):
-        entries[r["card_id"]].append((r["version"], r["action"] == HotlistAction.BLOCK))
-    for card_id, card in wanted.items():
-        card.hotlist = tuple(entries[card_id])
+    for card_id, entries in (await card_hotlists(conn, list(wanted))).items():
+        wanted[card_id].hotlist = entries
 
 
 def _gate_unaware(card: _Card, item: TapItem) -> bool:
     """A lost card's ride let through by a gate whose deny-list (the hotlist as of `item.deny_version`)
     did not block the card yet: the gate could not refuse it, so it is charged as if the card were usable
     (protocols/ridecode.md: "an ok there and a deny entry added later is the scheme's risk, not the
-    operator's"). A gate that held the block should have refused the code: judged as usual."""
+    operator's"). A gate that held the block should have refused the code: judged as usual. (A replaced
+    card's such ride goes to the new card: rides.py.)"""
     if item.deny_version is None or card.lost_since is None or card.hotlist is None:
         return False
-    blocked = False
-    for version, is_block in card.hotlist:
-        if version > item.deny_version:
-            break
-        blocked = is_block
-    return not blocked
+    return not blocked_as_of(card.hotlist, item.deny_version)
 
 
 def _usable_for(card: _Card, item: TapItem, table: fares.FareTable) -> bool:
@@ -464,7 +477,9 @@ def _needed(table: fares.FareTable, item: TapItem, card: _Card, decision: fares.
     opened = decision.state.journey
     if item.tap.direction != "in" or opened is None or opened.time != item.tap.time:
         return decision.total_fen
-    leave = fares.Tap(item.tap.time, "metro", item.tap.line, item.tap.station, "out", item.tap.max_fare_fen)
+    leave = fares.Tap(
+        item.tap.time, "metro", item.tap.line, item.tap.station, "out", item.tap.max_fare_fen, uploaded=item.tap.uploaded
+    )
     cheapest = fares.fare(table, dataclasses.replace(decision.state, window=None), leave, card.quota.concession)
     return decision.total_fen + cheapest.total_fen
 

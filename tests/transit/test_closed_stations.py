@@ -239,3 +239,74 @@ async def test_fares_check_lists_the_stations_stored_journeys_need_before_a_tabl
         f"fare table error: {broken}: metro.retired[0].priced_as: unknown station 'l9-nowhere': "
         "it must be a station of this table"
     )
+
+
+async def test_uploads_made_at_a_station_before_it_closed_are_priced_and_paid_after_the_table_retires_it(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """Validators and gates upload up to 30 days late, so a closed station's last records arrive after the
+    new table is live. An offline debit there (the chip already paid) was refused `unknown_station`, and a
+    ride-code exit there `fare_input_invalid`, leaving its journey to the sweep's maximum fare. Both are
+    priced as the retired station's `priced_as` now; a new online tap there is still refused (above)."""
+    from tests.transit.test_offline import debit, funded, tid
+    from tests.transit.test_offline import upload as offline_upload
+    from tests.transit.test_rides import backdated_phone, gate_record, rider
+    from tests.transit.test_rides import upload as ride_upload
+
+    new = await harness(svc, write(tmp_path, without_closed(retired=True), "new"), aiohttp_client)
+    c, chip = await funded(new, 1000)  # (new's own terminals: the helpers' sequence counters differ)
+    made = int(time.time()) - 3600  # an hour ago, while the station was open
+    rec = debit(chip, tid(new), 300, txn_time=made, place={"line_id": "L1", "station_id": CLOSED, "direction": "out"})
+    [answer] = await offline_upload(new, [rec])
+    assert (answer["result"], answer["reason"]) == ("accepted", None), answer
+    assert await new.balance(c["card_no"]) == 700
+    row = await db.fetchrow(
+        "SELECT j.counterparty, j.line_id FROM txn_journal j JOIN card c USING (card_id) WHERE c.card_no = $1 AND j.kind = 5",
+        c["card_no"],
+    )
+    assert row is not None and (row["counterparty"], row["line_id"]) == (OLD.station_operator[CLOSED], "L1")
+
+    r, _, _ = await rider(svc, 2000)
+    now = int(time.time())
+    phone = await backdated_phone(svc, r["card_no"], now - 3600)
+    entry = gate_record(svc, phone.next_code(now - 1500), now - 1500, line_id="L1", station_id=EXIT, direction="in")
+    [a] = await ride_upload(svc, [entry], batch_id=1)
+    assert a["result"] == "approved", a
+    exit_ = gate_record(new, phone.next_code(now - 900), now - 900, line_id="L1", station_id=CLOSED, direction="out")
+    [b] = await ride_upload(new, [exit_], batch_id=2)
+    successor = parse_table(without_closed(retired=True), source="new.toml")
+    distance = fares.metro_fare_fen(successor, EXIT, SUCCESSOR)
+    want = fares.card_price_fen(distance, successor.rules.card_discount_percent)
+    assert (b["result"], b["fare_fen"]) == ("approved", want), b
+
+
+async def test_an_operator_gone_from_the_table_is_found_by_fares_check_and_swept_once_registered(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any  # noqa: F811
+) -> None:
+    """The metro passes to another operator: journeys still open are credited to the old one. The sweep
+    looks for entries credited to the table's metro operators, so it did not see them at all (neither
+    charged nor counted). `fares check` names the operator; once it is registered (`clearing register`)
+    the sweep charges the journey, credited to it."""
+    rider = await funded_card(svc, 2000)
+    assert (await tap(svc, tap_body(svc, rider["card_sn"], **metro(CLOSED, "in"))))["result"] == "approved"
+    data = without_closed(retired=True)
+    data["operators"] = [o for o in data["operators"] if o["id"] != "cq-metro"] + [{"id": "cq-rail", "name": "rail"}]
+    for line in data["metro"]["lines"]:
+        line["operator"] = "cq-rail"
+    res = await run_cli("fares", "check", "--table", str(write(tmp_path, data, "rail")))
+    assert res.status == 1 and "cq-metro: 1 card\n" in res.err and "clearing register" in res.err, res.err
+    new = parse_table(data, source="rail.toml")
+    pool = await create_pool(svc.dsn, svc.settings)
+    try:
+        assert (await run_cli("clearing", "register", "--operator", "cq-metro", "--name", "old metro")).status == 0
+        done = await sweep.sweep_timed_out_journeys(pool, new, 0, now=later(TIMEOUT + 60))
+        assert (done.closed, done.unpriced) == (1, 0), done
+        row = await db.fetchrow(
+            "SELECT counterparty, line_id FROM txn_journal WHERE source = $1 AND card_id = $2",
+            sweep.SOURCE_SWEEP, rider["card_id"],
+        )  # fmt: skip
+        assert row is not None and (row["counterparty"], row["line_id"]) == ("cq-metro", new.stations[SUCCESSOR].line)
+    finally:
+        await pool.close()
+    res = await run_cli("fares", "check", "--table", str(tmp_path / "rail.toml"))
+    assert res.status == 0, res.err

@@ -429,6 +429,7 @@ async def test_a_journey_entered_before_a_replacement_ends_at_its_exit_on_the_ne
     entry = gate_record(svc, phone.next_code(now - 1200), now - 1200, line_id="L1", station_id="l1-chaotianmen", direction="in")
     body = replacement_body()
     assert (await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "staff-1"})).status == 200
+    await gate_downloads(svc, GATE_2)  # the exit gate knows of the replacement
     at = int(time.time()) + 2
     exit_ = gate_record(svc, phone.next_code(at), at, gate=GATE_2, line_id="L1", station_id="l1-daping", direction="out")
     for rec in (entry, exit_):
@@ -671,6 +672,21 @@ async def test_a_lost_cards_ride_is_judged_as_of_the_deny_list_its_gate_held(
     [late] = await upload(svc, [claimed_old], batch_id=2, as_=GATE_2)
     assert (late["result"], late["reason"]) == ("declined", "card_unusable"), late
     assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE
+
+    # Replaced since: the ride an unaware gate let through goes to the new card, where the purse went,
+    # whether it is uploaded before or after the replacement; one the gate should have refused does not.
+    body = replacement_body()
+    assert (await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "staff-1"})).status == 200
+    later = at + 10  # within the first ride's transfer window: free, but a ride on the new card's state
+    unaware = gate_record(svc, phone.next_code(later), later, deny_list_version=before)
+    knew = gate_record(svc, phone.next_code(later + 1), later + 1, deny_list_version=blocked)
+    charged, refused = await upload(svc, [unaware, knew], batch_id=3)
+    assert (charged["result"], charged["fare_fen"]) == ("approved", 0), charged
+    assert "transfer_discount" in charged["rules"], charged
+    assert (refused["result"], refused["reason"]) == ("declined", "card_unusable"), refused
+    new_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", body["new_card_no"])
+    assert await db.fetchval("SELECT card_id FROM txn_journal WHERE txn_id = $1", charged["txn_id"]) == new_id
+    assert await svc.balance(body["new_card_no"]) == 1000 - BUS_FARE
 
 
 async def test_a_ride_before_a_direct_formal_loss_is_charged(svc: ServiceHarness) -> None:
