@@ -22,31 +22,21 @@ import asyncpg
 
 from . import fares
 
-# Every station a stored state names, with the number of cards naming it, for a range of card ids.
-_STATIONS_SQL = """
-SELECT s.station, count(DISTINCT p.card_id) AS cards
+# Every station and every operator a stored state names ('s' / 'o'), with the number of cards naming it,
+# for a range of card ids: the open journey's entry, the journey the sweep charged, the unpaired taps (and
+# the exit that paired a charged entry).
+_NAMED_SQL = """
+SELECT n.kind, n.name, count(DISTINCT p.card_id) AS cards
 FROM purse p
 CROSS JOIN LATERAL (
-    SELECT p.journey -> 'journey' ->> 'station'
-    UNION ALL SELECT p.journey -> 'swept' ->> 'station'
-    UNION ALL SELECT u ->> 'station' FROM jsonb_array_elements(coalesce(p.journey -> 'unpaired', '[]')) u
-    UNION ALL SELECT u ->> 'pair_station' FROM jsonb_array_elements(coalesce(p.journey -> 'unpaired', '[]')) u
-) AS s (station)
-WHERE p.card_id >= $1 AND p.card_id < $2 AND p.journey IS NOT NULL AND s.station IS NOT NULL
-GROUP BY s.station
-"""
-
-# Every operator a stored state credits a journey or an unpaired tap to.
-_OPERATORS_SQL = """
-SELECT o.operator, count(DISTINCT p.card_id) AS cards
-FROM purse p
-CROSS JOIN LATERAL (
-    SELECT p.journey -> 'journey' ->> 'operator'
-    UNION ALL SELECT p.journey -> 'swept' ->> 'operator'
-    UNION ALL SELECT u ->> 'operator' FROM jsonb_array_elements(coalesce(p.journey -> 'unpaired', '[]')) u
-) AS o (operator)
-WHERE p.card_id >= $1 AND p.card_id < $2 AND p.journey IS NOT NULL AND o.operator IS NOT NULL
-GROUP BY o.operator
+    SELECT 's', p.journey -> 'journey' ->> 'station' UNION ALL SELECT 'o', p.journey -> 'journey' ->> 'operator'
+    UNION ALL SELECT 's', p.journey -> 'swept' ->> 'station' UNION ALL SELECT 'o', p.journey -> 'swept' ->> 'operator'
+    UNION ALL SELECT v.kind, v.name
+    FROM jsonb_array_elements(coalesce(p.journey -> 'unpaired', '[]')) u,
+         LATERAL (VALUES ('s', u ->> 'station'), ('s', u ->> 'pair_station'), ('o', u ->> 'operator')) v (kind, name)
+) AS n (kind, name)
+WHERE p.card_id >= $1 AND p.card_id < $2 AND p.journey IS NOT NULL AND n.name IS NOT NULL
+GROUP BY n.kind, n.name
 """
 
 CHUNK_CARDS = 1_000_000
@@ -65,9 +55,9 @@ async def stations_in_use(
     operators: dict[str, int] = {}
     start = 0
     while start <= hi:
-        for sql, key, into in ((_STATIONS_SQL, "station", stations), (_OPERATORS_SQL, "operator", operators)):
-            for r in await conn.fetch(sql, start, start + chunk_cards):
-                into[r[key]] = into.get(r[key], 0) + r["cards"]
+        for r in await conn.fetch(_NAMED_SQL, start, start + chunk_cards):
+            into = stations if r["kind"] == "s" else operators
+            into[r["name"]] = into.get(r["name"], 0) + r["cards"]
         start += chunk_cards
         if progress is not None:
             progress(f"journey states: {min(start, hi + 1):,}/{hi + 1:,} card ids read")
