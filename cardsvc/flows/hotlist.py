@@ -14,7 +14,7 @@ from cardsvc.errors import ApiError
 from protocols import hotlist
 from protocols.card import HotlistAction, HotlistReason
 
-__all__ = ["append_entry", "latest_version", "read_block", "record_served"]
+__all__ = ["append_entry", "entries_of", "latest_version", "read_block", "record_served"]
 
 
 async def append_entry(
@@ -101,3 +101,20 @@ async def read_block(conn: asyncpg.Connection, since: int, limit: int) -> hotlis
         more=to_version < latest,
         entries=entries,
     )
+
+
+async def entries_of(conn: asyncpg.Connection, card_ids: list[int]) -> dict[int, list[hotlist.HotlistEntry]]:
+    """Each card's hotlist entries, in version order (offline records and uploaded rides are judged by
+    whether the card was blocked as of the version their terminal held: protocols.transit.blocked_at_version)."""
+    entries: dict[int, list[hotlist.HotlistEntry]] = {card_id: [] for card_id in card_ids}
+    for r in await conn.fetch(
+        """SELECT card_id, version, card_sn, action, reason, at FROM hotlist_entry
+           WHERE card_id = ANY($1::bigint[]) ORDER BY version""",
+        card_ids,
+    ):
+        entry = hotlist.HotlistEntry(
+            r["version"], r["card_sn"], HotlistAction(r["action"]), HotlistReason(r["reason"]),
+            int(r["at"].timestamp()), r["card_id"],
+        )  # fmt: skip
+        entries[r["card_id"]].append(entry)
+    return entries

@@ -36,9 +36,10 @@ import orjson
 
 from cardsvc import limits
 from cardsvc.errors import RETRY_LATER, ApiError
+from cardsvc.flows import hotlist as hotlist_flow
 from cardsvc.store.batcher import columns
 from protocols import card, transit
-from protocols.card import CardStatus, HotlistAction, HotlistReason
+from protocols.card import CardStatus
 from protocols.hotlist import HotlistEntry
 from protocols.transit import OfflineBatch, OfflineRecord, RecordResult
 
@@ -196,11 +197,6 @@ _POSTED_SQL = """
 SELECT o.card_id, o.purse_seq, o.record
 FROM unnest($1::bigint[], $2::bigint[]) AS k(card_id, purse_seq)
 JOIN offline_record o ON o.card_id = k.card_id AND o.purse_seq = k.purse_seq AND o.posted
-"""
-
-_HOTLIST_SQL = """
-SELECT card_id, version, card_sn, action, reason, at FROM hotlist_entry
-WHERE card_id = ANY($1::bigint[]) ORDER BY version
 """
 
 _WRITE_SQL = """
@@ -433,17 +429,8 @@ async def _attempt(
         for row in await conn.fetch(_POSTED_SQL, [w[0] for w in wanted], [w[1] for w in wanted]):
             posted[(row["card_id"], row["purse_seq"])] = transit.record_from_dict(row["record"])
     if by_id:
-        for row in await conn.fetch(_HOTLIST_SQL, list(by_id)):
-            by_id[row["card_id"]].entries.append(
-                HotlistEntry(
-                    row["version"],
-                    row["card_sn"],
-                    HotlistAction(row["action"]),
-                    HotlistReason(row["reason"]),
-                    int(row["at"].timestamp()),
-                    row["card_id"],
-                )
-            )
+        for card_id, entries in (await hotlist_flow.entries_of(conn, list(by_id))).items():
+            by_id[card_id].entries.extend(entries)
 
     served = await served_to(conn, tid, now - dt.timedelta(seconds=RECORD_AGE_S_MAX + skew_s))
     plan = _Plan()

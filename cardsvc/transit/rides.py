@@ -27,9 +27,11 @@ import orjson
 
 from cardsvc import limits
 from cardsvc.errors import RETRY_LATER, ApiError
+from cardsvc.flows import hotlist as hotlist_flow
 from cardsvc.services import Services
 from protocols import ridecode
 from protocols.card import CardStatus
+from protocols.hotlist import HotlistEntry
 from protocols.ridecode import RideBatch, RideRecord
 
 from . import fares
@@ -42,7 +44,6 @@ from .taps import (
     TapItem,
     TapOutcome,
     blocked_as_of,
-    card_hotlists,
     process_taps,
     stop_times,
 )
@@ -96,7 +97,7 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
     )
     certs: dict[int, Any] = {}
     stops: dict[int, float] = {}  # replaced cards: when they stopped
-    hotlists: dict[int, tuple[tuple[int, bool], ...]] = {}  # replaced cards: their hotlist entries
+    hotlists: dict[int, list[HotlistEntry]] = {}  # replaced cards: their hotlist entries
     served = Served.of([])
     if serials:
         async with svc.pool.acquire() as conn:
@@ -111,7 +112,7 @@ async def ride_items(svc: Services, ctx: TransitContext, batch: RideBatch, now: 
             replaced = [row["card_id"] for row in rows if row["status"] == CardStatus.REPLACED and row["replaced_by"]]
             if replaced:
                 stops = await stop_times(conn, replaced)
-                hotlists = await card_hotlists(conn, replaced)
+                hotlists = await hotlist_flow.entries_of(conn, replaced)
         certs = {row["cert_serial"]: row for row in rows}
     items: list[TapItem] = []
     for r, decision in zip(batch.records, decisions, strict=True):

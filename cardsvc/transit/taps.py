@@ -43,10 +43,13 @@ import asyncpg
 import orjson
 
 from cardsvc.errors import RETRY_LATER, ApiError
+from cardsvc.flows import hotlist as hotlist_flow
 from cardsvc.flows.credential_use import KIND_ECARD_CODE
 from cardsvc.flows.views import effective_status
 from cardsvc.store.batcher import columns
-from protocols.card import CardStatus, HotlistAction
+from protocols import transit
+from protocols.card import CardStatus
+from protocols.hotlist import HotlistEntry
 
 from . import fares
 
@@ -59,7 +62,6 @@ __all__ = [
     "TapItem",
     "TapOutcome",
     "blocked_as_of",
-    "card_hotlists",
     "process_taps",
     "stop_times",
 ]
@@ -180,7 +182,7 @@ class _Card:
     touched: bool = False
     # A lost card's hotlist entries, (version, is a block) ascending: read only when a ride in the batch
     # names the deny-list version its gate held (`_gate_unaware`).
-    hotlist: tuple[tuple[int, bool], ...] | None = None
+    hotlist: tuple[HotlistEntry, ...] | None = None
 
 
 # When a lost card stopped: a temporary loss's status_changed_at. A formal loss may follow a temporary
@@ -212,27 +214,9 @@ async def _formal_loss_stops(conn: asyncpg.Connection, cards: Sequence[_Card], i
         c.lost_since = stops.get(c.card_id)
 
 
-_CARD_HOTLIST_SQL = """
-SELECT card_id, version, action FROM hotlist_entry WHERE card_id = ANY($1::bigint[]) ORDER BY card_id, version
-"""
-
-
-async def card_hotlists(conn: asyncpg.Connection, card_ids: Sequence[int]) -> dict[int, tuple[tuple[int, bool], ...]]:
-    """Each card's hotlist entries, (version, is a block) ascending."""
-    entries: dict[int, list[tuple[int, bool]]] = {card_id: [] for card_id in card_ids}
-    for r in await conn.fetch(_CARD_HOTLIST_SQL, list(card_ids)):
-        entries[r["card_id"]].append((r["version"], r["action"] == HotlistAction.BLOCK))
-    return {card_id: tuple(e) for card_id, e in entries.items()}
-
-
-def blocked_as_of(entries: Sequence[tuple[int, bool]], version: int) -> bool:
-    """Whether a card with these hotlist entries was blocked in the hotlist as of `version`."""
-    blocked = False
-    for v, is_block in entries:
-        if v > version:
-            break
-        blocked = is_block
-    return blocked
+def blocked_as_of(entries: Sequence[HotlistEntry], version: int) -> bool:
+    """Whether the card these hotlist entries are of (`hotlist_flow.entries_of`) was blocked as of `version`."""
+    return bool(entries) and transit.blocked_at_version(entries, entries[0].card_sn, version)
 
 
 async def _deny_lists(conn: asyncpg.Connection, cards: Sequence[_Card], items: Sequence[TapItem]) -> None:
@@ -241,8 +225,8 @@ async def _deny_lists(conn: asyncpg.Connection, cards: Sequence[_Card], items: S
     wanted = {c.card_id: c for c in cards if c.lost_since is not None and (c.card_id in named or c.card_sn in named)}
     if not wanted:
         return
-    for card_id, entries in (await card_hotlists(conn, list(wanted))).items():
-        wanted[card_id].hotlist = entries
+    for card_id, entries in (await hotlist_flow.entries_of(conn, list(wanted))).items():
+        wanted[card_id].hotlist = tuple(entries)
 
 
 def _gate_unaware(card: _Card, item: TapItem) -> bool:
