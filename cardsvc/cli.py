@@ -554,15 +554,14 @@ def _register_operator(settings: Settings, args: argparse.Namespace) -> int:
         print("error: register needs --operator (1-16 of A-Z a-z 0-9 _ -) and --name", file=sys.stderr)
         return 2
 
-    async def go() -> str:
+    async def go() -> None:
         conn = await _connect(settings)
         try:
-            status: str = await conn.execute(
+            await conn.execute(
                 """INSERT INTO transit_operator (operator_id, name) VALUES ($1, $2)
                    ON CONFLICT (operator_id) DO UPDATE SET name = EXCLUDED.name""",
                 args.operator, args.name.strip(),
             )  # fmt: skip
-            return status
         finally:
             await conn.close()
 

@@ -65,6 +65,7 @@ __all__ = [
     "in_day_sql",
     "operators",
     "read_back",
+    "registered_operators",
     "report_view",
 ]
 
@@ -248,11 +249,14 @@ async def _settle(conn: asyncpg.Connection, day: dt.date, end: dt.datetime, sett
         await asyncio.sleep(SETTLE_POLL_S)
 
 
+async def registered_operators(conn: asyncpg.Connection) -> set[str]:
+    """The operators registered outside the fare table (`cardsvc clearing register`: one removed from it)."""
+    return {r["operator_id"] for r in await conn.fetch("SELECT operator_id FROM transit_operator")}
+
+
 async def operators(conn: asyncpg.Connection, table: fares.FareTable) -> list[str]:
     """The operators cleared: the fare table's and the registered ones (transit_operator)."""
-    known = set(table.operators)
-    known |= {r["operator_id"] for r in await conn.fetch("SELECT operator_id FROM transit_operator")}
-    return sorted(known)
+    return sorted(set(table.operators) | await registered_operators(conn))
 
 
 async def clear_day(

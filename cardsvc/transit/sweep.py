@@ -37,7 +37,7 @@ import asyncpg
 
 from protocols.card import CardStatus
 
-from . import fares
+from . import clearing, fares
 from .taps import KIND_FARE, KIND_PENALTY, SOURCE_SWEEP
 
 __all__ = ["SWEEP_TERMINAL", "SweepResult", "sweep_timed_out_journeys"]
@@ -206,8 +206,7 @@ async def sweep_timed_out_journeys(
             now_s = int(now.timestamp())
             # Entries credited to the table's metro operators, and to registered ones: an operator removed
             # from the table (`cardsvc clearing register`) may still have journeys open.
-            registered = [r["operator_id"] for r in await conn.fetch("SELECT operator_id FROM transit_operator")]
-            operators = sorted(set(_metro_operators(table)) | set(registered))
+            operators = sorted(set(_metro_operators(table)) | await clearing.registered_operators(conn))
             candidates = closed = charged = unpaid = held = unpriced = 0
             unknown: set[str] = set()
             # The replacements since the run's first window began, up to now, are looked at once, with it

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 
 import asyncpg
 
-from . import fares
+from . import clearing, fares
 
 # Every station and every operator a stored state names ('s' / 'o'), with the number of cards naming it,
 # for a range of card ids: the open journey's entry, the journey the sweep charged, the unpaired taps (and
@@ -74,5 +74,5 @@ async def unknown_operators(
 ) -> dict[str, int]:
     """The operators in `used` that are neither the table's nor registered (transit_operator): the sweep
     would not find their open journeys, and clearing would not pay their penalties."""
-    registered = {r["operator_id"] for r in await conn.fetch("SELECT operator_id FROM transit_operator")}
+    registered = await clearing.registered_operators(conn)
     return {o: n for o, n in sorted(used.items()) if o not in table.operators and o not in registered}
