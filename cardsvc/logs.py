@@ -45,7 +45,7 @@ def _redacted(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, float):
         return value
     if isinstance(value, int):
-        return value if value < 10**10 or redact(str(value)) == str(value) else "[redacted]"
+        return value if abs(value) < 10**10 or redact(str(value)) == str(value) else "[redacted]"
     if isinstance(value, dict):
         return {redact(str(k)): _redacted(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
