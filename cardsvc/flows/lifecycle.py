@@ -24,7 +24,7 @@ from .hotlist import append_entry
 from .registry import get_card
 from .views import effective_status
 
-__all__ = ["OPERATIONS", "CardState", "Plan", "apply", "expire_temporary_losses", "plan"]
+__all__ = ["OPERATIONS", "CardState", "Plan", "apply", "expire_one", "expire_temporary_losses", "plan"]
 
 S = CardStatus
 LIVE = frozenset({S.ISSUED, S.ACTIVE, S.TEMP_LOST})
@@ -160,7 +160,7 @@ async def apply(
         status = effective_status(row["status"], row["temp_loss_until"], now)
         if status != row["status"]:
             # The temporary loss ran out before the sweeper saw it: record that first.
-            await _expire_one(conn, row["card_id"], row["card_sn"], row["app_locked"])
+            await expire_one(conn, row["card_id"], row["card_sn"], row["app_locked"])
         balance = row["purse_balance_fen"]
         if op == "cancel" and row["has_purse"]:
             # The join above read the purse unlocked: a top-up may have committed since. Card, then purse
@@ -291,7 +291,7 @@ async def move_purse(conn: asyncpg.Connection, old_id: int, new_id: int, actor: 
     return balance
 
 
-async def _expire_one(conn: asyncpg.Connection, card_id: int, card_sn: str, app_locked: bool) -> None:
+async def expire_one(conn: asyncpg.Connection, card_id: int, card_sn: str, app_locked: bool) -> None:
     await conn.execute(
         "UPDATE card SET status = $2, temp_loss_until = NULL, status_changed_at = now() WHERE card_id = $1",
         card_id,
@@ -317,7 +317,7 @@ async def expire_temporary_losses(pool: asyncpg.Pool, batch_rows_max: int = 500)
                 batch_rows_max,
             )
             for r in rows:
-                await _expire_one(conn, r["card_id"], r["card_sn"], r["app_locked"])
+                await expire_one(conn, r["card_id"], r["card_sn"], r["app_locked"])
         done += len(rows)
         if len(rows) < batch_rows_max:
             return done

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from cardsvc.errors import ApiError
-from cardsvc.flows import views
+from cardsvc.flows import lifecycle, views
 from cardsvc.flows.actor import Actor
 from cardsvc.flows.credentials import KIND_CARD_CRYPTOGRAM, KIND_ECARD_CODE, KIND_RIDE_CODE
 from cardsvc.services import Services
@@ -365,14 +365,18 @@ async def issue_ride_cert(
     valid_to = valid_from + svc.settings.ride_cert_days * 86400
     async with conn.transaction():
         row = await conn.fetchrow(
-            """SELECT card_id, status, temp_loss_until, expires_on, app_locked, has_purse FROM card
-               WHERE card_no = $1 FOR SHARE""",
+            """SELECT card_id, card_sn, status, temp_loss_until, expires_on, app_locked, has_purse FROM card
+               WHERE card_no = $1 FOR UPDATE""",
             body["card_no"],
         )
         if row is None:
             raise ApiError("not_found", "no such card", field="card_no")
         if not views.usable(row, now):  # active (a temporary loss that ran out is), not locked, not expired
             raise ApiError("card_not_active", field="card_no")
+        if row["status"] != int(card.CardStatus.ACTIVE):
+            # The temporary loss ran out before the sweeper saw it: record that first, so that the hotlist
+            # unblocks the card (its account) and gates accept the certificate's codes now, not at the sweep.
+            await lifecycle.expire_one(conn, row["card_id"], row["card_sn"], row["app_locked"])
         if not row["has_purse"]:
             raise ApiError("no_transit_purse")
         serial: int = await conn.fetchval(

@@ -112,8 +112,13 @@ async def test_ride_cert_for_a_card_whose_temporary_loss_ran_out(
     body: dict[str, Any] = {
         "card_no": c["card_no"], "alg": sm.ALG_SM2_SM3, "user_public_key": sm.public_key_bytes(key).hex()
     }  # fmt: skip
+    head = await db.fetchval("SELECT version FROM hotlist_head")
     r = await svc.post("/v1/ride-certs", body, as_="ecard_channel")
     assert r.status == 201, r.body
+    # The expiry is recorded with it: the hotlist unblocks the card now, so gates accept the new codes.
+    assert await db.fetchval("SELECT status FROM card WHERE card_no = $1", c["card_no"]) == 2  # active
+    entry = await db.fetchrow("SELECT action, reason FROM hotlist_entry WHERE version = $1", head + 1)
+    assert entry is not None and (entry["action"], entry["reason"]) == (2, 7), entry  # unblock, loss expired
 
 
 def _value(text: str, name: str) -> float | None:
