@@ -14,6 +14,7 @@ from cardsvc import metrics
 from cardsvc.flows import credentials, ecards, hotlist, lifecycle, registry
 from cardsvc.flows.actor import Actor
 from cardsvc.logs import REQUEST_ID
+from cardsvc.security.terminals import HOLDER_SHOWN_TO
 from cardsvc.store import migrate
 from protocols import api, card
 from protocols import hotlist as hotlist_wire
@@ -206,16 +207,23 @@ async def revoke_ecard(request: web.Request) -> web.Response:
 # ------------------------------------------------------------------ acceptance: credentials, hotlist
 
 
+def _accepted(request: web.Request, answer: dict[str, Any]) -> web.Response:
+    """A credential check's answer, with the holder only for the kinds that check the holder in person."""
+    if request[AUTH].kind not in HOLDER_SHOWN_TO:
+        answer["card"].pop("holder", None)
+    return _json(answer)
+
+
 @operation("card.authenticate")
 async def authenticate_card(request: web.Request) -> web.Response:
     body = _parse(api.CARD_AUTH, request)
-    return _json(await credentials.verify_card(request.app[SERVICES], body, _now()))
+    return _accepted(request, await credentials.verify_card(request.app[SERVICES], body, _now()))
 
 
 @operation("ecard.verify")
 async def verify_ecard_code(request: web.Request) -> web.Response:
     body = _parse(api.ECARD_VERIFY, request)
-    return _json(await credentials.verify_ecard_code(request.app[SERVICES], body, _now()))
+    return _accepted(request, await credentials.verify_ecard_code(request.app[SERVICES], body, _now()))
 
 
 @operation("hotlist.read")

@@ -60,6 +60,11 @@ OPERATIONS: dict[str, str] = {
 }
 
 _ACCEPTANCE = frozenset({"card.authenticate", "ecard.verify", "hotlist.read"})
+# The kinds whose staff check the holder in person (a hospital, a pharmacy, a government counter, an agency,
+# the card office): a credential check answers them the holder's masked name and ID number. A gate or a
+# shop only needs to know whether the card may be used (data minimisation, PIPL art. 6).
+HOLDER_SHOWN_TO: frozenset[str] = frozenset({"hospital_his", "pharmacy_pos", "government_service", "agency", "card_office"})
+
 KINDS: dict[str, frozenset[str]] = {
     "transit_validator": _ACCEPTANCE | {"transit.tap", "transit.upload"},
     "hospital_his": _ACCEPTANCE,

@@ -53,7 +53,7 @@ def delta(
 
 
 async def card_auth(svc: ServiceHarness, body: dict[str, str]) -> Response:
-    return await svc.post("/v1/card-auth", body, as_="transit_validator")
+    return await svc.post("/v1/card-auth", body, as_="hospital_his")  # a kind the holder is shown to
 
 
 async def verify_code(svc: ServiceHarness, code: str, business_type: str = "02") -> Response:
@@ -350,7 +350,7 @@ async def test_ecard_code_valid(svc: ServiceHarness, alg: int) -> None:
         assert r.body["credential"] == "ecard" and r.body["ecard_id"] == dev.ecard_id
         assert r.body["business_type"] == business_type
         assert r.body["card"]["card_no"] == c["card_no"] and r.body["card"]["status"] == "active"
-        assert r.body["card"]["holder"]["name_masked"] == "张**"
+        assert "holder" not in r.body["card"]  # a shop's POS: whether the card may be used, not who holds it
 
 
 # Byte positions in the 82-byte code: version, alg, ecard_id (first, last), issued_at (last), counter

@@ -174,3 +174,21 @@ async def test_the_embedded_database_logs_slow_statements_without_their_values(
         fh.seek(before)
         text = fh.read().decode(errors="replace")
     assert c["card_sn"] not in text, [ln for ln in text.splitlines() if c["card_sn"] in ln]
+
+
+async def test_a_credential_check_names_the_holder_only_to_those_who_check_the_holder(svc: ServiceHarness) -> None:
+    """A gate or a shop checking a card needs to know whether it may be used; the holder's masked name and ID
+    number went to every acceptance terminal. They go to the kinds that check the holder in person."""
+    c = await svc.new_card()
+    device = await svc.new_ecard(c["card_no"])
+    for kind, shown in (("transit_validator", False), ("merchant_pos", False), ("hospital_his", True),
+                        ("pharmacy_pos", True), ("government_service", True), ("agency", True)):  # fmt: skip
+        r1 = await svc.post("/v1/card-auth", svc.card_auth_body(c["card_sn"]), as_=kind)
+        r2 = await svc.post(
+            "/v1/ecard-codes/verify", {"code": device.next_code(int(time.time())), "business_type": "02"}, as_=kind
+        )
+        for r in (r1, r2):
+            assert r.status == 200 and r.body["card"]["card_no"] == c["card_no"], (kind, r.body)
+            assert ("holder" in r.body["card"]) == shown, (kind, r.body)
+            if shown:
+                assert r.body["card"]["holder"]["name_masked"] == "张**"

@@ -8,7 +8,7 @@ from tests.helpers import ServiceHarness
 async def test_card_lifecycle_and_credentials(svc: ServiceHarness) -> None:
     c = await svc.new_card()
     assert c["status"] == "active"
-    r = await svc.post("/v1/card-auth", svc.card_auth_body(c["card_sn"]), as_="transit_validator")
+    r = await svc.post("/v1/card-auth", svc.card_auth_body(c["card_sn"]), as_="hospital_his")
     assert r.status == 200, r.body
     assert r.body["card"]["holder"]["name_masked"] == "张**"
     dev = await svc.new_ecard(c["card_no"])
