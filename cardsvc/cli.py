@@ -679,7 +679,7 @@ def cmd_fares(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  {station}: {cards} card{'s' * (cards != 1)}", file=sys.stderr)
     if gone:
         n = len(gone)
-        print(f"{n} operator{'s' * (n != 1)} neither in this table nor registered "
+        print(f"{n} operator{'s' * (n != 1)} running no metro line in this table and not registered "
               "(cardsvc clearing register --operator ID --name NAME):", file=sys.stderr)  # fmt: skip
         for operator, cards in gone.items():
             print(f"  {operator}: {cards} card{'s' * (cards != 1)}", file=sys.stderr)
@@ -926,8 +926,10 @@ def build_parser() -> argparse.ArgumentParser:
         "check a fare table before it goes live",
         "check [--table FILE]: load and validate the table (default: the configured one), then read the\n"
         "stored journey states and list every metro station they name that the table neither serves nor\n"
-        "retires (metro.retired): such journeys could not be priced. Exit 1 if there is one. Read-only;\n"
-        "safe beside the running service. See docs/fares.md \"Closing a station\".",
+        "retires (metro.retired): such journeys could not be priced; and every operator they are credited\n"
+        "to that runs no metro line in the table and is not registered (`cardsvc clearing register`): the\n"
+        "sweep would not find those journeys. Exit 1 if there is either. Read-only; safe beside the running\n"
+        "service. See docs/fares.md \"Closing a station\".",
     )
     p.add_argument("action", choices=["check"])
     p.add_argument("--table", type=Path, help="fare table file (default: CARDSVC_FARE_TABLE, else the demo table)")

@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import re
 import sys
 import time
 from typing import Any
 
 import orjson
 
+from protocols.strict import PERSONAL_DATA_PATTERNS
+
 __all__ = ["REQUEST_ID", "JsonFormatter", "redact", "setup_logging"]
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("cardsvc_request_id", default=None)
 
 # 18-char ID numbers, 15-19 digit bank card numbers, 11-digit mainland mobile numbers.
-_PII_PATTERNS = (
-    re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])"),
-    re.compile(r"(?<!\d)\d{15,19}(?!\d)"),
-    re.compile(r"(?<!\d)1[3-9]\d{9}(?!\d)"),
-)
+_PII_PATTERNS = PERSONAL_DATA_PATTERNS
 
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 

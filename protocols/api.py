@@ -18,7 +18,7 @@ from typing import Any
 
 from . import card, ecard, idnumber
 from .errors import CodecError
-from .strict import shown_key
+from .strict import looks_personal, shown_key
 
 __all__ = [
     "CARD_AUTH",
@@ -233,13 +233,10 @@ def _date(value: str) -> dt.date:
 
 
 _HEX = "[0-9A-Fa-f]"
-_LONG_DIGITS = re.compile(r"\d{11,}")
-
-
 def _staff_id(value: str) -> str:
-    """A staff id is stored in the audit trail, which holds no personal data: refuse one with a run of 11
-    or more digits (an ID, mobile phone or card number typed in its place)."""
-    if _LONG_DIGITS.search(value):
+    """A staff id is stored in the audit trail, which holds no personal data: refuse one shaped like an ID,
+    bank card or mobile number (typed in its place)."""
+    if looks_personal(value):
         raise ValueError("must be a staff id, not an ID, phone or card number")
     return value
 
@@ -251,7 +248,7 @@ OPERATOR = Field(
     pattern=r"[A-Za-z0-9._-]{1,32}",
     max_chars=32,
     check=_staff_id,
-    description="Staff id of the person at the terminal (not personal data: no run of 11 or more digits).",
+    description="Staff id of the person at the terminal (not personal data: nothing shaped like an ID, bank card or mobile number).",
 )
 EXPIRES_ON = Field("expires_on", str, pattern=r"\d{4}-\d{2}-\d{2}", max_chars=10, check=_date, fmt="date")
 

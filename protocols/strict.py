@@ -11,14 +11,30 @@ from typing import Any
 from protocols.errors import CodecError
 
 __all__ = [
+    "PERSONAL_DATA_PATTERNS",
     "b32_canonical",
     "check_exact_keys",
     "check_int",
     "check_str",
     "check_upload",
     "decode_upload",
+    "looks_personal",
     "shown_key",
 ]
+
+# Text shaped like personal data: 18-character ID numbers, 15-19 digit bank card numbers, 11-digit mainland
+# mobile numbers. Logs redact it (cardsvc.logs), and fields stored in the audit trail refuse it.
+PERSONAL_DATA_PATTERNS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])"),
+    re.compile(r"(?<!\d)\d{15,19}(?!\d)"),
+    re.compile(r"(?<![0-9A-Za-z])1[3-9]\d{9}(?![0-9A-Za-z])"),
+)
+
+
+def looks_personal(text: str) -> bool:
+    """Whether `text` holds something shaped like an ID, bank card or mobile number."""
+    return any(p.search(text) for p in PERSONAL_DATA_PATTERNS)
+
 
 # A key an error message may name: a field name's shape. Anything else (an ID number or a name sent as a
 # key) is refused without being echoed into the answer or a log line.

@@ -72,7 +72,8 @@ def unknown_stations(table: fares.FareTable, used: Mapping[str, int]) -> dict[st
 async def unknown_operators(
     conn: asyncpg.Connection, table: fares.FareTable, used: Mapping[str, int]
 ) -> dict[str, int]:
-    """The operators in `used` that are neither the table's nor registered (transit_operator): the sweep
-    would not find their open journeys, and clearing would not pay their penalties."""
-    registered = await clearing.registered_operators(conn)
-    return {o: n for o, n in sorted(used.items()) if o not in table.operators and o not in registered}
+    """The operators in `used` (credited with stored metro journeys) that run no metro line in the table and
+    are not registered (transit_operator): the sweep, which looks for entries credited to those, would not
+    find their open journeys."""
+    known = set(table.station_operator.values()) | await clearing.registered_operators(conn)
+    return {o: n for o, n in sorted(used.items()) if o not in known}

@@ -44,6 +44,10 @@ async def test_an_operator_shaped_like_an_id_or_phone_number_is_refused_and_not_
         assert r.status == 400 and r.body["code"] == "invalid_field" and r.body["field"] == "operator", r.body
         assert personal not in _text(r.body)
         await svc.post(f"/v1/cards/{c['card_no']}/unlock-pin", {})
+    for staff in ("EMP20240115001", "clerk-7"):  # digits in a staff id are fine
+        r = await svc.post(f"/v1/cards/{c['card_no']}/lock-pin", {"operator": staff})
+        assert r.status == 200, r.body
+        await svc.post(f"/v1/cards/{c['card_no']}/unlock-pin", {})
         holder = c["holder"]["holder_id"]
         await svc.put(f"/v1/holders/{holder}/concession", {"kind": "disabled_half", "operator": personal})
         stored = await db.fetchval(

@@ -310,3 +310,20 @@ async def test_an_operator_gone_from_the_table_is_found_by_fares_check_and_swept
         await pool.close()
     res = await run_cli("fares", "check", "--table", str(tmp_path / "rail.toml"))
     assert res.status == 0, res.err
+
+
+async def test_fares_check_names_an_operator_that_kept_only_buses(
+    svc: ServiceHarness, tmp_path: Path, run_cli: Any  # noqa: F811
+) -> None:
+    """The metro passes to cq-rail and cq-metro stays in the table for a bus line. The sweep looks for entries
+    credited to the table's metro operators (and registered ones), so `fares check` must name cq-metro: it
+    passed, since cq-metro was still in the table, and the open journey was never swept."""
+    rider = await funded_card(svc, 2000)
+    assert (await tap(svc, tap_body(svc, rider["card_sn"], **metro(CLOSED, "in"))))["result"] == "approved"
+    data = without_closed(retired=True)
+    data["operators"] = data["operators"] + [{"id": "cq-rail", "name": "rail"}]
+    for line in data["metro"]["lines"]:
+        line["operator"] = "cq-rail"
+    data["bus_lines"][0]["operator"] = "cq-metro"
+    res = await run_cli("fares", "check", "--table", str(write(tmp_path, data, "buses")))
+    assert res.status == 1 and "running no metro line" in res.err and "cq-metro: 1 card\n" in res.err, res.err
