@@ -91,10 +91,10 @@ CONCESSION_CHANGES = Counter(
 )
 JOURNEYS_SWEPT = Counter(
     "cardsvc_transit_journeys_swept_total",
-    "Metro journeys open past the journey timeout, found by the sweep: closed (charged the maximum fare), "
-    "held_exit (a gate's exit whose entry never came, charged the maximum fare) or unpaid (the purse could "
-    "not pay; charged at the card's next tap) or unpriced (at a station the fare table does not have, "
-    "neither served nor under metro.retired; left for the card's next tap).",
+    "What the sweep found past the journey timeout: closed (a metro journey, charged the maximum fare), "
+    "held_exit (a gate's exit whose entry never came, charged the maximum fare), unpaid (a card whose "
+    "purse could not pay what was due; charged at its next tap) or unpriced (a card with something due at "
+    "a station the fare table neither serves nor lists under metro.retired; left for its next tap).",
     ["result"],
 )
 MAINTENANCE_FAILURES = Counter(
