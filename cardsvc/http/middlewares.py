@@ -96,7 +96,16 @@ def _request_id(request: web.Request) -> str:
         and redact(given) == given  # not shaped like an ID number or a bank card: it is logged and stored
     ):
         return given
-    return secrets.token_hex(8)
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """16 hex digits, never all decimal: one in ~1,900 would be, and 16 digits look like a bank card
+    number, which the logs redact (the id could not be found in them)."""
+    while True:
+        rid = secrets.token_hex(8)
+        if not rid.isdigit():
+            return rid
 
 
 @web.middleware
