@@ -16,20 +16,18 @@ from typing import Any
 
 import orjson
 
-from protocols.strict import PERSONAL_DATA_PATTERNS
+from protocols.strict import PERSONAL_DATA_PATTERNS, looks_personal
 
 __all__ = ["REQUEST_ID", "JsonFormatter", "redact", "setup_logging"]
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("cardsvc_request_id", default=None)
 
-# 18-char ID numbers, 15-19 digit bank card numbers, 11-digit mainland mobile numbers.
-_PII_PATTERNS = PERSONAL_DATA_PATTERNS
 
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 
 
 def redact(text: str) -> str:
-    for pattern in _PII_PATTERNS:
+    for pattern in PERSONAL_DATA_PATTERNS:  # ID, bank card and mobile numbers (protocols.strict)
         text = pattern.sub("[redacted]", text)
     return text
 
@@ -42,7 +40,7 @@ def _redacted(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, float):
         return value
     if isinstance(value, int):
-        return value if abs(value) < 10**10 or redact(str(value)) == str(value) else "[redacted]"
+        return value if abs(value) < 10**10 or not looks_personal(str(value)) else "[redacted]"
     if isinstance(value, dict):
         return {redact(str(k)): _redacted(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
