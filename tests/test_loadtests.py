@@ -4,7 +4,7 @@ checks them, the offline batches the benchmark builds, the Locust file loading, 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import socket
 import subprocess
 import sys
 import time
@@ -191,7 +191,6 @@ missing: 3,17
     assert transit_bench.parse_missing("missing: \n") == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="Locust is in the `load` extra")
 def test_the_locustfile_loads_with_every_user_class() -> None:
     # In a child process: importing Locust monkey-patches the standard library (gevent).
     out = subprocess.run(
@@ -220,3 +219,41 @@ def test_a_benchmark_report_names_the_commit_it_measured(tmp_path: Path) -> None
         env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "GIT_DIR": str(tmp_path / "none")},
     )
     assert out.stdout.strip() == "unknown (not a git checkout)"
+
+
+def test_the_transit_benchmark_runs_end_to_end_and_reconciles_with_the_journal(tmp_path: Path) -> None:
+    """`./dev bench transit` at a small scale, without the wrk phases: seed, TPC-B, the service with two
+    workers, offline ingestion, the Locust mix (every request type, loss reports whose cards must then be
+    refused), the audit and the generators' counts against the journal, and the report."""
+    docs = tmp_path / "docs"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [
+        sys.executable, "-m", "loadtests.transit_bench", "--data-dir", str(tmp_path / "bench"),
+        "--cards", "4000", "--peak-taps", "0", "--tpcb-scale", "1", "--tpcb-seconds", "2",
+        "--offline-cards", "400", "--offline-batches", "6", "--offline-batch-records", "100",
+        "--locust-offline-cards", "600", "--locust-duration", "20", "--locust-users", "12",
+        "--locust-rate", "120", "--port", str(port), "--docs-dir", str(docs),
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+    data = orjson.loads((docs / "benchmarks.json").read_bytes())
+    t = data["transit"]
+    assert data["cards"] == 4000 and data["tpcb_tps"] > 0
+    assert data["online_tap_per_s"] is None and t["peak_online"] is None  # not measured without wrk
+    assert data["audit_passed"], t["audit"]
+    loc = t["locust"]
+    assert loc["exit_code"] == 0 and loc["failures"] == 0, loc["failure_list"]
+    names = {r["name"] for r in loc["per_type"] if r["requests"] > 0}
+    assert {"tap metro in", "tap metro out", "tap bus card", "tap bus e-card", "ecard code verify",
+            "card verify", "hotlist", "offline batch", "loss report", "tap lost card"} <= names, names  # fmt: skip
+    c = loc["counters"]
+    assert c["loss_reports"] > 0 and c["lost_card_refused"] == c["loss_reports"]
+    assert c["lost_card_violations"] == 0 and not c["unexpected_tap_declines"]
+    rec = t["reconciliation"]
+    assert rec["generator_approved_taps"] == rec["journal_fare_rows"] > 0
+    assert rec["generator_posted_offline"] == rec["journal_offline_rows"] > t["offline"]["posted"] > 0
+    assert rec["generator_topups"] == rec["journal_topup_rows"]
+    report = (docs / "benchmarks.md").read_text()
+    assert "not measured (`--peak-taps 0`)" in report and "| `cardsvc audit` after the run | PASSED |" in report
