@@ -575,23 +575,38 @@ def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.action == "register":
         return _register_operator(settings, args)
-    if not args.date:
-        print("error: run needs --date YYYY-MM-DD", file=sys.stderr)
-        return 2
-    try:
-        day = dt.date.fromisoformat(args.date)
-    except ValueError:
-        print(f"error: --date must be YYYY-MM-DD, got {args.date!r}", file=sys.stderr)
-        return 2
+    day: dt.date | None = None
+    if args.date:
+        try:
+            day = dt.date.fromisoformat(args.date)
+        except ValueError:
+            print(f"error: --date must be YYYY-MM-DD, got {args.date!r}", file=sys.stderr)
+            return 2
     out = Path(args.out) if args.out else settings.data_dir / "clearing"
+    table = _fare_table(settings)
 
     async def go() -> list[Any]:
         conn = await _connect(settings)
         try:
-            return await clearing.clear_day(
-                conn, _fare_table(settings), day, out, operator_id=args.operator, progress=_progress,
-                settle_s=args.wait,
-            )
+            if day is not None:
+                days = [day]
+            else:
+                due = await clearing.days_to_clear(conn, table, operator_id=args.operator)
+                if due.skipped_before is not None:
+                    print(f"warning: days before {due.skipped_before} are not cleared either; a run without "
+                          f"--date goes {clearing.CATCH_UP_DAYS} days back at most: clear those with --date",
+                          file=sys.stderr)  # fmt: skip
+                if not due.days:
+                    print(f"nothing to clear: cleared through {due.last_over}", file=sys.stderr)
+                days = due.days
+            results: list[Any] = []
+            for k, d in enumerate(days, 1):
+                if len(days) > 1:
+                    _progress(f"clearing {d} ({k}/{len(days)})")
+                results += await clearing.clear_day(
+                    conn, table, d, out, operator_id=args.operator, progress=_progress, settle_s=args.wait
+                )
+            return results
         finally:
             await conn.close()
 
@@ -906,11 +921,15 @@ def build_parser() -> argparse.ArgumentParser:
         "arrived) as a clearing file (protocols/clearing.md) in --out, recorded in clearing_report.\n"
         "Re-running a day rewrites identical files; if the journal of a cleared day was changed by hand,\n"
         "the report and file are kept and the run exits 1 (an audit failure).\n"
+        "run without --date (the nightly timer, deploy/cardsvc-clearing.timer): every day after the last\n"
+        "one cleared, up to yesterday (local), at most 31 days back; the first run clears yesterday.\n"
         "register --operator ID --name NAME: an operator that is not in the fare table (removed from it,\n"
         "with fares still to clear), so that `run` clears it and `cardsvc audit` knows it.",
     )
     p.add_argument("action", choices=["run", "register"])
-    p.add_argument("--date", help="run: business day YYYY-MM-DD (it must be over)")
+    p.add_argument(
+        "--date", help="run: business day YYYY-MM-DD (it must be over); default: the days not cleared yet"
+    )
     p.add_argument("--operator", help="run: only this operator id; register: the operator id")
     p.add_argument("--name", help="register: the operator's name")
     p.add_argument("--out", help="output directory (default <data_dir>/clearing)")

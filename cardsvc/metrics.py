@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "CLEARED_THROUGH",
     "CONCESSION_CHANGES",
     "CONTENT_TYPE_LATEST",
     "DB_POOL_CONNECTIONS",
@@ -118,6 +119,13 @@ UPLOADED_RECORDS = Counter(
 HOTLIST_VERSION = Gauge(
     "cardsvc_hotlist_version",
     "Latest hotlist version seen by this service.",
+    multiprocess_mode="max",
+)
+CLEARED_THROUGH = Gauge(
+    "cardsvc_transit_clearing_cleared_through_timestamp_seconds",
+    "End of the last business day cleared for the operator (Unix time), read from clearing_report at each "
+    "scrape: a nightly clearing run moves it by a day.",
+    ["operator"],
     multiprocess_mode="max",
 )
 DB_POOL_CONNECTIONS = Gauge(

@@ -66,16 +66,35 @@ def test_the_systemd_unit_migrates_then_serves() -> None:
             assert line.split("=", 1)[0].startswith("CARDSVC_"), line
 
 
-def test_the_systemd_unit_puts_each_key_in_its_section() -> None:
-    """systemd ignores a key in the wrong section with only a warning: StartLimit* under [Service] left the
-    crash-loop brake off."""
-    sections: dict[str, set[str]] = {}
+def unit_sections(name: str) -> dict[str, dict[str, str]]:
+    sections: dict[str, dict[str, str]] = {}
     current = ""
-    for line in (DEPLOY / "cardsvc.service").read_text().splitlines():
+    for line in (DEPLOY / name).read_text().splitlines():
         if line.startswith("["):
             current = line.strip("[]")
         elif "=" in line and not line.startswith("#"):
-            sections.setdefault(current, set()).add(line.split("=", 1)[0])
-    assert {"StartLimitIntervalSec", "StartLimitBurst", "After", "Wants"} <= sections["Unit"]
-    assert {"ExecStart", "Restart", "RestartSec", "KillSignal"} <= sections["Service"]
-    assert not {"StartLimitIntervalSec", "StartLimitBurst"} & sections["Service"]
+            key, value = line.split("=", 1)
+            sections.setdefault(current, {})[key] = value
+    return sections
+
+
+def test_the_systemd_unit_puts_each_key_in_its_section() -> None:
+    """systemd ignores a key in the wrong section with only a warning: StartLimit* under [Service] left the
+    crash-loop brake off."""
+    sections = unit_sections("cardsvc.service")
+    assert {"StartLimitIntervalSec", "StartLimitBurst", "After", "Wants"} <= set(sections["Unit"])
+    assert {"ExecStart", "Restart", "RestartSec", "KillSignal"} <= set(sections["Service"])
+    assert not {"StartLimitIntervalSec", "StartLimitBurst"} & set(sections["Service"])
+
+
+def test_the_clearing_timer_runs_the_catch_up_command_nightly_in_china_time() -> None:
+    service = unit_sections("cardsvc-clearing.service")
+    assert service["Service"]["Type"] == "oneshot"
+    # Without --date: the days not cleared yet (a fixed --date would clear the same day every night).
+    assert re.fullmatch(r"\S+/cardsvc clearing run", service["Service"]["ExecStart"])
+    assert service["Service"]["EnvironmentFile"] == "/etc/cardsvc/cardsvc.env"
+    assert service["Service"]["User"] == unit_sections("cardsvc.service")["Service"]["User"]
+    timer = unit_sections("cardsvc-clearing.timer")
+    # Business days are China time: a timer on the host's zone (often UTC) would run at 08:10 local.
+    assert timer["Timer"]["OnCalendar"].endswith(" Asia/Shanghai") and timer["Timer"]["Persistent"] == "true"
+    assert timer["Install"]["WantedBy"] == "timers.target"

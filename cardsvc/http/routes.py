@@ -16,6 +16,7 @@ from cardsvc.flows.actor import Actor
 from cardsvc.logs import REQUEST_ID
 from cardsvc.security.terminals import HOLDER_SHOWN_TO
 from cardsvc.store import migrate
+from cardsvc.transit import clearing
 from protocols import api, card
 from protocols import hotlist as hotlist_wire
 from protocols.errors import CodecError
@@ -92,10 +93,12 @@ async def metrics_handler(request: web.Request) -> web.Response:
     metrics.DB_POOL_CONNECTIONS.set(svc.pool.get_size())
     metrics.DB_POOL_IN_USE.set(svc.pool.get_size() - svc.pool.get_idle_size())
     # The hotlist head as of this scrape: a loss report moves it in whichever worker took it, or none
-    # (`cardsvc card` from a shell). Without the database, /metrics still answers with the last value.
+    # (`cardsvc card` from a shell); the days cleared, which only the nightly command moves. Without the
+    # database, /metrics still answers with the last values.
     try:
         async with asyncio.timeout(1.0), svc.pool.acquire() as conn:
             await hotlist.latest_version(conn)
+            await clearing.refresh_cleared_through(conn, svc.transit.table)
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
         pass
     return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE_LATEST})

@@ -19,7 +19,8 @@ When. A day can be cleared once it is over on the database's clock (by `CLEARING
 transaction that began before its end is still open (`posted_at` is the writing transaction's start, so
 such a transaction could still commit rows of the day). The run waits for those a little (`settle_s`),
 then refuses. To see every session's transaction the clearing role needs `pg_read_all_stats` (or is a
-superuser); without it the run refuses.
+superuser); without it the run refuses. A scheduled run (no date: `days_to_clear`) clears every day after
+each operator's last cleared one, so a missed night is caught up by the next.
 
 How. One set-based aggregate (GROUP BY counterparty) gives each operator's count and total; the detail
 lines are then streamed from a server-side cursor, ordered by txn_id, straight into the file with an
@@ -48,7 +49,7 @@ from typing import Any
 
 import asyncpg
 
-from cardsvc import limits
+from cardsvc import limits, metrics
 from protocols import clearing as wire
 
 from . import fares
@@ -58,13 +59,17 @@ __all__ = [
     "AGGREGATE_SQL",
     "CLEARING_KINDS",
     "ClearingError",
+    "DaysToClear",
     "OperatorResult",
     "business_day_bounds",
     "clear_day",
     "clearing_file_name",
+    "days_to_clear",
     "in_day_sql",
+    "last_day_over",
     "operators",
     "read_back",
+    "refresh_cleared_through",
     "registered_operators",
     "report_view",
 ]
@@ -74,6 +79,7 @@ CURSOR_PREFETCH = 10_000
 SETTLE_POLL_S = 0.2
 PROGRESS_EVERY_LINES = 100_000
 _LOCK_NAMESPACE = 0x434C52  # "CLR": advisory lock namespace of clearing runs
+CATCH_UP_DAYS = 31  # a run without --date clears at most this many days back
 
 
 def in_day_sql(lo: str, hi: str, alias: str = "") -> str:
@@ -257,6 +263,58 @@ async def registered_operators(conn: asyncpg.Connection) -> set[str]:
 async def operators(conn: asyncpg.Connection, table: fares.FareTable) -> list[str]:
     """The operators cleared: the fare table's and the registered ones (transit_operator)."""
     return sorted(set(table.operators) | await registered_operators(conn))
+
+
+def last_day_over(table: fares.FareTable, now: dt.datetime) -> dt.date:
+    """The latest business day that can be cleared at `now`: over, by `CLEARING_MARGIN_S`."""
+    local = now + dt.timedelta(seconds=table.rules.utc_offset_s - limits.CLEARING_MARGIN_S)
+    return local.date() - dt.timedelta(days=1)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DaysToClear:
+    days: list[dt.date]
+    last_over: dt.date
+    skipped_before: dt.date | None  # days before this one are due too, but older than CATCH_UP_DAYS
+
+
+async def days_to_clear(
+    conn: asyncpg.Connection,
+    table: fares.FareTable,
+    *,
+    operator_id: str | None = None,
+    now: dt.datetime | None = None,
+    catch_up_days: int = CATCH_UP_DAYS,
+) -> DaysToClear:
+    """The days a scheduled run clears (`cardsvc clearing run` without --date): for each operator, the days
+    after its last cleared one, up to the last day that is over; an operator never cleared starts with
+    that day (a new deployment does not clear empty days back to the epoch). At most `catch_up_days` days
+    back: older ones are named in `skipped_before`, for a run with --date. A day is cleared for every
+    operator, so the ones already cleared answer "unchanged"."""
+    now = now or await conn.fetchval("SELECT clock_timestamp()")
+    last = last_day_over(table, now)
+    ops = [operator_id] if operator_id else await operators(conn, table)
+    latest = {
+        r["operator_id"]: r["d"]
+        for r in await conn.fetch(
+            """SELECT operator_id, max(business_date) AS d FROM clearing_report
+               WHERE operator_id = ANY($1::text[]) GROUP BY operator_id""",
+            ops,
+        )
+    }
+    starts = [latest[op] + dt.timedelta(days=1) if op in latest else last for op in ops]
+    first = min(starts, default=last + dt.timedelta(days=1))
+    floor = last - dt.timedelta(days=catch_up_days - 1)
+    skipped = floor if first < floor else None
+    first = max(first, floor)
+    return DaysToClear([first + dt.timedelta(days=k) for k in range((last - first).days + 1)], last, skipped)
+
+
+async def refresh_cleared_through(conn: asyncpg.Connection, table: fares.FareTable) -> None:
+    """Set `cardsvc_transit_clearing_cleared_through_timestamp_seconds` from the reports (an alert fires
+    when the nightly run stops). A few rows per operator and day: read at each scrape."""
+    for r in await conn.fetch("SELECT operator_id, max(business_date) AS d FROM clearing_report GROUP BY 1"):
+        metrics.CLEARED_THROUGH.labels(r["operator_id"]).set(business_day_bounds(table, r["d"])[1].timestamp())
 
 
 async def clear_day(

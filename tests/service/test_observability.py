@@ -262,7 +262,9 @@ async def test_metrics_names_types_and_labels(svc: ServiceHarness) -> None:
                 assert s.name in (fam.name + "_total", fam.name + "_created"), (fam.name, s.name)
         else:
             assert not fam.name.endswith("_total"), fam.name
-        if any(
+        if fam.name.endswith("_timestamp_seconds"):  # a point in time (Unix seconds): a gauge
+            assert fam.type == "gauge", (fam.name, fam.type)
+        elif any(
             word in fam.name for word in ("duration", "latency", "seconds", "time")
         ) and fam.name.startswith("cardsvc_"):
             assert fam.type == "histogram" and fam.name.endswith("_seconds"), (fam.name, fam.type)

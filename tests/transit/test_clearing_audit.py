@@ -729,9 +729,94 @@ async def test_an_operator_gone_from_the_fare_table_is_registered_and_cleared(
     refused = await run_cli("clearing", "run", "--date", day.isoformat(), "--operator", "cq-old", "--out", str(tmp_path))
     assert refused.status == 1 and "no operator 'cq-old'" in refused.err, (refused.out, refused.err)
     assert (await run_cli("clearing", "register", "--operator", "cq.old", "--name", "x")).status == 2  # not an id
-    assert (await run_cli("clearing", "run")).status == 2  # run needs --date
     done = await run_cli("clearing", "register", "--operator", "cq-old", "--name", "Old bus company")
     assert done.status == 0 and "cq-old registered" in done.out, (done.out, done.err)
     assert (await run_cli("audit")).status == 0
     ran = await run_cli("clearing", "run", "--date", day.isoformat(), "--operator", "cq-old", "--out", str(tmp_path))
     assert ran.status == 0 and "cq-old" in ran.out, (ran.out, ran.err)
+
+
+# ------------------------------------------------------------------ scheduled runs (no --date)
+
+
+async def test_a_scheduled_run_clears_the_days_after_the_last_cleared_one(
+    db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """`clearing run` without --date, from a nightly timer: the first run clears the last day that is over;
+    a run after missed nights catches up every day since the last cleared one; an operator behind the
+    others (cleared alone with --operator) is caught up too; never more than CATCH_UP_DAYS back."""
+    day = local_today() - dt.timedelta(days=10)
+    _, end = clearing.business_day_bounds(TABLE, day)
+    at = end + dt.timedelta(seconds=limits.CLEARING_MARGIN_S)  # `day` is clearable from this instant
+    assert clearing.last_day_over(TABLE, at) == day
+    assert clearing.last_day_over(TABLE, at - dt.timedelta(microseconds=1)) == day - dt.timedelta(days=1)
+
+    first = await clearing.days_to_clear(db, TABLE, now=at)
+    assert (first.days, first.last_over, first.skipped_before) == ([day], day, None)
+    await clearing.clear_day(db, TABLE, day, tmp_path, now=at)
+    assert (await clearing.days_to_clear(db, TABLE, now=at)).days == []
+
+    # Three nights missed: the fourth run clears the three days and its own.
+    later = at + dt.timedelta(days=4)
+    due = await clearing.days_to_clear(db, TABLE, now=later)
+    assert due.days == [day + dt.timedelta(days=k) for k in (1, 2, 3, 4)]
+    # One operator cleared ahead of the other: the run starts from the one behind.
+    await clearing.clear_day(db, TABLE, day + dt.timedelta(days=1), tmp_path, now=later, operator_id="cq-metro")
+    assert (await clearing.days_to_clear(db, TABLE, now=later)).days[0] == day + dt.timedelta(days=1)
+    assert (await clearing.days_to_clear(db, TABLE, now=later, operator_id="cq-metro")).days[0] == (
+        day + dt.timedelta(days=2)
+    )
+
+    # Forty days later: the last CATCH_UP_DAYS days, and the older ones are named.
+    far = at + dt.timedelta(days=40)
+    due = await clearing.days_to_clear(db, TABLE, now=far)
+    assert len(due.days) == clearing.CATCH_UP_DAYS and due.days[-1] == day + dt.timedelta(days=40)
+    assert due.skipped_before == due.days[0] > day + dt.timedelta(days=1)
+
+
+async def test_the_nightly_command_clears_yesterday_once(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
+) -> None:
+    day, _ = await scenario_of(svc, db, days_ago=1)
+    out = tmp_path / "out"
+    res = await run_cli("clearing", "run", "--out", str(out), "--json")
+    assert res.status == 0, res.out + res.err
+    days = {r["business_date"] for r in res.json}
+    assert len(days) == 1  # yesterday (the day before it in the first minute after midnight)
+    cleared = dt.date.fromisoformat(days.pop())
+    assert cleared in (day, day - dt.timedelta(days=1))
+    assert {r["operator_id"]: r["status"] for r in res.json} == {"cq-bus": "created", "cq-metro": "created"}
+    if cleared == day:
+        metro = next(r for r in res.json if r["operator_id"] == "cq-metro")
+        assert (metro["txn_count"], metro["total_fen"]) == (await journal_totals(db, day))["cq-metro"]
+    files = sorted(os.listdir(out))
+    again = await run_cli("clearing", "run", "--out", str(out))
+    assert again.status == 0 and "nothing to clear" in again.err and again.out == "", (again.out, again.err)
+    assert sorted(os.listdir(out)) == files
+
+
+async def test_metrics_show_how_far_each_operator_is_cleared(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The CardsvcClearingBehind alert reads this gauge: the end of the last cleared day per operator."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    day = local_today() - dt.timedelta(days=3)
+    await clearing.clear_day(db, TABLE, day, tmp_path)
+    await clearing.clear_day(db, TABLE, day + dt.timedelta(days=1), tmp_path, operator_id="cq-metro")
+
+    async def scraped() -> dict[str, float]:
+        text = await (await svc.client.get("/metrics")).text()
+        return {
+            s.labels["operator"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "cardsvc_transit_clearing_cleared_through_timestamp_seconds"
+        }
+
+    ends = {d: clearing.business_day_bounds(TABLE, d)[1].timestamp() for d in (day, day + dt.timedelta(days=1))}
+    got = await scraped()
+    assert (got["cq-bus"], got["cq-metro"]) == (ends[day], ends[day + dt.timedelta(days=1)])
+    assert ends[day] % 86400 == 16 * 3600  # a local midnight (UTC+8) is 16:00 UTC
+    await clearing.clear_day(db, TABLE, day + dt.timedelta(days=1), tmp_path)
+    assert (await scraped())["cq-bus"] == ends[day + dt.timedelta(days=1)]
