@@ -969,8 +969,10 @@ def seed_step(cmds: Commands, args: argparse.Namespace, env: dict[str, str]) -> 
     argv = [_cardsvc(), "seed", "--count", str(args.cards)]
     cmds.show(["cardsvc", *argv[1:]], env)
     t0 = time.perf_counter()
-    out = subprocess.run(argv, env=_env(env), cwd=ROOT, check=True, capture_output=True, text=True)
+    out = subprocess.run(argv, env=_env(env), cwd=ROOT, check=False, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"cardsvc seed failed ({out.returncode}):\n{(out.stdout + out.stderr)[-4000:]}")
     print(out.stdout, flush=True)
     result = {
         "cards": args.cards,

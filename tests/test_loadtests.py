@@ -4,9 +4,12 @@ checks them, the offline batches the benchmark builds, the Locust file loading, 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -229,8 +232,21 @@ def test_the_transit_benchmark_runs_end_to_end_and_reconciles_with_the_journal(t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Not under tmp_path: as root the server runs as its own user, which must traverse to its data dir,
+    # and every pytest start makes /tmp/pytest-of-<user> private again (the suite's server is in /tmp too).
+    data = Path(tempfile.mkdtemp(prefix="cardsvc-bench-test-"))
+    try:
+        _run_small_bench(data, docs, port)
+    finally:
+        env = {k: v for k, v in os.environ.items() if k != "CARDSVC_DATABASE_URL"}  # the bench's own server
+        subprocess.run([sys.executable, "-m", "cardsvc", "db", "stop"], env={**env,
+                       "CARDSVC_DATA_DIR": str(data / "bench")}, capture_output=True, check=False)  # fmt: skip
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _run_small_bench(data: Path, docs: Path, port: int) -> None:
     argv = [
-        sys.executable, "-m", "loadtests.transit_bench", "--data-dir", str(tmp_path / "bench"),
+        sys.executable, "-m", "loadtests.transit_bench", "--data-dir", str(data / "bench"),
         "--cards", "4000", "--peak-taps", "0", "--tpcb-scale", "1", "--tpcb-seconds", "2",
         "--offline-cards", "400", "--offline-batches", "6", "--offline-batch-records", "100",
         "--locust-offline-cards", "600", "--locust-duration", "20", "--locust-users", "12",
