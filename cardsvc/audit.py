@@ -4,7 +4,8 @@ Every check is a set-based statement (joins and GROUP BY, no per-row round trips
 one REPEATABLE READ, read-only snapshot, so a tap committing during the audit is seen entirely or not at
 all. The purse check walks the card-id space in chunks (one GROUP BY join each) to report progress; at
 40 million cards that is 40 statements of 1 million cards. The snapshot is held for the whole run: run it
-at a quiet hour or on a replica, since a long snapshot holds back vacuum.
+at a quiet hour or on a replica, since a long snapshot holds back vacuum. `record_run` (`--record`, the
+nightly timer) then keeps the outcome in `audit_run`, the one write, which /metrics reads.
 
 Checks (docs/operations.md explains each and what to do when it fails):
 
@@ -41,6 +42,7 @@ from typing import Any
 
 import asyncpg
 
+from cardsvc import metrics
 from cardsvc.config import Settings
 from cardsvc.transit import clearing, fares
 from cardsvc.transit.taps import (
@@ -56,7 +58,7 @@ from cardsvc.transit.taps import (
     SOURCE_RIDECODE,
 )
 
-__all__ = ["CHUNK_CARDS", "Check", "run_audit"]
+__all__ = ["CHUNK_CARDS", "Check", "record_run", "refresh_metrics", "run_audit"]
 
 CHUNK_CARDS = 1_000_000
 _KINDS = (KIND_FARE, KIND_PENALTY, KIND_TOPUP, KIND_OPENING, KIND_OFFLINE, KIND_RIDECODE, KIND_TRANSFER)
@@ -348,3 +350,29 @@ async def run_audit(
             await _hotlist(conn),
         ]
     return at, checks
+
+
+async def record_run(conn: asyncpg.Connection, snapshot_at: dt.datetime, checks: list[Check]) -> int:
+    """Keep a run's outcome (`cardsvc audit --record`, migration 0014); returns its run id. `conn` is set
+    up like every connection of the service (`store.pool.init_connection`)."""
+    run_id: int = await conn.fetchval(
+        """INSERT INTO audit_run (snapshot_at, ok, failed, checks) VALUES ($1, $2, $3, $4::jsonb)
+           RETURNING run_id""",
+        snapshot_at,
+        all(c.ok for c in checks),
+        [c.name for c in checks if not c.ok],
+        [c.to_json() for c in checks],  # jsonb through the connection's codec (store.pool.init_connection)
+    )
+    return run_id
+
+
+async def refresh_metrics(conn: asyncpg.Connection) -> None:
+    """Set the audit gauges from the recorded runs (at each scrape): when the last one finished and when
+    the last one that passed did. Both only move forward, so the workers' values aggregate by max."""
+    row = await conn.fetchrow(
+        "SELECT max(finished_at) AS run, max(finished_at) FILTER (WHERE ok) AS passed FROM audit_run"
+    )
+    if row["run"] is not None:
+        metrics.AUDIT_LAST_RUN.set(row["run"].timestamp())
+    if row["passed"] is not None:
+        metrics.AUDIT_LAST_SUCCESS.set(row["passed"].timestamp())

@@ -634,17 +634,21 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     async def go() -> Any:
         conn = await _connect(settings)
         try:
-            return await audit.run_audit(
+            at, checks = await audit.run_audit(
                 conn, settings, _fare_table(settings), chunk_cards=args.chunk_cards,
                 progress=_progress,
             )
+            run_id = await audit.record_run(conn, at, checks) if args.record else None
+            return at, checks, run_id
         finally:
             await conn.close()
 
-    at, checks = _run(go())
+    at, checks, run_id = _run(go())
     ok = all(c.ok for c in checks)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
+    if run_id is not None:
+        print(f"recorded as audit run {run_id}", file=sys.stderr)
     if args.json:
         _print_json({"ok": ok, "snapshot_at": at.isoformat(), "checks": [c.to_json() for c in checks]})
     else:
@@ -963,9 +967,14 @@ def build_parser() -> argparse.ArgumentParser:
         "check the ledger's invariants on the database; exit 1 if any fails",
         "Purse balances equal their journals, overdrafts, replacement transfers, terminal answers vs\n"
         "journal, clearing reports vs journal, hotlist versions. Read-only, one consistent snapshot.\n"
-        "See docs/operations.md.",
+        "With --record (the nightly timer, deploy/cardsvc-audit.timer) the outcome is kept in audit_run\n"
+        "and shown on /metrics. See docs/operations.md.",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--record", action="store_true",
+        help="keep the outcome in audit_run (one row), for /metrics and its alerts; needs INSERT on it",
+    )  # fmt: skip
     p.add_argument(
         "--chunk-cards", type=int, default=1_000_000, help="card ids per purse-check statement (progress step)"
     )

@@ -21,6 +21,8 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "AUDIT_LAST_RUN",
+    "AUDIT_LAST_SUCCESS",
     "CLEARED_THROUGH",
     "CONCESSION_CHANGES",
     "CONTENT_TYPE_LATEST",
@@ -119,6 +121,17 @@ UPLOADED_RECORDS = Counter(
 HOTLIST_VERSION = Gauge(
     "cardsvc_hotlist_version",
     "Latest hotlist version seen by this service.",
+    multiprocess_mode="max",
+)
+AUDIT_LAST_RUN = Gauge(
+    "cardsvc_audit_last_run_timestamp_seconds",
+    "When the last recorded `cardsvc audit --record` run finished (Unix time; 0: none recorded), read from "
+    "audit_run at each scrape.",
+    multiprocess_mode="max",
+)
+AUDIT_LAST_SUCCESS = Gauge(
+    "cardsvc_audit_last_success_timestamp_seconds",
+    "When the last recorded audit run in which every check passed finished (Unix time; 0: none).",
     multiprocess_mode="max",
 )
 CLEARED_THROUGH = Gauge(

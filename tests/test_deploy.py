@@ -98,3 +98,16 @@ def test_the_clearing_timer_runs_the_catch_up_command_nightly_in_china_time() ->
     # Business days are China time: a timer on the host's zone (often UTC) would run at 08:10 local.
     assert timer["Timer"]["OnCalendar"].endswith(" Asia/Shanghai") and timer["Timer"]["Persistent"] == "true"
     assert timer["Install"]["WantedBy"] == "timers.target"
+
+
+def test_the_audit_timer_records_a_nightly_audit_away_from_the_clearing_run() -> None:
+    service = unit_sections("cardsvc-audit.service")
+    assert service["Service"]["Type"] == "oneshot"
+    # --record: without it the run leaves nothing for /metrics and CardsvcAuditNotRun fires every day.
+    assert re.fullmatch(r"\S+/cardsvc audit --record", service["Service"]["ExecStart"])
+    assert service["Service"]["EnvironmentFile"] == "/etc/cardsvc/cardsvc.env"
+    audit_at = unit_sections("cardsvc-audit.timer")["Timer"]["OnCalendar"]
+    clearing_at = unit_sections("cardsvc-clearing.timer")["Timer"]["OnCalendar"]
+    assert audit_at.endswith(" Asia/Shanghai") and audit_at != clearing_at
+    hour = int(audit_at.split()[1].split(":")[0])
+    assert 1 <= hour <= 5, audit_at  # a quiet hour, after midnight's clearing, before the morning peak

@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from cardsvc import metrics
+from cardsvc import audit, metrics
 from cardsvc.flows import credentials, ecards, hotlist, lifecycle, registry
 from cardsvc.flows.actor import Actor
 from cardsvc.logs import REQUEST_ID
@@ -93,12 +93,14 @@ async def metrics_handler(request: web.Request) -> web.Response:
     metrics.DB_POOL_CONNECTIONS.set(svc.pool.get_size())
     metrics.DB_POOL_IN_USE.set(svc.pool.get_size() - svc.pool.get_idle_size())
     # The hotlist head as of this scrape: a loss report moves it in whichever worker took it, or none
-    # (`cardsvc card` from a shell); the days cleared, which only the nightly command moves. Without the
+    # (`cardsvc card` from a shell); the days cleared and the audit runs, which only the nightly commands
+    # move. Without the
     # database, /metrics still answers with the last values.
     try:
         async with asyncio.timeout(1.0), svc.pool.acquire() as conn:
             await hotlist.latest_version(conn)
             await clearing.refresh_cleared_through(conn, svc.transit.table)
+            await audit.refresh_metrics(conn)
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
         pass
     return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE_LATEST})

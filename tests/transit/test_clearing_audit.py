@@ -820,3 +820,40 @@ async def test_metrics_show_how_far_each_operator_is_cleared(
     assert ends[day] % 86400 == 16 * 3600  # a local midnight (UTC+8) is 16:00 UTC
     await clearing.clear_day(db, TABLE, day + dt.timedelta(days=1), tmp_path)
     assert (await scraped())["cq-bus"] == ends[day + dt.timedelta(days=1)]
+
+
+async def test_a_recorded_audit_is_kept_and_shown_on_metrics(
+    svc: ServiceHarness, db: asyncpg.Connection, run_cli: Any
+) -> None:
+    """`audit --record` (the nightly timer) keeps each outcome in audit_run, and /metrics shows when the last
+    run and the last passing run finished: CardsvcAuditFailed compares the two."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await scenario(svc)
+
+    async def scraped() -> dict[str, float]:
+        text = await (await svc.client.get("/metrics")).text()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name.startswith("cardsvc_audit_")}  # fmt: skip
+
+    plain = await run_cli("audit")
+    assert plain.status == 0 and await db.fetchval("SELECT count(*) FROM audit_run") == 0  # not recorded
+    passed = await run_cli("audit", "--record", "--json")
+    assert passed.status == 0 and passed.json["ok"], passed.out
+    first = await db.fetchrow("SELECT * FROM audit_run")
+    assert f"recorded as audit run {first['run_id']}" in passed.err
+    assert first["ok"] and first["failed"] == [] and first["snapshot_at"] <= first["finished_at"]
+    assert [c["name"] for c in orjson.loads(first["checks"])] == [c["name"] for c in passed.json["checks"]]
+    got = await scraped()
+    assert got["cardsvc_audit_last_run_timestamp_seconds"] == first["finished_at"].timestamp()
+    assert got["cardsvc_audit_last_success_timestamp_seconds"] == first["finished_at"].timestamp()
+
+    card_id = await db.fetchval("SELECT min(card_id) FROM purse")
+    await db.execute("UPDATE purse SET balance_fen = balance_fen + 1 WHERE card_id = $1", card_id)
+    failed = await run_cli("audit", "--record")
+    assert failed.status == 1
+    last = await db.fetchrow("SELECT * FROM audit_run ORDER BY run_id DESC LIMIT 1")
+    assert not last["ok"] and last["failed"] == ["purse_balances"]
+    got = await scraped()
+    assert got["cardsvc_audit_last_run_timestamp_seconds"] == last["finished_at"].timestamp()
+    assert got["cardsvc_audit_last_success_timestamp_seconds"] == first["finished_at"].timestamp()
