@@ -4,6 +4,7 @@ service's own commands."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -111,3 +112,35 @@ def test_the_audit_timer_records_a_nightly_audit_away_from_the_clearing_run() ->
     assert audit_at.endswith(" Asia/Shanghai") and audit_at != clearing_at
     hour = int(audit_at.split()[1].split(":")[0])
     assert 1 <= hour <= 5, audit_at  # a quiet hour, after midnight's clearing, before the morning peak
+
+
+def test_the_dashboard_queries_only_exported_metrics_and_labels() -> None:
+    """deploy/grafana/cardsvc-dashboard.json: a panel on a renamed metric or label shows "No data", which
+    reads as "all quiet"."""
+    dashboard = json.loads((DEPLOY / "grafana" / "cardsvc-dashboard.json").read_text())
+    names = exported()
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(panels) >= 16 and len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    used: set[str] = set()
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+            found = re.findall(r"\b(cardsvc_[a-z_]+)(?:\{([^}]*)\})?", expr)
+            assert found, (panel["title"], expr)
+            for name, selector in found:
+                assert name in names, (panel["title"], name)
+                for label in re.findall(r"([a-z_]+)\s*[=!]~?", selector or ""):
+                    assert label in names[name] | {"instance", "job"}, (panel["title"], name, label)
+                used.add(name.removesuffix("_bucket"))
+            for label in re.findall(r"by \(([^)]*)\)", expr):
+                for one in (x.strip() for x in label.split(",")):
+                    assert any(one in labels for labels in names.values()) or one in {"instance", "le"}, one
+    # Every metric the service exports is on the dashboard (a counter by its `_total` samples).
+    families = {
+        n.removesuffix("_bucket")
+        for n in names
+        if not n.endswith(("_count", "_sum", "_created")) and n + "_total" not in names
+    }
+    assert families <= used, sorted(families - used)
