@@ -97,7 +97,8 @@ JOURNEYS_SWEPT = Counter(
     "What the sweep found past the journey timeout: closed (a metro journey, charged the maximum fare), "
     "held_exit (a gate's exit whose entry never came, charged the maximum fare), unpaid (a card whose "
     "purse could not pay what was due; charged at its next tap) or unpriced (a card with something due at "
-    "a station the fare table neither serves nor lists under metro.retired; left for its next tap).",
+    "a station the fare table neither serves nor lists under metro.retired; counted again by every sweep "
+    "until a fixed table prices it, or its next tap does).",
     ["result"],
 )
 MAINTENANCE_FAILURES = Counter(

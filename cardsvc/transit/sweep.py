@@ -21,6 +21,12 @@ the sweep charges it the maximum fare (`fares.charge_held_exits`), the same way:
    a top-up, charges it;
 3. the watermark moves to the end of the window.
 
+A card whose due charge is at a station the fare table does not know (neither served nor retired) cannot be
+charged; it is kept in `journey_sweep_retry` (migration 0015), in the chunk's transaction, and every later
+sweep looks at those cards first, so that once the table is fixed (the station listed under
+metro.retired) the next sweep charges them; a card leaves the list when nothing at an unknown station is
+due any more.
+
 Idempotent and safe to run concurrently with taps and with itself (a session advisory lock lets one run
 at a time; a journey closed once is no longer open). Journal rows carry `source` 5 (SOURCE_SWEEP) and the
 terminal `system`; clearing counts them like any penalty, on the day the journey timed out.
@@ -90,6 +96,13 @@ WHERE c.status = $6 AND c.status_changed_at >= $2
 ORDER BY 1
 """
 
+_RETRY_SQL = """
+WITH gone AS (
+    DELETE FROM journey_sweep_retry WHERE card_id = ANY($1::bigint[]) AND card_id <> ALL($2::bigint[])
+)
+INSERT INTO journey_sweep_retry (card_id) SELECT unnest($2::bigint[]) ON CONFLICT (card_id) DO NOTHING
+"""
+
 _LOCK_SQL = """
 SELECT card_id, balance_fen, journey FROM purse WHERE card_id = ANY($1::bigint[]) ORDER BY card_id FOR UPDATE
 """
@@ -131,8 +144,12 @@ class _Chunk:
     held: int = 0
     unpaid: int = 0
 
-    unpriced: int = 0
+    unpriced_ids: list[int] = dataclasses.field(default_factory=list)
     unknown_stations: set[str] = dataclasses.field(default_factory=set)
+
+    @property
+    def unpriced(self) -> int:
+        return len(self.unpriced_ids)
 
     def row(self, card_id: int, penalty: fares.Penalty, line: str, at_s: int) -> None:
         assert penalty.station is not None
@@ -169,7 +186,7 @@ async def _close_chunk(
             charges += [(p, due_s) for due_s, p in held]
             lines = [fares.station_line(table, p.station or "") for p, _ in charges]
             if None in lines:
-                c.unpriced += 1
+                c.unpriced_ids.append(row["card_id"])
                 c.unknown_stations.update(p.station or "" for (p, _), ln in zip(charges, lines, strict=True) if ln is None)
                 continue
             if row["balance_fen"] - cost < -overdraft_fen:
@@ -187,6 +204,8 @@ async def _close_chunk(
                 _WRITE_SQL, c.ids, c.balances, c.journeys, KIND_PENALTY, SWEEP_TERMINAL, SOURCE_SWEEP, c.amounts,
                 c.ats, c.operators, c.lines, c.stations, c.row_cards,
             )  # fmt: skip
+        # The cards to look at again: this chunk's unpriced ones in, the others of the chunk out.
+        await conn.execute(_RETRY_SQL, list(card_ids), c.unpriced_ids)
     return c
 
 
@@ -201,20 +220,36 @@ async def sweep_timed_out_journeys(
             return SweepResult(skipped=True)
         try:
             since = await conn.fetchval("SELECT swept_to FROM journey_sweep") or due - FIRST_LOOK_BACK
-            if since >= due:
-                return SweepResult(swept_to=since)
             now_s = int(now.timestamp())
+            # The cards left before at a station the table did not know: charged now if it does.
+            retry = [r["card_id"] for r in await conn.fetch("SELECT card_id FROM journey_sweep_retry ORDER BY 1")]
+            if not retry and since >= due:
+                return SweepResult(swept_to=since)
             # Entries credited to the table's metro operators, and to registered ones: an operator removed
             # from the table (`cardsvc clearing register`) may still have journeys open.
             operators = sorted(set(_metro_operators(table)) | await clearing.registered_operators(conn))
-            candidates = closed = charged = unpaid = held = unpriced = 0
+            candidates = closed = charged = unpaid = held = 0
             unknown: set[str] = set()
+            unpriced: set[int] = set()
+
+            async def close(cards: list[int]) -> None:
+                nonlocal candidates, closed, charged, unpaid, held
+                for start in range(0, len(cards), CHUNK_CARDS):
+                    c = await _close_chunk(conn, table, cards[start : start + CHUNK_CARDS], now_s, overdraft_fen)
+                    closed, charged = closed + c.closed, charged - sum(c.amounts)
+                    unpaid, held = unpaid + c.unpaid, held + c.held
+                    unpriced.update(c.unpriced_ids)
+                    unknown.update(c.unknown_stations)
+                candidates += len(cards)
+
+            await close(retry)
+            retry_set = set(retry)  # looked at already in this run
             # The replacements since the run's first window began, up to now, are looked at once, with it
             # (their status: none in the later windows).
             replaced = int(CardStatus.REPLACED)
             while since < due:  # one bounded window at a time, each with its watermark
                 upto = min(due, since + WINDOW_MAX)
-                cards = [
+                await close([
                     r["card_id"]
                     for r in await conn.fetch(
                         _CANDIDATES_SQL,
@@ -225,21 +260,18 @@ async def sweep_timed_out_journeys(
                         now_s - table.rules.journey_timeout_s,
                         replaced,
                     )
-                ]
+                    if r["card_id"] not in retry_set
+                ])  # fmt: skip
                 replaced = -1
-                for start in range(0, len(cards), CHUNK_CARDS):
-                    c = await _close_chunk(conn, table, cards[start : start + CHUNK_CARDS], now_s, overdraft_fen)
-                    closed, charged = closed + c.closed, charged - sum(c.amounts)
-                    unpaid, held, unpriced = unpaid + c.unpaid, held + c.held, unpriced + c.unpriced
-                    unknown |= c.unknown_stations
-                candidates += len(cards)
                 await conn.execute(
                     """INSERT INTO journey_sweep (swept_to) VALUES ($1)
                        ON CONFLICT (one) DO UPDATE SET swept_to = greatest(journey_sweep.swept_to, EXCLUDED.swept_to)""",
                     upto,
                 )
                 since = upto
-            return SweepResult(candidates, closed, charged, unpaid, held, False, since, unpriced, tuple(sorted(unknown)))
+            return SweepResult(
+                candidates, closed, charged, unpaid, held, False, since, len(unpriced), tuple(sorted(unknown))
+            )
         finally:
             await _unlock(conn)
 

@@ -171,6 +171,44 @@ async def test_a_journey_entered_at_a_closed_station_is_priced_once_the_table_re
     assert refused.status == 400 and refused.body["code"] == "invalid_field", refused.body
 
 
+async def test_a_journey_the_sweep_could_not_price_is_charged_by_the_first_sweep_after_the_fix(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """The sweep's watermark moves past a journey at an unknown station; the card is kept in
+    journey_sweep_retry and looked at by every sweep (counted `unpriced` each time, so the alert holds)
+    until the table is fixed: the first sweep on the fixed table charges it, once. A card whose journey a
+    tap ended meanwhile leaves the list with nothing charged."""
+    stuck, gone = await funded_card(svc, 2000), await funded_card(svc, 2000)
+    for rider in (stuck, gone):
+        await tap(svc, tap_body(svc, rider["card_sn"], **metro(CLOSED, "in")))
+    bare = parse_table(without_closed(retired=False), source="bare.toml")
+    new = parse_table(without_closed(retired=True), source="new.toml")
+    pool = await create_pool(svc.dsn, svc.settings)
+    try:
+        first = await sweep.sweep_timed_out_journeys(pool, bare, 0, now=later(TIMEOUT + 60))
+        assert (first.closed, first.unpriced, first.unknown_stations) == (0, 2, (CLOSED,)), first
+        retried = "SELECT card_id FROM journey_sweep_retry ORDER BY 1"
+        assert [r["card_id"] for r in await db.fetch(retried)] == sorted([stuck["card_id"], gone["card_id"]])
+        # Past the watermark, and still unpriced: counted again, nothing charged.
+        again = await sweep.sweep_timed_out_journeys(pool, bare, 0, now=later(TIMEOUT + 600))
+        assert (again.closed, again.unpriced) == (0, 2), again
+        assert await svc.balance(stuck["card_no"]) == 2000
+        # The service restarts on the fixed table; one rider taps out (in time) before the next sweep.
+        fixed = await harness(svc, write(tmp_path, without_closed(retired=True), "new"), aiohttp_client)
+        out = await tap(fixed, tap_body(fixed, gone["card_sn"], **metro(EXIT, "out")))
+        assert out["result"] == "approved" and 0 < out["fare_fen"] < new.cap_fen, out
+        done = await sweep.sweep_timed_out_journeys(pool, new, 0, now=later(TIMEOUT + 900))
+        assert (done.closed, done.unpriced, done.charged_fen) == (1, 0, new.cap_fen), done
+        assert await svc.balance(stuck["card_no"]) == 2000 - new.cap_fen
+        assert await svc.balance(gone["card_no"]) == 2000 - out["fare_fen"]
+        assert await db.fetch(retried) == []
+        after = await sweep.sweep_timed_out_journeys(pool, new, 0, now=later(TIMEOUT + 1200))
+        assert (after.closed, after.unpriced, after.charged_fen) == (0, 0, 0), after
+        assert await svc.balance(stuck["card_no"]) == 2000 - new.cap_fen
+    finally:
+        await pool.close()
+
+
 async def test_the_sweep_charges_a_retired_station_and_counts_an_unknown_one_without_failing(
     svc: ServiceHarness, db: asyncpg.Connection, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
