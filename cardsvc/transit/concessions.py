@@ -84,7 +84,16 @@ async def _locked(
         holder = await _lock_holder(conn, holder_id)
         # The row itself locked too: a tap on a card the purse locks did not cover (a replacement issued
         # meanwhile) then waits for this change, and its compare-and-set misses and runs again.
-        yield holder, await conn.fetchrow(_ROW + " FOR UPDATE", holder_id), _local_today(table, now).year
+        row = await conn.fetchrow(_ROW + " FOR UPDATE", holder_id)
+        yield holder, row, _year(table, now, row)
+
+
+def _year(table: fares.FareTable, now: dt.datetime, row: asyncpg.Record | None) -> int:
+    """The quota year an office operation works on: the local year of `now`, or the row's if later. `now` is
+    read before the locks are taken; a tap after midnight may have begun the next year's quota meanwhile,
+    and a quota's year never goes back (an extra-rides grant clocked at 23:59:59 goes to the new year)."""
+    year = _local_today(table, now).year
+    return max(year, row["quota_year"]) if row is not None and row["quota_year"] is not None else year
 
 
 async def _event(
@@ -120,7 +129,8 @@ async def get_concession(
 ) -> dict[str, Any]:
     if await conn.fetchval("SELECT 1 FROM cardholder WHERE holder_id = $1", holder_id) is None:
         raise ApiError("not_found", "no cardholder with this id", field="holder_id")
-    return _view(holder_id, await conn.fetchrow(_ROW, holder_id), table, _local_today(table, now).year)
+    row = await conn.fetchrow(_ROW, holder_id)
+    return _view(holder_id, row, table, _year(table, now, row))
 
 
 async def set_concession(
