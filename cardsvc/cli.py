@@ -584,37 +584,38 @@ def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
             return 2
     out = Path(args.out) if args.out else settings.data_dir / "clearing"
     table = _fare_table(settings)
+    errors: list[str] = []
 
     async def go() -> list[Any]:
         conn = await _connect(settings)
         try:
             if day is not None:
-                days = [day]
+                todo: list[tuple[dt.date, list[str] | None]] = [(day, [args.operator] if args.operator else None)]
             else:
                 due = await clearing.days_to_clear(conn, table, operator_id=args.operator)
-                if due.skipped_before is not None:
-                    print(f"warning: days before {due.skipped_before} are not cleared either; a run without "
-                          f"--date goes {clearing.CATCH_UP_DAYS} days back at most: clear those with --date",
-                          file=sys.stderr)  # fmt: skip
-                if not due.days:
+                if not due.todo:
                     print(f"nothing to clear: cleared through {due.last_over}", file=sys.stderr)
-                days = due.days
+                every = set(await clearing.operators(conn, table))
+                # A day missing for every operator is one run (one aggregate); otherwise only its missing
+                # operators, so that the files already made are not written again.
+                todo = [(d, None if set(ops) == every else ops) for d, ops in due.todo]
             results: list[Any] = []
-            for k, d in enumerate(days, 1):
-                if len(days) > 1:
-                    _progress(f"clearing {d} ({k}/{len(days)})")
-                results += await clearing.clear_day(
-                    conn, table, d, out, operator_id=args.operator, progress=_progress, settle_s=args.wait
-                )
+            for k, (d, ops) in enumerate(todo, 1):
+                if len(todo) > 1:
+                    _progress(f"clearing {d} ({k}/{len(todo)})")
+                one_each: list[str | None] = list(ops) if ops else [None]
+                for op in one_each:
+                    try:
+                        results += await clearing.clear_day(
+                            conn, table, d, out, operator_id=op, progress=_progress, settle_s=args.wait
+                        )
+                    except clearing.ClearingError as exc:  # that day (and operator) only: the others go on
+                        errors.append(f"{d}{' ' + op if op else ''}: {exc}")
             return results
         finally:
             await conn.close()
 
-    try:
-        results = _run(go())
-    except clearing.ClearingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    results = _run(go())
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     if args.json:
@@ -625,7 +626,9 @@ def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
             note = f" ({r.detail})" if r.detail else ""
             print(f"{r.status.upper():9} {r.operator_id} {r.business_date}: {r.txn_count} txns, "
                   f"{r.total_fen} fen{where}{note}")
-    return 0 if all(r.ok for r in results) else 1
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 0 if all(r.ok for r in results) and not errors else 1
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
@@ -925,8 +928,9 @@ def build_parser() -> argparse.ArgumentParser:
         "arrived) as a clearing file (protocols/clearing.md) in --out, recorded in clearing_report.\n"
         "Re-running a day rewrites identical files; if the journal of a cleared day was changed by hand,\n"
         "the report and file are kept and the run exits 1 (an audit failure).\n"
-        "run without --date (the nightly timer, deploy/cardsvc-clearing.timer): every day after the last\n"
-        "one cleared, up to yesterday (local), at most 31 days back; the first run clears yesterday.\n"
+        "run without --date (the nightly timer, deploy/cardsvc-clearing.timer): for each operator, every day\n"
+        "not cleared yet from its first gap on (a night missed, a day refused), up to yesterday (local);\n"
+        "an operator never cleared starts with yesterday. Exit 1 while any day is refused or fails.\n"
         "register --operator ID --name NAME: an operator that is not in the fare table (removed from it,\n"
         "with fares still to clear), so that `run` clears it and `cardsvc audit` knows it.",
     )

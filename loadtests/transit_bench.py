@@ -1072,6 +1072,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     args.data_dir = args.data_dir.resolve()
+    if args.peak_taps < 0:
+        ap.error("--peak-taps must be 0 (skip the peak) or more")
+    if args.peak_taps == 0 and args.docs_dir.resolve() == DOCS.resolve():
+        ap.error("--peak-taps 0 measures no peak: write its report elsewhere (--docs-dir), not over the published one")
     for tool in ("wrk",) if args.peak_taps > 0 else ():
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (apt-get install {tool})", file=sys.stderr)

@@ -19,8 +19,9 @@ When. A day can be cleared once it is over on the database's clock (by `CLEARING
 transaction that began before its end is still open (`posted_at` is the writing transaction's start, so
 such a transaction could still commit rows of the day). The run waits for those a little (`settle_s`),
 then refuses. To see every session's transaction the clearing role needs `pg_read_all_stats` (or is a
-superuser); without it the run refuses. A scheduled run (no date: `days_to_clear`) clears every day after
-each operator's last cleared one, so a missed night is caught up by the next.
+superuser); without it the run refuses. A scheduled run (no date: `days_to_clear`) clears, per operator,
+every day not cleared yet from its first gap on, so a missed night or a refused day is tried again by the
+next run.
 
 How. One set-based aggregate (GROUP BY counterparty) gives each operator's count and total; the detail
 lines are then streamed from a server-side cursor, ordered by txn_id, straight into the file with an
@@ -79,7 +80,6 @@ CURSOR_PREFETCH = 10_000
 SETTLE_POLL_S = 0.2
 PROGRESS_EVERY_LINES = 100_000
 _LOCK_NAMESPACE = 0x434C52  # "CLR": advisory lock namespace of clearing runs
-CATCH_UP_DAYS = 31  # a run without --date clears at most this many days back
 
 
 def in_day_sql(lo: str, hi: str, alias: str = "") -> str:
@@ -273,9 +273,27 @@ def last_day_over(table: fares.FareTable, now: dt.datetime) -> dt.date:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DaysToClear:
-    days: list[dt.date]
+    todo: list[tuple[dt.date, list[str]]]  # each day not cleared yet, oldest first, with its operators
     last_over: dt.date
-    skipped_before: dt.date | None  # days before this one are due too, but older than CATCH_UP_DAYS
+
+    @property
+    def days(self) -> list[dt.date]:
+        return [day for day, _ in self.todo]
+
+
+# Per operator, the last day of its first unbroken run of cleared days: it is cleared through that day.
+_CLEARED_THROUGH_SQL = """
+SELECT r.operator_id, min(r.business_date) AS through
+FROM clearing_report r
+WHERE r.operator_id = ANY($1::text[])
+  AND NOT EXISTS (SELECT 1 FROM clearing_report n
+                  WHERE n.operator_id = r.operator_id AND n.business_date = r.business_date + 1)
+GROUP BY r.operator_id
+"""
+
+
+async def _cleared_through(conn: asyncpg.Connection, ops: Sequence[str]) -> dict[str, dt.date]:
+    return {r["operator_id"]: r["through"] for r in await conn.fetch(_CLEARED_THROUGH_SQL, list(ops))}
 
 
 async def days_to_clear(
@@ -284,37 +302,53 @@ async def days_to_clear(
     *,
     operator_id: str | None = None,
     now: dt.datetime | None = None,
-    catch_up_days: int = CATCH_UP_DAYS,
 ) -> DaysToClear:
-    """The days a scheduled run clears (`cardsvc clearing run` without --date): for each operator, the days
-    after its last cleared one, up to the last day that is over; an operator never cleared starts with
-    that day (a new deployment does not clear empty days back to the epoch). At most `catch_up_days` days
-    back: older ones are named in `skipped_before`, for a run with --date. A day is cleared for every
-    operator, so the ones already cleared answer "unchanged"."""
+    """What a scheduled run clears (`cardsvc clearing run` without --date): for each operator, every day
+    without a report from its first gap on (a night missed, a day refused, days left before one cleared by
+    hand) up to the last day that is over, however far back. An operator never cleared starts with that
+    last day: a new deployment does not clear back to its first fare (days before it are cleared, if
+    anyone must, with --date). Each day names only the operators it is missing for, so files already
+    made are not written again."""
     now = now or await conn.fetchval("SELECT clock_timestamp()")
     last = last_day_over(table, now)
     ops = [operator_id] if operator_id else await operators(conn, table)
-    latest = {
-        r["operator_id"]: r["d"]
+    through = await _cleared_through(conn, ops)
+    start = {op: through[op] + dt.timedelta(days=1) if op in through else last for op in ops}
+    first = min(start.values(), default=last + dt.timedelta(days=1))
+    have = {
+        (r["operator_id"], r["business_date"])
         for r in await conn.fetch(
-            """SELECT operator_id, max(business_date) AS d FROM clearing_report
-               WHERE operator_id = ANY($1::text[]) GROUP BY operator_id""",
-            ops,
+            """SELECT operator_id, business_date FROM clearing_report
+               WHERE operator_id = ANY($1::text[]) AND business_date BETWEEN $2 AND $3""",
+            ops, first, last,
         )
-    }
-    starts = [latest[op] + dt.timedelta(days=1) if op in latest else last for op in ops]
-    first = min(starts, default=last + dt.timedelta(days=1))
-    floor = last - dt.timedelta(days=catch_up_days - 1)
-    skipped = floor if first < floor else None
-    first = max(first, floor)
-    return DaysToClear([first + dt.timedelta(days=k) for k in range((last - first).days + 1)], last, skipped)
+    }  # fmt: skip
+    todo = []
+    for k in range((last - first).days + 1):
+        day = first + dt.timedelta(days=k)
+        missing = [op for op in ops if start[op] <= day and (op, day) not in have]
+        if missing:
+            todo.append((day, missing))
+    return DaysToClear(todo, last)
 
 
 async def refresh_cleared_through(conn: asyncpg.Connection, table: fares.FareTable) -> None:
-    """Set `cardsvc_transit_clearing_cleared_through_timestamp_seconds` from the reports (an alert fires
-    when the nightly run stops). A few rows per operator and day: read at each scrape."""
-    for r in await conn.fetch("SELECT operator_id, max(business_date) AS d FROM clearing_report GROUP BY 1"):
-        metrics.CLEARED_THROUGH.labels(r["operator_id"]).set(business_day_bounds(table, r["d"])[1].timestamp())
+    """Set `cardsvc_transit_clearing_cleared_through_timestamp_seconds` for every operator clearing clears
+    (an alert fires when one falls behind): the end of the last day of its first unbroken run of cleared
+    days, so a day refused or missed holds it back until it is cleared. An operator never cleared counts
+    as cleared through the day before its first journal row (through the journal's (counterparty, at)
+    index; none: nothing owed, no series). Read at each scrape: a few rows per operator and day."""
+    ops = await operators(conn, table)
+    through = await _cleared_through(conn, ops)
+    for op in ops:
+        if op in through:
+            end = business_day_bounds(table, through[op])[1]
+        else:
+            first = await conn.fetchval("SELECT min(at) FROM txn_journal WHERE counterparty = $1", op)
+            if first is None:
+                continue
+            end = business_day_bounds(table, fares.local_day(table, int(first.timestamp())))[0]
+        metrics.CLEARED_THROUGH.labels(op).set(end.timestamp())
 
 
 async def clear_day(

@@ -739,39 +739,140 @@ async def test_an_operator_gone_from_the_fare_table_is_registered_and_cleared(
 # ------------------------------------------------------------------ scheduled runs (no --date)
 
 
-async def test_a_scheduled_run_clears_the_days_after_the_last_cleared_one(
-    db: asyncpg.Connection, tmp_path: Path
-) -> None:
+async def test_a_scheduled_run_clears_every_day_not_cleared_yet(db: asyncpg.Connection, tmp_path: Path) -> None:
     """`clearing run` without --date, from a nightly timer: the first run clears the last day that is over;
-    a run after missed nights catches up every day since the last cleared one; an operator behind the
-    others (cleared alone with --operator) is caught up too; never more than CATCH_UP_DAYS back."""
-    day = local_today() - dt.timedelta(days=10)
+    a run after missed nights catches up every day since, however many; an operator behind the others
+    (cleared alone with --operator) is caught up for its own days only."""
+    day = local_today() - dt.timedelta(days=50)
     _, end = clearing.business_day_bounds(TABLE, day)
     at = end + dt.timedelta(seconds=limits.CLEARING_MARGIN_S)  # `day` is clearable from this instant
     assert clearing.last_day_over(TABLE, at) == day
     assert clearing.last_day_over(TABLE, at - dt.timedelta(microseconds=1)) == day - dt.timedelta(days=1)
 
     first = await clearing.days_to_clear(db, TABLE, now=at)
-    assert (first.days, first.last_over, first.skipped_before) == ([day], day, None)
+    assert (first.todo, first.last_over) == ([(day, ["cq-bus", "cq-metro"])], day)
     await clearing.clear_day(db, TABLE, day, tmp_path, now=at)
-    assert (await clearing.days_to_clear(db, TABLE, now=at)).days == []
+    assert (await clearing.days_to_clear(db, TABLE, now=at)).todo == []
 
     # Three nights missed: the fourth run clears the three days and its own.
     later = at + dt.timedelta(days=4)
-    due = await clearing.days_to_clear(db, TABLE, now=later)
-    assert due.days == [day + dt.timedelta(days=k) for k in (1, 2, 3, 4)]
-    # One operator cleared ahead of the other: the run starts from the one behind.
+    assert (await clearing.days_to_clear(db, TABLE, now=later)).days == [day + dt.timedelta(days=k) for k in (1, 2, 3, 4)]
+    # One operator cleared ahead of the other: that day is missing for the other one only.
     await clearing.clear_day(db, TABLE, day + dt.timedelta(days=1), tmp_path, now=later, operator_id="cq-metro")
-    assert (await clearing.days_to_clear(db, TABLE, now=later)).days[0] == day + dt.timedelta(days=1)
+    todo = (await clearing.days_to_clear(db, TABLE, now=later)).todo
+    assert todo[0] == (day + dt.timedelta(days=1), ["cq-bus"]) and todo[1][1] == ["cq-bus", "cq-metro"]
     assert (await clearing.days_to_clear(db, TABLE, now=later, operator_id="cq-metro")).days[0] == (
         day + dt.timedelta(days=2)
     )
+    # Forty days later: all forty, none dropped.
+    due = await clearing.days_to_clear(db, TABLE, now=at + dt.timedelta(days=40))
+    assert due.days == [day + dt.timedelta(days=k) for k in range(1, 41)]
 
-    # Forty days later: the last CATCH_UP_DAYS days, and the older ones are named.
-    far = at + dt.timedelta(days=40)
-    due = await clearing.days_to_clear(db, TABLE, now=far)
-    assert len(due.days) == clearing.CATCH_UP_DAYS and due.days[-1] == day + dt.timedelta(days=40)
-    assert due.skipped_before == due.days[0] > day + dt.timedelta(days=1)
+
+async def cleared_through(svc: ServiceHarness) -> dict[str, float]:
+    """`cardsvc_transit_clearing_cleared_through_timestamp_seconds` per operator, as a scrape shows it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = await (await svc.client.get("/metrics")).text()
+    return {
+        s.labels["operator"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "cardsvc_transit_clearing_cleared_through_timestamp_seconds"
+    }
+
+
+async def _reversal(db: asyncpg.Connection, day: dt.date) -> None:
+    """A row that credits a purse back, written in `day`: clearing file v1 cannot carry it, so the
+    operator's day is REFUSED until it is handled by hand (docs/operations.md)."""
+    at = clearing.business_day_bounds(TABLE, day)[0] + dt.timedelta(hours=10)
+    await db.execute(
+        """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                    counterparty, line_id, source, posted_at)
+           VALUES (1, 5, 'v1', 1, 180, 1, $1, 'cq-bus', 'bus-105', 2, $1)""",
+        at,
+    )
+
+
+async def test_a_refused_day_is_tried_again_every_night_and_holds_the_gauge_back(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
+) -> None:
+    """A catch-up goes on past a refused day, and the next nights try it again (exit 1 each time) instead of
+    starting after the later days; the other operator's files are not written again; the cleared-through
+    gauge stays at the day before the refused one, so CardsvcClearingBehind fires until it is handled."""
+    last = clearing.last_day_over(TABLE, await db.fetchval("SELECT clock_timestamp()"))
+    d0, d1, d2 = last - dt.timedelta(days=2), last - dt.timedelta(days=1), last
+    out = tmp_path / "out"
+    await clearing.clear_day(db, TABLE, d0, out)
+    await _reversal(db, d1)
+    first = await run_cli("clearing", "run", "--out", str(out), "--json")
+    got = {(r["operator_id"], r["business_date"]): r["status"] for r in first.json}
+    assert first.status == 1 and got == {
+        ("cq-bus", d1.isoformat()): "refused", ("cq-metro", d1.isoformat()): "created",
+        ("cq-bus", d2.isoformat()): "created", ("cq-metro", d2.isoformat()): "created",
+    }, (first.out, first.err)  # fmt: skip
+    metro_file = out / clearing.clearing_file_name("cq-metro", d1)
+    metro_file.unlink()  # picked up by the operator's transfer job
+    again = await run_cli("clearing", "run", "--out", str(out), "--json")
+    assert again.status == 1 and [(r["operator_id"], r["business_date"], r["status"]) for r in again.json] == [
+        ("cq-bus", d1.isoformat(), "refused")
+    ], again.out
+    assert not metro_file.exists()  # not made again
+    assert (await cleared_through(svc))["cq-bus"] == clearing.business_day_bounds(TABLE, d0)[1].timestamp()
+
+
+async def test_days_left_before_a_day_cleared_by_hand_are_cleared_by_the_next_run(
+    db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Two nights missed, then yesterday cleared by hand (`clearing run --date`): the next nightly run
+    clears the two days in between."""
+    last = clearing.last_day_over(TABLE, await db.fetchval("SELECT clock_timestamp()"))
+    await clearing.clear_day(db, TABLE, last - dt.timedelta(days=3), tmp_path)
+    await clearing.clear_day(db, TABLE, last, tmp_path)
+    due = await clearing.days_to_clear(db, TABLE)
+    assert due.days == [last - dt.timedelta(days=2), last - dt.timedelta(days=1)]
+
+
+async def test_a_catch_up_reports_the_days_it_cleared_when_another_day_fails(
+    db: asyncpg.Connection, tmp_path: Path, run_cli: Any
+) -> None:
+    """A day held by another run (or a transaction older than its end) fails that day only: the command
+    still prints the days it cleared, says which day failed, and exits 1; the next run clears it."""
+    last = clearing.last_day_over(TABLE, await db.fetchval("SELECT clock_timestamp()"))
+    await clearing.clear_day(db, TABLE, last - dt.timedelta(days=2), tmp_path / "out")
+    assert await db.fetchval("SELECT pg_try_advisory_lock($1, $2)", clearing._LOCK_NAMESPACE, last.toordinal())
+    res = await run_cli("clearing", "run", "--out", str(tmp_path / "out"), "--json")
+    assert res.status == 1 and f"error: {last}: another clearing run for {last} is in progress" in res.err
+    assert {(r["business_date"], r["status"]) for r in res.json} == {((last - dt.timedelta(days=1)).isoformat(), "created")}
+    await db.execute("SELECT pg_advisory_unlock($1, $2)", clearing._LOCK_NAMESPACE, last.toordinal())
+    res = await run_cli("clearing", "run", "--out", str(tmp_path / "out"), "--json")
+    assert res.status == 0 and {r["business_date"] for r in res.json} == {last.isoformat()}
+
+
+async def test_the_cleared_through_gauge_covers_every_operator_clearing_clears_and_no_other(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """An operator never cleared, with fares, counts as cleared through the day before its first one (so the
+    alert fires when its clearing never works, e.g. a role without pg_read_all_stats); one with nothing in
+    the journal has no series; an operator clearing no longer clears (gone from the fare table, not
+    registered) has none either, whatever reports it left."""
+    await db.execute("INSERT INTO transit_operator (operator_id, name) VALUES ('cq-new', 'New'), ('cq-idle', 'Idle')")
+    at = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+    await db.execute(
+        """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                    counterparty, line_id, source)
+           VALUES (1, 1, 'v1', 1, -180, 1, $1, 'cq-new', 'bus-105', 1)""",
+        at,
+    )
+    await db.execute(
+        """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest)
+           VALUES ('cq-gone', $1, 0, 0, repeat('0', 64))""",
+        local_today() - dt.timedelta(days=5),
+    )
+    got = await cleared_through(svc)
+    first_day = fares.local_day(TABLE, int(at.timestamp()))
+    assert got["cq-new"] == clearing.business_day_bounds(TABLE, first_day)[0].timestamp()
+    assert "cq-idle" not in got and "cq-gone" not in got
 
 
 async def test_the_nightly_command_clears_yesterday_once(
@@ -799,27 +900,16 @@ async def test_metrics_show_how_far_each_operator_is_cleared(
     svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     """The CardsvcClearingBehind alert reads this gauge: the end of the last cleared day per operator."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     day = local_today() - dt.timedelta(days=3)
     await clearing.clear_day(db, TABLE, day, tmp_path)
     await clearing.clear_day(db, TABLE, day + dt.timedelta(days=1), tmp_path, operator_id="cq-metro")
 
-    async def scraped() -> dict[str, float]:
-        text = await (await svc.client.get("/metrics")).text()
-        return {
-            s.labels["operator"]: s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-            if s.name == "cardsvc_transit_clearing_cleared_through_timestamp_seconds"
-        }
-
     ends = {d: clearing.business_day_bounds(TABLE, d)[1].timestamp() for d in (day, day + dt.timedelta(days=1))}
-    got = await scraped()
+    got = await cleared_through(svc)
     assert (got["cq-bus"], got["cq-metro"]) == (ends[day], ends[day + dt.timedelta(days=1)])
     assert ends[day] % 86400 == 16 * 3600  # a local midnight (UTC+8) is 16:00 UTC
     await clearing.clear_day(db, TABLE, day + dt.timedelta(days=1), tmp_path)
-    assert (await scraped())["cq-bus"] == ends[day + dt.timedelta(days=1)]
+    assert (await cleared_through(svc))["cq-bus"] == ends[day + dt.timedelta(days=1)]
 
 
 async def test_a_recorded_audit_is_kept_and_shown_on_metrics(
