@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,7 +21,7 @@ from aiohttp import web
 from cardsvc import limits, localtime, metrics
 from cardsvc.config import ConfigError, Settings
 from cardsvc.flows import lifecycle
-from cardsvc.http.keys import SERVICES
+from cardsvc.http.keys import CLEARING_GAUGE_READ, SERVICES
 from cardsvc.http.middlewares import authenticate, observe
 from cardsvc.http.routes import setup_routes
 from cardsvc.http.transit_routes import setup_transit_routes
@@ -218,6 +219,7 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
         client_max_size=max(settings.body_bytes_max, limits.UPLOAD_BODY_BYTES_MAX),
         handler_args={"max_field_size": 8190, "max_line_size": 8190},
     )
+    app[CLEARING_GAUGE_READ] = [-math.inf]
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         table = fares.load_table(settings.fare_table) if settings.fare_table else fares.load_demo_table()

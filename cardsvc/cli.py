@@ -571,6 +571,8 @@ def _register_operator(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
     from cardsvc.transit import clearing
 
     if args.action == "register":
@@ -609,7 +611,8 @@ def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
                         results += await clearing.clear_day(
                             conn, table, d, out, operator_id=op, progress=_progress, settle_s=args.wait
                         )
-                    except clearing.ClearingError as exc:  # that day (and operator) only: the others go on
+                    except (clearing.ClearingError, OSError, asyncpg.PostgresError) as exc:
+                        # that day (and operator) only: the others go on, and the output stays whole
                         errors.append(f"{d}{' ' + op if op else ''}: {exc}")
             return results
         finally:
@@ -930,7 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the report and file are kept and the run exits 1 (an audit failure).\n"
         "run without --date (the nightly timer, deploy/cardsvc-clearing.timer): for each operator, every day\n"
         "not cleared yet from its first gap on (a night missed, a day refused), up to yesterday (local);\n"
-        "an operator never cleared starts with yesterday. Exit 1 while any day is refused or fails.\n"
+        "an operator never cleared starts with the day of its first fare. Exit 1 if any day fails.\n"
         "register --operator ID --name NAME: an operator that is not in the fare table (removed from it,\n"
         "with fares still to clear), so that `run` clears it and `cardsvc audit` knows it.",
     )

@@ -137,10 +137,11 @@ AUDIT_LAST_SUCCESS = Gauge(
 )
 CLEARED_THROUGH = Gauge(
     "cardsvc_transit_clearing_cleared_through_timestamp_seconds",
-    "End of the last business day cleared for the operator (Unix time), read from clearing_report at each "
-    "scrape: a nightly clearing run moves it by a day.",
+    "How far the operator is cleared (Unix time): the end of the last day of its first unbroken run of "
+    "cleared days (a refused or missed day holds it back), or, never cleared, the start of the day of its "
+    "first fare. Read from clearing_report at most every 5 minutes.",
     ["operator"],
-    multiprocess_mode="max",
+    multiprocess_mode="mostrecent",  # it goes back when a day is found missing: the latest read wins
 )
 DB_POOL_CONNECTIONS = Gauge(
     "cardsvc_db_pool_connections",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from typing import Any
 
 import asyncpg
@@ -21,7 +22,7 @@ from protocols import api, card
 from protocols import hotlist as hotlist_wire
 from protocols.errors import CodecError
 
-from .keys import AUTH, SERVICES
+from .keys import AUTH, CLEARING_GAUGE_READ, SERVICES
 from .middlewares import json_body, operation
 from .problem import ApiError
 
@@ -99,8 +100,11 @@ async def metrics_handler(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(1.0), svc.pool.acquire() as conn:
             await hotlist.latest_version(conn)
-            await clearing.refresh_cleared_through(conn, svc.transit.table)
             await audit.refresh_metrics(conn)
+            read = request.app[CLEARING_GAUGE_READ]
+            if time.monotonic() - read[0] >= clearing.CLEARED_THROUGH_MAX_AGE_S:
+                await clearing.refresh_cleared_through(conn, svc.transit.table)
+                read[0] = time.monotonic()
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
         pass
     return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE_LATEST})

@@ -80,6 +80,7 @@ CURSOR_PREFETCH = 10_000
 SETTLE_POLL_S = 0.2
 PROGRESS_EVERY_LINES = 100_000
 _LOCK_NAMESPACE = 0x434C52  # "CLR": advisory lock namespace of clearing runs
+CLEARED_THROUGH_MAX_AGE_S = 300.0  # a worker reads the reports for the gauge at most this often
 
 
 def in_day_sql(lo: str, hi: str, alias: str = "") -> str:
@@ -99,7 +100,7 @@ SELECT counterparty AS operator_id,
        count(*) FILTER (WHERE amount_fen > 0) AS reversals
 FROM txn_journal
 WHERE kind = ANY($1::smallint[]) AND result = 1 AND {in_day_sql("$2", "$3")}
-  AND ($4::text IS NULL OR counterparty = $4)
+  AND ($4::text IS NULL OR counterparty IN ($4, 'hotlisted:' || $4))
 GROUP BY counterparty
 """
 
@@ -296,6 +297,20 @@ async def _cleared_through(conn: asyncpg.Connection, ops: Sequence[str]) -> dict
     return {r["operator_id"]: r["through"] for r in await conn.fetch(_CLEARED_THROUGH_SQL, list(ops))}
 
 
+async def _first_days(
+    conn: asyncpg.Connection, table: fares.FareTable, ops: Sequence[str], through: dict[str, dt.date]
+) -> dict[str, dt.date]:
+    """For the operators never cleared, the local day of their first journal row (through the journal's
+    (counterparty, at) index, one probe per partition): the first day they are owed. None: nothing yet."""
+    out = {}
+    for op in ops:
+        if op not in through:
+            first = await conn.fetchval("SELECT min(at) FROM txn_journal WHERE counterparty = $1", op)
+            if first is not None:
+                out[op] = fares.local_day(table, int(first.timestamp()))
+    return out
+
+
 async def days_to_clear(
     conn: asyncpg.Connection,
     table: fares.FareTable,
@@ -305,15 +320,16 @@ async def days_to_clear(
 ) -> DaysToClear:
     """What a scheduled run clears (`cardsvc clearing run` without --date): for each operator, every day
     without a report from its first gap on (a night missed, a day refused, days left before one cleared by
-    hand) up to the last day that is over, however far back. An operator never cleared starts with that
-    last day: a new deployment does not clear back to its first fare (days before it are cleared, if
-    anyone must, with --date). Each day names only the operators it is missing for, so files already
-    made are not written again."""
+    hand) up to the last day that is over, however far back. An operator never cleared starts with the day
+    of its first journal row (nothing before it is owed; none at all: nothing to clear). Each day names
+    only the operators it is missing for, so files already made are not written again. The same days hold
+    the cleared-through gauge back (`refresh_cleared_through`)."""
     now = now or await conn.fetchval("SELECT clock_timestamp()")
     last = last_day_over(table, now)
     ops = [operator_id] if operator_id else await operators(conn, table)
     through = await _cleared_through(conn, ops)
-    start = {op: through[op] + dt.timedelta(days=1) if op in through else last for op in ops}
+    start = {op: d + dt.timedelta(days=1) for op, d in through.items()}
+    start.update(await _first_days(conn, table, ops, through))
     first = min(start.values(), default=last + dt.timedelta(days=1))
     have = {
         (r["operator_id"], r["business_date"])
@@ -326,7 +342,7 @@ async def days_to_clear(
     todo = []
     for k in range((last - first).days + 1):
         day = first + dt.timedelta(days=k)
-        missing = [op for op in ops if start[op] <= day and (op, day) not in have]
+        missing = [op for op in ops if op in start and start[op] <= day and (op, day) not in have]
         if missing:
             todo.append((day, missing))
     return DaysToClear(todo, last)
@@ -335,19 +351,15 @@ async def days_to_clear(
 async def refresh_cleared_through(conn: asyncpg.Connection, table: fares.FareTable) -> None:
     """Set `cardsvc_transit_clearing_cleared_through_timestamp_seconds` for every operator clearing clears
     (an alert fires when one falls behind): the end of the last day of its first unbroken run of cleared
-    days, so a day refused or missed holds it back until it is cleared. An operator never cleared counts
-    as cleared through the day before its first journal row (through the journal's (counterparty, at)
-    index; none: nothing owed, no series). Read at each scrape: a few rows per operator and day."""
+    days, so a day refused or missed holds it back until it is cleared; for an operator never cleared, the
+    start of the day of its first journal row (no row: nothing owed, no series). The scrape calls it at
+    most every `CLEARED_THROUGH_MAX_AGE_S` per worker (reports change once a night, and the query reads
+    every report); the workers' values aggregate to the most recent one."""
     ops = await operators(conn, table)
     through = await _cleared_through(conn, ops)
-    for op in ops:
-        if op in through:
-            end = business_day_bounds(table, through[op])[1]
-        else:
-            first = await conn.fetchval("SELECT min(at) FROM txn_journal WHERE counterparty = $1", op)
-            if first is None:
-                continue
-            end = business_day_bounds(table, fares.local_day(table, int(first.timestamp())))[0]
+    ends = {op: business_day_bounds(table, d)[1] for op, d in through.items()}
+    ends.update({op: business_day_bounds(table, d)[0] for op, d in (await _first_days(conn, table, ops, through)).items()})
+    for op, end in ends.items():
         metrics.CLEARED_THROUGH.labels(op).set(end.timestamp())
 
 
@@ -411,11 +423,10 @@ async def _clear_locked(
         cleared = [operator_id] if operator_id else known
         for other in sorted(set(aggregate) - set(cleared)):
             # Not an operator, e.g. `hotlisted:<operator>` (offline debits of a card the validator should
-            # have refused): the purse paid, nobody is paid; shown, never cleared.
-            if operator_id is None:
-                a = aggregate[other]
-                results.append(OperatorResult(other, day, "not_cleared", a["txn_count"], a["total_fen"], None,
-                                              None, "not an operator: kept out of clearing"))
+            # have refused): the purse paid, nobody is paid; shown, never cleared (with one operator: its own).
+            a = aggregate[other]
+            results.append(OperatorResult(other, day, "not_cleared", a["txn_count"], a["total_fen"], None,
+                                          None, "not an operator: kept out of clearing"))
         made: list[tuple[OperatorResult, Path, int]] = []
         for op in cleared:
             agg = aggregate.get(op)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 from cardsvc import cli, limits
 from cardsvc.config import Settings
+from cardsvc.http.keys import CLEARING_GAUGE_READ
 from cardsvc.transit import clearing, fares
 from protocols import clearing as wire
 from protocols.transit import PurseCard
@@ -744,10 +746,18 @@ async def test_a_scheduled_run_clears_every_day_not_cleared_yet(db: asyncpg.Conn
     a run after missed nights catches up every day since, however many; an operator behind the others
     (cleared alone with --operator) is caught up for its own days only."""
     day = local_today() - dt.timedelta(days=50)
-    _, end = clearing.business_day_bounds(TABLE, day)
+    start, end = clearing.business_day_bounds(TABLE, day)
     at = end + dt.timedelta(seconds=limits.CLEARING_MARGIN_S)  # `day` is clearable from this instant
     assert clearing.last_day_over(TABLE, at) == day
     assert clearing.last_day_over(TABLE, at - dt.timedelta(microseconds=1)) == day - dt.timedelta(days=1)
+    assert (await clearing.days_to_clear(db, TABLE, now=at)).todo == []  # no fare yet: nothing owed
+    for seq, (operator, line) in enumerate((("cq-bus", "bus-105"), ("cq-metro", "L1")), 1):
+        await db.execute(
+            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                        counterparty, line_id, source, posted_at)
+               VALUES (1, 1, 'v1', $1, -180, 1, $2, $3, $4, 1, $2)""",
+            seq, start + dt.timedelta(hours=9), operator, line,
+        )  # fmt: skip
 
     first = await clearing.days_to_clear(db, TABLE, now=at)
     assert (first.todo, first.last_over) == ([(day, ["cq-bus", "cq-metro"])], day)
@@ -770,9 +780,11 @@ async def test_a_scheduled_run_clears_every_day_not_cleared_yet(db: asyncpg.Conn
 
 
 async def cleared_through(svc: ServiceHarness) -> dict[str, float]:
-    """`cardsvc_transit_clearing_cleared_through_timestamp_seconds` per operator, as a scrape shows it."""
+    """`cardsvc_transit_clearing_cleared_through_timestamp_seconds` per operator, as a scrape shows it (a
+    worker reads the reports at most every 5 minutes: the first scrape after this reads them)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    svc.app[CLEARING_GAUGE_READ][0] = -math.inf
     text = await (await svc.client.get("/metrics")).text()
     return {
         s.labels["operator"]: s.value

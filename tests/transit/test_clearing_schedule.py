@@ -1,0 +1,209 @@
+"""The nightly clearing run (`cardsvc clearing run` without --date, docs/operations.md "Daily clearing") and
+its gauge at the edges: an operator never cleared, a first day refused, days owed before the first run
+that worked, a day finished one operator at a time, the gauge going back with several workers, a day
+failing on a write error."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+from cardsvc import limits
+from cardsvc.transit import clearing
+from tests.helpers import ServiceHarness
+from tests.transit.test_clearing_audit import TABLE, _reversal, cleared_through, local_today, run_cli  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _end(day: dt.date) -> float:
+    return clearing.business_day_bounds(TABLE, day)[1].timestamp()
+
+
+async def _fare(db: asyncpg.Connection, day: dt.date, counterparty: str, seq: int, amount: int = -180) -> None:
+    """An approved offline bus fare written in `day` (its clearing day)."""
+    at = clearing.business_day_bounds(TABLE, day)[0] + dt.timedelta(hours=9, seconds=seq)
+    await db.execute(
+        """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                    counterparty, line_id, source, posted_at)
+           VALUES (1, 5, 'rv', $1, $2, 1, $3, $4, 'bus-105', 2, $3)""",
+        seq, amount, at, counterparty,
+    )  # fmt: skip
+
+
+async def _last(db: asyncpg.Connection) -> dt.date:
+    return clearing.last_day_over(TABLE, await db.fetchval("SELECT clock_timestamp()"))
+
+
+async def _report_days(db: asyncpg.Connection, op: str) -> set[dt.date]:
+    return {r[0] for r in await db.fetch("SELECT business_date FROM clearing_report WHERE operator_id = $1", op)}
+
+
+# ------------------------------------------------------------------ 1. an operator never cleared
+
+
+async def test_a_refused_first_day_of_an_operator_never_cleared_is_tried_again(
+    db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A new operator's first day refused (a reversal row) is tried again once the row is handled: an
+    operator never cleared starts with the day of its first fare, not with yesterday."""
+    day = local_today() - dt.timedelta(days=10)
+    at = clearing.business_day_bounds(TABLE, day)[1] + dt.timedelta(seconds=limits.CLEARING_MARGIN_S)
+    await _fare(db, day, "cq-bus", 10)
+    await _reversal(db, day)
+    assert (await clearing.days_to_clear(db, TABLE, now=at)).todo == [(day, ["cq-bus"])]  # cq-metro: no fare yet
+    got = {r.operator_id: r.status for r in await clearing.clear_day(db, TABLE, day, tmp_path, now=at)}
+    assert got == {"cq-bus": "refused", "cq-metro": "created"}
+    await db.execute("DELETE FROM txn_journal WHERE amount_fen > 0")  # the reversal handled by hand
+    todo = (await clearing.days_to_clear(db, TABLE, now=at + dt.timedelta(days=1))).todo
+    assert (day, ["cq-bus"]) in todo, f"the refused day {day} of cq-bus is never cleared again: {todo}"
+
+
+async def test_days_owed_before_the_first_successful_run_are_cleared_or_keep_the_alert(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any  # noqa: F811
+) -> None:
+    """A new deployment whose first nights failed (a role without pg_read_all_stats): the gauge shows the
+    operator behind since its first fare's day, and the next run that works clears every day since, so the
+    alert resolves only when nothing owed is left."""
+    last = await _last(db)
+    days = [last - dt.timedelta(days=k) for k in (2, 1, 0)]
+    for k, d in enumerate(days):
+        await _fare(db, d, "cq-bus", 20 + k)
+    assert (await cleared_through(svc))["cq-bus"] == clearing.business_day_bounds(TABLE, days[0])[0].timestamp()
+    res = await run_cli("clearing", "run", "--out", str(tmp_path / "out"), "--json")
+    assert res.status == 0, res.err
+    gauge = (await cleared_through(svc))["cq-bus"]
+    cleared = await _report_days(db, "cq-bus")
+    assert cleared == set(days) or gauge <= clearing.business_day_bounds(TABLE, days[0])[0].timestamp(), (
+        f"cq-bus cleared {sorted(cleared)} only (fares on {days}); the gauge says cleared through "
+        f"{dt.datetime.fromtimestamp(gauge, dt.UTC)}: the alert resolved"
+    )
+
+
+# ------------------------------------------------------------------ 2. per-operator days lose NOT_CLEARED
+
+
+async def test_a_day_finished_per_operator_still_shows_its_not_cleared_counterparties(
+    db: asyncpg.Connection, tmp_path: Path, run_cli: Any  # noqa: F811
+) -> None:
+    """A day finished one operator at a time (cq-metro by hand, cq-bus by the nightly run) still shows the
+    debits of hotlisted:cq-bus as not cleared, as a run for every operator does."""
+    last = await _last(db)
+    await _fare(db, last, "hotlisted:cq-bus", 30)
+    await _fare(db, last, "cq-bus", 31)
+    out = str(tmp_path / "out")
+    by_hand = await run_cli("clearing", "run", "--date", last.isoformat(), "--operator", "cq-metro", "--out", out, "--json")
+    assert by_hand.status == 0 and "hotlisted" not in by_hand.out
+    nightly = await run_cli("clearing", "run", "--out", out, "--json")
+    assert nightly.status == 0, nightly.err
+    got = {(r["operator_id"], r["status"]) for r in nightly.json}
+    assert ("hotlisted:cq-bus", "not_cleared") in got, f"no run showed the hotlisted debits: {got}"
+
+
+# ------------------------------------------------------------------ 3. the gauge across workers
+
+_WORKER = """
+import asyncio, sys
+import asyncpg
+from cardsvc import metrics
+from cardsvc.transit import clearing, fares
+
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    try:
+        await clearing.refresh_cleared_through(conn, fares.load_demo_table())
+    finally:
+        await conn.close()
+
+asyncio.run(main())
+sys.stdout.write(metrics.render().decode())
+"""
+
+
+async def _scrape_in_a_worker(dsn: str, prom_dir: Path) -> dict[str, float]:
+    """One `serve --workers N` worker answering a scrape: refresh, then render what every worker wrote."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir), "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WORKER, dsn, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return {
+        s.labels["operator"]: s.value
+        for f in text_string_to_metric_families(out.decode())
+        for s in f.samples
+        if s.name == "cardsvc_transit_clearing_cleared_through_timestamp_seconds"
+    }
+
+
+async def test_the_gauge_goes_back_when_a_day_is_no_longer_cleared_with_several_workers(
+    db: asyncpg.Connection, db_dsn: str, tmp_path: Path
+) -> None:
+    """With several workers the gauge shows the latest read, not the highest: a report deleted to re-clear a
+    day (docs/operations.md "A changed journal") takes the operator back, and the alert can fire."""
+    last = await _last(db)
+    d0, d1 = last - dt.timedelta(days=2), last - dt.timedelta(days=1)
+    for d in (d0, d1, last):
+        await clearing.clear_day(db, TABLE, d, tmp_path / "out")
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    assert (await _scrape_in_a_worker(db_dsn, prom))["cq-bus"] == _end(last)  # worker 1 answers a scrape
+    await db.execute("DELETE FROM clearing_report WHERE operator_id = 'cq-bus' AND business_date = $1", d1)
+    got = await _scrape_in_a_worker(db_dsn, prom)  # worker 2 answers the next one
+    assert got["cq-bus"] == _end(d0), (
+        f"cq-bus is cleared through {d0} only, /metrics says {dt.datetime.fromtimestamp(got['cq-bus'], dt.UTC)}"
+    )
+
+
+# ------------------------------------------------------------------ 4. read at most every 5 minutes
+
+
+async def test_a_worker_reads_the_reports_for_the_gauge_at_most_every_five_minutes(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The query reads every report an operator has (years of them at a city): a scrape reads them when the
+    worker's last read is older than CLEARED_THROUGH_MAX_AGE_S (reports change once a night)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    last = await _last(db)
+    await clearing.clear_day(db, TABLE, last - dt.timedelta(days=1), tmp_path)
+    assert (await cleared_through(svc))["cq-bus"] == _end(last - dt.timedelta(days=1))  # read now
+    await clearing.clear_day(db, TABLE, last, tmp_path)
+    text = await (await svc.client.get("/metrics")).text()
+    shown = {s.labels["operator"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+             if s.name == "cardsvc_transit_clearing_cleared_through_timestamp_seconds"}  # fmt: skip
+    assert shown["cq-bus"] == _end(last - dt.timedelta(days=1))  # not read again yet
+    assert clearing.CLEARED_THROUGH_MAX_AGE_S == 300
+    assert (await cleared_through(svc))["cq-bus"] == _end(last)
+
+
+# ------------------------------------------------------------------ 5. a day failing otherwise
+
+
+async def test_a_day_failing_on_a_write_error_fails_alone_and_json_stays_valid(
+    db: asyncpg.Connection, tmp_path: Path, run_cli: Any  # noqa: F811
+) -> None:
+    """A day failing on a write error (here a directory where its .tmp file goes) fails alone, like a
+    refused one: the days before it are cleared and printed, `--json` stays JSON, the run exits 1."""
+    last = await _last(db)
+    out = tmp_path / "out"
+    await clearing.clear_day(db, TABLE, last - dt.timedelta(days=2), out)
+    (out / (clearing.clearing_file_name("cq-bus", last) + ".tmp")).mkdir()
+    res = await run_cli("clearing", "run", "--out", str(out), "--json")
+    assert res.status == 1
+    assert await db.fetchval("SELECT count(*) FROM clearing_report WHERE business_date = $1", last - dt.timedelta(days=1)) == 2
+    try:
+        printed = {(r["operator_id"], r["business_date"], r["status"]) for r in res.json}
+    except orjson.JSONDecodeError:
+        raise AssertionError(f"--json printed {res.out!r}; stderr {res.err!r}") from None
+    prev = (last - dt.timedelta(days=1)).isoformat()
+    assert {("cq-bus", prev, "created"), ("cq-metro", prev, "created")} <= printed
