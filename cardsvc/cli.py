@@ -596,7 +596,7 @@ def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 due = await clearing.days_to_clear(conn, table, operator_id=args.operator)
                 if not due.todo:
-                    print(f"nothing to clear: cleared through {due.last_over}", file=sys.stderr)
+                    print(f"nothing to clear up to {due.last_over}, the last day that is over", file=sys.stderr)
                 every = set(await clearing.operators(conn, table))
                 # A day missing for every operator is one run (one aggregate); otherwise only its missing
                 # operators, so that the files already made are not written again.
