@@ -11,7 +11,6 @@ import asyncpg
 
 from cardsvc.errors import ApiError
 from protocols import sm
-from protocols.card import CardStatus
 from protocols.errors import CodecError
 
 from . import lifecycle
@@ -66,12 +65,7 @@ async def issue_ecard(
             raise ApiError("not_found", "no such card", field="card_no")
         if not usable(row, now):
             raise ApiError("card_not_active", f"the card is {card_view(row, now)['status']}", field="card_no")
-        status = row["status"]
-        if status != int(CardStatus.ACTIVE):
-            # A temporary loss that ran out before the sweeper saw it: record the expiry first (as a ride
-            # certificate does), so that the hotlist unblocks the card now and the event says what was decided.
-            await lifecycle.expire_one(conn, row["card_id"], row["card_sn"], row["app_locked"])
-            status = int(CardStatus.ACTIVE)
+        status = await lifecycle.record_lapsed_loss(conn, row)  # a temporary loss that ran out: recorded
         try:
             ecard_id = await conn.fetchval(
                 "INSERT INTO ecard (card_id, channel, alg, device_key) VALUES ($1, $2, $3, $4) RETURNING ecard_id",

@@ -291,6 +291,16 @@ async def move_purse(conn: asyncpg.Connection, old_id: int, new_id: int, actor: 
     return balance
 
 
+async def record_lapsed_loss(conn: asyncpg.Connection, row: Any) -> int:
+    """For a card locked FOR UPDATE and found usable (`views.usable`): a temporary loss still stored is one
+    that ran out before the sweeper saw it. Record its expiry now (event, hotlist unblock), so that gates
+    accept the card at once and the caller's own event says what it decided on; returns the status now."""
+    if row["status"] != int(S.ACTIVE):
+        await expire_one(conn, row["card_id"], row["card_sn"], row["app_locked"])
+        return int(S.ACTIVE)
+    return int(row["status"])
+
+
 async def expire_one(conn: asyncpg.Connection, card_id: int, card_sn: str, app_locked: bool) -> None:
     await conn.execute(
         "UPDATE card SET status = $2, temp_loss_until = NULL, status_changed_at = now() WHERE card_id = $1",

@@ -94,9 +94,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
     metrics.DB_POOL_CONNECTIONS.set(svc.pool.get_size())
     metrics.DB_POOL_IN_USE.set(svc.pool.get_size() - svc.pool.get_idle_size())
     # The hotlist head as of this scrape: a loss report moves it in whichever worker took it, or none
-    # (`cardsvc card` from a shell); the days cleared and the audit runs, which only the nightly commands
-    # move. Without the
-    # database, /metrics still answers with the last values.
+    # (`cardsvc card` from a shell); the audit runs and the days cleared, which only the nightly commands
+    # move (the reports at most every 5 minutes). Without the database, /metrics keeps the last values.
     try:
         async with asyncio.timeout(1.0), svc.pool.acquire() as conn:
             await hotlist.latest_version(conn)

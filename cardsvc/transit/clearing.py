@@ -293,22 +293,22 @@ GROUP BY r.operator_id
 """
 
 
-async def _cleared_through(conn: asyncpg.Connection, ops: Sequence[str]) -> dict[str, dt.date]:
-    return {r["operator_id"]: r["through"] for r in await conn.fetch(_CLEARED_THROUGH_SQL, list(ops))}
-
-
-async def _first_days(
-    conn: asyncpg.Connection, table: fares.FareTable, ops: Sequence[str], through: dict[str, dt.date]
+async def _first_days_owed(
+    conn: asyncpg.Connection, table: fares.FareTable, ops: Sequence[str]
 ) -> dict[str, dt.date]:
-    """For the operators never cleared, the local day of their first journal row (through the journal's
-    (counterparty, at) index, one probe per partition): the first day they are owed. None: nothing yet."""
-    out = {}
+    """Per operator, the first day it is owed a clearing run: the day after its first unbroken run of
+    cleared days; never cleared, the local day of its first journal row (through the journal's
+    (counterparty, at) index, one probe per partition); no row at all: not owed anything yet."""
+    start = {
+        r["operator_id"]: r["through"] + dt.timedelta(days=1)
+        for r in await conn.fetch(_CLEARED_THROUGH_SQL, list(ops))
+    }
     for op in ops:
-        if op not in through:
+        if op not in start:
             first = await conn.fetchval("SELECT min(at) FROM txn_journal WHERE counterparty = $1", op)
             if first is not None:
-                out[op] = fares.local_day(table, int(first.timestamp()))
-    return out
+                start[op] = fares.local_day(table, int(first.timestamp()))
+    return start
 
 
 async def days_to_clear(
@@ -327,9 +327,7 @@ async def days_to_clear(
     now = now or await conn.fetchval("SELECT clock_timestamp()")
     last = last_day_over(table, now)
     ops = [operator_id] if operator_id else await operators(conn, table)
-    through = await _cleared_through(conn, ops)
-    start = {op: d + dt.timedelta(days=1) for op, d in through.items()}
-    start.update(await _first_days(conn, table, ops, through))
+    start = await _first_days_owed(conn, table, ops)
     first = min(start.values(), default=last + dt.timedelta(days=1))
     have = {
         (r["operator_id"], r["business_date"])
@@ -355,12 +353,8 @@ async def refresh_cleared_through(conn: asyncpg.Connection, table: fares.FareTab
     start of the day of its first journal row (no row: nothing owed, no series). The scrape calls it at
     most every `CLEARED_THROUGH_MAX_AGE_S` per worker (reports change once a night, and the query reads
     every report); the workers' values aggregate to the most recent one."""
-    ops = await operators(conn, table)
-    through = await _cleared_through(conn, ops)
-    ends = {op: business_day_bounds(table, d)[1] for op, d in through.items()}
-    ends.update({op: business_day_bounds(table, d)[0] for op, d in (await _first_days(conn, table, ops, through)).items()})
-    for op, end in ends.items():
-        metrics.CLEARED_THROUGH.labels(op).set(end.timestamp())
+    for op, day in (await _first_days_owed(conn, table, await operators(conn, table))).items():
+        metrics.CLEARED_THROUGH.labels(op).set(business_day_bounds(table, day)[0].timestamp())
 
 
 async def clear_day(

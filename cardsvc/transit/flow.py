@@ -373,10 +373,9 @@ async def issue_ride_cert(
             raise ApiError("not_found", "no such card", field="card_no")
         if not views.usable(row, now):  # active (a temporary loss that ran out is), not locked, not expired
             raise ApiError("card_not_active", field="card_no")
-        if row["status"] != int(card.CardStatus.ACTIVE):
-            # The temporary loss ran out before the sweeper saw it: record that first, so that the hotlist
-            # unblocks the card (its account) and gates accept the certificate's codes now, not at the sweep.
-            await lifecycle.expire_one(conn, row["card_id"], row["card_sn"], row["app_locked"])
+        # A temporary loss that ran out: recorded first, so that the hotlist unblocks the card (its account)
+        # and gates accept the certificate's codes now, not at the sweep.
+        await lifecycle.record_lapsed_loss(conn, row)
         if not row["has_purse"]:
             raise ApiError("no_transit_purse")
         serial: int = await conn.fetchval(

@@ -147,10 +147,6 @@ class _Chunk:
     unpriced_ids: list[int] = dataclasses.field(default_factory=list)
     unknown_stations: set[str] = dataclasses.field(default_factory=set)
 
-    @property
-    def unpriced(self) -> int:
-        return len(self.unpriced_ids)
-
     def row(self, card_id: int, penalty: fares.Penalty, line: str, at_s: int) -> None:
         assert penalty.station is not None
         self.row_cards.append(card_id)
