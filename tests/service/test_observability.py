@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -169,6 +170,14 @@ async def test_logs_carry_request_ids_and_no_personal_data(
     svc: ServiceHarness, captured_logs: Capture
 ) -> None:
     responses = await _scenario(svc)
+    # The server writes a request's access line after the response has gone out, so the client can read
+    # the last answer before its line exists: wait (boundedly) for every answer's line.
+    wanted = {r.headers["X-Request-Id"] for r in responses}
+    for _ in range(500):
+        logged = {orjson.loads(line).get("request_id") for line in captured_logs.lines}
+        if wanted <= logged:
+            break
+        await asyncio.sleep(0.01)
 
     lines = [orjson.loads(line) for line in captured_logs.lines]
     access = [d for d in lines if d["logger"] == "cardsvc.access"]
