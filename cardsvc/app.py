@@ -72,10 +72,15 @@ class MaintenanceFailed(RuntimeError):
     """Some maintenance steps failed (the others ran): their names, each logged with its error."""
 
 
+_PARTITIONS_LOCK_KEY = 0x706172746974696F  # pg advisory lock: "partitio", one maker of journal partitions at a time
+
+
 async def _partitions(pool: asyncpg.Pool, settings: Settings) -> None:
     # The months ahead, and back to the oldest ride an upload may still post (UPLOAD_AGE_S_MAX and the
     # clock skew): a database created early in a month has no partition yet for a month-old record.
-    async with pool.acquire() as conn:
+    # Every worker does it as it starts: one at a time, or two would make the same month and one fail.
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITIONS_LOCK_KEY)
         await conn.execute(
             "SELECT cardsvc_ensure_partitions((now() - make_interval(secs => $1))::date, 5)",
             float(limits.UPLOAD_AGE_S_MAX + settings.clock_skew_s + 86400),

@@ -19,9 +19,8 @@ import pytest
 
 from cardsvc.config import Settings, load_settings
 from cardsvc.security.keys import KeyRing
-from cardsvc.store import migrate
 from cardsvc.store.embedded import EmbeddedPostgres
-from tests.helpers import ServiceHarness, scratch_database, with_database
+from tests.helpers import ServiceHarness, migrated, scratch_database, with_database
 
 TEMPLATE_DB = "cardsvc_test_template"
 _counter = itertools.count(1)
@@ -51,13 +50,7 @@ async def template_dsn(pg_admin_dsn: str) -> str:
         await admin.execute(f"CREATE DATABASE {TEMPLATE_DB}")
     finally:
         await admin.close()
-    dsn = with_database(pg_admin_dsn, TEMPLATE_DB)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate.apply(conn)
-    finally:
-        await conn.close()
-    return dsn
+    return await migrated(with_database(pg_admin_dsn, TEMPLATE_DB))
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from cardsvc.app import create_app
 from cardsvc.config import Settings
 from cardsvc.security import terminals
 from cardsvc.security.keys import KeyRing
+from cardsvc.store import migrate
 from protocols import card, ecard, idnumber, sm, terminal_auth
 
 _serial = itertools.count(1)
@@ -48,6 +49,16 @@ async def scratch_database(admin_dsn: str, name: str, template: str | None = Non
             await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         finally:
             await admin.close()
+
+
+async def migrated(dsn: str) -> str:
+    """Apply the migrations to the database at `dsn`; returns `dsn`."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate.apply(conn)
+    finally:
+        await conn.close()
+    return dsn
 
 
 async def purse_vs_journal(dsn: str) -> list[asyncpg.Record]:

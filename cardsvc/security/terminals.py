@@ -164,9 +164,13 @@ class TerminalRegistry:
     async def _refresh_loop(self, pool: asyncpg.Pool) -> None:
         while True:
             try:
-                if self._listener is None or self._listener.is_closed():
+                if not self._listening():
+                    await self._drop_listener(pool)
                     self._listener = await pool.acquire()
                     await self._listener.add_listener(self.CHANNEL, self._on_notify)
+                    # A session the server ends (failover, cut network) wakes the loop to listen again
+                    # at once, instead of missing changes until the fallback reload.
+                    self._listener.add_termination_listener(self._on_notify)
                     self._changed.set()  # changes may have been missed while not listening
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), self._refresh_s)
@@ -180,12 +184,20 @@ class TerminalRegistry:
                 await self._drop_listener(pool)
                 await asyncio.sleep(1.0)
 
+    def _listening(self) -> bool:
+        try:
+            return self._listener is not None and not self._listener.is_closed()
+        except asyncpg.InterfaceError:  # the pool took it back when the server ended its session
+            return False
+
     def _on_notify(self, *_: object) -> None:
         self._changed.set()
 
     async def _drop_listener(self, pool: asyncpg.Pool) -> None:
         conn, self._listener = self._listener, None
         if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.remove_termination_listener(self._on_notify)
             with contextlib.suppress(Exception):
                 await conn.remove_listener(self.CHANNEL, self._on_notify)
             with contextlib.suppress(Exception):

@@ -35,6 +35,11 @@ class BatcherClosed(RuntimeError):
     pass
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class MicroBatcher(Generic[T, R]):
     def __init__(
         self,
@@ -81,6 +86,7 @@ class MicroBatcher(Generic[T, R]):
                 fut.cancel()
                 raise
             if not self._finish_in_flight:
+                fut.add_done_callback(_retrieve)  # nobody waits for it now: a failure is not "never retrieved"
                 raise
         # In a flush: its outcome is the answer, even past the caller's deadline.
         while not fut.done():

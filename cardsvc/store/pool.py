@@ -25,6 +25,11 @@ DB_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    # A connection whose server session ended (pg_terminate_backend, a failover, a cut network) can be
+    # handed out in the moment between the server's last message and the socket's close: asyncpg then
+    # raises "cannot switch to state …; another operation is in progress" (MagicStack/asyncpg#1069). The
+    # operation did not reach the server; the socket's close discards the connection.
+    asyncpg.InternalClientError,
 )
 
 
@@ -33,7 +38,9 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """jsonb as Python objects (orjson); statements never wait forever on a stuck row lock."""
+    """jsonb as Python objects (orjson); statements never wait forever on a stuck row lock; a commit is
+    durable before the service answers (a server or database configured with `synchronous_commit = off`
+    would lose the last answered transactions in a crash; `local`, `remote_write` and the others are kept)."""
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
@@ -41,7 +48,10 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         encoder=lambda v: orjson.dumps(v).decode(),
         decoder=orjson.loads,
     )
-    await conn.execute("SET lock_timeout = '3s'; SET idle_in_transaction_session_timeout = '30s'")
+    await conn.execute(
+        "SET lock_timeout = '3s'; SET idle_in_transaction_session_timeout = '30s'; "
+        "SELECT set_config('synchronous_commit', 'on', false) WHERE current_setting('synchronous_commit') = 'off'"
+    )
 
 
 async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:

@@ -278,6 +278,28 @@ async def test_restricted_operations_and_live_terminal_changes(
     assert r.status == 200, r.body
 
 
+async def test_terminal_changes_still_arrive_after_the_database_ends_the_listening_session(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """The server ends every session of the service (a failover, a cut network, an idle-session killer),
+    the one that LISTENs for terminal changes among them. The cache listens again at once: a terminal
+    disabled just after is refused within moments, not after the fallback reload (key_cache_refresh_s, a
+    minute, far longer than until_reloaded waits)."""
+    gate = svc.terminals["transit_validator"]
+    r = await svc.get("/v1/hotlist", as_="transit_validator")
+    assert r.status == 200, r.body
+    ended = await db.fetchval(
+        """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+           WHERE application_name = 'cardsvc' AND datname = current_database()"""
+    )
+    assert ended >= 1
+    await db.execute("UPDATE terminal SET disabled = true WHERE terminal_id = $1", gate.terminal_id)
+    r = await until_reloaded(
+        svc, lambda: svc.get("/v1/hotlist", as_="transit_validator"), lambda r: r.status == 401
+    )
+    assert_problem(r, 401, "auth_unknown_terminal")
+
+
 async def test_key_rotation_with_overlap(svc: ServiceHarness, db: asyncpg.Connection) -> None:
     kek = svc.keys.terminal_kek
     old = svc.terminals["transit_validator"]

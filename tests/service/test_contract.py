@@ -18,8 +18,8 @@ from cardsvc import metrics
 from cardsvc.security.keys import KeyRing
 from protocols import sm
 from tests.helpers import ServiceHarness, new_card_numbers, replacement_body
+from tests.service.serving import Service
 from tests.service.test_input import assert_problem, snapshot
-from tests.service.test_processes import Service, keys_for_process  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -145,7 +145,7 @@ async def test_hotlist_version_gauge_moves_when_a_loss_is_recorded(svc: ServiceH
 
 @pytest.mark.slow
 async def test_pool_gauges_count_every_workers_connections(
-    db_dsn: str, keys_for_process: KeyRing, tmp_path: Path  # noqa: F811
+    db_dsn: str, keys_for_process: KeyRing, tmp_path: Path
 ) -> None:
     """docs/operations.md "/metrics: ... summed over all workers"; the CardsvcDbPoolSaturated rule divides
     `cardsvc_db_pool_connections_in_use` by `cardsvc_db_pool_connections`, summed per instance. Both gauges

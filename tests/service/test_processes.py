@@ -10,19 +10,15 @@ assertion.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
@@ -32,191 +28,25 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from cardsvc import demo, localtime
 from cardsvc.cli import build_parser
-from cardsvc.security import terminals
 from cardsvc.security.keys import KeyRing
 from cardsvc.store import migrate
 from cardsvc.store.embedded import EmbeddedPostgres
-from protocols import population, terminal_auth
-from tests.helpers import Terminal, scratch_database
+from protocols import population
+from tests.helpers import scratch_database
+from tests.service.serving import (
+    POLL_ATTEMPTS,
+    POLL_INTERVAL_S,
+    PROBLEM_JSON,
+    Service,
+    cli_command,
+    free_port,
+    load_people,
+    poll,
+    refuses_connections,
+    service_env,
+)
 
 pytestmark = pytest.mark.slow
-
-POLL_ATTEMPTS = 300  # x POLL_INTERVAL_S: how long we are willing to wait for a condition
-POLL_INTERVAL_S = 0.1
-PROBLEM_JSON = "application/problem+json"
-
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).with_name("cardsvc")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cardsvc"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _refuses_connections(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return False
-    except ConnectionRefusedError:
-        return True
-
-
-async def _poll(what: str, check: Callable[[], Awaitable[bool]]) -> None:
-    for _ in range(POLL_ATTEMPTS):
-        if await check():
-            return
-        await asyncio.sleep(POLL_INTERVAL_S)
-    raise AssertionError(f"gave up waiting for {what}")
-
-
-def _env(tmp: Path, dsn: str, key_file: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDSVC_")}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env.update(
-        CARDSVC_DATABASE_URL=dsn,
-        CARDSVC_KEY_FILE=str(key_file),
-        CARDSVC_DATA_DIR=str(tmp / "data"),
-        CARDSVC_PORT=str(port),
-        CARDSVC_LOG_FORMAT="json",
-        CARDSVC_DB_POOL_MIN="1",
-        CARDSVC_DB_POOL_MAX="12",
-        TMPDIR=str(tmp),  # the per-worker metrics directory lands here, where a test can look
-    )
-    env.update(extra)
-    return env
-
-
-class Service:
-    """`cardsvc serve` in a subprocess, with a signed HTTP client for it."""
-
-    def __init__(self, tmp: Path, dsn: str, keys: KeyRing, *, workers: int = 1) -> None:
-        self.tmp = tmp
-        self.dsn = dsn
-        self.keys = keys
-        self.workers = workers
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.key_file = tmp / "keys.json"
-        if not self.key_file.exists():
-            keys.write(self.key_file)
-        self.log_path = tmp / f"serve-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.terminals: dict[str, Terminal] = {}
-        # One connection per request: with several workers, the kernel spreads them over the workers.
-        self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(force_close=True, limit=0),
-            timeout=aiohttp.ClientTimeout(total=30),
-        )
-        self.responses = 0  # answers received from the service (any status)
-
-    async def add_terminal(self, kind: str) -> Terminal:
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            tid = f"t-{kind.replace('_', '-')}"
-            secret = await terminals.add_terminal(conn, self.keys.terminal_kek, tid, kind, "test-org")
-        finally:
-            await conn.close()
-        self.terminals[kind] = Terminal(tid, "k1", secret)
-        return self.terminals[kind]
-
-    def start(self, *args: str, **env: str) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*_cli(), "serve", "--workers", str(self.workers), *args],
-                env=_env(self.tmp, self.dsn, self.key_file, self.port, **env),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    async def wait_ready(self) -> None:
-        async def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"cardsvc exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                return (await self.get("/readyz", sign=False))[0] == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await _poll("the service to be ready", ready)
-        await _poll(f"{self.workers} worker(s) to listen", self._all_listening)
-
-    async def _all_listening(self) -> bool:
-        return len(self.listening_pids()) == self.workers
-
-    def listening_pids(self) -> set[int]:
-        pids = set()
-        for line in self.log().splitlines():
-            with contextlib.suppress(orjson.JSONDecodeError):
-                entry = orjson.loads(line)
-                if isinstance(entry, dict) and entry.get("msg") == "listening":
-                    pids.add(int(entry["pid"]))
-        return pids
-
-    def signed_headers(
-        self, method: str, path: str, body: bytes, as_: str, nonce: str | None = None
-    ) -> dict[str, str]:
-        t = self.terminals[as_]
-        headers = terminal_auth.sign_request(
-            t.terminal_id, t.key_id, t.secret, method, path, body, nonce=nonce
-        )
-        if body:
-            headers["Content-Type"] = "application/json"
-        return headers
-
-    async def send(
-        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
-    ) -> tuple[int, Any, Any]:
-        async with self.http.request(method, self.base + path, data=body, headers=headers or {}) as resp:
-            raw = await resp.read()
-            self.responses += 1
-            ctype = resp.headers.get("Content-Type", "")
-            parsed = orjson.loads(raw) if raw and "json" in ctype else raw.decode(errors="replace")
-            return resp.status, resp.headers, parsed
-
-    async def get(self, path: str, *, as_: str = "card_office", sign: bool = True) -> tuple[int, Any, Any]:
-        return await self.send("GET", path, b"", self.signed_headers("GET", path, b"", as_) if sign else None)
-
-    async def post(self, path: str, body: Any, *, as_: str) -> tuple[int, Any, Any]:
-        data = orjson.dumps(body)
-        return await self.send("POST", path, data, self.signed_headers("POST", path, data, as_))
-
-    async def terminate(self) -> int:
-        """SIGTERM, then the exit status."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.to_thread(self.proc.wait, 60)
-
-    async def close(self) -> None:
-        await self.http.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def keys_for_process() -> KeyRing:
-    return KeyRing.generate()
-
-
-async def _load_people(dsn: str, keys: KeyRing, count: int) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await demo.load_population(conn, keys, count)
-    finally:
-        await conn.close()
 
 
 def _metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -249,7 +79,7 @@ async def test_two_workers_share_single_use_and_metrics(
     db_dsn: str, keys_for_process: KeyRing, tmp_path: Path
 ) -> None:
     keys = keys_for_process
-    await _load_people(db_dsn, keys, 10)
+    await load_people(db_dsn, keys, 10)
     svc = Service(tmp_path, db_dsn, keys, workers=2)
     await svc.add_terminal("merchant_pos")
     await svc.add_terminal("card_office")
@@ -325,7 +155,7 @@ async def test_sigterm_lets_in_flight_requests_finish(
 ) -> None:
     keys = keys_for_process
     cards = 6
-    await _load_people(db_dsn, keys, cards)
+    await load_people(db_dsn, keys, cards)
     card_nos = [population.person(i, demo.DEMO_SEED).card_no for i in range(cards)]
     svc = Service(tmp_path, db_dsn, keys, workers=2)
     await svc.add_terminal("card_office")
@@ -354,14 +184,14 @@ async def test_sigterm_lets_in_flight_requests_finish(
             )
             return bool(waiting == cards)
 
-        await _poll("the requests to wait on the row locks", all_waiting)
+        await poll("the requests to wait on the row locks", all_waiting)
         assert svc.proc is not None
         svc.proc.send_signal(signal.SIGTERM)
 
         async def refusing() -> bool:
-            return await asyncio.to_thread(_refuses_connections, svc.port)
+            return await asyncio.to_thread(refuses_connections, svc.port)
 
-        await _poll("the service to stop accepting connections", refusing)
+        await poll("the service to stop accepting connections", refusing)
         assert not any(f.done() for f in in_flight)
         await tx.commit()  # the requests go on and finish with their normal answer
 
@@ -370,7 +200,7 @@ async def test_sigterm_lets_in_flight_requests_finish(
             assert status == 200, body
             assert body["status"] == "temporary_loss", body
         assert await asyncio.to_thread(svc.proc.wait, 60) == 0, svc.log()[-4000:]
-        assert _refuses_connections(svc.port)
+        assert refuses_connections(svc.port)
         statuses = await blocker.fetch("SELECT status FROM card WHERE card_no = ANY($1::text[])", card_nos)
         assert len(statuses) == cards and len({r["status"] for r in statuses}) == 1
         assert "shutting down" in svc.log()
@@ -383,31 +213,12 @@ async def test_sigterm_lets_in_flight_requests_finish(
 # ------------------------------------------------------------------ (c) the database goes away
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[EmbeddedPostgres]:
-    # Not under tmp_path: pytest resets the mode of its temporary root, which the server's user
-    # (when tests run as root) must be able to traverse.
-    base = Path(tempfile.mkdtemp(prefix="cardsvc-test-"))
-    server = EmbeddedPostgres(base / "pg")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.destroy()
-        shutil.rmtree(base, ignore_errors=True)
-
-
 async def test_database_down_answers_503_then_recovers(
-    own_postgres: EmbeddedPostgres, keys_for_process: KeyRing, tmp_path: Path
+    own_postgres: EmbeddedPostgres, own_dsn: str, keys_for_process: KeyRing, tmp_path: Path
 ) -> None:
     keys = keys_for_process
-    dsn = own_postgres.dsn()
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate.apply(conn)
-    finally:
-        await conn.close()
-    await _load_people(dsn, keys, 2)
+    dsn = own_dsn
+    await load_people(dsn, keys, 2)
     card_no = population.person(0, demo.DEMO_SEED).card_no
     svc = Service(tmp_path, dsn, keys)
     await svc.add_terminal("card_office")
@@ -432,7 +243,7 @@ async def test_database_down_answers_503_then_recovers(
             return False
 
         try:
-            await _poll("the API to report the database unavailable", unavailable)
+            await poll("the API to report the database unavailable", unavailable)
         except AssertionError:
             raise AssertionError(f"{answers[:3]} ... {answers[-3:]}\n{svc.log()[-3000:]}") from None
         status, _, body = await svc.get("/readyz", sign=False)
@@ -447,7 +258,7 @@ async def test_database_down_answers_503_then_recovers(
             status, _, _ = await svc.get(f"/v1/cards/{card_no}")
             return status == 200
 
-        await _poll("the service to recover once the database is back", recovered)
+        await poll("the service to recover once the database is back", recovered)
         status, _, body = await svc.get("/readyz", sign=False)
         assert status == 200, body
         assert await svc.terminate() == 0, svc.log()[-4000:]
@@ -468,8 +279,8 @@ async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
 
 def _run_cli(tmp: Path, dsn: str, key_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*_cli(), *args],
-        env=_env(tmp, dsn, key_file, _free_port()),
+        [*cli_command(), *args],
+        env=service_env(tmp, dsn, key_file, free_port()),
         capture_output=True,
         text=True,
         timeout=120,
@@ -500,8 +311,8 @@ async def test_workers_failing_at_start_up_stop_the_service(
     keys_for_process.write(key_file)
     result = await asyncio.to_thread(
         subprocess.run,
-        [*_cli(), "serve", "--workers", "2"],
-        env=_env(tmp_path, db_dsn, key_file, _free_port(), CARDSVC_FARE_TABLE=str(tmp_path / "missing.toml")),
+        [*cli_command(), "serve", "--workers", "2"],
+        env=service_env(tmp_path, db_dsn, key_file, free_port(), CARDSVC_FARE_TABLE=str(tmp_path / "missing.toml")),
         capture_output=True,
         text=True,
         timeout=120,
@@ -617,15 +428,15 @@ async def test_serve_on_a_port_in_use_says_so_and_exits(
     neither hangs (it used to wait forever for its pools) nor joins it (splitting its traffic)."""
     key_file = tmp_path / "keys.json"
     keys_for_process.write(key_file)
-    port = _free_port()
+    port = free_port()
     with socket.socket() as other:
         other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         other.bind(("127.0.0.1", port))
         other.listen()
         result = await asyncio.to_thread(
             subprocess.run,
-            [*_cli(), "serve", "--workers", str(workers)],
-            env=_env(tmp_path, db_dsn, key_file, port),
+            [*cli_command(), "serve", "--workers", str(workers)],
+            env=service_env(tmp_path, db_dsn, key_file, port),
             capture_output=True,
             text=True,
             timeout=120,
@@ -688,7 +499,7 @@ async def test_demo_data_registers_concessions_and_a_shell_tap_pays_by_them(
     """The README's path: `cardsvc demo-data`, then `cardsvc demo-credential tap | cardsvc call ...`.
     Demo people hold the concessions `cardsvc seed` would give them, and their bus taps pay by them."""
     svc = Service(tmp_path, db_dsn, keys_for_process)
-    env = _env(tmp_path, db_dsn, svc.key_file, svc.port)
+    env = service_env(tmp_path, db_dsn, svc.key_file, svc.port)
     today = localtime.local_date(dt.datetime.now(dt.UTC))
     people = _demo_people_with_each_concession(today)
     count = max(people.values()) + 1
@@ -697,7 +508,7 @@ async def test_demo_data_registers_concessions_and_a_shell_tap_pays_by_them(
 
     def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*_cli(), *args], env=env, input=stdin, capture_output=True, text=True, timeout=120, check=False
+            [*cli_command(), *args], env=env, input=stdin, capture_output=True, text=True, timeout=120, check=False
         )
 
     loaded = await asyncio.to_thread(cli, "demo-data", "--cards", str(count))
@@ -797,7 +608,7 @@ async def test_help_of_every_command() -> None:
 
     async def run(*args: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
-            *_cli(),
+            *cli_command(),
             *args,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -336,3 +336,18 @@ async def test_a_connection_that_cannot_release_the_sweep_lock_is_closed(db_dsn:
         await other.close()
         if not conn.is_closed():
             await conn.close()
+
+
+async def test_workers_making_the_same_journal_partition_at_once_do_not_fail(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """Every worker's maintenance makes the months ahead as it starts, so the workers of a service do it at
+    the same moment. Both saw the month missing and made it, and one failed on the catalog's unique index:
+    a failed maintenance step logged at nearly every start of a service with several workers."""
+    ahead = await db.fetchval(
+        "SELECT 'txn_journal_' || to_char(date_trunc('month', now()) + interval '3 months', 'YYYYMM')"
+    )
+    for _ in range(5):
+        await db.execute(f"DROP TABLE IF EXISTS {ahead}")
+        await asyncio.gather(*(maintenance_once(pool, svc.settings) for _ in range(3)))  # no MaintenanceFailed
+        assert await db.fetchval("SELECT to_regclass($1) IS NOT NULL", ahead)
