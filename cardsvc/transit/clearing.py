@@ -233,6 +233,15 @@ async def _stream_file(
     return hexdigest
 
 
+def _sync_dir(path: Path) -> None:
+    """Make a rename in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 async def _settle(conn: asyncpg.Connection, day: dt.date, end: dt.datetime, settle_s: float) -> None:
     """Return once no transaction that began before `end` is open: every row it may post in the day is
     then committed (or gone), so the snapshot taken next holds the whole day. Waits up to `settle_s`.
@@ -452,22 +461,36 @@ async def _clear_locked(
                 continue
             status = "unchanged" if prior is not None else "created"
             made.append((OperatorResult(op, day, status, count, total, digest, path), tmp, created_at))
-    for res, tmp, created_at in made:
-        if res.status == "created":
-            inserted = await conn.fetchval(
-                """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest, created_at)
-                   VALUES ($1, $2, $3, $4, $5, to_timestamp($6))
-                   ON CONFLICT (operator_id, business_date) DO NOTHING RETURNING 1""",
-                res.operator_id, day, res.txn_count, res.total_fen, res.digest, created_at,
-            )
+    # A report says its day is cleared, so it commits only once its file is in place (renamed and the
+    # directory synced): a file that cannot be put in place, or a crash between the two, leaves no report,
+    # and the next run clears the day again. (A crash after the rename and before the commit leaves a file
+    # without a report; the next run writes it again.)
+    try:
+        for res, tmp, created_at in made:
+            assert res.path is not None
+            if res.status != "created":
+                tmp.replace(res.path)
+                _sync_dir(res.path.parent)
+                results.append(res)
+                continue
+            async with conn.transaction():
+                inserted = await conn.fetchval(
+                    """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest, created_at)
+                       VALUES ($1, $2, $3, $4, $5, to_timestamp($6))
+                       ON CONFLICT (operator_id, business_date) DO NOTHING RETURNING 1""",
+                    res.operator_id, day, res.txn_count, res.total_fen, res.digest, created_at,
+                )
+                if inserted is not None:
+                    tmp.replace(res.path)
+                    _sync_dir(res.path.parent)
             if inserted is None:  # a report appeared meanwhile (the lock makes this unexpected)
-                tmp.unlink()
                 results.append(dataclasses.replace(res, status="mismatch", path=None,
                                                    detail="a report for this day appeared during the run"))
                 continue
-        assert res.path is not None
-        tmp.replace(res.path)
-        results.append(res)
+            results.append(res)
+    finally:
+        for _, tmp, _ in made:  # those not put in place
+            tmp.unlink(missing_ok=True)
     results.sort(key=lambda r: r.operator_id)
     return results
 

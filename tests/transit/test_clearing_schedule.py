@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from cardsvc import limits
 from cardsvc.transit import clearing
@@ -207,3 +208,29 @@ async def test_a_day_failing_on_a_write_error_fails_alone_and_json_stays_valid(
         raise AssertionError(f"--json printed {res.out!r}; stderr {res.err!r}") from None
     prev = (last - dt.timedelta(days=1)).isoformat()
     assert {("cq-bus", prev, "created"), ("cq-metro", prev, "created")} <= printed
+
+
+async def test_a_file_that_cannot_be_put_in_place_leaves_no_report_and_its_day_is_cleared_again(
+    db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A day's report is what says the day is cleared, so it must not exist without its file. When the
+    file could not be put in place (here a directory where it goes; a full disk, a crash between the two),
+    the report stayed committed: the nightly run never tried that day again and the operator never got
+    the file. And the run left the other operators' half-done files behind."""
+    day = await _last(db) - dt.timedelta(days=1)
+    await _fare(db, day, "cq-bus", 30)
+    out = tmp_path / "out"
+    blocker = out / clearing.clearing_file_name("cq-bus", day)
+    blocker.mkdir(parents=True)
+    with pytest.raises(OSError):
+        await clearing.clear_day(db, TABLE, day, out)
+    assert day not in await _report_days(db, "cq-bus")
+    assert not list(out.glob("*.tmp")), list(out.iterdir())
+
+    blocker.rmdir()
+    todo = (await clearing.days_to_clear(db, TABLE)).todo
+    assert any(d == day and "cq-bus" in ops for d, ops in todo), todo
+    got = {r.operator_id: r.status for r in await clearing.clear_day(db, TABLE, day, out)}
+    assert got["cq-bus"] == "created", got
+    header, lines = clearing.read_back(blocker)
+    assert (header.record_count, header.total_fen, [ln.amount_fen for ln in lines]) == (1, 180, [180])
