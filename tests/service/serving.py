@@ -86,7 +86,9 @@ def _alive(pid: int) -> bool:
 class Service:
     """`cardsvc serve` in a subprocess, with a signed HTTP client for it."""
 
-    def __init__(self, tmp: Path, dsn: str, keys: KeyRing, *, workers: int = 1) -> None:
+    def __init__(
+        self, tmp: Path, dsn: str, keys: KeyRing, *, workers: int = 1, client_timeout_s: float = 30.0
+    ) -> None:
         self.tmp = tmp
         self.dsn = dsn
         self.keys = keys
@@ -102,7 +104,7 @@ class Service:
         # One connection per request: with several workers, the kernel spreads them over the workers.
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True, limit=0),
-            timeout=aiohttp.ClientTimeout(total=30),
+            timeout=aiohttp.ClientTimeout(total=client_timeout_s),
         )
         self.responses = 0  # answers received from the service (any status)
 

@@ -271,7 +271,9 @@ async def _check_books(svc: Service, dsn: str, sent: list[Sent], terminals: Term
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
-async def _service(tmp: Path, dsn: str, keys: KeyRing) -> tuple[Service, list[int]]:
+async def _service(
+    tmp: Path, dsn: str, keys: KeyRing, client_timeout_s: float
+) -> tuple[Service, list[int]]:
     """The service with its terminals, and the people (population indices) who pay full fares, so
     that purses run out and declines happen: the first TAP_CARDS of them tap, the others ride offline."""
     await load_people(dsn, keys, PEOPLE_LOADED)
@@ -287,17 +289,23 @@ async def _service(tmp: Path, dsn: str, keys: KeyRing) -> tuple[Service, list[in
         await conn.close()
     people = [r["card_id"] - 1 for r in ids]  # card_id = population index + 1
     assert len(people) == TAP_CARDS + OFFLINE_CARDS
-    svc = Service(tmp, dsn, keys, workers=2)
+    svc = Service(tmp, dsn, keys, workers=2, client_timeout_s=client_timeout_s)
     for kind in ("transit_validator", "bank_channel", "card_office"):
         await svc.add_terminal(kind)
     return svc, people
 
 
 async def _survives(
-    tmp: Path, dsn: str, keys: KeyRing, fault: Callable[[Service], Awaitable[None]], **env: str
+    tmp: Path,
+    dsn: str,
+    keys: KeyRing,
+    fault: Callable[[Service], Awaitable[None]],
+    client_timeout_s: float = 30.0,
+    **env: str,
 ) -> str:
-    """Run the traffic with `fault` struck once FAULT_AFTER answers are in, check the books; the log."""
-    svc, people = await _service(tmp, dsn, keys)
+    """Run the traffic with `fault` struck once FAULT_AFTER answers are in, check the books; the log.
+    A terminal gives up on an answer after `client_timeout_s` and resends."""
+    svc, people = await _service(tmp, dsn, keys, client_timeout_s)
     try:
         svc.start(**env)
         await svc.wait_ready()
@@ -413,7 +421,9 @@ async def test_postgresql_freezing_mid_traffic_loses_nothing_and_charges_nothing
 ) -> None:
     """PostgreSQL stops answering for longer than a request may take (its storage stalls: here every
     process of it is stopped with SIGSTOP), then carries on. Requests meanwhile answer 503 `timeout`, and
-    the ones whose transaction commits after all are found by the resend."""
+    the ones whose transaction commits after all are found by the resend. The terminals give up waiting
+    after a second, before the service's deadline, so a resend often arrives while its original is still
+    in flight: it must wait for it and answer the same, never decide the key a second time."""
 
     async def freeze_postgres(_: Service) -> None:
         pids = _postgres_pids(own_postgres)
@@ -430,6 +440,7 @@ async def test_postgresql_freezing_mid_traffic_loses_nothing_and_charges_nothing
         own_dsn,
         keys_for_process,
         freeze_postgres,
+        client_timeout_s=1.0,
         CARDSVC_REQUEST_TIMEOUT_S="2",
         CARDSVC_DB_COMMAND_TIMEOUT_S="1",
     )
