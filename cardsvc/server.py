@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from prometheus_client import multiprocess
+
 from cardsvc.config import Settings
 
 __all__ = ["run_worker", "serve"]
@@ -148,6 +150,8 @@ def serve(settings: Settings, dsn: str, key_path: Path) -> int:
                     stopping, status = True, 1
                     break
                 log.error("worker died; restarting", extra={"pid": p.pid, "exitcode": p.exitcode})
+                # Its live gauges (requests in flight, pool connections) would be summed in for ever.
+                multiprocess.mark_process_dead(p.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
                 time.sleep(WORKER_RESTART_DELAY_S)
                 workers[i] = spawn()
                 started[i] = time.monotonic()

@@ -229,3 +229,14 @@ async def load_people(dsn: str, keys: KeyRing, count: int) -> None:
         await demo.load_population(conn, keys, count)
     finally:
         await conn.close()
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                out.append((dict(sample.labels), sample.value))
+    return out

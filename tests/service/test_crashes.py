@@ -38,7 +38,15 @@ from cardsvc.security.keys import KeyRing
 from cardsvc.store.embedded import DATABASE_NAME, EmbeddedPostgres
 from protocols import card, population, transit
 from tests.helpers import purse_vs_journal
-from tests.service.serving import Service, cli_command, load_people, poll, refuses_connections, service_env
+from tests.service.serving import (
+    Service,
+    cli_command,
+    load_people,
+    metric_samples,
+    poll,
+    refuses_connections,
+    service_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -301,6 +309,7 @@ async def _survives(
     keys: KeyRing,
     fault: Callable[[Service], Awaitable[None]],
     client_timeout_s: float = 30.0,
+    after: Callable[[Service], Awaitable[None]] | None = None,
     **env: str,
 ) -> str:
     """Run the traffic with `fault` struck once FAULT_AFTER answers are in, check the books; the log.
@@ -315,6 +324,8 @@ async def _survives(
 
         sent, terminals = await _run_traffic(svc, keys, dsn, people, strike)
         await _check_books(svc, dsn, sent, terminals)
+        if after is not None:
+            await after(svc)
         return svc.log()
     finally:
         await svc.close()
@@ -326,12 +337,25 @@ async def test_a_worker_killed_mid_traffic_loses_nothing_and_charges_nothing_twi
     """The kernel's OOM killer (SIGKILL) takes one worker: the supervisor starts another, and the
     terminals' retries land on either."""
 
-    async def kill_a_worker(svc: Service) -> None:
-        victim = min(svc.live_worker_pids())
-        os.kill(victim, signal.SIGKILL)
-        await poll("a worker to replace the killed one", svc.replaced(victim))
+    victims: list[int] = []
 
-    log = await _survives(tmp_path, db_dsn, keys_for_process, kill_a_worker)
+    async def kill_a_worker(svc: Service) -> None:
+        victims.append(min(svc.live_worker_pids()))
+        os.kill(victims[0], signal.SIGKILL)
+        await poll("a worker to replace the killed one", svc.replaced(victims[0]))
+
+    async def after(svc: Service) -> None:
+        # The dead worker's live gauges (requests in flight, pool connections) are dropped, not summed
+        # into /metrics for ever: its files are gone, and nothing is in flight but the scrape itself.
+        pattern = f"cardsvc-metrics-*/gauge_live*_{victims[0]}.db"
+        left = await asyncio.to_thread(lambda: [p.name for p in tmp_path.glob(pattern)])
+        assert not left, left
+        status, _, text = await svc.send("GET", "/metrics")
+        assert status == 200
+        in_flight = sum(v for _, v in metric_samples(text, "cardsvc_http_requests_in_flight"))
+        assert in_flight <= 1, in_flight
+
+    log = await _survives(tmp_path, db_dsn, keys_for_process, kill_a_worker, after=after)
     assert "worker died; restarting" in log
 
 

@@ -41,23 +41,13 @@ from tests.service.serving import (
     cli_command,
     free_port,
     load_people,
+    metric_samples,
     poll,
     refuses_connections,
     service_env,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def _metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = []
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                out.append((dict(sample.labels), sample.value))
-    return out
 
 
 def _per_worker_requests(tmp: Path) -> dict[int, float]:
@@ -121,7 +111,7 @@ async def test_two_workers_share_single_use_and_metrics(
         for _ in range(4):  # whichever worker answers /metrics, the totals are the same
             status, _, text = await svc.send("GET", "/metrics")
             assert status == 200
-            samples = _metric_samples(text, "cardsvc_http_requests_total")
+            samples = metric_samples(text, "cardsvc_http_requests_total")
             v1 = {
                 (labels["route"], labels["status"]): value
                 for labels, value in samples
@@ -135,7 +125,7 @@ async def test_two_workers_share_single_use_and_metrics(
             }, v1
             verifications = {
                 labels["outcome"]: value
-                for labels, value in _metric_samples(text, "cardsvc_credential_verifications_total")
+                for labels, value in metric_samples(text, "cardsvc_credential_verifications_total")
             }
             assert verifications == {"ok": 1, "replayed": presentations - 1}, verifications
             assert sum(value for _, value in samples) < svc.responses  # /metrics is counted after it answers
