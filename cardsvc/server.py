@@ -52,7 +52,21 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-async def _serve_async(settings: Settings, dsn: str, key_path: Path, reuse_port: bool) -> None:
+SUPERVISOR_CHECK_S = 1.0  # how often a worker looks whether its supervisor is still there
+
+
+async def _watch_supervisor(supervisor: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) would serve on unsupervised, and hold the port
+    against the service's next start: it drains and stops instead, as on SIGTERM."""
+    while os.getppid() == supervisor:  # noqa: ASYNC110 - no event tells a process its parent died
+        await asyncio.sleep(SUPERVISOR_CHECK_S)
+    log.error("supervisor gone; shutting down", extra={"pid": os.getpid(), "supervisor": supervisor})
+    stop.set()
+
+
+async def _serve_async(
+    settings: Settings, dsn: str, key_path: Path, reuse_port: bool, supervisor: int | None = None
+) -> None:
     from aiohttp import web
 
     from cardsvc.app import create_app
@@ -73,24 +87,29 @@ async def _serve_async(settings: Settings, dsn: str, key_path: Path, reuse_port:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watch = loop.create_task(_watch_supervisor(supervisor, stop)) if supervisor is not None else None
     await stop.wait()
+    if watch is not None:
+        watch.cancel()
     log.info("shutting down: draining in-flight requests", extra={"pid": os.getpid()})
     await runner.cleanup()
     log.info("stopped", extra={"pid": os.getpid()})
 
 
-def run_worker(settings: Settings, dsn: str, key_path: Path, reuse_port: bool = False) -> None:
+def run_worker(
+    settings: Settings, dsn: str, key_path: Path, reuse_port: bool = False, supervisor: int | None = None
+) -> None:
     import uvloop
 
     from cardsvc.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
-    uvloop.run(_serve_async(settings, dsn, key_path, reuse_port))
+    uvloop.run(_serve_async(settings, dsn, key_path, reuse_port, supervisor))
 
 
-def _worker_entry(settings: Settings, dsn: str, key_path: Path) -> None:
+def _worker_entry(settings: Settings, dsn: str, key_path: Path, supervisor: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; workers stop on SIGTERM
-    run_worker(settings, dsn, key_path, reuse_port=True)
+    run_worker(settings, dsn, key_path, reuse_port=True, supervisor=supervisor)
 
 
 def _port_is_free(host: str, port: int) -> None:
@@ -128,7 +147,7 @@ def serve(settings: Settings, dsn: str, key_path: Path) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     def spawn() -> mp.process.BaseProcess:
-        p = ctx.Process(target=_worker_entry, args=(settings, dsn, key_path), daemon=False)
+        p = ctx.Process(target=_worker_entry, args=(settings, dsn, key_path, os.getpid()), daemon=False)
         p.start()
         return p
 

@@ -200,6 +200,40 @@ async def test_sigterm_lets_in_flight_requests_finish(
         await svc.close()
 
 
+async def test_workers_stop_when_their_supervisor_is_killed(
+    db_dsn: str, keys_for_process: KeyRing, tmp_path: Path
+) -> None:
+    """The supervisor alone is killed (SIGKILL, the OOM killer). Its workers used to serve on, unsupervised,
+    holding the port: the service could not be started again. They drain and stop; a new start works."""
+    keys = keys_for_process
+    await load_people(db_dsn, keys, 2)
+    card_no = population.person(0, demo.DEMO_SEED).card_no
+    svc = Service(tmp_path, db_dsn, keys, workers=2)
+    await svc.add_terminal("card_office")
+    try:
+        svc.start()
+        await svc.wait_ready()
+        workers = svc.live_worker_pids()
+        assert svc.proc is not None
+        svc.proc.kill()
+        svc.proc.wait()
+
+        async def workers_gone() -> bool:
+            return not svc.live_worker_pids() and refuses_connections(svc.port)
+
+        await poll("the workers of a killed supervisor to stop", workers_gone)
+        log = svc.log()
+        assert log.count("supervisor gone; shutting down") == len(workers), log[-3000:]
+        assert log.count('"msg":"stopped"') == len(workers), log[-3000:]  # drained, as on SIGTERM
+
+        svc.start()
+        await svc.wait_ready()
+        status, _, body = await svc.get(f"/v1/cards/{card_no}")
+        assert status == 200, body
+    finally:
+        await svc.close()
+
+
 # ------------------------------------------------------------------ (c) the database goes away
 
 
