@@ -29,6 +29,7 @@ from cardsvc.security.credentials import CardKeyDeriver
 from cardsvc.security.keys import KeyRing
 from cardsvc.security.pii import PiiVault
 from cardsvc.security.terminals import TerminalRegistry
+from cardsvc.seed import interrupted_seed
 from cardsvc.services import Services
 from cardsvc.store import migrate
 from cardsvc.store.batcher import MicroBatcher
@@ -39,13 +40,17 @@ from cardsvc.transit.flow import KIND_RIDE_CODE
 from cardsvc.transit.sweep import sweep_timed_out_journeys
 from cardsvc.transit.taps import TapItem, TapOutcome, process_taps
 
-__all__ = ["MigrationsPending", "create_app"]
+__all__ = ["MigrationsPending", "RegistryIncomplete", "create_app"]
 
 log = logging.getLogger("cardsvc.app")
 
 
 class MigrationsPending(RuntimeError):
     pass
+
+
+class RegistryIncomplete(RuntimeError):
+    """A fresh seed was interrupted with the registry's indexes and constraints dropped (migration 0016)."""
 
 
 def _nonce_flush(pool: asyncpg.Pool):  # type: ignore[no-untyped-def]
@@ -79,8 +84,10 @@ async def _partitions(pool: asyncpg.Pool, settings: Settings) -> None:
     # The months ahead, and back to the oldest ride an upload may still post (UPLOAD_AGE_S_MAX and the
     # clock skew): a database created early in a month has no partition yet for a month-old record.
     # Every worker does it as it starts: one at a time, or two would make the same month and one fail.
+    # A worker that finds another at it leaves it the job (waiting could exceed lock_timeout and fail).
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITIONS_LOCK_KEY)
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PARTITIONS_LOCK_KEY):
+            return
         await conn.execute(
             "SELECT cardsvc_ensure_partitions((now() - make_interval(secs => $1))::date, 5)",
             float(limits.UPLOAD_AGE_S_MAX + settings.clock_skew_s + 86400),
@@ -237,10 +244,12 @@ def create_app(settings: Settings, dsn: str, keys: KeyRing, *, maintenance: bool
         try:
             async with pool.acquire() as conn:
                 todo = await migrate.pending(conn)
-            if todo:
-                raise MigrationsPending(
-                    f"database schema is behind: {len(todo)} migration(s) pending; run `cardsvc migrate`"
-                )
+                if todo:
+                    raise MigrationsPending(
+                        f"database schema is behind: {len(todo)} migration(s) pending; run `cardsvc migrate`"
+                    )
+                if (left := await interrupted_seed(conn)) is not None:
+                    raise RegistryIncomplete(left)
             terminals = TerminalRegistry(keys.terminal_kek, settings.key_cache_refresh_s)
             await terminals.start(pool)
             nonces: MicroBatcher[tuple[str, str], bool] = MicroBatcher(

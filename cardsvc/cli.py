@@ -101,7 +101,21 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
+    incomplete = _run(_interrupted_seed(settings))
+    if incomplete:
+        print(f"error: {incomplete}", file=sys.stderr)
+        return 1
     return serve(settings, dsn, settings.key_path)
+
+
+async def _interrupted_seed(settings: Settings) -> str | None:
+    from cardsvc.seed import interrupted_seed
+
+    conn = await _connect(settings)
+    try:
+        return await interrupted_seed(conn)
+    finally:
+        await conn.close()
 
 
 async def _pending_migrations(settings: Settings) -> list[str]:
@@ -213,6 +227,10 @@ def cmd_seed(settings: Settings, args: argparse.Namespace) -> int:
     except seed.SeedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the event loop turns Ctrl-C into this, whatever the seed raised
+        incomplete = _run(_interrupted_seed(settings))
+        print(f"interrupted{': ' + incomplete if incomplete else ''}", file=sys.stderr)
+        return 130
     print(seed.format_report(report))
     print(
         f"load generators: population.person(i, {args.seed!r}) and "

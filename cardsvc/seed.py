@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import queue
 import re
+import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -89,6 +90,21 @@ JOURNAL_COLUMNS = (
 
 class SeedError(RuntimeError):
     """A refusal or failure an operator can act on (printed as one line)."""
+
+
+INCOMPLETE_ADVICE = (
+    "the registry is incomplete: a fresh seed dropped its indexes and constraints for the load and did not "
+    "finish. Start again from an empty database: drop it (or remove the embedded data dir), then "
+    "`cardsvc migrate` and seed again"
+)
+
+
+async def interrupted_seed(conn: asyncpg.Connection) -> str | None:
+    """What an interrupted fresh seed left (migration 0016), or None: the registry is whole."""
+    row = await conn.fetchrow("SELECT started_at, detail FROM seed_in_progress")
+    if row is None:
+        return None
+    return f"{INCOMPLETE_ADVICE} (seed started {row['started_at'].isoformat(timespec='seconds')}: {row['detail']})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,6 +488,8 @@ async def seed(
     conn = await asyncpg.connect(dsn, server_settings={"application_name": "cardsvc-seed"})
     try:
         await conn.execute("SET lock_timeout = 0; SET statement_timeout = 0")
+        if (left := await interrupted_seed(conn)) is not None:
+            raise SeedError(left)
         present = await conn.fetchrow(
             """SELECT EXISTS (SELECT 1 FROM cardholder) AS holders, EXISTS (SELECT 1 FROM card) AS cards,
                       EXISTS (SELECT 1 FROM ecard) AS ecards, EXISTS (SELECT 1 FROM purse) AS purses,
@@ -512,6 +530,10 @@ async def seed(
             t = time.perf_counter()
             ddl = await _capture_ddl(conn)
             async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO seed_in_progress (detail) VALUES ($1)",
+                    f"{len(ddl)} indexes and constraints dropped to load {opts.count} people",
+                )
                 for d in ddl:
                     if d.kind == "fkey":
                         await conn.execute(d.drop)
@@ -544,6 +566,7 @@ async def seed(
             report.seconds["foreign_keys"] = time.perf_counter() - t
             ddl = []
             await _set_autovacuum(conn, autovac_tables, on=True)
+            await conn.execute("DELETE FROM seed_in_progress")
         t = time.perf_counter()
         for table, column in (
             ("cardholder", "holder_id"),
@@ -573,12 +596,9 @@ async def seed(
             [*LOADED_TABLES[:-1], journal_table],
         ):
             report.table_bytes[r["relname"]] = int(r["bytes"])
-    except Exception as exc:
+    except BaseException as exc:  # Ctrl-C too
         if ddl:
-            raise SeedError(
-                f"{exc}\nthe registry is incomplete (its indexes and constraints were dropped for the "
-                "load): drop the database, migrate and seed again"
-            ) from exc
+            raise SeedError(f"{exc or type(exc).__name__}\n{INCOMPLETE_ADVICE}") from exc
         raise
     finally:
         await conn.close()
@@ -624,8 +644,16 @@ async def _load(
         explicit_txn_id=fresh,
     )
     procs = [ctx.Process(target=_worker, args=(args, tasks, results), daemon=True) for _ in range(jobs)]
-    for p in procs:
-        p.start()
+    # The workers start with SIGINT blocked (the mask is inherited across fork and exec): Ctrl-C is the
+    # parent's to handle, and it stops them. A worker interrupted while it started died before it read its
+    # arguments, and the parent's write of them (the e-card key pool, more than a pipe holds) then waited
+    # for ever. The parent's own Ctrl-C meanwhile waits, blocked, until the workers are started.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     loop = asyncio.get_running_loop()
     done = rows = 0
     gen_s = copy_s = 0.0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from cardsvc.security.pii import PiiVault
 from cardsvc.transit import fares
 from protocols import ecard, idnumber, population
 from tests.helpers import ServiceHarness, scratch_database
+from tests.service.serving import cli_command, free_port
 from tests.transit.test_concessions import bus_tap
 
 SEED = "seed-test"
@@ -287,6 +290,7 @@ async def test_refuses_a_registry_with_cards_unless_append(
     _env(monkeypatch, db_dsn, keys, tmp_path)
     assert await _cardsvc_seed("--count", "300", "--jobs", "1") == 0
     capsys.readouterr()
+    assert await db.fetchval("SELECT count(*) FROM seed_in_progress") == 0  # a finished seed is whole
 
     assert await _cardsvc_seed("--count", "300", "--jobs", "2") == 1
     assert "not empty" in capsys.readouterr().err
@@ -339,3 +343,47 @@ async def test_same_seed_same_registry(
     )
     _, cards, *_ = other(0, 400)
     assert {c[3] for c in cards}.isdisjoint({r[1] for r in results[0]})  # other card serial numbers
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl_c", "killed"])
+async def test_a_fresh_seed_interrupted_mid_load_is_refused_by_serve_and_seed(
+    db: asyncpg.Connection, db_dsn: str, keys: KeyRing, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A fresh seed drops the registry's indexes and constraints, loads, then rebuilds them. Stopped in
+    between (Ctrl-C, or killed outright), it left a registry without primary keys, unique indexes and
+    foreign keys, and `cardsvc serve` started on it. Now both `cardsvc serve` and `cardsvc seed` refuse
+    and say what happened; nothing of the kind is said for a registry the seed finished."""
+    key_file = tmp_path / "seed-keys.json"
+    keys.write(key_file)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDSVC_")}
+    env.update(
+        CARDSVC_DATABASE_URL=db_dsn, CARDSVC_KEY_FILE=str(key_file), CARDSVC_DATA_DIR=str(tmp_path / "data"),
+        CARDSVC_PORT=str(free_port()), PYTHONUNBUFFERED="1",
+    )  # fmt: skip
+    seeding = await asyncio.to_thread(
+        subprocess.Popen,
+        [*cli_command(), "seed", "--seed", SEED, "--count", "2000000", "--jobs", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # bounded: the drop comes seconds after the start
+            if await db.fetchval("SELECT count(*) FROM seed_in_progress") or seeding.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        os.killpg(seeding.pid, sig)  # the whole process group, as Ctrl-C in a terminal
+    finally:
+        output, _ = await asyncio.to_thread(seeding.communicate, timeout=120)
+    out = output.decode(errors="replace")
+    assert seeding.returncode != 0, out
+    if sig == signal.SIGINT:
+        assert "registry is incomplete" in out and "Traceback" not in out, out[-2000:]
+    assert await db.fetchval("SELECT count(*) FROM seed_in_progress") == 1
+
+    for argv in (["seed", "--seed", SEED, "--count", "10"], ["serve", "--workers", "1"]):
+        run = await asyncio.to_thread(
+            subprocess.run, [*cli_command(), *argv], env=env, capture_output=True, text=True, timeout=120
+        )
+        said = run.stdout + run.stderr
+        assert run.returncode != 0, (argv, said)
+        assert "registry is incomplete" in said and "cardsvc migrate" in said, (argv, said)
+        assert "Traceback" not in said, (argv, said)
