@@ -196,12 +196,14 @@ class TerminalRegistry:
     async def _drop_listener(self, pool: asyncpg.Pool) -> None:
         conn, self._listener = self._listener, None
         if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.remove_termination_listener(self._on_notify)
-            with contextlib.suppress(Exception):
-                await conn.remove_listener(self.CHANNEL, self._on_notify)
-            with contextlib.suppress(Exception):
-                await pool.release(conn)
+            try:
+                with contextlib.suppress(Exception):
+                    conn.remove_termination_listener(self._on_notify)
+                with contextlib.suppress(Exception):
+                    await conn.remove_listener(self.CHANNEL, self._on_notify)
+            finally:  # even when stop() cancels the UNLISTEN: the pool's close would wait for it
+                with contextlib.suppress(Exception):
+                    await pool.release(conn)
 
     async def stop(self, pool: asyncpg.Pool) -> None:
         if self._task is not None:

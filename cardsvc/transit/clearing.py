@@ -39,6 +39,7 @@ which would mean formatting every cleared row again): it fails too when those mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -418,6 +419,44 @@ async def _clear_locked(
         )
     }
     results: list[OperatorResult] = []
+    tmps: list[Path] = []  # every file begun: those not put in place are removed, however the run ends
+    try:
+        await _write_files(conn, table, day, out_dir, bounds, operator_id, progress, stored, results, tmps)
+    finally:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):  # e.g. a directory in the way: the run's error says so
+                tmp.unlink(missing_ok=True)
+    results.sort(key=lambda r: r.operator_id)
+    return results
+
+
+def _created_at_of(path: Path, operator_id: str, day: dt.date, count: int, total: int) -> int | None:
+    """The created_at of the file at `path` if its header is the one this run would write but for the
+    time (the same operator, day, count and total), else None."""
+    try:
+        with path.open("rb") as fh:
+            first = fh.readline(256).decode("ascii").rstrip("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    want = wire._header_line(wire.ClearingHeader(operator_id, day, count, total, 0)).split(wire.SEPARATOR)
+    got = first.split(wire.SEPARATOR)
+    if len(got) == len(want) and got[:-1] == want[:-1] and got[-1].isdigit():
+        return int(got[-1])
+    return None
+
+
+async def _write_files(
+    conn: asyncpg.Connection,
+    table: fares.FareTable,
+    day: dt.date,
+    out_dir: Path,
+    bounds: tuple[dt.datetime, dt.datetime],
+    operator_id: str | None,
+    progress: Callable[[str], None] | None,
+    stored: dict[str, asyncpg.Record],
+    results: list[OperatorResult],
+    tmps: list[Path],
+) -> None:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         aggregate = {r["operator_id"]: r for r in await conn.fetch(AGGREGATE_SQL, list(CLEARING_KINDS), *bounds, operator_id)}
         known = await operators(conn, table)
@@ -439,16 +478,18 @@ async def _clear_locked(
                                               f"{agg['reversals']} reversal row(s): not expressible in file v1"))
                 continue
             prior = stored.get(op)
-            created_at = int(prior["created_at"].timestamp()) if prior else int(time.time())
-            tmp: Path | None = None
+            path = out_dir / clearing_file_name(op, day)
+            if prior is not None:
+                created_at = int(prior["created_at"].timestamp())
+            else:  # a file put in place by a run that could not commit its report: the same bytes again
+                created_at = _created_at_of(path, op, day, count, total) or int(time.time())
+            tmp = path.with_name(path.name + ".tmp")
+            tmps.append(tmp)
             try:
                 header = wire.ClearingHeader(op, day, count, total, created_at)
-                path = out_dir / clearing_file_name(op, day)
-                tmp = path.with_name(path.name + ".tmp")
                 digest = await _stream_file(conn, header, bounds, tmp, progress)
             except (ClearingError, wire.ClearingFileInvalid) as exc:
-                if tmp is not None:  # a refused day leaves no half-written file behind
-                    tmp.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)  # a refused day leaves no half-written file behind
                 results.append(OperatorResult(op, day, "refused", count, total, None, None, str(exc)))
                 continue
             if prior is not None and (prior["txn_count"], prior["total_fen"], prior["digest"]) != (count, total, digest):
@@ -464,35 +505,29 @@ async def _clear_locked(
     # A report says its day is cleared, so it commits only once its file is in place (renamed and the
     # directory synced): a file that cannot be put in place, or a crash between the two, leaves no report,
     # and the next run clears the day again. (A crash after the rename and before the commit leaves a file
-    # without a report; the next run writes it again.)
-    try:
-        for res, tmp, created_at in made:
-            assert res.path is not None
-            if res.status != "created":
+    # without a report; the next run writes the same bytes again, with that file's created_at.)
+    for res, tmp, created_at in made:
+        assert res.path is not None
+        if res.status != "created":
+            tmp.replace(res.path)
+            _sync_dir(res.path.parent)
+            results.append(res)
+            continue
+        async with conn.transaction():
+            inserted = await conn.fetchval(
+                """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest, created_at)
+                   VALUES ($1, $2, $3, $4, $5, to_timestamp($6))
+                   ON CONFLICT (operator_id, business_date) DO NOTHING RETURNING 1""",
+                res.operator_id, day, res.txn_count, res.total_fen, res.digest, created_at,
+            )
+            if inserted is not None:
                 tmp.replace(res.path)
                 _sync_dir(res.path.parent)
-                results.append(res)
-                continue
-            async with conn.transaction():
-                inserted = await conn.fetchval(
-                    """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest, created_at)
-                       VALUES ($1, $2, $3, $4, $5, to_timestamp($6))
-                       ON CONFLICT (operator_id, business_date) DO NOTHING RETURNING 1""",
-                    res.operator_id, day, res.txn_count, res.total_fen, res.digest, created_at,
-                )
-                if inserted is not None:
-                    tmp.replace(res.path)
-                    _sync_dir(res.path.parent)
-            if inserted is None:  # a report appeared meanwhile (the lock makes this unexpected)
-                results.append(dataclasses.replace(res, status="mismatch", path=None,
-                                                   detail="a report for this day appeared during the run"))
-                continue
-            results.append(res)
-    finally:
-        for _, tmp, _ in made:  # those not put in place
-            tmp.unlink(missing_ok=True)
-    results.sort(key=lambda r: r.operator_id)
-    return results
+        if inserted is None:  # a report appeared meanwhile (the lock makes this unexpected)
+            results.append(dataclasses.replace(res, status="mismatch", path=None,
+                                               detail="a report for this day appeared during the run"))
+            continue
+        results.append(res)
 
 
 def read_back(path: Path) -> tuple[wire.ClearingHeader, Sequence[wire.ClearingLine]]:

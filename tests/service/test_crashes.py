@@ -21,8 +21,10 @@ import asyncio
 import dataclasses
 import os
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -68,6 +70,7 @@ RETRY_S = 0.1
 BUS_LINES = ("bus-105", "bus-111", "bus-261", "bus-421")
 CUTS = 5  # times the database ends the service's sessions
 CUT_EVERY_S = 0.05
+CUT_COMMITS = 12  # commits whose acknowledgement the proxy drops
 FREEZE_S = 4.0  # longer than the request timeout the freeze test sets (2 s)
 
 
@@ -197,23 +200,28 @@ async def _run_traffic(
             await terminals.until_answered(batch)
 
     async def faulting() -> None:
-        await poll("answers before the fault", _at_least(terminals, FAULT_AFTER))
+        await poll("answers before the fault", _reaches(lambda: terminals.answered, FAULT_AFTER))
         await fault()
 
     await asyncio.gather(*(sender() for _ in range(SENDERS)), uploader(), faulting())
     return online + offline, terminals
 
 
-def _at_least(terminals: Terminals, n: int) -> Callable[[], Awaitable[bool]]:
+def _reaches(value: Callable[[], int], n: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        return terminals.answered >= n
+        return value() >= n
 
     return check
 
 
+def _replayed(answer: dict[str, Any] | None) -> bool:
+    assert answer is not None
+    return bool(answer.get("replayed_answer")) or any(r["replayed_answer"] for r in answer.get("records", []))
+
+
 def _same_answer(first: dict[str, Any], again: dict[str, Any]) -> bool:
     if "records" in first:
-        return [{**r, "replayed_answer": True} for r in first["records"]] == again["records"]
+        return bool([{**r, "replayed_answer": True} for r in first["records"]] == again["records"])
     return {**first, "replayed_answer": True} == again
 
 
@@ -310,10 +318,12 @@ async def _survives(
     fault: Callable[[Service], Awaitable[None]],
     client_timeout_s: float = 30.0,
     after: Callable[[Service], Awaitable[None]] | None = None,
+    books_dsn: str | None = None,
     **env: str,
-) -> str:
-    """Run the traffic with `fault` struck once FAULT_AFTER answers are in, check the books; the log.
-    A terminal gives up on an answer after `client_timeout_s` and resends."""
+) -> list[Sent]:
+    """Run the traffic with `fault` struck once FAULT_AFTER answers are in, check the books (through
+    `books_dsn`, default `dsn`); what was sent, with its answers. A terminal gives up on an answer after
+    `client_timeout_s` and resends."""
     svc, people = await _service(tmp, dsn, keys, client_timeout_s)
     try:
         svc.start(**env)
@@ -323,10 +333,10 @@ async def _survives(
             await fault(svc)
 
         sent, terminals = await _run_traffic(svc, keys, dsn, people, strike)
-        await _check_books(svc, dsn, sent, terminals)
+        await _check_books(svc, books_dsn or dsn, sent, terminals)
         if after is not None:
             await after(svc)
-        return svc.log()
+        return sent
     finally:
         await svc.close()
 
@@ -354,9 +364,9 @@ async def test_a_worker_killed_mid_traffic_loses_nothing_and_charges_nothing_twi
         assert status == 200
         in_flight = sum(v for _, v in metric_samples(text, "cardsvc_http_requests_in_flight"))
         assert in_flight <= 1, in_flight
+        assert "worker died; restarting" in svc.log()
 
-    log = await _survives(tmp_path, db_dsn, keys_for_process, kill_a_worker, after=after)
-    assert "worker died; restarting" in log
+    await _survives(tmp_path, db_dsn, keys_for_process, kill_a_worker, after=after)
 
 
 async def test_the_service_killed_mid_traffic_loses_nothing_and_charges_nothing_twice(
@@ -407,14 +417,14 @@ async def test_connections_cut_mid_traffic_lose_nothing_and_charge_nothing_twice
     db_dsn: str, keys_for_process: KeyRing, tmp_path: Path
 ) -> None:
     """The network between the service and PostgreSQL drops its connections (here: the server ends every
-    session of the service, five times in a row) while transactions are in flight. A commit whose
-    acknowledgement was cut is the ambiguous case: the service must answer 503, never a decision, and the
-    resend must find what was committed."""
+    session of the service, five times in a row) while transactions are in flight. The server ends a
+    session between statements, so this rolls back transactions midway and hands the pool dead
+    connections; a lost commit acknowledgement is the next test's."""
 
     async def cut_connections(_: Service) -> None:
         conn = await asyncpg.connect(db_dsn)
         try:
-            for _ in range(CUTS):
+            for _cut in range(CUTS):
                 await conn.execute(
                     """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
                        WHERE application_name = 'cardsvc' AND datname = current_database()"""
@@ -424,6 +434,91 @@ async def test_connections_cut_mid_traffic_lose_nothing_and_charge_nothing_twice
             await conn.close()
 
     await _survives(tmp_path, db_dsn, keys_for_process, cut_connections)
+
+
+class CommitCutter:
+    """A proxy between the service and PostgreSQL (Unix sockets). While armed, it passes a COMMIT on to
+    the server, lets the server answer, and closes the service's side without passing the answer on:
+    the transaction is committed and the service never hears so (a network cut, a failover at that
+    instant). The ambiguous case of every commit protocol."""
+
+    READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
+
+    def __init__(self, upstream: Path, here: Path) -> None:
+        self.upstream = str(upstream / ".s.PGSQL.5432")
+        self.here = here
+        self.to_cut = 0
+        self.cut = 0
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://postgres@/{database}?host={self.here}&port=5432"
+
+    async def __aenter__(self) -> CommitCutter:
+        self.server = await asyncio.start_unix_server(self._relay, path=str(self.here / ".s.PGSQL.5432"))
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.server.close()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_unix_connection(self.upstream)
+        cutting = asyncio.Event()
+
+        async def to_server() -> None:
+            while data := await client_r.read(65536):
+                if self.to_cut > 0 and b"COMMIT" in data:
+                    self.to_cut -= 1
+                    cutting.set()
+                server_w.write(data)
+                await server_w.drain()
+
+        async def to_client() -> None:
+            while data := await server_r.read(65536):
+                if cutting.is_set():  # the COMMIT's answer: dropped, and both sides closed
+                    while self.READY_FOR_QUERY not in data and (more := await server_r.read(65536)):
+                        data += more
+                    self.cut += 1
+                    return
+                client_w.write(data)
+                await client_w.drain()
+
+        pumps = [asyncio.ensure_future(to_server()), asyncio.ensure_future(to_client())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        except OSError:
+            pass
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            for w in (client_w, server_w):
+                w.close()
+
+
+async def test_commit_acknowledgements_lost_mid_traffic_find_their_answers_on_resend(
+    own_postgres: EmbeddedPostgres, own_dsn: str, keys_for_process: KeyRing, tmp_path: Path
+) -> None:
+    """Twelve commits of the service's transactions reach the database, which commits them, and their
+    acknowledgements never come back. The service cannot know; it must answer 503 (never a decision,
+    never a 500), and each resend must get the committed answer (`replayed_answer`), not a second
+    charge or credit."""
+    proxy_dir = Path(tempfile.mkdtemp(prefix="cardsvc-proxy-"))
+    try:
+        async with CommitCutter(own_postgres.socket_dir, proxy_dir) as cutter:
+
+            async def cut_commits(_: Service) -> None:
+                cutter.to_cut = CUT_COMMITS
+                try:
+                    await poll("the commits to cut", _reaches(lambda: cutter.cut, CUT_COMMITS))
+                finally:
+                    cutter.to_cut = 0
+
+            sent = await _survives(
+                tmp_path, cutter.dsn(DATABASE_NAME), keys_for_process, cut_commits, books_dsn=own_dsn
+            )
+    finally:
+        shutil.rmtree(proxy_dir, ignore_errors=True)
+    replayed = [s for s in sent if s.lost and _replayed(s.answer)]
+    assert replayed, "no resend found a committed answer: no commit's acknowledgement was lost"
 
 
 def _postgres_pids(server: EmbeddedPostgres) -> list[int]:

@@ -234,3 +234,47 @@ async def test_a_file_that_cannot_be_put_in_place_leaves_no_report_and_its_day_i
     assert got["cq-bus"] == "created", got
     header, lines = clearing.read_back(blocker)
     assert (header.record_count, header.total_fen, [ln.amount_fen for ln in lines]) == (1, 180, [180])
+
+
+async def test_a_day_failing_while_its_files_are_written_leaves_no_temporary_file(
+    db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """One operator's file cannot be written (a directory where it goes): the operators written before
+    it in the run leave no `.tmp` behind either, and no report."""
+    day = await _last(db) - dt.timedelta(days=1)
+    await _fare(db, day, "cq-bus", 40)
+    await _fare(db, day, "cq-metro", 41)
+    out = tmp_path / "out"
+    (out / (clearing.clearing_file_name("cq-metro", day) + ".tmp")).mkdir(parents=True)
+    with pytest.raises(OSError):
+        await clearing.clear_day(db, TABLE, day, out)
+    assert [p.name for p in out.iterdir()] == [clearing.clearing_file_name("cq-metro", day) + ".tmp"]
+    assert not await db.fetchval("SELECT count(*) FROM clearing_report WHERE business_date = $1", day)
+
+
+async def test_a_file_in_place_whose_report_did_not_commit_is_written_again_with_the_same_bytes(
+    db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file was renamed into place, then the report's commit failed (here the directory sync; a lost
+    connection, a crash). The operator may have taken that file already: the next run writes the same
+    bytes, not a second version of the day with another creation time and digest."""
+    day = await _last(db) - dt.timedelta(days=1)
+    await _fare(db, day, "cq-bus", 50)
+    out = tmp_path / "out"
+    real_sync = clearing._sync_dir
+
+    def failing_sync(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(clearing, "_sync_dir", failing_sync)
+    with pytest.raises(OSError):
+        await clearing.clear_day(db, TABLE, day, out)
+    path = out / clearing.clearing_file_name("cq-bus", day)
+    first = path.read_bytes()
+    assert day not in await _report_days(db, "cq-bus")
+
+    monkeypatch.setattr(clearing, "_sync_dir", real_sync)
+    await asyncio.sleep(1.1)  # a later second: a fresh creation time would differ
+    got = {r.operator_id: r.status for r in await clearing.clear_day(db, TABLE, day, out)}
+    assert got["cq-bus"] == "created", got
+    assert path.read_bytes() == first
