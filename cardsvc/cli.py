@@ -136,12 +136,15 @@ async def _demo_data(settings: Settings, count: int) -> dict[str, Any]:
     from tqdm import tqdm
 
     from cardsvc import demo
+    from cardsvc.seed import interrupted_seed
 
     rules = _fare_table(settings).rules
     keys = _keys(settings, create=True)
     await _migrate(settings)
     conn = await _connect(settings)
     try:
+        if (incomplete := await interrupted_seed(conn)) is not None:
+            raise SystemExit(f"error: {incomplete}")
         rule = demo.ConcessionRule(
             localtime.local_date(dt.datetime.now(dt.UTC)), rules.elderly_min_age, rules.elderly_annual_quota
         )
@@ -227,8 +230,11 @@ def cmd_seed(settings: Settings, args: argparse.Namespace) -> int:
     except seed.SeedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # the event loop turns Ctrl-C into this, whatever the seed raised
-        incomplete = _run(_interrupted_seed(settings))
+    except KeyboardInterrupt:  # Ctrl-C: the event loop cancels the seed, then raises this
+        try:
+            incomplete = _run(_interrupted_seed(settings))
+        except Exception:  # e.g. interrupted before the schema was migrated
+            incomplete = None
         print(f"interrupted{': ' + incomplete if incomplete else ''}", file=sys.stderr)
         return 130
     print(seed.format_report(report))

@@ -28,9 +28,11 @@ import os
 import queue
 import re
 import signal
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -99,12 +101,22 @@ INCOMPLETE_ADVICE = (
 )
 
 
+# A seed holds this session advisory lock for its whole run: the row of a seed still loading is told apart
+# from the row of one that was interrupted, and two seeds never load the same database at once.
+SEED_LOCK_KEY = 0x6361726473656564  # "cardseed"
+
+
 async def interrupted_seed(conn: asyncpg.Connection) -> str | None:
-    """What an interrupted fresh seed left (migration 0016), or None: the registry is whole."""
+    """Why the registry cannot be used as it is (a fresh seed still loading, or one that was interrupted:
+    migration 0016), or None: the registry is whole."""
     row = await conn.fetchrow("SELECT started_at, detail FROM seed_in_progress")
     if row is None:
         return None
-    return f"{INCOMPLETE_ADVICE} (seed started {row['started_at'].isoformat(timespec='seconds')}: {row['detail']})"
+    started = f"seed started {row['started_at'].isoformat(timespec='seconds')}: {row['detail']}"
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SEED_LOCK_KEY):
+        return f"a seed is loading the registry ({started}); wait for it to finish"
+    await conn.execute("SELECT pg_advisory_unlock($1)", SEED_LOCK_KEY)
+    return f"{INCOMPLETE_ADVICE} ({started})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +316,8 @@ class _WorkerArgs:
     hash_key: bytes
     enc_key: bytes
     seed: bytes
-    pool_keys: list[bytes]
+    pool_keys_path: str  # the e-card key pool, in a file: too large for the process's arguments (see _load)
+    pool_key_len: int
     expires: dt.date
     at: dt.datetime
     on: dt.date
@@ -329,11 +342,13 @@ async def _worker_main(args: _WorkerArgs, tasks: Any, results: Any) -> None:
     conn = await asyncpg.connect(args.dsn, server_settings={"application_name": "cardsvc-seed"})
     try:
         await conn.execute("SET synchronous_commit = off")
+        pool = Path(args.pool_keys_path).read_bytes()  # noqa: ASYNC240 - once, before the worker's first chunk
+        pool_keys = [pool[i : i + args.pool_key_len] for i in range(0, len(pool), args.pool_key_len)]
         make = row_maker(
             args.hash_key,
             args.enc_key,
             args.seed,
-            args.pool_keys,
+            pool_keys,
             args.expires,
             args.at,
             args.ecard_alg,
@@ -488,7 +503,9 @@ async def seed(
     conn = await asyncpg.connect(dsn, server_settings={"application_name": "cardsvc-seed"})
     try:
         await conn.execute("SET lock_timeout = 0; SET statement_timeout = 0")
-        if (left := await interrupted_seed(conn)) is not None:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SEED_LOCK_KEY):
+            raise SeedError("another seed is loading this database; wait for it to finish")
+        if (left := await interrupted_seed(conn)) is not None:  # held by us: interrupted, if anything
             raise SeedError(left)
         present = await conn.fetchrow(
             """SELECT EXISTS (SELECT 1 FROM cardholder) AS holders, EXISTS (SELECT 1 FROM card) AS cards,
@@ -565,8 +582,8 @@ async def seed(
                     report.index_seconds[d.name] = time.perf_counter() - t1
             report.seconds["foreign_keys"] = time.perf_counter() - t
             ddl = []
+            await conn.execute("DELETE FROM seed_in_progress")  # whole again, whatever comes next
             await _set_autovacuum(conn, autovac_tables, on=True)
-            await conn.execute("DELETE FROM seed_in_progress")
         t = time.perf_counter()
         for table, column in (
             ("cardholder", "holder_id"),
@@ -596,9 +613,9 @@ async def seed(
             [*LOADED_TABLES[:-1], journal_table],
         ):
             report.table_bytes[r["relname"]] = int(r["bytes"])
-    except BaseException as exc:  # Ctrl-C too
+    except Exception as exc:
         if ddl:
-            raise SeedError(f"{exc or type(exc).__name__}\n{INCOMPLETE_ADVICE}") from exc
+            raise SeedError(f"{str(exc) or type(exc).__name__}\n{INCOMPLETE_ADVICE}") from exc
         raise
     finally:
         await conn.close()
@@ -628,12 +645,15 @@ async def _load(
     jobs = max(1, min(jobs, len(chunks)))
     for _ in range(jobs):
         tasks.put(None)
+    with tempfile.NamedTemporaryFile(prefix="cardsvc-seed-keys-", delete=False) as fh:
+        fh.write(b"".join(pool_keys))
     args = _WorkerArgs(
         dsn,
         keys.pii_hash_key,
         keys.pii_enc_key,
         opts.seed,
-        pool_keys,
+        fh.name,
+        len(pool_keys[0]),
         dt.date.today().replace(day=1) + dt.timedelta(days=3650),
         at,
         localtime.local_date(at),
@@ -644,20 +664,21 @@ async def _load(
         explicit_txn_id=fresh,
     )
     procs = [ctx.Process(target=_worker, args=(args, tasks, results), daemon=True) for _ in range(jobs)]
-    # The workers start with SIGINT blocked (the mask is inherited across fork and exec): Ctrl-C is the
-    # parent's to handle, and it stops them. A worker interrupted while it started died before it read its
-    # arguments, and the parent's write of them (the e-card key pool, more than a pipe holds) then waited
-    # for ever. The parent's own Ctrl-C meanwhile waits, blocked, until the workers are started.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    # A process's arguments go through a pipe that the parent writes while it still holds the read end: a
+    # child that dies before reading them (Ctrl-C as it starts, the OOM killer) left the parent's write
+    # waiting for ever once they were larger than the pipe holds, as the key pool was (266 kB by default,
+    # up to 65 MB). They are small now. The workers also start with SIGINT blocked (the mask is inherited
+    # across fork and exec): Ctrl-C is the parent's to handle, and it stops them.
     loop = asyncio.get_running_loop()
     done = rows = 0
     gen_s = copy_s = 0.0
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         while done < len(chunks):
             try:
                 msg = await loop.run_in_executor(None, results.get, True, 1.0)
@@ -684,6 +705,7 @@ async def _load(
                 p.join(5)
         tasks.close()
         results.close()
+        os.unlink(fh.name)
     report.worker_seconds = {"generate": gen_s, "copy": copy_s}
     return rows
 

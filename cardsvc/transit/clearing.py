@@ -430,19 +430,22 @@ async def _clear_locked(
     return results
 
 
-def _created_at_of(path: Path, operator_id: str, day: dt.date, count: int, total: int) -> int | None:
-    """The created_at of the file at `path` if its header is the one this run would write but for the
-    time (the same operator, day, count and total), else None."""
+def _file_in_place(path: Path, operator_id: str, day: dt.date, count: int, total: int) -> tuple[int, str] | None:
+    """(created_at, trailer digest) of the file at `path` if its header is the one this run would write
+    but for the time (the same operator, day, count and total, a valid time), else None."""
     try:
         with path.open("rb") as fh:
             first = fh.readline(256).decode("ascii").rstrip("\n")
+            fh.seek(max(0, path.stat().st_size - 128))
+            last = fh.read().decode("ascii").rstrip("\n").rsplit("\n", 1)[-1]
     except (OSError, UnicodeDecodeError):
         return None
     want = wire._header_line(wire.ClearingHeader(operator_id, day, count, total, 0)).split(wire.SEPARATOR)
-    got = first.split(wire.SEPARATOR)
-    if len(got) == len(want) and got[:-1] == want[:-1] and got[-1].isdigit():
-        return int(got[-1])
-    return None
+    got, trailer = first.split(wire.SEPARATOR), last.split(wire.SEPARATOR)
+    if len(got) != len(want) or got[:-1] != want[:-1] or not got[-1].isdigit() or len(trailer) != 3:
+        return None
+    created_at = int(got[-1])
+    return (created_at, trailer[2]) if created_at <= wire.TIME_S_MAX else None
 
 
 async def _write_files(
@@ -479,15 +482,23 @@ async def _write_files(
                 continue
             prior = stored.get(op)
             path = out_dir / clearing_file_name(op, day)
+            # A file put in place by a run that could not commit its report keeps its created_at if the
+            # journal still says the same: the operator, who may have taken it, gets the same bytes again.
+            # If it says otherwise (a correction since, a file not ours), a new version with a new time.
+            in_place = None if prior is not None else _file_in_place(path, op, day, count, total)
             if prior is not None:
                 created_at = int(prior["created_at"].timestamp())
-            else:  # a file put in place by a run that could not commit its report: the same bytes again
-                created_at = _created_at_of(path, op, day, count, total) or int(time.time())
+            else:
+                created_at = in_place[0] if in_place else int(time.time())
             tmp = path.with_name(path.name + ".tmp")
             tmps.append(tmp)
             try:
                 header = wire.ClearingHeader(op, day, count, total, created_at)
                 digest = await _stream_file(conn, header, bounds, tmp, progress)
+                if in_place is not None and digest != in_place[1]:
+                    created_at = max(int(time.time()), in_place[0] + 1)
+                    header = wire.ClearingHeader(op, day, count, total, created_at)
+                    digest = await _stream_file(conn, header, bounds, tmp, progress)
             except (ClearingError, wire.ClearingFileInvalid) as exc:
                 tmp.unlink(missing_ok=True)  # a refused day leaves no half-written file behind
                 results.append(OperatorResult(op, day, "refused", count, total, None, None, str(exc)))

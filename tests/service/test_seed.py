@@ -8,8 +8,9 @@ import datetime as dt
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -345,14 +346,24 @@ async def test_same_seed_same_registry(
     assert {c[3] for c in cards}.isdisjoint({r[1] for r in results[0]})  # other card serial numbers
 
 
+async def _cli_run(env: dict[str, str], *argv: str) -> tuple[int, str]:
+    run = await asyncio.to_thread(
+        subprocess.run, [*cli_command(), *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    said = run.stdout + run.stderr
+    assert "Traceback" not in said, (argv, said)
+    return run.returncode, said
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl_c", "killed"])
 async def test_a_fresh_seed_interrupted_mid_load_is_refused_by_serve_and_seed(
     db: asyncpg.Connection, db_dsn: str, keys: KeyRing, tmp_path: Path, sig: signal.Signals
 ) -> None:
     """A fresh seed drops the registry's indexes and constraints, loads, then rebuilds them. Stopped in
     between (Ctrl-C, or killed outright), it left a registry without primary keys, unique indexes and
-    foreign keys, and `cardsvc serve` started on it. Now both `cardsvc serve` and `cardsvc seed` refuse
-    and say what happened; nothing of the kind is said for a registry the seed finished."""
+    foreign keys, and `cardsvc serve` started on it. Now `cardsvc serve`, `cardsvc seed` and `cardsvc
+    demo-data` refuse and say what happened; while the seed is still loading they say to wait for it,
+    not to start again; nothing of the kind is said for a registry the seed finished."""
     key_file = tmp_path / "seed-keys.json"
     keys.write(key_file)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARDSVC_")}
@@ -370,20 +381,74 @@ async def test_a_fresh_seed_interrupted_mid_load_is_refused_by_serve_and_seed(
             if await db.fetchval("SELECT count(*) FROM seed_in_progress") or seeding.poll() is not None:
                 break
             await asyncio.sleep(0.1)
+        for argv in (["seed", "--seed", SEED, "--count", "10"], ["serve", "--workers", "1"]):
+            code, said = await _cli_run(env, *argv)
+            assert code != 0 and "seed is loading" in said and "wait for it" in said, (argv, said)
+            assert "drop it" not in said, (argv, said)
+        assert seeding.poll() is None, "the seed ended before it could be interrupted: raise --count"
         os.killpg(seeding.pid, sig)  # the whole process group, as Ctrl-C in a terminal
     finally:
         output, _ = await asyncio.to_thread(seeding.communicate, timeout=120)
     out = output.decode(errors="replace")
-    assert seeding.returncode != 0, out
     if sig == signal.SIGINT:
-        assert "registry is incomplete" in out and "Traceback" not in out, out[-2000:]
+        assert seeding.returncode == 130, (seeding.returncode, out[-2000:])
+        assert "interrupted: the registry is incomplete" in out and "Traceback" not in out, out[-2000:]
+    else:
+        assert seeding.returncode == -signal.SIGKILL, (seeding.returncode, out[-2000:])
     assert await db.fetchval("SELECT count(*) FROM seed_in_progress") == 1
 
-    for argv in (["seed", "--seed", SEED, "--count", "10"], ["serve", "--workers", "1"]):
-        run = await asyncio.to_thread(
-            subprocess.run, [*cli_command(), *argv], env=env, capture_output=True, text=True, timeout=120
-        )
-        said = run.stdout + run.stderr
-        assert run.returncode != 0, (argv, said)
+    for argv in (["seed", "--seed", SEED, "--count", "10"], ["serve", "--workers", "1"], ["demo-data", "--cards", "5"]):
+        code, said = await _cli_run(env, *argv)
+        assert code != 0, (argv, said)
         assert "registry is incomplete" in said and "cardsvc migrate" in said, (argv, said)
-        assert "Traceback" not in said, (argv, said)
+
+
+async def test_a_failure_after_the_last_constraint_is_back_leaves_the_registry_usable(
+    db: asyncpg.Connection, db_dsn: str, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once every index and constraint is back the registry is whole, whatever fails after (here turning
+    autovacuum back on, an ALTER TABLE that can wait and be cancelled): it must not be refused as
+    incomplete, which would mean seeding again from nothing."""
+    before = await _schema(db)
+    real = seed._set_autovacuum
+
+    async def failing(conn: asyncpg.Connection, tables: Sequence[str], *, on: bool) -> None:
+        if on:
+            raise asyncpg.exceptions.QueryCanceledError("canceling statement due to user request")
+        await real(conn, tables, on=on)
+
+    monkeypatch.setattr(seed, "_set_autovacuum", failing)
+    opts = seed.SeedOptions(count=300, seed=SEED.encode(), jobs=1, key_pool=16)
+    with pytest.raises(asyncpg.exceptions.QueryCanceledError):
+        await seed.seed(db_dsn, keys, opts)
+    after = await _schema(db)
+    assert (after["indexes"], after["constraints"]) == (before["indexes"], before["constraints"])
+    assert await seed.interrupted_seed(db) is None
+
+
+async def test_a_seed_worker_dying_as_it_starts_fails_the_seed_instead_of_hanging(
+    db_dsn: str, keys: KeyRing, tmp_path: Path
+) -> None:
+    """A worker process that dies before it reads its arguments (the OOM killer, a failed start; here its
+    interpreter is a script that exits at once). The parent passed it the e-card key pool (266 kB) through
+    a pipe it kept open, and waited for ever to finish writing; Ctrl-C could not stop it either."""
+    key_file = tmp_path / "seed-keys.json"
+    keys.write(key_file)
+    fake = tmp_path / "python-that-dies.sh"
+    fake.write_text(f'#!/bin/sh\ncase "$*" in *spawn_main*) exit 1;; esac\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import multiprocessing, sys\n"
+        f"multiprocessing.set_executable({str(fake)!r})\n"
+        "from cardsvc import cli\n"
+        f"sys.exit(cli.main(['seed', '--seed', {SEED!r}, '--count', '2000', '--jobs', '1']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDSVC_")}
+    env.update(CARDSVC_DATABASE_URL=db_dsn, CARDSVC_KEY_FILE=str(key_file), CARDSVC_DATA_DIR=str(tmp_path / "d"))
+    run = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=120
+    )
+    said = run.stdout + run.stderr
+    assert run.returncode == 1 and "a seed worker exited with code 1" in said, said[-2000:]
+    assert "registry is incomplete" in said, said[-2000:]

@@ -252,15 +252,11 @@ async def test_a_day_failing_while_its_files_are_written_leaves_no_temporary_fil
     assert not await db.fetchval("SELECT count(*) FROM clearing_report WHERE business_date = $1", day)
 
 
-async def test_a_file_in_place_whose_report_did_not_commit_is_written_again_with_the_same_bytes(
-    db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The file was renamed into place, then the report's commit failed (here the directory sync; a lost
-    connection, a crash). The operator may have taken that file already: the next run writes the same
-    bytes, not a second version of the day with another creation time and digest."""
-    day = await _last(db) - dt.timedelta(days=1)
-    await _fare(db, day, "cq-bus", 50)
-    out = tmp_path / "out"
+async def _file_in_place_without_report(
+    db: asyncpg.Connection, day: dt.date, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Clear `day` so that cq-bus's file is renamed into place and its report's commit fails (here the
+    directory sync; a lost connection, a crash)."""
     real_sync = clearing._sync_dir
 
     def failing_sync(path: Path) -> None:
@@ -269,12 +265,60 @@ async def test_a_file_in_place_whose_report_did_not_commit_is_written_again_with
     monkeypatch.setattr(clearing, "_sync_dir", failing_sync)
     with pytest.raises(OSError):
         await clearing.clear_day(db, TABLE, day, out)
-    path = out / clearing.clearing_file_name("cq-bus", day)
-    first = path.read_bytes()
-    assert day not in await _report_days(db, "cq-bus")
-
     monkeypatch.setattr(clearing, "_sync_dir", real_sync)
+    assert day not in await _report_days(db, "cq-bus")
+    return out / clearing.clearing_file_name("cq-bus", day)
+
+
+async def _cleared_again(db: asyncpg.Connection, day: dt.date, out: Path) -> None:
     await asyncio.sleep(1.1)  # a later second: a fresh creation time would differ
     got = {r.operator_id: r.status for r in await clearing.clear_day(db, TABLE, day, out)}
     assert got["cq-bus"] == "created", got
+
+
+async def test_a_file_in_place_whose_report_did_not_commit_is_written_again_with_the_same_bytes(
+    db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file was renamed into place, then its report's commit failed. The operator may have taken that
+    file already: the next run writes the same bytes, not a second version of the day with another
+    creation time and digest."""
+    day = await _last(db) - dt.timedelta(days=1)
+    await _fare(db, day, "cq-bus", 50)
+    path = await _file_in_place_without_report(db, day, tmp_path / "out", monkeypatch)
+    first = path.read_bytes()
+    await _cleared_again(db, day, tmp_path / "out")
     assert path.read_bytes() == first
+
+
+async def test_a_file_in_place_that_the_journal_no_longer_says_becomes_a_new_version(
+    db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same situation, and the journal was corrected before the next run with the count and total
+    unchanged (a row's line rewritten): different lines must not go out under the first file's header
+    and creation time, as if they were the same file."""
+    day = await _last(db) - dt.timedelta(days=1)
+    await _fare(db, day, "cq-bus", 60)
+    await _fare(db, day, "cq-bus", 61, amount=-200)
+    path = await _file_in_place_without_report(db, day, tmp_path / "out", monkeypatch)
+    first = path.read_bytes()
+    await db.execute("UPDATE txn_journal SET line_id = 'bus-111' WHERE terminal_id = 'rv' AND terminal_seq = 61")
+    await _cleared_again(db, day, tmp_path / "out")
+    second = path.read_bytes()
+    assert second != first and second.split(b"\n")[0] != first.split(b"\n")[0]
+    header, _ = clearing.read_back(path)
+    assert header.created_at > int(first.split(b"\n")[0].split(b"|")[-1])
+
+
+async def test_a_foreign_file_in_place_does_not_block_its_day(
+    db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file in place whose header was edited (here a creation time out of range) is not taken as ours:
+    the day is cleared with a new file, not refused every night on that header."""
+    day = await _last(db) - dt.timedelta(days=1)
+    await _fare(db, day, "cq-bus", 80)
+    path = await _file_in_place_without_report(db, day, tmp_path / "out", monkeypatch)
+    lines = path.read_bytes().split(b"\n")
+    lines[0] = b"|".join([*lines[0].split(b"|")[:-1], b"99999999999"])
+    path.write_bytes(b"\n".join(lines))
+    await _cleared_again(db, day, tmp_path / "out")
+    clearing.read_back(path)  # a valid file again
