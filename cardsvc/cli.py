@@ -136,13 +136,15 @@ async def _demo_data(settings: Settings, count: int) -> dict[str, Any]:
     from tqdm import tqdm
 
     from cardsvc import demo
-    from cardsvc.seed import interrupted_seed
+    from cardsvc.seed import SEED_LOCK_KEY, interrupted_seed
 
     rules = _fare_table(settings).rules
     keys = _keys(settings, create=True)
     await _migrate(settings)
     conn = await _connect(settings)
-    try:
+    try:  # a loader too: never beside a seed (the seed's lock, held until this connection closes)
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SEED_LOCK_KEY):
+            raise SystemExit("error: a seed is loading this database; wait for it to finish")
         if (incomplete := await interrupted_seed(conn)) is not None:
             raise SystemExit(f"error: {incomplete}")
         rule = demo.ConcessionRule(

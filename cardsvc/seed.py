@@ -19,6 +19,7 @@ and are checked row by row. --append adds people after the highest existing id t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -108,14 +109,24 @@ SEED_LOCK_KEY = 0x6361726473656564  # "cardseed"
 
 async def interrupted_seed(conn: asyncpg.Connection) -> str | None:
     """Why the registry cannot be used as it is (a fresh seed still loading, or one that was interrupted:
-    migration 0016), or None: the registry is whole."""
-    row = await conn.fetchrow("SELECT started_at, detail FROM seed_in_progress")
+    migration 0016), or None: the registry is whole. Reads the seed's lock, never takes it (checks at the
+    same moment must not see each other as a seed), in the same statement as the row."""
+    row = await conn.fetchrow(
+        """SELECT started_at, detail, EXISTS (
+                  SELECT 1 FROM pg_locks
+                  WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid = $1::oid
+                    AND objid = $2::oid AND pid <> pg_backend_pid()
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              ) AS loading
+           FROM seed_in_progress""",
+        SEED_LOCK_KEY >> 32,
+        SEED_LOCK_KEY & 0xFFFFFFFF,
+    )
     if row is None:
         return None
     started = f"seed started {row['started_at'].isoformat(timespec='seconds')}: {row['detail']}"
-    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SEED_LOCK_KEY):
+    if row["loading"]:
         return f"a seed is loading the registry ({started}); wait for it to finish"
-    await conn.execute("SELECT pg_advisory_unlock($1)", SEED_LOCK_KEY)
     return f"{INCOMPLETE_ADVICE} ({started})"
 
 
@@ -326,6 +337,7 @@ class _WorkerArgs:
     elderly_quota: int
     journal_table: str
     explicit_txn_id: bool
+    parent: int  # the seed's process: a worker whose parent is gone stops (see _worker_main)
 
 
 def _worker(args: _WorkerArgs, tasks: Any, results: Any) -> None:
@@ -344,6 +356,7 @@ async def _worker_main(args: _WorkerArgs, tasks: Any, results: Any) -> None:
         await conn.execute("SET synchronous_commit = off")
         pool = Path(args.pool_keys_path).read_bytes()  # noqa: ASYNC240 - once, before the worker's first chunk
         pool_keys = [pool[i : i + args.pool_key_len] for i in range(0, len(pool), args.pool_key_len)]
+        results.put(("ready",))  # the parent removes the file once every worker has it
         make = row_maker(
             args.hash_key,
             args.enc_key,
@@ -360,7 +373,7 @@ async def _worker_main(args: _WorkerArgs, tasks: Any, results: Any) -> None:
         loop = asyncio.get_running_loop()
         while True:
             task = await loop.run_in_executor(None, tasks.get)
-            if task is None:
+            if task is None or os.getppid() != args.parent:  # done, or the seed was killed: load no more
                 break
             start, stop = task
             t0 = time.perf_counter()
@@ -501,6 +514,8 @@ async def seed(
     jobs = opts.jobs or os.cpu_count() or 1
     started = time.perf_counter()
     conn = await asyncpg.connect(dsn, server_settings={"application_name": "cardsvc-seed"})
+    fresh = False
+    ddl: list[_Ddl] = []
     try:
         await conn.execute("SET lock_timeout = 0; SET statement_timeout = 0")
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", SEED_LOCK_KEY):
@@ -524,6 +539,11 @@ async def seed(
         if first + opts.count > population.POPULATION_MAX:
             raise SeedError(f"the synthetic population has {population.POPULATION_MAX} people")
         report = SeedReport(first, opts.count, fresh)
+        if fresh:  # from now on: nothing may use the registry until the load is done (migration 0016)
+            await conn.execute(
+                "INSERT INTO seed_in_progress (detail) VALUES ($1)",
+                f"a fresh load of {opts.count} people, the registry's indexes and constraints dropped for it",
+            )
 
         t = time.perf_counter()
         at = await conn.fetchval("SELECT date_trunc('second', now())")
@@ -541,26 +561,25 @@ async def seed(
         pool_keys = device_public_keys(opts.seed, opts.key_pool, opts.ecard_alg)
         report.seconds["key_pool"] = time.perf_counter() - t
 
-        ddl: list[_Ddl] = []
         autovac_tables = [*LOADED_TABLES[:-1], journal_table]
         if fresh:
             t = time.perf_counter()
-            ddl = await _capture_ddl(conn)
+            captured = await _capture_ddl(conn)
             async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO seed_in_progress (detail) VALUES ($1)",
-                    f"{len(ddl)} indexes and constraints dropped to load {opts.count} people",
-                )
-                for d in ddl:
+                for d in captured:
                     if d.kind == "fkey":
                         await conn.execute(d.drop)
-                for d in ddl:
+                for d in captured:
                     if d.kind != "fkey":
                         await conn.execute(d.drop)
                 await _set_autovacuum(conn, autovac_tables, on=False)
+            ddl = captured  # dropped: to be rebuilt
             report.seconds["drop_indexes"] = time.perf_counter() - t
             say(f"dropped {len(ddl)} indexes and constraints; loading into bare tables")
     except BaseException:
+        if fresh and not ddl:  # failed before anything was dropped: the registry is whole (and empty)
+            with contextlib.suppress(Exception):
+                await conn.execute("DELETE FROM seed_in_progress")
         await conn.close()
         raise
 
@@ -662,6 +681,7 @@ async def _load(
         opts.elderly_quota,
         journal_table,
         explicit_txn_id=fresh,
+        parent=os.getpid(),
     )
     procs = [ctx.Process(target=_worker, args=(args, tasks, results), daemon=True) for _ in range(jobs)]
     # A process's arguments go through a pipe that the parent writes while it still holds the read end: a
@@ -670,7 +690,7 @@ async def _load(
     # up to 65 MB). They are small now. The workers also start with SIGINT blocked (the mask is inherited
     # across fork and exec): Ctrl-C is the parent's to handle, and it stops them.
     loop = asyncio.get_running_loop()
-    done = rows = 0
+    done = rows = ready = 0
     gen_s = copy_s = 0.0
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -686,6 +706,11 @@ async def _load(
                 dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
                 if dead:
                     raise SeedError(f"a seed worker exited with code {dead[0].exitcode}") from None
+                continue
+            if msg[0] == "ready":
+                ready += 1
+                if ready == jobs:
+                    os.unlink(fh.name)
                 continue
             if msg[0] == "error":
                 raise SeedError(f"a seed worker failed:\n{msg[1]}")
@@ -705,7 +730,8 @@ async def _load(
                 p.join(5)
         tasks.close()
         results.close()
-        os.unlink(fh.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(fh.name)
     report.worker_seconds = {"generate": gen_s, "copy": copy_s}
     return rows
 

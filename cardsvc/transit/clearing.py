@@ -432,7 +432,7 @@ async def _clear_locked(
 
 def _file_in_place(path: Path, operator_id: str, day: dt.date, count: int, total: int) -> tuple[int, str] | None:
     """(created_at, trailer digest) of the file at `path` if its header is the one this run would write
-    but for the time (the same operator, day, count and total, a valid time), else None."""
+    but for the time (the same operator, day, count and total, a time not in the future), else None."""
     try:
         with path.open("rb") as fh:
             first = fh.readline(256).decode("ascii").rstrip("\n")
@@ -445,7 +445,8 @@ def _file_in_place(path: Path, operator_id: str, day: dt.date, count: int, total
     if len(got) != len(want) or got[:-1] != want[:-1] or not got[-1].isdigit() or len(trailer) != 3:
         return None
     created_at = int(got[-1])
-    return (created_at, trailer[2]) if created_at <= wire.TIME_S_MAX else None
+    # Not ours if made later than now: a foreign file, an edited one (or the next second would not fit).
+    return (created_at, trailer[2]) if created_at <= time.time() + limits.CLOCK_SKEW_S else None
 
 
 async def _write_files(

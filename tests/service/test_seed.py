@@ -378,7 +378,8 @@ async def test_a_fresh_seed_interrupted_mid_load_is_refused_by_serve_and_seed(
     )  # fmt: skip
     try:
         for _ in range(600):  # bounded: the drop comes seconds after the start
-            if await db.fetchval("SELECT count(*) FROM seed_in_progress") or seeding.poll() is not None:
+            dropped = not await db.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname = 'card_pkey'")
+            if dropped or seeding.poll() is not None:
                 break
             await asyncio.sleep(0.1)
         for argv in (["seed", "--seed", SEED, "--count", "10"], ["serve", "--workers", "1"]):
@@ -452,3 +453,115 @@ async def test_a_seed_worker_dying_as_it_starts_fails_the_seed_instead_of_hangin
     said = run.stdout + run.stderr
     assert run.returncode == 1 and "a seed worker exited with code 1" in said, said[-2000:]
     assert "registry is incomplete" in said, said[-2000:]
+
+
+async def test_checks_at_the_same_moment_do_not_take_each_other_for_a_seed(
+    db: asyncpg.Connection, db_dsn: str
+) -> None:
+    """Several services starting at once on an interrupted registry each check it: each must be told it
+    is incomplete, not that a seed is loading (a check that took the seed's lock looked like one)."""
+    await db.execute("INSERT INTO seed_in_progress (detail) VALUES ('a test')")
+    conns = [await asyncpg.connect(db_dsn) for _ in range(8)]
+
+    async def checks(conn: asyncpg.Connection) -> list[str | None]:
+        return [await seed.interrupted_seed(conn) for _ in range(30)]
+
+    try:
+        said = [s for each in await asyncio.gather(*(checks(c) for c in conns)) for s in each]
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+    wrong = [s for s in said if s is None or "registry is incomplete" not in s]
+    assert not wrong, wrong[:2]
+
+
+def _seed_env(db_dsn: str, keys: KeyRing, tmp_path: Path) -> dict[str, str]:
+    key_file = tmp_path / "seed-keys.json"
+    keys.write(key_file)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDSVC_")}
+    env.update(CARDSVC_DATABASE_URL=db_dsn, CARDSVC_KEY_FILE=str(key_file), CARDSVC_DATA_DIR=str(tmp_path / "d"))
+    return env
+
+
+async def _seed_lock_held(db: asyncpg.Connection) -> bool:
+    return bool(await db.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                                AND classid = $1::oid AND objid = $2::oid)""",
+        seed.SEED_LOCK_KEY >> 32, seed.SEED_LOCK_KEY & 0xFFFFFFFF,
+    ))  # fmt: skip
+
+
+async def test_nothing_loads_beside_a_fresh_seed_from_its_first_moment(
+    db: asyncpg.Connection, db_dsn: str, keys: KeyRing, tmp_path: Path
+) -> None:
+    """Between deciding the registry is empty and dropping its indexes, a fresh seed makes its e-card key
+    pool (seconds; here 20,000 keys). `demo-data` loaded people meanwhile, and the seed then failed to
+    rebuild its unique indexes over them: an incomplete registry. It is refused from the seed's start."""
+    env = _seed_env(db_dsn, keys, tmp_path)
+    seeding = await asyncio.to_thread(
+        subprocess.Popen, [*cli_command(), "seed", "--seed", SEED, "--count", "3000", "--ecard-key-pool", "20000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        for _ in range(600):
+            if await _seed_lock_held(db) or seeding.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        code, said = await _cli_run(env, "demo-data", "--cards", "5")
+        assert code != 0 and "seed is loading" in said, said
+    finally:
+        output, _ = await asyncio.to_thread(seeding.communicate, timeout=300)
+    assert seeding.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert await db.fetchval("SELECT count(*) FROM card") == 3000
+    assert await seed.interrupted_seed(db) is None
+
+
+async def test_the_seed_workers_stop_when_the_seed_is_killed(
+    db: asyncpg.Connection, db_dsn: str, keys: KeyRing, tmp_path: Path
+) -> None:
+    """The seed process alone is killed (the OOM killer). Its workers loaded on, unsupervised, while the
+    registry was already reported incomplete, to be started again. They stop after their chunk."""
+    env = _seed_env(db_dsn, keys, tmp_path)
+    seeding = await asyncio.to_thread(
+        subprocess.Popen, [*cli_command(), "seed", "--seed", SEED, "--count", "2000000", "--jobs", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers: list[int] = []
+    try:
+        for _ in range(600):
+            workers = [p for p in _children(seeding.pid) if "spawn_main" in _cmdline(p)]
+            if (workers and await db.fetchval("SELECT count(*) FROM cardholder")) or seeding.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert workers and seeding.poll() is None
+    finally:
+        seeding.kill()
+        await asyncio.to_thread(seeding.wait)
+    for _ in range(1200):
+        if not any(_cmdline(p) for p in workers):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the seed's workers are still loading after it was killed")
+    loaded = await db.fetchval("SELECT count(*) FROM cardholder")
+    assert loaded < 2_000_000, "the workers loaded everything after the seed was killed"
+    said = await seed.interrupted_seed(db)
+    assert said is not None and "registry is incomplete" in said, said
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except OSError:
+            continue
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    """The process's command line; empty once it is gone (or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""

@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -309,16 +310,20 @@ async def test_a_file_in_place_that_the_journal_no_longer_says_becomes_a_new_ver
     assert header.created_at > int(first.split(b"\n")[0].split(b"|")[-1])
 
 
+@pytest.mark.parametrize("created_at", [99_999_999_999, 2**32 - 1, 2**32 - 2, "in ten days"])
 async def test_a_foreign_file_in_place_does_not_block_its_day(
-    db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, created_at: int | str
 ) -> None:
-    """A file in place whose header was edited (here a creation time out of range) is not taken as ours:
-    the day is cleared with a new file, not refused every night on that header."""
+    """A file in place whose header was edited or made elsewhere (a creation time out of range, at its
+    end, or in the future) is not taken as ours: the day is cleared with a new file made now, not refused
+    every night on that header nor dated after it."""
     day = await _last(db) - dt.timedelta(days=1)
     await _fare(db, day, "cq-bus", 80)
     path = await _file_in_place_without_report(db, day, tmp_path / "out", monkeypatch)
+    when = int(time.time()) + 10 * 86400 if created_at == "in ten days" else created_at
     lines = path.read_bytes().split(b"\n")
-    lines[0] = b"|".join([*lines[0].split(b"|")[:-1], b"99999999999"])
+    lines[0] = b"|".join([*lines[0].split(b"|")[:-1], str(when).encode()])
     path.write_bytes(b"\n".join(lines))
     await _cleared_again(db, day, tmp_path / "out")
-    clearing.read_back(path)  # a valid file again
+    header, _ = clearing.read_back(path)  # a valid file again
+    assert header.created_at <= time.time()
