@@ -421,7 +421,85 @@ async def _clear_locked(
     results: list[OperatorResult] = []
     tmps: list[Path] = []  # every file begun: those not put in place are removed, however the run ends
     try:
-        await _write_files(conn, table, day, out_dir, bounds, operator_id, progress, stored, results, tmps)
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            aggregate = {r["operator_id"]: r for r in await conn.fetch(AGGREGATE_SQL, list(CLEARING_KINDS), *bounds, operator_id)}
+            known = await operators(conn, table)
+            if operator_id is not None and operator_id not in known:
+                raise ClearingError(f"no operator {operator_id!r}: one of {', '.join(known)}")
+            cleared = [operator_id] if operator_id else known
+            for other in sorted(set(aggregate) - set(cleared)):
+                # Not an operator, e.g. `hotlisted:<operator>` (offline debits of a card the validator should
+                # have refused): the purse paid, nobody is paid; shown, never cleared (with one operator: its own).
+                a = aggregate[other]
+                results.append(OperatorResult(other, day, "not_cleared", a["txn_count"], a["total_fen"], None,
+                                              None, "not an operator: kept out of clearing"))
+            made: list[tuple[OperatorResult, Path, int]] = []
+            for op in cleared:
+                agg = aggregate.get(op)
+                count, total = (agg["txn_count"], agg["total_fen"]) if agg else (0, 0)
+                if agg and agg["reversals"]:
+                    results.append(OperatorResult(op, day, "refused", count, total, None, None,
+                                                  f"{agg['reversals']} reversal row(s): not expressible in file v1"))
+                    continue
+                prior = stored.get(op)
+                path = out_dir / clearing_file_name(op, day)
+                # A file put in place by a run that could not commit its report keeps its created_at if the
+                # journal still says the same: the operator, who may have taken it, gets the same bytes again.
+                # If it says otherwise (a correction since, a file not ours), a new version with a new time.
+                in_place = None if prior is not None else _file_in_place(path, op, day, count, total)
+                if prior is not None:
+                    created_at = int(prior["created_at"].timestamp())
+                else:
+                    created_at = in_place[0] if in_place else int(time.time())
+                tmp = path.with_name(path.name + ".tmp")
+                tmps.append(tmp)
+                try:
+                    header = wire.ClearingHeader(op, day, count, total, created_at)
+                    digest = await _stream_file(conn, header, bounds, tmp, progress)
+                    if in_place is not None and digest != in_place[1]:
+                        created_at = max(int(time.time()), in_place[0] + 1)
+                        header = wire.ClearingHeader(op, day, count, total, created_at)
+                        digest = await _stream_file(conn, header, bounds, tmp, progress)
+                except (ClearingError, wire.ClearingFileInvalid) as exc:
+                    tmp.unlink(missing_ok=True)  # a refused day leaves no half-written file behind
+                    results.append(OperatorResult(op, day, "refused", count, total, None, None, str(exc)))
+                    continue
+                if prior is not None and (prior["txn_count"], prior["total_fen"], prior["digest"]) != (count, total, digest):
+                    tmp.unlink()
+                    results.append(OperatorResult(
+                        op, day, "mismatch", count, total, digest, None,
+                        f"the journal changed after the report was made: report {prior['txn_count']} txns "
+                        f"{prior['total_fen']} fen, journal {count} txns {total} fen; report and file kept",
+                    ))
+                    continue
+                status = "unchanged" if prior is not None else "created"
+                made.append((OperatorResult(op, day, status, count, total, digest, path), tmp, created_at))
+        # A report says its day is cleared, so it commits only once its file is in place (renamed and the
+        # directory synced): a file that cannot be put in place, or a crash between the two, leaves no report,
+        # and the next run clears the day again. (A crash after the rename and before the commit leaves a file
+        # without a report; the next run writes the same bytes again, with that file's created_at.)
+        for res, tmp, created_at in made:
+            assert res.path is not None
+            if res.status != "created":
+                tmp.replace(res.path)
+                _sync_dir(res.path.parent)
+                results.append(res)
+                continue
+            async with conn.transaction():
+                inserted = await conn.fetchval(
+                    """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest, created_at)
+                       VALUES ($1, $2, $3, $4, $5, to_timestamp($6))
+                       ON CONFLICT (operator_id, business_date) DO NOTHING RETURNING 1""",
+                    res.operator_id, day, res.txn_count, res.total_fen, res.digest, created_at,
+                )
+                if inserted is not None:
+                    tmp.replace(res.path)
+                    _sync_dir(res.path.parent)
+            if inserted is None:  # a report appeared meanwhile (the lock makes this unexpected)
+                results.append(dataclasses.replace(res, status="mismatch", path=None,
+                                                   detail="a report for this day appeared during the run"))
+                continue
+            results.append(res)
     finally:
         for tmp in tmps:
             with contextlib.suppress(OSError):  # e.g. a directory in the way: the run's error says so
@@ -447,99 +525,6 @@ def _file_in_place(path: Path, operator_id: str, day: dt.date, count: int, total
     created_at = int(got[-1])
     # Not ours if made later than now: a foreign file, an edited one (or the next second would not fit).
     return (created_at, trailer[2]) if created_at <= time.time() + limits.CLOCK_SKEW_S else None
-
-
-async def _write_files(
-    conn: asyncpg.Connection,
-    table: fares.FareTable,
-    day: dt.date,
-    out_dir: Path,
-    bounds: tuple[dt.datetime, dt.datetime],
-    operator_id: str | None,
-    progress: Callable[[str], None] | None,
-    stored: dict[str, asyncpg.Record],
-    results: list[OperatorResult],
-    tmps: list[Path],
-) -> None:
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        aggregate = {r["operator_id"]: r for r in await conn.fetch(AGGREGATE_SQL, list(CLEARING_KINDS), *bounds, operator_id)}
-        known = await operators(conn, table)
-        if operator_id is not None and operator_id not in known:
-            raise ClearingError(f"no operator {operator_id!r}: one of {', '.join(known)}")
-        cleared = [operator_id] if operator_id else known
-        for other in sorted(set(aggregate) - set(cleared)):
-            # Not an operator, e.g. `hotlisted:<operator>` (offline debits of a card the validator should
-            # have refused): the purse paid, nobody is paid; shown, never cleared (with one operator: its own).
-            a = aggregate[other]
-            results.append(OperatorResult(other, day, "not_cleared", a["txn_count"], a["total_fen"], None,
-                                          None, "not an operator: kept out of clearing"))
-        made: list[tuple[OperatorResult, Path, int]] = []
-        for op in cleared:
-            agg = aggregate.get(op)
-            count, total = (agg["txn_count"], agg["total_fen"]) if agg else (0, 0)
-            if agg and agg["reversals"]:
-                results.append(OperatorResult(op, day, "refused", count, total, None, None,
-                                              f"{agg['reversals']} reversal row(s): not expressible in file v1"))
-                continue
-            prior = stored.get(op)
-            path = out_dir / clearing_file_name(op, day)
-            # A file put in place by a run that could not commit its report keeps its created_at if the
-            # journal still says the same: the operator, who may have taken it, gets the same bytes again.
-            # If it says otherwise (a correction since, a file not ours), a new version with a new time.
-            in_place = None if prior is not None else _file_in_place(path, op, day, count, total)
-            if prior is not None:
-                created_at = int(prior["created_at"].timestamp())
-            else:
-                created_at = in_place[0] if in_place else int(time.time())
-            tmp = path.with_name(path.name + ".tmp")
-            tmps.append(tmp)
-            try:
-                header = wire.ClearingHeader(op, day, count, total, created_at)
-                digest = await _stream_file(conn, header, bounds, tmp, progress)
-                if in_place is not None and digest != in_place[1]:
-                    created_at = max(int(time.time()), in_place[0] + 1)
-                    header = wire.ClearingHeader(op, day, count, total, created_at)
-                    digest = await _stream_file(conn, header, bounds, tmp, progress)
-            except (ClearingError, wire.ClearingFileInvalid) as exc:
-                tmp.unlink(missing_ok=True)  # a refused day leaves no half-written file behind
-                results.append(OperatorResult(op, day, "refused", count, total, None, None, str(exc)))
-                continue
-            if prior is not None and (prior["txn_count"], prior["total_fen"], prior["digest"]) != (count, total, digest):
-                tmp.unlink()
-                results.append(OperatorResult(
-                    op, day, "mismatch", count, total, digest, None,
-                    f"the journal changed after the report was made: report {prior['txn_count']} txns "
-                    f"{prior['total_fen']} fen, journal {count} txns {total} fen; report and file kept",
-                ))
-                continue
-            status = "unchanged" if prior is not None else "created"
-            made.append((OperatorResult(op, day, status, count, total, digest, path), tmp, created_at))
-    # A report says its day is cleared, so it commits only once its file is in place (renamed and the
-    # directory synced): a file that cannot be put in place, or a crash between the two, leaves no report,
-    # and the next run clears the day again. (A crash after the rename and before the commit leaves a file
-    # without a report; the next run writes the same bytes again, with that file's created_at.)
-    for res, tmp, created_at in made:
-        assert res.path is not None
-        if res.status != "created":
-            tmp.replace(res.path)
-            _sync_dir(res.path.parent)
-            results.append(res)
-            continue
-        async with conn.transaction():
-            inserted = await conn.fetchval(
-                """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest, created_at)
-                   VALUES ($1, $2, $3, $4, $5, to_timestamp($6))
-                   ON CONFLICT (operator_id, business_date) DO NOTHING RETURNING 1""",
-                res.operator_id, day, res.txn_count, res.total_fen, res.digest, created_at,
-            )
-            if inserted is not None:
-                tmp.replace(res.path)
-                _sync_dir(res.path.parent)
-        if inserted is None:  # a report appeared meanwhile (the lock makes this unexpected)
-            results.append(dataclasses.replace(res, status="mismatch", path=None,
-                                               detail="a report for this day appeared during the run"))
-            continue
-        results.append(res)
 
 
 def read_back(path: Path) -> tuple[wire.ClearingHeader, Sequence[wire.ClearingLine]]:
