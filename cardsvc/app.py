@@ -29,11 +29,11 @@ from cardsvc.security.credentials import CardKeyDeriver
 from cardsvc.security.keys import KeyRing
 from cardsvc.security.pii import PiiVault
 from cardsvc.security.terminals import TerminalRegistry
-from cardsvc.seed import interrupted_seed
 from cardsvc.services import Services
 from cardsvc.store import migrate
 from cardsvc.store.batcher import MicroBatcher
 from cardsvc.store.pool import create_pool
+from cardsvc.store.seed_state import interrupted_seed
 from cardsvc.transit import fares
 from cardsvc.transit.context import TransitContext
 from cardsvc.transit.flow import KIND_RIDE_CODE
@@ -50,7 +50,7 @@ class MigrationsPending(RuntimeError):
 
 
 class RegistryIncomplete(RuntimeError):
-    """A fresh seed was interrupted with the registry's indexes and constraints dropped (migration 0016)."""
+    """A fresh seed is loading, or was interrupted, with the registry's indexes and constraints dropped (migration 0016)."""
 
 
 def _nonce_flush(pool: asyncpg.Pool):  # type: ignore[no-untyped-def]

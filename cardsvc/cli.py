@@ -109,7 +109,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _interrupted_seed(settings: Settings) -> str | None:
-    from cardsvc.seed import interrupted_seed
+    from cardsvc.store.seed_state import interrupted_seed
 
     conn = await _connect(settings)
     try:
@@ -136,7 +136,7 @@ async def _demo_data(settings: Settings, count: int) -> dict[str, Any]:
     from tqdm import tqdm
 
     from cardsvc import demo
-    from cardsvc.seed import SEED_LOCK_KEY, interrupted_seed
+    from cardsvc.store.seed_state import SEED_LOCK_KEY, interrupted_seed
 
     rules = _fare_table(settings).rules
     keys = _keys(settings, create=True)

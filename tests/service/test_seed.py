@@ -20,6 +20,7 @@ import pytest
 from cardsvc import cli, localtime, seed
 from cardsvc.security.keys import KeyRing
 from cardsvc.security.pii import PiiVault
+from cardsvc.store import seed_state
 from cardsvc.transit import fares
 from protocols import ecard, idnumber, population
 from tests.helpers import ServiceHarness, scratch_database
@@ -424,7 +425,7 @@ async def test_a_failure_after_the_last_constraint_is_back_leaves_the_registry_u
         await seed.seed(db_dsn, keys, opts)
     after = await _schema(db)
     assert (after["indexes"], after["constraints"]) == (before["indexes"], before["constraints"])
-    assert await seed.interrupted_seed(db) is None
+    assert await seed_state.interrupted_seed(db) is None
 
 
 async def test_a_seed_worker_dying_as_it_starts_fails_the_seed_instead_of_hanging(
@@ -464,7 +465,7 @@ async def test_checks_at_the_same_moment_do_not_take_each_other_for_a_seed(
     conns = [await asyncpg.connect(db_dsn) for _ in range(8)]
 
     async def checks(conn: asyncpg.Connection) -> list[str | None]:
-        return [await seed.interrupted_seed(conn) for _ in range(30)]
+        return [await seed_state.interrupted_seed(conn) for _ in range(30)]
 
     try:
         said = [s for each in await asyncio.gather(*(checks(c) for c in conns)) for s in each]
@@ -486,7 +487,7 @@ async def _seed_lock_held(db: asyncpg.Connection) -> bool:
     return bool(await db.fetchval(
         """SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1
                                 AND classid = $1::oid AND objid = $2::oid)""",
-        seed.SEED_LOCK_KEY >> 32, seed.SEED_LOCK_KEY & 0xFFFFFFFF,
+        seed_state.SEED_LOCK_KEY >> 32, seed_state.SEED_LOCK_KEY & 0xFFFFFFFF,
     ))  # fmt: skip
 
 
@@ -512,7 +513,7 @@ async def test_nothing_loads_beside_a_fresh_seed_from_its_first_moment(
         output, _ = await asyncio.to_thread(seeding.communicate, timeout=300)
     assert seeding.returncode == 0, output.decode(errors="replace")[-2000:]
     assert await db.fetchval("SELECT count(*) FROM card") == 3000
-    assert await seed.interrupted_seed(db) is None
+    assert await seed_state.interrupted_seed(db) is None
 
 
 async def test_the_seed_workers_stop_when_the_seed_is_killed(
@@ -544,7 +545,7 @@ async def test_the_seed_workers_stop_when_the_seed_is_killed(
         raise AssertionError("the seed's workers are still loading after it was killed")
     loaded = await db.fetchval("SELECT count(*) FROM cardholder")
     assert loaded < 2_000_000, "the workers loaded everything after the seed was killed"
-    said = await seed.interrupted_seed(db)
+    said = await seed_state.interrupted_seed(db)
     assert said is not None and "registry is incomplete" in said, said
 
 
