@@ -347,6 +347,18 @@ async def test_same_seed_same_registry(
     assert {c[3] for c in cards}.isdisjoint({r[1] for r in results[0]})  # other card serial numbers
 
 
+def _seed_env(db_dsn: str, keys: KeyRing, tmp_path: Path) -> dict[str, str]:
+    """The environment of a `cardsvc` subprocess on `db_dsn` with a fresh key file (and a free port)."""
+    key_file = tmp_path / "seed-keys.json"
+    keys.write(key_file)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDSVC_")}
+    env.update(
+        CARDSVC_DATABASE_URL=db_dsn, CARDSVC_KEY_FILE=str(key_file), CARDSVC_DATA_DIR=str(tmp_path / "d"),
+        CARDSVC_PORT=str(free_port()),
+    )  # fmt: skip
+    return env
+
+
 async def _cli_run(env: dict[str, str], *argv: str) -> tuple[int, str]:
     run = await asyncio.to_thread(
         subprocess.run, [*cli_command(), *argv], env=env, capture_output=True, text=True, timeout=120
@@ -365,13 +377,7 @@ async def test_a_fresh_seed_interrupted_mid_load_is_refused_by_serve_and_seed(
     foreign keys, and `cardsvc serve` started on it. Now `cardsvc serve`, `cardsvc seed` and `cardsvc
     demo-data` refuse and say what happened; while the seed is still loading they say to wait for it,
     not to start again; nothing of the kind is said for a registry the seed finished."""
-    key_file = tmp_path / "seed-keys.json"
-    keys.write(key_file)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDSVC_")}
-    env.update(
-        CARDSVC_DATABASE_URL=db_dsn, CARDSVC_KEY_FILE=str(key_file), CARDSVC_DATA_DIR=str(tmp_path / "data"),
-        CARDSVC_PORT=str(free_port()), PYTHONUNBUFFERED="1",
-    )  # fmt: skip
+    env = _seed_env(db_dsn, keys, tmp_path)
     seeding = await asyncio.to_thread(
         subprocess.Popen,
         [*cli_command(), "seed", "--seed", SEED, "--count", "2000000", "--jobs", "1"],
@@ -434,8 +440,6 @@ async def test_a_seed_worker_dying_as_it_starts_fails_the_seed_instead_of_hangin
     """A worker process that dies before it reads its arguments (the OOM killer, a failed start; here its
     interpreter is a script that exits at once). The parent passed it the e-card key pool (266 kB) through
     a pipe it kept open, and waited for ever to finish writing; Ctrl-C could not stop it either."""
-    key_file = tmp_path / "seed-keys.json"
-    keys.write(key_file)
     fake = tmp_path / "python-that-dies.sh"
     fake.write_text(f'#!/bin/sh\ncase "$*" in *spawn_main*) exit 1;; esac\nexec {sys.executable} "$@"\n')
     fake.chmod(0o755)
@@ -446,8 +450,7 @@ async def test_a_seed_worker_dying_as_it_starts_fails_the_seed_instead_of_hangin
         "from cardsvc import cli\n"
         f"sys.exit(cli.main(['seed', '--seed', {SEED!r}, '--count', '2000', '--jobs', '1']))\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDSVC_")}
-    env.update(CARDSVC_DATABASE_URL=db_dsn, CARDSVC_KEY_FILE=str(key_file), CARDSVC_DATA_DIR=str(tmp_path / "d"))
+    env = _seed_env(db_dsn, keys, tmp_path)
     run = await asyncio.to_thread(
         subprocess.run, [sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=120
     )
@@ -473,14 +476,6 @@ async def test_checks_at_the_same_moment_do_not_take_each_other_for_a_seed(
         await asyncio.gather(*(c.close() for c in conns))
     wrong = [s for s in said if s is None or "registry is incomplete" not in s]
     assert not wrong, wrong[:2]
-
-
-def _seed_env(db_dsn: str, keys: KeyRing, tmp_path: Path) -> dict[str, str]:
-    key_file = tmp_path / "seed-keys.json"
-    keys.write(key_file)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDSVC_")}
-    env.update(CARDSVC_DATABASE_URL=db_dsn, CARDSVC_KEY_FILE=str(key_file), CARDSVC_DATA_DIR=str(tmp_path / "d"))
-    return env
 
 
 async def _seed_lock_held(db: asyncpg.Connection) -> bool:
