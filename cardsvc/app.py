@@ -96,6 +96,8 @@ async def _partitions(pool: asyncpg.Pool, settings: Settings) -> None:
 
 async def _sweep(pool: asyncpg.Pool, settings: Settings, table: fares.FareTable) -> None:
     swept = await sweep_timed_out_journeys(pool, table, settings.purse_overdraft_fen)
+    if swept.swept_to is not None:  # None: another worker's sweep was running
+        metrics.JOURNEY_SWEEP_THROUGH.set(swept.swept_to.timestamp() + table.rules.journey_timeout_s)
     metrics.JOURNEYS_SWEPT.labels("closed").inc(swept.closed)
     metrics.JOURNEYS_SWEPT.labels("held_exit").inc(swept.held_exits)
     metrics.JOURNEYS_SWEPT.labels("unpaid").inc(swept.unpaid)

@@ -33,6 +33,7 @@ __all__ = [
     "HTTP_REQUESTS_IN_FLIGHT",
     "HTTP_REQUEST_DURATION",
     "JOURNEYS_SWEPT",
+    "JOURNEY_SWEEP_THROUGH",
     "LIFECYCLE_OPERATIONS",
     "MAINTENANCE_FAILURES",
     "REQUEST_AUTH_FAILURES",
@@ -100,6 +101,14 @@ JOURNEYS_SWEPT = Counter(
     "a station the fare table neither serves nor lists under metro.retired; counted again by every sweep "
     "until a fixed table prices it, or its next tap does).",
     ["result"],
+)
+JOURNEY_SWEEP_THROUGH = Gauge(
+    "cardsvc_transit_journey_sweep_through_timestamp_seconds",
+    "How far the journey sweep has got (Unix time): every metro journey and held exit that came due before "
+    "it has been looked at (its watermark plus the fare table's journey timeout), as of this service's "
+    "last sweep. Normally a sweep interval behind the clock; falling further behind means the sweep is "
+    "stuck on a window (docs/transit.md \"Open metro journeys\").",
+    multiprocess_mode="max",  # the watermark only moves forward; a worker whose sweeps were skipped lags
 )
 MAINTENANCE_FAILURES = Counter(
     "cardsvc_maintenance_failures_total",

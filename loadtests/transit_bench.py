@@ -28,7 +28,10 @@ f. Offline ingestion: batches of 500 purse records (protocols.transit.PurseCard,
 g. Locust (loadtests/locustfile.py) headless with the realistic mix for --locust-duration; CSV stats
    per request type; worker RSS sampled every second for the whole run.
 h. The service stopped, `cardsvc audit --json`, and the approved taps counted by the load generators
-   compared with the fare rows the journal holds for this run's terminals.
+   compared with the fare rows the journal holds for this run's terminals. Then the journey sweep's
+   reads as they will be once this run's journeys time out: each 15-minute window of the run's journal
+   looked at the way the sweep does (`cardsvc.transit.sweep.due_cards`: the window's metro entries, their
+   purses 5,000 per statement), read-only, timed, with the service's command timeout.
 i. docs/benchmarks.json (merged: other keys are kept), the section between the transit-bench markers of
    docs/benchmarks.md (the rest of the file is kept), docs/benchmarks-transit.png.
 
@@ -95,6 +98,7 @@ TRANSIT_KEYS = (
     "seed_seconds",
     "worker_rss_mb",
     "audit_passed",
+    "sweep_window_max_s",
 )
 
 
@@ -784,6 +788,19 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
+def _sweep_row(look: dict[str, Any] | None) -> str:
+    label = "| journey sweep once this run's journeys time out (read-only, after the run) |"
+    if not look or not look["windows"]:
+        return f"{label} not measured |"
+    b = look["busiest"]
+    return (
+        f"{label} slowest 15-min window {_fmt(look['window_max_s'], 2)} s; busiest: {_fmt(b['cards_with_metro_taps'])} "
+        f"cards with metro taps, {_fmt(b['due'])} due, {_fmt(b['seconds'], 2)} s (purses read "
+        f"{_fmt(look['candidate_chunk'])} per statement, command timeout {_fmt(look['command_timeout_s'], 0)} s); "
+        f"{look['timed_out']} of {len(look['windows'])} windows timed out |"
+    )
+
+
 def render_section(d: dict[str, Any]) -> str:
     t = d["transit"]
     m = t["machine"]
@@ -842,6 +859,7 @@ def render_section(d: dict[str, Any]) -> str:
         f"| `cardsvc audit` after the run | {'PASSED' if d['audit_passed'] else 'FAILED'} |",
         f"| approved taps counted by the generators / fare rows in the journal | {_fmt(rec['generator_approved_taps'])}"
         f" / {_fmt(rec['journal_fare_rows'])} ({'equal' if rec['taps_equal'] else 'DIFFERENT'}) |",
+        _sweep_row(t.get("sweep_look")),
         f"| posted offline records counted by the uploaders / offline rows in the journal | "
         f"{_fmt(rec['generator_posted_offline'])} / {_fmt(rec['journal_offline_rows'])} "
         f"({'equal' if rec['offline_equal'] else 'DIFFERENT'}) |",
@@ -949,6 +967,59 @@ def merge_section(text: str, section: str) -> str:
 
 
 # ------------------------------------------------------------------ the run
+
+
+def sweep_look_step(dsn: str, since: dt.datetime, upto: dt.datetime, command_timeout_s: float) -> dict[str, Any]:
+    """The journey sweep's reads of [since, upto) as a sweep will make them once the journey timeout has
+    passed (every journey still open now is then due), window by window, timed; read-only."""
+    return asyncio.run(_sweep_look(dsn, since, upto, command_timeout_s))
+
+
+async def _sweep_look(dsn: str, since: dt.datetime, upto: dt.datetime, command_timeout_s: float) -> dict[str, Any]:
+    import asyncpg
+
+    from cardsvc.transit import fares, sweep
+    from cardsvc.transit.taps import KIND_FARE
+
+    operators = sweep.metro_operators(fares.load_demo_table())
+    cut_s = int(time.time())
+    windows: list[dict[str, Any]] = []
+    conn = await asyncpg.connect(dsn, command_timeout=command_timeout_s)
+    try:
+        start = since
+        while start < upto:
+            end = min(upto, start + sweep.WINDOW_MAX)
+            entries = await conn.fetchval(
+                "SELECT count(DISTINCT card_id) FROM txn_journal WHERE counterparty = ANY($1::text[]) "
+                "AND at >= $2 AND at < $3 AND kind = $4 AND amount_fen = 0 AND station_id IS NOT NULL",
+                operators, start, end, KIND_FARE, timeout=600,
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            try:
+                due: int | None = len(await sweep.due_cards(conn, operators, start, end, cut_s, -1))
+            except TimeoutError:
+                due = None
+            windows.append({
+                "start": start.isoformat(timespec="seconds"),
+                "minutes": round((end - start).total_seconds() / 60, 1),
+                "cards_with_metro_taps": entries,
+                "due": due,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "timed_out": due is None,
+            })  # fmt: skip
+            print(f"sweep window {windows[-1]}", flush=True)
+            start = end
+    finally:
+        await conn.close()
+    busiest = max(windows, key=lambda w: w["cards_with_metro_taps"], default=None)
+    return {
+        "windows": windows,
+        "window_max_s": max((w["seconds"] for w in windows), default=0.0),
+        "busiest": busiest,
+        "timed_out": sum(w["timed_out"] for w in windows),
+        "candidate_chunk": sweep.CANDIDATE_CHUNK,
+        "command_timeout_s": command_timeout_s,
+    }
 
 
 def seed_step(cmds: Commands, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
@@ -1162,6 +1233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmds.show(["cardsvc", *serve_argv[1:]], serve_env)
     serve_log = work / "serve.log"
     base = f"http://127.0.0.1:{args.port}"
+    service_started = dt.datetime.now(dt.UTC)
     with open(serve_log, "wb") as log:
         serve = subprocess.Popen(
             serve_argv, env=_env(serve_env), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
@@ -1341,6 +1413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "journal_topup_rows": rows["topup"],
     }
     print(reconciliation, flush=True)
+    from cardsvc import limits
+
+    sweep_look = sweep_look_step(dsn, service_started, dt.datetime.now(dt.UTC), limits.DB_COMMAND_TIMEOUT_S)
     concessions = {
         r["kind"]: int(r["n"])
         for r in fetch(
@@ -1471,6 +1546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seed_seconds": seeded["seconds"],
         "worker_rss_mb": loc_rss,
         "audit_passed": bool(audit.get("ok")),
+        "sweep_window_max_s": sweep_look["window_max_s"],
     }
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     data["transit"] = {
@@ -1505,6 +1581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios": ratios,
         "audit": {"ok": audit.get("ok"), "checks": audit.get("checks", []), "error": audit.get("error")},
         "reconciliation": reconciliation,
+        "sweep_look": sweep_look,
         "targets": targets,
         "notes": notes,
         "run_terminal_prefix": prefix,

@@ -271,5 +271,10 @@ def _run_small_bench(data: Path, docs: Path, port: int) -> None:
     assert rec["generator_approved_taps"] == rec["journal_fare_rows"] > 0
     assert rec["generator_posted_offline"] == rec["journal_offline_rows"] > t["offline"]["posted"] > 0
     assert rec["generator_topups"] == rec["journal_topup_rows"]
+    look = t["sweep_look"]  # the sweep's reads once the run's journeys time out: every window looked at
+    assert look["windows"] and look["timed_out"] == 0, look
+    assert data["sweep_window_max_s"] == look["window_max_s"] >= 0
+    assert 0 < look["busiest"]["due"] <= look["busiest"]["cards_with_metro_taps"], look  # riders still inside
     report = (docs / "benchmarks.md").read_text()
+    assert "| journey sweep once this run's journeys time out" in report and "0 of " in report
     assert "not measured (`--peak-taps 0`)" in report and "| `cardsvc audit` after the run | PASSED |" in report

@@ -14,7 +14,10 @@ the sweep charges it the maximum fare (`fares.charge_held_exits`), the same way:
    an open journey that timed out or a held exit now due (read without a lock: most of those riders have
    left; a held exit's own row is a 0-fen fare row at its station); and the new
    cards of the replacements since the window began (the fare state moved there), through a partial
-   index of replaced cards;
+   index of replaced cards. The journal is read a window of at most `WINDOW_MAX` at a time, and the
+   purses of its cards `CANDIDATE_CHUNK` at a time: looking up a window's purses costs a random read
+   each, and at rush hour at 40M cards one statement for them all outlasted the command timeout, so
+   the window never passed and every later journey went unswept (docs/transit.md "Open metro journeys");
 2. per chunk, one transaction: their purses locked `FOR UPDATE` in card order (as the tap engine does), the
    journey re-read under the lock and closed only if it is still open and timed out; the penalty and the
    purse in one statement. A card that cannot pay (below its overdraft) is left open: its next tap, after
@@ -46,15 +49,18 @@ from protocols.card import CardStatus
 from . import clearing, fares
 from .taps import KIND_FARE, KIND_PENALTY, SOURCE_SWEEP
 
-__all__ = ["SWEEP_TERMINAL", "SweepResult", "sweep_timed_out_journeys"]
+__all__ = ["SWEEP_TERMINAL", "SweepResult", "due_cards", "metro_operators", "sweep_timed_out_journeys"]
 
 SWEEP_TERMINAL = "system"
 CHUNK_CARDS = 500
 FIRST_LOOK_BACK = dt.timedelta(hours=1)  # the first sweep of a database: entries of the hour before the timeout
-# The journal is read this much at a time (a candidate query reads the window's metro entries: an hour of
-# them took 9.8 s at 40M cards, past the command timeout). Behind by more (a first run, the service stopped
-# for a while), a run goes through the windows one by one, moving the watermark after each.
+# The journal is read this much at a time. Behind by more (a first run, the service stopped for a while), a
+# run goes through the windows one by one, moving the watermark after each.
 WINDOW_MAX = dt.timedelta(minutes=15)
+# A window's cards have their purses looked at this many per statement: a purse is a random read in a table
+# of 40M, and one statement for a rush-hour window's 169,288 metro entries took 9.7 s at 40M cards, past
+# the pool's command timeout, every time it was retried. 5,000 of them take a fraction of a second.
+CANDIDATE_CHUNK = 5_000
 _LOCK_KEY = 0x6A6F75726E6579  # pg advisory lock: one sweep at a time across workers and hosts
 
 
@@ -73,27 +79,27 @@ class SweepResult:
     unknown_stations: tuple[str, ...] = ()  # those stations' ids, sorted
 
 
-# Cards with a metro tap in the window (an entry, or a held exit: 0-fen fare rows at a station) whose purse
-# still shows an open journey that timed out or a held exit now due (read without locks: most riders have
-# left, and only the others are locked and re-checked).
+# A purse that still shows an open journey that timed out or a held exit now due, by then ($cut: unix
+# seconds). Read without locks: most riders have left, and only the others are locked and re-checked.
 _DUE_SQL = """(
-    (jsonb_typeof(p.journey -> 'journey') = 'object' AND (p.journey -> 'journey' ->> 'time')::bigint <= $5)
+    (jsonb_typeof(p.journey -> 'journey') = 'object' AND (p.journey -> 'journey' ->> 'time')::bigint <= {cut})
     OR (p.journey ? 'unpaired' AND jsonb_path_exists(
         p.journey, '$.unpaired[*] ? (@.direction == "out" && @.charged == false && @.time <= $cut)',
-        jsonb_build_object('cut', $5::bigint)))
+        jsonb_build_object('cut', {cut}::bigint)))
 )"""
-_CANDIDATES_SQL = f"""
-SELECT j.card_id FROM txn_journal j
-JOIN purse p ON p.card_id = j.card_id
-WHERE j.counterparty = ANY($1::text[]) AND j.at >= $2 AND j.at < $3
-  AND j.kind = $4 AND j.amount_fen = 0 AND j.station_id IS NOT NULL
-  AND {_DUE_SQL}
-UNION  -- a replacement since the window began may have taken an open journey to the new card
+# The cards with a metro tap in the window: an entry, or a held exit (0-fen fare rows at a station).
+_ENTRIES_SQL = """
+SELECT DISTINCT card_id FROM txn_journal
+WHERE counterparty = ANY($1::text[]) AND at >= $2 AND at < $3
+  AND kind = $4 AND amount_fen = 0 AND station_id IS NOT NULL
+ORDER BY 1
+"""
+_DUE_PURSES_SQL = f"SELECT p.card_id FROM purse p WHERE p.card_id = ANY($1::bigint[]) AND {_DUE_SQL.format(cut='$2')}"
+# A replacement since the window began may have taken an open journey to the new card.
+_REPLACED_SQL = f"""
 SELECT p.card_id FROM card c
 JOIN purse p ON p.card_id = c.replaced_by
-WHERE c.status = $6 AND c.status_changed_at >= $2
-  AND {_DUE_SQL}
-ORDER BY 1
+WHERE c.status = $1 AND c.status_changed_at >= $2 AND {_DUE_SQL.format(cut='$3')}
 """
 
 _RETRY_SQL = """
@@ -123,7 +129,8 @@ FROM unnest($12::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::tex
 """
 
 
-def _metro_operators(table: fares.FareTable) -> list[str]:
+def metro_operators(table: fares.FareTable) -> list[str]:
+    """The operators the table credits its metro fares to."""
     return sorted(set(table.station_operator.values()))
 
 
@@ -205,6 +212,27 @@ async def _close_chunk(
     return c
 
 
+async def due_cards(
+    conn: asyncpg.Connection,
+    operators: Sequence[str],
+    since: dt.datetime,
+    upto: dt.datetime,
+    cut_s: int,
+    replaced_status: int,
+) -> list[int]:
+    """The cards, in order, with a metro tap in [since, upto) credited to one of `operators` whose purse
+    shows something due by `cut_s` (unix seconds), and the new cards of the replacements (card status
+    `replaced_status`; -1 for none) since `since` that do. Read-only: the sweep locks and re-checks them."""
+    entries = [r["card_id"] for r in await conn.fetch(_ENTRIES_SQL, list(operators), since, upto, KIND_FARE)]
+    found: set[int] = set()
+    for start in range(0, len(entries), CANDIDATE_CHUNK):
+        rows = await conn.fetch(_DUE_PURSES_SQL, entries[start : start + CANDIDATE_CHUNK], cut_s)
+        found.update(r["card_id"] for r in rows)
+    if replaced_status >= 0:
+        found.update(r["card_id"] for r in await conn.fetch(_REPLACED_SQL, replaced_status, since, cut_s))
+    return sorted(found)
+
+
 async def sweep_timed_out_journeys(
     pool: asyncpg.Pool, table: fares.FareTable, overdraft_fen: int, now: dt.datetime | None = None
 ) -> SweepResult:
@@ -223,7 +251,7 @@ async def sweep_timed_out_journeys(
                 return SweepResult(swept_to=since)
             # Entries credited to the table's metro operators, and to registered ones: an operator removed
             # from the table (`cardsvc clearing register`) may still have journeys open.
-            operators = sorted(set(_metro_operators(table)) | await clearing.registered_operators(conn))
+            operators = sorted(set(metro_operators(table)) | await clearing.registered_operators(conn))
             candidates = closed = charged = unpaid = held = 0
             unknown: set[str] = set()
             unpriced: set[int] = set()
@@ -245,19 +273,8 @@ async def sweep_timed_out_journeys(
             replaced = int(CardStatus.REPLACED)
             while since < due:  # one bounded window at a time, each with its watermark
                 upto = min(due, since + WINDOW_MAX)
-                await close([
-                    r["card_id"]
-                    for r in await conn.fetch(
-                        _CANDIDATES_SQL,
-                        operators,
-                        since,
-                        upto,
-                        KIND_FARE,
-                        now_s - table.rules.journey_timeout_s,
-                        replaced,
-                    )
-                    if r["card_id"] not in retry_set
-                ])  # fmt: skip
+                found = await due_cards(conn, operators, since, upto, now_s - table.rules.journey_timeout_s, replaced)
+                await close([card_id for card_id in found if card_id not in retry_set])
                 replaced = -1
                 await conn.execute(
                     """INSERT INTO journey_sweep (swept_to) VALUES ($1)

@@ -12,7 +12,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import orjson
@@ -225,6 +225,43 @@ async def test_a_sweep_behind_by_hours_goes_through_them_window_by_window(
     assert await svc.balance(c["card_no"]) == 2000 - TABLE.cap_fen
 
 
+async def test_a_rush_hour_window_is_looked_at_a_bounded_number_of_purses_at_a_time(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 40M cards, the purses of a rush-hour window's 169,288 metro entries in one statement took 9.7 s,
+    past the command timeout, every time the sweep retried the window: its watermark never moved again
+    and no later journey was charged. The purses are read a bounded chunk at a time, and the chunks
+    together find exactly the cards with something due."""
+    monkeypatch.setattr(sweep, "CANDIDATE_CHUNK", 2)
+    riding = [await card_with(svc, db, 2000) for _ in range(5)]
+    left = [await card_with(svc, db, 2000) for _ in range(2)]
+    for c in riding:
+        await metro(svc, c, A, "in")
+    for c in left:
+        await metro(svc, c, A, "in")
+        await metro(svc, c, B, "out")
+    looked: list[int] = []
+
+    class Counting:  # the one method due_cards uses, counting the purses each statement reads
+        async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+            if sql == sweep._DUE_PURSES_SQL:
+                looked.append(len(args[0]))
+            return await db.fetch(sql, *args)
+
+    now = later(TIMEOUT + 60)
+    real_now = dt.datetime.now(dt.UTC)
+    found = await sweep.due_cards(
+        cast(asyncpg.Connection, Counting()), sweep.metro_operators(TABLE), real_now - dt.timedelta(minutes=5),
+        real_now + dt.timedelta(seconds=1), int(now.timestamp()) - TIMEOUT, -1,
+    )  # fmt: skip
+    assert found == sorted(c["card_id"] for c in riding)
+    assert looked == [2, 2, 2, 1]  # the window's 7 cards, 2 at a time
+    done = await sweep_timed_out_journeys(pool, TABLE, 0, now=now)
+    assert (done.candidates, done.closed, done.charged_fen) == (5, 5, 5 * TABLE.cap_fen), done
+    for c in left:
+        assert await sweep_rows(db, c["card_id"]) == []
+
+
 async def test_a_replaced_card_that_cannot_pay_is_looked_at_once_per_run(
     svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
@@ -267,6 +304,35 @@ async def test_a_failing_maintenance_step_does_not_keep_the_others_from_running(
     assert await db.fetchval("SELECT count(*) FROM request_nonce WHERE nonce = 'n-old'") == 0
     assert await db.fetchval("SELECT count(*) FROM terminal_txn WHERE terminal_id = 'T-x'") == 0
     assert await db.fetchval("SELECT to_regclass($1) IS NOT NULL", ahead)
+
+
+async def test_the_sweep_shows_how_far_it_has_got_and_stops_moving_when_stuck(
+    svc: ServiceHarness, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """Ops see the sweep's progress (cardsvc_transit_journey_sweep_through_timestamp_seconds; the alert
+    CardsvcJourneySweepBehind): after a round that caught up from hours behind, everything due up to the
+    round has been looked at; a round that fails on a window leaves the gauge where it was, so the lag
+    grows with the clock."""
+    gauge = metrics.JOURNEY_SWEEP_THROUGH
+    gauge.set(0)
+    await db.execute(
+        "INSERT INTO journey_sweep (swept_to) VALUES (now() - make_interval(secs => $1) - interval '3 hours') "
+        "ON CONFLICT (one) DO UPDATE SET swept_to = EXCLUDED.swept_to",
+        float(TIMEOUT),
+    )
+    t0 = time.time()
+    await maintenance_once(pool, svc.settings, TABLE)
+    through = gauge._value.get()
+    assert t0 - 1 <= through <= time.time()  # caught up: due through the round's own time
+
+    c = await card_with(svc, db, 2000)
+    await metro(svc, c, A, "in")
+    await db.execute("UPDATE purse SET journey = journey || '{\"bogus\": 1}' WHERE card_id = $1", c["card_id"])
+    stuck = dataclasses.replace(TABLE, rules=dataclasses.replace(TABLE.rules, journey_timeout_s=0))
+    await asyncio.sleep(1.1)  # the entry is due under a 0-second timeout
+    with pytest.raises(MaintenanceFailed, match=r"^sweep$"):
+        await maintenance_once(pool, svc.settings, stuck)
+    assert gauge._value.get() == through
 
 
 async def test_a_new_journal_partition_does_not_wait_for_a_long_reader(
