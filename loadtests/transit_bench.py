@@ -859,10 +859,10 @@ def render_section(d: dict[str, Any]) -> str:
         f"| `cardsvc audit` after the run | {'PASSED' if d['audit_passed'] else 'FAILED'} |",
         f"| approved taps counted by the generators / fare rows in the journal | {_fmt(rec['generator_approved_taps'])}"
         f" / {_fmt(rec['journal_fare_rows'])} ({'equal' if rec['taps_equal'] else 'DIFFERENT'}) |",
-        _sweep_row(t.get("sweep_look")),
         f"| posted offline records counted by the uploaders / offline rows in the journal | "
         f"{_fmt(rec['generator_posted_offline'])} / {_fmt(rec['journal_offline_rows'])} "
         f"({'equal' if rec['offline_equal'] else 'DIFFERENT'}) |",
+        _sweep_row(t.get("sweep_look")),
         "",
         "### Targets",
         "",
