@@ -274,7 +274,9 @@ def _run_small_bench(data: Path, docs: Path, port: int) -> None:
     look = t["sweep_look"]  # the sweep's reads once the run's journeys time out: every window looked at
     assert look["windows"] and look["timed_out"] == 0, look
     assert data["sweep_window_max_s"] == look["window_max_s"] >= 0
-    assert 0 < look["busiest"]["due"] <= look["busiest"]["cards_with_metro_taps"], look  # riders still inside
+    # Whether riders are still inside when a run this short ends is chance (0 of 244 once): which purses
+    # are due is tests/transit/test_sweep.py's; here, that the metro riders of the run were looked at.
+    assert 0 <= look["busiest"]["due"] <= look["busiest"]["cards_with_metro_taps"] > 0, look
     report = (docs / "benchmarks.md").read_text()
     assert "| journey sweep once this run's journeys time out" in report and "0 of " in report
     assert "not measured (`--peak-taps 0`)" in report and "| `cardsvc audit` after the run | PASSED |" in report
