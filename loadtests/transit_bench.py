@@ -996,7 +996,7 @@ async def _sweep_look(dsn: str, since: dt.datetime, upto: dt.datetime, command_t
             )  # fmt: skip
             t0 = time.perf_counter()
             try:
-                due: int | None = len(await sweep.due_cards(conn, operators, start, end, cut_s, -1))
+                due: int | None = len(await sweep.due_cards(conn, operators, start, end, cut_s, replacements=False))
             except TimeoutError:
                 due = None
             windows.append({

@@ -95,11 +95,12 @@ WHERE counterparty = ANY($1::text[]) AND at >= $2 AND at < $3
 ORDER BY 1
 """
 _DUE_PURSES_SQL = f"SELECT p.card_id FROM purse p WHERE p.card_id = ANY($1::bigint[]) AND {_DUE_SQL.format(cut='$2')}"
-# A replacement since the window began may have taken an open journey to the new card.
+# A replacement since the window began may have taken an open journey to the new card. The status is
+# written in, not a parameter: a generic plan could not use the partial index `card_replaced_at` (status 5).
 _REPLACED_SQL = f"""
 SELECT p.card_id FROM card c
 JOIN purse p ON p.card_id = c.replaced_by
-WHERE c.status = $1 AND c.status_changed_at >= $2 AND {_DUE_SQL.format(cut='$3')}
+WHERE c.status = {int(CardStatus.REPLACED)} AND c.status_changed_at >= $1 AND {_DUE_SQL.format(cut='$2')}
 """
 
 _RETRY_SQL = """
@@ -218,18 +219,18 @@ async def due_cards(
     since: dt.datetime,
     upto: dt.datetime,
     cut_s: int,
-    replaced_status: int,
+    replacements: bool = True,
 ) -> list[int]:
     """The cards, in order, with a metro tap in [since, upto) credited to one of `operators` whose purse
-    shows something due by `cut_s` (unix seconds), and the new cards of the replacements (card status
-    `replaced_status`; -1 for none) since `since` that do. Read-only: the sweep locks and re-checks them."""
+    shows something due by `cut_s` (unix seconds), and (unless not `replacements`) the new cards of the
+    replacements since `since` that do. Read-only: the sweep locks and re-checks them."""
     entries = [r["card_id"] for r in await conn.fetch(_ENTRIES_SQL, list(operators), since, upto, KIND_FARE)]
     found: set[int] = set()
     for start in range(0, len(entries), CANDIDATE_CHUNK):
         rows = await conn.fetch(_DUE_PURSES_SQL, entries[start : start + CANDIDATE_CHUNK], cut_s)
         found.update(r["card_id"] for r in rows)
-    if replaced_status >= 0:
-        found.update(r["card_id"] for r in await conn.fetch(_REPLACED_SQL, replaced_status, since, cut_s))
+    if replacements:
+        found.update(r["card_id"] for r in await conn.fetch(_REPLACED_SQL, since, cut_s))
     return sorted(found)
 
 
@@ -270,12 +271,13 @@ async def sweep_timed_out_journeys(
             retry_set = set(retry)  # looked at already in this run
             # The replacements since the run's first window began, up to now, are looked at once, with it
             # (their status: none in the later windows).
-            replaced = int(CardStatus.REPLACED)
+            replacements = True
             while since < due:  # one bounded window at a time, each with its watermark
                 upto = min(due, since + WINDOW_MAX)
-                found = await due_cards(conn, operators, since, upto, now_s - table.rules.journey_timeout_s, replaced)
+                cut_s = now_s - table.rules.journey_timeout_s
+                found = await due_cards(conn, operators, since, upto, cut_s, replacements)
                 await close([card_id for card_id in found if card_id not in retry_set])
-                replaced = -1
+                replacements = False
                 await conn.execute(
                     """INSERT INTO journey_sweep (swept_to) VALUES ($1)
                        ON CONFLICT (one) DO UPDATE SET swept_to = greatest(journey_sweep.swept_to, EXCLUDED.swept_to)""",
