@@ -507,10 +507,12 @@ async def seed(
         if first + opts.count > population.POPULATION_MAX:
             raise SeedError(f"the synthetic population has {population.POPULATION_MAX} people")
         report = SeedReport(first, opts.count, fresh)
+        # A row left by a seed that was stopped before its drop (migration 0017) changed nothing: ours now.
+        await conn.execute("DELETE FROM seed_in_progress WHERE NOT dropped")
         if fresh:  # from now on: nothing may use the registry until the load is done (migration 0016)
             await conn.execute(
-                "INSERT INTO seed_in_progress (detail) VALUES ($1)",
-                f"a fresh load of {opts.count} people, the registry's indexes and constraints dropped for it",
+                "INSERT INTO seed_in_progress (detail, dropped) VALUES ($1, false)",
+                f"a fresh load of {opts.count} people, without the registry's indexes and constraints",
             )
 
         t = time.perf_counter()
@@ -534,6 +536,7 @@ async def seed(
             t = time.perf_counter()
             captured = await _capture_ddl(conn)
             async with conn.transaction():
+                await conn.execute("UPDATE seed_in_progress SET dropped = true")  # with the drop, or not at all
                 for d in captured:
                     if d.kind == "fkey":
                         await conn.execute(d.drop)

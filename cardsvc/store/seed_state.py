@@ -1,6 +1,7 @@
 """Whether the registry can be used: a fresh `cardsvc seed` marks its load in `seed_in_progress` (migration
-0016) and holds SEED_LOCK_KEY for its run. Checked by the service at start-up, by the seed and by
-`cardsvc demo-data` (docs/schema.md "Seeding a large registry")."""
+0016; `dropped` once its indexes and constraints are gone, migration 0017) and holds SEED_LOCK_KEY for its
+run. Checked by the service at start-up, by the seed and by `cardsvc demo-data` (docs/schema.md "Seeding a
+large registry")."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ SEED_LOCK_KEY = 0x6361726473656564  # "cardseed"
 
 
 async def interrupted_seed(conn: asyncpg.Connection) -> str | None:
-    """Why the registry cannot be used as it is (a fresh seed still loading, or one that was interrupted:
-    migration 0016), or None: the registry is whole. Reads the seed's lock, never takes it (checks at the
+    """Why the registry cannot be used as it is (a fresh seed still loading, or one that was interrupted
+    after its drop: migrations 0016, 0017), or None: the registry is whole. Reads the seed's lock, never takes it (checks at the
     same moment must not see each other as a seed), in the same statement as the row."""
     row = await conn.fetchrow(
-        """SELECT started_at, detail, EXISTS (
+        """SELECT started_at, detail, dropped, EXISTS (
                   SELECT 1 FROM pg_locks
                   WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid = $1::oid
                     AND objid = $2::oid AND pid <> pg_backend_pid()
@@ -40,4 +41,6 @@ async def interrupted_seed(conn: asyncpg.Connection) -> str | None:
     started = f"seed started {row['started_at'].isoformat(timespec='seconds')}: {row['detail']}"
     if row["loading"]:
         return f"a seed is loading the registry ({started}); wait for it to finish"
+    if not row["dropped"]:  # stopped before it dropped anything (migration 0017): the registry is whole
+        return None
     return f"{INCOMPLETE_ADVICE} ({started})"

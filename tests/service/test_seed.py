@@ -411,6 +411,42 @@ async def test_a_fresh_seed_interrupted_mid_load_is_refused_by_serve_and_seed(
         assert "registry is incomplete" in said and "cardsvc migrate" in said, (argv, said)
 
 
+async def test_a_seed_killed_before_it_dropped_anything_leaves_the_registry_usable(
+    db: asyncpg.Connection, db_dsn: str, keys: KeyRing, tmp_path: Path
+) -> None:
+    """A fresh seed marks its load as soon as it has found the registry empty, then computes the e-card
+    key pool (seconds to minutes at its largest) before it drops anything. Killed in that time, it left
+    its mark on a whole, empty registry, and `cardsvc serve` and `cardsvc seed` refused it as incomplete
+    until the database was dropped. Now they go on: the mark says nothing was dropped."""
+    before = await _schema(db)
+    env = _seed_env(db_dsn, keys, tmp_path)
+    seeding = await asyncio.to_thread(
+        subprocess.Popen,  # 200,000 pool keys: about a minute of key derivation before the drop
+        [*cli_command(), "seed", "--seed", SEED, "--count", "1000", "--jobs", "1", "--ecard-key-pool", "200000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for _ in range(600):
+            if await db.fetchval("SELECT count(*) FROM seed_in_progress") or seeding.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        code, said = await _cli_run(env, "serve", "--workers", "1")
+        assert code != 0 and "seed is loading" in said and "wait for it" in said, said  # still running
+        assert seeding.poll() is None, "the seed ended before it could be killed"
+        os.killpg(seeding.pid, signal.SIGKILL)
+    finally:
+        await asyncio.to_thread(seeding.communicate, timeout=120)
+    assert await db.fetchval("SELECT NOT dropped FROM seed_in_progress"), "killed after its drop: lower the wait"
+    assert (await _schema(db))["indexes"] == before["indexes"]
+    assert await seed_state.interrupted_seed(db) is None
+
+    code, said = await _cli_run(env, "seed", "--seed", SEED, "--count", "10", "--ecard-key-pool", "16")
+    assert code == 0, said
+    assert await db.fetchval("SELECT count(*) FROM card") == 10
+    assert await db.fetchval("SELECT count(*) FROM seed_in_progress") == 0
+    assert await _schema(db) == before
+
+
 async def test_a_failure_after_the_last_constraint_is_back_leaves_the_registry_usable(
     db: asyncpg.Connection, db_dsn: str, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
