@@ -127,14 +127,36 @@ def _port_is_free(host: str, port: int) -> None:
             probe.bind(addr)
 
 
+METRICS_DIR_PREFIX = "cardsvc-metrics-"
+
+
+def _remove_stale_metrics_dirs(tmp: Path) -> None:
+    """Remove the metrics directories that supervisors killed outright (SIGKILL, the OOM killer) left in
+    `tmp`: ours (same owner), named by a pid that no longer runs. A live pid's directory is kept, whoever
+    runs under that pid now. (A few MB each; without this, every such kill left one for good.)"""
+    for path in tmp.glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = path.name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.lstat().st_uid != os.getuid() or not path.is_dir():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed the metrics directory of a supervisor that is gone", extra={"pid": int(pid)})
+        except OSError:  # alive under another user (EPERM), or the entry vanished meanwhile
+            continue
+
+
 def serve(settings: Settings, dsn: str, key_path: Path) -> int:
     """Run the service in the foreground until SIGTERM/SIGINT; returns the exit status."""
     _port_is_free(settings.host, settings.port)  # before anything starts
     if settings.workers == 1:
         run_worker(settings, dsn, key_path)
         return 0
-    # Metrics from every worker land in one directory and /metrics aggregates them.
-    metrics_dir = Path(tempfile.mkdtemp(prefix="cardsvc-metrics-"))
+    # Metrics from every worker land in one directory and /metrics aggregates them. Named by the
+    # supervisor's pid, so that the directory of a supervisor that was killed can be told and removed.
+    _remove_stale_metrics_dirs(Path(tempfile.gettempdir()))
+    metrics_dir = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     ctx = mp.get_context("spawn")
     stopping = False

@@ -50,6 +50,11 @@ from tests.service.serving import (
 pytestmark = pytest.mark.slow
 
 
+def _metrics_dir_owners(tmp: Path) -> list[int]:
+    """The supervisor pids named by the multi-worker metrics directories in `tmp`."""
+    return sorted(int(p.name.split("-")[2]) for p in tmp.glob("cardsvc-metrics-*"))
+
+
 def _per_worker_requests(tmp: Path) -> dict[int, float]:
     """Requests counted by each worker, from the per-process files of the shared metrics directory."""
     counts: dict[int, float] = {}
@@ -204,7 +209,8 @@ async def test_workers_stop_when_their_supervisor_is_killed(
     db_dsn: str, keys_for_process: KeyRing, tmp_path: Path
 ) -> None:
     """The supervisor alone is killed (SIGKILL, the OOM killer). Its workers used to serve on, unsupervised,
-    holding the port: the service could not be started again. They drain and stop; a new start works."""
+    holding the port: the service could not be started again. They drain and stop; a new start works, and
+    removes the metrics directory the killed supervisor could not (each such kill used to leave one)."""
     keys = keys_for_process
     await load_people(db_dsn, keys, 2)
     card_no = population.person(0, demo.DEMO_SEED).card_no
@@ -225,11 +231,14 @@ async def test_workers_stop_when_their_supervisor_is_killed(
         log = svc.log()
         assert log.count("supervisor gone; shutting down") == len(workers), log[-3000:]
         assert log.count('"msg":"stopped"') == len(workers), log[-3000:]  # drained, as on SIGTERM
+        killed = svc.proc.pid
+        assert _metrics_dir_owners(tmp_path) == [killed]  # nobody removed the killed one's metrics
 
         svc.start()
         await svc.wait_ready()
         status, _, body = await svc.get(f"/v1/cards/{card_no}")
         assert status == 200, body
+        assert _metrics_dir_owners(tmp_path) == [svc.proc.pid] != [killed]  # the new start removed it
     finally:
         await svc.close()
 
