@@ -343,7 +343,7 @@ async def test_a_new_journal_partition_does_not_wait_for_a_long_reader(
     partition waited for the reader (ACCESS EXCLUSIVE on the journal) and failed after lock_timeout, with
     every journal write queued behind it meanwhile; attached, it needs no lock the reader or writers hold."""
     c = await card_with(svc, db, 2000)
-    ahead = await db.fetchval("SELECT 'txn_journal_' || to_char(date_trunc('month', now()) + interval '3 months', 'YYYYMM')")
+    ahead = await db.fetchval("SELECT 'txn_journal_' || to_char(date_trunc('month', now()) + interval '2 months', 'YYYYMM')")
     await db.execute(f"DROP TABLE IF EXISTS {ahead}")
     reader = await asyncpg.connect(db_dsn)
     try:
@@ -365,7 +365,7 @@ async def test_a_new_journal_partition_does_not_wait_for_a_long_reader(
         "SELECT count(*) FROM pg_indexes WHERE tablename = (SELECT relname FROM pg_class WHERE oid = "
         "(SELECT inhrelid FROM pg_inherits WHERE inhparent = 'txn_journal'::regclass LIMIT 1))"
     )
-    month = await db.fetchval("SELECT date_trunc('month', now()) + interval '3 months' + interval '1 day'")
+    month = await db.fetchval("SELECT date_trunc('month', now()) + interval '2 months' + interval '1 day'")
     txn = await db.fetchval(
         """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty)
            VALUES ($1, 3, 'T-p', 1, 0, 1, $2, 'x') RETURNING txn_id""",
@@ -411,7 +411,7 @@ async def test_workers_making_the_same_journal_partition_at_once_do_not_fail(
     the same moment. Both saw the month missing and made it, and one failed on the catalog's unique index:
     a failed maintenance step logged at nearly every start of a service with several workers."""
     ahead = await db.fetchval(
-        "SELECT 'txn_journal_' || to_char(date_trunc('month', now()) + interval '3 months', 'YYYYMM')"
+        "SELECT 'txn_journal_' || to_char(date_trunc('month', now()) + interval '2 months', 'YYYYMM')"
     )
     for _ in range(5):
         await db.execute(f"DROP TABLE IF EXISTS {ahead}")
