@@ -30,8 +30,8 @@ def years_ago(years: int, days: int = 0) -> dt.date:
     today = fares.local_day(TABLE, int(time.time()))
     try:
         born = today.replace(year=today.year - years)
-    except ValueError:  # 29 February
-        born = dt.date(today.year - years, 3, 1)
+    except ValueError:  # 29 February: born the 28th, 65 since yesterday (on 1 March one would be 64 today)
+        born = dt.date(today.year - years, 2, 28)
     return born - dt.timedelta(days=days)
 
 
