@@ -23,8 +23,9 @@ SEED_LOCK_KEY = 0x6361726473656564  # "cardseed"
 
 async def interrupted_seed(conn: asyncpg.Connection) -> str | None:
     """Why the registry cannot be used as it is (a fresh seed still loading, or one that was interrupted
-    after its drop: migrations 0016, 0017), or None: the registry is whole. Reads the seed's lock, never takes it (checks at the
-    same moment must not see each other as a seed), in the same statement as the row."""
+    after its drop: migrations 0016, 0017), or None: the registry is whole. Reads the seed's lock, never
+    takes it (checks at the same moment must not see each other as a seed), in the same statement as the
+    row."""
     row = await conn.fetchrow(
         """SELECT started_at, detail, dropped, EXISTS (
                   SELECT 1 FROM pg_locks

@@ -272,9 +272,9 @@ async def sweep_timed_out_journeys(
             # The replacements since the run's first window began, up to now, are looked at once, with it
             # (their status: none in the later windows).
             replacements = True
+            cut_s = now_s - table.rules.journey_timeout_s
             while since < due:  # one bounded window at a time, each with its watermark
                 upto = min(due, since + WINDOW_MAX)
-                cut_s = now_s - table.rules.journey_timeout_s
                 found = await due_cards(conn, operators, since, upto, cut_s, replacements)
                 await close([card_id for card_id in found if card_id not in retry_set])
                 replacements = False
