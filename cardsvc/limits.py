@@ -35,6 +35,7 @@ __all__ = [
     "RIDE_MAX_FARE_FEN",
     "SHUTDOWN_GRACE_S",
     "SIGNATURE_THREADS_MAX",
+    "SWEEP_BEHIND_MARGIN_S",
     "SWEEP_INTERVAL_S",
     "TEMP_LOSS_DAYS",
     "TERMINAL_TXN_RETENTION_DAYS",
@@ -78,6 +79,11 @@ TEMP_LOSS_DAYS = 15
 KEY_ROTATION_OVERLAP_S = 7 * 24 * 3600
 KEY_CACHE_REFRESH_S = 60.0
 SWEEP_INTERVAL_S = 30.0
+# A tap batch that leaves a card with an open journey or a held exit falling due within this of its own
+# clock (a gate's upload hours after the ride) hands the card to the journey sweep directly: the sweep may
+# have read that time's journal already (cardsvc/transit/sweep.py). Covers the batch's own duration and
+# the clocks of two hosts.
+SWEEP_BEHIND_MARGIN_S = CLOCK_SKEW_S
 
 HOTLIST_BLOCK_ENTRIES_DEFAULT = 1000
 HOTLIST_BLOCK_ENTRIES_MAX = 10_000

@@ -76,6 +76,7 @@ __all__ = [
     "close_open_journey",
     "elderly_quota_for_year",
     "fare",
+    "first_due",
     "half_price_fen",
     "journey_place",
     "load_demo_table",
@@ -961,6 +962,15 @@ def _ride(
     latest = end if new_window.start < end else None
     new = JourneyState(None, new_window, day, charged_today + price, None, state.unpaired, latest)
     return Decision(price, base, tuple(rules), operator, new, penalty, discount, consumed, distance)
+
+
+def first_due(table: FareTable, state: JourneyState) -> int | None:
+    """When the first charge this state holds without a tap falls due (unix seconds): its open journey's
+    timeout (`close_open_journey`) or a held exit's (`charge_held_exits`); None when it holds neither."""
+    times = [u.time for u in state.unpaired if _held(u)]
+    if state.journey is not None:
+        times.append(state.journey.time)
+    return min(times) + table.rules.journey_timeout_s if times else None
 
 
 def close_open_journey(

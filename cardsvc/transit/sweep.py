@@ -24,6 +24,10 @@ the sweep charges it the maximum fare (`fares.charge_held_exits`), the same way:
    a top-up, charges it;
 3. the watermark moves to the end of the window.
 
+A gate's upload hours after the ride (an entry opening a journey already timed out, an exit held past its
+timeout) is behind the watermark: the tap batch that writes it lists the card in `journey_sweep_retry`
+(`limits.SWEEP_BEHIND_MARGIN_S`), and the next sweep charges it; a listed card not due yet stays listed.
+
 A card whose due charge is at a station the fare table does not know (neither served nor retired) cannot be
 charged; it is kept in `journey_sweep_retry` (migration 0015), in the chunk's transaction, and every later
 sweep looks at those cards first, so that once the table is fixed (the station listed under
@@ -44,6 +48,7 @@ from typing import cast
 
 import asyncpg
 
+from cardsvc import limits
 from protocols.card import CardStatus
 
 from . import clearing, fares
@@ -154,6 +159,7 @@ class _Chunk:
 
     unpriced_ids: list[int] = dataclasses.field(default_factory=list)
     unknown_stations: set[str] = dataclasses.field(default_factory=set)
+    pending_ids: list[int] = dataclasses.field(default_factory=list)  # looked at first again: not due yet
 
     def row(self, card_id: int, penalty: fares.Penalty, line: str, at_s: int) -> None:
         assert penalty.station is not None
@@ -166,9 +172,15 @@ class _Chunk:
 
 
 async def _close_chunk(
-    conn: asyncpg.Connection, table: fares.FareTable, card_ids: Sequence[int], now_s: int, overdraft_fen: int
+    conn: asyncpg.Connection,
+    table: fares.FareTable,
+    card_ids: Sequence[int],
+    now_s: int,
+    overdraft_fen: int,
+    listed: bool = False,
 ) -> _Chunk:
-    """Charge one chunk's timed-out journeys and due held exits, in one transaction."""
+    """Charge one chunk's timed-out journeys and due held exits, in one transaction. `listed`: the cards
+    come from `journey_sweep_retry`; those with a charge not due yet stay there."""
     c = _Chunk()
     timeout = table.rules.journey_timeout_s
     async with conn.transaction():
@@ -181,6 +193,10 @@ async def _close_chunk(
             # which could otherwise push out a held exit before it is charged.
             held, after = fares.charge_held_exits(table, state, now_s)
             penalty, after = fares.close_open_journey(table, after, now_s)
+            # Listed by an upload that came after its time's window was read (limits.SWEEP_BEHIND_MARGIN_S),
+            # and due soon: no window will bring it, so it stays listed. Due later: a window brings it.
+            if listed and (later := fares.first_due(table, after)) is not None and later <= now_s + limits.SWEEP_BEHIND_MARGIN_S:
+                c.pending_ids.append(row["card_id"])
             if penalty is None and not held:
                 continue  # exited, entered again, or the held exit's entry came: nothing due
             cost = (penalty.amount_fen if penalty is not None else 0) + sum(p.amount_fen for _, p in held)
@@ -208,8 +224,9 @@ async def _close_chunk(
                 _WRITE_SQL, c.ids, c.balances, c.journeys, KIND_PENALTY, SWEEP_TERMINAL, SOURCE_SWEEP, c.amounts,
                 c.ats, c.operators, c.lines, c.stations, c.row_cards,
             )  # fmt: skip
-        # The cards to look at again: this chunk's unpriced ones in, the others of the chunk out.
-        await conn.execute(_RETRY_SQL, list(card_ids), c.unpriced_ids)
+        # The cards to look at again: this chunk's unpriced ones in, and from the list those with a charge
+        # not due yet; the others of the chunk out.
+        await conn.execute(_RETRY_SQL, list(card_ids), c.unpriced_ids + c.pending_ids)
     return c
 
 
@@ -246,7 +263,8 @@ async def sweep_timed_out_journeys(
         try:
             since = await conn.fetchval("SELECT swept_to FROM journey_sweep") or due - FIRST_LOOK_BACK
             now_s = int(now.timestamp())
-            # The cards left before at a station the table did not know: charged now if it does.
+            # The listed cards: left before at a station the table did not know (charged now if it does),
+            # and those an upload listed after this sweep had read its ride's time.
             retry = [r["card_id"] for r in await conn.fetch("SELECT card_id FROM journey_sweep_retry ORDER BY 1")]
             if not retry and since >= due:
                 return SweepResult(swept_to=since)
@@ -257,17 +275,18 @@ async def sweep_timed_out_journeys(
             unknown: set[str] = set()
             unpriced: set[int] = set()
 
-            async def close(cards: list[int]) -> None:
+            async def close(cards: list[int], listed: bool = False) -> None:
                 nonlocal candidates, closed, charged, unpaid, held
                 for start in range(0, len(cards), CHUNK_CARDS):
-                    c = await _close_chunk(conn, table, cards[start : start + CHUNK_CARDS], now_s, overdraft_fen)
+                    chunk = cards[start : start + CHUNK_CARDS]
+                    c = await _close_chunk(conn, table, chunk, now_s, overdraft_fen, listed)
                     closed, charged = closed + c.closed, charged - sum(c.amounts)
                     unpaid, held = unpaid + c.unpaid, held + c.held
                     unpriced.update(c.unpriced_ids)
                     unknown.update(c.unknown_stations)
                 candidates += len(cards)
 
-            await close(retry)
+            await close(retry, listed=True)
             retry_set = set(retry)  # looked at already in this run
             # The replacements since the run's first window began, up to now, are looked at once, with it
             # (their status: none in the later windows).

@@ -42,6 +42,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from cardsvc import limits
 from cardsvc.errors import RETRY_LATER, ApiError
 from cardsvc.flows import hotlist as hotlist_flow
 from cardsvc.flows.credential_use import KIND_ECARD_CODE
@@ -386,6 +387,9 @@ SELECT (SELECT count(*) FROM cu) AS cu, (SELECT n FROM cv) AS cv, (SELECT count(
        (SELECT coalesce(array_agg(txn_id), '{}') FROM tt) AS t_txns
 """
 
+# Cards the journey sweep must look at whatever its watermark (cardsvc/transit/sweep.py).
+_SWEEP_NOW_SQL = "INSERT INTO journey_sweep_retry (card_id) SELECT unnest($1::bigint[]) ON CONFLICT (card_id) DO NOTHING"
+
 
 def _stored(row: asyncpg.Record, item: TapItem) -> TapOutcome:
     if bytes(row["request_hash"]) != item.request_hash:
@@ -720,6 +724,12 @@ async def _write(
     assert row is not None
     if row["cu"] != len(creds) or row["cv"] != len(cards) or row["ku"] != len(quotas) or row["tt"] != len(a):
         raise _Retry()  # a concurrent writer took a key, changed a card or a quota: roll back and look again
+    # An upload that leaves a journey or a held exit already due, or nearly, may come after the sweep read
+    # the journal of its time: the sweep is told about the card directly (it looks at these first).
+    behind = int(batch.now.timestamp()) + limits.SWEEP_BEHIND_MARGIN_S
+    late = [c.card_id for c in touched if (due := fares.first_due(batch.table, c.journey)) is not None and due <= behind]
+    if late:
+        await conn.execute(_SWEEP_NOW_SQL, late)
     txn_ids = {
         (t, s): x for t, s, x in zip(row["t_ids"], row["t_seqs"], row["t_txns"], strict=True) if x is not None
     }

@@ -48,6 +48,7 @@ from cardsvc.transit.fares import (
     close_open_journey,
     elderly_quota_for_year,
     fare,
+    first_due,
     half_price_fen,
     load_demo_table,
     load_table,
@@ -648,6 +649,25 @@ def test_uploads_in_any_order_charge_each_journey_once(
     assert total <= most
     if taps == sorted(taps, key=lambda tap: tap.time) and not sweeps:
         assert total == sum(d.amount_fen for d in rides)
+
+
+@settings(max_examples=300, deadline=None)
+@given(journeys(), st.randoms(use_true_random=False))
+def test_first_due_is_when_the_sweep_first_finds_something_to_do(trips: list[tuple[Tap, ...]], rnd: Any) -> None:
+    """The service hands a card to the sweep by `first_due` (an upload that came after the sweep read its
+    time): before it, a sweep changes nothing; at it, a sweep charges (or drops) something."""
+    cq = load_demo_table()
+    taps = [tap for trip in trips for tap in trip]
+    rnd.shuffle(taps)
+    state = EMPTY_STATE
+    for tap in taps:
+        state = fare(cq, state, tap).state
+        due = first_due(cq, state)
+        if due is None:
+            assert sweep(cq, state, T0 + 30 * 86400) == (0, state)
+            continue
+        assert sweep(cq, state, due - 1) == (0, state)
+        assert sweep(cq, state, due)[1] != state
 
 
 def test_an_earlier_exit_arriving_late_takes_its_journey_back(cq: FareTable) -> None:

@@ -205,13 +205,16 @@ async def test_no_ride_is_charged_more_than_the_certificates_max_fare(
     assert full["fare_fen"] == BUS_FARE and "ride_code_max_fare" not in full["rules"], full
 
 
-async def _sweep_after_timeout(svc: ServiceHarness) -> sweep.SweepResult:
+async def _sweep_at(svc: ServiceHarness, now: dt.datetime | None = None) -> sweep.SweepResult:
     pool = await create_pool(svc.dsn, svc.settings)
     try:
-        later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=TABLE.rules.journey_timeout_s + 60)
-        return await sweep.sweep_timed_out_journeys(pool, TABLE, svc.settings.purse_overdraft_fen, now=later)
+        return await sweep.sweep_timed_out_journeys(pool, TABLE, svc.settings.purse_overdraft_fen, now=now)
     finally:
         await pool.close()
+
+
+async def _sweep_after_timeout(svc: ServiceHarness) -> sweep.SweepResult:
+    return await _sweep_at(svc, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=TABLE.rules.journey_timeout_s + 60))
 
 
 async def test_an_exit_uploaded_before_its_entry_is_held_and_priced_with_it(svc: ServiceHarness) -> None:
@@ -348,6 +351,79 @@ async def test_a_held_exit_is_charged_at_the_cards_next_tap_once_due(
     )
     assert (await _sweep_after_timeout(svc)).held_exits == 0
     assert await svc.balance(c["card_no"]) == 1000 - BUS_FARE - TABLE.cap_fen
+
+
+async def _penalties(db: asyncpg.Connection, card_no: str) -> list[tuple[int, str, int]]:
+    rows = await db.fetch(
+        """SELECT j.amount_fen, j.station_id, j.at FROM txn_journal j JOIN card c USING (card_id)
+           WHERE c.card_no = $1 AND j.kind = $2 AND j.source = $3 ORDER BY j.at""",
+        card_no, KIND_PENALTY, SOURCE_SWEEP,
+    )  # fmt: skip
+    return [(r["amount_fen"], r["station_id"], int(r["at"].timestamp())) for r in rows]
+
+
+async def test_rides_uploaded_after_the_sweep_passed_their_time_are_still_swept(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A gate uploads hours late: an entry that opens a journey already timed out, and an exit whose entry
+    never comes, both older than the sweep's watermark, so that no window of the journal will bring them.
+    The next sweep charges each the maximum fare, at the moment it timed out, and only once."""
+    timeout = TABLE.rules.journey_timeout_s
+    now = int(time.time())
+    ride_at = now - timeout - 600
+    await _sweep_at(svc)  # the journal up to now - timeout has been read: the rides' times are behind it
+    riders = []
+    for gate, station, direction in ((GATE_2, "l1-daping", "out"), ("transit_validator", "l1-chaotianmen", "in")):
+        c, _, issuer = await rider(svc, 5000)
+        phone = await backdated_phone(svc, c["card_no"], ride_at - 60)
+        rec = gate_record(svc, phone.next_code(ride_at), ride_at, gate=gate, line_id="L1", station_id=station,
+                          direction=direction)  # fmt: skip
+        gate_lets_through(rec.code_text, issuer, rec.time)
+        [answer] = await upload(svc, [rec], batch_id=next(_seq), as_=gate)
+        assert (answer["result"], answer["fare_fen"]) == ("approved", 0) and "penalty" not in answer, answer
+        riders.append((c["card_no"], station))
+    online, _, _ = await rider(svc, 5000)  # an entry in time is the windows' business, not the list's
+    in_time = await svc.post("/v1/transit/taps", {
+        "terminal_seq": next(_seq), "time": now, "mode": "metro", "line_id": "L1", "station_id": "l1-daping",
+        "direction": "in", "credential": "card", **svc.card_auth_body(online["card_sn"]),
+    }, as_="transit_validator")  # fmt: skip
+    assert in_time.status == 200 and in_time.body["result"] == "approved", in_time.body
+    assert await db.fetchval("SELECT count(*) FROM journey_sweep_retry") == 2
+
+    done = await _sweep_at(svc)
+    assert (done.closed, done.held_exits, done.charged_fen) == (1, 1, 2 * TABLE.cap_fen), done
+    for card_no, station in riders:
+        assert await _penalties(db, card_no) == [(-TABLE.cap_fen, station, ride_at + timeout)]
+        assert await svc.balance(card_no) == 5000 - TABLE.cap_fen
+    assert await db.fetchval("SELECT count(*) FROM journey_sweep_retry") == 0  # done with them
+    again = await _sweep_at(svc)
+    assert (again.closed, again.held_exits) == (0, 0)
+
+
+async def test_a_late_ride_not_due_yet_stays_with_the_sweep_until_it_is(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """An entry uploaded two minutes before it times out, behind the watermark of a sweep whose clock runs
+    ten minutes ahead (another host): the sweep on this clock finds nothing due yet and keeps the card;
+    once due, it is charged."""
+    timeout = TABLE.rules.journey_timeout_s
+    now = int(time.time())
+    ride_at = now - timeout + 120
+    ahead = dt.datetime.fromtimestamp(now + 600, dt.UTC)
+    await _sweep_at(svc, ahead)
+    c, _, issuer = await rider(svc, 5000)
+    phone = await backdated_phone(svc, c["card_no"], ride_at - 60)
+    rec = gate_record(svc, phone.next_code(ride_at), ride_at, line_id="L1", station_id="l1-chaotianmen", direction="in")
+    gate_lets_through(rec.code_text, issuer, rec.time)
+    [answer] = await upload(svc, [rec])
+    assert answer["result"] == "approved", answer
+
+    early = await _sweep_at(svc, dt.datetime.fromtimestamp(now, dt.UTC))
+    assert (early.closed, early.candidates) == (0, 1) and await _penalties(db, c["card_no"]) == []
+    done = await _sweep_at(svc, ahead)
+    assert (done.closed, done.charged_fen) == (1, TABLE.cap_fen), done
+    assert await _penalties(db, c["card_no"]) == [(-TABLE.cap_fen, "l1-chaotianmen", ride_at + timeout)]
+    assert await svc.balance(c["card_no"]) == 5000 - TABLE.cap_fen
 
 
 async def test_a_ride_the_credit_covers_is_charged_even_when_a_held_exit_due_is_not(svc: ServiceHarness) -> None:
