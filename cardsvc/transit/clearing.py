@@ -418,6 +418,13 @@ async def _clear_locked(
             day,
         )
     }
+    # Files made by a run that could not commit their report (migration 0018): their time and digest.
+    pending = {
+        r["operator_id"]: (int(r["created_at"].timestamp()), r["digest"])
+        for r in await conn.fetch(
+            "SELECT operator_id, created_at, digest FROM clearing_pending WHERE business_date = $1", day
+        )
+    }
     results: list[OperatorResult] = []
     tmps: list[Path] = []  # every file begun: those not put in place are removed, however the run ends
     try:
@@ -443,21 +450,21 @@ async def _clear_locked(
                     continue
                 prior = stored.get(op)
                 path = out_dir / clearing_file_name(op, day)
-                # A file put in place by a run that could not commit its report keeps its created_at if the
-                # journal still says the same: the operator, who may have taken it, gets the same bytes again.
-                # If it says otherwise (a correction since, a file not ours), a new version with a new time.
-                in_place = None if prior is not None else _file_in_place(path, op, day, count, total)
+                # A file made by a run that could not commit its report keeps its created_at if the journal
+                # still says the same: the operator, who may have taken it, gets the same bytes again. If it
+                # says otherwise (a correction since), a new version dated after it.
+                made_before = None if prior is not None else pending.get(op)
                 if prior is not None:
                     created_at = int(prior["created_at"].timestamp())
                 else:
-                    created_at = in_place[0] if in_place else int(time.time())
+                    created_at = made_before[0] if made_before else int(time.time())
                 tmp = path.with_name(path.name + ".tmp")
                 tmps.append(tmp)
                 try:
                     header = wire.ClearingHeader(op, day, count, total, created_at)
                     digest = await _stream_file(conn, header, bounds, tmp, progress)
-                    if in_place is not None and digest != in_place[1]:
-                        created_at = max(int(time.time()), in_place[0] + 1)
+                    if made_before is not None and digest != made_before[1]:
+                        created_at = max(int(time.time()), made_before[0] + 1)
                         header = wire.ClearingHeader(op, day, count, total, created_at)
                         digest = await _stream_file(conn, header, bounds, tmp, progress)
                 except (ClearingError, wire.ClearingFileInvalid) as exc:
@@ -476,8 +483,9 @@ async def _clear_locked(
                 made.append((OperatorResult(op, day, status, count, total, digest, path), tmp, created_at))
         # A report says its day is cleared, so it commits only once its file is in place (renamed and the
         # directory synced): a file that cannot be put in place, or a crash between the two, leaves no report,
-        # and the next run clears the day again. (A crash after the rename and before the commit leaves a file
-        # without a report; the next run writes the same bytes again, with that file's created_at.)
+        # and the next run clears the day again. The file's time and digest are committed before the rename
+        # (clearing_pending): after a crash between the rename and the commit, the next run writes the same
+        # bytes again, even if the operator took the file meanwhile.
         for res, tmp, created_at in made:
             assert res.path is not None
             if res.status != "created":
@@ -485,6 +493,13 @@ async def _clear_locked(
                 _sync_dir(res.path.parent)
                 results.append(res)
                 continue
+            await conn.execute(
+                """INSERT INTO clearing_pending (operator_id, business_date, created_at, digest)
+                   VALUES ($1, $2, to_timestamp($3), $4)
+                   ON CONFLICT (operator_id, business_date) DO UPDATE
+                   SET created_at = EXCLUDED.created_at, digest = EXCLUDED.digest""",
+                res.operator_id, day, created_at, res.digest,
+            )  # fmt: skip
             async with conn.transaction():
                 inserted = await conn.fetchval(
                     """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest, created_at)
@@ -493,6 +508,9 @@ async def _clear_locked(
                     res.operator_id, day, res.txn_count, res.total_fen, res.digest, created_at,
                 )
                 if inserted is not None:
+                    await conn.execute(
+                        "DELETE FROM clearing_pending WHERE operator_id = $1 AND business_date = $2", res.operator_id, day
+                    )
                     tmp.replace(res.path)
                     _sync_dir(res.path.parent)
             if inserted is None:  # a report appeared meanwhile (the lock makes this unexpected)
@@ -506,25 +524,6 @@ async def _clear_locked(
                 tmp.unlink(missing_ok=True)
     results.sort(key=lambda r: r.operator_id)
     return results
-
-
-def _file_in_place(path: Path, operator_id: str, day: dt.date, count: int, total: int) -> tuple[int, str] | None:
-    """(created_at, trailer digest) of the file at `path` if its header is the one this run would write
-    but for the time (the same operator, day, count and total, a time not in the future), else None."""
-    try:
-        with path.open("rb") as fh:
-            first = fh.readline(256).decode("ascii").rstrip("\n")
-            fh.seek(max(0, path.stat().st_size - 128))
-            last = fh.read().decode("ascii").rstrip("\n").rsplit("\n", 1)[-1]
-    except (OSError, UnicodeDecodeError):
-        return None
-    want = wire._header_line(wire.ClearingHeader(operator_id, day, count, total, 0)).split(wire.SEPARATOR)
-    got, trailer = first.split(wire.SEPARATOR), last.split(wire.SEPARATOR)
-    if len(got) != len(want) or got[:-1] != want[:-1] or not got[-1].isdigit() or len(trailer) != 3:
-        return None
-    created_at = int(got[-1])
-    # Not ours if made later than now: a foreign file, an edited one (or the next second would not fit).
-    return (created_at, trailer[2]) if created_at <= time.time() + limits.CLOCK_SKEW_S else None
 
 
 def read_back(path: Path) -> tuple[wire.ClearingHeader, Sequence[wire.ClearingLine]]:

@@ -291,6 +291,21 @@ async def test_a_file_in_place_whose_report_did_not_commit_is_written_again_with
     assert path.read_bytes() == first
 
 
+async def test_a_file_taken_before_its_report_failed_to_commit_is_sent_again_with_the_same_bytes(
+    db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same, and the operator's transfer job moved the file away before the next run: nothing is left
+    in place to take the creation time from, yet the operator must not get a second version of the day
+    with the same lines."""
+    day = await _last(db) - dt.timedelta(days=1)
+    await _fare(db, day, "cq-bus", 55)
+    path = await _file_in_place_without_report(db, day, tmp_path / "out", monkeypatch)
+    taken = path.rename(tmp_path / "taken")
+    await _cleared_again(db, day, tmp_path / "out")
+    assert path.read_bytes() == taken.read_bytes()
+    assert not await db.fetchval("SELECT count(*) FROM clearing_pending")  # gone with the report's commit
+
+
 async def test_a_file_in_place_that_the_journal_no_longer_says_becomes_a_new_version(
     db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -315,8 +330,8 @@ async def test_a_foreign_file_in_place_does_not_block_its_day(
     db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, created_at: int | str
 ) -> None:
     """A file in place whose header was edited or made elsewhere (a creation time out of range, at its
-    end, or in the future) is not taken as ours: the day is cleared with a new file made now, not refused
-    every night on that header nor dated after it."""
+    end, or in the future) is not taken as ours: the day is cleared with a valid file, not refused every
+    night on that header nor dated after it."""
     day = await _last(db) - dt.timedelta(days=1)
     await _fare(db, day, "cq-bus", 80)
     path = await _file_in_place_without_report(db, day, tmp_path / "out", monkeypatch)
