@@ -507,10 +507,10 @@ async def _clear_locked(
                        ON CONFLICT (operator_id, business_date) DO NOTHING RETURNING 1""",
                     res.operator_id, day, res.txn_count, res.total_fen, res.digest, created_at,
                 )
+                await conn.execute(
+                    "DELETE FROM clearing_pending WHERE operator_id = $1 AND business_date = $2", res.operator_id, day
+                )
                 if inserted is not None:
-                    await conn.execute(
-                        "DELETE FROM clearing_pending WHERE operator_id = $1 AND business_date = $2", res.operator_id, day
-                    )
                     tmp.replace(res.path)
                     _sync_dir(res.path.parent)
             if inserted is None:  # a report appeared meanwhile (the lock makes this unexpected)

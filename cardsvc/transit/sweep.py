@@ -172,15 +172,9 @@ class _Chunk:
 
 
 async def _close_chunk(
-    conn: asyncpg.Connection,
-    table: fares.FareTable,
-    card_ids: Sequence[int],
-    now_s: int,
-    overdraft_fen: int,
-    listed: bool = False,
+    conn: asyncpg.Connection, table: fares.FareTable, card_ids: Sequence[int], now_s: int, overdraft_fen: int
 ) -> _Chunk:
-    """Charge one chunk's timed-out journeys and due held exits, in one transaction. `listed`: the cards
-    come from `journey_sweep_retry`; those with a charge not due yet stay there."""
+    """Charge one chunk's timed-out journeys and due held exits, in one transaction."""
     c = _Chunk()
     timeout = table.rules.journey_timeout_s
     async with conn.transaction():
@@ -193,11 +187,11 @@ async def _close_chunk(
             # which could otherwise push out a held exit before it is charged.
             held, after = fares.charge_held_exits(table, state, now_s)
             penalty, after = fares.close_open_journey(table, after, now_s)
-            # Listed by an upload that came after its time's window was read (limits.SWEEP_BEHIND_MARGIN_S),
-            # and due soon: no window will bring it, so it stays listed. Due later: a window brings it.
-            if listed and (later := fares.first_due(table, after)) is not None and later <= now_s + limits.SWEEP_BEHIND_MARGIN_S:
+            # Something due soon (an upload listed it after its time's window was read, limits.
+            # SWEEP_BEHIND_MARGIN_S): the card stays listed, since a window may not bring it again.
+            if (later := fares.first_due(table, after)) is not None and later <= now_s + limits.SWEEP_BEHIND_MARGIN_S:
                 c.pending_ids.append(row["card_id"])
-            if penalty is None and not held:
+            if penalty is None and not held and after == state:
                 continue  # exited, entered again, or the held exit's entry came: nothing due
             cost = (penalty.amount_fen if penalty is not None else 0) + sum(p.amount_fen for _, p in held)
             # Clearing lists each penalty under its station's line: a station the table no longer has (a
@@ -209,7 +203,7 @@ async def _close_chunk(
                 c.unpriced_ids.append(row["card_id"])
                 c.unknown_stations.update(p.station or "" for (p, _), ln in zip(charges, lines, strict=True) if ln is None)
                 continue
-            if row["balance_fen"] - cost < -overdraft_fen:
+            if cost and row["balance_fen"] - cost < -overdraft_fen:
                 c.unpaid += 1
                 continue
             c.ids.append(row["card_id"])
@@ -224,8 +218,8 @@ async def _close_chunk(
                 _WRITE_SQL, c.ids, c.balances, c.journeys, KIND_PENALTY, SWEEP_TERMINAL, SOURCE_SWEEP, c.amounts,
                 c.ats, c.operators, c.lines, c.stations, c.row_cards,
             )  # fmt: skip
-        # The cards to look at again: this chunk's unpriced ones in, and from the list those with a charge
-        # not due yet; the others of the chunk out.
+        # The cards to look at again: this chunk's unpriced ones and those with a charge due soon in, the
+        # others of the chunk out.
         await conn.execute(_RETRY_SQL, list(card_ids), c.unpriced_ids + c.pending_ids)
     return c
 
@@ -275,18 +269,17 @@ async def sweep_timed_out_journeys(
             unknown: set[str] = set()
             unpriced: set[int] = set()
 
-            async def close(cards: list[int], listed: bool = False) -> None:
+            async def close(cards: list[int]) -> None:
                 nonlocal candidates, closed, charged, unpaid, held
                 for start in range(0, len(cards), CHUNK_CARDS):
-                    chunk = cards[start : start + CHUNK_CARDS]
-                    c = await _close_chunk(conn, table, chunk, now_s, overdraft_fen, listed)
+                    c = await _close_chunk(conn, table, cards[start : start + CHUNK_CARDS], now_s, overdraft_fen)
                     closed, charged = closed + c.closed, charged - sum(c.amounts)
                     unpaid, held = unpaid + c.unpaid, held + c.held
                     unpriced.update(c.unpriced_ids)
                     unknown.update(c.unknown_stations)
                 candidates += len(cards)
 
-            await close(retry, listed=True)
+            await close(retry)
             retry_set = set(retry)  # looked at already in this run
             # The replacements since the run's first window began, up to now, are looked at once, with it
             # (their status: none in the later windows).

@@ -327,18 +327,19 @@ async def test_a_file_in_place_that_the_journal_no_longer_says_becomes_a_new_ver
 
 @pytest.mark.parametrize("created_at", [99_999_999_999, 2**32 - 1, 2**32 - 2, "in ten days"])
 async def test_a_foreign_file_in_place_does_not_block_its_day(
-    db: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, created_at: int | str
+    db: asyncpg.Connection, tmp_path: Path, created_at: int | str
 ) -> None:
-    """A file in place whose header was edited or made elsewhere (a creation time out of range, at its
-    end, or in the future) is not taken as ours: the day is cleared with a valid file, not refused every
-    night on that header nor dated after it."""
+    """A file where the day's file goes that no run of ours made (a header edited or made elsewhere, with a
+    creation time out of range, at its end, or in the future) does not decide anything: the day is cleared
+    with a valid file made now, not refused every night on that header nor dated after it."""
     day = await _last(db) - dt.timedelta(days=1)
     await _fare(db, day, "cq-bus", 80)
-    path = await _file_in_place_without_report(db, day, tmp_path / "out", monkeypatch)
+    path = tmp_path / "out" / clearing.clearing_file_name("cq-bus", day)
+    path.parent.mkdir()
     when = int(time.time()) + 10 * 86400 if created_at == "in ten days" else created_at
-    lines = path.read_bytes().split(b"\n")
-    lines[0] = b"|".join([*lines[0].split(b"|")[:-1], str(when).encode()])
-    path.write_bytes(b"\n".join(lines))
-    await _cleared_again(db, day, tmp_path / "out")
-    header, _ = clearing.read_back(path)  # a valid file again
-    assert header.created_at <= time.time()
+    path.write_bytes(f"H|CARDSVC-CLEARING|1|cq-bus|{day:%Y%m%d}|1|180|{when}\nT|1|180|{'0' * 64}\n".encode())
+    before = time.time()
+    got = {r.operator_id: r.status for r in await clearing.clear_day(db, TABLE, day, tmp_path / "out")}
+    assert got["cq-bus"] == "created", got
+    header, lines = clearing.read_back(path)  # a valid file again
+    assert int(before) <= header.created_at <= time.time() and [ln.amount_fen for ln in lines] == [180]

@@ -670,6 +670,18 @@ def test_first_due_is_when_the_sweep_first_finds_something_to_do(trips: list[tup
         assert sweep(cq, state, due)[1] != state
 
 
+def test_first_due_counts_a_held_exit_that_will_be_dropped(cq: FareTable) -> None:
+    """A held exit taken after its card stopped (`until`) is dropped, not charged, when due: that is a
+    change the sweep must make too, or every later look would find it due again."""
+    held = UnpairedTap("out", "l1-daping", T0, "cq-metro", charged=False, until=T0 - 60)
+    state = JourneyState(None, None, None, 0, unpaired=(held,))
+    due = first_due(cq, state)
+    assert due == T0 + cq.rules.journey_timeout_s
+    assert sweep(cq, state, due - 1) == (0, state)
+    charged, after = sweep(cq, state, due)
+    assert charged == 0 and after.unpaired == () and first_due(cq, after) is None
+
+
 def test_an_earlier_exit_arriving_late_takes_its_journey_back(cq: FareTable) -> None:
     """A journey charged the maximum fare keeps the exit that ended it. If an earlier exit that fits
     arrives later from a gate, it is the journey's: the exit it displaces belonged to another journey
