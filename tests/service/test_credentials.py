@@ -282,7 +282,16 @@ async def test_card_auth_refused_after_card_expiry(svc: ServiceHarness, db: Any)
     c = await svc.new_card()
     today = localtime.local_date(dt.datetime.now(dt.UTC))
     await db.execute("UPDATE card SET expires_on = $2 WHERE card_no = $1", c["card_no"], today)
-    await accepted(svc, CARD, svc.card_auth_body(c["card_sn"]))
+    # Usable on its expiry date. The service reads its own clock: it may find the card expired only if
+    # local midnight passed after `today` was read (read again once answered).
+    before = await verifications(svc)
+    r = await card_auth(svc, svc.card_auth_body(c["card_sn"]))
+    after = await verifications(svc)
+    if r.status == 200 or localtime.local_date(dt.datetime.now(dt.UTC)) == today:
+        assert r.status == 200 and delta(before, after) == {(CARD, "ok"): 1}, r.body
+    else:
+        assert r.status == 422 and r.body["code"] == "card_unusable", r.body
+        assert delta(before, after) == {(CARD, "card_unusable"): 1}
     await db.execute("UPDATE card SET expires_on = $2 WHERE card_no = $1", c["card_no"], today - dt.timedelta(days=1))
     await refused(svc, CARD, "card_unusable", svc.card_auth_body(c["card_sn"]))
 

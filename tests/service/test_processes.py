@@ -546,18 +546,29 @@ async def test_demo_data_registers_concessions_and_a_shell_tap_pays_by_them(
 
     loaded = await asyncio.to_thread(cli, "demo-data", "--cards", str(count))
     assert loaded.returncode == 0, loaded.stderr[-2000:]
+
+    def concessions_on(day: dt.date) -> dict[int, str]:
+        return {i + 1: kind for i in range(count) if (kind := population.concession(i, day, demo.DEMO_SEED))}
+
     conn = await asyncpg.connect(db_dsn)
     try:
         rows = await conn.fetch("SELECT holder_id, kind, quota_year, rides_left FROM concession ORDER BY 1")
         events = await conn.fetch("SELECT holder_id, op, kind_after, terminal_id FROM concession_event ORDER BY 1")
-        expected = {
-            i + 1: kind for i in range(count) if (kind := population.concession(i, today, demo.DEMO_SEED))
-        }
-        assert {r["holder_id"]: r["kind"] for r in rows} == expected
-        assert all(
-            (r["quota_year"], r["rides_left"]) == ((today.year, 1_200) if r["kind"] == "elderly" else (None, None))
-            for r in rows
-        )
+
+        def loaded_for(day: dt.date) -> bool:
+            return {r["holder_id"]: r["kind"] for r in rows} == concessions_on(day) and all(
+                (r["quota_year"], r["rides_left"]) == ((day.year, 1_200) if r["kind"] == "elderly" else (None, None))
+                for r in rows
+            )
+
+        # The command reads its own clock: it loaded for `today`, or for the next day only if local midnight
+        # passed after `today` was read (read again now).
+        after = localtime.local_date(dt.datetime.now(dt.UTC))
+        on = next((day for day in dict.fromkeys([today, after]) if loaded_for(day)), None)
+        assert on is not None, [dict(r) for r in rows]
+        if on != today:
+            people = _demo_people_with_each_concession(on)
+        expected = concessions_on(on)
         assert [(e["holder_id"], e["op"], e["kind_after"], e["terminal_id"]) for e in events] == [
             (h, "set", k, "demo") for h, k in expected.items()
         ]

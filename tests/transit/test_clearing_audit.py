@@ -351,11 +351,26 @@ def local_today() -> dt.date:
     return fares.local_day(TABLE, int(time.time()))
 
 
-async def scenario_of(svc: ServiceHarness, db: asyncpg.Connection, days_ago: int) -> tuple[dt.date, dt.datetime]:
-    """The scenario's rides, taken and written `days_ago` local days ago from noon on, in txn order; returns
-    that day and its start."""
+async def last_day_over(db: asyncpg.Connection) -> dt.date:
+    """The latest day that can be cleared now, by the database's clock (the one clearing reads)."""
+    return clearing.last_day_over(TABLE, await db.fetchval("SELECT clock_timestamp()"))
+
+
+def days_from(first: dt.date, last: dt.date) -> list[dt.date]:
+    """Every day from `first` through `last` (none if `last` is earlier)."""
+    return [first + dt.timedelta(days=k) for k in range((last - first).days + 1)]
+
+
+async def days_over_since(db: asyncpg.Connection, last: dt.date) -> list[dt.date]:
+    """The last day over that a scheduled run begun after `last` was read may have seen by its own clock
+    read: `last`, or a later day if a clearing cut-off has passed since (read again now, after the run)."""
+    return days_from(last, await last_day_over(db))
+
+
+async def scenario_of(svc: ServiceHarness, db: asyncpg.Connection, day: dt.date) -> dt.datetime:
+    """The scenario's rides, taken and written in the local day `day` from noon on, in txn order; returns
+    the day's start."""
     await scenario(svc)
-    day = local_today() - dt.timedelta(days=days_ago)
     start, _ = clearing.business_day_bounds(TABLE, day)
     await db.execute(
         """UPDATE txn_journal SET at = $1::timestamptz + make_interval(secs => txn_id),
@@ -363,7 +378,23 @@ async def scenario_of(svc: ServiceHarness, db: asyncpg.Connection, days_ago: int
            WHERE kind = ANY($2::smallint[])""",
         start + dt.timedelta(hours=12), KINDS,
     )
-    return day, start
+    return start
+
+
+async def written_day(db: asyncpg.Connection) -> dt.date:
+    """The clearing day of the fares the scenario wrote, from the clearing instants the database recorded
+    (a second clock read could fall after local midnight). Should midnight have passed while they were
+    written, those written before it are moved to its first instant, so that one day holds them all."""
+    latest = await db.fetchval(
+        "SELECT max(greatest(at, posted_at)) FROM txn_journal WHERE kind = ANY($1::smallint[])", KINDS
+    )
+    day = fares.local_day(TABLE, int(latest.timestamp()))
+    start, _ = clearing.business_day_bounds(TABLE, day)
+    await db.execute(
+        "UPDATE txn_journal SET posted_at = $1 WHERE kind = ANY($2::smallint[]) AND greatest(at, posted_at) < $1",
+        start, KINDS,
+    )  # fmt: skip
+    return day
 
 
 async def journal_totals(db: asyncpg.Connection, day: dt.date) -> dict[str, tuple[int, int]]:
@@ -386,7 +417,7 @@ async def test_clearing_files_round_trip_and_match_the_journal(
     svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
 ) -> None:
     await scenario(svc)
-    day = local_today()
+    day = await written_day(db)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
     results = await clearing.clear_day(db, TABLE, day, tmp_path, now=later)
     assert {r.operator_id: r.status for r in results} == {"cq-bus": "created", "cq-metro": "created"}
@@ -422,15 +453,14 @@ async def test_clearing_files_round_trip_and_match_the_journal(
            RETURNING card_id"""
     )
     await db.execute("UPDATE purse SET balance_fen = balance_fen - 50 WHERE card_id = $1", card_id)
-    if fares.local_day(TABLE, int(time.time())) == day:  # not across local midnight while the test ran
-        third = await clearing.clear_day(db, TABLE, day, tmp_path, now=later)
-        bus = next(r for r in third if r.operator_id == "cq-bus")
-        assert bus.status == "mismatch" and not bus.ok and "journal changed" in bus.detail
-        assert (tmp_path / clearing.clearing_file_name("cq-bus", day)).read_bytes() == files["cq-bus"]
-        assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
-        res = await run_cli("audit", "--json")
-        assert res.status == 1 and by_name(res.json)["clearing_reports"]["counts"]["mismatched"] == 1
-        assert [n for n, c in by_name(res.json).items() if not c["ok"]] == ["clearing_reports"]
+    third = await clearing.clear_day(db, TABLE, day, tmp_path, now=later)
+    bus = next(r for r in third if r.operator_id == "cq-bus")
+    assert bus.status == "mismatch" and not bus.ok and "journal changed" in bus.detail
+    assert (tmp_path / clearing.clearing_file_name("cq-bus", day)).read_bytes() == files["cq-bus"]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    res = await run_cli("audit", "--json")
+    assert res.status == 1 and by_name(res.json)["clearing_reports"]["counts"]["mismatched"] == 1
+    assert [n for n, c in by_name(res.json).items() if not c["ok"]] == ["clearing_reports"]
 
 
 async def test_a_change_that_keeps_count_and_total_is_found_by_the_clearing_run_not_the_audit(
@@ -440,7 +470,7 @@ async def test_a_change_that_keeps_count_and_total_is_found_by_the_clearing_run_
     (that would stream every cleared row through the audit); running the clearing for the day again does.
     Two cleared fares of one card swap their amounts: count, total and the purse are unchanged."""
     await scenario(svc)
-    day = local_today()
+    day = await written_day(db)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
     assert {r.status for r in await clearing.clear_day(db, TABLE, day, tmp_path, now=later)} == {"created"}
     rows = await db.fetch(
@@ -452,15 +482,15 @@ async def test_a_change_that_keeps_count_and_total_is_found_by_the_clearing_run_
             await db.execute("UPDATE txn_journal SET amount_fen = $2 WHERE txn_id = $1", a["txn_id"], b["amount_fen"])
     res = await run_cli("audit", "--json")
     assert res.status == 0 and by_name(res.json)["clearing_reports"]["counts"]["mismatched"] == 0, res.out
-    if fares.local_day(TABLE, int(time.time())) == day:  # not across local midnight while the test ran
-        bus = next(r for r in await clearing.clear_day(db, TABLE, day, tmp_path, now=later) if r.operator_id == "cq-bus")
-        assert bus.status == "mismatch" and not bus.ok, bus
+    bus = next(r for r in await clearing.clear_day(db, TABLE, day, tmp_path, now=later) if r.operator_id == "cq-bus")
+    assert bus.status == "mismatch" and not bus.ok, bus
 
 
 async def test_a_late_upload_is_cleared_on_the_day_it_arrives_and_a_cleared_day_stays_as_paid(
     svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
 ) -> None:
-    past, start = await scenario_of(svc, db, days_ago=2)
+    past = local_today() - dt.timedelta(days=2)
+    start = await scenario_of(svc, db, past)
     first = {r.operator_id: r for r in await clearing.clear_day(db, TABLE, past, tmp_path / "past")}
     assert {op: (r.status, r.txn_count) for op, r in first.items()} == {"cq-bus": ("created", 3),
                                                                         "cq-metro": ("created", 2)}
@@ -471,9 +501,14 @@ async def test_a_late_upload_is_cleared_on_the_day_it_arrives_and_a_cleared_day_
     chip = PurseCard(c["card_sn"], master_key=svc.keys.card_tac_master, balance_fen=500)
     ridden = int((start + dt.timedelta(hours=13)).timestamp())
     record = chip.debit(180, svc.terminals["transit_validator"].terminal_id, 900_001, ridden, **BUS)
+    uploaded_from = local_today()
     assert [a["result"] for a in await upload(svc, [record])] == ["accepted"]
     row = await db.fetchrow("SELECT at, posted_at FROM txn_journal WHERE kind = 5")
     assert int(row["at"].timestamp()) == ridden and row["posted_at"] > row["at"] + dt.timedelta(days=1)
+    # The day it arrived, as the database wrote it (local midnight may pass between the upload and a later
+    # clock read): the day of the upload.
+    today = fares.local_day(TABLE, int(row["posted_at"].timestamp()))
+    assert uploaded_from <= today <= local_today()
 
     # The cleared day is what the operator was paid for, and stays so: same files, reports, audit green.
     again = {r.operator_id: r for r in await clearing.clear_day(db, TABLE, past, tmp_path / "past")}
@@ -483,7 +518,6 @@ async def test_a_late_upload_is_cleared_on_the_day_it_arrives_and_a_cleared_day_
     assert res.status == 0, res.out
 
     # The ride is paid with the day it arrived, under its own ride time.
-    today = local_today()
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
     bus = next(r for r in await clearing.clear_day(db, TABLE, today, tmp_path / "today", now=later)
                if r.operator_id == "cq-bus")
@@ -599,7 +633,6 @@ async def test_clearing_refuses_a_role_that_cannot_see_every_session(
 async def test_clearing_waits_for_a_transaction_that_began_before_the_day_ended(
     db: asyncpg.Connection, db_dsn: str, tmp_path: Path
 ) -> None:
-    day = local_today()
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
     writer = await asyncpg.connect(db_dsn)
     try:
@@ -611,6 +644,8 @@ async def test_clearing_waits_for_a_transaction_that_began_before_the_day_ended(
                                         counterparty, line_id, source)
                VALUES (1, 1, 'v1', 1, -180, 1, now(), 'cq-bus', 'bus-105', 1)"""
         )
+        # The day its transaction began in (its rows' time and posted_at), by the same clock reading.
+        day = fares.local_day(TABLE, int((await writer.fetchval("SELECT now()")).timestamp()))
         with pytest.raises(clearing.ClearingError, match="still open"):
             await clearing.clear_day(db, TABLE, day, tmp_path, now=later, settle_s=0.3)
         assert await db.fetchval("SELECT count(*) FROM clearing_report") == 0
@@ -629,7 +664,9 @@ async def test_clearing_waits_for_a_transaction_that_began_before_the_day_ended(
 async def test_clearing_cli_for_a_past_day_and_the_ops_route(
     svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
 ) -> None:
-    day, _ = await scenario_of(svc, db, days_ago=1)
+    # Yesterday, or the day before it in the first minute after midnight: a day the command finds over.
+    day = await last_day_over(db)
+    await scenario_of(svc, db, day)
     out = tmp_path / "out"
     res = await run_cli("clearing", "run", "--date", day.isoformat(), "--out", str(out))
     assert res.status == 0, res.out + res.err
@@ -727,7 +764,7 @@ async def test_an_operator_gone_from_the_fare_table_is_registered_and_cleared(
     await db.execute("UPDATE txn_journal SET counterparty = 'cq-old' WHERE counterparty = 'cq-bus'")
     res = await run_cli("audit", "--json")
     assert res.status == 1 and by_name(res.json)["journal_postings"]["counts"]["stray_rows"] >= 3, res.out
-    day = fares.local_day(TABLE, int(time.time())) - dt.timedelta(days=1)
+    day = await last_day_over(db)  # over when the command reads the clock (yesterday but in its first minute)
     refused = await run_cli("clearing", "run", "--date", day.isoformat(), "--operator", "cq-old", "--out", str(tmp_path))
     assert refused.status == 1 and "no operator 'cq-old'" in refused.err, (refused.out, refused.err)
     assert (await run_cli("clearing", "register", "--operator", "cq.old", "--name", "x")).status == 2  # not an id
@@ -814,22 +851,31 @@ async def test_a_refused_day_is_tried_again_every_night_and_holds_the_gauge_back
     """A catch-up goes on past a refused day, and the next nights try it again (exit 1 each time) instead of
     starting after the later days; the other operator's files are not written again; the cleared-through
     gauge stays at the day before the refused one, so CardsvcClearingBehind fires until it is handled."""
-    last = clearing.last_day_over(TABLE, await db.fetchval("SELECT clock_timestamp()"))
+    last = await last_day_over(db)
     d0, d1, d2 = last - dt.timedelta(days=2), last - dt.timedelta(days=1), last
     out = tmp_path / "out"
     await clearing.clear_day(db, TABLE, d0, out)
     await _reversal(db, d1)
+
+    def created(first: dt.date, last: dt.date) -> list[tuple[str, str, str]]:
+        return [(op, d.isoformat(), "created") for d in days_from(first, last) for op in ("cq-bus", "cq-metro")]
+
+    # A run clears through the last day over by its own clock read: `last`, or the next day too should the
+    # clearing cut-off have passed since `last` was read (before each run, again after it).
     first = await run_cli("clearing", "run", "--out", str(out), "--json")
-    got = {(r["operator_id"], r["business_date"]): r["status"] for r in first.json}
-    assert first.status == 1 and got == {
-        ("cq-bus", d1.isoformat()): "refused", ("cq-metro", d1.isoformat()): "created",
-        ("cq-bus", d2.isoformat()): "created", ("cq-metro", d2.isoformat()): "created",
-    }, (first.out, first.err)  # fmt: skip
+    got = [(r["operator_id"], r["business_date"], r["status"]) for r in first.json]
+    assert first.status == 1 and got in [
+        [("cq-bus", d1.isoformat(), "refused"), ("cq-metro", d1.isoformat(), "created"), *created(d2, ran_to)]
+        for ran_to in await days_over_since(db, last)
+    ], (first.out, first.err)  # fmt: skip
+    ran_to = dt.date.fromisoformat(got[-1][1])
     metro_file = out / clearing.clearing_file_name("cq-metro", d1)
     metro_file.unlink()  # picked up by the operator's transfer job
     again = await run_cli("clearing", "run", "--out", str(out), "--json")
-    assert again.status == 1 and [(r["operator_id"], r["business_date"], r["status"]) for r in again.json] == [
-        ("cq-bus", d1.isoformat(), "refused")
+    got = [(r["operator_id"], r["business_date"], r["status"]) for r in again.json]
+    assert again.status == 1 and got in [
+        [("cq-bus", d1.isoformat(), "refused"), *created(ran_to + dt.timedelta(days=1), later)]
+        for later in await days_over_since(db, ran_to)
     ], again.out
     assert not metro_file.exists()  # not made again
     assert (await cleared_through(svc))["cq-bus"] == clearing.business_day_bounds(TABLE, d0)[1].timestamp()
@@ -840,10 +886,11 @@ async def test_days_left_before_a_day_cleared_by_hand_are_cleared_by_the_next_ru
 ) -> None:
     """Two nights missed, then yesterday cleared by hand (`clearing run --date`): the next nightly run
     clears the two days in between."""
-    last = clearing.last_day_over(TABLE, await db.fetchval("SELECT clock_timestamp()"))
+    now = await db.fetchval("SELECT clock_timestamp()")  # one instant for the test and the run it asks
+    last = clearing.last_day_over(TABLE, now)
     await clearing.clear_day(db, TABLE, last - dt.timedelta(days=3), tmp_path)
     await clearing.clear_day(db, TABLE, last, tmp_path)
-    due = await clearing.days_to_clear(db, TABLE)
+    due = await clearing.days_to_clear(db, TABLE, now=now)
     assert due.days == [last - dt.timedelta(days=2), last - dt.timedelta(days=1)]
 
 
@@ -852,15 +899,26 @@ async def test_a_catch_up_reports_the_days_it_cleared_when_another_day_fails(
 ) -> None:
     """A day held by another run (or a transaction older than its end) fails that day only: the command
     still prints the days it cleared, says which day failed, and exits 1; the next run clears it."""
-    last = clearing.last_day_over(TABLE, await db.fetchval("SELECT clock_timestamp()"))
+    last = await last_day_over(db)
     await clearing.clear_day(db, TABLE, last - dt.timedelta(days=2), tmp_path / "out")
     assert await db.fetchval("SELECT pg_try_advisory_lock($1, $2)", clearing._LOCK_NAMESPACE, last.toordinal())
+    # A run clears through the last day over by its own clock read: `last`, or the next day too should the
+    # clearing cut-off have passed since `last` was read (before each run, again after it).
     res = await run_cli("clearing", "run", "--out", str(tmp_path / "out"), "--json")
     assert res.status == 1 and f"error: {last}: another clearing run for {last} is in progress" in res.err
-    assert {(r["business_date"], r["status"]) for r in res.json} == {((last - dt.timedelta(days=1)).isoformat(), "created")}
+    got = {(r["business_date"], r["status"]) for r in res.json}
+    before_last, after_last = last - dt.timedelta(days=1), last + dt.timedelta(days=1)
+    assert got in [
+        {(d.isoformat(), "created") for d in [before_last, *days_from(after_last, ran_to)]}
+        for ran_to in await days_over_since(db, last)
+    ], res.out
+    ran_to = max(last, *(dt.date.fromisoformat(d) for d, _ in got))
     await db.execute("SELECT pg_advisory_unlock($1, $2)", clearing._LOCK_NAMESPACE, last.toordinal())
     res = await run_cli("clearing", "run", "--out", str(tmp_path / "out"), "--json")
-    assert res.status == 0 and {r["business_date"] for r in res.json} == {last.isoformat()}
+    assert res.status == 0 and {r["business_date"] for r in res.json} in [
+        {d.isoformat() for d in [last, *days_from(ran_to + dt.timedelta(days=1), later)]}
+        for later in await days_over_since(db, ran_to)
+    ], res.out
 
 
 async def test_the_cleared_through_gauge_covers_every_operator_clearing_clears_and_no_other(
@@ -892,21 +950,35 @@ async def test_the_cleared_through_gauge_covers_every_operator_clearing_clears_a
 async def test_the_nightly_command_clears_yesterday_once(
     svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, run_cli: Any
 ) -> None:
-    # Yesterday, or the day before it in the first minute after midnight: the day the command will clear,
-    # by the database's clock, as the command reads it.
-    last = clearing.last_day_over(TABLE, await db.fetchval("SELECT clock_timestamp()"))
-    day, _ = await scenario_of(svc, db, days_ago=(local_today() - last).days)
+    # Yesterday, or the day before it in the first minute after midnight: the last day over by the
+    # database's clock, the one the command reads.
+    day = await last_day_over(db)
+    await scenario_of(svc, db, day)
     out = tmp_path / "out"
     res = await run_cli("clearing", "run", "--out", str(out), "--json")
     assert res.status == 0, res.out + res.err
-    assert {r["business_date"] for r in res.json} == {day.isoformat()}
-    assert {r["operator_id"]: r["status"] for r in res.json} == {"cq-bus": "created", "cq-metro": "created"}
-    metro = next(r for r in res.json if r["operator_id"] == "cq-metro")
+    # The command read the clock again: should the clearing cut-off have passed since `day` was read, it
+    # cleared the next day (no fares) as well.
+    ran = {r["business_date"] for r in res.json}
+    assert ran in [{d.isoformat() for d in days_from(day, last)} for last in await days_over_since(db, day)], ran
+    assert {r["operator_id"]: r["status"] for r in res.json if r["business_date"] == day.isoformat()} == {
+        "cq-bus": "created", "cq-metro": "created"
+    }  # fmt: skip
+    assert {r["status"] for r in res.json} == {"created"}
+    metro = next(r for r in res.json if r["operator_id"] == "cq-metro" and r["business_date"] == day.isoformat())
     assert (metro["txn_count"], metro["total_fen"]) == (await journal_totals(db, day))["cq-metro"]
-    files = sorted(os.listdir(out))
+    files = set(os.listdir(out))
+    ran_to = max(dt.date.fromisoformat(d) for d in ran)
     again = await run_cli("clearing", "run", "--out", str(out))
-    assert again.status == 0 and "nothing to clear" in again.err and again.out == "", (again.out, again.err)
-    assert sorted(os.listdir(out)) == files
+    assert again.status == 0, (again.out, again.err)
+    # Nothing cleared twice and no file made again; only a day whose cut-off passed since the first run is new.
+    made = set(os.listdir(out)) - files
+    assert files <= set(os.listdir(out)) and any(
+        made == {clearing.clearing_file_name(op, d) for d in days_from(ran_to + dt.timedelta(days=1), last)
+                 for op in ("cq-bus", "cq-metro")}
+        and (last > ran_to or ("nothing to clear" in again.err and again.out == ""))
+        for last in await days_over_since(db, ran_to)
+    ), (made, again.out, again.err)  # fmt: skip
 
 
 async def test_metrics_show_how_far_each_operator_is_cleared(

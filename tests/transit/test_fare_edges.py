@@ -8,7 +8,6 @@ exact model of the documented rules. Each test's docstring names the change it c
 from __future__ import annotations
 
 import datetime as dt
-import time
 from typing import Any
 
 import asyncpg
@@ -365,7 +364,8 @@ async def test_an_extra_rides_grant_clocked_before_local_new_year_does_not_move_
     c = await rider(svc, db, years_ago(80))
     assert (await svc.put(url(c), {"kind": "elderly"})).status == 200
     assert (await bus_tap(svc, c["card_sn"]))["fare_fen"] == 0  # this year: QUOTA - 1 left
-    year = fares.local_day(TABLE, int(time.time())).year
+    # This year is the one that tap counted in, as recorded (a clock read now may be past New Year).
+    year = await db.fetchval("SELECT quota_year FROM concession WHERE holder_id = $1", c["holder_id"])
     clocked = dt.datetime(year, 1, 1, tzinfo=dt.UTC) - dt.timedelta(seconds=TABLE.rules.utc_offset_s + 1)
     await concessions.grant_extra_quota(db, TABLE, c["holder_id"], Actor("office"), clocked)
     row = await db.fetchrow("SELECT quota_year, rides_left FROM concession WHERE holder_id = $1", c["holder_id"])

@@ -559,9 +559,10 @@ async def test_the_journal_has_a_month_for_the_oldest_record_an_upload_may_post(
     months back to the oldest postable record. (Today's oldest record is in an earlier month than today
     on every day but the 31st, when it is in this month and the test shows nothing.)"""
     _, chip = await funded(svc, 1000)
-    oldest = int(time.time()) - limits.UPLOAD_AGE_S_MAX + 3600
+    now = int(time.time())  # one clock read for both months
+    oldest = now - limits.UPLOAD_AGE_S_MAX + 3600
     month = dt.datetime.fromtimestamp(oldest, dt.UTC).strftime("%Y%m")
-    if month != dt.datetime.now(dt.UTC).strftime("%Y%m"):
+    if month != dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y%m"):
         assert not await db.fetchval(f"SELECT count(*) FROM txn_journal_{month}")
         await db.execute(f"DROP TABLE txn_journal_{month}")  # as if the database were created this month
     await maintenance_once(svc.app[SERVICES].pool, svc.settings)
