@@ -159,7 +159,7 @@ class _Chunk:
 
     unpriced_ids: list[int] = dataclasses.field(default_factory=list)
     unknown_stations: set[str] = dataclasses.field(default_factory=set)
-    pending_ids: list[int] = dataclasses.field(default_factory=list)  # looked at first again: not due yet
+    pending_ids: list[int] = dataclasses.field(default_factory=list)  # listed: something falls due soon
 
     def row(self, card_id: int, penalty: fares.Penalty, line: str, at_s: int) -> None:
         assert penalty.station is not None
@@ -282,7 +282,7 @@ async def sweep_timed_out_journeys(
             await close(retry)
             retry_set = set(retry)  # looked at already in this run
             # The replacements since the run's first window began, up to now, are looked at once, with it
-            # (their status: none in the later windows).
+            # (not again with the later windows).
             replacements = True
             cut_s = now_s - table.rules.journey_timeout_s
             while since < due:  # one bounded window at a time, each with its watermark
