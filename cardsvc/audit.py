@@ -24,8 +24,12 @@ Checks (docs/operations.md explains each and what to do when it fails):
 - terminal_txn_journal: every approved terminal transaction has its journal row, and every fare or penalty
   journal row of the tap engine (online taps, uploaded ride-code rides) inside the terminal transactions'
   retention has its terminal transaction;
-- clearing_reports: every clearing report's count and total equal the journal aggregate for its operator
-  and day (the rows posted that day, the clearing run's own rule). Not its digest: that is SM3 over the
+- fare_corrections: every fare correction (kind 8) is booked twice, as its journal row and its
+  fare_correction row (same card, amount; the journal's count and sum of kind 8 rows, read in the purse
+  pass, equal the table's), corrects an approved fare debit of the same card paid to the same
+  counterparty, and the corrections of one fare do not exceed it;
+- clearing_reports: every clearing report's counts and totals (fares, and corrections) equal the journal
+  aggregate for its operator and day (the rows posted that day, the clearing run's own rule). Not its digest: that is SM3 over the
   file's lines, which would mean streaming every cleared row of every report through the audit (the whole
   cleared journal, each run) instead of one aggregate per report in PostgreSQL. A change that keeps a
   day's count and total (two amounts swapped, a row's card or line rewritten) is seen by running the
@@ -46,6 +50,7 @@ from cardsvc import metrics
 from cardsvc.config import Settings
 from cardsvc.transit import clearing, fares
 from cardsvc.transit.taps import (
+    KIND_CORRECTION,
     KIND_FARE,
     KIND_OFFLINE,
     KIND_OPENING,
@@ -61,7 +66,9 @@ from cardsvc.transit.taps import (
 __all__ = ["CHUNK_CARDS", "Check", "record_run", "refresh_metrics", "run_audit"]
 
 CHUNK_CARDS = 1_000_000
-_KINDS = (KIND_FARE, KIND_PENALTY, KIND_TOPUP, KIND_OPENING, KIND_OFFLINE, KIND_RIDECODE, KIND_TRANSFER)
+_KINDS = (
+    KIND_FARE, KIND_PENALTY, KIND_TOPUP, KIND_OPENING, KIND_OFFLINE, KIND_RIDECODE, KIND_TRANSFER, KIND_CORRECTION,
+)  # fmt: skip
 SAMPLES_MAX = 5  # offending card ids shown (internal ids only, never card numbers or holder data)
 
 
@@ -97,9 +104,13 @@ SELECT count(p.card_id) AS purses,
        coalesce(sum(j.stray), 0)::bigint AS stray_rows,
        (array_agg(coalesce(p.card_id, j.card_id) ORDER BY coalesce(p.card_id, j.card_id))
             FILTER (WHERE p.card_id IS NULL OR p.balance_fen <> coalesce(j.total, 0)))[1:5] AS samples,
-       (array_agg(j.card_id ORDER BY j.card_id) FILTER (WHERE j.stray > 0))[1:5] AS stray_samples
+       (array_agg(j.card_id ORDER BY j.card_id) FILTER (WHERE j.stray > 0))[1:5] AS stray_samples,
+       coalesce(sum(j.corrections), 0)::bigint AS correction_rows,
+       coalesce(sum(j.correction_fen), 0)::bigint AS correction_fen
 FROM (SELECT card_id, balance_fen FROM purse WHERE card_id >= $1 AND card_id < $2) p
 FULL JOIN (SELECT card_id, sum(amount_fen) AS total, count(*) AS rows,
+                  count(*) FILTER (WHERE kind = $6) AS corrections,
+                  coalesce(sum(amount_fen) FILTER (WHERE kind = $6), 0) AS correction_fen,
                   count(*) FILTER (WHERE result <> 1 OR NOT kind = ANY($3::smallint[])
                                       OR (kind = ANY($4::smallint[]) AND amount_fen <> 0
                                           AND NOT (counterparty = ANY($5::text[]) OR counterparty LIKE 'hotlisted:%'))
@@ -111,20 +122,24 @@ FULL JOIN (SELECT card_id, sum(amount_fen) AS total, count(*) AS rows,
 
 async def _purse_balances(
     conn: asyncpg.Connection, table: fares.FareTable, chunk: int, progress: Callable[[str], None] | None
-) -> tuple[Check, Check]:
+) -> tuple[Check, Check, tuple[int, int]]:
+    """The purse and journal-postings checks, and the journal's count and sum of correction rows (for
+    `_fare_corrections`), from one pass over the journal."""
     top: int = await conn.fetchval(
         """SELECT greatest((SELECT max(card_id) FROM purse), (SELECT max(card_id) FROM txn_journal),
                            0)"""
     )
     operators = await clearing.operators(conn, table)
-    totals = {"purses": 0, "journal_rows": 0, "mismatched": 0, "journal_without_purse": 0, "stray_rows": 0}
+    totals = {"purses": 0, "journal_rows": 0, "mismatched": 0, "journal_without_purse": 0, "stray_rows": 0,
+              "correction_rows": 0, "correction_fen": 0}  # fmt: skip
     samples: list[int] = []
     stray: list[int] = []
     chunks = top // chunk + 1
     for n, lo in enumerate(range(0, top + 1, chunk), 1):
         r = await conn.fetchrow(
-            _PURSE_CHUNK_SQL, lo, lo + chunk, list(_KINDS), list(clearing.CLEARING_KINDS), operators
-        )
+            _PURSE_CHUNK_SQL, lo, lo + chunk, list(_KINDS), list(clearing.CLEARING_KINDS), operators,
+            KIND_CORRECTION,
+        )  # fmt: skip
         assert r is not None
         for k in totals:
             totals[k] += r[k]
@@ -134,6 +149,7 @@ async def _purse_balances(
             progress(f"purse_balances: card ids {min(lo + chunk, top + 1)}/{top + 1} ({n}/{chunks} chunks)")
     ok = totals["mismatched"] == 0 and totals["journal_without_purse"] == 0
     rows = totals.pop("stray_rows")
+    corrections = (totals.pop("correction_rows"), totals.pop("correction_fen"))
     balances = Check("purse_balances", ok, totals, "" if ok else "balance differs from the sum of its journal rows",
                      tuple(samples[:SAMPLES_MAX]))  # fmt: skip
     postings = Check(
@@ -146,7 +162,53 @@ async def _purse_balances(
         ),
         tuple(stray[:SAMPLES_MAX]),
     )  # fmt: skip
-    return balances, postings
+    return balances, postings, corrections
+
+
+# Each fare_correction row (few: the card office's) with its journal row and the fare it corrects, both
+# found through the journal's primary key (card_id first).
+_CORRECTIONS_SQL = """
+WITH c AS (
+    SELECT f.txn_id, f.card_id, f.corrects_txn_id, f.amount_fen, j.counterparty, j.txn_id IS NOT NULL AS booked
+    FROM fare_correction f
+    LEFT JOIN txn_journal j ON j.card_id = f.card_id AND j.txn_id = f.txn_id AND j.kind = $1 AND j.result = 1
+                           AND j.amount_fen = f.amount_fen
+), per_fare AS (
+    SELECT c.card_id, sum(c.amount_fen) AS given,
+           bool_and(coalesce(o.counterparty = c.counterparty, false)) AS matched, min(-o.amount_fen) AS fare
+    FROM c
+    LEFT JOIN txn_journal o ON o.card_id = c.card_id AND o.txn_id = c.corrects_txn_id
+                           AND o.kind = ANY($2::smallint[]) AND o.result = 1 AND o.amount_fen < 0
+    GROUP BY c.card_id, c.corrects_txn_id
+)
+SELECT (SELECT count(*) FROM c) AS corrections,
+       (SELECT coalesce(sum(amount_fen), 0) FROM c)::bigint AS correction_fen,
+       (SELECT count(*) FROM c WHERE NOT booked) AS unbooked,
+       (SELECT count(*) FROM per_fare WHERE NOT matched) AS without_fare,
+       (SELECT count(*) FROM per_fare WHERE matched AND given > fare) AS over_fare,
+       (SELECT (array_agg(card_id ORDER BY card_id))[1:5] FROM
+           (SELECT card_id FROM c WHERE NOT booked
+            UNION SELECT card_id FROM per_fare WHERE NOT matched OR given > fare) bad) AS samples
+"""
+
+
+async def _fare_corrections(conn: asyncpg.Connection, journal: tuple[int, int]) -> Check:
+    r = await conn.fetchrow(_CORRECTIONS_SQL, KIND_CORRECTION, list(clearing.FARE_KINDS))
+    assert r is not None
+    counts = {"corrections": r["corrections"], "correction_fen": r["correction_fen"],
+              "journal_rows": journal[0], "journal_fen": journal[1], "unbooked": r["unbooked"],
+              "without_fare": r["without_fare"], "over_fare": r["over_fare"]}  # fmt: skip
+    problems = []
+    if journal != (r["corrections"], r["correction_fen"]):
+        problems.append("the journal's correction rows and the fare_correction table disagree")
+    if r["unbooked"]:
+        problems.append(f"{r['unbooked']} correction(s) without their journal row")
+    if r["without_fare"]:
+        problems.append(f"{r['without_fare']} fare(s) corrected that are not an approved fare of the card paid "
+                        "to the correction's counterparty")  # fmt: skip
+    if r["over_fare"]:
+        problems.append(f"{r['over_fare']} fare(s) given back more than they cost")
+    return Check("fare_corrections", not problems, counts, "; ".join(problems), tuple(r["samples"] or ()))
 
 
 # The purses below the online limit, each with what may explain it (only those few purses are looked at,
@@ -291,17 +353,18 @@ async def _terminal_txns(conn: asyncpg.Connection, settings: Settings) -> Check:
 _DAY_START = "(r.business_date::timestamp - make_interval(secs => $2)) AT TIME ZONE 'UTC'"
 _DAY_END = "(r.business_date::timestamp + interval '1 day' - make_interval(secs => $2)) AT TIME ZONE 'UTC'"
 _REPORTS_SQL = f"""
-SELECT r.operator_id, r.business_date, r.txn_count, r.total_fen,
-       a.txn_count AS journal_count, a.total_fen AS journal_total
+SELECT r.operator_id, r.business_date, r.txn_count, r.total_fen, r.correction_count, r.correction_fen,
+       a.txn_count AS journal_count, a.total_fen AS journal_total,
+       a.correction_count AS journal_corrections, a.correction_fen AS journal_correction_fen
 FROM clearing_report r
 CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE j.amount_fen < 0) AS txn_count,
-           coalesce(sum(-j.amount_fen) FILTER (WHERE j.amount_fen < 0), 0)::bigint AS total_fen
+    SELECT {clearing.AGGREGATE_COLUMNS}
     FROM txn_journal j
     WHERE j.counterparty = r.operator_id AND j.kind = ANY($1::smallint[]) AND j.result = 1
       AND {clearing.in_day_sql(_DAY_START, _DAY_END, "j")}
 ) a
-WHERE (a.txn_count, a.total_fen) IS DISTINCT FROM (r.txn_count, r.total_fen)
+WHERE (a.txn_count, a.total_fen, a.correction_count, a.correction_fen)
+      IS DISTINCT FROM (r.txn_count, r.total_fen, r.correction_count, r.correction_fen)
 ORDER BY r.business_date, r.operator_id
 """
 
@@ -310,8 +373,10 @@ async def _clearing_reports(conn: asyncpg.Connection, table: fares.FareTable) ->
     reports: int = await conn.fetchval("SELECT count(*) FROM clearing_report")
     bad = await conn.fetch(_REPORTS_SQL, list(clearing.CLEARING_KINDS), float(table.rules.utc_offset_s))
     detail = "; ".join(
-        f"{r['operator_id']} {r['business_date']}: report {r['txn_count']}/{r['total_fen']} fen, "
-        f"journal {r['journal_count']}/{r['journal_total']} fen"
+        f"{r['operator_id']} {r['business_date']}: report {r['txn_count']}/{r['total_fen']} fen "
+        f"(corrections {r['correction_count']}/{r['correction_fen']} fen), journal "
+        f"{r['journal_count']}/{r['journal_total']} fen (corrections {r['journal_corrections']}/"
+        f"{r['journal_correction_fen']} fen)"
         for r in bad[:SAMPLES_MAX]
     )
     return Check("clearing_reports", not bad, {"reports": reports, "mismatched": len(bad)}, detail)
@@ -341,8 +406,11 @@ async def run_audit(
     """Run every check on one snapshot; returns the snapshot time and the checks in order."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         at: dt.datetime = await conn.fetchval("SELECT now()")
+        balances, postings, corrections = await _purse_balances(conn, table, max(1, chunk_cards), progress)
         checks = [
-            *await _purse_balances(conn, table, max(1, chunk_cards), progress),
+            balances,
+            postings,
+            await _fare_corrections(conn, corrections),
             await _overdraft(conn, settings),
             await _replacement(conn),
             await _terminal_txns(conn, settings),

@@ -653,8 +653,10 @@ def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
         for r in results:
             where = f" -> {r.path}" if r.path else ""
             note = f" ({r.detail})" if r.detail else ""
+            fixes = (f", {r.correction_count} corrections -{r.correction_fen} fen, net {r.total_fen - r.correction_fen} fen"
+                     if r.correction_count else "")  # fmt: skip
             print(f"{r.status.upper():9} {r.operator_id} {r.business_date}: {r.txn_count} txns, "
-                  f"{r.total_fen} fen{where}{note}")
+                  f"{r.total_fen} fen{fixes}{where}{note}")
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     return 0 if all(r.ok for r in results) and not errors else 1

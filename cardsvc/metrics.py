@@ -93,6 +93,18 @@ CONCESSION_CHANGES = Counter(
     "Transit concession changes by the card office, by action (set, extra_quota, end).",
     ["action"],
 )
+FARE_CORRECTIONS = Counter(
+    "cardsvc_transit_fare_corrections_total",
+    "Fares given back by the card office (first answers only), by reason (late_entry, terminal_fault, "
+    "fare_error, goodwill).",
+    ["reason"],
+)
+FARE_CORRECTION_FEN = Counter(
+    "cardsvc_transit_fare_corrections_fen_total",
+    "Money given back to purses by fare corrections, in fen, by reason; the operators are debited as much "
+    "in their clearing files.",
+    ["reason"],
+)
 JOURNEYS_SWEPT = Counter(
     "cardsvc_transit_journeys_swept_total",
     "What the sweep found past the journey timeout: closed (a metro journey, charged the maximum fare), "

@@ -16,7 +16,7 @@ import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import card, ecard, idnumber
+from . import card, clearing, ecard, idnumber
 from .errors import CodecError
 from .strict import looks_personal, shown_key
 
@@ -30,6 +30,7 @@ __all__ = [
     "ECARD_ISSUE",
     "ECARD_VERIFY",
     "ERRORS",
+    "FARE_CORRECTION",
     "HOLDER_CREATE",
     "HOLDER_LOOKUP",
     "LIFECYCLE",
@@ -71,6 +72,8 @@ ERRORS: dict[str, tuple[int, str]] = {
     "ecard_revoked": (409, "The electronic card is revoked"),
     "idempotency_conflict": (409, "This terminal sequence number was used for a different request"),
     "purse_balance_cap": (422, "The top-up would take the purse over its maximum balance"),
+    "fare_not_correctable": (409, "The transaction is not a fare the purse paid"),
+    "correction_exceeds_fare": (409, "The fare's corrections would exceed the fare"),
     "no_transit_purse": (422, "The card has no transit purse"),
     "card_not_active": (422, "The card is not active"),
     "concession_not_eligible": (422, "The cardholder is not eligible for this concession"),
@@ -354,6 +357,17 @@ TOPUP = Message(
         Field("amount_fen", int, minimum=1, maximum=1_000_000),
         Field("channel", str, enum=("cash", "bank", "wechat", "alipay", "refund")),
         OPERATOR,
+    ),
+)
+
+FARE_CORRECTION = Message(
+    "FareCorrection",
+    (
+        Field("terminal_seq", int, minimum=0, maximum=U32_MAX),
+        Field("txn_id", int, minimum=1, maximum=INT_MAX, description="The fare's txn_id (the purse's history)."),
+        Field("amount_fen", int, minimum=1, maximum=1_000_000, description="How much of the fare to give back."),
+        Field("reason", str, enum=tuple(r.value for r in clearing.CorrectionReason)),
+        dataclasses.replace(OPERATOR, required=True),
     ),
 )
 

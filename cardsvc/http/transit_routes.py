@@ -10,7 +10,7 @@ from aiohttp import web
 
 from cardsvc import limits, metrics
 from cardsvc.errors import RETRY_LATER, ApiError
-from cardsvc.transit import concessions, flow, offline, rides
+from cardsvc.transit import concessions, corrections, flow, offline, rides
 from cardsvc.transit.taps import HELD
 from protocols import api, ridecode, transit
 from protocols.errors import CodecError
@@ -87,6 +87,16 @@ async def top_up(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
     async with svc.pool.acquire() as conn:
         return _json(await flow.top_up(conn, svc, _card_no(request), body, _actor(request, body)))
+
+
+@operation("purse.correct_fare")
+async def correct_fare(request: web.Request) -> web.Response:
+    body = _parse(api.FARE_CORRECTION, request)
+    svc = request.app[SERVICES]
+    async with svc.pool.acquire() as conn:
+        return _json(
+            await corrections.correct_fare(conn, svc, _card_no(request), body, _actor(request, body))
+        )
 
 
 @operation("ridecert.issue")
@@ -182,8 +192,9 @@ async def clearing_report(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
     async with svc.pool.acquire() as conn:
         row = await conn.fetchrow(
-            """SELECT operator_id, business_date, txn_count, total_fen, digest, created_at FROM clearing_report
-               WHERE operator_id = $1 AND business_date = $2""",
+            """SELECT operator_id, business_date, txn_count, total_fen, correction_count, correction_fen, digest,
+                      created_at
+               FROM clearing_report WHERE operator_id = $1 AND business_date = $2""",
             operator_id,
             day,
         )
@@ -253,6 +264,7 @@ def setup_transit_routes(app: web.Application) -> None:
     r.add_post("/v1/holders/{holder_id}/concession/end", end_concession)
     r.add_get("/v1/purses/{card_no}", purse)
     r.add_post("/v1/purses/{card_no}/top-ups", top_up)
+    r.add_post("/v1/purses/{card_no}/fare-corrections", correct_fare)
     r.add_post("/v1/ride-certs", issue_ride_cert)
     r.add_post("/v1/transit/offline-batches", offline_batch)
     r.add_post("/v1/transit/ride-batches", ride_batch)

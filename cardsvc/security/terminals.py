@@ -53,6 +53,7 @@ OPERATIONS: dict[str, str] = {
     "transit.upload": "upload offline transit records and ride-code rides",
     "purse.read": "read a transit purse and its history",
     "purse.topup": "top up (or refund) a transit purse",
+    "purse.correct_fare": "give a charged fare back to its purse (the operator pays it back through clearing)",
     "ridecert.issue": "sign ride-code certificates for phones",
     "clearing.read": "read daily clearing reports",
     "concession.read": "read a cardholder's transit concession",

@@ -11,9 +11,13 @@ make a report disagree with the journal. Rows written before migration 0007 have
 and keep their ride day. The operators are the fare table's and those registered in `transit_operator`;
 other counterparties (`hotlisted:<operator>`: offline debits a validator should have refused) are listed
 as not cleared. The operator is credited `-amount_fen` (the purse was debited). Rows that move no money (a
-metro entry, a free or fully discounted ride) are not cleared. A row that credits the purse back
-(`amount_fen > 0`: a reversal) cannot be expressed in clearing file v1: the run refuses that operator's
-day instead of hiding it.
+metro entry, a free or fully discounted ride) are not cleared. A fare correction (`KIND_CORRECTION`,
+corrections.py: the card office gave a fare back) is cleared the same way, by the day it was written, as
+a correction line that debits the operator (`amount_fen` > 0 on the purse); a day with one is written as
+file version 2 (protocols/clearing.md), a day without as version 1, byte for byte what the version 1
+writer made. Any other row of these kinds that credits the purse (a fare row with `amount_fen > 0`,
+written by hand) is not a correction the file can name: the run refuses that operator's day instead of
+hiding it.
 
 When. A day can be cleared once it is over on the database's clock (by `CLEARING_MARGIN_S`) and no
 transaction that began before its end is still open (`posted_at` is the writing transaction's start, so
@@ -31,9 +35,10 @@ produces for the same lines (tested).
 
 Idempotent. The header's `created_at` is the report's first creation time, so re-running a day writes
 identical bytes and leaves the report alone ("unchanged"). If the journal of a cleared day changed anyway
-(a manual correction: count, total or digest differ), the run does not overwrite the report or the file:
-it reports "mismatch" and exits non-zero. `cardsvc audit` compares count and total only (not the digest,
-which would mean formatting every cleared row again): it fails too when those moved.
+(edited by hand: counts, totals or digest differ), the run does not overwrite the report or the file:
+it reports "mismatch" and exits non-zero. `cardsvc audit` compares counts and totals only (not the
+digest, which would mean formatting every cleared row again): it fails too when those moved. A fare
+correction never changes a cleared day: it is a new row, in the day it is written.
 """
 
 from __future__ import annotations
@@ -55,11 +60,13 @@ from cardsvc import limits, metrics
 from protocols import clearing as wire
 
 from . import fares
-from .taps import KIND_FARE, KIND_OFFLINE, KIND_PENALTY, KIND_RIDECODE, SOURCE_RIDECODE
+from .taps import KIND_CORRECTION, KIND_FARE, KIND_OFFLINE, KIND_PENALTY, KIND_RIDECODE, SOURCE_RIDECODE
 
 __all__ = [
+    "AGGREGATE_COLUMNS",
     "AGGREGATE_SQL",
     "CLEARING_KINDS",
+    "FARE_KINDS",
     "ClearingError",
     "DaysToClear",
     "OperatorResult",
@@ -76,7 +83,8 @@ __all__ = [
     "report_view",
 ]
 
-CLEARING_KINDS = (KIND_FARE, KIND_PENALTY, KIND_OFFLINE, KIND_RIDECODE)
+FARE_KINDS = (KIND_FARE, KIND_PENALTY, KIND_OFFLINE, KIND_RIDECODE)  # a purse debit is a fare line (D)
+CLEARING_KINDS = (*FARE_KINDS, KIND_CORRECTION)  # every kind an operator is credited or debited by
 CURSOR_PREFETCH = 10_000
 SETTLE_POLL_S = 0.2
 PROGRESS_EVERY_LINES = 100_000
@@ -92,26 +100,42 @@ def in_day_sql(lo: str, hi: str, alias: str = "") -> str:
     return f"greatest({a}at, {a}posted_at) >= {lo} AND greatest({a}at, {a}posted_at) < {hi} AND {a}at < {hi}"
 
 
-# The operators' debits of one clearing day [$2, $3): count and total credited, and the reversals that
-# file v1 cannot carry. Shared with `cardsvc audit`, which compares every stored report with it.
+# A journal row (alias j) that is a fare line (D) or a correction line (C) of a clearing file.
+_IS_FARE = f"(j.kind <> {KIND_CORRECTION} AND j.amount_fen < 0)"
+_IS_CORRECTION = f"(j.kind = {KIND_CORRECTION} AND j.amount_fen > 0)"
+# The aggregate of one operator and clearing day over journal rows j of CLEARING_KINDS, shared with
+# `cardsvc audit`, which compares every stored report with it: fares credited to the operator, corrections
+# debited from it, and the rows a file cannot name (`reversals`: a fare row crediting the purse, a
+# correction debiting it).
+AGGREGATE_COLUMNS = f"""
+       count(*) FILTER (WHERE {_IS_FARE}) AS txn_count,
+       coalesce(sum(-j.amount_fen) FILTER (WHERE {_IS_FARE}), 0)::bigint AS total_fen,
+       count(*) FILTER (WHERE {_IS_CORRECTION}) AS correction_count,
+       coalesce(sum(j.amount_fen) FILTER (WHERE {_IS_CORRECTION}), 0)::bigint AS correction_fen,
+       count(*) FILTER (WHERE (j.kind <> {KIND_CORRECTION} AND j.amount_fen > 0)
+                           OR (j.kind = {KIND_CORRECTION} AND j.amount_fen < 0)) AS reversals"""
+
+# Every counterparty's aggregate of one clearing day [$2, $3) ($1: CLEARING_KINDS; $4: one operator, or
+# NULL for all).
 AGGREGATE_SQL = f"""
-SELECT counterparty AS operator_id,
-       count(*) FILTER (WHERE amount_fen < 0) AS txn_count,
-       coalesce(sum(-amount_fen) FILTER (WHERE amount_fen < 0), 0)::bigint AS total_fen,
-       count(*) FILTER (WHERE amount_fen > 0) AS reversals
-FROM txn_journal
-WHERE kind = ANY($1::smallint[]) AND result = 1 AND {in_day_sql("$2", "$3")}
-  AND ($4::text IS NULL OR counterparty IN ($4, 'hotlisted:' || $4))
-GROUP BY counterparty
+SELECT j.counterparty AS operator_id, {AGGREGATE_COLUMNS}
+FROM txn_journal j
+WHERE j.kind = ANY($1::smallint[]) AND j.result = 1 AND {in_day_sql("$2", "$3", "j")}
+  AND ($4::text IS NULL OR j.counterparty IN ($4, 'hotlisted:' || $4))
+GROUP BY j.counterparty
 """
 
+# The lines of one operator's day in txn_id order, a correction with what its fare_correction row says
+# (migration 0019).
 _LINES_SQL = f"""
-SELECT txn_id, card_id, kind, source, -amount_fen AS amount_fen, floor(extract(epoch FROM at))::bigint AS t,
-       line_id, coalesce(station_id, '') AS station_id
-FROM txn_journal
-WHERE counterparty = $1 AND kind = ANY($2::smallint[]) AND result = 1 AND amount_fen < 0
-  AND {in_day_sql("$3", "$4")}
-ORDER BY txn_id
+SELECT j.txn_id, j.card_id, j.kind, j.source, abs(j.amount_fen) AS amount_fen,
+       floor(extract(epoch FROM j.at))::bigint AS t, j.line_id, coalesce(j.station_id, '') AS station_id,
+       f.corrects_txn_id, f.reason, f.fare_ridecode
+FROM txn_journal j
+LEFT JOIN fare_correction f ON j.kind = {KIND_CORRECTION} AND f.txn_id = j.txn_id
+WHERE j.counterparty = $1 AND j.kind = ANY($2::smallint[]) AND j.result = 1 AND ({_IS_FARE} OR {_IS_CORRECTION})
+  AND {in_day_sql("$3", "$4", "j")}
+ORDER BY j.txn_id
 """
 
 
@@ -140,6 +164,8 @@ class OperatorResult:
     digest: str | None
     path: Path | None
     detail: str = ""
+    correction_count: int = 0
+    correction_fen: int = 0
 
     @property
     def ok(self) -> bool:
@@ -170,16 +196,37 @@ def report_view(row: asyncpg.Record) -> dict[str, Any]:
         "business_date": row["business_date"].isoformat(),
         "txn_count": row["txn_count"],
         "total_fen": row["total_fen"],
+        "correction_count": row["correction_count"],
+        "correction_fen": row["correction_fen"],
+        "net_fen": row["total_fen"] - row["correction_fen"],
         "digest": row["digest"],
         "created_at": row["created_at"].isoformat(),
         "file": clearing_file_name(row["operator_id"], row["business_date"]),
     }
 
 
-def _line(r: asyncpg.Record) -> wire.ClearingLine:
+def _line(r: asyncpg.Record) -> wire.DetailLine:
     ridecode = r["kind"] == KIND_RIDECODE or r["source"] == SOURCE_RIDECODE
     if r["line_id"] is None:
         raise ClearingError(f"journal txn {r['txn_id']} has no line_id; it cannot be cleared")
+    if r["kind"] == KIND_CORRECTION:
+        if r["corrects_txn_id"] is None:
+            raise ClearingError(f"correction txn {r['txn_id']} has no fare_correction row; it cannot be cleared")
+        try:
+            reason = wire.CorrectionReason(r["reason"])
+        except ValueError:
+            raise ClearingError(f"correction txn {r['txn_id']} has an unknown reason") from None
+        return wire.ClearingCorrection(
+            txn_id=r["txn_id"],
+            card_id=r["card_id"],
+            source=wire.ClearingSource.RIDE_CODE if r["fare_ridecode"] else wire.ClearingSource.PURSE,
+            amount_fen=r["amount_fen"],
+            txn_time=r["t"],
+            line_id=r["line_id"],
+            station_id=r["station_id"],
+            corrects_txn_id=r["corrects_txn_id"],
+            reason=reason,
+        )
     return wire.ClearingLine(
         txn_id=r["txn_id"],
         card_id=r["card_id"],
@@ -203,7 +250,8 @@ async def _stream_file(
     # line at a time: write_clearing_file needs every line in memory at once.
     wire._validate_header(header)
     digest = hashlib.new("sm3")
-    count = total = prev = 0
+    count = prev = 0
+    sums = {False: [0, 0], True: [0, 0]}  # a correction? -> [lines, fen]
     with tmp.open("wb") as fh:
 
         def put(text: str) -> None:
@@ -218,14 +266,20 @@ async def _stream_file(
             wire._validate_line(count, ln, prev)
             prev = ln.txn_id
             count += 1
-            total += ln.amount_fen
+            side = sums[isinstance(ln, wire.ClearingCorrection)]
+            side[0] += 1
+            side[1] += ln.amount_fen
             put(wire._detail_line(count, ln))
             if progress is not None and count % PROGRESS_EVERY_LINES == 0:
-                progress(f"clearing {header.operator_id} {header.business_date}: {count}/{header.record_count} lines")
-        if count != header.record_count or total != header.total_fen:
+                lines = header.record_count + header.correction_count
+                progress(f"clearing {header.operator_id} {header.business_date}: {count}/{lines} lines")
+        got = (*sums[False], *sums[True])
+        want = (header.record_count, header.total_fen, header.correction_count, header.correction_fen)
+        if got != want:
             raise ClearingError(
-                f"{header.operator_id}: the lines ({count}, {total} fen) do not match the aggregate "
-                f"({header.record_count}, {header.total_fen} fen)"
+                f"{header.operator_id}: the lines (fares {got[0]}, {got[1]} fen; corrections {got[2]}, "
+                f"{got[3]} fen) do not match the aggregate (fares {want[0]}, {want[1]} fen; corrections "
+                f"{want[2]}, {want[3]} fen)"
             )
         hexdigest = digest.hexdigest()
         fh.write(f"T|{count}|{hexdigest}\n".encode("ascii"))
@@ -414,7 +468,8 @@ async def _clear_locked(
     stored = {
         r["operator_id"]: r
         for r in await conn.fetch(
-            "SELECT operator_id, txn_count, total_fen, digest, created_at FROM clearing_report WHERE business_date = $1",
+            """SELECT operator_id, txn_count, total_fen, correction_count, correction_fen, digest, created_at
+               FROM clearing_report WHERE business_date = $1""",
             day,
         )
     }
@@ -444,9 +499,11 @@ async def _clear_locked(
             for op in cleared:
                 agg = aggregate.get(op)
                 count, total = (agg["txn_count"], agg["total_fen"]) if agg else (0, 0)
+                fixes = (agg["correction_count"], agg["correction_fen"]) if agg else (0, 0)
                 if agg and agg["reversals"]:
                     results.append(OperatorResult(op, day, "refused", count, total, None, None,
-                                                  f"{agg['reversals']} reversal row(s): not expressible in file v1"))
+                                                  f"{agg['reversals']} row(s) credit a purse but are not fare "
+                                                  "corrections: a clearing file cannot name them", *fixes))
                     continue
                 prior = stored.get(op)
                 path = out_dir / clearing_file_name(op, day)
@@ -461,26 +518,31 @@ async def _clear_locked(
                 tmp = path.with_name(path.name + ".tmp")
                 tmps.append(tmp)
                 try:
-                    header = wire.ClearingHeader(op, day, count, total, created_at)
+                    header = wire.ClearingHeader(op, day, count, total, created_at, *fixes)
                     digest = await _stream_file(conn, header, bounds, tmp, progress)
                     if made_before is not None and digest != made_before[1]:
                         created_at = max(int(time.time()), made_before[0] + 1)
-                        header = wire.ClearingHeader(op, day, count, total, created_at)
+                        header = dataclasses.replace(header, created_at=created_at)
                         digest = await _stream_file(conn, header, bounds, tmp, progress)
                 except (ClearingError, wire.ClearingFileInvalid) as exc:
                     tmp.unlink(missing_ok=True)  # a refused day leaves no half-written file behind
-                    results.append(OperatorResult(op, day, "refused", count, total, None, None, str(exc)))
+                    results.append(OperatorResult(op, day, "refused", count, total, None, None, str(exc), *fixes))
                     continue
-                if prior is not None and (prior["txn_count"], prior["total_fen"], prior["digest"]) != (count, total, digest):
+                if prior is not None and (
+                    prior["txn_count"], prior["total_fen"], prior["correction_count"], prior["correction_fen"],
+                    prior["digest"],
+                ) != (count, total, *fixes, digest):
                     tmp.unlink()
                     results.append(OperatorResult(
                         op, day, "mismatch", count, total, digest, None,
                         f"the journal changed after the report was made: report {prior['txn_count']} txns "
-                        f"{prior['total_fen']} fen, journal {count} txns {total} fen; report and file kept",
+                        f"{prior['total_fen']} fen and {prior['correction_count']} corrections "
+                        f"{prior['correction_fen']} fen, journal {count} txns {total} fen and {fixes[0]} "
+                        f"corrections {fixes[1]} fen; report and file kept", *fixes,
                     ))
                     continue
                 status = "unchanged" if prior is not None else "created"
-                made.append((OperatorResult(op, day, status, count, total, digest, path), tmp, created_at))
+                made.append((OperatorResult(op, day, status, count, total, digest, path, "", *fixes), tmp, created_at))
         # A report says its day is cleared, so it commits only once its file is in place (renamed and the
         # directory synced): a file that cannot be put in place, or a crash between the two, leaves no report,
         # and the next run clears the day again. The file's time and digest are committed before the rename
@@ -502,10 +564,12 @@ async def _clear_locked(
             )  # fmt: skip
             async with conn.transaction():
                 inserted = await conn.fetchval(
-                    """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest, created_at)
-                       VALUES ($1, $2, $3, $4, $5, to_timestamp($6))
+                    """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest, created_at,
+                                                   correction_count, correction_fen)
+                       VALUES ($1, $2, $3, $4, $5, to_timestamp($6), $7, $8)
                        ON CONFLICT (operator_id, business_date) DO NOTHING RETURNING 1""",
                     res.operator_id, day, res.txn_count, res.total_fen, res.digest, created_at,
+                    res.correction_count, res.correction_fen,
                 )
                 await conn.execute(
                     "DELETE FROM clearing_pending WHERE operator_id = $1 AND business_date = $2", res.operator_id, day
@@ -526,6 +590,6 @@ async def _clear_locked(
     return results
 
 
-def read_back(path: Path) -> tuple[wire.ClearingHeader, Sequence[wire.ClearingLine]]:
+def read_back(path: Path) -> tuple[wire.ClearingHeader, Sequence[wire.DetailLine]]:
     """Parse a written clearing file (small files; for checks and tests)."""
     return wire.read_clearing_file(path.read_bytes())

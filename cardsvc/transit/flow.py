@@ -32,7 +32,10 @@ __all__ = [
     "TransitContext",
     "build_tap_item",
     "issue_ride_cert",
+    "prior_office_answer",
+    "purse_card",
     "purse_view",
+    "record_office_key",
     "top_up",
 ]
 
@@ -205,7 +208,7 @@ async def _ride_item(
 # ------------------------------------------------------------------ purse
 
 
-async def _purse_card(conn: asyncpg.Connection, card_no: str) -> asyncpg.Record:
+async def purse_card(conn: asyncpg.Connection, card_no: str) -> asyncpg.Record:
     row = await conn.fetchrow(
         """SELECT c.card_id, c.has_purse, p.balance_fen FROM card c LEFT JOIN purse p ON p.card_id = c.card_id
            WHERE c.card_no = $1""",
@@ -219,7 +222,7 @@ async def _purse_card(conn: asyncpg.Connection, card_no: str) -> asyncpg.Record:
 
 
 async def purse_view(conn: asyncpg.Connection, card_no: str) -> dict[str, Any]:
-    row = await _purse_card(conn, card_no)
+    row = await purse_card(conn, card_no)
     history = await conn.fetch(
         """SELECT txn_id, kind, amount_fen, at, counterparty, line_id, station_id FROM txn_journal
            WHERE card_id = $1 ORDER BY at DESC, txn_id DESC LIMIT $2""",
@@ -258,22 +261,56 @@ LIMIT 1
 """
 
 
+async def prior_office_answer(
+    conn: asyncpg.Connection, terminal_id: str, terminal_seq: int, digest: bytes
+) -> asyncpg.Record | None:
+    """The earlier answer under a card-office key (a top-up, refund or fare correction: one key space per
+    terminal with its taps), or None. A different request under the key is `idempotency_conflict`. Call it
+    holding the purse lock: a resent request that waited for its original's lock then reads its answer."""
+    prior: asyncpg.Record | None = await conn.fetchrow(_PRIOR_TOPUP_SQL, terminal_id, terminal_seq)
+    if prior is not None and bytes(prior["request_hash"]) != digest:
+        raise ApiError("idempotency_conflict", field="terminal_seq")
+    return prior
+
+
+async def record_office_key(
+    conn: asyncpg.Connection, terminal_id: str, terminal_seq: int, digest: bytes, card_id: int, amount_fen: int,
+    balance_fen: int, txn_id: int,
+) -> None:
+    """Keep a card-office answer under its key: in terminal_txn (the answer of every terminal transaction)
+    and for good in topup_key (migration 0009)."""
+    try:
+        await conn.execute(
+            """WITH k AS (
+                   INSERT INTO topup_key (terminal_id, terminal_seq, request_hash, card_id, amount_fen,
+                                          balance_fen, txn_id)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)
+               )
+               INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result,
+                                         amount_fen, balance_fen, txn_id)
+               VALUES ($1, $2, $3, $4, 'approved', $5, $6, $7)""",
+            terminal_id, terminal_seq, digest, card_id, amount_fen, balance_fen, txn_id,
+        )  # fmt: skip
+    except asyncpg.UniqueViolationError:
+        # The key was taken meanwhile by a request for another card (the same card would have waited for
+        # the purse lock and seen it): a different payload under one key.
+        raise ApiError("idempotency_conflict", field="terminal_seq") from None
+
+
 async def top_up(
     conn: asyncpg.Connection, svc: Services, card_no: str, body: dict[str, Any], actor: Actor
 ) -> dict[str, Any]:
     """Credit a purse (card office or bank channel): idempotent per (terminal, terminal_seq)."""
     digest = request_hash({**body, "card_no": card_no})
     async with conn.transaction():
-        row = await _purse_card(conn, card_no)
+        row = await purse_card(conn, card_no)
         # The purse lock first, then the earlier answer: a resent top-up that waited for its original's
         # lock then reads the original's answer instead of writing the same key again.
         balance: int = await conn.fetchval(
             "SELECT balance_fen FROM purse WHERE card_id = $1 FOR UPDATE", row["card_id"]
         )
-        prior = await conn.fetchrow(_PRIOR_TOPUP_SQL, actor.terminal_id, body["terminal_seq"])
+        prior = await prior_office_answer(conn, actor.terminal_id, body["terminal_seq"], digest)
         if prior is not None:
-            if bytes(prior["request_hash"]) != digest:
-                raise ApiError("idempotency_conflict", field="terminal_seq")
             return {
                 "result": prior["result"],
                 "amount_fen": prior["amount_fen"],
@@ -316,28 +353,10 @@ async def top_up(
             row["card_id"],
             new_balance,
         )
-        try:
-            await conn.execute(
-                """WITH k AS (
-                       INSERT INTO topup_key (terminal_id, terminal_seq, request_hash, card_id, amount_fen,
-                                              balance_fen, txn_id)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7)
-                   )
-                   INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result,
-                                             amount_fen, balance_fen, txn_id)
-                   VALUES ($1, $2, $3, $4, 'approved', $5, $6, $7)""",
-                actor.terminal_id,
-                body["terminal_seq"],
-                digest,
-                row["card_id"],
-                sign * body["amount_fen"],
-                new_balance,
-                txn_id,
-            )
-        except asyncpg.UniqueViolationError:
-            # The key was taken meanwhile by a request for another card (the same card would have waited
-            # for the purse lock above and seen it): a different payload under one key.
-            raise ApiError("idempotency_conflict", field="terminal_seq") from None
+        await record_office_key(
+            conn, actor.terminal_id, body["terminal_seq"], digest, row["card_id"], sign * body["amount_fen"],
+            new_balance, txn_id,
+        )  # fmt: skip
     return {
         "result": "approved",
         "amount_fen": sign * body["amount_fen"],

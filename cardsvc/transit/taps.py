@@ -56,6 +56,7 @@ from . import fares
 
 __all__ = [
     "HELD",
+    "KIND_CORRECTION",
     "KIND_FARE",
     "KIND_PENALTY",
     "SOURCE_ONLINE",
@@ -75,6 +76,7 @@ KIND_OPENING = 4
 KIND_OFFLINE = 5
 KIND_RIDECODE = 6
 KIND_TRANSFER = 7  # purse balance moved to a replacement card
+KIND_CORRECTION = 8  # a fare given back by the card office (corrections.py): purse credited, operator debited
 # txn_journal.source
 SOURCE_ONLINE = 1
 SOURCE_OFFLINE = 2

@@ -389,6 +389,20 @@ def _transit() -> Vectors:
         clearing.ClearingLine(1005, 77, clearing.ClearingSource.RIDE_CODE, 200, t + 1900, "M3", "S20"),
     ]
     header = clearing.make_header("CQMETRO", date(2026, 1, 1), t + 86_400 + 3600, lines)
+    # Version 2: the next day's file, with a fare and two corrections (one of a fare of the day before).
+    t2 = t + 86_400
+    lines2: list[clearing.DetailLine] = [
+        clearing.ClearingLine(1010, 5, clearing.ClearingSource.PURSE, 300, t2 + 600, "M3", "S21"),
+        clearing.ClearingCorrection(
+            1011, 5, clearing.ClearingSource.PURSE, 320, t2 + 700, "M3", "S20", 1002,
+            clearing.CorrectionReason.LATE_ENTRY,
+        ),
+        clearing.ClearingCorrection(
+            1012, 77, clearing.ClearingSource.RIDE_CODE, 200, t2 + 800, "M3", "S20", 1005,
+            clearing.CorrectionReason.TERMINAL_FAULT,
+        ),
+    ]  # fmt: skip
+    header2 = clearing.make_header("CQMETRO", date(2026, 1, 2), t2 + 86_400 + 3600, lines2)
     return {
         "description": "Transit purse TAC (transit.md), upload batch, purse_seq arithmetic, clearing file (clearing.md)",
         "master_key": CARD_MASTER_TAC.hex(),
@@ -432,20 +446,41 @@ def _transit() -> Vectors:
                 "total_fen": header.total_fen,
                 "created_at": header.created_at,
             },
+            "lines": [_clearing_line(ln) for ln in lines],
+        },
+        "clearing_file_v2": {
+            "text": clearing.write_clearing_file(header2, lines2).decode("ascii"),
+            "header": {
+                "operator_id": header2.operator_id,
+                "business_date": "20260102",
+                "record_count": header2.record_count,
+                "total_fen": header2.total_fen,
+                "created_at": header2.created_at,
+                "correction_count": header2.correction_count,
+                "correction_fen": header2.correction_fen,
+                "net_fen": header2.net_fen,
+            },
             "lines": [
-                {
-                    "txn_id": ln.txn_id,
-                    "card_id": ln.card_id,
-                    "source": ln.source.value,
-                    "amount_fen": ln.amount_fen,
-                    "txn_time": ln.txn_time,
-                    "line_id": ln.line_id,
-                    "station_id": ln.station_id,
-                }
-                for ln in lines
+                {"type": "C" if isinstance(ln, clearing.ClearingCorrection) else "D", **_clearing_line(ln)}
+                for ln in lines2
             ],
         },
     }
+
+
+def _clearing_line(ln: clearing.DetailLine) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "txn_id": ln.txn_id,
+        "card_id": ln.card_id,
+        "source": ln.source.value,
+        "amount_fen": ln.amount_fen,
+        "txn_time": ln.txn_time,
+        "line_id": ln.line_id,
+        "station_id": ln.station_id,
+    }
+    if isinstance(ln, clearing.ClearingCorrection):
+        out |= {"corrects_txn_id": ln.corrects_txn_id, "reason": ln.reason.value}
+    return out
 
 
 RIDE_ISSUER_SEED = bytes([0x11] * 32)

@@ -62,6 +62,7 @@ BODIES: dict[tuple[str, str], api.Message] = {
     ("post", "/v1/ecard-codes/verify"): api.ECARD_VERIFY,
     ("post", "/v1/transit/taps"): api.TAP,
     ("post", "/v1/purses/{card_no}/top-ups"): api.TOPUP,
+    ("post", "/v1/purses/{card_no}/fare-corrections"): api.FARE_CORRECTION,
     ("post", "/v1/ride-certs"): api.RIDE_CERT_ISSUE,
     ("put", "/v1/holders/{holder_id}/concession"): api.CONCESSION_SET,
     ("post", "/v1/holders/{holder_id}/concession/extra-quota"): api.CONCESSION_ACTION,
@@ -1174,6 +1175,24 @@ async def test_every_endpoint_answers_what_the_spec_says(svc: ServiceHarness, tm
     assert r.body["field"] == "gate_id"
     assert fields_seen == tap_fields(), fields_seen ^ tap_fields()  # every documented field is answered
 
+    # ---- fare corrections (card office): part of the first tap's fare given back
+    fix = f"{purse}/fare-corrections"
+    assert paid["fare_fen"] > 1
+    corr = {"terminal_seq": 20, "txn_id": paid["txn_id"], "amount_fen": 1, "reason": "fare_error", "operator": "s-1"}
+    before = (await c.ok("GET", purse)).body["balance_fen"]
+    given = (await c.ok("POST", fix, corr)).body
+    assert given["corrects_txn_id"] == paid["txn_id"] and given["replayed_answer"] is False
+    assert given["balance_fen"] == before + 1
+    assert (await c.ok("POST", fix, corr)).body == given | {"replayed_answer": True}
+    await c.err("POST", fix, corr | {"amount_fen": 2}, code="idempotency_conflict")
+    over = await c.err("POST", fix, corr | {"terminal_seq": 21, "amount_fen": paid["fare_fen"]},
+                       code="correction_exceeds_fare")  # fmt: skip
+    assert (over.body["fare_fen"], over.body["given_back_fen"], over.body["left_fen"]) == (
+        paid["fare_fen"], 1, paid["fare_fen"] - 1,
+    )  # fmt: skip
+    await c.err("POST", fix, corr | {"terminal_seq": 22, "txn_id": topped["txn_id"]}, code="fare_not_correctable")
+    await c.err("POST", fix, corr | {"terminal_seq": 23, "txn_id": 2**62}, code="not_found")
+
     # A funded card whose chip debits offline: one record two days ago (to clear), one now.
     oc = await svc.new_card(has_purse=True)
     top = {"terminal_seq": 12, "amount_fen": 1000, "channel": "cash", "operator": "s-1"}
@@ -1244,6 +1263,9 @@ async def test_every_endpoint_answers_what_the_spec_says(svc: ServiceHarness, tm
         "business_date": day.isoformat(),
         "txn_count": bus_day.txn_count,
         "total_fen": bus_day.total_fen,
+        "correction_count": bus_day.correction_count,  # the fare corrected above, if written the same day
+        "correction_fen": bus_day.correction_fen,
+        "net_fen": bus_day.total_fen - bus_day.correction_fen,
         "digest": bus_day.digest,
         "created_at": report["created_at"],
         "file": clearing.clearing_file_name("cq-bus", day),

@@ -103,7 +103,7 @@ async def test_audit_passes_after_a_scenario(svc: ServiceHarness, run_cli: Any, 
     assert res.status == 0, res.out + res.err
     assert "purse_balances: card ids" in res.err  # the progress line of a chunked walk
     lines = res.out.splitlines()
-    assert sum(line.startswith("PASS ") for line in lines) == 7 and not any(line.startswith("FAIL") for line in lines)
+    assert sum(line.startswith("PASS ") for line in lines) == 8 and not any(line.startswith("FAIL") for line in lines)
     assert "audit PASSED" in lines[-1]
     res = await run_cli("audit", "--json")
     assert res.status == 0
