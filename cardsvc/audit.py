@@ -179,6 +179,7 @@ WITH c AS (
     FROM c
     LEFT JOIN txn_journal o ON o.card_id = c.card_id AND o.txn_id = c.corrects_txn_id
                            AND o.kind = ANY($2::smallint[]) AND o.result = 1 AND o.amount_fen < 0
+    WHERE c.booked  -- a correction without its journal row is counted once, as unbooked
     GROUP BY c.card_id, c.corrects_txn_id
 )
 SELECT (SELECT count(*) FROM c) AS corrections,
@@ -223,7 +224,8 @@ async def _fare_corrections(conn: asyncpg.Connection, journal: tuple[int, int]) 
 #   orders one purse's rows: every writer holds the purse row lock. A card replaced with a zero balance
 #   has no move to split its rows at: none of its debits are counted (stricter), or, once one of its
 #   debits was carried over after the replacement, that carry is the split (the carried debit may then
-#   count twice: looser by at most that one debit).
+#   count twice: looser by at most that one debit). A fare correction carried from such a card is a split
+#   too, equally loose.
 #   A replaced card's offline debits uploaded after its replacement are carried to the card that replaced
 #   it (cardsvc/transit/offline.py): there they are its negative 'replacement' rows written by an upload
 #   (source offline; a replacement's own transfers are the card office's), counted like its own debits.

@@ -325,7 +325,9 @@ def read_clearing_file(data: bytes) -> tuple[ClearingHeader, list[DetailLine]]:
         f = row.split(SEPARATOR)
         where = f"detail[{i}]."
         correction = version == 2 and f[0] == "C"
-        if len(f) != (_CORRECTION_FIELDS if correction else _DETAIL_FIELDS) or f[0] not in ("C", "D"):
+        if len(f) != (_CORRECTION_FIELDS if correction else _DETAIL_FIELDS) or f[0] != (
+            "C" if correction else "D"
+        ):
             raise _bad(
                 "detail line expected" if version == 1 else "detail or correction line expected",
                 f"detail[{i}]",

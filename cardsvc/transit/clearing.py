@@ -494,7 +494,8 @@ async def _clear_locked(
                 # have refused): the purse paid, nobody is paid; shown, never cleared (with one operator: its own).
                 a = aggregate[other]
                 results.append(OperatorResult(other, day, "not_cleared", a["txn_count"], a["total_fen"], None,
-                                              None, "not an operator: kept out of clearing"))
+                                              None, "not an operator: kept out of clearing", a["correction_count"],
+                                              a["correction_fen"]))
             made: list[tuple[OperatorResult, Path, int]] = []
             for op in cleared:
                 agg = aggregate.get(op)

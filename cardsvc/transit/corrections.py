@@ -63,17 +63,6 @@ VALUES ($1, $2, $3, $4, $5, 1, now(), $6, $7, $8, $9) RETURNING txn_id
 """
 
 
-async def _live_successor(conn: asyncpg.Connection, card_id: int) -> int | None:
-    """The card at the end of `card_id`'s replacements (replaced_by, followed), or None if there is none."""
-    current, nxt = card_id, None
-    for _ in range(_REPLACEMENT_HOPS_MAX):
-        nxt = await conn.fetchval("SELECT replaced_by FROM card WHERE card_id = $1", current)
-        if nxt is None:
-            break
-        current = nxt
-    return current if current != card_id else None
-
-
 async def correct_fare(
     conn: asyncpg.Connection, svc: Services, card_no: str, body: dict[str, Any], actor: Actor
 ) -> dict[str, Any]:
@@ -119,19 +108,24 @@ async def correct_fare(
                 },
             )
         status = card.CardStatus(await conn.fetchval("SELECT status FROM card WHERE card_id = $1", card_id))
-        successor = await _live_successor(conn, card_id) if status == card.CardStatus.REPLACED else None
-        # The purse the holder spends from: this card's, or (replaced) its successor's, locked after this one's.
-        home, home_balance = card_id, balance
-        if successor is not None:
-            locked = await conn.fetchval(
-                "SELECT balance_fen FROM purse WHERE card_id = $1 FOR UPDATE", successor
-            )
-            if locked is not None:
-                home, home_balance = successor, locked
-        if home == card_id and status in _DEAD and balance + amount > 0:
+        # The purse the holder spends from: this card's, or (replaced) the live end of its replacements'. Each
+        # card's purse is locked before its row is read (a replacement or a cancel holds the purse lock while
+        # it commits), in card order (a replacement card is newer: a higher id), as tap batches lock them.
+        home, home_balance, home_status = card_id, balance, status
+        nxt = await conn.fetchval("SELECT replaced_by FROM card WHERE card_id = $1", card_id)
+        for _ in range(_REPLACEMENT_HOPS_MAX):
+            if home_status != card.CardStatus.REPLACED or nxt is None:
+                break
+            locked = await conn.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1 FOR UPDATE", nxt)
+            if locked is None:  # a replacement without a purse (not made by cardsvc): nowhere to carry to
+                break
+            st = await conn.fetchrow("SELECT status, replaced_by FROM card WHERE card_id = $1", nxt)
+            home, home_balance, home_status = nxt, locked, card.CardStatus(st["status"])
+            nxt = st["replaced_by"]
+        if home_status in _DEAD and home_balance + amount > 0:
             raise ApiError(
-                "card_unusable", "a cancelled card takes a correction only to settle its debt",
-                extra={"card_status": status.api_name},
+                "card_unusable", "a cancelled card (or one whose replacement was cancelled) takes a correction "
+                "only to settle its debt", extra={"card_status": home_status.api_name},
             )  # fmt: skip
         if home_balance + amount > svc.settings.purse_balance_max_fen:
             raise ApiError(

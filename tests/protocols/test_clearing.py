@@ -150,6 +150,7 @@ def _refit(rows: list[str]) -> bytes:
         (lambda r: [r[0].replace("|1|", "|2|", 1), *r[1:]], "header"),  # a version 2 header has 10 fields
         (lambda r: [r[0].replace("|1|", "|2|", 1) + "|0|0", *r[1:]], "header.correction_count"),
         (lambda r: [r[0], r[1].replace("D|", "C|", 1) + "|1|goodwill", *r[2:]], "detail[0]"),  # no C in v1
+        (lambda r: [r[0], r[1].replace("D|", "C|", 1), *r[2:]], "detail[0]"),  # not even shaped as a fare
         (lambda r: [r[0], r[1] + "|x", *r[2:]], "detail[0]"),
     ],
 )

@@ -197,8 +197,8 @@ async def test_what_cannot_be_given_back_is_refused_and_changes_nothing(
         ("bank_channel", fix_body(fare["txn_id"], 10), "forbidden_operation", 403),
         ("transit_validator", fix_body(fare["txn_id"], 10), "forbidden_operation", 403),
     ]  # fmt: skip
-    if entry_txn is not None:
-        cases.append(("card_office", fix_body(entry_txn, 10), "fare_not_correctable", 409))
+    assert entry_txn is not None
+    cases.append(("card_office", fix_body(entry_txn, 10), "fare_not_correctable", 409))
     for as_, body, code, status in cases:
         r = await svc.post(path, body, as_=as_)
         assert (r.status, r.body["code"]) == (status, code), (body, r.body)
@@ -210,16 +210,25 @@ async def test_what_cannot_be_given_back_is_refused_and_changes_nothing(
     assert after == state
 
 
-async def test_a_replaced_cards_fare_is_given_back_on_the_card_that_replaced_it(
-    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
-) -> None:
+async def fare_then_replaced(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """A funded card's metro fare, then the card lost and replaced: the card, the fare's answer and the
+    replacement's card_id (which now holds the purse)."""
     c = await funded_card(svc, 2000)
     fare = await metro_fare(svc, c["card_sn"])
     for op in ("temporary-loss", "formal-loss"):
         assert (await svc.post(f"/v1/cards/{c['card_no']}/{op}", {"operator": "s-1"})).status == 200
     body = replacement_body()
     assert (await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "s-1"})).status == 200
-    new_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", body["new_card_no"])
+    new_id: int = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", body["new_card_no"])
+    return c, fare, new_id
+
+
+async def test_a_replaced_cards_fare_is_given_back_on_the_card_that_replaced_it(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
+) -> None:
+    c, fare, new_id = await fare_then_replaced(svc, db)
     moved = await balance(db, new_id)
     assert moved == 2000 - fare["fare_fen"] and await balance(db, c["card_id"]) == 0
 
@@ -230,6 +239,30 @@ async def test_a_replaced_cards_fare_is_given_back_on_the_card_that_replaced_it(
     checks = await audit(db, settings)
     assert all(ch.ok for ch in checks.values()), [ch.line() for ch in checks.values() if not ch.ok]
     assert checks["replacement_transfers"].counts["transfer_rows"] == 4
+
+
+async def test_a_replacement_cancelled_since_takes_no_correction_beyond_its_debt(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A's fare, A replaced by B, B cancelled since: the credit would land on a dead card and is refused;
+    nothing moves."""
+    c, fare, new_id = await fare_then_replaced(svc, db)
+    await db.execute("UPDATE card SET status = $2 WHERE card_id = $1", new_id, int(CardStatus.CANCELLED))
+    state = (
+        await balance(db, c["card_id"]),
+        await balance(db, new_id),
+        await db.fetchval("SELECT count(*) FROM txn_journal"),
+    )
+    r = await svc.post(f"/v1/purses/{c['card_no']}/fare-corrections", fix_body(fare["txn_id"], 10))
+    assert r.status == 422 and r.body["code"] == "card_unusable" and r.body["card_status"] == "cancelled", (
+        r.body
+    )
+    after = (
+        await balance(db, c["card_id"]),
+        await balance(db, new_id),
+        await db.fetchval("SELECT count(*) FROM txn_journal"),
+    )
+    assert after == state
 
 
 async def test_a_cancelled_card_takes_a_correction_only_to_settle_its_debt(
@@ -295,6 +328,7 @@ async def test_clearing_lists_a_correction_in_the_day_it_was_made_as_file_versio
     )
 
     data = new.path.read_bytes()
+    assert wire.write_clearing_file(h2, lines2) == data  # streamed by the run = the protocol's writer
     [again] = await clearing.clear_day(db, TABLE, today, tmp_path, operator_id="cq-metro", now=later)
     assert again.status == "unchanged" and new.path.read_bytes() == data
     checks = await audit(db, settings)
