@@ -73,6 +73,7 @@ __all__ = [
     "business_day_bounds",
     "clear_day",
     "clearing_file_name",
+    "clearing_source",
     "days_to_clear",
     "in_day_sql",
     "last_day_over",
@@ -205,8 +206,13 @@ def report_view(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
+def clearing_source(kind: int, source: int) -> wire.ClearingSource:
+    """A fare row's `source` label in a clearing file: what a ride code charged, or the purse."""
+    ridecode = kind == KIND_RIDECODE or source == SOURCE_RIDECODE
+    return wire.ClearingSource.RIDE_CODE if ridecode else wire.ClearingSource.PURSE
+
+
 def _line(r: asyncpg.Record) -> wire.DetailLine:
-    ridecode = r["kind"] == KIND_RIDECODE or r["source"] == SOURCE_RIDECODE
     if r["line_id"] is None:
         raise ClearingError(f"journal txn {r['txn_id']} has no line_id; it cannot be cleared")
     if r["kind"] == KIND_CORRECTION:
@@ -230,7 +236,7 @@ def _line(r: asyncpg.Record) -> wire.DetailLine:
     return wire.ClearingLine(
         txn_id=r["txn_id"],
         card_id=r["card_id"],
-        source=wire.ClearingSource.RIDE_CODE if ridecode else wire.ClearingSource.PURSE,
+        source=clearing_source(r["kind"], r["source"]),
         amount_fen=r["amount_fen"],
         txn_time=r["t"],
         line_id=r["line_id"],

@@ -28,24 +28,21 @@ from cardsvc.errors import ApiError
 from cardsvc.flows.actor import Actor
 from cardsvc.services import Services
 from protocols import card
+from protocols.clearing import ClearingSource
 
+from .clearing import FARE_KINDS, clearing_source
 from .flow import prior_office_answer, purse_card, record_office_key
 from .taps import (
     KIND_CORRECTION,
-    KIND_FARE,
-    KIND_OFFLINE,
-    KIND_PENALTY,
-    KIND_RIDECODE,
     KIND_TRANSFER,
     SOURCE_OFFICE,
-    SOURCE_RIDECODE,
     request_hash,
 )
 
 __all__ = ["CORRECTABLE_KINDS", "correct_fare"]
 
 # What a correction may give back: an approved debit of these kinds (what clearing pays an operator for).
-CORRECTABLE_KINDS = (KIND_FARE, KIND_PENALTY, KIND_OFFLINE, KIND_RIDECODE)
+CORRECTABLE_KINDS = FARE_KINDS
 _REPLACEMENT_HOPS_MAX = 100
 _DEAD = (card.CardStatus.REPLACED, card.CardStatus.CANCELLED)
 
@@ -107,12 +104,16 @@ async def correct_fare(
                     "left_fen": left,
                 },
             )
-        status = card.CardStatus(await conn.fetchval("SELECT status FROM card WHERE card_id = $1", card_id))
         # The purse the holder spends from: this card's, or (replaced) the live end of its replacements'. Each
         # card's purse is locked before its row is read (a replacement or a cancel holds the purse lock while
         # it commits), in card order (a replacement card is newer: a higher id), as tap batches lock them.
-        home, home_balance, home_status = card_id, balance, status
-        nxt = await conn.fetchval("SELECT replaced_by FROM card WHERE card_id = $1", card_id)
+        own = await conn.fetchrow("SELECT status, replaced_by FROM card WHERE card_id = $1", card_id)
+        home, home_balance, home_status, nxt = (
+            card_id,
+            balance,
+            card.CardStatus(own["status"]),
+            own["replaced_by"],
+        )
         for _ in range(_REPLACEMENT_HOPS_MAX):
             if home_status != card.CardStatus.REPLACED or nxt is None:
                 break
@@ -131,7 +132,7 @@ async def correct_fare(
             raise ApiError(
                 "purse_balance_cap", f"at most {svc.settings.purse_balance_max_fen} fen", field="amount_fen"
             )
-        ridecode = fare["kind"] == KIND_RIDECODE or fare["source"] == SOURCE_RIDECODE
+        ridecode = clearing_source(fare["kind"], fare["source"]) == ClearingSource.RIDE_CODE
         txn_id: int = await conn.fetchval(
             _JOURNAL_SQL, card_id, KIND_CORRECTION, actor.terminal_id, body["terminal_seq"], amount,
             fare["counterparty"], fare["line_id"], fare["station_id"], SOURCE_OFFICE,
