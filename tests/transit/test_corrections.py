@@ -23,6 +23,9 @@ from cardsvc.transit.taps import KIND_CORRECTION
 from protocols import clearing as wire
 from protocols.card import CardStatus
 from tests.helpers import ServiceHarness, replacement_body
+from tests.transit.test_rides import gate_record as ride_record
+from tests.transit.test_rides import rider
+from tests.transit.test_rides import upload as upload_rides
 from tests.transit.test_taps import funded_card, ledger_holds, metro, tap, tap_body  # noqa: F401 (fixture)
 
 TABLE = fares.load_demo_table()
@@ -388,3 +391,38 @@ async def test_the_audit_fails_when_the_correction_ledger_is_broken(
     check = (await audit(db, settings))["fare_corrections"]
     assert not check.ok and check.detail, check
     assert check.samples == (c["card_id"],) or breakage in ("journal_only", "row_deleted")
+
+
+async def test_a_ride_code_charge_is_given_back_as_ridecode_and_a_dead_card_only_settles_its_debt(
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A post-paid ride-code ride took the purse below zero; the card was cancelled since. A correction may
+    pay the debt back (to 0), no further; its clearing line is labelled `ridecode` like the ride's."""
+    c, phone, _ = await rider(svc, amount_fen=1)
+    at = int(time.time()) - 30
+    [ride] = await upload_rides(svc, [ride_record(svc, phone.next_code(at), at)])
+    assert ride["result"] == "approved" and ride["balance_fen"] == 1 - ride["fare_fen"] < 0, ride
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    await db.execute("UPDATE card SET status = $2 WHERE card_id = $1", card_id, int(CardStatus.CANCELLED))
+    path = f"/v1/purses/{c['card_no']}/fare-corrections"
+    debt = -ride["balance_fen"]
+    settle = await svc.post(path, fix_body(ride["txn_id"], debt, reason="terminal_fault"))
+    assert settle.status == 200 and settle.body["balance_fen"] == 0, settle.body
+    beyond = await svc.post(path, fix_body(ride["txn_id"], 1, reason="terminal_fault"))
+    assert beyond.status == 422 and beyond.body["code"] == "card_unusable", beyond.body
+
+    posted = await db.fetchval("SELECT posted_at FROM txn_journal WHERE txn_id = $1", settle.body["txn_id"])
+    day = fares.local_day(TABLE, int(posted.timestamp()))
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    [bus] = await clearing.clear_day(db, TABLE, day, tmp_path, operator_id="cq-bus", now=later)
+    assert bus.path is not None and bus.status == "created"
+    header, lines = clearing.read_back(bus.path)
+    assert header.version == 2 and header.correction_fen == debt
+    fix = next(ln for ln in lines if isinstance(ln, wire.ClearingCorrection))
+    fare_line = next(ln for ln in lines if ln.txn_id == ride["txn_id"])
+    assert fix.source == fare_line.source == wire.ClearingSource.RIDE_CODE
+    assert (fix.corrects_txn_id, fix.amount_fen, fix.reason) == (
+        ride["txn_id"],
+        debt,
+        wire.CorrectionReason.TERMINAL_FAULT,
+    )
