@@ -256,8 +256,7 @@ async def _stream_file(
     # line at a time: write_clearing_file needs every line in memory at once.
     wire._validate_header(header)
     digest = hashlib.new("sm3")
-    count = prev = 0
-    sums = {False: [0, 0], True: [0, 0]}  # a correction? -> [lines, fen]
+    count = prev = fares_fen = fixes = fixes_fen = 0
     with tmp.open("wb") as fh:
 
         def put(text: str) -> None:
@@ -272,14 +271,16 @@ async def _stream_file(
             wire._validate_line(count, ln, prev)
             prev = ln.txn_id
             count += 1
-            side = sums[isinstance(ln, wire.ClearingCorrection)]
-            side[0] += 1
-            side[1] += ln.amount_fen
+            if type(ln) is wire.ClearingCorrection:
+                fixes += 1
+                fixes_fen += ln.amount_fen
+            else:
+                fares_fen += ln.amount_fen
             put(wire._detail_line(count, ln))
             if progress is not None and count % PROGRESS_EVERY_LINES == 0:
                 lines = header.record_count + header.correction_count
                 progress(f"clearing {header.operator_id} {header.business_date}: {count}/{lines} lines")
-        got = (*sums[False], *sums[True])
+        got = (count - fixes, fares_fen, fixes, fixes_fen)
         want = (header.record_count, header.total_fen, header.correction_count, header.correction_fen)
         if got != want:
             raise ClearingError(
