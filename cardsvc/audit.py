@@ -27,7 +27,8 @@ Checks (docs/operations.md explains each and what to do when it fails):
 - fare_corrections: every fare correction (kind 8) is booked twice, as its journal row and its
   fare_correction row (same card, amount; the journal's count and sum of kind 8 rows, read in the purse
   pass, equal the table's), corrects an approved fare debit of the same card paid to the same
-  counterparty, and the corrections of one fare do not exceed it;
+  counterparty and of the clearing source (purse or ridecode) it names, and the corrections of one fare
+  do not exceed it;
 - clearing_reports: every clearing report's counts and totals (fares, and corrections) equal the journal
   aggregate for its operator and day (the rows posted that day, the clearing run's own rule). Not its digest: that is SM3 over the
   file's lines, which would mean streaming every cleared row of every report through the audit (the whole
@@ -169,13 +170,18 @@ async def _purse_balances(
 # found through the journal's primary key (card_id first).
 _CORRECTIONS_SQL = """
 WITH c AS (
-    SELECT f.txn_id, f.card_id, f.corrects_txn_id, f.amount_fen, j.counterparty, j.txn_id IS NOT NULL AS booked
+    SELECT f.txn_id, f.card_id, f.corrects_txn_id, f.amount_fen, f.fare_ridecode, j.counterparty,
+           j.txn_id IS NOT NULL AS booked
     FROM fare_correction f
     LEFT JOIN txn_journal j ON j.card_id = f.card_id AND j.txn_id = f.txn_id AND j.kind = $1 AND j.result = 1
                            AND j.amount_fen = f.amount_fen
 ), per_fare AS (
     SELECT c.card_id, sum(c.amount_fen) AS given,
-           bool_and(coalesce(o.counterparty = c.counterparty, false)) AS matched, min(-o.amount_fen) AS fare
+           -- the fare exists, paid the correction's counterparty, and has the clearing source the correction's
+           -- line names (clearing.clearing_source: a ride-code kind or source)
+           bool_and(coalesce(o.counterparty = c.counterparty
+                             AND c.fare_ridecode = (o.kind = $3 OR o.source = $4), false)) AS matched,
+           min(-o.amount_fen) AS fare
     FROM c
     LEFT JOIN txn_journal o ON o.card_id = c.card_id AND o.txn_id = c.corrects_txn_id
                            AND o.kind = ANY($2::smallint[]) AND o.result = 1 AND o.amount_fen < 0
@@ -194,7 +200,9 @@ SELECT (SELECT count(*) FROM c) AS corrections,
 
 
 async def _fare_corrections(conn: asyncpg.Connection, journal: tuple[int, int]) -> Check:
-    r = await conn.fetchrow(_CORRECTIONS_SQL, KIND_CORRECTION, list(clearing.FARE_KINDS))
+    r = await conn.fetchrow(
+        _CORRECTIONS_SQL, KIND_CORRECTION, list(clearing.FARE_KINDS), KIND_RIDECODE, SOURCE_RIDECODE
+    )
     assert r is not None
     counts = {"corrections": r["corrections"], "correction_fen": r["correction_fen"],
               "journal_rows": journal[0], "journal_fen": journal[1], "unbooked": r["unbooked"],
@@ -206,7 +214,7 @@ async def _fare_corrections(conn: asyncpg.Connection, journal: tuple[int, int]) 
         problems.append(f"{r['unbooked']} correction(s) without their journal row")
     if r["without_fare"]:
         problems.append(f"{r['without_fare']} fare(s) corrected that are not an approved fare of the card paid "
-                        "to the correction's counterparty")  # fmt: skip
+                        "to the correction's counterparty, with the clearing source it names")  # fmt: skip
     if r["over_fare"]:
         problems.append(f"{r['over_fare']} fare(s) given back more than they cost")
     return Check("fare_corrections", not problems, counts, "; ".join(problems), tuple(r["samples"] or ()))

@@ -346,7 +346,7 @@ async def test_clearing_lists_a_correction_in_the_day_it_was_made_as_file_versio
 
 @pytest.mark.parametrize(
     "breakage",
-    ["amount_changed", "row_deleted", "journal_only", "over_the_fare", "another_operator"],
+    ["amount_changed", "row_deleted", "journal_only", "over_the_fare", "another_operator", "source_flipped"],
 )
 async def test_the_audit_fails_when_the_correction_ledger_is_broken(
     svc: ServiceHarness, db: asyncpg.Connection, settings: Settings, breakage: str
@@ -386,6 +386,8 @@ async def test_the_audit_fails_when_the_correction_ledger_is_broken(
         await db.execute(
             "UPDATE purse SET balance_fen = balance_fen + $2 WHERE card_id = $1", c["card_id"], extra
         )
+    elif breakage == "source_flipped":  # its clearing line would say ridecode for a card tap's fare
+        await db.execute("UPDATE fare_correction SET fare_ridecode = true WHERE txn_id = $1", txn)
     else:  # the correction debits an operator the fare did not pay
         await db.execute("UPDATE txn_journal SET counterparty = 'cq-bus' WHERE txn_id = $1", txn)
     check = (await audit(db, settings))["fare_corrections"]
@@ -394,7 +396,7 @@ async def test_the_audit_fails_when_the_correction_ledger_is_broken(
 
 
 async def test_a_ride_code_charge_is_given_back_as_ridecode_and_a_dead_card_only_settles_its_debt(
-    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path
+    svc: ServiceHarness, db: asyncpg.Connection, tmp_path: Path, settings: Settings
 ) -> None:
     """A post-paid ride-code ride took the purse below zero; the card was cancelled since. A correction may
     pay the debt back (to 0), no further; its clearing line is labelled `ridecode` like the ride's."""
@@ -426,3 +428,4 @@ async def test_a_ride_code_charge_is_given_back_as_ridecode_and_a_dead_card_only
         debt,
         wire.CorrectionReason.TERMINAL_FAULT,
     )
+    assert (await audit(db, settings))["fare_corrections"].ok  # the ridecode label agrees with the ride
