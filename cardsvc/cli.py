@@ -956,7 +956,8 @@ def build_parser() -> argparse.ArgumentParser:
         "daily clearing files per transit operator",
         "run --date YYYY-MM-DD: for each operator (or --operator ID), the approved fares posted on that\n"
         "local business day (the fare table's UTC offset; a ride uploaded late is cleared on the day it\n"
-        "arrived) as a clearing file (protocols/clearing.md) in --out, recorded in clearing_report.\n"
+        "arrived) as a clearing file (protocols/clearing.md) in --out, recorded in clearing_report. The\n"
+        "fare corrections written that day are in it too, debiting the operator (file version 2).\n"
         "Re-running a day rewrites identical files; if the journal of a cleared day was changed by hand,\n"
         "the report and file are kept and the run exits 1 (an audit failure).\n"
         "run without --date (the nightly timer, deploy/cardsvc-clearing.timer): for each operator, every day\n"
@@ -1000,8 +1001,9 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         cmd_audit,
         "check the ledger's invariants on the database; exit 1 if any fails",
-        "Purse balances equal their journals, overdrafts, replacement transfers, terminal answers vs\n"
-        "journal, clearing reports vs journal, hotlist versions. Read-only, one consistent snapshot.\n"
+        "Purse balances equal their journals, journal postings, fare corrections (booked twice, never more\n"
+        "than their fare), overdrafts, replacement transfers, terminal answers vs journal, clearing reports\n"
+        "vs journal, hotlist versions. Read-only, one consistent snapshot.\n"
         "With --record (the nightly timer, deploy/cardsvc-audit.timer) the outcome is kept in audit_run\n"
         "and shown on /metrics. See docs/operations.md.",
     )
