@@ -17,7 +17,7 @@ from protocols.errors import CodecError
 
 from .keys import AUTH, NONCE, SERVICES
 from .middlewares import body_bytes_max, consume_nonce, json_body, nonce_in_handler, operation, replayed
-from .routes import _actor, _card_no, _json, _parse
+from .routes import _actor, _card_no, _int_param, _json, _parse
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 
@@ -77,8 +77,17 @@ async def tap(request: web.Request) -> web.Response:
 @operation("purse.read")
 async def purse(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
+    limit = _int_param(
+        request.query.get("limit"), "limit", flow.PURSE_HISTORY_ROWS, 1, flow.PURSE_HISTORY_ROWS_MAX
+    )
+    before = None
+    if "before" in request.query:
+        try:
+            before = flow.parse_history_cursor(request.query["before"])
+        except ValueError as exc:
+            raise ApiError("invalid_parameter", str(exc), field="before") from None
     async with svc.pool.acquire() as conn:
-        return _json(await flow.purse_view(conn, _card_no(request)))
+        return _json(await flow.purse_view(conn, _card_no(request), limit, before))
 
 
 @operation("purse.topup")

@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 ISSUER_KEY_ID = 1
-PURSE_HISTORY_ROWS = 20
+PURSE_HISTORY_ROWS = 20  # the default page of a purse's history
+PURSE_HISTORY_ROWS_MAX = 200
 _ECARD_ID_MAX = 2**31 - 1
 
 
@@ -221,17 +222,43 @@ async def purse_card(conn: asyncpg.Connection, card_no: str) -> asyncpg.Record:
     return row
 
 
-async def purse_view(conn: asyncpg.Connection, card_no: str) -> dict[str, Any]:
+def history_cursor(at: dt.datetime, txn_id: int) -> str:
+    """The `before` cursor of the rows after (older than) the journal row (at, txn_id): its time in unix
+    microseconds and its id."""
+    delta = at - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return f"{micros}.{txn_id}"
+
+
+def parse_history_cursor(text: str) -> tuple[dt.datetime, int]:
+    """`history_cursor`'s inverse; ValueError for anything else."""
+    micros, _, txn = text.partition(".")
+    if not (micros.isascii() and micros.isdigit() and txn.isascii() and txn.isdigit()) or len(micros) > 17 or len(txn) > 19:
+        raise ValueError("before is <microseconds>.<txn_id>, as a page's next_before")
+    at = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=int(micros))
+    return at, int(txn)
+
+
+async def purse_view(
+    conn: asyncpg.Connection, card_no: str, limit: int = PURSE_HISTORY_ROWS, before: tuple[dt.datetime, int] | None = None
+) -> dict[str, Any]:
+    """The balance and a page of the purse's journal rows, newest first (ride time, then id): the latest
+    `limit`, or those older than the cursor `before` (a previous page's `next_before`). Keyset paging on
+    the journal's primary key (card_id, at, txn_id), so any page costs the same."""
     row = await purse_card(conn, card_no)
+    at, txn = before if before is not None else (None, None)
     history = await conn.fetch(
         """SELECT txn_id, kind, amount_fen, at, counterparty, line_id, station_id FROM txn_journal
-           WHERE card_id = $1 ORDER BY at DESC, txn_id DESC LIMIT $2""",
-        row["card_id"],
-        PURSE_HISTORY_ROWS,
-    )
+           WHERE card_id = $1 AND ($3::timestamptz IS NULL OR (at, txn_id) < ($3, $4::bigint))
+           ORDER BY at DESC, txn_id DESC LIMIT $2""",
+        row["card_id"], limit + 1, at, txn,
+    )  # fmt: skip
+    more = len(history) > limit
+    history = history[:limit]
     return {
         "card_no": card_no,
         "balance_fen": row["balance_fen"],
+        "next_before": history_cursor(history[-1]["at"], history[-1]["txn_id"]) if more else None,
         "history": [
             {
                 "txn_id": h["txn_id"],

@@ -1192,6 +1192,12 @@ async def test_every_endpoint_answers_what_the_spec_says(svc: ServiceHarness, tm
     )  # fmt: skip
     await c.err("POST", fix, corr | {"terminal_seq": 22, "txn_id": topped["txn_id"]}, code="fare_not_correctable")
     await c.err("POST", fix, corr | {"terminal_seq": 23, "txn_id": 2**62}, code="not_found")
+    page = (await c.ok("GET", f"{purse}?limit=2")).body  # the correction is the newest row: kind 8
+    assert [h["kind"] for h in page["history"]][:1] == [8] and page["next_before"] is not None
+    older = (await c.ok("GET", f"{purse}?limit=2&before={page['next_before']}")).body
+    assert older["history"] and older["history"][0]["txn_id"] not in {h["txn_id"] for h in page["history"]}
+    await c.err("GET", f"{purse}?before=yesterday", code="invalid_parameter")
+    await c.err("GET", f"{purse}?limit=201", code="invalid_parameter")
 
     # A funded card whose chip debits offline: one record two days ago (to clear), one now.
     oc = await svc.new_card(has_purse=True)

@@ -429,3 +429,48 @@ async def test_a_ride_code_charge_is_given_back_as_ridecode_and_a_dead_card_only
         wire.CorrectionReason.TERMINAL_FAULT,
     )
     assert (await audit(db, settings))["fare_corrections"].ok  # the ridecode label agrees with the ride
+
+
+# ------------------------------------------------------------------ finding the fare
+
+
+async def test_the_purse_history_pages_back_to_the_first_row(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """The office finds an old fare by paging the purse's history: pages of `limit` rows, newest first,
+    that together are the whole journal of the card in (ride time, txn_id) order, rows of the same
+    instant included, each once; the last page says so."""
+    c = await funded_card(svc, 2000)
+    for i in range(12):
+        await tap(svc, tap_body(svc, c["card_sn"], at=int(time.time()) - 200 + i))
+    # Three rows written at one instant (a batch): the cursor's txn_id tie-break keeps them apart.
+    at = await db.fetchval("SELECT max(at) FROM txn_journal WHERE card_id = $1", c["card_id"])
+    for seq in (1, 2, 3):
+        await db.execute(
+            """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
+                                        counterparty, source)
+               VALUES ($1, 3, 'office', $2, 1, 1, $3::timestamptz - interval '1 second', 'topup:cash', 4)""",
+            c["card_id"], 900 + seq, at,
+        )  # fmt: skip
+    await db.execute("UPDATE purse SET balance_fen = balance_fen + 3 WHERE card_id = $1", c["card_id"])
+    want = [r["txn_id"] for r in await db.fetch(
+        "SELECT txn_id FROM txn_journal WHERE card_id = $1 ORDER BY at DESC, txn_id DESC", c["card_id"]
+    )]  # fmt: skip
+    assert len(want) == 16
+    got: list[int] = []
+    pages = 0
+    query = "?limit=5"
+    while True:
+        r = await svc.get(f"/v1/purses/{c['card_no']}{query}", as_="ops")
+        assert r.status == 200, r.body
+        pages += 1
+        got += [h["txn_id"] for h in r.body["history"]]
+        if r.body["next_before"] is None:
+            break
+        query = f"?limit=5&before={r.body['next_before']}"
+    assert got == want and pages == 4
+    first = await svc.get(f"/v1/purses/{c['card_no']}", as_="ops")
+    assert [h["txn_id"] for h in first.body["history"]] == want[:16] and first.body["next_before"] is None
+    for bad in ("?before=1", "?before=a.b", "?before=1.2.3", "?limit=0", "?limit=abc"):
+        r = await svc.get(f"/v1/purses/{c['card_no']}{bad}", as_="ops")
+        assert (r.status, r.body["code"]) == (400, "invalid_parameter"), (bad, r.body)
