@@ -71,16 +71,16 @@ def test_vector() -> None:
     assert rows[-2] == f"T|{len(lines)}|{sm3(body.encode()).hex()}"
 
 
-_line = st.builds(
-    ClearingLine,
-    txn_id=st.just(1),
-    card_id=st.integers(1, 2**63 - 1),
-    source=st.sampled_from(ClearingSource),
-    amount_fen=st.integers(0, 2**32 - 1),
-    txn_time=st.integers(0, 2**32 - 1),
-    line_id=st.from_regex(r"[A-Za-z0-9._-]{1,16}", fullmatch=True),
-    station_id=st.from_regex(r"[A-Za-z0-9._-]{0,16}", fullmatch=True),
-)
+# The fields fare and correction lines share (txn_id is set by the tests, in ascending order).
+_LINE_FIELDS: dict[str, Any] = {
+    "txn_id": st.just(1),
+    "card_id": st.integers(1, 2**63 - 1),
+    "source": st.sampled_from(ClearingSource),
+    "txn_time": st.integers(0, 2**32 - 1),
+    "line_id": st.from_regex(r"[A-Za-z0-9._-]{1,16}", fullmatch=True),
+    "station_id": st.from_regex(r"[A-Za-z0-9._-]{0,16}", fullmatch=True),
+}
+_line = st.builds(ClearingLine, amount_fen=st.integers(0, 2**32 - 1), **_LINE_FIELDS)
 
 
 @settings(max_examples=100, deadline=None)
@@ -249,15 +249,10 @@ def test_vector_v2() -> None:
 
 _correction = st.builds(
     ClearingCorrection,
-    txn_id=st.just(1),
-    card_id=st.integers(1, 2**63 - 1),
-    source=st.sampled_from(ClearingSource),
     amount_fen=st.integers(1, 2**32 - 1),
-    txn_time=st.integers(0, 2**32 - 1),
-    line_id=st.from_regex(r"[A-Za-z0-9._-]{1,16}", fullmatch=True),
-    station_id=st.from_regex(r"[A-Za-z0-9._-]{0,16}", fullmatch=True),
     corrects_txn_id=st.just(1),
     reason=st.sampled_from(CorrectionReason),
+    **_LINE_FIELDS,
 )
 
 
