@@ -105,6 +105,25 @@ FARE_CORRECTION_FEN = Counter(
     "in their clearing files.",
     ["reason"],
 )
+LATE_REFUNDS = Counter(
+    "cardsvc_transit_late_refunds_total",
+    "Penalties given back by the upload of a journey's missing half (first answers only): the ride charged "
+    "its fare instead of the maximum fare, by reason (late_entry, late_exit).",
+    ["reason"],
+)
+LATE_REFUND_FEN = Counter(
+    "cardsvc_transit_late_refunds_fen_total",
+    "Money given back to purses by late halves' refunds, in fen, by reason; the operators are debited as "
+    "much in their clearing files (correction lines).",
+    ["reason"],
+)
+LATE_REFUNDS_UNMATCHED = Counter(
+    "cardsvc_transit_late_refunds_unmatched_total",
+    "Uploads that complete a journey charged a penalty whose journal row is not on the card, or has been "
+    "given back in full (charged to a card it replaced, or by the same batch): charged nothing more and "
+    "given nothing back; the card office can book the correction. Counted per batch attempt, so a batch "
+    "retried after a concurrent change counts again.",
+)
 JOURNEYS_SWEPT = Counter(
     "cardsvc_transit_journeys_swept_total",
     "What the sweep found past the journey timeout: closed (a metro journey, charged the maximum fare), "

@@ -71,6 +71,7 @@ class CorrectionReason(StrEnum):
     """Why the card office gave (part of) a fare back; each is a stable code of the API too."""
 
     LATE_ENTRY = "late_entry"  # the entry arrived after the journey was charged the maximum fare
+    LATE_EXIT = "late_exit"  # the exit arrived after the journey was charged the maximum fare
     TERMINAL_FAULT = "terminal_fault"  # a validator or gate charged wrongly (a double tap, a wrong station)
     FARE_ERROR = "fare_error"  # the fare table or the engine priced the ride wrongly
     GOODWILL = "goodwill"  # a service failure (a closed station, a breakdown) compensated by the operator

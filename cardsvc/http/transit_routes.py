@@ -176,6 +176,9 @@ async def ride_batch(request: web.Request) -> web.Response:
             metrics.UPLOADED_RECORDS.labels("ridecode", o.result, o.reason or "").inc()
             if o.result != "conflict":
                 _count_credential("ride_code", o.reason)
+            if (refund := o.detail.get("refund")) is not None:
+                metrics.LATE_REFUNDS.labels(refund["reason"]).inc()
+                metrics.LATE_REFUND_FEN.labels(refund["reason"]).inc(refund["amount_fen"])
         out.append({"gate_seq": r.gate_seq, **o.to_json(), "replayed_answer": o.replayed_answer})
     return _json({"gate_id": batch.gate_id, "batch_id": batch.batch_id, "records": out})
 

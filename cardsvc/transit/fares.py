@@ -66,6 +66,7 @@ __all__ = [
     "OpenJourney",
     "Operator",
     "Penalty",
+    "Refund",
     "Station",
     "Tap",
     "TransferWindow",
@@ -169,15 +170,16 @@ class UnpairedTap:
     """A metro tap whose other half has not been seen, kept for that half arriving late (gates upload
     independently; docs/fares.md "Late uploads"):
 
-    - `out`, charged: an exit without entry, charged the maximum fare (`missing_tap_in`); its entry,
-      uploaded later, costs nothing more;
+    - `out`, charged: an exit without entry, charged the maximum fare (`missing_tap_in`, `charged_fen`);
+      its entry, uploaded later, gives that charge back and prices the ride from the two (`Refund`);
     - `out`, not charged (**held**): an uploaded exit without entry, charged nothing yet. Its entry,
       uploaded later within the journey timeout before it, prices the ride. Once the exit is
       `journey_timeout_s` old (`charge_held_exits`: the card's next tap in order, or the sweep) it is
       charged the maximum fare and becomes a charged `out`;
     - `in`, charged: the entry of a journey charged the maximum fare without its exit (missing tap-out
-      at the card's next tap, a timed-out exit, or the sweep); its exit, arriving later, costs nothing
-      more. Its exit must come before `until` (the tap that charged it: the rider left before that
+      at the card's next tap, a timed-out exit, or the sweep); its exit, uploaded later within the
+      journey timeout, gives that charge back and prices the ride (`Refund`; at the timeout or after, it
+      costs nothing more). Its exit must come before `until` (the tap that charged it: the rider left before that
       tap) and within the journey timeout. Once an exit has ended it (`pair_station`: the exit at
       `until`), an earlier exit that fits is the better one: it takes the journey, and the exit it
       displaces is charged as an exit without entry;
@@ -193,6 +195,10 @@ class UnpairedTap:
     until: int | None = None  # a charged `in`: its exit is before this time; a held `out`: its entry is
     pair_station: str | None = None  # a charged `in`: the station of the exit at `until` that ended it
     pair_max_fare_fen: int | None = None  # that exit's credential limit
+    # A charged tap: what its penalty cost (an `out`'s `missing_tap_in`; an `in`'s `missing_tap_out` or
+    # `journey_timeout`), given back when its other half comes in time (`Refund`). None once given back, and
+    # in states stored before it was kept: the other half then costs nothing more and gets nothing back.
+    charged_fen: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -238,6 +244,8 @@ def _unpaired_dict(u: UnpairedTap) -> dict[str, object]:
         value = getattr(u, key)
         if value is not None:
             out[key] = value
+    if u.charged_fen is not None:
+        out["charged_fen"] = u.charged_fen
     return out
 
 
@@ -250,7 +258,7 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
     out = []
     for i, item in enumerate(data):
         name = f"unpaired[{i}]"
-        u = _obj(item, name, _JOURNEY_KEYS | {"direction", "charged"}, optional={"max_fare_fen", *_PAIR_KEYS})
+        u = _obj(item, name, _JOURNEY_KEYS | {"direction", "charged"}, optional={"max_fare_fen", "charged_fen", *_PAIR_KEYS})
         direction, charged = u["direction"], u["charged"]
         if direction not in ("in", "out"):
             raise FareInputError(f"journey state {name}.direction must be 'in' or 'out'")
@@ -262,6 +270,8 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
             raise FareInputError(f"journey state {name}: a pairing belongs to a charged 'in' with `until`")
         if "pair_station" not in pair and "pair_max_fare_fen" in pair:
             raise FareInputError(f"journey state {name}: pair_max_fare_fen without pair_station")
+        if "charged_fen" in u and not charged:
+            raise FareInputError(f"journey state {name}: charged_fen belongs to a charged tap")
         out.append(
             UnpairedTap(
                 direction,
@@ -273,6 +283,7 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
                 None if "until" not in u else _int(u["until"], f"{name}.until"),
                 None if "pair_station" not in u else _str(u, f"{name}.pair_station"),
                 None if "pair_max_fare_fen" not in u else _int(u["pair_max_fare_fen"], f"{name}.pair_max_fare_fen", minimum=0),
+                None if "charged_fen" not in u else _int(u["charged_fen"], f"{name}.charged_fen", minimum=0),
             )
         )
     return tuple(out)
@@ -445,6 +456,19 @@ class Penalty:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Refund:
+    """A penalty given back: the tap it charged (at `station`, `time`) has got its other half in time, and
+    the ride is priced from the two instead (docs/fares.md "Late uploads"). A `missing_tap_in` of an exit
+    whose entry came, or the `missing_tap_out` or `journey_timeout` of an entry whose exit came. The purse
+    is credited `amount_fen` from `operator`, the one the penalty paid (that station's operator)."""
+
+    amount_fen: int
+    operator: str
+    station: str
+    time: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Decision:
     amount_fen: int  # fare charged for the ride priced by this tap (0 for a metro entry), >= 0
     full_fare_fen: int  # that ride's base fare before any discount (0 when the tap prices no ride)
@@ -458,6 +482,9 @@ class Decision:
     # Held exits (see UnpairedTap) whose entry did not arrive in time, charged at this tap: each a
     # `missing_tap_in` at its own exit station, credited to that station's operator.
     due: tuple[Penalty, ...] = ()
+    # An upload completing a journey charged a penalty for its missing half: that penalty given back (the
+    # ride is `amount_fen`).
+    refund: Refund | None = None
 
     @property
     def total_fen(self) -> int:
@@ -466,6 +493,11 @@ class Decision:
         for p in self.due:
             total += p.amount_fen
         return total
+
+    @property
+    def net_fen(self) -> int:
+        """What the purse pays for this tap: `total_fen` less the refund; negative when it gets money back."""
+        return self.total_fen - (0 if self.refund is None else self.refund.amount_fen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,6 +511,7 @@ def fare(
     concession: Concession = NO_CONCESSION,
     *,
     charge_due: bool = True,
+    refund: bool = True,
 ) -> Decision:
     """Price one tap. Pure: no I/O, no clock; the same inputs always give the same Decision.
 
@@ -486,7 +519,10 @@ def fare(
     a little behind is tolerated as such); an `uploaded` tap older than the card's newest tap is priced
     as a late upload (docs/fares.md). A tap in order first charges the held exits now due
     (`Decision.due`), unless `charge_due` is False: they then stay held, still due (the caller's choice
-    when the purse can pay the ride but not them). Raises `FareInputError` for a tap that does not fit
+    when the purse can pay the ride but not them). An uploaded tap that completes a journey charged a
+    penalty for its missing half (within the journey timeout) gives that penalty back (`Decision.refund`)
+    and prices the ride, unless `refund` is False: then it costs nothing and gets nothing back (the
+    caller's choice when it cannot find the penalty to give back). Raises `FareInputError` for a tap that does not fit
     the table (unknown line or station, wrong direction for the mode, bad concession, negative limit).
     """
     if tap.max_fare_fen is not None and tap.max_fare_fen < 0:
@@ -494,22 +530,22 @@ def fare(
     newest = _newest(state)
     due: tuple[Penalty, ...] = ()
     if tap.uploaded and newest is not None and tap.time < newest:
-        d = _late(table, state, tap, concession)
+        d = _late(table, state, tap, concession, refund)
     else:
         if charge_due and state.unpaired:  # held exits whose entry did not come in time are charged first
             charged, state = charge_held_exits(table, state, tap.time)
             due = tuple(p for _, p in charged)
-        d = _in_order(table, state, tap, concession)
+        d = _in_order(table, state, tap, concession, refund)
     after = _with_latest(d.state, tap.time if newest is None or tap.time > newest else newest)
     if after is d.state and not due:
         return d
     return Decision(
         d.amount_fen, d.full_fare_fen, d.rules, d.operator, after, d.penalty, d.transfer_discount_fen,
-        d.quota_ride_consumed, d.distance_m, due,
+        d.quota_ride_consumed, d.distance_m, due, d.refund,
     )  # fmt: skip (positional: dataclasses.replace costs microseconds on the hot path)
 
 
-def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Concession) -> Decision:
+def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Concession, refund: bool) -> Decision:
     """A tap priced in arrival order: the card's newest, or an online tap (see `fare`)."""
     r = table.rules
     t = tap.time
@@ -533,7 +569,8 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
             operator=line.operator, first_rule=R_BUS, penalty=penalty, distance=None,
         )  # fmt: skip
         if journey is not None:
-            d = dataclasses.replace(d, state=_with_unpaired(d.state, t, _charged_entry(journey, until=t)))
+            kept = _charged_entry(journey, table, limit, until=t)
+            d = dataclasses.replace(d, state=_with_unpaired(d.state, t, kept))
         return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
 
     place, operator = _metro_place(table, tap)
@@ -548,34 +585,42 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
             unpaired=state.unpaired,
         )  # fmt: skip
         if journey is not None:
-            new = _with_unpaired(new, t, _charged_entry(journey, until=t))
+            new = _with_unpaired(new, t, _charged_entry(journey, table, limit, until=t))
         d = Decision(0, 0, rules, operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
 
     if journey is not None and tap.entered_before is not None and journey.time >= tap.entered_before:
         # An exit after the card stopped is not the exit of a journey entered after the stop (another rider
         # of the same purse, on the replacement card): that journey stays open; this exit waits for its own.
-        return _late(table, state, tap, concession)
+        return _late(table, state, tap, concession, True)  # an exit: nothing to give back
     if journey is None:
         base = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
         if state.swept is not None:  # the exit of the journey the sweep charged the maximum fare for
-            return _exit_of_swept(state.swept, base, tap)
-        return _exit_without_journey(table, base, tap, concession, operator, late=False)
+            return _exit_of_swept(table, state.swept, base, tap, concession, refund=refund)
+        return _exit_without_journey(table, base, tap, concession, operator, late=False, refund=refund)
     if t - journey.time >= r.journey_timeout_s:
         new = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
         penalty = Penalty(table.cap_fen, journey.operator, R_TIMEOUT, journey.station)
         # This exit may be another journey's (the real one arriving later from a gate): kept as paired.
-        new = _with_unpaired(new, t, _charged_entry(journey, until=t, pair=tap))
+        new = _with_unpaired(new, t, _charged_entry(journey, table, limit, until=t, pair=tap))
         d = Decision(0, 0, (R_TIMEOUT,), journey.operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, journey.max_fare_fen))
+    return _journey_exit(table, state, tap, concession, journey, day, charged_today, place)
+
+
+def _journey_exit(
+    table: FareTable, state: JourneyState, tap: Tap, concession: Concession, journey: OpenJourney, day: int,
+    charged_today: int, place: int,
+) -> Decision:
+    """The exit, in order, of `journey`: its distance fare, with the card's discounts (`state`'s window)."""
     entry = journey_place(table, journey.station)
     d = _ride(
         table, state, concession, day, charged_today, base=table.fare_matrix[entry][place], mode="metro",
-        start=journey.time, end=t, operator=journey.operator,
+        start=journey.time, end=tap.time, operator=journey.operator,
         first_rule=R_SAME_STATION if entry == place else R_METRO, penalty=None,
         distance=table.distance_m[entry][place],
     )  # fmt: skip
-    limit = _min_limit(limit, journey.max_fare_fen)
+    limit = _min_limit(tap.max_fare_fen, journey.max_fare_fen)
     return _capped(d, limit, limit)
 
 
@@ -699,7 +744,8 @@ def charge_held_exits(
         if u.until is None
     )
     unpaired = tuple(
-        dataclasses.replace(u, charged=True, max_fare_fen=None) if any(u is x for x in due) else u
+        dataclasses.replace(u, charged=True, charged_fen=_within(table.cap_fen, u.max_fare_fen))
+        if any(u is x for x in due) else u
         for u in state.unpaired
         if u.until is None or not any(u is x for x in due)
     )
@@ -712,13 +758,30 @@ def _within(amount: int, limit: int | None) -> int:
     return amount if limit is None else min(amount, limit)
 
 
-def _charged_entry(j: OpenJourney, *, until: int | None = None, pair: Tap | None = None) -> UnpairedTap:
-    """The kept entry of journey `j`, charged the maximum fare; `until`: the time of the tap that charged
-    it; `pair`: the exit that ended it (at `until`)."""
+def _charged_entry(
+    j: OpenJourney, table: FareTable, limit: int | None, *, until: int | None = None, pair: Tap | None = None
+) -> UnpairedTap:
+    """The kept entry of journey `j`, charged the maximum fare within `limit` and its own (the charging
+    tap's credential limit: `_capped`'s penalty limit); `until`: the time of the tap that charged it;
+    `pair`: the exit that ended it (at `until`)."""
     return UnpairedTap(
         "in", j.station, j.time, j.operator, j.max_fare_fen, True, until,
         None if pair is None else pair.station, None if pair is None else pair.max_fare_fen,
+        _within(table.cap_fen, _min_limit(limit, j.max_fare_fen)),
     )  # fmt: skip
+
+
+def _is_kept(u: UnpairedTap, j: OpenJourney) -> bool:
+    """Whether `u` is the kept entry of journey `j` charged by the sweep (no `until` yet)."""
+    return (
+        u.direction == "in" and u.charged and u.until is None
+        and (u.station, u.time, u.operator, u.max_fare_fen) == (j.station, j.time, j.operator, j.max_fare_fen)
+    )  # fmt: skip
+
+
+def _merged(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    """Rule names of several groups, in order, each once."""
+    return tuple(dict.fromkeys(name for g in groups for name in g))
 
 
 def _bounded(state: JourneyState, t: int) -> JourneyState:
@@ -740,20 +803,40 @@ def _with_unpaired(state: JourneyState, now: int, *taps: UnpairedTap) -> Journey
     return dataclasses.replace(state, unpaired=_keep((*state.unpaired, *taps), newest))
 
 
-def _exit_of_swept(swept: OpenJourney, state: JourneyState, tap: Tap) -> Decision:
-    """The exit of the journey the sweep charged: nothing more. Its kept entry records this exit, which
-    an earlier exit of the journey, arriving later from a gate, may still displace."""
-    kept = _charged_entry(swept)
+def _exit_of_swept(
+    table: FareTable, swept: OpenJourney, state: JourneyState, tap: Tap, concession: Concession, *, refund: bool
+) -> Decision:
+    """The exit of the journey the sweep charged: nothing more, or, uploaded by a gate with a time within
+    the journey timeout (the sweep could not know it), the sweep's charge given back and the ride priced
+    as in order. Its kept entry records this exit, which an earlier exit of the journey, arriving later
+    from a gate, may still displace."""
+    kept = next((u for u in state.unpaired if _is_kept(u, swept)), None)
+    give = (
+        refund and tap.uploaded and kept is not None and bool(kept.charged_fen)
+        and tap.time - swept.time < table.rules.journey_timeout_s
+    )  # fmt: skip
     unpaired = tuple(
-        dataclasses.replace(u, until=tap.time, pair_station=tap.station, pair_max_fare_fen=tap.max_fare_fen)
-        if u == kept else u
+        dataclasses.replace(
+            u, until=tap.time, pair_station=tap.station, pair_max_fare_fen=tap.max_fare_fen,
+            charged_fen=None if give else u.charged_fen,
+        )
+        if u is kept else u
         for u in state.unpaired
     )  # fmt: skip
-    return Decision(0, 0, (R_AFTER_SWEEP,), swept.operator, dataclasses.replace(state, swept=None, unpaired=unpaired))
+    if not give or kept is None or kept.charged_fen is None:
+        return Decision(0, 0, (R_AFTER_SWEEP,), swept.operator, dataclasses.replace(state, swept=None, unpaired=unpaired))
+    place, _ = _metro_place(table, tap)
+    day, charged_today = state.day if state.day is not None else 0, state.day_charged_fen
+    d = _journey_exit(
+        table, dataclasses.replace(state, unpaired=unpaired), tap, concession, swept, day, charged_today, place
+    )
+    back = Refund(kept.charged_fen, swept.operator, swept.station, swept.time)
+    return dataclasses.replace(d, rules=(*d.rules, R_AFTER_SWEEP), refund=back)
 
 
 def _exit_without_journey(
-    table: FareTable, state: JourneyState, tap: Tap, concession: Concession, operator: str, *, late: bool
+    table: FareTable, state: JourneyState, tap: Tap, concession: Concession, operator: str, *, late: bool,
+    refund: bool,
 ) -> Decision:
     """A metro exit with no open journey of its own: the ride from an unpaired (late) entry, if one fits
     (entered before it, within the journey timeout), else an exit without entry, kept as unpaired for
@@ -778,19 +861,48 @@ def _exit_without_journey(
         entry = max(fits, key=lambda u: u.time)
         rest = tuple(u for u in state.unpaired if u is not entry)
         if entry.charged:  # its journey was charged the maximum fare when it did not tap out
-            paired = dataclasses.replace(entry, until=t, pair_station=tap.station, pair_max_fare_fen=tap.max_fare_fen)
+            # A gate's upload within the timeout: the journey's penalty is given back and the ride priced.
+            back = (
+                Refund(entry.charged_fen, entry.operator, entry.station, entry.time)
+                if refund and tap.uploaded and entry.charged_fen and t - entry.time < r.journey_timeout_s
+                else None
+            )  # fmt: skip
+            paired = dataclasses.replace(
+                entry, until=t, pair_station=tap.station, pair_max_fare_fen=tap.max_fare_fen,
+                charged_fen=None if back is not None else entry.charged_fen,
+            )  # fmt: skip
+            ride_limit = _min_limit(tap.max_fare_fen, entry.max_fare_fen)
             if entry.pair_station is None or entry.until is None:
                 new = dataclasses.replace(state, unpaired=tuple(paired if u is entry else u for u in state.unpaired))
-                return Decision(0, 0, (R_EXIT_OF_CHARGED_JOURNEY,), entry.operator, new)
+                if back is None:
+                    return Decision(0, 0, (R_EXIT_OF_CHARGED_JOURNEY,), entry.operator, new)
+                ride = _standalone(
+                    table, new, tap, concession, start=entry.time, entry_station=entry.station,
+                    operator=entry.operator, limit=ride_limit,
+                )  # fmt: skip
+                return dataclasses.replace(ride, rules=(*ride.rules, R_EXIT_OF_CHARGED_JOURNEY), refund=back)
             # An exit had ended it: this one, earlier, is the better fit. The one displaced is an exit
             # without entry now: charged the maximum fare, kept for its own entry.
             where = entry.pair_station
             displaced_operator = table.station_operator.get(table.retired.get(where, where), entry.operator)
-            displaced = UnpairedTap("out", where, entry.until, displaced_operator)
+            penalty_limit = _min_limit(entry.pair_max_fare_fen, tap.max_fare_fen)
+            displaced = UnpairedTap(
+                "out", where, entry.until, displaced_operator, entry.pair_max_fare_fen,
+                charged_fen=_within(table.cap_fen, penalty_limit),
+            )  # fmt: skip
             new = _with_unpaired(dataclasses.replace(state, unpaired=rest), t, paired, displaced)
             penalty = Penalty(table.cap_fen, displaced_operator, R_MISSING_IN, where)
-            d = Decision(0, 0, (R_EXIT_OF_CHARGED_JOURNEY, R_MISSING_IN), entry.operator, new, penalty)
-            return _capped(d, None, _min_limit(entry.pair_max_fare_fen, tap.max_fare_fen))
+            d = _capped(
+                Decision(0, 0, (R_EXIT_OF_CHARGED_JOURNEY, R_MISSING_IN), entry.operator, new, penalty),
+                None, penalty_limit,
+            )  # fmt: skip
+            if back is None:
+                return d
+            ride = _standalone(
+                table, new, tap, concession, start=entry.time, entry_station=entry.station,
+                operator=entry.operator, limit=ride_limit,
+            )  # fmt: skip
+            return dataclasses.replace(ride, rules=_merged(ride.rules, d.rules), penalty=d.penalty, refund=back)
         return _standalone(
             table, dataclasses.replace(state, unpaired=rest), tap, concession,
             start=entry.time, entry_station=entry.station, operator=entry.operator,
@@ -805,7 +917,10 @@ def _exit_without_journey(
     if tap.entered_before is not None:  # no room to hold it, and it is not chargeable on its own
         return Decision(0, 0, (R_EXIT_AFTER_STOP,), operator, state)
     penalty = Penalty(table.cap_fen, operator, R_MISSING_IN, tap.station)
-    new = _with_unpaired(state, t, UnpairedTap("out", tap.station or "", t, operator))
+    charged = UnpairedTap(
+        "out", tap.station or "", t, operator, tap.max_fare_fen, charged_fen=_within(table.cap_fen, tap.max_fare_fen)
+    )
+    new = _with_unpaired(state, t, charged)
     rules = (R_MISSING_IN, R_LATE) if late else (R_MISSING_IN,)
     d = Decision(0, 0, rules, operator, new, penalty)
     return _capped(d, tap.max_fare_fen, tap.max_fare_fen)
@@ -850,14 +965,15 @@ def _standalone(
     return _capped(dataclasses.replace(d, state=new, rules=(*d.rules, R_LATE)), limit, None)
 
 
-def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concession) -> Decision:
+def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concession, refund: bool) -> Decision:
     """An uploaded tap older than the card's newest tap (docs/fares.md "Late uploads"). It never
     opens, closes or charges the card's open journey and never takes a transfer discount:
 
     - a bus ride is priced on its own;
     - an entry that an unpaired exit fits (the exit within the journey timeout after it) is that exit's
-      entry: a held exit's ride is priced on its own from the two; an exit charged the maximum fare
-      costs nothing more. Otherwise the entry is kept unpaired for its exit;
+      entry: the ride is priced on its own from the two, and an exit already charged the maximum fare
+      gets that charge back (`Refund`; with `refund` False, or a charge of unknown amount, the entry
+      costs nothing more instead). Otherwise the entry is kept unpaired for its exit;
     - an exit takes the latest unpaired entry that fits and prices that ride on its own; otherwise it
       is an exit without entry, held for its entry.
     """
@@ -879,18 +995,23 @@ def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concessio
         if fits:
             exit_ = min(fits, key=lambda u: u.time)
             rest = dataclasses.replace(state, unpaired=tuple(u for u in state.unpaired if u is not exit_))
-            if exit_.charged:
+            back = exit_.charged_fen if exit_.charged else None
+            if exit_.charged and (not refund or not back):
                 return Decision(0, 0, (R_ENTRY_OF_CHARGED_EXIT,), operator, rest)
-            # The entry of a held exit: the ride, priced on its own from the two.
+            # The entry of a held exit, or of one charged the maximum fare (given back): the ride, priced
+            # on its own from the two.
             out = Tap(exit_.time, "metro", tap.line, exit_.station, "out", exit_.max_fare_fen, uploaded=True)
             d = _standalone(
                 table, rest, out, concession, start=t, entry_station=tap.station, operator=operator,
                 limit=_min_limit(limit, exit_.max_fare_fen),
             )  # fmt: skip
-            return dataclasses.replace(d, rules=(*d.rules, R_ENTRY_OF_HELD_EXIT))
+            if back is None:
+                return dataclasses.replace(d, rules=(*d.rules, R_ENTRY_OF_HELD_EXIT))
+            given = Refund(back, exit_.operator, exit_.station, exit_.time)
+            return dataclasses.replace(d, rules=(*d.rules, R_ENTRY_OF_CHARGED_EXIT), refund=given)
         late_entry = UnpairedTap("in", tap.station or "", t, operator, limit, charged=False)
         return Decision(0, 0, (R_ENTRY, R_LATE), operator, _with_unpaired(state, t, late_entry))
-    return _exit_without_journey(table, state, tap, concession, operator, late=True)
+    return _exit_without_journey(table, state, tap, concession, operator, late=True, refund=refund)
 
 
 def _ride(
@@ -987,5 +1108,5 @@ def close_open_journey(
     if j is None or (not force and now - j.time < table.rules.journey_timeout_s):
         return None, state
     amount = _within(table.cap_fen, j.max_fare_fen)
-    closed = _with_unpaired(dataclasses.replace(state, journey=None, swept=j), now, _charged_entry(j))
+    closed = _with_unpaired(dataclasses.replace(state, journey=None, swept=j), now, _charged_entry(j, table, None))
     return Penalty(amount, j.operator, R_MISSING_OUT, j.station), _with_latest(closed, _newest(state) or j.time)

@@ -42,7 +42,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from cardsvc import limits
+from cardsvc import limits, metrics
 from cardsvc.errors import RETRY_LATER, ApiError
 from cardsvc.flows import hotlist as hotlist_flow
 from cardsvc.flows.credential_use import KIND_ECARD_CODE
@@ -50,6 +50,7 @@ from cardsvc.flows.views import effective_status
 from cardsvc.store.batcher import columns
 from protocols import transit
 from protocols.card import CardStatus
+from protocols.clearing import CorrectionReason
 from protocols.hotlist import HotlistEntry
 
 from . import fares
@@ -435,6 +436,16 @@ class _Batch:
         self.creds: list[tuple[int, int, int]] = []
         self.journal: list[tuple[int, int, str, int, int, dt.datetime, str, str | None, str | None, int]] = []
         self.answers: list[tuple[str, int, bytes, int | None, str, int, int | None, dict[str, Any]]] = []
+        # The penalties the batch's uploads may give back (`_charges`), by the tap they charged; and the
+        # fare_correction rows of those given back: (card, at, terminal, seq, penalty txn, fen, ridecode,
+        # reason).
+        self.charges: dict[tuple[int, str, str, int], list[_Charge]] = {}
+        self.refunds: list[tuple[int, dt.datetime, str, int, int, int, bool, str]] = []
+
+    def charge_for(self, card_id: int, refund: fares.Refund) -> _Charge | None:
+        """The penalty row that charged `refund`'s tap, with something left to give back: the earliest."""
+        key = (card_id, refund.station, refund.operator, refund.time)
+        return next((c for c in self.charges.get(key, ()) if c.left > 0), None)
 
     def answer(self, item: TapItem, card_id: int | None, outcome: TapOutcome) -> TapOutcome:
         detail = dict(outcome.detail)
@@ -453,6 +464,95 @@ class _Batch:
             )
         )
         return outcome
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Charge:
+    """A penalty row that an upload completing its journey may give back (docs/fares.md "Late uploads"): its
+    journal row, and what is left of it (less the corrections made so far, the batch's own included)."""
+
+    txn_id: int
+    left: int
+    ridecode: bool
+    line_id: str | None
+    station_id: str | None
+
+
+# The penalty rows that charged the taps the batch's uploads may complete: for each tap (card, station,
+# operator, time), the card's approved penalties at that station paid to that operator, from a journey
+# timeout before the tap on (an exit displaced from a journey is charged by an earlier exit's upload), with
+# something left to give back, earliest first. Through the journal's primary key (card_id, at): a range of one card.
+_CHARGES_SQL = """
+SELECT k.n, j.txn_id, j.left_fen, j.kind, j.source, j.line_id, j.station_id
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[]) WITH ORDINALITY
+     AS k(card_id, station_id, counterparty, since, n)
+CROSS JOIN LATERAL (
+    SELECT p.txn_id, p.kind, p.source, p.line_id, p.station_id,
+           -p.amount_fen - (SELECT coalesce(sum(f.amount_fen), 0) FROM fare_correction f
+                            WHERE f.card_id = p.card_id AND f.corrects_txn_id = p.txn_id)::bigint AS left_fen
+    FROM txn_journal p
+    WHERE p.card_id = k.card_id AND p.at >= k.since AND p.kind = $5 AND p.result = 1 AND p.amount_fen < 0
+      AND p.station_id = k.station_id AND p.counterparty = k.counterparty
+    ORDER BY p.at, p.txn_id
+    LIMIT 8
+) j
+WHERE j.left_fen > 0
+ORDER BY k.n
+"""
+
+_REFUNDS_SQL = """
+INSERT INTO fare_correction (txn_id, card_id, corrects_txn_id, amount_fen, reason, fare_ridecode, terminal_id,
+                             terminal_seq, staff)
+SELECT j.txn_id, v.card_id, v.corrects, v.amount_fen, v.reason, v.ridecode, v.terminal_id, v.terminal_seq, ''
+FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::boolean[],
+            $8::text[])
+     AS v(card_id, at, terminal_id, terminal_seq, corrects, amount_fen, ridecode, reason)
+JOIN txn_journal j ON j.card_id = v.card_id AND j.at = v.at AND j.kind = $9 AND j.terminal_id = v.terminal_id
+                  AND j.terminal_seq = v.terminal_seq
+"""
+
+
+async def _charges(
+    conn: asyncpg.Connection, batch: _Batch, uploads: dict[int, tuple[_Card, list[fares.Tap]]]
+) -> None:
+    """Read the penalties the batch's uploaded metro taps (`uploads`: card id -> the card and its taps) may
+    give back (docs/fares.md "Late uploads"): those their cards' states keep (`charged_fen`) for a tap that
+    such an upload may complete within the journey timeout, an exit charged `missing_tap_in` for an entry
+    before it, an entry charged for its missing exit for an exit after it. Nothing to read, and no round
+    trip, for a batch without such a tap and card (almost every batch)."""
+    timeout = batch.table.rules.journey_timeout_s
+    wanted = []
+    for card, taps in uploads.values():
+        for u in card.journey.unpaired:
+            if not u.charged_fen:
+                continue
+            other = "in" if u.direction == "out" else "out"
+            if any(
+                t.direction == other and 0 <= (u.time - t.time if other == "in" else t.time - u.time) < timeout
+                for t in taps
+            ):
+                wanted.append((card.card_id, u.station, u.operator, u.time))
+    if not wanted:
+        return
+    shared: dict[int, _Charge] = {}  # one penalty row may have charged two exits' keys' candidates
+    for r in await conn.fetch(
+        _CHARGES_SQL,
+        [w[0] for w in wanted],
+        [w[1] for w in wanted],
+        [w[2] for w in wanted],
+        [dt.datetime.fromtimestamp(w[3] - timeout, dt.UTC) for w in wanted],
+        KIND_PENALTY,
+    ):
+        charge = shared.get(r["txn_id"])
+        if charge is None:
+            ridecode = r["kind"] == KIND_RIDECODE or r["source"] == SOURCE_RIDECODE
+            charge = shared[r["txn_id"]] = _Charge(r["txn_id"], r["left_fen"], ridecode, r["line_id"], r["station_id"])
+        batch.charges.setdefault(wanted[r["n"] - 1], []).append(charge)
+
+
+def _late_reason(item: TapItem) -> CorrectionReason:
+    """Why an upload gave a penalty back: it brought the journey's missing entry, or its missing exit."""
+    return CorrectionReason.LATE_ENTRY if item.tap.direction == "in" else CorrectionReason.LATE_EXIT
 
 
 def _decline(reason: str, balance: int | None = None, **detail: Any) -> TapOutcome:
@@ -485,15 +585,38 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
             # the held exits now due stay held (still due) for a later tap or the sweep.
             decision = fares.fare(table, card.journey, tap, card.quota.concession, charge_due=False)
             total_needed = _needed(table, item, card, decision)
+        charge = None if decision.refund is None else batch.charge_for(card.card_id, decision.refund)
+        if decision.refund is not None and charge is None:
+            # The penalty to give back is not to be found on this card (charged to a card it replaced, or
+            # earlier in this very batch): the tap costs nothing more and gets nothing back, as before
+            # refunds; the card office can still give it back (docs/transit.md "Fare corrections").
+            decision = fares.fare(table, card.journey, tap, card.quota.concession, refund=False)
+            total_needed = _needed(table, item, card, decision)
+            metrics.LATE_REFUNDS_UNMATCHED.inc()
     except fares.FareInputError as exc:
         return _decline("fare_input_invalid", card.balance_fen, detail=str(exc)[:200])
     if fares.R_EXIT_AFTER_STOP in decision.rules:  # after the stop, and no journey before it can take it
         return _decline("card_unusable", card_status=card.status)
-    total = decision.total_fen
-    if card.balance_fen - total_needed < -item.overdraft_fen:
-        return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed)
+    # What is given back: the penalty, or what the card office left of it (it may have given part back).
+    back = 0 if charge is None or decision.refund is None else min(decision.refund.amount_fen, charge.left)
+    total = decision.total_fen - back
+    if card.balance_fen - (total_needed - back) < -item.overdraft_fen:
+        return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed - back)
     at = dt.datetime.fromtimestamp(item.tap.time, dt.UTC)
     station = item.tap.station
+    refund = decision.refund
+    if charge is not None and refund is not None and back > 0:
+        # The refund: a correction of the penalty (as the card office books one, reason late_entry: the
+        # journey's other half came late), crediting the purse from the operator the penalty paid.
+        charge.left -= back
+        batch.journal.append(
+            (card.card_id, KIND_CORRECTION, item.terminal_id, item.terminal_seq, back, at, refund.operator,
+             charge.line_id, charge.station_id, item.source)
+        )  # fmt: skip
+        batch.refunds.append(
+            (card.card_id, at, item.terminal_id, item.terminal_seq, charge.txn_id, back, charge.ridecode,
+             _late_reason(item).value)
+        )  # fmt: skip
     for penalty in (decision.penalty, *decision.due):
         if penalty is None:
             continue
@@ -546,7 +669,9 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
         detail["held_exits_charged"] = [{"amount_fen": p.amount_fen, "reason": p.reason} for p in decision.due]
     if decision.distance_m is not None:
         detail["distance_m"] = decision.distance_m
-    return TapOutcome("approved", None, total, card.balance_fen, None, detail)
+    if charge is not None and back > 0:
+        detail["refund"] = {"amount_fen": back, "reason": _late_reason(item).value, "corrects_txn_id": charge.txn_id}
+    return TapOutcome("approved", None, decision.total_fen, card.balance_fen, None, detail)
 
 
 async def _attempt(
@@ -627,6 +752,15 @@ async def _attempt(
             formally_lost.append(locked)
     if formally_lost:  # rare: a formally lost card in the batch
         await _formal_loss_stops(conn, formally_lost, items)
+    uploads: dict[int, tuple[_Card, list[fares.Tap]]] = {}  # uploaded metro taps, for the penalties they may give back
+    for item in items:
+        t = item.tap
+        if t.uploaded and t.mode == "metro" and item.declined is None:
+            c = by_sn.get(item.card_sn) if item.card_sn else cards_by_id.get(item.card_id or 0)
+            if c is not None and any(u.charged_fen for u in c.journey.unpaired):
+                uploads.setdefault(c.card_id, (c, []))[1].append(t)
+    if uploads:
+        await _charges(conn, batch, uploads)
     await _deny_lists(conn, list(cards_by_id.values()), items)
     # Cards not locked above have no purse row, or do not exist: tell the two apart (rare, unlocked).
     no_purse: dict[str | int, int] = {}
@@ -732,6 +866,10 @@ async def _write(
     late = [c.card_id for c in touched if (due := fares.first_due(batch.table, c.journey)) is not None and due <= behind]
     if late:
         await conn.execute(_SWEEP_NOW_SQL, late)
+    if batch.refunds:  # late entries' refunds: each correction's row, linked to the penalty it gives back
+        written = await conn.execute(_REFUNDS_SQL, *columns(batch.refunds, 8), KIND_CORRECTION)
+        if written != f"INSERT 0 {len(batch.refunds)}":
+            raise AssertionError(f"refund rows: {written}, {len(batch.refunds)} expected")
     txn_ids = {
         (t, s): x for t, s, x in zip(row["t_ids"], row["t_seqs"], row["t_txns"], strict=True) if x is not None
     }

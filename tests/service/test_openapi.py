@@ -42,6 +42,7 @@ from cardsvc.transit import clearing, fares, flow, offline, rides, taps
 from protocols import api, ecard, hotlist, ridecode, sm, transit
 from protocols.errors import CodecError
 from tests.helpers import Response, ServiceHarness, new_card_numbers, new_id_number
+from tests.transit.test_rides import backdated_phone
 
 SPEC_PATH = Path(protocols.__file__).parent / "openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
@@ -1160,6 +1161,30 @@ async def test_every_endpoint_answers_what_the_spec_says(svc: ServiceHarness, tm
     [clash] = (await c.ok("POST", "/v1/transit/ride-batches", other, as_="transit_validator")).body["records"]
     assert (clash["result"], clash["reason"]) == ("conflict", "idempotency_conflict"), clash
     fields_seen |= (set(charged) | set(unpriced) | set(clash)) - {"gate_seq"}
+    # A ride-code exit uploaded without its entry is held; a ride in order 5 hours on charges it the maximum
+    # fare (held_exits_charged); its entry, uploaded at last, gives that back (refund).
+    late_phone = await backdated_phone(svc, rider["card_no"], at - 6 * 3600)
+
+    def late_ride(seq: int, t: int, **place: Any) -> ridecode.RideRecord:
+        return ridecode.RideRecord(
+            late_phone.next_code(t), gate_seq=seq, time=t, deny_list_version=0, gate_id=validator, **place
+        )
+
+    exit_at = at - 5 * 3600
+    held = ridecode.RideBatch(
+        validator, 4, [late_ride(2101, exit_at, line_id="L1", station_id="l1-daping", direction="out"),
+                       late_ride(2102, at, line_id="bus-105", station_id="", direction="single")],
+    )  # fmt: skip
+    exit_, bus = (await c.ok("POST", "/v1/transit/ride-batches", ridecode.ride_batch_to_dict(held),
+                             as_="transit_validator")).body["records"]  # fmt: skip
+    assert exit_["rules"][0] == "exit_held" and bus["held_exits_charged"][0]["amount_fen"] == 700, (exit_, bus)
+    entry = ridecode.RideBatch(
+        validator, 5, [late_ride(2103, exit_at - 600, line_id="L1", station_id="l1-chaotianmen", direction="in")]
+    )
+    [given] = (await c.ok("POST", "/v1/transit/ride-batches", ridecode.ride_batch_to_dict(entry),
+                          as_="transit_validator")).body["records"]  # fmt: skip
+    assert given["refund"]["amount_fen"] == 700 and given["fare_fen"] < 700, given
+    fields_seen |= (set(bus) | set(given)) - {"gate_seq"}
     r = await c.err(
         "POST",
         "/v1/transit/ride-batches",

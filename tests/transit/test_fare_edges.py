@@ -267,9 +267,11 @@ def test_a_held_exit_is_dropped_before_a_charged_entry(cq: FareTable) -> None:
     assert [(u.direction, u.time - T0, u.charged) for u in waiting] == [
         ("in", 0, True), ("in", H, True), ("in", 90 * MIN, True), ("in", 100 * MIN, True)
     ]
-    # A's exit, uploaded late, ends A: nothing more.
+    # A's exit, uploaded late, ends A: the maximum fare back, the ride paid.
     a_exit = fare(cq, d[-1].state, up(m_out(T0 + 20 * MIN, "l1-daping")))
-    assert (a_exit.total_fen, a_exit.rules) == (0, ("exit_of_charged_journey",))
+    assert (a_exit.rules[-1], a_exit.refund is not None, a_exit.net_fen) == (
+        "exit_of_charged_journey", True, a_exit.amount_fen - 700
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from cardsvc.transit.fares import (
     JourneyState,
     OpenJourney,
     Penalty,
+    Refund,
     Tap,
     TransferWindow,
     UnpairedTap,
@@ -390,14 +391,25 @@ def test_a_held_exit_whose_entry_does_not_come_costs_the_maximum_fare_once(cq: F
     later = fare(cq, early.state, bus(T0 + 4 * 3600))
     assert later.due == (Penalty(700, "cq-metro", "missing_tap_in", "l1-xiaoshizi"),)
     assert later.total_fen == 700 + later.amount_fen == 880
-    assert later.state.unpaired == (UnpairedTap("out", "l1-xiaoshizi", T0, "cq-metro"),)
+    assert later.state.unpaired == (UnpairedTap("out", "l1-xiaoshizi", T0, "cq-metro", charged_fen=700),)
     # Unless the caller keeps them for later (the purse can pay the ride, not them): still held, still due.
     kept = fare(cq, early.state, bus(T0 + 4 * 3600), charge_due=False)
     assert (kept.due, kept.total_fen) == ((), 180) and kept.state.unpaired == held.unpaired
     assert len(fare(cq, kept.state, bus(T0 + 5 * 3600)).due) == 1
-    # It stays as a charged exit: its entry, arriving even later, costs nothing more.
+    # It stays as a charged exit: its entry, arriving even later, gives the maximum fare back and pays
+    # the ride (朝天门 → 小什字, 2.0 km: base 200, card 180), under the entry's operator.
     entry = fare(cq, later.state, up(m_in(T0 - 600, "l1-chaotianmen")))
-    assert (entry.total_fen, entry.rules) == (0, ("entry_of_charged_exit",))
+    assert entry.refund == Refund(700, "cq-metro", "l1-xiaoshizi", T0)
+    assert (entry.amount_fen, entry.total_fen, entry.net_fen, entry.operator) == (180, 180, -520, "cq-metro")
+    assert entry.rules == ("metro_distance_fare", "card_discount", "late_upload", "entry_of_charged_exit")
+    assert entry.state.unpaired == () and entry.state.day_charged_fen == later.state.day_charged_fen + 180
+    # A caller that cannot give the charge back: nothing more, nothing back.
+    kept_charge = fare(cq, later.state, up(m_in(T0 - 600, "l1-chaotianmen")), refund=False)
+    assert (kept_charge.net_fen, kept_charge.refund, kept_charge.rules) == (0, None, ("entry_of_charged_exit",))
+    # A state stored before the charge was kept (no `charged_fen`): nothing more, nothing back.
+    legacy = dataclasses.replace(later.state, unpaired=(UnpairedTap("out", "l1-xiaoshizi", T0, "cq-metro"),))
+    old = fare(cq, legacy, up(m_in(T0 - 600, "l1-chaotianmen")))
+    assert (old.net_fen, old.refund, old.rules) == (0, None, ("entry_of_charged_exit",))
     # With another penalty at the same tap: both.
     entered = fare(cq, held, m_in(T0 + 3600, "l1-daping")).state
     both = fare(cq, entered, m_in(T0 + 5 * 3600, "l1-daping"))
@@ -485,7 +497,7 @@ def test_an_exit_after_a_replacement_leaves_the_new_cards_own_journey_alone(cq: 
     assert d[2].penalty is None and d[2].distance_m == metro_distance_m(cq, "l1-xiaoshizi", "l1-daping")
     assert d[3].rules[-1] == "entry_of_held_exit"
     in_order = run(cq, [a_in, up(m_out(T0 + 1200, "l1-daping"))])[1].amount_fen + run(cq, [b_in, b_out])[1].amount_fen
-    assert sum(x.total_fen for x in d) == in_order
+    assert sum(x.net_fen for x in d) == in_order
 
 
 def test_a_full_memory_of_unpaired_taps_drops_what_costs_least(cq: FareTable) -> None:
@@ -500,9 +512,10 @@ def test_a_full_memory_of_unpaired_taps_drops_what_costs_least(cq: FareTable) ->
     c = (up(m_in(T0 + 5 * h, "l1-xiaoshizi")), up(m_out(T0 + 7 * h + 2400, "l1-shapingba")))
     decisions = run(cq, [a[0], b[0], c[1], c[0], b[1], d[1], a[1], d[0]])
     assert decisions[5].rules == ("exit_held", "late_upload")  # D's exit: the late entry C in makes room
-    assert decisions[6].rules == ("exit_of_charged_journey",)  # A's exit finds A's charged entry
+    # A's exit finds A's charged entry: the maximum fare given back, the ride paid.
+    assert decisions[6].rules[-1] == "exit_of_charged_journey" and decisions[6].refund is not None
     assert decisions[7].rules[-1] == "entry_of_held_exit"
-    total = sum(x.total_fen for x in decisions) + sweep(cq, decisions[-1].state, T0 + 86400, force=True)[0]
+    total = sum(x.net_fen for x in decisions) + sweep(cq, decisions[-1].state, T0 + 86400, force=True)[0]
     assert total <= 4 * cq.cap_fen
     # A fifth exit without entry while four journeys wait on the card is charged at once instead.
     state = EMPTY_STATE
@@ -530,9 +543,10 @@ def test_a_late_entry_and_its_exit_price_the_ride_and_leave_the_open_journey_alo
     assert fare(cq, d[1].state, m_out(T0 + 2 * 3600 + 600, "l2-yuanjiagang")).penalty is None
 
 
-def test_a_journey_charged_for_a_missing_exit_costs_nothing_more_when_the_exit_arrives(cq: FareTable) -> None:
+def test_a_journey_charged_for_a_missing_exit_gets_it_back_when_the_exit_arrives(cq: FareTable) -> None:
     """Entry gates upload before the exit gate: the second entry charges the first journey the maximum
-    fare; that journey's exit, arriving later, is its end, not an exit without entry."""
+    fare; that journey's exit, arriving later, is its end, not an exit without entry: the maximum fare is
+    given back and the ride is charged its fare."""
     d = run(
         cq,
         [
@@ -543,8 +557,25 @@ def test_a_journey_charged_for_a_missing_exit_costs_nothing_more_when_the_exit_a
         ],
     )
     assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out", "l1-chaotianmen")
-    assert (d[2].total_fen, d[2].rules) == (0, ("exit_of_charged_journey",))
+    fare_a = run(cq, [up(m_in(T0, "l1-chaotianmen")), up(m_out(T0 + 30 * MIN, "l1-daping"))])[1].amount_fen
+    assert d[2].rules == ("metro_distance_fare", "card_discount", "late_upload", "exit_of_charged_journey")
+    assert (d[2].amount_fen, d[2].refund) == (fare_a, Refund(700, "cq-metro", "l1-chaotianmen", T0))
     assert d[3].penalty is None and d[3].amount_fen > 0
+    assert sum(x.net_fen for x in d) == fare_a + d[3].amount_fen  # what the two rides cost
+    # Given back once: a second exit of that journey arriving (a gate's duplicate) costs nothing more.
+    again = fare(cq, d[3].state, up(m_out(T0 + 25 * MIN, "l1-daping")))
+    assert again.refund is None and again.net_fen == 700 and again.rules[0] == "exit_of_charged_journey"
+    # An exit at the journey timeout is the timed-out journey's: nothing more, nothing back; after the sweep
+    # as the card's next tap, or after another tap.
+    _, swept_a = close_open_journey(cq, fare(cq, EMPTY_STATE, up(m_in(T0, "l1-chaotianmen"))).state, T0 + 4 * 3600)
+    at_timeout = up(m_out(T0 + cq.rules.journey_timeout_s, "l1-daping"))
+    timed_out = fare(cq, swept_a, at_timeout)
+    assert (timed_out.net_fen, timed_out.refund, timed_out.rules) == (0, None, ("exit_of_swept_journey",))
+    timed_out = fare(cq, fare(cq, swept_a, bus(T0 + 5 * 3600)).state, at_timeout)
+    assert (timed_out.net_fen, timed_out.refund, timed_out.rules) == (0, None, ("exit_of_charged_journey",))
+    # An online exit gets nothing back (the card's exit was online too: it would have come in order).
+    online = fare(cq, swept_a, m_out(T0 + 30 * MIN, "l1-daping"))
+    assert (online.net_fen, online.refund) == (0, None)
     # The charged journey remembers the exit that ended it (an earlier exit of it could still arrive).
     [kept] = d[3].state.unpaired
     assert (kept.time, kept.until, kept.pair_station) == (T0, T0 + 30 * MIN, "l1-daping")
@@ -552,7 +583,8 @@ def test_a_journey_charged_for_a_missing_exit_costs_nothing_more_when_the_exit_a
     entered = fare(cq, EMPTY_STATE, m_in(T0, "l1-chaotianmen")).state
     _, swept = close_open_journey(cq, entered, T0 + 4 * 3600)
     after_bus = fare(cq, swept, bus(T0 + 5 * 3600)).state
-    assert fare(cq, after_bus, up(m_out(T0 + 30 * MIN, "l1-daping"))).rules == ("exit_of_charged_journey",)
+    late_exit = fare(cq, after_bus, up(m_out(T0 + 30 * MIN, "l1-daping")))
+    assert (late_exit.rules[-1], late_exit.amount_fen, late_exit.net_fen) == ("exit_of_charged_journey", fare_a, fare_a - 700)
 
 
 def test_a_late_bus_ride_is_priced_on_its_own(cq: FareTable) -> None:
@@ -636,7 +668,7 @@ def test_uploads_in_any_order_charge_each_journey_once(
         d = fare(cq, state, tap)
         assert d.total_fen >= 0 and set(d.rules) <= RULE_NAMES
         assert JourneyState.from_json(d.state.to_json()) == d.state
-        state, total, seen = d.state, total + d.total_fen, max(seen, tap.time)
+        state, total, seen = d.state, total + d.net_fen, max(seen, tap.time)
         if n in at:
             charged, state = sweep(cq, state, seen + 4 * 3600, force=at[n])
             total += charged
@@ -649,6 +681,46 @@ def test_uploads_in_any_order_charge_each_journey_once(
     assert total <= most
     if taps == sorted(taps, key=lambda tap: tap.time) and not sweeps:
         assert total == sum(d.amount_fen for d in rides)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_JOURNEY_STATIONS), st.sampled_from(_JOURNEY_STATIONS), st.integers(60, 4 * 3600 - 1),
+            st.sampled_from([None, None, 300, 500]), st.booleans(), st.integers(60, 3 * 86400),
+        ),
+        min_size=1, max_size=5,
+    ),
+    st.lists(st.integers(0, 9), max_size=4),
+)  # fmt: skip
+def test_a_journey_whose_halves_arrive_hours_apart_costs_its_fare(
+    trips: list[tuple[str, str, int, int | None, bool, int]], sweeps: list[int]
+) -> None:
+    """Gates upload a metro journey's two halves in either order and hours apart, with the service's
+    sweeps between them: whatever was charged for the missing half meanwhile (the maximum fare, by the
+    sweep or by the card's next tap) is given back when the other half comes, so each journey costs its
+    fare, as in order. (Journeys one after another; metro to metro has no transfer discount.)"""
+    cq = load_demo_table()
+    taps: list[Tap] = []
+    in_order: list[Tap] = []
+    t = T0
+    for a, b, length, limit, exit_first, gap in trips:
+        entry = dataclasses.replace(up(m_in(t, a)), max_fare_fen=limit)
+        exit_ = dataclasses.replace(up(m_out(t + length, b)), max_fare_fen=limit)
+        taps += [exit_, entry] if exit_first else [entry, exit_]
+        in_order += [entry, exit_]
+        t += length + gap
+    fares_in_order = sum(d.net_fen for d in run(cq, in_order))
+    state, total, seen = EMPTY_STATE, 0, T0
+    for n, tap in enumerate(taps):
+        d = fare(cq, state, tap)
+        state, total, seen = d.state, total + d.net_fen, max(seen, tap.time)
+        assert d.refund is None or d.refund.amount_fen <= cq.cap_fen
+        if n in sweeps:  # a sweep once the half that came is past the journey timeout
+            charged, state = sweep(cq, state, seen + cq.rules.journey_timeout_s)
+            total += charged
+    assert total == fares_in_order
 
 
 @settings(max_examples=300, deadline=None)
@@ -690,19 +762,32 @@ def test_an_earlier_exit_arriving_late_takes_its_journey_back(cq: FareTable) -> 
     b_in, b_out = up(m_in(T0 + 16000, "l2-daping")), up(m_out(T0 + 16600, "l2-liziba"))
     # B's exit comes first and times A out; A's exit, then B's entry arrive later.
     d = run(cq, [a_in, b_out, a_out, b_in])
+    ride = ("metro_distance_fare", "card_discount", "late_upload")
     assert [x.rules for x in d] == [
         ("metro_entry",),
         ("journey_timeout",),
-        ("exit_of_charged_journey", "missing_tap_in"),
-        ("entry_of_charged_exit",),
+        (*ride, "exit_of_charged_journey", "missing_tap_in"),
+        (*ride, "entry_of_charged_exit"),
     ]
+    # A's exit gives A's timeout back and pays A's ride; B's exit, displaced, is charged the maximum fare,
+    # which B's entry gives back, paying B's ride: each journey costs its fare, as in order.
     assert d[2].penalty == Penalty(700, "cq-metro", "missing_tap_in", "l2-liziba")
-    assert sum(x.total_fen for x in d) == 2 * cq.cap_fen  # one maximum fare per journey
-    # The same with the sweep charging A and B's exit taken for A's.
+    assert d[2].refund == Refund(700, "cq-metro", "l1-chaotianmen", T0)
+    assert d[3].refund == Refund(700, "cq-metro", "l2-liziba", T0 + 16600)
+    fare_a, fare_b = run(cq, [a_in, a_out])[1].amount_fen, run(cq, [b_in, b_out])[1].amount_fen
+    assert (d[2].amount_fen, d[3].amount_fen) == (fare_a, fare_b)
+    assert sum(x.net_fen for x in d) == fare_a + fare_b
+    # The same with the sweep charging A and B's exit taken for A's (past A's timeout: nothing back).
     _, swept = close_open_journey(cq, fare(cq, EMPTY_STATE, a_in).state, T0 + 15000)
     d = run(cq, [b_out, a_out, b_in], state=swept)
-    assert [x.total_fen for x in d] == [0, 700, 0] and d[0].rules == ("exit_of_swept_journey",)
-    assert d[1].rules == ("exit_of_charged_journey", "missing_tap_in")
+    assert [x.net_fen for x in d] == [0, fare_a, fare_b - 700] and d[0].rules == ("exit_of_swept_journey",)
+    assert d[1].rules == (*ride, "exit_of_charged_journey", "missing_tap_in")
+    # An exit uploaded after the sweep but within the timeout: the sweep could not know it; given back.
+    d = run(cq, [a_out], state=swept)
+    assert (d[0].rules, d[0].amount_fen, d[0].refund) == (
+        ("metro_distance_fare", "card_discount", "exit_of_swept_journey"), fare_a, Refund(700, "cq-metro", "l1-chaotianmen", T0)
+    )  # fmt: skip
+    assert d[0].state.swept is None and d[0].state.unpaired[0].charged_fen is None
     # An online exit after the tap that charged a journey is not that journey's exit.
     d = run(cq, [m_in(T0, "l1-chaotianmen"), m_in(T0 + 600, "l2-daping"), m_out(T0 + 1200, "l2-liziba")])
     assert fare(cq, d[2].state, m_out(T0 + 2000, "l1-daping")).rules == ("missing_tap_in",)
@@ -710,7 +795,8 @@ def test_an_earlier_exit_arriving_late_takes_its_journey_back(cq: FareTable) -> 
     _, swept = close_open_journey(cq, fare(cq, EMPTY_STATE, a_in).state, T0 + 60, force=True)
     after_bus = fare(cq, swept, bus(T0 + 120)).state
     assert fare(cq, after_bus, m_out(T0 + 600, "l1-daping")).rules == ("missing_tap_in",)
-    assert fare(cq, after_bus, up(m_out(T0 + 100, "l1-daping"))).rules == ("exit_of_charged_journey",)
+    late_exit = fare(cq, after_bus, up(m_out(T0 + 100, "l1-daping")))
+    assert (late_exit.rules[-1], late_exit.refund) == ("exit_of_charged_journey", Refund(700, "cq-metro", "l1-chaotianmen", T0))
 
 
 def test_every_order_of_two_journeys(cq: FareTable) -> None:
@@ -724,7 +810,7 @@ def test_every_order_of_two_journeys(cq: FareTable) -> None:
     fares_in_order = sum(d.amount_fen for d in run(cq, [tap for trip in trips for tap in trip]))
     for order in itertools.permutations([tap for trip in trips for tap in trip]):
         decisions = run(cq, list(order))
-        total = sum(d.total_fen for d in decisions) + sweep(cq, decisions[-1].state, T0 + 86400, force=True)[0]
+        total = sum(d.net_fen for d in decisions) + sweep(cq, decisions[-1].state, T0 + 86400, force=True)[0]
         assert fares_in_order <= total <= 2 * cq.cap_fen, [tap.time - T0 for tap in order]
         if {order[0], order[1]} in ({*trips[0]}, {*trips[1]}):  # one journey's records, then the other's
             assert total == fares_in_order, [tap.time - T0 for tap in order]
@@ -1405,7 +1491,9 @@ def _no_limits(state: JourneyState) -> JourneyState:
     return dataclasses.replace(
         state,
         journey=None if j is None else dataclasses.replace(j, max_fare_fen=None),
-        unpaired=tuple(dataclasses.replace(u, max_fare_fen=None, pair_max_fare_fen=None) for u in state.unpaired),
+        unpaired=tuple(
+            dataclasses.replace(u, max_fare_fen=None, pair_max_fare_fen=None, charged_fen=None) for u in state.unpaired
+        ),
     )
 
 
@@ -1434,7 +1522,9 @@ def test_a_ride_code_limit_caps_each_ride_and_nothing_else(
         assert 0 <= capped.total_fen <= d.total_fen
         assert ("ride_code_max_fare" in capped.rules) == (d.amount_fen > max_fare or penalty > max_fare)
         assert set(capped.rules) <= RULE_NAMES
-        assert (_no_limits(capped.state), capped.operator, capped.full_fare_fen) == (d.state, d.operator, d.full_fare_fen)
+        assert (_no_limits(capped.state), capped.operator, capped.full_fare_fen) == (
+            _no_limits(d.state), d.operator, d.full_fare_fen
+        )
         if act.kind == "in":
             assert capped.state.journey is not None and capped.state.journey.max_fare_fen == max_fare
         # Entered with the limit, the journey's penalty, whoever charges it, is within it too.

@@ -279,7 +279,8 @@ async def test_a_held_exit_whose_entry_never_comes_is_charged_once_by_the_sweep(
         now - 600 + TABLE.rules.journey_timeout_s,
     )
     assert (await _sweep_after_timeout(svc)).held_exits == 0  # once
-    # Its entry, uploaded even later, costs nothing more.
+    # Its entry, uploaded even later, gives the maximum fare back and charges the ride
+    # (test_late_entry_refunds.py).
     entry = gate_record(
         svc,
         phone.next_code(now - 1800),
@@ -290,8 +291,9 @@ async def test_a_held_exit_whose_entry_never_comes_is_charged_once_by_the_sweep(
     )
     gate_lets_through(entry.code_text, issuer, entry.time)
     [in_] = await upload(svc, [entry], batch_id=2)
-    assert (in_["fare_fen"], in_["rules"]) == (0, ["entry_of_charged_exit"]), in_
-    assert await svc.balance(c["card_no"]) == 1000 - TABLE.cap_fen
+    ride = fares.card_price_fen(fares.metro_fare_fen(TABLE, "l1-chaotianmen", "l1-daping"), 10)
+    assert (in_["fare_fen"], in_["rules"][-1], in_["refund"]["amount_fen"]) == (ride, "entry_of_charged_exit", 700)
+    assert await svc.balance(c["card_no"]) == 1000 - ride
 
 
 async def test_the_sweep_charges_every_due_held_exit_of_a_card_with_an_open_journey(svc: ServiceHarness) -> None:

@@ -1,0 +1,285 @@
+"""A journey charged the maximum fare for a half that had not come (an exit without entry: `missing_tap_in`;
+an entry without exit: `missing_tap_out`, by the sweep or the card's next tap) gets that charge back when
+a gate uploads the missing half at last, within the journey timeout: the purse is credited the penalty
+through a fare correction (reason late_entry or late_exit, the card office's ledger), and the ride is
+charged its distance fare. Once only, whatever the retries, never more than what the card office left of
+the penalty, and cleared as a correction line that debits the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cardsvc.config import Settings
+from cardsvc.transit import clearing, fares
+from cardsvc.transit.taps import KIND_CORRECTION, KIND_FARE, KIND_PENALTY, SOURCE_RIDECODE
+from protocols import clearing as wire
+from tests.helpers import ServiceHarness
+from tests.transit.test_corrections import audit, fix_body
+from tests.transit.test_rides import (
+    GATE_2,
+    _sweep_after_timeout,
+    backdated_phone,
+    gate_lets_through,
+    gate_record,
+    ledger_holds,  # noqa: F401 (fixture)
+    rider,
+    upload,
+)
+
+TABLE = fares.load_demo_table()
+ENTRY, EXIT = "l1-chaotianmen", "l1-daping"
+RIDE = fares.card_price_fen(fares.metro_fare_fen(TABLE, ENTRY, EXIT), TABLE.rules.card_discount_percent)
+
+
+async def refunds_counted(svc: ServiceHarness) -> dict[str, float]:
+    """The late refund counters as /metrics shows them: name[:reason] -> value."""
+    r = await svc.request("GET", "/metrics", sign=False)
+    assert r.status == 200
+    return {
+        s.name.removeprefix("cardsvc_transit_late_refunds_")
+        + (":" + s.labels["reason"] if "reason" in s.labels else ""): s.value
+        for family in text_string_to_metric_families(r.body)
+        for s in family.samples
+        if s.name.startswith("cardsvc_transit_late_refunds") and s.name.endswith("_total")
+    }
+
+
+def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def entry_record(svc: ServiceHarness, phone: Any, at: int) -> Any:
+    return gate_record(svc, phone.next_code(at), at, line_id="L1", station_id=ENTRY, direction="in")
+
+
+def exit_record(svc: ServiceHarness, phone: Any, at: int) -> Any:
+    return gate_record(
+        svc, phone.next_code(at), at, gate=GATE_2, line_id="L1", station_id=EXIT, direction="out"
+    )
+
+
+async def charged_exit(svc: ServiceHarness) -> tuple[dict[str, Any], Any, int]:
+    """A rider whose ride-code exit (at EXIT, 10 minutes ago) was uploaded without its entry and charged
+    the maximum fare by the sweep; returns the card, its phone and the time of the exit."""
+    c, _, issuer = await rider(svc)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 3600)
+    exit_ = exit_record(svc, phone, now - 600)
+    gate_lets_through(exit_.code_text, issuer, exit_.time)
+    [out] = await upload(svc, [exit_], as_=GATE_2)
+    assert out["rules"] == ["exit_held"], out
+    assert (await _sweep_after_timeout(svc)).held_exits == 1
+    assert await svc.balance(c["card_no"]) == 1000 - TABLE.cap_fen
+    return c, phone, now - 600
+
+
+async def test_the_entry_of_an_exit_charged_the_maximum_fare_gives_it_back_once(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings, tmp_path: Path
+) -> None:
+    c, phone, exit_at = await charged_exit(svc)
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    penalty = await db.fetchrow(
+        "SELECT txn_id, posted_at FROM txn_journal WHERE card_id = $1 AND kind = $2", card_id, KIND_PENALTY
+    )
+    seen = await refunds_counted(svc)
+    entry = entry_record(svc, phone, exit_at - 1200)
+    [in_] = await upload(svc, [entry], batch_id=2)
+    assert in_["result"] == "approved" and in_["fare_fen"] == RIDE, in_
+    assert in_["rules"][-2:] == ["late_upload", "entry_of_charged_exit"], in_
+    assert in_["refund"] == {
+        "amount_fen": TABLE.cap_fen,
+        "reason": "late_entry",
+        "corrects_txn_id": penalty["txn_id"],
+    }
+    # The rider pays the ride, not the maximum fare.
+    assert in_["balance_fen"] == 1000 - RIDE == await svc.balance(c["card_no"])
+
+    rows = await db.fetch(
+        """SELECT kind, amount_fen, counterparty, line_id, station_id, source FROM txn_journal
+           WHERE card_id = $1 AND kind = ANY($2::smallint[]) AND amount_fen <> 0 ORDER BY kind""",
+        card_id, [KIND_FARE, KIND_CORRECTION],
+    )  # fmt: skip
+    assert [tuple(r) for r in rows] == [
+        (KIND_FARE, -RIDE, "cq-metro", "L1", ENTRY, SOURCE_RIDECODE),
+        (KIND_CORRECTION, TABLE.cap_fen, "cq-metro", "L1", EXIT, SOURCE_RIDECODE),
+    ]
+    fix = await db.fetchrow("SELECT * FROM fare_correction WHERE card_id = $1", card_id)
+    assert (fix["corrects_txn_id"], fix["amount_fen"], fix["reason"], fix["staff"], fix["fare_ridecode"]) == (
+        penalty["txn_id"], TABLE.cap_fen, "late_entry", "", False,
+    )  # fmt: skip
+    assert (fix["terminal_id"], fix["terminal_seq"]) == (entry.gate_id, entry.gate_seq)
+    now_seen = await refunds_counted(svc)
+    assert moved(seen, now_seen) == {"total:late_entry": 1, "fen_total:late_entry": TABLE.cap_fen}
+
+    # A re-upload gets the same answer and gives nothing back again; nor can the card office.
+    [again] = await upload(svc, [entry], batch_id=3)
+    assert again == {**in_, "replayed_answer": True}
+    assert await db.fetchval("SELECT count(*) FROM fare_correction WHERE card_id = $1", card_id) == 1
+    r = await svc.post(f"/v1/purses/{c['card_no']}/fare-corrections", fix_body(penalty["txn_id"], 1))
+    assert r.status == 409 and r.body["left_fen"] == 0, r.body
+    assert await svc.balance(c["card_no"]) == 1000 - RIDE
+    assert (await refunds_counted(svc)) == now_seen
+
+    # The purse history shows the correction; the audit passes; the operator's file debits it.
+    history = (await svc.get(f"/v1/purses/{c['card_no']}", as_="ops")).body["history"]
+    assert [h["amount_fen"] for h in history if h["kind"] == KIND_CORRECTION] == [TABLE.cap_fen]
+    checks = await audit(db, settings)
+    assert all(ch.ok for ch in checks.values()), [ch.line() for ch in checks.values() if not ch.ok]
+    assert checks["fare_corrections"].counts["corrections"] == 1
+    written = await db.fetchval("SELECT posted_at FROM txn_journal WHERE card_id = $1 AND kind = $2", card_id,
+                                KIND_CORRECTION)  # fmt: skip
+    day = fares.local_day(TABLE, int(written.timestamp()))
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    [result] = await clearing.clear_day(db, TABLE, day, tmp_path, operator_id="cq-metro", now=later)
+    assert result.path is not None
+    header, lines = clearing.read_back(result.path)
+    [fixed] = [ln for ln in lines if isinstance(ln, wire.ClearingCorrection)]
+    assert (fixed.corrects_txn_id, fixed.amount_fen, fixed.reason, fixed.station_id) == (
+        penalty["txn_id"], TABLE.cap_fen, wire.CorrectionReason.LATE_ENTRY, EXIT,
+    )  # fmt: skip
+    ride = [ln for ln in lines if not isinstance(ln, wire.ClearingCorrection) and ln.card_id == card_id]
+    assert sorted(ln.amount_fen for ln in ride if ln.amount_fen) == sorted(
+        [RIDE]
+        + ([TABLE.cap_fen] if fares.local_day(TABLE, int(penalty["posted_at"].timestamp())) == day else [])
+    )
+    assert header.version == 2 and header.correction_fen >= TABLE.cap_fen
+
+
+async def test_the_card_office_giving_part_back_first_leaves_only_the_rest(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """The clerk gave 300 of the 700 back before the entry came: the entry gives back the 400 left, so the
+    rider has paid exactly the ride."""
+    c, phone, exit_at = await charged_exit(svc)
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    penalty = await db.fetchval(
+        "SELECT txn_id FROM txn_journal WHERE card_id = $1 AND kind = $2", card_id, KIND_PENALTY
+    )
+    r = await svc.post(f"/v1/purses/{c['card_no']}/fare-corrections", fix_body(penalty, 300))
+    assert r.status == 200, r.body
+    [in_] = await upload(svc, [entry_record(svc, phone, exit_at - 1200)], batch_id=2)
+    assert in_["refund"]["amount_fen"] == TABLE.cap_fen - 300 and in_["fare_fen"] == RIDE, in_
+    assert await svc.balance(c["card_no"]) == 1000 - RIDE
+    given = await db.fetch(
+        "SELECT amount_fen, staff FROM fare_correction WHERE card_id = $1 ORDER BY txn_id", card_id
+    )
+    assert [tuple(g) for g in given] == [(300, "clerk-7"), (TABLE.cap_fen - 300, "")]
+    assert (await audit(db, settings))["fare_corrections"].ok
+
+
+async def test_a_charge_the_cards_journal_does_not_show_is_not_given_back(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """A card whose state remembers a charged exit the card's own journal does not show (charged to a card
+    it replaced): its entry costs nothing more and gets nothing back, as before refunds existed."""
+    c, phone, exit_at = await charged_exit(svc)
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    # The penalty's station, as the state remembers it, becomes one the journal never charged here.
+    raw = await db.fetchval("SELECT journey FROM purse WHERE card_id = $1", card_id)
+    state = fares.JourneyState.from_dict(orjson.loads(raw) if isinstance(raw, str | bytes) else raw)
+    [charged] = [u for u in state.unpaired if u.charged_fen]
+    elsewhere = dataclasses.replace(state, unpaired=(dataclasses.replace(charged, station="l1-xiaoshizi"),))
+    await db.execute("UPDATE purse SET journey = $2::jsonb WHERE card_id = $1", card_id, elsewhere.to_json())
+    seen = await refunds_counted(svc)
+    [in_] = await upload(svc, [entry_record(svc, phone, exit_at - 1200)], batch_id=2)
+    assert (in_["result"], in_["fare_fen"], in_["rules"]) == ("approved", 0, ["entry_of_charged_exit"]), in_
+    assert "refund" not in in_ and await svc.balance(c["card_no"]) == 1000 - TABLE.cap_fen
+    assert await db.fetchval("SELECT count(*) FROM fare_correction") == 0
+    assert moved(seen, await refunds_counted(svc)) == {"unmatched_total": 1}
+    assert (await audit(db, settings))["fare_corrections"].ok
+
+
+async def test_the_exit_of_a_journey_the_sweep_charged_gives_it_back(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """The exit gate was offline for longer than the journey timeout: the sweep charged the journey the
+    maximum fare (missing_tap_out). The exit, uploaded at last with its ride time 20 minutes after the
+    entry, gives that back (reason late_exit) and charges the ride."""
+    c, _, issuer = await rider(svc)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 3600)
+    entry = entry_record(svc, phone, now - 1800)
+    exit_ = exit_record(svc, phone, now - 600)
+    for rec in (entry, exit_):
+        gate_lets_through(rec.code_text, issuer, rec.time)
+    [in_] = await upload(svc, [entry])
+    assert in_["rules"] == ["metro_entry"], in_
+    swept = await _sweep_after_timeout(svc)
+    assert (swept.closed, swept.charged_fen) == (1, TABLE.cap_fen)
+    assert await svc.balance(c["card_no"]) == 1000 - TABLE.cap_fen
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    penalty = await db.fetchval(
+        "SELECT txn_id FROM txn_journal WHERE card_id = $1 AND kind = $2", card_id, KIND_PENALTY
+    )
+    seen = await refunds_counted(svc)
+
+    [out] = await upload(svc, [exit_], batch_id=2, as_=GATE_2)
+    assert (out["result"], out["fare_fen"], out["rules"][-1]) == (
+        "approved",
+        RIDE,
+        "exit_of_swept_journey",
+    ), out
+    assert out["refund"] == {"amount_fen": TABLE.cap_fen, "reason": "late_exit", "corrects_txn_id": penalty}
+    assert out["balance_fen"] == 1000 - RIDE == await svc.balance(c["card_no"])
+    assert moved(seen, await refunds_counted(svc)) == {
+        "total:late_exit": 1,
+        "fen_total:late_exit": TABLE.cap_fen,
+    }
+    fix = await db.fetchrow(
+        "SELECT corrects_txn_id, amount_fen, reason FROM fare_correction WHERE card_id = $1", card_id
+    )
+    assert tuple(fix) == (penalty, TABLE.cap_fen, "late_exit")
+    row = await db.fetchrow("SELECT counterparty, station_id FROM txn_journal WHERE card_id = $1 AND kind = $2",
+                            card_id, KIND_CORRECTION)  # fmt: skip
+    assert tuple(row) == ("cq-metro", ENTRY)  # the penalty's: the journey's entry station
+    # Nothing to sweep any more, and a duplicate of the exit from another upload costs nothing more.
+    assert (await _sweep_after_timeout(svc)).charged_fen == 0
+    [again] = await upload(svc, [exit_], batch_id=3, as_=GATE_2)
+    assert again == {**out, "replayed_answer": True}
+    checks = await audit(db, settings)
+    assert all(ch.ok for ch in checks.values()), [ch.line() for ch in checks.values() if not ch.ok]
+
+
+@pytest.mark.parametrize("office_delay_s", [0.0, 0.03, 0.1])
+async def test_an_upload_racing_the_card_office_never_gives_the_penalty_back_twice(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings, office_delay_s: float
+) -> None:
+    """The clerk books the whole penalty back while the entry is being uploaded: whichever commits first
+    gives it back, and the other gives nothing (both hold the purse's lock while they read what is left).
+    The clerk's request starts a little later in some runs, so that each side wins in some."""
+    c, phone, exit_at = await charged_exit(svc)
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    penalty = await db.fetchval(
+        "SELECT txn_id FROM txn_journal WHERE card_id = $1 AND kind = $2", card_id, KIND_PENALTY
+    )
+
+    async def clerk() -> Any:
+        await asyncio.sleep(office_delay_s)
+        return await svc.post(f"/v1/purses/{c['card_no']}/fare-corrections", fix_body(penalty, TABLE.cap_fen))
+
+    office, [in_] = await asyncio.gather(
+        clerk(), upload(svc, [entry_record(svc, phone, exit_at - 1200)], batch_id=2)
+    )
+    given = await db.fetchval(
+        "SELECT sum(amount_fen) FROM fare_correction WHERE corrects_txn_id = $1", penalty
+    )
+    assert given == TABLE.cap_fen
+    if office.status == 200:  # the clerk first: the entry costs nothing more, gets nothing back
+        assert "refund" not in in_ and in_["fare_fen"] == 0, in_
+        assert await svc.balance(c["card_no"]) == 1000
+    else:  # the upload first: the clerk is told nothing is left
+        assert office.status == 409 and office.body["left_fen"] == 0, office.body
+        assert in_["refund"]["amount_fen"] == TABLE.cap_fen and in_["fare_fen"] == RIDE, in_
+        assert await svc.balance(c["card_no"]) == 1000 - RIDE
+    assert (await audit(db, settings))["fare_corrections"].ok
