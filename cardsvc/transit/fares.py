@@ -196,9 +196,12 @@ class UnpairedTap:
     pair_station: str | None = None  # a charged `in`: the station of the exit at `until` that ended it
     pair_max_fare_fen: int | None = None  # that exit's credential limit
     # A charged tap: what its penalty cost (an `out`'s `missing_tap_in`; an `in`'s `missing_tap_out` or
-    # `journey_timeout`), given back when its other half comes in time (`Refund`). None once given back, and
-    # in states stored before it was kept: the other half then costs nothing more and gets nothing back.
+    # `journey_timeout`), given back when its other half comes in time (`Refund`), and the time its journal
+    # row is dated (`charged_at`: the tap that charged it, or for the sweep the moment it fell due), which
+    # names that row. Both None once given back, and in states stored before they were kept: the other
+    # half then costs nothing more and gets nothing back.
     charged_fen: int | None = None
+    charged_at: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -246,10 +249,12 @@ def _unpaired_dict(u: UnpairedTap) -> dict[str, object]:
             out[key] = value
     if u.charged_fen is not None:
         out["charged_fen"] = u.charged_fen
+        out["charged_at"] = u.charged_at
     return out
 
 
 _PAIR_KEYS = ("until", "pair_station", "pair_max_fare_fen")
+_CHARGE_KEYS = ("charged_fen", "charged_at")
 
 
 def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
@@ -258,7 +263,9 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
     out = []
     for i, item in enumerate(data):
         name = f"unpaired[{i}]"
-        u = _obj(item, name, _JOURNEY_KEYS | {"direction", "charged"}, optional={"max_fare_fen", "charged_fen", *_PAIR_KEYS})
+        u = _obj(
+            item, name, _JOURNEY_KEYS | {"direction", "charged"}, optional={"max_fare_fen", *_CHARGE_KEYS, *_PAIR_KEYS}
+        )
         direction, charged = u["direction"], u["charged"]
         if direction not in ("in", "out"):
             raise FareInputError(f"journey state {name}.direction must be 'in' or 'out'")
@@ -270,8 +277,8 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
             raise FareInputError(f"journey state {name}: a pairing belongs to a charged 'in' with `until`")
         if "pair_station" not in pair and "pair_max_fare_fen" in pair:
             raise FareInputError(f"journey state {name}: pair_max_fare_fen without pair_station")
-        if "charged_fen" in u and not charged:
-            raise FareInputError(f"journey state {name}: charged_fen belongs to a charged tap")
+        if ("charged_fen" in u) != ("charged_at" in u) or ("charged_fen" in u and not charged):
+            raise FareInputError(f"journey state {name}: charged_fen and charged_at belong together to a charged tap")
         out.append(
             UnpairedTap(
                 direction,
@@ -284,6 +291,7 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
                 None if "pair_station" not in u else _str(u, f"{name}.pair_station"),
                 None if "pair_max_fare_fen" not in u else _int(u["pair_max_fare_fen"], f"{name}.pair_max_fare_fen", minimum=0),
                 None if "charged_fen" not in u else _int(u["charged_fen"], f"{name}.charged_fen", minimum=0),
+                None if "charged_at" not in u else _int(u["charged_at"], f"{name}.charged_at"),
             )
         )
     return tuple(out)
@@ -460,12 +468,14 @@ class Refund:
     """A penalty given back: the tap it charged (at `station`, `time`) has got its other half in time, and
     the ride is priced from the two instead (docs/fares.md "Late uploads"). A `missing_tap_in` of an exit
     whose entry came, or the `missing_tap_out` or `journey_timeout` of an entry whose exit came. The purse
-    is credited `amount_fen` from `operator`, the one the penalty paid (that station's operator)."""
+    is credited `amount_fen` from `operator`, the one the penalty paid (that station's operator). The
+    penalty's journal row is the card's at `charged_at` (`UnpairedTap.charged_at`) at that station."""
 
     amount_fen: int
     operator: str
     station: str
     time: int
+    charged_at: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -533,7 +543,7 @@ def fare(
         d = _late(table, state, tap, concession, refund)
     else:
         if charge_due and state.unpaired:  # held exits whose entry did not come in time are charged first
-            charged, state = charge_held_exits(table, state, tap.time)
+            charged, state = charge_held_exits(table, state, tap.time, dated=tap.time)
             due = tuple(p for _, p in charged)
         d = _in_order(table, state, tap, concession, refund)
     after = _with_latest(d.state, tap.time if newest is None or tap.time > newest else newest)
@@ -569,7 +579,7 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
             operator=line.operator, first_rule=R_BUS, penalty=penalty, distance=None,
         )  # fmt: skip
         if journey is not None:
-            kept = _charged_entry(journey, table, limit, until=t)
+            kept = _charged_entry(journey, table, limit, at=t, until=t)
             d = dataclasses.replace(d, state=_with_unpaired(d.state, t, kept))
         return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
 
@@ -585,14 +595,14 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
             unpaired=state.unpaired,
         )  # fmt: skip
         if journey is not None:
-            new = _with_unpaired(new, t, _charged_entry(journey, table, limit, until=t))
+            new = _with_unpaired(new, t, _charged_entry(journey, table, limit, at=t, until=t))
         d = Decision(0, 0, rules, operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, None if journey is None else journey.max_fare_fen))
 
     if journey is not None and tap.entered_before is not None and journey.time >= tap.entered_before:
         # An exit after the card stopped is not the exit of a journey entered after the stop (another rider
         # of the same purse, on the replacement card): that journey stays open; this exit waits for its own.
-        return _late(table, state, tap, concession, True)  # an exit: nothing to give back
+        return _late(table, state, tap, concession, refund)
     if journey is None:
         base = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
         if state.swept is not None:  # the exit of the journey the sweep charged the maximum fare for
@@ -602,7 +612,7 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
         new = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
         penalty = Penalty(table.cap_fen, journey.operator, R_TIMEOUT, journey.station)
         # This exit may be another journey's (the real one arriving later from a gate): kept as paired.
-        new = _with_unpaired(new, t, _charged_entry(journey, table, limit, until=t, pair=tap))
+        new = _with_unpaired(new, t, _charged_entry(journey, table, limit, at=t, until=t, pair=tap))
         d = Decision(0, 0, (R_TIMEOUT,), journey.operator, new, penalty)
         return _capped(d, limit, _min_limit(limit, journey.max_fare_fen))
     return _journey_exit(table, state, tap, concession, journey, day, charged_today, place)
@@ -725,7 +735,7 @@ def _keep(unpaired: Sequence[UnpairedTap], newest: int) -> tuple[UnpairedTap, ..
 
 
 def charge_held_exits(
-    table: FareTable, state: JourneyState, now: int
+    table: FareTable, state: JourneyState, now: int, *, dated: int | None = None
 ) -> tuple[tuple[tuple[int, Penalty], ...], JourneyState]:
     """Charge the held exits (see UnpairedTap) that are `journey_timeout_s` old at `now`: their entry
     did not come in time. Each costs the maximum fare within its credential's limit (`missing_tap_in`
@@ -733,7 +743,8 @@ def charge_held_exits(
     costs nothing more. A held exit taken after its card stopped (`until`: the stop) is dropped instead,
     uncharged: no entry before the stop came for it. Returns ((the time each became due, its penalty),
     ...) and the new state; `((), state)` when none is due. The fare engine calls it before a tap in
-    order; the sweep calls it."""
+    order, whose time dates the penalties' journal rows (`dated`); the sweep calls it, and dates each at
+    the time it became due (`dated` None). The charged exits remember that time (`charged_at`)."""
     timeout = table.rules.journey_timeout_s
     due = [u for u in state.unpaired if _held(u) and now - u.time >= timeout]
     if not due:
@@ -744,7 +755,10 @@ def charge_held_exits(
         if u.until is None
     )
     unpaired = tuple(
-        dataclasses.replace(u, charged=True, charged_fen=_within(table.cap_fen, u.max_fare_fen))
+        dataclasses.replace(
+            u, charged=True, charged_fen=_within(table.cap_fen, u.max_fare_fen),
+            charged_at=u.time + timeout if dated is None else dated,
+        )
         if any(u is x for x in due) else u
         for u in state.unpaired
         if u.until is None or not any(u is x for x in due)
@@ -759,15 +773,16 @@ def _within(amount: int, limit: int | None) -> int:
 
 
 def _charged_entry(
-    j: OpenJourney, table: FareTable, limit: int | None, *, until: int | None = None, pair: Tap | None = None
+    j: OpenJourney, table: FareTable, limit: int | None, *, at: int, until: int | None = None,
+    pair: Tap | None = None,
 ) -> UnpairedTap:
     """The kept entry of journey `j`, charged the maximum fare within `limit` and its own (the charging
-    tap's credential limit: `_capped`'s penalty limit); `until`: the time of the tap that charged it;
-    `pair`: the exit that ended it (at `until`)."""
+    tap's credential limit: `_capped`'s penalty limit) by a journal row dated `at`; `until`: the time of
+    the tap that charged it; `pair`: the exit that ended it (at `until`)."""
     return UnpairedTap(
         "in", j.station, j.time, j.operator, j.max_fare_fen, True, until,
         None if pair is None else pair.station, None if pair is None else pair.max_fare_fen,
-        _within(table.cap_fen, _min_limit(limit, j.max_fare_fen)),
+        _within(table.cap_fen, _min_limit(limit, j.max_fare_fen)), at,
     )  # fmt: skip
 
 
@@ -777,6 +792,23 @@ def _is_kept(u: UnpairedTap, j: OpenJourney) -> bool:
         u.direction == "in" and u.charged and u.until is None
         and (u.station, u.time, u.operator, u.max_fare_fen) == (j.station, j.time, j.operator, j.max_fare_fen)
     )  # fmt: skip
+
+
+def _refund_of(u: UnpairedTap) -> Refund | None:
+    """The refund of charged tap `u`'s penalty, if it can be given back: its amount and row are known."""
+    if not u.charged_fen or u.charged_at is None:
+        return None
+    return Refund(u.charged_fen, u.operator, u.station, u.time, u.charged_at)
+
+
+def _paired(entry: UnpairedTap, exit_: Tap, *, given: bool) -> UnpairedTap:
+    """Charged entry `entry` ended by `exit_`; `given`: its penalty given back (so never again)."""
+    if given:
+        return dataclasses.replace(
+            entry, until=exit_.time, pair_station=exit_.station, pair_max_fare_fen=exit_.max_fare_fen,
+            charged_fen=None, charged_at=None,
+        )  # fmt: skip
+    return dataclasses.replace(entry, until=exit_.time, pair_station=exit_.station, pair_max_fare_fen=exit_.max_fare_fen)
 
 
 def _merged(*groups: tuple[str, ...]) -> tuple[str, ...]:
@@ -811,26 +843,19 @@ def _exit_of_swept(
     as in order. Its kept entry records this exit, which an earlier exit of the journey, arriving later
     from a gate, may still displace."""
     kept = next((u for u in state.unpaired if _is_kept(u, swept)), None)
-    give = (
-        refund and tap.uploaded and kept is not None and bool(kept.charged_fen)
-        and tap.time - swept.time < table.rules.journey_timeout_s
+    back = (
+        _refund_of(kept)
+        if refund and tap.uploaded and kept is not None and tap.time - swept.time < table.rules.journey_timeout_s
+        else None
     )  # fmt: skip
-    unpaired = tuple(
-        dataclasses.replace(
-            u, until=tap.time, pair_station=tap.station, pair_max_fare_fen=tap.max_fare_fen,
-            charged_fen=None if give else u.charged_fen,
-        )
-        if u is kept else u
-        for u in state.unpaired
-    )  # fmt: skip
-    if not give or kept is None or kept.charged_fen is None:
+    unpaired = tuple(_paired(u, tap, given=back is not None) if u is kept else u for u in state.unpaired)
+    if back is None:
         return Decision(0, 0, (R_AFTER_SWEEP,), swept.operator, dataclasses.replace(state, swept=None, unpaired=unpaired))
     place, _ = _metro_place(table, tap)
     day, charged_today = state.day if state.day is not None else 0, state.day_charged_fen
     d = _journey_exit(
         table, dataclasses.replace(state, unpaired=unpaired), tap, concession, swept, day, charged_today, place
     )
-    back = Refund(kept.charged_fen, swept.operator, swept.station, swept.time)
     return dataclasses.replace(d, rules=(*d.rules, R_AFTER_SWEEP), refund=back)
 
 
@@ -862,15 +887,8 @@ def _exit_without_journey(
         rest = tuple(u for u in state.unpaired if u is not entry)
         if entry.charged:  # its journey was charged the maximum fare when it did not tap out
             # A gate's upload within the timeout: the journey's penalty is given back and the ride priced.
-            back = (
-                Refund(entry.charged_fen, entry.operator, entry.station, entry.time)
-                if refund and tap.uploaded and entry.charged_fen and t - entry.time < r.journey_timeout_s
-                else None
-            )  # fmt: skip
-            paired = dataclasses.replace(
-                entry, until=t, pair_station=tap.station, pair_max_fare_fen=tap.max_fare_fen,
-                charged_fen=None if back is not None else entry.charged_fen,
-            )  # fmt: skip
+            back = _refund_of(entry) if refund and tap.uploaded and t - entry.time < r.journey_timeout_s else None
+            paired = _paired(entry, tap, given=back is not None)
             ride_limit = _min_limit(tap.max_fare_fen, entry.max_fare_fen)
             if entry.pair_station is None or entry.until is None:
                 new = dataclasses.replace(state, unpaired=tuple(paired if u is entry else u for u in state.unpaired))
@@ -888,7 +906,7 @@ def _exit_without_journey(
             penalty_limit = _min_limit(entry.pair_max_fare_fen, tap.max_fare_fen)
             displaced = UnpairedTap(
                 "out", where, entry.until, displaced_operator, entry.pair_max_fare_fen,
-                charged_fen=_within(table.cap_fen, penalty_limit),
+                charged_fen=_within(table.cap_fen, penalty_limit), charged_at=t,
             )  # fmt: skip
             new = _with_unpaired(dataclasses.replace(state, unpaired=rest), t, paired, displaced)
             penalty = Penalty(table.cap_fen, displaced_operator, R_MISSING_IN, where)
@@ -918,8 +936,9 @@ def _exit_without_journey(
         return Decision(0, 0, (R_EXIT_AFTER_STOP,), operator, state)
     penalty = Penalty(table.cap_fen, operator, R_MISSING_IN, tap.station)
     charged = UnpairedTap(
-        "out", tap.station or "", t, operator, tap.max_fare_fen, charged_fen=_within(table.cap_fen, tap.max_fare_fen)
-    )
+        "out", tap.station or "", t, operator, tap.max_fare_fen,
+        charged_fen=_within(table.cap_fen, tap.max_fare_fen), charged_at=t,
+    )  # fmt: skip
     new = _with_unpaired(state, t, charged)
     rules = (R_MISSING_IN, R_LATE) if late else (R_MISSING_IN,)
     d = Decision(0, 0, rules, operator, new, penalty)
@@ -995,8 +1014,8 @@ def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concessio
         if fits:
             exit_ = min(fits, key=lambda u: u.time)
             rest = dataclasses.replace(state, unpaired=tuple(u for u in state.unpaired if u is not exit_))
-            back = exit_.charged_fen if exit_.charged else None
-            if exit_.charged and (not refund or not back):
+            back = _refund_of(exit_) if exit_.charged and refund else None
+            if exit_.charged and back is None:
                 return Decision(0, 0, (R_ENTRY_OF_CHARGED_EXIT,), operator, rest)
             # The entry of a held exit, or of one charged the maximum fare (given back): the ride, priced
             # on its own from the two.
@@ -1007,8 +1026,7 @@ def _late(table: FareTable, state: JourneyState, tap: Tap, concession: Concessio
             )  # fmt: skip
             if back is None:
                 return dataclasses.replace(d, rules=(*d.rules, R_ENTRY_OF_HELD_EXIT))
-            given = Refund(back, exit_.operator, exit_.station, exit_.time)
-            return dataclasses.replace(d, rules=(*d.rules, R_ENTRY_OF_CHARGED_EXIT), refund=given)
+            return dataclasses.replace(d, rules=(*d.rules, R_ENTRY_OF_CHARGED_EXIT), refund=back)
         late_entry = UnpairedTap("in", tap.station or "", t, operator, limit, charged=False)
         return Decision(0, 0, (R_ENTRY, R_LATE), operator, _with_unpaired(state, t, late_entry))
     return _exit_without_journey(table, state, tap, concession, operator, late=True, refund=refund)
@@ -1108,5 +1126,7 @@ def close_open_journey(
     if j is None or (not force and now - j.time < table.rules.journey_timeout_s):
         return None, state
     amount = _within(table.cap_fen, j.max_fare_fen)
-    closed = _with_unpaired(dataclasses.replace(state, journey=None, swept=j), now, _charged_entry(j, table, None))
+    # Dated, as the sweep writes it, at the moment the journey timed out (even when forced earlier).
+    kept = _charged_entry(j, table, None, at=j.time + table.rules.journey_timeout_s)
+    closed = _with_unpaired(dataclasses.replace(state, journey=None, swept=j), now, kept)
     return Penalty(amount, j.operator, R_MISSING_OUT, j.station), _with_latest(closed, _newest(state) or j.time)

@@ -439,12 +439,12 @@ class _Batch:
         # The penalties the batch's uploads may give back (`_charges`), by the tap they charged; and the
         # fare_correction rows of those given back: (card, at, terminal, seq, penalty txn, fen, ridecode,
         # reason).
-        self.charges: dict[tuple[int, str, str, int], list[_Charge]] = {}
+        self.charges: dict[tuple[int, str, str, int, int], list[_Charge]] = {}
         self.refunds: list[tuple[int, dt.datetime, str, int, int, int, bool, str]] = []
 
     def charge_for(self, card_id: int, refund: fares.Refund) -> _Charge | None:
-        """The penalty row that charged `refund`'s tap, with something left to give back: the earliest."""
-        key = (card_id, refund.station, refund.operator, refund.time)
+        """The penalty row that charged `refund`'s tap, if something of it is left to give back."""
+        key = (card_id, refund.station, refund.operator, refund.charged_at, refund.amount_fen)
         return next((c for c in self.charges.get(key, ()) if c.left > 0), None)
 
     def answer(self, item: TapItem, card_id: int | None, outcome: TapOutcome) -> TapOutcome:
@@ -478,26 +478,19 @@ class _Charge:
     station_id: str | None
 
 
-# The penalty rows that charged the taps the batch's uploads may complete: for each tap (card, station,
-# operator, time), the card's approved penalties at that station paid to that operator, from a journey
-# timeout before the tap on (an exit displaced from a journey is charged by an earlier exit's upload), with
-# something left to give back, earliest first. Through the journal's primary key (card_id, at): a range of one card.
+# The penalty rows that charged the taps the batch's uploads may complete, each named by what the card's
+# state kept of it (card, station, operator, the row's time, amount), with what the card office has not given
+# back of it yet: through the journal's primary key (card_id, at). One tap may have charged two penalties
+# alike (a journey at a station and a held exit at the same station): both rows, either one given back.
 _CHARGES_SQL = """
-SELECT k.n, j.txn_id, j.left_fen, j.kind, j.source, j.line_id, j.station_id
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[]) WITH ORDINALITY
-     AS k(card_id, station_id, counterparty, since, n)
-CROSS JOIN LATERAL (
-    SELECT p.txn_id, p.kind, p.source, p.line_id, p.station_id,
-           -p.amount_fen - (SELECT coalesce(sum(f.amount_fen), 0) FROM fare_correction f
-                            WHERE f.card_id = p.card_id AND f.corrects_txn_id = p.txn_id)::bigint AS left_fen
-    FROM txn_journal p
-    WHERE p.card_id = k.card_id AND p.at >= k.since AND p.kind = $5 AND p.result = 1 AND p.amount_fen < 0
-      AND p.station_id = k.station_id AND p.counterparty = k.counterparty
-    ORDER BY p.at, p.txn_id
-    LIMIT 8
-) j
-WHERE j.left_fen > 0
-ORDER BY k.n
+SELECT k.n, p.txn_id, p.kind, p.source, p.line_id, p.station_id,
+       -p.amount_fen - (SELECT coalesce(sum(f.amount_fen), 0) FROM fare_correction f
+                        WHERE f.card_id = p.card_id AND f.corrects_txn_id = p.txn_id)::bigint AS left_fen
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[]) WITH ORDINALITY
+     AS k(card_id, station_id, counterparty, at, fen, n)
+JOIN txn_journal p ON p.card_id = k.card_id AND p.at = k.at AND p.kind = $6 AND p.result = 1
+                  AND p.amount_fen = -k.fen AND p.station_id = k.station_id AND p.counterparty = k.counterparty
+ORDER BY k.n, p.txn_id
 """
 
 _REFUNDS_SQL = """
@@ -521,33 +514,32 @@ async def _charges(
     before it, an entry charged for its missing exit for an exit after it. Nothing to read, and no round
     trip, for a batch without such a tap and card (almost every batch)."""
     timeout = batch.table.rules.journey_timeout_s
-    wanted = []
+    wanted: dict[tuple[int, str, str, int, int], None] = {}  # charges alike (one tap, one station) once
     for card, taps in uploads.values():
         for u in card.journey.unpaired:
-            if not u.charged_fen:
+            if not u.charged_fen or u.charged_at is None:
                 continue
             other = "in" if u.direction == "out" else "out"
             if any(
                 t.direction == other and 0 <= (u.time - t.time if other == "in" else t.time - u.time) < timeout
                 for t in taps
             ):
-                wanted.append((card.card_id, u.station, u.operator, u.time))
+                wanted[(card.card_id, u.station, u.operator, u.charged_at, u.charged_fen)] = None
     if not wanted:
         return
-    shared: dict[int, _Charge] = {}  # one penalty row may have charged two exits' keys' candidates
+    keys = list(wanted)
     for r in await conn.fetch(
         _CHARGES_SQL,
-        [w[0] for w in wanted],
-        [w[1] for w in wanted],
-        [w[2] for w in wanted],
-        [dt.datetime.fromtimestamp(w[3] - timeout, dt.UTC) for w in wanted],
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
+        [dt.datetime.fromtimestamp(k[3], dt.UTC) for k in keys],
+        [k[4] for k in keys],
         KIND_PENALTY,
     ):
-        charge = shared.get(r["txn_id"])
-        if charge is None:
-            ridecode = r["kind"] == KIND_RIDECODE or r["source"] == SOURCE_RIDECODE
-            charge = shared[r["txn_id"]] = _Charge(r["txn_id"], r["left_fen"], ridecode, r["line_id"], r["station_id"])
-        batch.charges.setdefault(wanted[r["n"] - 1], []).append(charge)
+        ridecode = r["kind"] == KIND_RIDECODE or r["source"] == SOURCE_RIDECODE
+        charge = _Charge(r["txn_id"], r["left_fen"], ridecode, r["line_id"], r["station_id"])
+        batch.charges.setdefault(keys[r["n"] - 1], []).append(charge)
 
 
 def _late_reason(item: TapItem) -> CorrectionReason:
@@ -574,34 +566,45 @@ def _needed(table: fares.FareTable, item: TapItem, card: _Card, decision: fares.
     return decision.total_fen + cheapest.total_fen
 
 
+def _decide(
+    batch: _Batch, item: TapItem, card: _Card, tap: fares.Tap, *, charge_due: bool
+) -> tuple[fares.Decision, _Charge | None, int, int, bool]:
+    """The fare decision for `tap`, the penalty row its refund gives back (None: no refund), how much of
+    it is given back (the penalty, or what the card office left of it), what the purse must hold, and
+    whether a refund was given up because its penalty row was not found."""
+    table = batch.table
+    decision = fares.fare(table, card.journey, tap, card.quota.concession, charge_due=charge_due)
+    charge = None if decision.refund is None else batch.charge_for(card.card_id, decision.refund)
+    if decision.refund is not None and charge is None:
+        # The penalty to give back is not to be found on this card with something left (charged to a card
+        # this one replaced, earlier in this very batch, or given back by the card office): the tap costs
+        # nothing more and gets nothing back, as before refunds (docs/transit.md "Late halves given back").
+        decision = fares.fare(table, card.journey, tap, card.quota.concession, charge_due=charge_due, refund=False)
+        unmatched = True
+    else:
+        unmatched = False
+    back = 0 if charge is None or decision.refund is None else min(decision.refund.amount_fen, charge.left)
+    return decision, charge, back, _needed(table, item, card, decision) - back, unmatched
+
+
 def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
     table = batch.table
     tap = _priced_tap(card, item)
     try:
-        decision = fares.fare(table, card.journey, tap, card.quota.concession)
-        total_needed = _needed(table, item, card, decision)
+        decision, charge, back, total_needed, unmatched = _decide(batch, item, card, tap, charge_due=True)
         if decision.due and tap.uploaded and card.balance_fen - total_needed < -item.overdraft_fen:
             # The gate let this rider through already: the ride is charged if the purse can pay it, and
             # the held exits now due stay held (still due) for a later tap or the sweep.
-            decision = fares.fare(table, card.journey, tap, card.quota.concession, charge_due=False)
-            total_needed = _needed(table, item, card, decision)
-        charge = None if decision.refund is None else batch.charge_for(card.card_id, decision.refund)
-        if decision.refund is not None and charge is None:
-            # The penalty to give back is not to be found on this card (charged to a card it replaced, or
-            # earlier in this very batch): the tap costs nothing more and gets nothing back, as before
-            # refunds; the card office can still give it back (docs/transit.md "Fare corrections").
-            decision = fares.fare(table, card.journey, tap, card.quota.concession, refund=False)
-            total_needed = _needed(table, item, card, decision)
-            metrics.LATE_REFUNDS_UNMATCHED.inc()
+            decision, charge, back, total_needed, unmatched = _decide(batch, item, card, tap, charge_due=False)
     except fares.FareInputError as exc:
         return _decline("fare_input_invalid", card.balance_fen, detail=str(exc)[:200])
+    if unmatched:
+        metrics.LATE_REFUNDS_UNMATCHED.inc()
     if fares.R_EXIT_AFTER_STOP in decision.rules:  # after the stop, and no journey before it can take it
         return _decline("card_unusable", card_status=card.status)
-    # What is given back: the penalty, or what the card office left of it (it may have given part back).
-    back = 0 if charge is None or decision.refund is None else min(decision.refund.amount_fen, charge.left)
     total = decision.total_fen - back
-    if card.balance_fen - (total_needed - back) < -item.overdraft_fen:
-        return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed - back)
+    if card.balance_fen - total_needed < -item.overdraft_fen:
+        return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed)
     at = dt.datetime.fromtimestamp(item.tap.time, dt.UTC)
     station = item.tap.station
     refund = decision.refund

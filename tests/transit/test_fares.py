@@ -391,7 +391,9 @@ def test_a_held_exit_whose_entry_does_not_come_costs_the_maximum_fare_once(cq: F
     later = fare(cq, early.state, bus(T0 + 4 * 3600))
     assert later.due == (Penalty(700, "cq-metro", "missing_tap_in", "l1-xiaoshizi"),)
     assert later.total_fen == 700 + later.amount_fen == 880
-    assert later.state.unpaired == (UnpairedTap("out", "l1-xiaoshizi", T0, "cq-metro", charged_fen=700),)
+    # Its penalty's journal row is dated at the tap that charged it: the state names it so.
+    charged = UnpairedTap("out", "l1-xiaoshizi", T0, "cq-metro", charged_fen=700, charged_at=T0 + 4 * 3600)
+    assert later.state.unpaired == (charged,)
     # Unless the caller keeps them for later (the purse can pay the ride, not them): still held, still due.
     kept = fare(cq, early.state, bus(T0 + 4 * 3600), charge_due=False)
     assert (kept.due, kept.total_fen) == ((), 180) and kept.state.unpaired == held.unpaired
@@ -399,7 +401,7 @@ def test_a_held_exit_whose_entry_does_not_come_costs_the_maximum_fare_once(cq: F
     # It stays as a charged exit: its entry, arriving even later, gives the maximum fare back and pays
     # the ride (朝天门 → 小什字, 2.0 km: base 200, card 180), under the entry's operator.
     entry = fare(cq, later.state, up(m_in(T0 - 600, "l1-chaotianmen")))
-    assert entry.refund == Refund(700, "cq-metro", "l1-xiaoshizi", T0)
+    assert entry.refund == Refund(700, "cq-metro", "l1-xiaoshizi", T0, T0 + 4 * 3600)
     assert (entry.amount_fen, entry.total_fen, entry.net_fen, entry.operator) == (180, 180, -520, "cq-metro")
     assert entry.rules == ("metro_distance_fare", "card_discount", "late_upload", "entry_of_charged_exit")
     assert entry.state.unpaired == () and entry.state.day_charged_fen == later.state.day_charged_fen + 180
@@ -559,7 +561,7 @@ def test_a_journey_charged_for_a_missing_exit_gets_it_back_when_the_exit_arrives
     assert d[1].penalty == Penalty(700, "cq-metro", "missing_tap_out", "l1-chaotianmen")
     fare_a = run(cq, [up(m_in(T0, "l1-chaotianmen")), up(m_out(T0 + 30 * MIN, "l1-daping"))])[1].amount_fen
     assert d[2].rules == ("metro_distance_fare", "card_discount", "late_upload", "exit_of_charged_journey")
-    assert (d[2].amount_fen, d[2].refund) == (fare_a, Refund(700, "cq-metro", "l1-chaotianmen", T0))
+    assert (d[2].amount_fen, d[2].refund) == (fare_a, Refund(700, "cq-metro", "l1-chaotianmen", T0, T0 + 3600))
     assert d[3].penalty is None and d[3].amount_fen > 0
     assert sum(x.net_fen for x in d) == fare_a + d[3].amount_fen  # what the two rides cost
     # Given back once: a second exit of that journey arriving (a gate's duplicate) costs nothing more.
@@ -772,8 +774,9 @@ def test_an_earlier_exit_arriving_late_takes_its_journey_back(cq: FareTable) -> 
     # A's exit gives A's timeout back and pays A's ride; B's exit, displaced, is charged the maximum fare,
     # which B's entry gives back, paying B's ride: each journey costs its fare, as in order.
     assert d[2].penalty == Penalty(700, "cq-metro", "missing_tap_in", "l2-liziba")
-    assert d[2].refund == Refund(700, "cq-metro", "l1-chaotianmen", T0)
-    assert d[3].refund == Refund(700, "cq-metro", "l2-liziba", T0 + 16600)
+    # (A's timeout dated at B's exit, which charged it; B's exit's penalty at A's exit, which displaced it.)
+    assert d[2].refund == Refund(700, "cq-metro", "l1-chaotianmen", T0, T0 + 16600)
+    assert d[3].refund == Refund(700, "cq-metro", "l2-liziba", T0 + 16600, T0 + 30 * MIN)
     fare_a, fare_b = run(cq, [a_in, a_out])[1].amount_fen, run(cq, [b_in, b_out])[1].amount_fen
     assert (d[2].amount_fen, d[3].amount_fen) == (fare_a, fare_b)
     assert sum(x.net_fen for x in d) == fare_a + fare_b
@@ -785,7 +788,7 @@ def test_an_earlier_exit_arriving_late_takes_its_journey_back(cq: FareTable) -> 
     # An exit uploaded after the sweep but within the timeout: the sweep could not know it; given back.
     d = run(cq, [a_out], state=swept)
     assert (d[0].rules, d[0].amount_fen, d[0].refund) == (
-        ("metro_distance_fare", "card_discount", "exit_of_swept_journey"), fare_a, Refund(700, "cq-metro", "l1-chaotianmen", T0)
+        ("metro_distance_fare", "card_discount", "exit_of_swept_journey"), fare_a, Refund(700, "cq-metro", "l1-chaotianmen", T0, T0 + cq.rules.journey_timeout_s)
     )  # fmt: skip
     assert d[0].state.swept is None and d[0].state.unpaired[0].charged_fen is None
     # An online exit after the tap that charged a journey is not that journey's exit.
@@ -796,7 +799,9 @@ def test_an_earlier_exit_arriving_late_takes_its_journey_back(cq: FareTable) -> 
     after_bus = fare(cq, swept, bus(T0 + 120)).state
     assert fare(cq, after_bus, m_out(T0 + 600, "l1-daping")).rules == ("missing_tap_in",)
     late_exit = fare(cq, after_bus, up(m_out(T0 + 100, "l1-daping")))
-    assert (late_exit.rules[-1], late_exit.refund) == ("exit_of_charged_journey", Refund(700, "cq-metro", "l1-chaotianmen", T0))
+    assert (late_exit.rules[-1], late_exit.refund) == ("exit_of_charged_journey", Refund(
+        700, "cq-metro", "l1-chaotianmen", T0, T0 + cq.rules.journey_timeout_s  # the sweep's row: at the timeout
+    ))
 
 
 def test_every_order_of_two_journeys(cq: FareTable) -> None:
@@ -896,6 +901,11 @@ _UNPAIRED = {"direction": "out", "station": "l1-daping", "time": T0, "operator":
         lambda s: s.update(unpaired=[_UNPAIRED | {"direction": "in", "until": T0, "pair_max_fare_fen": 1}]),
         lambda s: s.update(unpaired=[_UNPAIRED | {"direction": "in", "charged": False, "until": T0}]),
         lambda s: s.update(unpaired=[_UNPAIRED | {"direction": "in", "until": "soon"}]),
+        lambda s: s.update(unpaired=[_UNPAIRED | {"charged_fen": 700}]),  # without the row's time
+        lambda s: s.update(unpaired=[_UNPAIRED | {"charged_at": T0}]),  # without the amount
+        lambda s: s.update(unpaired=[_UNPAIRED | {"charged": False, "charged_fen": 700, "charged_at": T0}]),
+        lambda s: s.update(unpaired=[_UNPAIRED | {"charged_fen": -1, "charged_at": T0}]),
+        lambda s: s.update(unpaired=[_UNPAIRED | {"charged_fen": 700, "charged_at": "T0"}]),
     ],
 )
 def test_malformed_stored_states_are_refused(
@@ -1492,7 +1502,8 @@ def _no_limits(state: JourneyState) -> JourneyState:
         state,
         journey=None if j is None else dataclasses.replace(j, max_fare_fen=None),
         unpaired=tuple(
-            dataclasses.replace(u, max_fare_fen=None, pair_max_fare_fen=None, charged_fen=None) for u in state.unpaired
+            dataclasses.replace(u, max_fare_fen=None, pair_max_fare_fen=None, charged_fen=None)
+            for u in state.unpaired
         ),
     )
 

@@ -29,6 +29,7 @@ from tests.transit.test_corrections import audit, fix_body
 from tests.transit.test_rides import (
     GATE_2,
     _sweep_after_timeout,
+    _sweep_at,
     backdated_phone,
     gate_lets_through,
     gate_record,
@@ -282,4 +283,126 @@ async def test_an_upload_racing_the_card_office_never_gives_the_penalty_back_twi
         assert office.status == 409 and office.body["left_fen"] == 0, office.body
         assert in_["refund"]["amount_fen"] == TABLE.cap_fen and in_["fare_fen"] == RIDE, in_
         assert await svc.balance(c["card_no"]) == 1000 - RIDE
+    assert (await audit(db, settings))["fare_corrections"].ok
+
+
+# ------------------------------------------------------------------ the right penalty, exactly
+
+TIMEOUT = TABLE.rules.journey_timeout_s
+
+
+def ride_at(svc: ServiceHarness, phone: Any, issuer: bytes, at: int, station: str, direction: str) -> Any:
+    rec = gate_record(svc, phone.next_code(at), at, line_id="L1", station_id=station, direction=direction)
+    gate_lets_through(rec.code_text, issuer, rec.time)
+    return rec
+
+
+def price(a: str, b: str, limit: int | None = None) -> int:
+    full = fares.card_price_fen(fares.metro_fare_fen(TABLE, a, b), TABLE.rules.card_discount_percent)
+    return full if limit is None else min(full, limit)
+
+
+async def sweep_at(svc: ServiceHarness, at: int) -> None:
+    await _sweep_at(svc, dt.datetime.fromtimestamp(at, dt.UTC))
+
+
+async def corrections(db: asyncpg.Connection, card_id: int) -> list[tuple[int, int, str]]:
+    """(penalty txn, fen, reason) of the card's corrections, in the order they were made."""
+    rows = await db.fetch(
+        "SELECT corrects_txn_id, amount_fen, reason FROM fare_correction WHERE card_id = $1 ORDER BY txn_id",
+        card_id,
+    )
+    return [tuple(r) for r in rows]
+
+
+async def penalties(db: asyncpg.Connection, card_id: int) -> list[tuple[int, int, str]]:
+    """(txn, fen, station) of the card's penalties, in the order they were written."""
+    rows = await db.fetch(
+        "SELECT txn_id, -amount_fen, station_id FROM txn_journal WHERE card_id = $1 AND kind = $2 ORDER BY txn_id",
+        card_id,
+        KIND_PENALTY,
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_a_displaced_exits_penalty_is_given_back_by_its_own_entry(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """Journey 1 (A → C) was swept; the exit B of journey 2 (D → B) came first and was taken for journey 1's.
+    Journey 1's real exit C, uploaded later, gives the sweep's penalty back and displaces B, charged the
+    maximum fare at C's upload (dated hours before B); D, uploaded last, gives that back. Each journey costs
+    its fare."""
+    c, _, issuer = await rider(svc, 3000)
+    e = int(time.time()) - 7 * 3600
+    phone = await backdated_phone(svc, c["card_no"], e - 600)
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    a, b, c_, d = "l1-chaotianmen", "l1-daping", "l1-xiaoshizi", "l1-shapingba"
+    await upload(svc, [ride_at(svc, phone, issuer, e, a, "in")], batch_id=1)
+    await sweep_at(svc, e + TIMEOUT + 60)
+    [x_b] = await upload(svc, [ride_at(svc, phone, issuer, e + 5 * 3600, b, "out")], batch_id=2)
+    assert (x_b["fare_fen"], x_b["rules"]) == (0, ["exit_of_swept_journey"]), x_b
+    [x_c] = await upload(svc, [ride_at(svc, phone, issuer, e + 1800, c_, "out")], batch_id=3)
+    assert x_c["refund"]["reason"] == "late_exit" and x_c["penalty"]["reason"] == "missing_tap_in", x_c
+    [e_d] = await upload(svc, [ride_at(svc, phone, issuer, e + 4 * 3600 + 1800, d, "in")], batch_id=4)
+    assert e_d["refund"]["reason"] == "late_entry", e_d
+    swept, displaced = await penalties(db, card_id)
+    assert (swept[2], displaced[2]) == (a, b)
+    assert await corrections(db, card_id) == [(swept[0], 700, "late_exit"), (displaced[0], 700, "late_entry")]
+    assert await svc.balance(c["card_no"]) == 3000 - price(a, c_) - price(d, b)
+    assert (await audit(db, settings))["fare_corrections"].ok
+
+
+async def test_a_penalty_the_office_gave_back_is_not_given_back_again_from_another(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """Entry E1 at A is charged its missing exit by entry E2 at A an hour later; the office gives that
+    back in full; the sweep charges E2's journey its own penalty at A. E1's exit, uploaded at last, finds
+    its penalty given back already: nothing more, nothing back (not E2's penalty, which is E2's)."""
+    c, _, issuer = await rider(svc, 3000)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 5 * 3600)
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    e1, e2 = now - 3 * 3600, now - 2 * 3600
+    await upload(svc, [ride_at(svc, phone, issuer, e1, ENTRY, "in")], batch_id=1)
+    await upload(svc, [ride_at(svc, phone, issuer, e2, ENTRY, "in")], batch_id=2)
+    [(p1, _, _)] = await penalties(db, card_id)
+    r = await svc.post(f"/v1/purses/{c['card_no']}/fare-corrections", fix_body(p1, 700, reason="late_exit"))
+    assert r.status == 200, r.body
+    await sweep_at(svc, e2 + TIMEOUT + 60)
+    assert len(await penalties(db, card_id)) == 2
+    before, seen = await svc.balance(c["card_no"]), await refunds_counted(svc)
+    [x1] = await upload(svc, [ride_at(svc, phone, issuer, e1 + 1800, EXIT, "out")], batch_id=3)
+    assert (x1["fare_fen"], x1["rules"], "refund" in x1) == (0, ["exit_of_charged_journey"], False), x1
+    assert await svc.balance(c["card_no"]) == before
+    assert moved(seen, await refunds_counted(svc)) == {"unmatched_total": 1}
+    assert await corrections(db, card_id) == [(p1, 700, "late_exit")]
+    # E2's exit still gets E2's penalty back.
+    [x2] = await upload(svc, [ride_at(svc, phone, issuer, e2 + 1800, EXIT, "out")], batch_id=4)
+    p2 = (await penalties(db, card_id))[1][0]
+    assert x2["refund"] == {"amount_fen": 700, "reason": "late_exit", "corrects_txn_id": p2}, x2
+    assert (await audit(db, settings))["fare_corrections"].ok
+
+
+async def test_two_penalties_at_one_station_are_each_given_back_in_full(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """Two journeys from A, each swept: the first on a ride code capped at 300 (its penalty 300), the second
+    uncapped (700). Their exits, uploaded in the other order, each give back their own journey's penalty."""
+    c, _, issuer = await rider(svc, 3000)
+    e1 = int(time.time()) - 10 * 3600
+    e2 = e1 + 5 * 3600
+    capped = await backdated_phone(svc, c["card_no"], e1 - 600, max_fare_fen=300)
+    phone = await backdated_phone(svc, c["card_no"], e1 - 600)
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    await upload(svc, [ride_at(svc, capped, issuer, e1, ENTRY, "in")], batch_id=1)
+    await sweep_at(svc, e1 + TIMEOUT + 60)
+    await upload(svc, [ride_at(svc, phone, issuer, e2, ENTRY, "in")], batch_id=2)
+    await sweep_at(svc, e2 + TIMEOUT + 60)
+    (p1, fen1, _), (p2, fen2, _) = await penalties(db, card_id)
+    assert (fen1, fen2) == (300, 700)
+    [x2] = await upload(svc, [ride_at(svc, phone, issuer, e2 + 1800, EXIT, "out")], batch_id=3)
+    [x1] = await upload(svc, [ride_at(svc, capped, issuer, e1 + 1800, EXIT, "out")], batch_id=4)
+    assert (x2["refund"]["corrects_txn_id"], x1["refund"]["corrects_txn_id"]) == (p2, p1), (x2, x1)
+    assert await corrections(db, card_id) == [(p2, 700, "late_exit"), (p1, 300, "late_exit")]
+    assert await svc.balance(c["card_no"]) == 3000 - price(ENTRY, EXIT) - price(ENTRY, EXIT, 300)
     assert (await audit(db, settings))["fare_corrections"].ok
