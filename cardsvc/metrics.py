@@ -119,10 +119,10 @@ LATE_REFUND_FEN = Counter(
 )
 LATE_REFUNDS_UNMATCHED = Counter(
     "cardsvc_transit_late_refunds_unmatched_total",
-    "Uploads that complete a journey charged a penalty whose journal row is not on the card, or has been "
-    "given back in full (charged to a card it replaced, or by the same batch): charged nothing more and "
-    "given nothing back; the card office can book the correction. Counted per batch attempt, so a batch "
-    "retried after a concurrent change counts again.",
+    "Approved uploads that complete a journey charged a penalty whose journal row is not on the card with "
+    "something left (the card office gave it back in full, it was charged to a card this one replaced, or "
+    "by the same batch): charged nothing more and given nothing back. Counted per batch attempt, so a "
+    "batch retried after a concurrent change counts again.",
 )
 JOURNEYS_SWEPT = Counter(
     "cardsvc_transit_journeys_swept_total",

@@ -277,8 +277,9 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
             raise FareInputError(f"journey state {name}: a pairing belongs to a charged 'in' with `until`")
         if "pair_station" not in pair and "pair_max_fare_fen" in pair:
             raise FareInputError(f"journey state {name}: pair_max_fare_fen without pair_station")
-        if ("charged_fen" in u) != ("charged_at" in u) or ("charged_fen" in u and not charged):
-            raise FareInputError(f"journey state {name}: charged_fen and charged_at belong together to a charged tap")
+        if ("charged_fen" in u or "charged_at" in u) and not charged:
+            raise FareInputError(f"journey state {name}: charged_fen and charged_at belong to a charged tap")
+        known = "charged_fen" in u and "charged_at" in u  # (a charged_fen alone: written before charged_at)
         out.append(
             UnpairedTap(
                 direction,
@@ -290,8 +291,8 @@ def _unpaired_from(data: object) -> tuple[UnpairedTap, ...]:
                 None if "until" not in u else _int(u["until"], f"{name}.until"),
                 None if "pair_station" not in u else _str(u, f"{name}.pair_station"),
                 None if "pair_max_fare_fen" not in u else _int(u["pair_max_fare_fen"], f"{name}.pair_max_fare_fen", minimum=0),
-                None if "charged_fen" not in u else _int(u["charged_fen"], f"{name}.charged_fen", minimum=0),
-                None if "charged_at" not in u else _int(u["charged_at"], f"{name}.charged_at"),
+                _int(u["charged_fen"], f"{name}.charged_fen", minimum=0) if known else None,
+                _int(u["charged_at"], f"{name}.charged_at") if known else None,
             )
         )
     return tuple(out)

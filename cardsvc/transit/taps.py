@@ -442,10 +442,23 @@ class _Batch:
         self.charges: dict[tuple[int, str, str, int, int], list[_Charge]] = {}
         self.refunds: list[tuple[int, dt.datetime, str, int, int, int, bool, str]] = []
 
-    def charge_for(self, card_id: int, refund: fares.Refund) -> _Charge | None:
-        """The penalty row that charged `refund`'s tap, if something of it is left to give back."""
-        key = (card_id, refund.station, refund.operator, refund.charged_at, refund.amount_fen)
-        return next((c for c in self.charges.get(key, ()) if c.left > 0), None)
+    def charge_for(self, card: _Card, refund: fares.Refund) -> tuple[_Charge, int] | None:
+        """The penalty row that charged `refund`'s tap and how much of it to give back (what is left of it),
+        or None when nothing is.
+
+        Rows alike (one tap charged a journey and a held exit at one station, the same amount) cannot be
+        told apart: they are a pool, and each other charged tap of the card's state that names them keeps
+        a whole penalty of the pool for its own refund. So a penalty the card office gave back, whichever
+        row it named, is never given back again from its twin."""
+        key = (card.card_id, refund.station, refund.operator, refund.charged_at, refund.amount_fen)
+        rows = self.charges.get(key)
+        if not rows:
+            return None
+        alike = key[1:]
+        others = sum(1 for u in card.journey.unpaired if (u.station, u.operator, u.charged_at, u.charged_fen) == alike) - 1
+        best = max(rows, key=lambda c: c.left)
+        give = min(refund.amount_fen, best.left, sum(c.left for c in rows) - refund.amount_fen * max(0, others))
+        return (best, give) if give > 0 else None
 
     def answer(self, item: TapItem, card_id: int | None, outcome: TapOutcome) -> TapOutcome:
         detail = dict(outcome.detail)
@@ -481,7 +494,7 @@ class _Charge:
 # The penalty rows that charged the taps the batch's uploads may complete, each named by what the card's
 # state kept of it (card, station, operator, the row's time, amount), with what the card office has not given
 # back of it yet: through the journal's primary key (card_id, at). One tap may have charged two penalties
-# alike (a journey at a station and a held exit at the same station): both rows, either one given back.
+# alike (a journey at a station and a held exit at the same station): both rows (`_Batch.charge_for`).
 _CHARGES_SQL = """
 SELECT k.n, p.txn_id, p.kind, p.source, p.line_id, p.station_id,
        -p.amount_fen - (SELECT coalesce(sum(f.amount_fen), 0) FROM fare_correction f
@@ -562,7 +575,10 @@ def _needed(table: fares.FareTable, item: TapItem, card: _Card, decision: fares.
     leave = fares.Tap(
         item.tap.time, "metro", item.tap.line, item.tap.station, "out", item.tap.max_fare_fen, uploaded=item.tap.uploaded
     )
-    cheapest = fares.fare(table, dataclasses.replace(decision.state, window=None), leave, card.quota.concession)
+    # The exit's own fare only: held exits the decision left due (charge_due=False) are not this ride's.
+    cheapest = fares.fare(
+        table, dataclasses.replace(decision.state, window=None), leave, card.quota.concession, charge_due=False
+    )
     return decision.total_fen + cheapest.total_fen
 
 
@@ -574,8 +590,8 @@ def _decide(
     whether a refund was given up because its penalty row was not found."""
     table = batch.table
     decision = fares.fare(table, card.journey, tap, card.quota.concession, charge_due=charge_due)
-    charge = None if decision.refund is None else batch.charge_for(card.card_id, decision.refund)
-    if decision.refund is not None and charge is None:
+    found = None if decision.refund is None else batch.charge_for(card, decision.refund)
+    if decision.refund is not None and found is None:
         # The penalty to give back is not to be found on this card with something left (charged to a card
         # this one replaced, earlier in this very batch, or given back by the card office): the tap costs
         # nothing more and gets nothing back, as before refunds (docs/transit.md "Late halves given back").
@@ -583,7 +599,7 @@ def _decide(
         unmatched = True
     else:
         unmatched = False
-    back = 0 if charge is None or decision.refund is None else min(decision.refund.amount_fen, charge.left)
+    charge, back = (None, 0) if found is None or decision.refund is None else found
     return decision, charge, back, _needed(table, item, card, decision) - back, unmatched
 
 
@@ -598,13 +614,13 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
             decision, charge, back, total_needed, unmatched = _decide(batch, item, card, tap, charge_due=False)
     except fares.FareInputError as exc:
         return _decline("fare_input_invalid", card.balance_fen, detail=str(exc)[:200])
-    if unmatched:
-        metrics.LATE_REFUNDS_UNMATCHED.inc()
     if fares.R_EXIT_AFTER_STOP in decision.rules:  # after the stop, and no journey before it can take it
         return _decline("card_unusable", card_status=card.status)
     total = decision.total_fen - back
     if card.balance_fen - total_needed < -item.overdraft_fen:
         return _decline("insufficient_balance", card.balance_fen, fare_due_fen=total_needed)
+    if unmatched:
+        metrics.LATE_REFUNDS_UNMATCHED.inc()
     at = dt.datetime.fromtimestamp(item.tap.time, dt.UTC)
     station = item.tap.station
     refund = decision.refund

@@ -406,3 +406,37 @@ async def test_two_penalties_at_one_station_are_each_given_back_in_full(
     assert await corrections(db, card_id) == [(p2, 700, "late_exit"), (p1, 300, "late_exit")]
     assert await svc.balance(c["card_no"]) == 3000 - price(ENTRY, EXIT) - price(ENTRY, EXIT, 300)
     assert (await audit(db, settings))["fare_corrections"].ok
+
+
+@pytest.mark.parametrize("office_first", [False, True])
+async def test_two_penalties_alike_are_given_back_as_a_pool(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings, office_first: bool
+) -> None:
+    """One upload charges two penalties alike (journey A entered at X left open, and a held exit at X now
+    due: same station, time and amount). Each half arriving later gives one back; if the card office gave
+    one row back first, neither half gives the other row back on top (the money already returned is one
+    of them, whichever the clerk meant)."""
+    c, _, issuer = await rider(svc, 3000)
+    e = int(time.time()) - 6 * 3600
+    phone = await backdated_phone(svc, c["card_no"], e - 1200)
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    x, y = EXIT, "l1-shapingba"
+    [held] = await upload(svc, [ride_at(svc, phone, issuer, e, x, "out")], batch_id=1)
+    assert held["rules"] == ["exit_held"], held
+    await upload(svc, [ride_at(svc, phone, issuer, e + 100, x, "in")], batch_id=2)
+    [both] = await upload(svc, [ride_at(svc, phone, issuer, e + TIMEOUT + 10, ENTRY, "in")], batch_id=3)
+    assert both["penalty"]["amount_fen"] == 700 and len(both["held_exits_charged"]) == 1, both
+    (p1, _, _), (p2, _, _) = await penalties(db, card_id)
+    if office_first:
+        r = await svc.post(f"/v1/purses/{c['card_no']}/fare-corrections", fix_body(p1, 700))
+        assert r.status == 200, r.body
+    [a_out] = await upload(svc, [ride_at(svc, phone, issuer, e + 1000, y, "out")], batch_id=4)
+    [x_in] = await upload(svc, [ride_at(svc, phone, issuer, e - 600, ENTRY, "in")], batch_id=5)
+    given = await db.fetchval("SELECT sum(amount_fen) FROM fare_correction WHERE card_id = $1", card_id)
+    if office_first:
+        assert "refund" not in a_out and "refund" not in x_in, (a_out, x_in)
+        assert given == 700
+    else:
+        assert {a_out["refund"]["corrects_txn_id"], x_in["refund"]["corrects_txn_id"]} == {p1, p2}
+        assert given == 1400
+    assert (await audit(db, settings))["fare_corrections"].ok

@@ -11,6 +11,7 @@ import datetime as dt
 import itertools
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -22,6 +23,7 @@ from cardsvc.http.keys import SERVICES
 from cardsvc.store.pool import create_pool
 from cardsvc.transit import fares, flow, sweep
 from cardsvc.transit import rides as rides_mod
+from cardsvc.transit import taps as taps_mod
 from cardsvc.transit.taps import KIND_FARE, KIND_PENALTY, SOURCE_RIDECODE, SOURCE_SWEEP
 from protocols import hotlist, ridecode, sm
 from protocols.ridecode import RideBatch, RideRecord
@@ -464,6 +466,21 @@ async def test_a_ride_the_credit_covers_is_charged_even_when_a_held_exit_due_is_
     [next_] = await upload(svc, [after], batch_id=next(_seq))
     assert next_["held_exits_charged"] == [{"amount_fen": TABLE.cap_fen, "reason": "missing_tap_in"}], next_
     assert await svc.balance(c["card_no"]) == balance - BUS_FARE + 3000 - next_["fare_fen"]
+
+
+def test_an_uploaded_entry_that_keeps_held_exits_held_needs_only_its_own_minimum_fare() -> None:
+    """What an uploaded metro entry must find in the purse: its cheapest exit, not the held exits the
+    decision left due (charge_due=False), which would refuse the entry the credit covers."""
+    t0 = 1_790_000_000
+    held = fares.fare(TABLE, fares.EMPTY_STATE, fares.Tap(t0, "metro", "L1", "l1-xiaoshizi", "out", uploaded=True))
+    entry = fares.Tap(t0 + TABLE.rules.journey_timeout_s + 60, "metro", "L1", "l1-daping", "in", uploaded=True)
+    card = SimpleNamespace(quota=SimpleNamespace(concession=fares.NO_CONCESSION))
+    item = SimpleNamespace(tap=entry)
+    cheapest = fares.card_price_fen(fares.metro_fare_fen(TABLE, "l1-daping", "l1-daping"), 10)
+    charged = fares.fare(TABLE, held.state, entry)
+    kept = fares.fare(TABLE, held.state, entry, charge_due=False)
+    assert taps_mod._needed(TABLE, item, card, charged) == TABLE.cap_fen + cheapest  # type: ignore[arg-type]
+    assert taps_mod._needed(TABLE, item, card, kept) == cheapest  # type: ignore[arg-type]
 
 
 async def test_an_exit_after_a_loss_uploaded_before_its_entry_ends_the_journey_at_its_fare(svc: ServiceHarness) -> None:
