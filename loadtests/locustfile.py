@@ -13,6 +13,7 @@ one it uses the demo terminals of a `cardsvc seed` data dir:
     CARDSVC_BENCH_RATE=2000                     target requests/s over all weighted users
     CARDSVC_BENCH_SEED, CARDSVC_BENCH_ECARD_POOL  as given to `cardsvc seed`
     CARDSVC_BENCH_COUNTERS=/tmp/counters.json   where the business counters are written at the end
+    CARDSVC_BENCH_BOOK=/tmp/book                credentials made ahead (loadtests/credbook.py), optional
 
 The mix (weights are users; every weighted user sends about rate / users requests per second):
 
@@ -28,7 +29,9 @@ The mix (weights are users; every weighted user sends about rate / users request
 
 After an insufficient-balance decline a validator user tops the card up (bank channel), as a rider would.
 Cards are drawn with a Zipf-like skew (loadtests.presign.skewed_index) over the online part of the
-population. Business declines are successes; 5xx, 401, 409, other 4xx and declines that a valid
+population. The phones' e-card codes and the cards' answers come from a book made before the run when
+there is one (loadtests/credbook.py: SM2 signing took a fifth of Locust's CPU), else they are made live;
+the counters say how many were made live. Business declines are successes; 5xx, 401, 409, other 4xx and declines that a valid
 credential must not get (forged, expired, replayed) are failures. Counters of approved taps and posted
 offline records are written as JSON when Locust quits, for the bench to compare with the journal.
 """
@@ -47,7 +50,7 @@ from typing import Any
 import orjson
 from locust import FastHttpUser, events, task
 
-from loadtests.presign import skewed_index
+from loadtests import credbook
 from loadtests.transit_bench import (
     OFFLINE_PATH,
     TAP_PATH,
@@ -57,7 +60,7 @@ from loadtests.transit_bench import (
     purse_cards,
     signed_headers,
 )
-from protocols import card, ecard, population, sm, transit
+from protocols import population, transit
 
 BUS_LINES = ("bus-105", "bus-111", "bus-261", "bus-421")
 STATIONS = (
@@ -93,6 +96,8 @@ COUNTERS: dict[str, Any] = {
     "ecard_verifications": 0,
     "card_verifications": 0,
     "hotlist_entries": 0,
+    "live_card_answers": 0,
+    "live_ecard_codes": 0,
 }
 
 
@@ -163,39 +168,57 @@ def _write_counters(environment: Any, **_kw: Any) -> None:
 
 # ------------------------------------------------------------------ credentials
 
-_ecard_keys: dict[int, Any] = {}
-_auth_deriver: card.CardKeyDeriver | None = None
+_maker: credbook.Maker | None = None
+_book: credbook.Book | None = None
+
+
+def maker(cfg: dict[str, Any]) -> credbook.Maker:
+    """Makes credentials live, as the phones and cards do (keys from the key file and the seed)."""
+    global _maker
+    if _maker is None:
+        _maker = credbook.Maker(cfg["auth_master"], cfg["seed_bytes"], cfg["ecard_key_pool"])
+    return _maker
+
+
+def book(cfg: dict[str, Any]) -> credbook.Book | None:
+    """The credentials made ahead (CARDSVC_BENCH_BOOK or the configuration's `book`), if any."""
+    global _book
+    path = cfg.get("book") or os.environ.get("CARDSVC_BENCH_BOOK")
+    if _book is None and path:
+        _book = credbook.Book(Path(path))
+    return _book
 
 
 def card_answer(cfg: dict[str, Any], index: int, now: int) -> dict[str, str]:
-    """What the card at `index` answers a terminal's challenge (the card key from the master key)."""
-    global _auth_deriver
-    if _auth_deriver is None:
-        _auth_deriver = card.CardKeyDeriver(cfg["auth_master"], card.KEY_PURPOSE_AUTH)
-    sn = population.person(index, cfg["seed_bytes"]).card_sn
-    sim = card.CardSimulator(sn, card_key=_auth_deriver.card_key(sn))
-    return card.build_card_auth_request(sim, now, os.urandom(4))
+    """What the card at `index` answers a terminal's challenge, made now."""
+    _bump("live_card_answers")
+    return maker(cfg).card_answer(index, now)
 
 
-def ecard_code(cfg: dict[str, Any], index: int, now: int, rng: random.Random) -> str:
-    """A fresh code of e-card index + 1 (device key from the seeded pool); a random counter, so two users
-    showing the same e-card never present the same (e-card, counter)."""
-    pool = cfg["ecard_key_pool"]
-    j = index % pool
-    key = _ecard_keys.get(j)
-    if key is None:
-        key = _ecard_keys[j] = sm.private_key_from_seed(
-            sm.ALG_SM2_SM3, population.ecard_pool_seed(j, cfg["seed_bytes"])
-        )
-    device = ecard.EcardDevice(sm.ALG_SM2_SM3, key, index + 1)
-    return ecard.encode_code(device.make_code(now, rng.randrange(1, ecard.CODE_COUNTER_MAX)))
+def new_card(cfg: dict[str, Any], rng: random.Random, now: int) -> tuple[int, dict[str, str]]:
+    """A card drawn with the mix's skew and its answer to one challenge: from the book while it has
+    some for this moment, else made now."""
+    b = book(cfg)
+    made = b.card_answer() if b is not None else None
+    if made is not None:
+        return made
+    index = pick_card(cfg, rng)
+    return index, card_answer(cfg, index, now)
+
+
+def new_ecard_code(cfg: dict[str, Any], rng: random.Random, now: int) -> tuple[int, str]:
+    """A fresh e-card code of a card drawn with the mix's skew (book first, as new_card)."""
+    b = book(cfg)
+    made = b.ecard_code() if b is not None else None
+    if made is not None:
+        return made
+    _bump("live_ecard_codes")
+    index = pick_card(cfg, rng, with_ecard=True)
+    return index, maker(cfg).ecard_code(index, now, rng)
 
 
 def pick_card(cfg: dict[str, Any], rng: random.Random, with_ecard: bool = False) -> int:
-    while True:
-        i = skewed_index(rng, cfg["online_cards"])
-        if not with_ecard or i % 5:  # `cardsvc seed` gives 4 in 5 people an e-card
-            return i
+    return credbook.pick_card(rng, cfg["online_cards"], with_ecard)
 
 
 # ------------------------------------------------------------------ users
@@ -299,24 +322,33 @@ class MetroValidator(_Terminal):
 
     def on_start(self) -> None:
         super().on_start()
-        self.inside: tuple[int, str] | None = None  # (card index, entry station)
+        self.inside: tuple[int, str, dict[str, str] | None] | None = None  # card, entry station, its exit answer
 
     @task
     def gate(self) -> None:
         now = int(time.time())
         if self.inside is None:
-            index = pick_card(self.cfg, self.rng)
+            b = book(self.cfg)
+            journey = b.metro_journey() if b is not None else None
+            answer_out: dict[str, str] | None
+            if journey is None:
+                index = pick_card(self.cfg, self.rng)
+                answer_in, answer_out = card_answer(self.cfg, index, now), None
+            else:
+                index, answer_in, answer_out = journey
             station = self.rng.choice(STATIONS)
             body = {"mode": "metro", "line_id": STATION_LINE[station], "station_id": station,
-                    "direction": "in", "credential": "card", **card_answer(self.cfg, index, now)}  # fmt: skip
+                    "direction": "in", "credential": "card", **answer_in}  # fmt: skip
             if self.tap(body, "tap metro in", index) is None:
-                self.inside = (index, station)
+                self.inside = (index, station, answer_out)
             return
-        index, entry = self.inside
+        index, entry, answer_out = self.inside
         self.inside = None
         station = self.rng.choice([s for s in STATIONS if s != entry])
+        if answer_out is None:
+            answer_out = card_answer(self.cfg, index, now)
         body = {"mode": "metro", "line_id": STATION_LINE[station], "station_id": station,
-                "direction": "out", "credential": "card", **card_answer(self.cfg, index, now)}  # fmt: skip
+                "direction": "out", "credential": "card", **answer_out}  # fmt: skip
         self.tap(body, "tap metro out", index)
 
 
@@ -328,15 +360,12 @@ class BusValidator(_Terminal):
         now = int(time.time())
         line = self.rng.choice(BUS_LINES)
         base = {"mode": "bus", "line_id": line, "direction": "single"}
-        if self.rng.random() < 0.15:
-            index = pick_card(self.cfg, self.rng, with_ecard=True)
-            code = ecard_code(self.cfg, index, now, self.rng)
+        if self.rng.random() < credbook.BUS_ECARD_SHARE:
+            index, code = new_ecard_code(self.cfg, self.rng, now)
             self.tap({**base, "credential": "ecard_code", "code": code}, "tap bus e-card", index)
         else:
-            index = pick_card(self.cfg, self.rng)
-            self.tap(
-                {**base, "credential": "card", **card_answer(self.cfg, index, now)}, "tap bus card", index
-            )
+            index, answer = new_card(self.cfg, self.rng, now)
+            self.tap({**base, "credential": "card", **answer}, "tap bus card", index)
 
 
 class AcceptancePoint(_Terminal):
@@ -348,17 +377,15 @@ class AcceptancePoint(_Terminal):
     def verify(self) -> None:
         now = int(time.time())
         creds = self.cfg["hospital"] if self.rng.random() < 0.5 else self.cfg["merchant"]
-        if self.rng.random() < 0.6:
-            index = pick_card(self.cfg, self.rng, with_ecard=True)
-            body = {"code": ecard_code(self.cfg, index, now, self.rng), "business_type": "01"}
+        if self.rng.random() < credbook.ACCEPTANCE_ECARD_SHARE:
+            _, code = new_ecard_code(self.cfg, self.rng, now)
+            body = {"code": code, "business_type": "01"}
             with self.signed("POST", "/v1/ecard-codes/verify", creds, body, "ecard code verify") as resp:
                 _business(resp)
                 _bump("ecard_verifications")
         else:
-            index = pick_card(self.cfg, self.rng)
-            with self.signed(
-                "POST", "/v1/card-auth", creds, card_answer(self.cfg, index, now), "card verify"
-            ) as resp:
+            _, answer = new_card(self.cfg, self.rng, now)
+            with self.signed("POST", "/v1/card-auth", creds, answer, "card verify") as resp:
                 _business(resp)
                 _bump("card_verifications")
 

@@ -662,6 +662,25 @@ async def _create_terminals(dsn: str, kek: bytes, specs: list[tuple[str, str]]) 
 # ------------------------------------------------------------------ Locust results
 
 
+def make_book(cmds: Commands, args: argparse.Namespace, cfg: dict[str, Any], work: Path) -> tuple[str, dict[str, Any]]:
+    """The credentials the mix's phones and cards will show, made ahead for the run's clock (its ramp-up
+    and duration) on every core while the service is idle."""
+    out = work / "book"
+    if out.exists():
+        shutil.rmtree(out)
+    ramp_s = (args.locust_users + args.locust_uploaders + 1) / args.locust_spawn_rate
+    argv = ["-m", "loadtests.credbook", "--out", str(out), "--keys", cfg["key_file"],
+            "--cards", str(cfg["online_cards"]), "--seed", cfg["seed"], "--ecard-key-pool",
+            str(cfg["ecard_key_pool"]), "--rate", f"{args.locust_rate:g}", "--duration",
+            f"{args.locust_duration + 30:g}", "--start-in", f"{ramp_s + 10:g}"]  # fmt: skip
+    cmds.show(["python", *argv])
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, check=True)
+    info = {**orjson.loads(run.stdout), "build_s": round(time.perf_counter() - t0, 1)}
+    print(f"  credential book: {info}", flush=True)
+    return str(out), info
+
+
 def read_locust_stats(prefix: Path) -> list[dict[str, Any]]:
     rows = []
     with open(f"{prefix}_stats.csv", newline="") as fh:
@@ -892,6 +911,15 @@ def render_section(d: dict[str, Any]) -> str:
         f"{_fmt(c.get('lost_card_refused'))} refused, {_fmt(c.get('lost_card_violations'))} accepted "
         "(violations, counted as failures).",
     ]
+    book = loc.get("book")
+    if book:
+        out += [
+            "",
+            f"Credentials made ahead for the mix (loadtests/credbook.py): {_fmt(book['credentials'])} e-card codes "
+            f"and card answers in {_fmt(book['build_s'])} s before the run; made live during it, when the book "
+            f"had none left for the moment: {_fmt(c.get('live_ecard_codes'))} codes, "
+            f"{_fmt(c.get('live_card_answers'))} card answers (among them the taps of lost cards, drawn apart).",
+        ]
     if loc["failure_list"]:
         out += ["", "Failures reported by Locust:", ""]
         out += [f"- {f['name']}: {f['error']} ({f['occurrences']})" for f in loc["failure_list"][:10]]
@@ -929,7 +957,9 @@ def render_section(d: dict[str, Any]) -> str:
         "  verifications at hospitals and merchants, hotlist downloads with the version each validator holds,",
         "  top-ups after an insufficient-balance decline, and a trickle of loss reports, each followed by a",
         "  tap of that card that must be refused. Cards Zipf-skewed over the population. Business declines are",
-        "  successes; 5xx, 401, 409 and unexpected declines are failures.",
+        "  successes; 5xx, 401, 409 and unexpected declines are failures. The e-card codes (SM2 signatures)",
+        "  and card answers are made before the run for each 20-second slot of its clock and shown in it",
+        "  (`loadtests/credbook.py`; runs before 22 made them live, which took about a third of Locust's CPU).",
         "- **RSS** of each worker from /proc every second (plot below).",
         "",
         f"![transit benchmark]({t['plot']})" if t.get("plot") else "",
@@ -1139,6 +1169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--locust-rate", type=float, default=2000, help="target requests/s of the mix")
     ap.add_argument("--locust-uploaders", type=int, default=2)
     ap.add_argument(
+        "--locust-book", action=argparse.BooleanOptionalAction, default=True,
+        help="make the mix's e-card codes and card answers before the run (loadtests/credbook.py; default "
+        "on): the phones' and cards' work, so that Locust's core goes to sending requests",
+    )  # fmt: skip
+    ap.add_argument(
         "--docs-dir", type=Path, default=DOCS, help="where benchmarks.{md,json} live (default docs)"
     )
     args = ap.parse_args(argv)
@@ -1338,6 +1373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         locust_cfg["offline_first"] = lo
         locust_cfg["offline_balances"] = balances
         locust_cfg["offline_purse_seqs"] = seqs
+        if args.locust_book:
+            locust_cfg["book"], results["book"] = make_book(cmds, args, locust_cfg, work)
         cfg_path = work / "locust-config.json"
         cfg_path.write_bytes(orjson.dumps(locust_cfg))
         csv_prefix = work / "locust"
@@ -1352,6 +1389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "CARDSVC_BENCH_UPLOADERS": str(args.locust_uploaders),
         }
         cmds.show(["locust", *locust_argv[1:]], locust_env)
+        if results.get("book"):  # not before the book's first moment: its credentials would be early
+            time.sleep(max(0.0, results["book"]["first_slot_at"] - time.time()))
         sampler.phase = "locust"
         t0 = time.perf_counter()
         cpu0, usage0 = _cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -1442,6 +1481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "per_type": [r for r in stats if r["name"] != "Aggregated"],
         "failure_list": read_locust_failures(csv_prefix),
         "counters": counters,
+        "book": results.get("book"),
         "exit_code": lrun.returncode,
         **locust_cpu,
         "wall_s": round(locust_wall, 1),

@@ -19,7 +19,7 @@ import pytest
 
 from cardsvc.security.credentials import CardKeyDeriver
 from cardsvc.security.keys import KeyRing
-from loadtests import presign, transit_bench
+from loadtests import credbook, presign, transit_bench
 from protocols import population, terminal_auth, transit
 from tests.helpers import ServiceHarness, purse_vs_journal
 
@@ -266,6 +266,11 @@ def _run_small_bench(data: Path, docs: Path, port: int) -> None:
             "card verify", "hotlist", "offline batch", "loss report", "tap lost card"} <= names, names  # fmt: skip
     c = loc["counters"]
     assert c["loss_reports"] > 0 and c["lost_card_refused"] == c["loss_reports"]
+    # The phones' codes and the cards' answers came from the book made before the run (the lost cards'
+    # taps make theirs live), and the service accepted them: no failures above.
+    assert loc["book"]["credentials"] > 0, loc["book"]
+    codes = next(r["requests"] for r in loc["per_type"] if r["name"] == "ecard code verify")
+    assert c["live_ecard_codes"] < codes // 2, (c, loc["book"])
     assert c["lost_card_violations"] == 0 and not c["unexpected_tap_declines"]
     rec = t["reconciliation"]
     assert rec["generator_approved_taps"] == rec["journal_fare_rows"] > 0
@@ -280,3 +285,80 @@ def _run_small_bench(data: Path, docs: Path, port: int) -> None:
     report = (docs / "benchmarks.md").read_text()
     assert "| journey sweep once this run's journeys time out" in report and "0 of " in report
     assert "not measured (`--peak-taps 0`)" in report and "| `cardsvc audit` after the run | PASSED |" in report
+
+
+# ------------------------------------------------------------------ credentials made ahead
+
+
+def _book_spec(tmp_path: Path, keys: KeyRing, rate: float = 50) -> credbook.BookSpec:
+    key_file = tmp_path / "keys.json"
+    keys.write(key_file)
+    return credbook.BookSpec(str(key_file), "cardsvc-demo", 5000, 16, rate)
+
+
+def test_a_book_holds_real_credentials_of_its_moment_each_once(tmp_path: Path) -> None:
+    from cardsvc.security.credentials import CardKeyDeriver
+    from protocols import card, ecard, sm
+
+    keys = KeyRing.generate()
+    spec = _book_spec(tmp_path, keys)
+    first = 90_000_000
+    made = credbook.build(spec, tmp_path / "book", first, 2, processes=1, progress=False)
+    clock = [first * credbook.SLOT_S + 3.0]
+    book = credbook.Book(tmp_path / "book", clock=lambda: clock[0])
+    deriver = CardKeyDeriver(keys.card_auth_master)  # the service's verifier
+    seed = b"cardsvc-demo"
+    taken = 0
+    seen: set[str] = set()
+    for slot in (first, first + 1):
+        clock[0] = slot * credbook.SLOT_S + 3.0
+        start = slot * credbook.SLOT_S
+        while (got := book.ecard_code()) is not None:
+            index, text = got
+            code = ecard.decode_code(text)
+            assert code.ecard_id == index + 1 and index % 5 and 0 <= index < 5000  # a person with an e-card
+            assert code.issued_at == start  # made for this slot: shown within SLOT_S of it
+            key = sm.private_key_from_seed(sm.ALG_SM2_SM3, population.ecard_pool_seed(index % 16, seed))
+            assert ecard.verify_code(code, sm.public_key_bytes(key)), index
+            assert text not in seen
+            seen.add(text)
+            taken += 1
+        answers = []
+        while (got2 := book.card_answer()) is not None:
+            answers.append(got2)
+        while (got3 := book.metro_journey()) is not None:
+            index, a, b = got3
+            assert a["card_sn"] == b["card_sn"] and a["terminal_challenge"] != b["terminal_challenge"]
+            answers += [(index, a), (index, b)]
+        for index, a in answers:
+            assert a["card_sn"] == population.person(index, seed).card_sn
+            term_ch = bytes.fromhex(a["terminal_challenge"])
+            assert card.check_terminal_challenge(term_ch, start, 60, 0) is None
+            assert deriver.verify(a["card_sn"], bytes.fromhex(a["card_challenge"]), term_ch,
+                                  bytes.fromhex(a["cryptogram"]))  # fmt: skip
+            assert a["terminal_challenge"] not in seen
+            seen.add(a["terminal_challenge"])
+        taken += len(answers)
+    assert taken == made > 0
+    # Past its slots (or a slot used up) the book has nothing: the locustfile then makes them live.
+    clock[0] = (first + 2) * credbook.SLOT_S
+    assert book.ecard_code() is None and book.card_answer() is None and book.metro_journey() is None
+
+
+def test_a_book_is_sized_from_the_mix_the_locustfile_sends() -> None:
+    import ast
+
+    tree = ast.parse((ROOT / "loadtests" / "locustfile.py").read_text())
+    weights = {
+        c.name: n.value.value
+        for c in tree.body
+        if isinstance(c, ast.ClassDef)
+        for n in c.body
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+        and any(isinstance(t, ast.Name) and t.id == "weight" for t in n.targets)
+    }  # fmt: skip
+    assert weights == {"MetroValidator": 36, "BusValidator": 36, "AcceptancePoint": 16, "HotlistClient": 4}
+    assert credbook._WEIGHTS == {"metro": 36, "bus": 36, "acceptance": 16, "hotlist": 4}
+    s = credbook.shares()
+    # Every weighted request but the hotlist's shows one credential; a metro journey's two taps show two.
+    assert s["ecard"] + s["card"] + 2 * s["metro"] == pytest.approx(88 / 92)
