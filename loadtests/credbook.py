@@ -16,8 +16,10 @@ lifetime and a card challenge's age. Each slot has three files:
 - `<s>.card`: lines `index card_sn card_challenge terminal_challenge cryptogram` (one tap or check);
 - `<s>.metro`: lines `index` and two answers of the same card (the tap in, then the tap out).
 
-Every credential is used once (each has its own random counter or challenge). A slot that runs out, or
-a clock outside the book, falls back to making credentials live; the locustfile counts those.
+Every credential is used once (each has its own random counter or challenge), by one Locust process:
+a book is not shared between processes (`locust --processes`, distributed workers), which would show
+each credential once per process. A slot that runs out, or a clock outside the book (or stepped back),
+falls back to making credentials live; the locustfile counts those.
 
     python -m loadtests.credbook --out /tmp/book --keys .data/bench/keys.json --cards 40000000 \\
         --duration 600 --rate 2000
@@ -209,7 +211,7 @@ def _costs(spec: BookSpec) -> tuple[float, float]:
     t0 = time.perf_counter()
     for j in range(1, 11):
         maker.ecard_code(j, 0, rng)  # derives pool key j, then signs
-    per_key = (time.perf_counter() - t0) / 10 - per_code
+    per_key = max(0.0, (time.perf_counter() - t0) / 10 - per_code)
     t0 = time.perf_counter()
     for i in range(200):
         maker.card_answer(i, 0)
@@ -242,6 +244,8 @@ class Book:
 
     def _take(self, kind: str) -> str | None:
         slot = int(self._clock()) // SLOT_S  # type: ignore[operator]
+        if self._slot is not None and slot < self._slot:
+            return None  # the clock stepped back: a slot read before may have been used already
         if slot != self._slot:
             self._slot = slot
             for k in self._lists:
