@@ -34,6 +34,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,26 +135,22 @@ def _make_slot(args: tuple[BookSpec, Path, int]) -> int:
     rng = random.Random(slot)
     now = slot * SLOT_S
     counts = _slot_counts(spec.rate)
+
+    def answer(i: int) -> str:
+        return _answer_fields(maker.card_answer(i, now))
+
+    # kind: (drawn among the cards with an e-card, the line after the index, credentials per line)
+    kinds: dict[str, tuple[bool, Callable[[int], str], int]] = {
+        "ecard": (True, lambda i: maker.ecard_code(i, now, rng), 1),
+        "card": (False, answer, 1),
+        "metro": (False, lambda i: f"{answer(i)} {answer(i)}", 2),
+    }
     made = 0
-    lines = []
-    for _ in range(counts["ecard"]):
-        i = pick_card(rng, spec.online_cards, with_ecard=True)
-        lines.append(f"{i} {maker.ecard_code(i, now, rng)}\n")
-    made += len(lines)
-    _write(out / f"{slot}.ecard", lines)
-    lines = []
-    for _ in range(counts["card"]):
-        i = pick_card(rng, spec.online_cards)
-        lines.append(f"{i} {_answer_fields(maker.card_answer(i, now))}\n")
-    made += len(lines)
-    _write(out / f"{slot}.card", lines)
-    lines = []
-    for _ in range(counts["metro"]):
-        i = pick_card(rng, spec.online_cards)
-        a, b = maker.card_answer(i, now), maker.card_answer(i, now)
-        lines.append(f"{i} {_answer_fields(a)} {_answer_fields(b)}\n")
-    made += 2 * len(lines)
-    _write(out / f"{slot}.metro", lines)
+    for kind, (with_ecard, make, per_line) in kinds.items():
+        drawn = (pick_card(rng, spec.online_cards, with_ecard) for _ in range(counts[kind]))
+        lines = [f"{i} {make(i)}\n" for i in drawn]
+        _write(out / f"{slot}.{kind}", lines)
+        made += per_line * len(lines)
     return made
 
 
@@ -181,6 +178,7 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(spec, out, s) for s in range(first_slot, first_slot + slots)]
     made = 0
+    progress = progress and sys.stderr.isatty()  # a log gets the caller's one line at the end instead
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes) as pool:
         for n, k in enumerate(pool.imap(_make_slot, jobs), 1):
@@ -236,14 +234,14 @@ def plan(spec: BookSpec, start_in_s: float, duration_s: float, processes: int = 
 class Book:
     """The Locust side: takes credentials of the current slot; None when the slot has none left."""
 
-    def __init__(self, path: Path, clock: object = time.time) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._clock = clock
         self._slot: int | None = None
         self._lists: dict[str, list[str]] = {"ecard": [], "card": [], "metro": []}
 
     def _take(self, kind: str) -> str | None:
-        slot = int(self._clock()) // SLOT_S  # type: ignore[operator]
+        slot = int(self._clock()) // SLOT_S
         if self._slot is not None and slot < self._slot:
             return None  # the clock stepped back: a slot read before may have been used already
         if slot != self._slot:
@@ -287,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=2000, help="requests/s of the mix (default 2000)")
     ap.add_argument("--duration", type=float, required=True, help="seconds the run lasts")
     ap.add_argument(
-        "--start-in", type=float, default=30, help="seconds from the book's end to the run's start"
+        "--start-in",
+        type=float,
+        default=30,
+        help="seconds of the run before --duration (Locust's ramp-up), covered too (default 30)",
     )
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args(argv)
