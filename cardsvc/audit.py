@@ -220,6 +220,32 @@ async def _fare_corrections(conn: asyncpg.Connection, journal: tuple[int, int]) 
     return Check("fare_corrections", not problems, counts, "; ".join(problems), tuple(r["samples"] or ()))
 
 
+# Each elderly quota ride given back (few: the card office's) names a fare row of its card that used one
+# (quota_ride, approved), on a card of the holder whose quota got it back.
+_QUOTA_RETURNS_SQL = """
+SELECT count(*) AS returns,
+       count(*) FILTER (WHERE j.txn_id IS NULL) AS without_ride,
+       count(*) FILTER (WHERE c.holder_id IS DISTINCT FROM r.holder_id) AS other_holder,
+       (array_agg(r.card_id ORDER BY r.card_id)
+            FILTER (WHERE j.txn_id IS NULL OR c.holder_id IS DISTINCT FROM r.holder_id))[1:5] AS samples
+FROM quota_ride_return r
+LEFT JOIN txn_journal j ON j.card_id = r.card_id AND j.txn_id = r.fare_txn_id AND j.quota_ride AND j.result = 1
+LEFT JOIN card c ON c.card_id = r.card_id
+"""
+
+
+async def _quota_ride_returns(conn: asyncpg.Connection) -> Check:
+    r = await conn.fetchrow(_QUOTA_RETURNS_SQL)
+    assert r is not None
+    counts = {"returns": r["returns"], "without_ride": r["without_ride"], "other_holder": r["other_holder"]}
+    problems = []
+    if r["without_ride"]:
+        problems.append(f"{r['without_ride']} quota ride(s) given back for a transaction that used none")
+    if r["other_holder"]:
+        problems.append(f"{r['other_holder']} quota ride(s) given back to a holder other than the card's")
+    return Check("quota_ride_returns", not problems, counts, "; ".join(problems), tuple(r["samples"] or ()))
+
+
 # The purses below the online limit, each with what may explain it (only those few purses are looked at,
 # each through indexes). Its card's lineage: the card and the cards it replaced, following card.replaced_by
 # back through the holder's cards (index card_holder); a replacement moves the purse, debt included.
@@ -421,6 +447,7 @@ async def run_audit(
             balances,
             postings,
             await _fare_corrections(conn, corrections),
+            await _quota_ride_returns(conn),
             await _overdraft(conn, settings),
             await _replacement(conn),
             await _terminal_txns(conn, settings),

@@ -105,6 +105,11 @@ FARE_CORRECTION_FEN = Counter(
     "in their clearing files.",
     ["reason"],
 )
+QUOTA_RIDES_RETURNED = Counter(
+    "cardsvc_transit_quota_rides_returned_total",
+    "Elderly quota rides given back to their holders by the card office (first answers only), by reason.",
+    ["reason"],
+)
 LATE_REFUNDS = Counter(
     "cardsvc_transit_late_refunds_total",
     "Penalties given back by the upload of a journey's missing half (first answers only): the ride charged "

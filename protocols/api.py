@@ -34,6 +34,7 @@ __all__ = [
     "HOLDER_CREATE",
     "HOLDER_LOOKUP",
     "LIFECYCLE",
+    "QUOTA_RIDE_RETURN",
     "REPLACE",
     "RIDE_CERT_ISSUE",
     "TAP",
@@ -74,6 +75,9 @@ ERRORS: dict[str, tuple[int, str]] = {
     "purse_balance_cap": (422, "The top-up would take the purse over its maximum balance"),
     "fare_not_correctable": (409, "The transaction is not a fare the purse paid"),
     "correction_exceeds_fare": (409, "The fare's corrections would exceed the fare"),
+    "no_quota_ride": (409, "The transaction did not use an elderly quota ride"),
+    "quota_ride_returned": (409, "The transaction's quota ride was already given back"),
+    "quota_year_ended": (409, "The ride's year is over: its quota rides cannot be given back"),
     "no_transit_purse": (422, "The card has no transit purse"),
     "card_not_active": (422, "The card is not active"),
     "concession_not_eligible": (422, "The cardholder is not eligible for this concession"),
@@ -366,6 +370,16 @@ FARE_CORRECTION = Message(
         Field("terminal_seq", int, minimum=0, maximum=U32_MAX),
         Field("txn_id", int, minimum=1, maximum=INT_MAX, description="The fare's txn_id (the purse's history)."),
         Field("amount_fen", int, minimum=1, maximum=1_000_000, description="How much of the fare to give back."),
+        Field("reason", str, enum=tuple(r.value for r in clearing.CorrectionReason)),
+        dataclasses.replace(OPERATOR, required=True),
+    ),
+)
+
+QUOTA_RIDE_RETURN = Message(
+    "QuotaRideReturn",
+    (
+        Field("terminal_seq", int, minimum=0, maximum=U32_MAX),
+        Field("txn_id", int, minimum=1, maximum=INT_MAX, description="The ride's txn_id (the purse's history)."),
         Field("reason", str, enum=tuple(r.value for r in clearing.CorrectionReason)),
         dataclasses.replace(OPERATOR, required=True),
     ),

@@ -200,9 +200,16 @@ class ServiceHarness:
         return int(r.body["holder_id"])
 
     async def new_card(
-        self, *, activate: bool = True, has_purse: bool = False, birth: dt.date | None = None
+        self,
+        *,
+        activate: bool = True,
+        has_purse: bool = False,
+        birth: dt.date | None = None,
+        holder_id: int | None = None,
     ) -> dict[str, Any]:
-        holder_id = await self.new_holder(birth)
+        """A card of holder `holder_id`, or of a new holder born on `birth`."""
+        if holder_id is None:
+            holder_id = await self.new_holder(birth)
         card_no, card_sn = new_card_numbers()
         r = await self.post(
             "/v1/cards",

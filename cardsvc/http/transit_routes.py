@@ -108,6 +108,18 @@ async def correct_fare(request: web.Request) -> web.Response:
         )
 
 
+@operation("purse.correct_fare")
+async def return_quota_ride(request: web.Request) -> web.Response:
+    body = _parse(api.QUOTA_RIDE_RETURN, request)
+    svc = request.app[SERVICES]
+    async with svc.pool.acquire() as conn:
+        return _json(
+            await concessions.return_quota_ride(
+                conn, svc.transit.table, _card_no(request), body, _actor(request, body), dt.datetime.now(dt.UTC)
+            )
+        )
+
+
 @operation("ridecert.issue")
 async def issue_ride_cert(request: web.Request) -> web.Response:
     body = _parse(api.RIDE_CERT_ISSUE, request)
@@ -277,6 +289,7 @@ def setup_transit_routes(app: web.Application) -> None:
     r.add_get("/v1/purses/{card_no}", purse)
     r.add_post("/v1/purses/{card_no}/top-ups", top_up)
     r.add_post("/v1/purses/{card_no}/fare-corrections", correct_fare)
+    r.add_post("/v1/purses/{card_no}/quota-ride-returns", return_quota_ride)
     r.add_post("/v1/ride-certs", issue_ride_cert)
     r.add_post("/v1/transit/offline-batches", offline_batch)
     r.add_post("/v1/transit/ride-batches", ride_batch)

@@ -53,7 +53,8 @@ OPERATIONS: dict[str, str] = {
     "transit.upload": "upload offline transit records and ride-code rides",
     "purse.read": "read a transit purse and its history",
     "purse.topup": "top up (or refund) a transit purse",
-    "purse.correct_fare": "give a charged fare back to its purse (the operator pays it back through clearing)",
+    "purse.correct_fare": "give a charged fare back to its purse (the operator pays it back through clearing), "
+    "or an elderly quota ride back to its holder's quota",
     "ridecert.issue": "sign ride-code certificates for phones",
     "clearing.read": "read daily clearing reports",
     "concession.read": "read a cardholder's transit concession",

@@ -11,6 +11,10 @@ writes it while it holds the holder's purse row locks, so every change here take
 
 Ending a concession keeps its row (`ended_at`): the year's elderly ride count survives an end and a new
 registration. Every change appends a `concession_event` (who, when, the rides left).
+
+A ride that used a quota ride wrongly (a double tap, a validator fault) costs nothing, so a fare correction
+cannot undo it: the card office gives the ride itself back to the quota of the ride's year, once per ride
+(`return_quota_ride`, docs/transit.md "Quota rides given back").
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ from typing import Any
 
 import asyncpg
 
+from cardsvc import metrics
 from cardsvc.errors import ApiError
 from cardsvc.flows.actor import Actor
 from cardsvc.security.pii import PiiVault
 from protocols import idnumber
 
 from . import fares
+from .flow import prior_office_answer, record_office_key
+from .taps import request_hash
 
-__all__ = ["end_concession", "get_concession", "grant_extra_quota", "set_concession"]
+__all__ = ["end_concession", "get_concession", "grant_extra_quota", "return_quota_ride", "set_concession"]
 
 ELDERLY = "elderly"
 
@@ -198,3 +205,92 @@ async def end_concession(
         )
         await _event(conn, holder_id, "end", ended["kind"], None, ended["elderly_rides_left"], actor)
     return ended
+
+
+_RETURNED_SQL = """
+SELECT holder_id, quota_year, rides_left, reason, at FROM quota_ride_return WHERE card_id = $1 AND fare_txn_id = $2
+"""
+
+
+def _returned_view(fare_txn: int, row: asyncpg.Record, replayed: bool) -> dict[str, Any]:
+    return {
+        "result": "approved",
+        "corrects_txn_id": fare_txn,
+        "holder_id": row["holder_id"],
+        "quota_year": row["quota_year"],
+        "elderly_rides_left": row["rides_left"],
+        "reason": row["reason"],
+        "replayed_answer": replayed,
+    }
+
+
+async def return_quota_ride(
+    conn: asyncpg.Connection,
+    table: fares.FareTable,
+    card_no: str,
+    body: dict[str, Any],
+    actor: Actor,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """Give the elderly quota ride that fare `body["txn_id"]` of card `card_no` used back to its holder's
+    quota (of the local year the ride was charged in, which must still be the quota's year), once per fare.
+
+    Holds the holder's purse locks and concession row like every other change here, so it serialises with
+    the holder's taps (whose compare-and-set on the quota then runs again) and with a second return of the
+    same ride, which finds the first. Idempotent per (terminal, `terminal_seq`) in the card office's key
+    space of top-ups and fare corrections (kept for good in topup_key)."""
+    digest = request_hash({**body, "card_no": card_no, "op": "quota_ride_return"})
+    fare_txn: int = body["txn_id"]
+    card_row = await conn.fetchrow("SELECT card_id, holder_id FROM card WHERE card_no = $1", card_no)
+    if card_row is None or card_row["holder_id"] is None:
+        raise ApiError("not_found", "no such card")
+    card_id: int = card_row["card_id"]
+    holder_id: int = card_row["holder_id"]
+    async with _locked(conn, table, holder_id, now) as (_, row, year):
+        if await prior_office_answer(conn, actor.terminal_id, body["terminal_seq"], digest) is not None:
+            done = await conn.fetchrow(_RETURNED_SQL, card_id, fare_txn)
+            assert done is not None, "a quota ride return's key without its row"
+            return _returned_view(fare_txn, done, True)
+        fare = await conn.fetchrow(
+            "SELECT quota_ride, posted_at FROM txn_journal WHERE card_id = $1 AND txn_id = $2", card_id, fare_txn
+        )
+        if fare is None:
+            raise ApiError("not_found", f"card {card_no} has no transaction {fare_txn}", field="txn_id")
+        if not fare["quota_ride"]:
+            raise ApiError("no_quota_ride", "this transaction did not use an elderly quota ride", field="txn_id")
+        done = await conn.fetchrow(_RETURNED_SQL, card_id, fare_txn)
+        if done is not None:
+            raise ApiError(
+                "quota_ride_returned", f"given back at {done['at'].isoformat()}", field="txn_id"
+            )
+        # The quota the ride used is the one of the year it was charged in (its row written: a ride of 31
+        # December uploaded on 2 January used the new year's, docs/fares.md "Elderly quota"). Once the
+        # holder's quota has moved on to a later year (or the office's clock has: the next ride starts it
+        # afresh), that quota is closed.
+        ride_year = fares.local_day(table, int(fare["posted_at"].timestamp())).year
+        if row is None or row["quota_year"] != ride_year or year != ride_year:
+            raise ApiError(
+                "quota_year_ended",
+                f"the ride was in {ride_year}; rides are given back to that year's quota only",
+                field="txn_id",
+            )
+        rides = max(0, row["rides_left"] or 0) + 1
+        await conn.execute(
+            "UPDATE concession SET rides_left = $2, updated_at = now() WHERE holder_id = $1", holder_id, rides
+        )
+        await _event(conn, holder_id, "ride_back", row["kind"], row["kind"], rides, actor)
+        await conn.execute(
+            """INSERT INTO quota_ride_return (card_id, fare_txn_id, holder_id, quota_year, rides_left, reason,
+                                              terminal_id, terminal_seq, staff)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+            card_id, fare_txn, holder_id, ride_year, rides, body["reason"], actor.terminal_id,
+            body["terminal_seq"], actor.operator or "",
+        )  # fmt: skip
+        balance = await conn.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id)
+        # The key in the card office's key space: no money moved (amount 0), the answer names the ride.
+        await record_office_key(
+            conn, actor.terminal_id, body["terminal_seq"], digest, card_id, 0, balance or 0, fare_txn
+        )
+        done = await conn.fetchrow(_RETURNED_SQL, card_id, fare_txn)
+    metrics.QUOTA_RIDES_RETURNED.labels(body["reason"]).inc()
+    return _returned_view(fare_txn, done, False)

@@ -222,6 +222,22 @@ async def purse_card(conn: asyncpg.Connection, card_no: str) -> asyncpg.Record:
     return row
 
 
+def _movement(h: asyncpg.Record) -> dict[str, Any]:
+    """A purse history row; `quota_ride` only on a fare that used an elderly quota ride."""
+    out = {
+        "txn_id": h["txn_id"],
+        "kind": h["kind"],
+        "amount_fen": h["amount_fen"],
+        "at": h["at"].isoformat(),
+        "counterparty": h["counterparty"],
+        "line_id": h["line_id"],
+        "station_id": h["station_id"],
+    }
+    if h["quota_ride"]:
+        out["quota_ride"] = True
+    return out
+
+
 def history_cursor(at: dt.datetime, txn_id: int) -> str:
     """The `before` cursor of the rows after (older than) the journal row (at, txn_id): its time in unix
     microseconds and its id."""
@@ -248,7 +264,7 @@ async def purse_view(
     row = await purse_card(conn, card_no)
     at, txn = before if before is not None else (None, None)
     history = await conn.fetch(
-        """SELECT txn_id, kind, amount_fen, at, counterparty, line_id, station_id FROM txn_journal
+        """SELECT txn_id, kind, amount_fen, at, counterparty, line_id, station_id, quota_ride FROM txn_journal
            WHERE card_id = $1 AND ($3::timestamptz IS NULL OR (at, txn_id) < ($3, $4::bigint))
            ORDER BY at DESC, txn_id DESC LIMIT $2""",
         row["card_id"], limit + 1, at, txn,
@@ -259,18 +275,7 @@ async def purse_view(
         "card_no": card_no,
         "balance_fen": row["balance_fen"],
         "next_before": history_cursor(history[-1]["at"], history[-1]["txn_id"]) if more else None,
-        "history": [
-            {
-                "txn_id": h["txn_id"],
-                "kind": h["kind"],
-                "amount_fen": h["amount_fen"],
-                "at": h["at"].isoformat(),
-                "counterparty": h["counterparty"],
-                "line_id": h["line_id"],
-                "station_id": h["station_id"],
-            }
-            for h in history
-        ],
+        "history": [_movement(h) for h in history],
     }
 
 

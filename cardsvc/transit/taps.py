@@ -366,19 +366,21 @@ WITH cu AS (
     RETURNING 1
 ), j AS (
     INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
-                             line_id, station_id, source)
-    SELECT card_id, kind, terminal_id, terminal_seq, amount_fen, 1, at, counterparty, line_id, station_id, source
+                             line_id, station_id, source, quota_ride)
+    SELECT card_id, kind, terminal_id, terminal_seq, amount_fen, 1, at, counterparty, line_id, station_id, source,
+           quota_ride
     FROM unnest($15::bigint[], $16::smallint[], $17::text[], $18::bigint[], $19::bigint[], $20::timestamptz[],
-                $21::text[], $22::text[], $23::text[], $24::smallint[])
-         AS v(card_id, kind, terminal_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id, source)
+                $21::text[], $22::text[], $23::text[], $24::smallint[], $25::boolean[])
+         AS v(card_id, kind, terminal_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id, source,
+              quota_ride)
     RETURNING txn_id, terminal_id, terminal_seq, kind
 ), tt AS (
     INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen,
                               txn_id, detail)
     SELECT v.terminal_id, v.terminal_seq, v.request_hash, v.card_id, v.result, v.amount_fen, v.balance_fen,
            j.txn_id, v.detail
-    FROM unnest($25::text[], $26::bigint[], $27::bytea[], $28::bigint[], $29::text[], $30::bigint[], $31::bigint[],
-                $32::jsonb[])
+    FROM unnest($26::text[], $27::bigint[], $28::bytea[], $29::bigint[], $30::text[], $31::bigint[], $32::bigint[],
+                $33::jsonb[])
          AS v(terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen, detail)
     LEFT JOIN j ON j.terminal_id = v.terminal_id AND j.terminal_seq = v.terminal_seq AND j.kind = 1
     ON CONFLICT DO NOTHING
@@ -434,7 +436,10 @@ class _Batch:
         self.now = now
         self.outcomes: list[TapOutcome | None] = []
         self.creds: list[tuple[int, int, int]] = []
-        self.journal: list[tuple[int, int, str, int, int, dt.datetime, str, str | None, str | None, int]] = []
+        # (card, kind, terminal, seq, fen, at, counterparty, line, station, source, quota_ride: True or None)
+        self.journal: list[
+            tuple[int, int, str, int, int, dt.datetime, str, str | None, str | None, int, bool | None]
+        ] = []
         self.answers: list[tuple[str, int, bytes, int | None, str, int, int | None, dict[str, Any]]] = []
         # The penalties the batch's uploads may give back (`_charges`), by the tap they charged; and the
         # fare_correction rows of those given back: (card, at, terminal, seq, penalty txn, fen, ridecode,
@@ -630,7 +635,7 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
         charge.left -= back
         batch.journal.append(
             (card.card_id, KIND_CORRECTION, item.terminal_id, item.terminal_seq, back, at, refund.operator,
-             charge.line_id, charge.station_id, item.source)
+             charge.line_id, charge.station_id, item.source, None)
         )  # fmt: skip
         batch.refunds.append(
             (card.card_id, at, item.terminal_id, item.terminal_seq, charge.txn_id, back, charge.ridecode,
@@ -654,6 +659,7 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
                 item.tap.line if line is None else line,
                 where,
                 item.source,
+                None,
             )
         )
     batch.journal.append(
@@ -668,6 +674,9 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
             item.tap.line,
             station,
             item.source,
+            # The ride used one of the holder's elderly quota rides: the card office can give it back
+            # (docs/transit.md "Quota rides given back").
+            True if decision.quota_ride_consumed else None,
         )
     )
     card.balance_fen -= total
@@ -873,7 +882,7 @@ async def _write(
              for q in sorted(quotas, key=lambda q: q.holder_id)],
             5,
         ),
-        *columns(batch.journal, 10),
+        *columns(batch.journal, 11),
         *columns(a, 8),
     )
     assert row is not None

@@ -64,6 +64,7 @@ BODIES: dict[tuple[str, str], api.Message] = {
     ("post", "/v1/transit/taps"): api.TAP,
     ("post", "/v1/purses/{card_no}/top-ups"): api.TOPUP,
     ("post", "/v1/purses/{card_no}/fare-corrections"): api.FARE_CORRECTION,
+    ("post", "/v1/purses/{card_no}/quota-ride-returns"): api.QUOTA_RIDE_RETURN,
     ("post", "/v1/ride-certs"): api.RIDE_CERT_ISSUE,
     ("put", "/v1/holders/{holder_id}/concession"): api.CONCESSION_SET,
     ("post", "/v1/holders/{holder_id}/concession/extra-quota"): api.CONCESSION_ACTION,
@@ -1217,6 +1218,35 @@ async def test_every_endpoint_answers_what_the_spec_says(svc: ServiceHarness, tm
     )  # fmt: skip
     await c.err("POST", fix, corr | {"terminal_seq": 22, "txn_id": topped["txn_id"]}, code="fare_not_correctable")
     await c.err("POST", fix, corr | {"terminal_seq": 23, "txn_id": 2**62}, code="not_found")
+    # ---- an elderly quota ride given back (card office): the ride is marked in the purse's history
+    senior_holder = await svc.new_holder(dt.date(dt.date.today().year - 70, 1, 1))
+    senior = await svc.new_card(has_purse=True, holder_id=senior_holder)
+    senior_purse = f"/v1/purses/{senior['card_no']}"
+    senior_top = {"terminal_seq": 40, "amount_fen": 500, "channel": "cash", "operator": "s-1"}
+    await c.ok("POST", f"{senior_purse}/top-ups", senior_top)
+    await c.ok("PUT", f"/v1/holders/{senior_holder}/concession", {"kind": "elderly", "operator": "s-1"})
+    free = (await c.ok("POST", "/v1/transit/taps", tap(901, senior), as_="transit_validator")).body
+    assert free["fare_fen"] == 0 and "elderly_free" in free["rules"], free
+    marked = (await c.ok("GET", senior_purse)).body["history"]
+    assert [h.get("quota_ride") for h in marked if h["txn_id"] == free["txn_id"]] == [True], marked
+    ret = {"terminal_seq": 41, "txn_id": free["txn_id"], "reason": "terminal_fault", "operator": "s-1"}
+    back = (await c.ok("POST", f"{senior_purse}/quota-ride-returns", ret)).body
+    assert back["corrects_txn_id"] == free["txn_id"] and back["replayed_answer"] is False, back
+    assert (await c.ok("POST", f"{senior_purse}/quota-ride-returns", ret)).body == back | {"replayed_answer": True}
+    await c.err("POST", f"{senior_purse}/quota-ride-returns", ret | {"reason": "goodwill"}, code="idempotency_conflict")
+    await c.err("POST", f"{senior_purse}/quota-ride-returns", ret | {"terminal_seq": 42}, code="quota_ride_returned")
+    await c.err("POST", f"{purse}/quota-ride-returns", ret | {"terminal_seq": 43, "txn_id": paid["txn_id"]},
+                code="no_quota_ride")  # fmt: skip
+    await c.err("POST", f"{purse}/quota-ride-returns", ret | {"terminal_seq": 44}, code="not_found")
+    free = (await c.ok("POST", "/v1/transit/taps", tap(902, senior), as_="transit_validator")).body
+    conn = await asyncpg.connect(svc.dsn)
+    try:  # local New Year as the holder's next ride would start it: the ride's year's quota is closed
+        await conn.execute("UPDATE concession SET quota_year = quota_year + 1 WHERE holder_id = $1", senior_holder)
+    finally:
+        await conn.close()
+    await c.err("POST", f"{senior_purse}/quota-ride-returns", ret | {"terminal_seq": 45, "txn_id": free["txn_id"]},
+                code="quota_year_ended")  # fmt: skip
+
     page = (await c.ok("GET", f"{purse}?limit=2")).body  # the correction is the newest row: kind 8
     assert [h["kind"] for h in page["history"]][:1] == [8] and page["next_before"] is not None
     older = (await c.ok("GET", f"{purse}?limit=2&before={page['next_before']}")).body

@@ -103,7 +103,7 @@ async def test_audit_passes_after_a_scenario(svc: ServiceHarness, run_cli: Any, 
     assert res.status == 0, res.out + res.err
     assert "purse_balances: card ids" in res.err  # the progress line of a chunked walk
     lines = res.out.splitlines()
-    assert sum(line.startswith("PASS ") for line in lines) == 8 and not any(line.startswith("FAIL") for line in lines)
+    assert sum(line.startswith("PASS ") for line in lines) == 9 and not any(line.startswith("FAIL") for line in lines)
     assert "audit PASSED" in lines[-1]
     res = await run_cli("audit", "--json")
     assert res.status == 0
@@ -218,6 +218,21 @@ async def break_report(db: asyncpg.Connection) -> None:
     )
 
 
+async def break_quota_return(db: asyncpg.Connection) -> None:
+    """An elderly ride given back for a paid bus fare, which used no quota ride."""
+    row = await db.fetchrow(
+        """SELECT j.card_id, j.txn_id, k.holder_id FROM txn_journal j JOIN card k USING (card_id)
+           WHERE j.txn_id = $1""",
+        await _a_bus_fare(db),
+    )
+    await db.execute(
+        """INSERT INTO quota_ride_return (card_id, fare_txn_id, holder_id, quota_year, rides_left, reason,
+                                          terminal_id, terminal_seq, staff)
+           VALUES ($1, $2, $3, 2026, 1, 'goodwill', 'office-x', 1, 'x')""",
+        row["card_id"], row["txn_id"], row["holder_id"],
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("breaker", "check", "count"),
     [
@@ -234,6 +249,7 @@ async def break_report(db: asyncpg.Connection) -> None:
         (break_hotlist, "hotlist_versions", "missing"),
         (break_hotlist_head, "hotlist_versions", "missing"),
         (break_report, "clearing_reports", "mismatched"),
+        (break_quota_return, "quota_ride_returns", "without_ride"),
     ],
 )
 async def test_each_broken_invariant_fails_its_check(
