@@ -441,11 +441,17 @@ class _Batch:
             tuple[int, int, str, int, int, dt.datetime, str, str | None, str | None, int, bool | None]
         ] = []
         self.answers: list[tuple[str, int, bytes, int | None, str, int, int | None, dict[str, Any]]] = []
-        # The penalties the batch's uploads may give back (`_charges`), by the tap they charged; and the
-        # fare_correction rows of those given back: (card, at, terminal, seq, penalty txn, fen, ridecode,
-        # reason).
+        # The penalties the batch's uploads may give back (`_charges`, and those the batch charges itself), by
+        # the tap they charged; and the fare_correction rows of those given back: (card, at, terminal, seq,
+        # penalty txn, fen, ridecode, reason, then the penalty row's tap for one this batch charged: at,
+        # terminal, seq, fen, station, operator, which of the tap's rows alike).
         self.charges: dict[tuple[int, str, str, int, int], list[_Charge]] = {}
-        self.refunds: list[tuple[int, dt.datetime, str, int, int, int, bool, str]] = []
+        self.refunds: list[
+            tuple[
+                int, dt.datetime, str, int, int | None, int, bool, str,
+                dt.datetime | None, str | None, int | None, int | None, str | None, str | None, int | None,
+            ]
+        ] = []  # fmt: skip
 
     def charge_for(self, card: _Card, refund: fares.Refund) -> tuple[_Charge, int] | None:
         """The penalty row that charged `refund`'s tap and how much of it to give back (what is left of it),
@@ -487,13 +493,18 @@ class _Batch:
 @dataclasses.dataclass(eq=False, slots=True)
 class _Charge:
     """A penalty row that an upload completing its journey may give back (docs/fares.md "Late uploads"): its
-    journal row, and what is left of it (less the corrections made so far, the batch's own included)."""
+    journal row, and what is left of it (less the corrections made so far, the batch's own included).
 
-    txn_id: int
+    A penalty this very batch charged has no row id yet (`txn_id` None): `charged_by` names its row by the
+    tap that wrote it (time, terminal, seq) and which of that tap's rows alike it is, and the batch's write
+    finds the id (`_REFUNDS_SQL`)."""
+
+    txn_id: int | None
     left: int
     ridecode: bool
     line_id: str | None
     station_id: str | None
+    charged_by: tuple[dt.datetime, str, int, int] | None = None
 
 
 # The penalty rows that charged the taps the batch's uploads may complete, each named by what the card's
@@ -511,15 +522,36 @@ JOIN txn_journal p ON p.card_id = k.card_id AND p.at = k.at AND p.kind = $6 AND 
 ORDER BY k.n, p.txn_id
 """
 
+# Each refund's fare_correction row: the correction's journal row found by its tap, and the penalty it gives
+# back named by id, or (charged by this same batch, `_Charge.charged_by`) found by the tap that charged it.
 _REFUNDS_SQL = """
 INSERT INTO fare_correction (txn_id, card_id, corrects_txn_id, amount_fen, reason, fare_ridecode, terminal_id,
                              terminal_seq, staff)
-SELECT j.txn_id, v.card_id, v.corrects, v.amount_fen, v.reason, v.ridecode, v.terminal_id, v.terminal_seq, ''
+SELECT j.txn_id, v.card_id, coalesce(v.corrects, p.txn_id), v.amount_fen, v.reason, v.ridecode, v.terminal_id,
+       v.terminal_seq, ''
 FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::boolean[],
-            $8::text[])
-     AS v(card_id, at, terminal_id, terminal_seq, corrects, amount_fen, ridecode, reason)
-JOIN txn_journal j ON j.card_id = v.card_id AND j.at = v.at AND j.kind = $9 AND j.terminal_id = v.terminal_id
+            $8::text[], $9::timestamptz[], $10::text[], $11::bigint[], $12::bigint[], $13::text[], $14::text[],
+            $15::int[])
+     AS v(card_id, at, terminal_id, terminal_seq, corrects, amount_fen, ridecode, reason,
+          p_at, p_terminal, p_seq, p_fen, p_station, p_operator, p_nth)
+JOIN txn_journal j ON j.card_id = v.card_id AND j.at = v.at AND j.kind = $16 AND j.terminal_id = v.terminal_id
                   AND j.terminal_seq = v.terminal_seq
+LEFT JOIN LATERAL (
+    SELECT q.txn_id FROM txn_journal q
+    WHERE v.corrects IS NULL AND q.card_id = v.card_id AND q.at = v.p_at AND q.kind = $17
+      AND q.terminal_id = v.p_terminal AND q.terminal_seq = v.p_seq AND q.amount_fen = -v.p_fen
+      AND q.station_id = v.p_station AND q.counterparty = v.p_operator
+    ORDER BY q.txn_id OFFSET v.p_nth LIMIT 1
+) p ON true
+RETURNING terminal_id, terminal_seq, corrects_txn_id
+"""
+
+# The stored answer of a tap that gave back a penalty its own batch charged: the penalty's id, known once
+# written.
+_REFUND_ANSWERS_SQL = """
+UPDATE terminal_txn t SET detail = jsonb_set(t.detail, '{refund,corrects_txn_id}', to_jsonb(v.corrects))
+FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(terminal_id, terminal_seq, corrects)
+WHERE t.terminal_id = v.terminal_id AND t.terminal_seq = v.terminal_seq
 """
 
 
@@ -598,7 +630,7 @@ def _decide(
     found = None if decision.refund is None else batch.charge_for(card, decision.refund)
     if decision.refund is not None and found is None:
         # The penalty to give back is not to be found on this card with something left (charged to a card
-        # this one replaced, earlier in this very batch, or given back by the card office): the tap costs
+        # this one replaced, or given back by the card office): the tap costs
         # nothing more and gets nothing back, as before refunds (docs/transit.md "Late halves given back").
         decision = fares.fare(table, card.journey, tap, card.quota.concession, charge_due=charge_due, refund=False)
         unmatched = True
@@ -637,9 +669,12 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
             (card.card_id, KIND_CORRECTION, item.terminal_id, item.terminal_seq, back, at, refund.operator,
              charge.line_id, charge.station_id, item.source, None)
         )  # fmt: skip
+        by = charge.charged_by
         batch.refunds.append(
             (card.card_id, at, item.terminal_id, item.terminal_seq, charge.txn_id, back, charge.ridecode,
-             _late_reason(item).value)
+             _late_reason(item).value,
+             *((None,) * 7 if by is None else (by[0], by[1], by[2], refund.amount_fen, charge.station_id,
+                                              refund.operator, by[3])))
         )  # fmt: skip
     for penalty in (decision.penalty, *decision.due):
         if penalty is None:
@@ -647,6 +682,18 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
         # Cleared under the broken journey's station and line, which may not be this tap's (a bus).
         where = penalty.station or station
         line = None if where is None else fares.station_line(table, where)
+        if where is not None:
+            # A later upload of this batch may complete the journey and give the penalty back: its row is
+            # named by this tap until written (`_Charge.charged_by`).
+            alike = batch.charges.setdefault(
+                (card.card_id, where, penalty.operator, item.tap.time, penalty.amount_fen), []
+            )
+            nth = sum(1 for c in alike if c.charged_by is not None and c.charged_by[1:3] == (item.terminal_id, item.terminal_seq))
+            alike.append(
+                _Charge(None, penalty.amount_fen, item.source == SOURCE_RIDECODE,
+                        item.tap.line if line is None else line, where,
+                        (at, item.terminal_id, item.terminal_seq, nth))
+            )  # fmt: skip
         batch.journal.append(
             (
                 card.card_id,
@@ -698,6 +745,7 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
     if decision.distance_m is not None:
         detail["distance_m"] = decision.distance_m
     if charge is not None and back > 0:
+        # (None for a penalty this batch charged: `_write` fills it in once the row is written.)
         detail["refund"] = {"amount_fen": back, "reason": _late_reason(item).value, "corrects_txn_id": charge.txn_id}
     return TapOutcome("approved", None, decision.total_fen, card.balance_fen, None, detail)
 
@@ -894,18 +942,32 @@ async def _write(
     late = [c.card_id for c in touched if (due := fares.first_due(batch.table, c.journey)) is not None and due <= behind]
     if late:
         await conn.execute(_SWEEP_NOW_SQL, late)
+    corrected: dict[tuple[str, int], int] = {}  # taps that gave back a penalty of this batch -> its id
     if batch.refunds:  # late entries' refunds: each correction's row, linked to the penalty it gives back
-        written = await conn.execute(_REFUNDS_SQL, *columns(batch.refunds, 8), KIND_CORRECTION)
-        if written != f"INSERT 0 {len(batch.refunds)}":
-            raise AssertionError(f"refund rows: {written}, {len(batch.refunds)} expected")
+        written = await conn.fetch(_REFUNDS_SQL, *columns(batch.refunds, 15), KIND_CORRECTION, KIND_PENALTY)
+        if len(written) != len(batch.refunds):
+            raise AssertionError(f"refund rows: {len(written)}, {len(batch.refunds)} expected")
+        mine = {(r[2], r[3]) for r in batch.refunds if r[4] is None}
+        corrected = {
+            (w["terminal_id"], w["terminal_seq"]): w["corrects_txn_id"]
+            for w in written
+            if (w["terminal_id"], w["terminal_seq"]) in mine
+        }
+        if corrected:
+            keys = list(corrected)
+            await conn.execute(
+                _REFUND_ANSWERS_SQL, [k[0] for k in keys], [k[1] for k in keys], [corrected[k] for k in keys]
+            )
     txn_ids = {
         (t, s): x for t, s, x in zip(row["t_ids"], row["t_seqs"], row["t_txns"], strict=True) if x is not None
     }
     for n, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
         if outcome.result == "approved" and outcome.txn_id is None:
-            outcomes[n] = dataclasses.replace(
-                outcome, txn_id=txn_ids.get((item.terminal_id, item.terminal_seq))
-            )
+            key = (item.terminal_id, item.terminal_seq)
+            detail = outcome.detail
+            if key in corrected:
+                detail = {**detail, "refund": {**detail["refund"], "corrects_txn_id": corrected[key]}}
+            outcomes[n] = dataclasses.replace(outcome, txn_id=txn_ids.get(key), detail=detail)
 
 
 # The answer to a tap whose card's purse another transaction held past lock_timeout, when the rest of its

@@ -255,6 +255,51 @@ async def test_the_exit_of_a_journey_the_sweep_charged_gives_it_back(
     assert all(ch.ok for ch in checks.values()), [ch.line() for ch in checks.values() if not ch.ok]
 
 
+async def test_a_penalty_charged_earlier_in_the_same_batch_is_given_back(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """A gate back online uploads its backlog in one batch: a rider's entry, their next entry 50 minutes
+    later (which charges the first journey the maximum fare for want of its exit), then that journey's exit
+    (a bidirectional gate). The penalty written by this very batch is given back, as it would be were the
+    exit uploaded in a later batch, and the stored answer names the penalty's row."""
+    c, _, issuer = await rider(svc)
+    now = int(time.time())
+    phone = await backdated_phone(svc, c["card_no"], now - 7200)
+    first, second = entry_record(svc, phone, now - 5400), entry_record(svc, phone, now - 2400)
+    exit_at = now - 4800
+    exit_ = gate_record(svc, phone.next_code(exit_at), exit_at, line_id="L1", station_id=EXIT, direction="out")
+    for rec in (first, second, exit_):
+        gate_lets_through(rec.code_text, issuer, rec.time)
+    seen = await refunds_counted(svc)
+
+    answers = await upload(svc, [first, second, exit_])
+    in1, in2, out = answers
+    assert in1["rules"] == ["metro_entry"] and in1["fare_fen"] == 0, in1
+    assert in2["penalty"] == {"amount_fen": TABLE.cap_fen, "reason": "missing_tap_out"}, in2
+    card_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    penalty = await db.fetchval(
+        "SELECT txn_id FROM txn_journal WHERE card_id = $1 AND kind = $2", card_id, KIND_PENALTY
+    )
+    assert (out["result"], out["fare_fen"]) == ("approved", RIDE), out
+    assert out["refund"] == {"amount_fen": TABLE.cap_fen, "reason": "late_exit", "corrects_txn_id": penalty}
+    # The rider paid the first ride; the second journey is still open.
+    assert out["balance_fen"] == 1000 - RIDE == await svc.balance(c["card_no"])
+    assert moved(seen, await refunds_counted(svc)) == {
+        "total:late_exit": 1,
+        "fen_total:late_exit": TABLE.cap_fen,
+    }
+    fix = await db.fetchrow(
+        "SELECT corrects_txn_id, amount_fen, reason, terminal_seq FROM fare_correction WHERE card_id = $1", card_id
+    )
+    assert tuple(fix) == (penalty, TABLE.cap_fen, "late_exit", exit_.gate_seq)
+    # The re-upload gets the stored answers, the penalty's id included; nothing is given back again.
+    again = await upload(svc, [first, second, exit_], batch_id=2)
+    assert again == [{**a, "replayed_answer": True} for a in answers]
+    assert await db.fetchval("SELECT count(*) FROM fare_correction WHERE card_id = $1", card_id) == 1
+    checks = await audit(db, settings)
+    assert all(ch.ok for ch in checks.values()), [ch.line() for ch in checks.values() if not ch.ok]
+
+
 @pytest.mark.parametrize("office_delay_s", [0.0, 0.03, 0.1])
 async def test_an_upload_racing_the_card_office_never_gives_the_penalty_back_twice(
     svc: ServiceHarness, db: asyncpg.Connection, settings: Settings, office_delay_s: float
