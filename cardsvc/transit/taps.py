@@ -505,21 +505,43 @@ class _Charge:
     line_id: str | None
     station_id: str | None
     charged_by: tuple[dt.datetime, str, int, int] | None = None
+    # The card whose journal holds the row when it is not the tap's: a card the tap's card replaced (its
+    # journey state moved with the purse), whose purse row this batch holds locked.
+    card_id: int | None = None
 
 
 # The penalty rows that charged the taps the batch's uploads may complete, each named by what the card's
 # state kept of it (card, station, operator, the row's time, amount), with what the card office has not given
 # back of it yet: through the journal's primary key (card_id, at). One tap may have charged two penalties
 # alike (a journey at a station and a held exit at the same station): both rows (`_Batch.charge_for`).
+# Each key is looked for on its card and on the cards it replaced (`_PREDECESSORS_SQL`): `n` is the key's.
 _CHARGES_SQL = """
-SELECT k.n, p.txn_id, p.kind, p.source, p.line_id, p.station_id,
+SELECT k.n, p.card_id, p.txn_id, p.kind, p.source, p.line_id, p.station_id,
        -p.amount_fen - (SELECT coalesce(sum(f.amount_fen), 0) FROM fare_correction f
                         WHERE f.card_id = p.card_id AND f.corrects_txn_id = p.txn_id)::bigint AS left_fen
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[]) WITH ORDINALITY
-     AS k(card_id, station_id, counterparty, at, fen, n)
-JOIN txn_journal p ON p.card_id = k.card_id AND p.at = k.at AND p.kind = $6 AND p.result = 1
+FROM unnest($1::int[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[])
+     AS k(n, card_id, station_id, counterparty, at, fen)
+JOIN txn_journal p ON p.card_id = k.card_id AND p.at = k.at AND p.kind = $7 AND p.result = 1
                   AND p.amount_fen = -k.fen AND p.station_id = k.station_id AND p.counterparty = k.counterparty
-ORDER BY k.n, p.txn_id
+ORDER BY k.n, p.card_id = ANY($8::bigint[]) DESC, p.txn_id
+"""
+
+# The cards each card replaced (its journey state, penalties remembered included, moved with the purse),
+# with their purse rows locked: a card office correction of one of their penalties holds the same lock.
+# SKIP LOCKED: this batch holds the newer card's purse, and the office locks the older one first, so
+# waiting could deadlock; a penalty on a purse held elsewhere just now is not given back (counted).
+_PREDECESSORS_SQL = """
+WITH RECURSIVE l (live, card_id, holder_id, depth) AS (
+    SELECT c.card_id, c.card_id, c.holder_id, 0 FROM card c WHERE c.card_id = ANY($1::bigint[])
+    UNION ALL
+    SELECT l.live, o.card_id, o.holder_id, l.depth + 1 FROM l
+    JOIN card o ON o.holder_id = l.holder_id AND o.replaced_by = l.card_id
+    WHERE l.depth < 100
+)
+SELECT l.live, p.card_id FROM l JOIN purse p ON p.card_id = l.card_id
+WHERE l.depth > 0
+ORDER BY p.card_id
+FOR UPDATE OF p SKIP LOCKED
 """
 
 # Each refund's fare_correction row: the correction's journal row found by its tap, and the penalty it gives
@@ -578,18 +600,27 @@ async def _charges(
     if not wanted:
         return
     keys = list(wanted)
+    lives = sorted({k[0] for k in keys})
+    older: dict[int, list[int]] = {}
+    for r in await conn.fetch(_PREDECESSORS_SQL, lives):
+        older.setdefault(r["live"], []).append(r["card_id"])
+    rows = [(n, c, *k[1:]) for n, k in enumerate(keys) for c in (k[0], *older.get(k[0], ()))]
     for r in await conn.fetch(
         _CHARGES_SQL,
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-        [k[2] for k in keys],
-        [dt.datetime.fromtimestamp(k[3], dt.UTC) for k in keys],
-        [k[4] for k in keys],
+        [x[0] for x in rows],
+        [x[1] for x in rows],
+        [x[2] for x in rows],
+        [x[3] for x in rows],
+        [dt.datetime.fromtimestamp(x[4], dt.UTC) for x in rows],
+        [x[5] for x in rows],
         KIND_PENALTY,
+        lives,
     ):
+        key = keys[r["n"]]
         ridecode = r["kind"] == KIND_RIDECODE or r["source"] == SOURCE_RIDECODE
-        charge = _Charge(r["txn_id"], r["left_fen"], ridecode, r["line_id"], r["station_id"])
-        batch.charges.setdefault(keys[r["n"] - 1], []).append(charge)
+        owner = None if r["card_id"] == key[0] else r["card_id"]
+        charge = _Charge(r["txn_id"], r["left_fen"], ridecode, r["line_id"], r["station_id"], card_id=owner)
+        batch.charges.setdefault(key, []).append(charge)
 
 
 def _late_reason(item: TapItem) -> CorrectionReason:
@@ -629,8 +660,8 @@ def _decide(
     decision = fares.fare(table, card.journey, tap, card.quota.concession, charge_due=charge_due)
     found = None if decision.refund is None else batch.charge_for(card, decision.refund)
     if decision.refund is not None and found is None:
-        # The penalty to give back is not to be found on this card with something left (charged to a card
-        # this one replaced, or given back by the card office): the tap costs
+        # The penalty to give back is not to be found on this card or the cards it replaced with something
+        # left (given back by the card office, or on a replaced card's purse held elsewhere): the tap costs
         # nothing more and gets nothing back, as before refunds (docs/transit.md "Late halves given back").
         decision = fares.fare(table, card.journey, tap, card.quota.concession, charge_due=charge_due, refund=False)
         unmatched = True
@@ -665,13 +696,22 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
         # The refund: a correction of the penalty (as the card office books one, reason late_entry: the
         # journey's other half came late), crediting the purse from the operator the penalty paid.
         charge.left -= back
+        owner = card.card_id if charge.card_id is None else charge.card_id
         batch.journal.append(
-            (card.card_id, KIND_CORRECTION, item.terminal_id, item.terminal_seq, back, at, refund.operator,
+            (owner, KIND_CORRECTION, item.terminal_id, item.terminal_seq, back, at, refund.operator,
              charge.line_id, charge.station_id, item.source, None)
         )  # fmt: skip
+        if owner != card.card_id:
+            # Charged to a card this one replaced: booked there, and carried to this purse through the
+            # replacement account, each side naming the other card, as the card office's corrections are.
+            for src, other, amt in ((owner, card.card_id, -back), (card.card_id, owner, back)):
+                batch.journal.append(
+                    (src, KIND_TRANSFER, item.terminal_id, other, amt, at, "replacement", None, None, item.source,
+                     None)
+                )  # fmt: skip
         by = charge.charged_by
         batch.refunds.append(
-            (card.card_id, at, item.terminal_id, item.terminal_seq, charge.txn_id, back, charge.ridecode,
+            (owner, at, item.terminal_id, item.terminal_seq, charge.txn_id, back, charge.ridecode,
              _late_reason(item).value,
              *((None,) * 7 if by is None else (by[0], by[1], by[2], refund.amount_fen, charge.station_id,
                                               refund.operator, by[3])))

@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cardsvc.config import Settings
 from cardsvc.transit import clearing, fares
-from cardsvc.transit.taps import KIND_CORRECTION, KIND_FARE, KIND_PENALTY, SOURCE_RIDECODE
+from cardsvc.transit.taps import KIND_CORRECTION, KIND_FARE, KIND_PENALTY, KIND_TRANSFER, SOURCE_RIDECODE
 from protocols import clearing as wire
-from tests.helpers import ServiceHarness
+from tests.helpers import ServiceHarness, replacement_body
 from tests.transit.test_corrections import audit, fix_body
 from tests.transit.test_rides import (
     GATE_2,
@@ -300,6 +300,70 @@ async def test_a_penalty_charged_earlier_in_the_same_batch_is_given_back(
     assert all(ch.ok for ch in checks.values()), [ch.line() for ch in checks.values() if not ch.ok]
 
 
+async def charged_then_replaced(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> tuple[dict[str, Any], Any, int, int, dict[str, str]]:
+    """`charged_exit`, then the card lost and replaced: the old card, its phone, the exit's time, the
+    penalty's txn_id (on the old card) and the replacement's numbers (its purse now holds the balance)."""
+    c, phone, exit_at = await charged_exit(svc)
+    old_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    penalty: int = await db.fetchval(
+        "SELECT txn_id FROM txn_journal WHERE card_id = $1 AND kind = $2", old_id, KIND_PENALTY
+    )
+    for op in ("temporary-loss", "formal-loss"):
+        assert (await svc.post(f"/v1/cards/{c['card_no']}/{op}", {"operator": "s-1"})).status == 200
+    body = replacement_body()
+    assert (await svc.post(f"/v1/cards/{c['card_no']}/replace", {**body, "operator": "s-1"})).status == 200
+    assert await svc.balance(body["new_card_no"]) == 1000 - TABLE.cap_fen
+    return c, phone, exit_at, penalty, body
+
+
+async def test_a_penalty_charged_to_the_card_this_one_replaced_is_given_back_on_the_new_card(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
+) -> None:
+    """The exit was charged the maximum fare on the old card, which the holder then lost and had replaced
+    (the purse and the journey state moved to the new card). The entry, uploaded at last, gives the penalty
+    back: booked on the old card, whose journal holds the penalty, and carried to the new card's purse
+    through the replacement account, as the card office's corrections are."""
+    c, phone, exit_at, penalty, body = await charged_then_replaced(svc, db)
+    old_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"])
+    new_id = await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", body["new_card_no"])
+    seen = await refunds_counted(svc)
+
+    entry = entry_record(svc, phone, exit_at - 1200)
+    [in_] = await upload(svc, [entry], batch_id=2)
+    assert (in_["result"], in_["fare_fen"]) == ("approved", RIDE), in_
+    assert in_["refund"] == {"amount_fen": TABLE.cap_fen, "reason": "late_entry", "corrects_txn_id": penalty}
+    assert in_["balance_fen"] == 1000 - RIDE == await svc.balance(body["new_card_no"])
+    assert await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", old_id) == 0
+    rows = await db.fetch(
+        """SELECT card_id, kind, amount_fen, counterparty, terminal_seq FROM txn_journal
+           WHERE card_id = ANY($1::bigint[]) AND kind = ANY($2::smallint[]) AND terminal_id = $3
+           ORDER BY txn_id""",
+        [old_id, new_id], [KIND_CORRECTION, KIND_TRANSFER], entry.gate_id,
+    )  # fmt: skip
+    assert [tuple(r) for r in rows] == [
+        (old_id, KIND_CORRECTION, TABLE.cap_fen, "cq-metro", entry.gate_seq),
+        (old_id, KIND_TRANSFER, -TABLE.cap_fen, "replacement", new_id),
+        (new_id, KIND_TRANSFER, TABLE.cap_fen, "replacement", old_id),
+    ]
+    fix = await db.fetchrow("SELECT card_id, corrects_txn_id, amount_fen, reason FROM fare_correction")
+    assert tuple(fix) == (old_id, penalty, TABLE.cap_fen, "late_entry")
+    assert moved(seen, await refunds_counted(svc)) == {
+        "total:late_entry": 1,
+        "fen_total:late_entry": TABLE.cap_fen,
+    }
+    [again] = await upload(svc, [entry], batch_id=3)
+    assert again == {**in_, "replayed_answer": True}
+    assert await db.fetchval("SELECT count(*) FROM fare_correction") == 1
+    # The card office finds nothing left of it, on either card's number.
+    r = await svc.post(f"/v1/purses/{c['card_no']}/fare-corrections", fix_body(penalty, 1))
+    assert r.status == 409 and r.body["left_fen"] == 0, r.body
+    checks = await audit(db, settings)
+    assert all(ch.ok for ch in checks.values()), [ch.line() for ch in checks.values() if not ch.ok]
+    assert checks["replacement_transfers"].counts["unpaired"] == 0
+
+
 @pytest.mark.parametrize("office_delay_s", [0.0, 0.03, 0.1])
 async def test_an_upload_racing_the_card_office_never_gives_the_penalty_back_twice(
     svc: ServiceHarness, db: asyncpg.Connection, settings: Settings, office_delay_s: float
@@ -332,6 +396,35 @@ async def test_an_upload_racing_the_card_office_never_gives_the_penalty_back_twi
         assert in_["refund"]["amount_fen"] == TABLE.cap_fen and in_["fare_fen"] == RIDE, in_
         assert await svc.balance(c["card_no"]) == 1000 - RIDE
     assert (await audit(db, settings))["fare_corrections"].ok
+
+
+@pytest.mark.parametrize("office_delay_s", [0.0, 0.03, 0.1])
+async def test_an_upload_racing_the_card_office_on_a_replaced_card_never_gives_the_penalty_back_twice(
+    svc: ServiceHarness, db: asyncpg.Connection, settings: Settings, office_delay_s: float
+) -> None:
+    """As above, with the penalty on the card the new one replaced: the clerk's correction locks the old
+    card's purse and then the new one's, the upload the new one's and then the old one's without waiting. No
+    deadlock, and the penalty is given back once, by whichever gets the old card's purse first."""
+    c, phone, exit_at, penalty, body = await charged_then_replaced(svc, db)
+
+    async def clerk() -> Any:
+        await asyncio.sleep(office_delay_s)
+        return await svc.post(f"/v1/purses/{c['card_no']}/fare-corrections", fix_body(penalty, TABLE.cap_fen))
+
+    office, [in_] = await asyncio.gather(
+        clerk(), upload(svc, [entry_record(svc, phone, exit_at - 1200)], batch_id=2)
+    )
+    given = await db.fetchval("SELECT sum(amount_fen) FROM fare_correction WHERE corrects_txn_id = $1", penalty)
+    assert given == TABLE.cap_fen
+    if office.status == 200:  # the clerk first (or holding the old purse): nothing more, nothing back
+        assert "refund" not in in_ and in_["fare_fen"] == 0, in_
+        assert await svc.balance(body["new_card_no"]) == 1000
+    else:
+        assert office.status == 409 and office.body["left_fen"] == 0, office.body
+        assert in_["refund"]["amount_fen"] == TABLE.cap_fen and in_["fare_fen"] == RIDE, in_
+        assert await svc.balance(body["new_card_no"]) == 1000 - RIDE
+    checks = await audit(db, settings)
+    assert all(ch.ok for ch in checks.values()), [ch.line() for ch in checks.values() if not ch.ok]
 
 
 # ------------------------------------------------------------------ the right penalty, exactly
