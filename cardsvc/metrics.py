@@ -125,8 +125,8 @@ LATE_REFUND_FEN = Counter(
 LATE_REFUNDS_UNMATCHED = Counter(
     "cardsvc_transit_late_refunds_unmatched_total",
     "Approved uploads that complete a journey charged a penalty whose journal row is not on the card with "
-    "something left, nor on a card this one replaced (the card office gave it back in full, or held the "
-    "replaced card's purse at that moment): charged nothing more and given nothing back. Counted per batch "
+    "something left, nor on a card this one replaced (the card office gave it back in full, or the replaced "
+    "card's purse was held at that moment): charged nothing more and given nothing back. Counted per batch "
     "attempt, so a batch retried after a concurrent change counts again.",
 )
 JOURNEYS_SWEPT = Counter(

@@ -728,7 +728,8 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
             alike = batch.charges.setdefault(
                 (card.card_id, where, penalty.operator, item.tap.time, penalty.amount_fen), []
             )
-            nth = sum(1 for c in alike if c.charged_by is not None and c.charged_by[1:3] == (item.terminal_id, item.terminal_seq))
+            tap_key = (item.terminal_id, item.terminal_seq)
+            nth = sum(1 for c in alike if c.charged_by is not None and c.charged_by[1:3] == tap_key)
             alike.append(
                 _Charge(None, penalty.amount_fen, item.source == SOURCE_RIDECODE,
                         item.tap.line if line is None else line, where,
