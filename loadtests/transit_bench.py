@@ -710,7 +710,7 @@ def _num(text: str) -> float | None:
 
 
 def read_locust_history(prefix: Path) -> list[dict[str, float]]:
-    out = []
+    out: list[dict[str, float]] = []
     path = Path(f"{prefix}_stats_history.csv")
     if not path.exists():
         return out
@@ -1477,7 +1477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     agg = next((r for r in stats if r["name"] == "Aggregated"), None)
     history = read_locust_history(csv_prefix)
     steady = [h for h in history if h["users"] >= args.locust_users]
-    loc = {
+    loc: dict[str, Any] = {
         "rps": agg["requests_per_s"] if agg else 0.0,
         "requests": agg["requests"] if agg else 0,
         "failures": agg["failures"] if agg else 0,
@@ -1498,7 +1498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peak = results["peak"]
     bare_rps = results["bare"]["requests_per_s"] if results["bare"] else 0.0
     tps = tpcb["tps"]
-    ratios = {
+    ratios: dict[str, Any] = {
         "peak_taps_to_tpcb": round(peak["taps_per_s"] / tps, 2) if peak and tps else None,
         "peak_taps_to_bare": round(peak["taps_per_s"] / bare_rps, 3) if peak and bare_rps else None,
         "offline_records_to_tpcb": round(results["offline"]["records_per_s"] / tps, 2) if tps else 0.0,
@@ -1639,8 +1639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data["transit"]["plot"] = "benchmarks-transit.png"
     write_docs(args.docs_dir, data)
     print("\nsummary:")
-    for k in TRANSIT_KEYS:
-        print(f"  {k}: {data[k]}")
+    for key in TRANSIT_KEYS:
+        print(f"  {key}: {data[key]}")
     for row in targets:
         print(f"  [{'met' if row['met'] else 'NOT MET'}] {row['target']}: {row['measured']}")
     print(f"\nwrote {args.docs_dir / 'benchmarks.md'}, benchmarks.json and benchmarks-transit.png")

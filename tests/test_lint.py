@@ -1,4 +1,5 @@
-"""Lint and type checks run as part of the tests: ruff on everything, mypy --strict on the packages."""
+"""Lint and type checks run as part of the tests: ruff on everything, mypy --strict on the packages and the
+load tests."""
 
 from __future__ import annotations
 
@@ -21,5 +22,5 @@ def test_ruff_clean() -> None:
 
 
 def test_mypy_strict_clean() -> None:
-    result = _run("mypy", "cardsvc", "protocols")
+    result = _run("mypy", "cardsvc", "protocols", "loadtests")
     assert result.returncode == 0, result.stdout + result.stderr
