@@ -279,10 +279,11 @@ async def return_quota_ride(
             "UPDATE concession SET rides_left = $2, updated_at = now() WHERE holder_id = $1", holder_id, rides
         )
         await _event(conn, holder_id, "ride_back", row["kind"], row["kind"], rides, actor)
-        await conn.execute(
+        done = await conn.fetchrow(
             """INSERT INTO quota_ride_return (card_id, fare_txn_id, holder_id, quota_year, rides_left, reason,
                                               terminal_id, terminal_seq, staff)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+               RETURNING holder_id, quota_year, rides_left, reason, at""",
             card_id, fare_txn, holder_id, ride_year, rides, body["reason"], actor.terminal_id,
             body["terminal_seq"], actor.operator or "",
         )  # fmt: skip
@@ -291,6 +292,5 @@ async def return_quota_ride(
         await record_office_key(
             conn, actor.terminal_id, body["terminal_seq"], digest, card_id, 0, balance or 0, fare_txn
         )
-        done = await conn.fetchrow(_RETURNED_SQL, card_id, fare_txn)
     metrics.QUOTA_RIDES_RETURNED.labels(body["reason"]).inc()
     return _returned_view(fare_txn, done, False)

@@ -204,6 +204,31 @@ async def test_a_charge_the_cards_journal_does_not_show_is_not_given_back(
     assert (await audit(db, settings))["fare_corrections"].ok
 
 
+async def given_back_once(
+    svc: ServiceHarness,
+    db: asyncpg.Connection,
+    card_no: str,
+    card_id: int,
+    out: dict[str, Any],
+    penalty: int,
+    seen: dict[str, float],
+) -> asyncpg.Record:
+    """The exit's answer `out` gave the whole `penalty` back (late_exit), the rider of a 1,000 fen purse paid
+    only the ride, the counters moved by that one refund, and one fare_correction row of the card links them:
+    that row."""
+    assert out["refund"] == {"amount_fen": TABLE.cap_fen, "reason": "late_exit", "corrects_txn_id": penalty}
+    assert out["balance_fen"] == 1000 - RIDE == await svc.balance(card_no)
+    assert moved(seen, await refunds_counted(svc)) == {
+        "total:late_exit": 1,
+        "fen_total:late_exit": TABLE.cap_fen,
+    }
+    fix = await db.fetchrow(
+        "SELECT corrects_txn_id, amount_fen, reason, terminal_seq FROM fare_correction WHERE card_id = $1", card_id
+    )
+    assert (fix["corrects_txn_id"], fix["amount_fen"], fix["reason"]) == (penalty, TABLE.cap_fen, "late_exit")
+    return fix
+
+
 async def test_the_exit_of_a_journey_the_sweep_charged_gives_it_back(
     svc: ServiceHarness, db: asyncpg.Connection, settings: Settings
 ) -> None:
@@ -234,16 +259,7 @@ async def test_the_exit_of_a_journey_the_sweep_charged_gives_it_back(
         RIDE,
         "exit_of_swept_journey",
     ), out
-    assert out["refund"] == {"amount_fen": TABLE.cap_fen, "reason": "late_exit", "corrects_txn_id": penalty}
-    assert out["balance_fen"] == 1000 - RIDE == await svc.balance(c["card_no"])
-    assert moved(seen, await refunds_counted(svc)) == {
-        "total:late_exit": 1,
-        "fen_total:late_exit": TABLE.cap_fen,
-    }
-    fix = await db.fetchrow(
-        "SELECT corrects_txn_id, amount_fen, reason FROM fare_correction WHERE card_id = $1", card_id
-    )
-    assert tuple(fix) == (penalty, TABLE.cap_fen, "late_exit")
+    await given_back_once(svc, db, c["card_no"], card_id, out, penalty, seen)
     row = await db.fetchrow("SELECT counterparty, station_id FROM txn_journal WHERE card_id = $1 AND kind = $2",
                             card_id, KIND_CORRECTION)  # fmt: skip
     assert tuple(row) == ("cq-metro", ENTRY)  # the penalty's: the journey's entry station
@@ -281,17 +297,9 @@ async def test_a_penalty_charged_earlier_in_the_same_batch_is_given_back(
         "SELECT txn_id FROM txn_journal WHERE card_id = $1 AND kind = $2", card_id, KIND_PENALTY
     )
     assert (out["result"], out["fare_fen"]) == ("approved", RIDE), out
-    assert out["refund"] == {"amount_fen": TABLE.cap_fen, "reason": "late_exit", "corrects_txn_id": penalty}
     # The rider paid the first ride; the second journey is still open.
-    assert out["balance_fen"] == 1000 - RIDE == await svc.balance(c["card_no"])
-    assert moved(seen, await refunds_counted(svc)) == {
-        "total:late_exit": 1,
-        "fen_total:late_exit": TABLE.cap_fen,
-    }
-    fix = await db.fetchrow(
-        "SELECT corrects_txn_id, amount_fen, reason, terminal_seq FROM fare_correction WHERE card_id = $1", card_id
-    )
-    assert tuple(fix) == (penalty, TABLE.cap_fen, "late_exit", exit_.gate_seq)
+    fix = await given_back_once(svc, db, c["card_no"], card_id, out, penalty, seen)
+    assert fix["terminal_seq"] == exit_.gate_seq
     # The re-upload gets the stored answers, the penalty's id included; nothing is given back again.
     again = await upload(svc, [first, second, exit_], batch_id=2)
     assert again == [{**a, "replayed_answer": True} for a in answers]
