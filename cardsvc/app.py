@@ -38,7 +38,7 @@ from cardsvc.transit import fares
 from cardsvc.transit.context import TransitContext
 from cardsvc.transit.flow import KIND_RIDE_CODE
 from cardsvc.transit.sweep import sweep_timed_out_journeys
-from cardsvc.transit.taps import TapItem, TapOutcome, process_taps
+from cardsvc.transit.taps import UPLOADED_ANSWER, TapItem, TapOutcome, process_taps
 
 __all__ = ["MigrationsPending", "RegistryIncomplete", "create_app"]
 
@@ -169,9 +169,14 @@ async def _prune(pool: asyncpg.Pool, settings: Settings) -> None:
                    ON CONFLICT DO NOTHING""",
                 settings.terminal_txn_retention_days,
             )
+            # An uploaded ride's answer stays as long as the ride can be uploaded again (taps.UPLOADED_ANSWER).
             await conn.execute(
-                "DELETE FROM terminal_txn WHERE at < now() - make_interval(days => $1)",
+                """DELETE FROM terminal_txn
+                   WHERE at < now() - make_interval(days => $1)
+                     AND (detail IS NULL OR NOT detail ? $3 OR at < now() - make_interval(secs => $2))""",
                 settings.terminal_txn_retention_days,
+                float(ride_code_use_retention_s(settings)),
+                UPLOADED_ANSWER,
             )
 
 

@@ -391,7 +391,8 @@ _DAY_END = "(r.business_date::timestamp + interval '1 day' - make_interval(secs 
 _REPORTS_SQL = f"""
 SELECT r.operator_id, r.business_date, r.txn_count, r.total_fen, r.correction_count, r.correction_fen,
        a.txn_count AS journal_count, a.total_fen AS journal_total,
-       a.correction_count AS journal_corrections, a.correction_fen AS journal_correction_fen
+       a.correction_count AS journal_corrections, a.correction_fen AS journal_correction_fen,
+       a.reversals
 FROM clearing_report r
 CROSS JOIN LATERAL (
     SELECT {clearing.AGGREGATE_COLUMNS}
@@ -401,6 +402,7 @@ CROSS JOIN LATERAL (
 ) a
 WHERE (a.txn_count, a.total_fen, a.correction_count, a.correction_fen)
       IS DISTINCT FROM (r.txn_count, r.total_fen, r.correction_count, r.correction_fen)
+   OR a.reversals > 0
 ORDER BY r.business_date, r.operator_id
 """
 
@@ -413,6 +415,7 @@ async def _clearing_reports(conn: asyncpg.Connection, table: fares.FareTable) ->
         f"(corrections {r['correction_count']}/{r['correction_fen']} fen), journal "
         f"{r['journal_count']}/{r['journal_total']} fen (corrections {r['journal_corrections']}/"
         f"{r['journal_correction_fen']} fen)"
+        + (f", {r['reversals']} row(s) crediting a purse that the file cannot name" if r["reversals"] else "")
         for r in bad[:SAMPLES_MAX]
     )
     return Check("clearing_reports", not bad, {"reports": reports, "mismatched": len(bad)}, detail)

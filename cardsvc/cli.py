@@ -612,6 +612,12 @@ def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
             return 2
     out = Path(args.out) if args.out else settings.data_dir / "clearing"
     table = _fare_table(settings)
+    if day is not None:
+        try:
+            clearing.business_day_bounds(table, day)
+        except OverflowError:
+            print(f"error: --date {args.date} is out of range", file=sys.stderr)
+            return 2
     errors: list[str] = []
 
     async def go() -> list[Any]:
@@ -620,7 +626,11 @@ def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
             if day is not None:
                 todo: list[tuple[dt.date, list[str] | None]] = [(day, [args.operator] if args.operator else None)]
             else:
-                due = await clearing.days_to_clear(conn, table, operator_id=args.operator)
+                try:
+                    due = await clearing.days_to_clear(conn, table, operator_id=args.operator)
+                except clearing.ClearingError as exc:  # an unknown --operator
+                    errors.append(str(exc))
+                    return []
                 if not due.todo:
                     print(f"nothing to clear up to {due.last_over}, the last day that is over", file=sys.stderr)
                 every = set(await clearing.operators(conn, table))
@@ -961,8 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Re-running a day rewrites identical files; if the journal of a cleared day was changed by hand,\n"
         "the report and file are kept and the run exits 1 (an audit failure).\n"
         "run without --date (the nightly timer, deploy/cardsvc-clearing.timer): for each operator, every day\n"
-        "not cleared yet from its first gap on (a night missed, a day refused), up to yesterday (local);\n"
-        "an operator never cleared starts with the day of its first fare. Exit 1 if any day fails.\n"
+        "without a report from the day of its first fare on (a night missed, a day refused, days before one\n"
+        "cleared by hand), up to yesterday (local). Exit 1 if any day fails or the operator is unknown.\n"
         "register --operator ID --name NAME: an operator that is not in the fare table (removed from it,\n"
         "with fares still to clear), so that `run` clears it and `cardsvc audit` knows it.",
     )

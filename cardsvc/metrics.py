@@ -182,8 +182,8 @@ AUDIT_LAST_SUCCESS = Gauge(
 )
 CLEARED_THROUGH = Gauge(
     "cardsvc_transit_clearing_cleared_through_timestamp_seconds",
-    "How far the operator is cleared (Unix time): the end of the last day of its first unbroken run of "
-    "cleared days (a refused or missed day holds it back), or, never cleared, the start of the day of its "
+    "How far the operator is cleared (Unix time): the start of the first day since its first fare without "
+    "a report (a refused or missed day holds it back), or, never cleared, the start of the day of its "
     "first fare. Read from clearing_report at most every 5 minutes.",
     ["operator"],
     multiprocess_mode="mostrecent",  # it goes back when a day is found missing: the latest read wins

@@ -40,6 +40,11 @@ _CREDENTIAL_OUTCOMES: dict[str | None, str | None] = {
 }
 
 
+# Operations whose answers are kept for good under the terminal's keys (topup_key): a tap under such a key is
+# another transaction, whenever it comes (its terminal_txn answer is pruned after the retention period).
+_OFFICE_KEY_OPERATIONS = frozenset({"purse.topup", "purse.correct_fare"})
+
+
 def _count_credential(kind: str, reason: str | None) -> None:
     outcome = _CREDENTIAL_OUTCOMES.get(reason, "ok")
     if outcome is not None:
@@ -53,9 +58,12 @@ async def tap(request: web.Request) -> web.Response:
     try:
         body = _parse(api.TAP, request)
         now = dt.datetime.now(dt.UTC)
-        item = await flow.build_tap_item(
-            svc, svc.transit, request[AUTH].terminal_id, body, now, nonce=request[NONCE]
-        )
+        terminal = request[AUTH]
+        item = await flow.build_tap_item(svc, svc.transit, terminal.terminal_id, body, now, nonce=request[NONCE])
+        if terminal.operations & _OFFICE_KEY_OPERATIONS and await flow.office_key_taken(
+            svc.pool, terminal.terminal_id, item.terminal_seq
+        ):
+            raise ApiError("idempotency_conflict", field="terminal_seq")
     except ApiError:
         await consume_nonce(request)  # refused input still uses up the nonce (a replay is auth_replayed)
         raise

@@ -24,8 +24,8 @@ transaction that began before its end is still open (`posted_at` is the writing 
 such a transaction could still commit rows of the day). The run waits for those a little (`settle_s`),
 then refuses. To see every session's transaction the clearing role needs `pg_read_all_stats` (or is a
 superuser); without it the run refuses. A scheduled run (no date: `days_to_clear`) clears, per operator,
-every day not cleared yet from its first gap on, so a missed night or a refused day is tried again by the
-next run.
+every day not cleared yet from its first fare's day on, so a missed night, a refused day or a day left before
+one cleared by hand is tried again by the next run.
 
 How. One set-based aggregate (GROUP BY counterparty) gives each operator's count and total; the detail
 lines are then streamed from a server-side cursor, ordered by txn_id, straight into the file with an
@@ -353,32 +353,31 @@ class DaysToClear:
         return [day for day, _ in self.todo]
 
 
-# Per operator, the last day of its first unbroken run of cleared days: it is cleared through that day.
-_CLEARED_THROUGH_SQL = """
-SELECT r.operator_id, min(r.business_date) AS through
-FROM clearing_report r
-WHERE r.operator_id = ANY($1::text[])
-  AND NOT EXISTS (SELECT 1 FROM clearing_report n
-                  WHERE n.operator_id = r.operator_id AND n.business_date = r.business_date + 1)
-GROUP BY r.operator_id
-"""
-
-
 async def _first_days_owed(
     conn: asyncpg.Connection, table: fares.FareTable, ops: Sequence[str]
 ) -> dict[str, dt.date]:
-    """Per operator, the first day it is owed a clearing run: the day after its first unbroken run of
-    cleared days; never cleared, the local day of its first journal row (through the journal's
-    (counterparty, at) index, one probe per partition); no row at all: not owed anything yet."""
-    start = {
-        r["operator_id"]: r["through"] + dt.timedelta(days=1)
-        for r in await conn.fetch(_CLEARED_THROUGH_SQL, list(ops))
-    }
+    """Per operator, the first day it is owed a clearing run: the first day without a report from the local
+    day of its first journal row on (through the journal's (counterparty, at) index, one probe per
+    partition), so days before one cleared by hand are owed too; with no journal row, the day after its
+    first unbroken run of reports; with neither, not owed anything yet."""
+    reported: dict[str, set[dt.date]] = {}
+    for r in await conn.fetch(
+        "SELECT operator_id, business_date FROM clearing_report WHERE operator_id = ANY($1::text[])", list(ops)
+    ):
+        reported.setdefault(r["operator_id"], set()).add(r["business_date"])
+    start = {}
     for op in ops:
-        if op not in start:
-            first = await conn.fetchval("SELECT min(at) FROM txn_journal WHERE counterparty = $1", op)
-            if first is not None:
-                start[op] = fares.local_day(table, int(first.timestamp()))
+        days = reported.get(op, set())
+        first = await conn.fetchval("SELECT min(at) FROM txn_journal WHERE counterparty = $1", op)
+        if first is not None:
+            day = fares.local_day(table, int(first.timestamp()))
+        elif days:
+            day = min(days)
+        else:
+            continue
+        while day in days:
+            day += dt.timedelta(days=1)
+        start[op] = day
     return start
 
 
@@ -390,14 +389,18 @@ async def days_to_clear(
     now: dt.datetime | None = None,
 ) -> DaysToClear:
     """What a scheduled run clears (`cardsvc clearing run` without --date): for each operator, every day
-    without a report from its first gap on (a night missed, a day refused, days left before one cleared by
-    hand) up to the last day that is over, however far back. An operator never cleared starts with the day
-    of its first journal row (nothing before it is owed; none at all: nothing to clear). Each day names
+    without a report from the day of its first journal row on (a night missed, a day refused, days left
+    before one cleared by hand) up to the last day that is over, however far back (nothing before that
+    row's day is owed; no row at all: nothing to clear). Each day names
     only the operators it is missing for, so files already made are not written again. The same days hold
-    the cleared-through gauge back (`refresh_cleared_through`)."""
+    the cleared-through gauge back (`refresh_cleared_through`). An unknown `operator_id` is a
+    ClearingError, as for `clear_day`."""
     now = now or await conn.fetchval("SELECT clock_timestamp()")
     last = last_day_over(table, now)
-    ops = [operator_id] if operator_id else await operators(conn, table)
+    known = await operators(conn, table)
+    if operator_id is not None and operator_id not in known:
+        raise ClearingError(f"no operator {operator_id!r}: one of {', '.join(known)}")
+    ops = [operator_id] if operator_id else known
     start = await _first_days_owed(conn, table, ops)
     first = min(start.values(), default=last + dt.timedelta(days=1))
     have = {
@@ -419,9 +422,10 @@ async def days_to_clear(
 
 async def refresh_cleared_through(conn: asyncpg.Connection, table: fares.FareTable) -> None:
     """Set `cardsvc_transit_clearing_cleared_through_timestamp_seconds` for every operator clearing clears
-    (an alert fires when one falls behind): the end of the last day of its first unbroken run of cleared
-    days, so a day refused or missed holds it back until it is cleared; for an operator never cleared, the
-    start of the day of its first journal row (no row: nothing owed, no series). The scrape calls it at
+    (an alert fires when one falls behind): the start of the first day it is owed (`_first_days_owed`), so
+    a day refused or missed, or one before a day cleared by hand, holds it back until it is cleared; for an
+    operator never cleared, the start of the day of its first journal row (no row: nothing owed, no
+    series). The scrape calls it at
     most every `CLEARED_THROUGH_MAX_AGE_S` per worker (reports change once a night, and the query reads
     every report); the workers' values aggregate to the most recent one."""
     for op, day in (await _first_days_owed(conn, table, await operators(conn, table))).items():

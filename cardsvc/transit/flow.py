@@ -281,16 +281,29 @@ async def purse_view(
 
 _DEAD = (card.CardStatus.REPLACED, card.CardStatus.CANCELLED)
 
-# The key's earlier answer: terminal_txn (any transaction, kept for a retention period), else topup_key (top-ups
-# only, kept for good: a top-up has no time of its own to refuse a late copy with; migration 0009).
+# The key's earlier answer: topup_key (the card office's answers, kept for good: a top-up has no time of its own
+# to refuse a late copy with; migration 0009), else terminal_txn (any transaction, kept for a retention period).
 _PRIOR_TOPUP_SQL = """
-SELECT request_hash, result, amount_fen, balance_fen, txn_id FROM terminal_txn
+SELECT request_hash, 'approved' AS result, amount_fen, balance_fen, txn_id, 0 AS pref FROM topup_key
 WHERE terminal_id = $1 AND terminal_seq = $2
 UNION ALL
-SELECT request_hash, 'approved', amount_fen, balance_fen, txn_id FROM topup_key
+SELECT request_hash, result, amount_fen, balance_fen, txn_id, 1 FROM terminal_txn
 WHERE terminal_id = $1 AND terminal_seq = $2
+ORDER BY pref
 LIMIT 1
 """
+
+
+async def office_key_taken(pool: asyncpg.Pool, terminal_id: str, terminal_seq: int) -> bool:
+    """Whether a card-office answer (top-up, fare correction, quota ride return) holds this key for good. A
+    tap checks it before its batch, since the batch reads only terminal_txn: while that answer is there too
+    (the retention period), the tap's write conflicts with it anyway."""
+    async with pool.acquire() as conn:
+        return bool(
+            await conn.fetchval(
+                "SELECT 1 FROM topup_key WHERE terminal_id = $1 AND terminal_seq = $2", terminal_id, terminal_seq
+            )
+        )
 
 
 async def prior_office_answer(

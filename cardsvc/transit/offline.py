@@ -403,15 +403,18 @@ async def _attempt(
     # Read after the locks: a concurrent upload of the same records has committed by now.
     seqs = [r.terminal_seq for r in records]
     # (request hash, result, reason) of what each key already answered: terminal_txn (kept for a retention
-    # period), and, never pruned, the ledger of the batch's cards and the records refused outside any
-    # card's ledger (for reusing a key, or of no known card): one key can have answered several records.
+    # period), and, never pruned, the ledger of the batch's cards; one key can have answered several
+    # records. The records refused outside any card's ledger (for reusing a key, or of no known card) answer
+    # their own re-uploads only: once terminal_txn has forgotten the key, another record under it is judged
+    # on its own card, as after any key's answer is pruned (docs/transit.md "Storage and idempotency").
     answered: dict[int, list[tuple[bytes, str, str | None]]] = {}
     for row in await conn.fetch(_ANSWERED_SQL, tid, seqs):
         answered.setdefault(row["terminal_seq"], []).append(
             (bytes(row["request_hash"]), row["result"], (row["detail"] or {}).get("reason"))
         )
+    refused_before: dict[int, list[tuple[bytes, str, str | None]]] = {}
     for row in await conn.fetch(_REFUSED_SQL, tid, seqs):
-        answered.setdefault(row["terminal_seq"], []).append(
+        refused_before.setdefault(row["terminal_seq"], []).append(
             (bytes(row["request_hash"]), row["result"], row["reason"])
         )
     if by_id:
@@ -440,11 +443,11 @@ async def _attempt(
         digest = _digest(as_json)
         purse = purses.get(r.card_sn)
         prior = answered.get(r.terminal_seq)
+        same = next((p for p in (*(prior or ()), *refused_before.get(r.terminal_seq, ())) if p[0] == digest), None)
+        if same is not None:
+            plan.answers.append(RecordAnswer(r.terminal_seq, same[1], same[2], True))
+            continue
         if prior:
-            same = next((p for p in prior if p[0] == digest), None)
-            if same is not None:
-                plan.answers.append(RecordAnswer(r.terminal_seq, same[1], same[2], True))
-                continue
             # The key answers another transaction (an online tap, another record): refused, never posted (the
             # key cannot answer two transactions), and kept as uploaded for investigation, whoever's card it
             # is. Not in the card's ledger: its key there may be the first record's, and a re-upload must

@@ -62,6 +62,7 @@ __all__ = [
     "KIND_PENALTY",
     "SOURCE_ONLINE",
     "SOURCE_SWEEP",
+    "UPLOADED_ANSWER",
     "TapItem",
     "TapOutcome",
     "blocked_as_of",
@@ -341,6 +342,11 @@ ORDER BY part
 
 _REPLAYED = TapOutcome("replayed", "auth_replayed", 0, None, None, {})
 
+# In a stored answer's detail (not in the answer sent): the answer of an uploaded ride, which a gate may upload
+# again as long as the ride can be uploaded at all, so the maintenance prune keeps it that long
+# (app.ride_code_use_retention_s) instead of `terminal_txn_retention_days`.
+UPLOADED_ANSWER = "uploaded"
+
 _WRITE_SQL = """
 WITH cu AS (
     INSERT INTO credential_use (card_id, kind, token)
@@ -401,6 +407,7 @@ def _stored(row: asyncpg.Record, item: TapItem) -> TapOutcome:
         return TapOutcome("conflict", "idempotency_conflict", 0, None, None, {}, replayed_answer=True)
     # A copy: the record hands out the same decoded dict to every retry of this key in the batch.
     detail = dict(row["detail"] or {})
+    detail.pop(UPLOADED_ANSWER, None)
     return TapOutcome(
         row["result"],
         detail.pop("reason", None),
@@ -475,6 +482,8 @@ class _Batch:
         detail = dict(outcome.detail)
         if outcome.reason is not None:
             detail["reason"] = outcome.reason
+        if item.tap.uploaded:
+            detail[UPLOADED_ANSWER] = True
         self.answers.append(
             (
                 item.terminal_id,
