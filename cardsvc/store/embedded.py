@@ -43,7 +43,10 @@ SERVER_SETTINGS: dict[str, str] = {
     "checkpoint_timeout": "15min",
     "synchronous_commit": "on",
     "fsync": "on",
-    "wal_compression": "on",
+    # Off, PostgreSQL's default: pglz compression of full-page images cost ~10 % of PostgreSQL's CPU per
+    # request at 40M cards, where the machine runs out of CPU long before disk bandwidth; this build has no
+    # lz4 (docs/operations.md "PostgreSQL settings").
+    "wal_compression": "off",
     "log_min_duration_statement": "1000",
     "log_parameter_max_length": "0",  # a slow statement's log line without its values (card numbers)
     "unix_socket_permissions": "0770",
