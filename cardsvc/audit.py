@@ -35,7 +35,10 @@ Checks (docs/operations.md explains each and what to do when it fails):
   cleared journal, each run) instead of one aggregate per report in PostgreSQL. A change that keeps a
   day's count and total (two amounts swapped, a row's card or line rewritten) is seen by running the
   clearing for that day again (MISMATCH);
-- hotlist_versions: hotlist entries are versions 1..head with no gap.
+- hotlist_versions: hotlist entries are versions 1..head with no gap;
+- hotlist_card_status: a card's newest hotlist entry blocks it exactly when the card is in circulation and
+  not usable (lost, replaced, cancelled, temporarily lost, or its application locked): what validators
+  refuse offline is what the service refuses online. A range of card ids at a time, like the purse pass.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from cardsvc.transit.taps import (
     SOURCE_ONLINE,
     SOURCE_RIDECODE,
 )
+from protocols.card import CardStatus, HotlistAction
 
 __all__ = ["CHUNK_CARDS", "Check", "record_run", "refresh_metrics", "run_audit"]
 
@@ -434,6 +438,48 @@ async def _hotlist(conn: asyncpg.Connection) -> Check:
     return Check("hotlist_versions", ok, {"head": head, "entries": n, "missing": max(0, head - n)}, detail)
 
 
+# The hotlist and the cards' status, a range of card ids at a time: a card is on the hotlist (its newest entry
+# blocks it) exactly when it is in circulation and not usable (flows.lifecycle.CardState.listed: not issued,
+# and not active or its application locked). Validators refuse what the hotlist blocks, so a lost card whose
+# newest entry unblocks it is accepted offline, and a usable card blocked is refused.
+_HOTLIST_STATUS_SQL = f"""
+SELECT count(*) AS cards,
+       count(*) FILTER (WHERE c.listed) AS listed,
+       count(*) FILTER (WHERE c.listed AND h.action IS DISTINCT FROM {int(HotlistAction.BLOCK)}) AS unusable_not_blocked,
+       count(*) FILTER (WHERE NOT c.listed AND h.action = {int(HotlistAction.BLOCK)}) AS usable_blocked,
+       (array_agg(c.card_id ORDER BY c.card_id)
+            FILTER (WHERE c.listed <> coalesce(h.action = {int(HotlistAction.BLOCK)}, false)))[1:5] AS samples
+FROM (SELECT card_id,
+             status <> {int(CardStatus.ISSUED)} AND (status <> {int(CardStatus.ACTIVE)} OR app_locked) AS listed
+      FROM card WHERE card_id >= $1 AND card_id < $2) c
+LEFT JOIN (SELECT DISTINCT ON (card_id) card_id, action FROM hotlist_entry
+           WHERE card_id >= $1 AND card_id < $2 ORDER BY card_id, version DESC) h ON h.card_id = c.card_id
+"""
+
+
+async def _hotlist_status(
+    conn: asyncpg.Connection, chunk: int, progress: Callable[[str], None] | None
+) -> Check:
+    top: int = await conn.fetchval("SELECT coalesce(max(card_id), 0) FROM card")
+    totals = {"cards": 0, "listed": 0, "unusable_not_blocked": 0, "usable_blocked": 0}
+    samples: list[int] = []
+    chunks = top // chunk + 1
+    for n, lo in enumerate(range(0, top + 1, chunk), 1):
+        r = await conn.fetchrow(_HOTLIST_STATUS_SQL, lo, lo + chunk)
+        assert r is not None
+        for k in totals:
+            totals[k] += r[k]
+        samples.extend(r["samples"] or ())
+        if progress is not None and chunks > 1:
+            progress(f"hotlist_card_status: card ids {min(lo + chunk, top + 1)}/{top + 1} ({n}/{chunks} chunks)")
+    ok = totals["unusable_not_blocked"] == 0 and totals["usable_blocked"] == 0
+    detail = "" if ok else (
+        "cards whose newest hotlist entry disagrees with their status: validators would accept a card that is "
+        "not usable, or refuse one that is"
+    )
+    return Check("hotlist_card_status", ok, totals, detail, tuple(samples[:SAMPLES_MAX]))
+
+
 async def run_audit(
     conn: asyncpg.Connection,
     settings: Settings,
@@ -456,6 +502,7 @@ async def run_audit(
             await _terminal_txns(conn, settings),
             await _clearing_reports(conn, table),
             await _hotlist(conn),
+            await _hotlist_status(conn, max(1, chunk_cards), progress),
         ]
     return at, checks
 

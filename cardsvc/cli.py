@@ -1013,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check the ledger's invariants on the database; exit 1 if any fails",
         "Purse balances equal their journals, journal postings, fare corrections (booked twice, never more\n"
         "than their fare), overdrafts, replacement transfers, terminal answers vs journal, clearing reports\n"
-        "vs journal, hotlist versions. Read-only, one consistent snapshot.\n"
+        "vs journal, hotlist versions, hotlist vs card status. Read-only, one consistent snapshot.\n"
         "With --record (the nightly timer, deploy/cardsvc-audit.timer) the outcome is kept in audit_run\n"
         "and shown on /metrics. See docs/operations.md.",
     )
@@ -1023,7 +1023,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the outcome in audit_run (one row), for /metrics and its alerts; needs INSERT on it",
     )  # fmt: skip
     p.add_argument(
-        "--chunk-cards", type=int, default=1_000_000, help="card ids per purse-check statement (progress step)"
+        "--chunk-cards", type=int, default=1_000_000, help="card ids per purse- and hotlist-check statement (progress step)"
     )
     return parser
 

@@ -103,7 +103,7 @@ async def test_audit_passes_after_a_scenario(svc: ServiceHarness, run_cli: Any, 
     assert res.status == 0, res.out + res.err
     assert "purse_balances: card ids" in res.err  # the progress line of a chunked walk
     lines = res.out.splitlines()
-    assert sum(line.startswith("PASS ") for line in lines) == 9 and not any(line.startswith("FAIL") for line in lines)
+    assert sum(line.startswith("PASS ") for line in lines) == 10 and not any(line.startswith("FAIL") for line in lines)
     assert "audit PASSED" in lines[-1]
     res = await run_cli("audit", "--json")
     assert res.status == 0
@@ -112,6 +112,9 @@ async def test_audit_passes_after_a_scenario(svc: ServiceHarness, run_cli: Any, 
     assert checks["purse_balances"]["counts"]["purses"] == 3
     assert checks["replacement_transfers"]["counts"] == {"transfer_rows": 2, "net_fen": 0, "unpaired": 0}
     assert checks["hotlist_versions"]["counts"]["head"] == 3  # block, unblock, block (formal loss: still blocked)
+    # a, b (lost, then replaced: listed) and b's replacement
+    assert checks["hotlist_card_status"]["counts"] == {"cards": 3, "listed": 1, "unusable_not_blocked": 0, "usable_blocked": 0}
+    assert checks["hotlist_card_status"]["samples"] == []
     assert checks["terminal_txn_journal"]["counts"]["approved_without_journal"] == 0
     assert checks["terminal_txn_journal"]["counts"]["online_journal_rows"] >= 8
 
@@ -211,6 +214,32 @@ async def break_hotlist_head(db: asyncpg.Connection) -> None:
     await db.execute("UPDATE hotlist_head SET version = version + 1")
 
 
+async def break_status_by_hand(db: asyncpg.Connection) -> None:
+    """An active card set lost by hand: no hotlist entry blocks it, so validators offline still take it."""
+    await db.execute("UPDATE card SET status = 4 WHERE card_id = (SELECT min(card_id) FROM card WHERE status = 2)")
+
+
+async def _append_hotlist(db: asyncpg.Connection, card_sql: str, action: int, reason: int) -> None:
+    """A hotlist entry written as the next version (head moved with it), for the card `card_sql` selects."""
+    await db.execute(
+        f"""WITH c AS ({card_sql}),
+                 h AS (UPDATE hotlist_head SET version = version + 1 RETURNING version)
+            INSERT INTO hotlist_entry (version, card_id, card_sn, action, reason)
+            SELECT h.version, c.card_id, c.card_sn, $1, $2 FROM c, h""",
+        action, reason,
+    )  # fmt: skip
+
+
+async def break_hotlist_unblocks_replaced_card(db: asyncpg.Connection) -> None:
+    """The lost and replaced card's newest entry unblocks it: validators offline would take it again."""
+    await _append_hotlist(db, "SELECT card_id, card_sn FROM card WHERE status = 5", 2, 6)
+
+
+async def break_hotlist_blocks_active_card(db: asyncpg.Connection) -> None:
+    """An active, usable card blocked: validators refuse it."""
+    await _append_hotlist(db, "SELECT card_id, card_sn FROM card WHERE status = 2 ORDER BY card_id LIMIT 1", 1, 2)
+
+
 async def break_report(db: asyncpg.Connection) -> None:
     await db.execute(
         """INSERT INTO clearing_report (operator_id, business_date, txn_count, total_fen, digest)
@@ -248,6 +277,9 @@ async def break_quota_return(db: asyncpg.Connection) -> None:
         (break_journal_without_txn, "terminal_txn_journal", "journal_without_txn"),
         (break_hotlist, "hotlist_versions", "missing"),
         (break_hotlist_head, "hotlist_versions", "missing"),
+        (break_status_by_hand, "hotlist_card_status", "unusable_not_blocked"),
+        (break_hotlist_unblocks_replaced_card, "hotlist_card_status", "unusable_not_blocked"),
+        (break_hotlist_blocks_active_card, "hotlist_card_status", "usable_blocked"),
         (break_report, "clearing_reports", "mismatched"),
         (break_quota_return, "quota_ride_returns", "without_ride"),
     ],
@@ -264,6 +296,8 @@ async def test_each_broken_invariant_fails_its_check(
     assert res.json["ok"] is False
     assert checks[check]["ok"] is False and checks[check]["counts"][count] >= 1, checks[check]
     assert [n for n, c in checks.items() if not c["ok"]] == [check]  # the others still pass
+    if check == "hotlist_card_status":  # the one card broken, by card_id
+        assert len(checks[check]["samples"]) == 1, checks[check]
     text = await run_cli("audit")
     assert text.status == 1 and f"FAIL {check}:" in text.out and "audit FAILED" in text.out
 
