@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -127,7 +129,23 @@ def ride_code_use_retention_s(settings: Settings) -> int:
     return limits.UPLOAD_AGE_S_MAX + 3 * settings.clock_skew_s + settings.ecard_code_lifetime_s + 1
 
 
-async def _prune(pool: asyncpg.Pool, settings: Settings) -> None:
+# How far before the previous pass's cut-off a pass of the terminal answers' prune reads again: more than any
+# transaction lasts (an answer's `at` is its transaction's start).
+ANSWERS_PRUNE_OVERLAP = dt.timedelta(minutes=10)
+
+
+@dataclasses.dataclass(slots=True)
+class PruneState:
+    """What one maintenance loop remembers between passes: the cut-off up to which the terminal answers
+    past `terminal_txn_retention_days` were pruned. The answers older than that are the uploaded rides'
+    (taps.UPLOADED_ANSWER), kept for the whole upload window; reading them again every pass would cost a
+    read of weeks of rides every `sweep_interval_s`. None: the first pass, which reads them all once."""
+
+    answers_pruned_to: dt.datetime | None = None
+
+
+async def _prune(pool: asyncpg.Pool, settings: Settings, state: PruneState | None = None) -> None:
+    state = state or PruneState()
     async with pool.acquire() as conn:
         await conn.execute(
             "DELETE FROM request_nonce WHERE seen_at < now() - make_interval(secs => $1)",
@@ -158,30 +176,36 @@ async def _prune(pool: asyncpg.Pool, settings: Settings) -> None:
         # Top-up answers are kept for good in topup_key (migration 0009). The service writes both; a top-up
         # a release before 0009 wrote while the migration ran has only its terminal_txn answer: keep it
         # before that goes (top-ups are the answers without a detail; taps and uploads always have one).
+        cut: dt.datetime = await conn.fetchval(
+            "SELECT now() - make_interval(days => $1)", settings.terminal_txn_retention_days
+        )
+        since = state.answers_pruned_to - ANSWERS_PRUNE_OVERLAP if state.answers_pruned_to else None
         async with conn.transaction():
             await conn.execute(
                 """INSERT INTO topup_key (terminal_id, terminal_seq, request_hash, card_id, amount_fen, balance_fen,
                                           txn_id, at)
                    SELECT terminal_id, terminal_seq, request_hash, card_id, amount_fen, balance_fen, txn_id, at
                    FROM terminal_txn
-                   WHERE at < now() - make_interval(days => $1) AND detail IS NULL AND result = 'approved'
+                   WHERE at < $1 AND at >= coalesce($2::timestamptz, '-infinity') AND detail IS NULL AND result = 'approved'
                      AND txn_id IS NOT NULL AND card_id IS NOT NULL AND balance_fen IS NOT NULL
                    ON CONFLICT DO NOTHING""",
-                settings.terminal_txn_retention_days,
-            )
+                cut, since,
+            )  # fmt: skip
             # An uploaded ride's answer stays as long as the ride can be uploaded again (taps.UPLOADED_ANSWER).
             await conn.execute(
                 """DELETE FROM terminal_txn
-                   WHERE at < now() - make_interval(days => $1)
-                     AND (detail IS NULL OR NOT detail ? $3 OR at < now() - make_interval(secs => $2))""",
-                settings.terminal_txn_retention_days,
+                   WHERE at < $1 AND at >= coalesce($2::timestamptz, '-infinity') AND (detail IS NULL OR NOT detail ? $3)""",
+                cut, since, UPLOADED_ANSWER,
+            )  # fmt: skip
+            await conn.execute(
+                "DELETE FROM terminal_txn WHERE at < now() - make_interval(secs => $1)",
                 float(ride_code_use_retention_s(settings)),
-                UPLOADED_ANSWER,
             )
+        state.answers_pruned_to = cut
 
 
 async def maintenance_once(
-    pool: asyncpg.Pool, settings: Settings, table: fares.FareTable | None = None
+    pool: asyncpg.Pool, settings: Settings, table: fares.FareTable | None = None, prune: PruneState | None = None
 ) -> None:
     """Keep journal partitions ahead, expire temporary losses, (given the fare table) charge timed-out
     metro journeys, and forget old nonces, credential uses and terminal answers past their retention.
@@ -195,7 +219,7 @@ async def maintenance_once(
     ]
     if table is not None:
         steps.append(("sweep", lambda: _sweep(pool, settings, table)))
-    steps.append(("prune", lambda: _prune(pool, settings)))
+    steps.append(("prune", lambda: _prune(pool, settings, prune)))
     failed = []
     for name, step in steps:
         try:
@@ -209,9 +233,10 @@ async def maintenance_once(
 
 
 async def _maintenance_loop(pool: asyncpg.Pool, settings: Settings, table: fares.FareTable) -> None:
+    prune = PruneState()
     while True:
         try:
-            await maintenance_once(pool, settings, table)
+            await maintenance_once(pool, settings, table, prune)
         except asyncio.CancelledError:
             raise
         except MaintenanceFailed:

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
-from cardsvc.app import _prune, ride_code_use_retention_s
+from cardsvc.app import PruneState, _prune, ride_code_use_retention_s
 from cardsvc.http.keys import SERVICES
 from protocols.transit import PurseCard
 from tests.helpers import ServiceHarness, new_card_numbers
@@ -152,3 +152,60 @@ async def test_a_card_office_tap_under_a_pruned_top_up_key_is_a_conflict(
         "/v1/transit/taps", {**tap_body(svc, c["card_sn"]), "terminal_seq": 900_002}, as_="card_office"
     )
     assert r.status == 200 and r.body["result"] == "approved", r.body
+
+
+async def test_the_maintenance_loops_prune_deletes_each_answer_as_it_passes_its_retention(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """The loop's prune reads, after its first pass, only the answers that passed the retention since the
+    previous pass (PruneState): a tap's answer that passes it later is still deleted, an uploaded ride's
+    stays until the upload window is over, and a top-up answered only in terminal_txn is still kept."""
+    c, phone, _ = await rides.rider(svc)
+    gate = svc.terminals["transit_validator"].terminal_id
+    at = int(time.time()) - 30
+    rec = rides.gate_record(svc, phone.next_code(at), at)
+    [first] = await rides.upload(svc, [rec])
+    tap = await svc.post("/v1/transit/taps", tap_body(svc, c["card_sn"], seq=rec.gate_seq + 1000))
+    assert tap.status == 200, tap.body
+    await _age_answers(db, gate, 10 * 86400)
+    state = PruneState()
+    pool = svc.app[SERVICES].pool
+    await _prune(pool, svc.settings, state)  # the first pass: everything past the retention
+    assert [
+        r["terminal_seq"]
+        for r in await db.fetch("SELECT terminal_seq FROM terminal_txn WHERE terminal_id = $1", gate)
+    ] == [rec.gate_seq]
+    assert state.answers_pruned_to is not None
+
+    later = await svc.post("/v1/transit/taps", tap_body(svc, c["card_sn"], seq=rec.gate_seq + 1001))
+    assert later.status == 200, later.body
+    office = svc.terminals["card_office"].terminal_id
+    await db.execute(  # a top-up answered only in terminal_txn (a release before migration 0009)
+        """INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result, amount_fen,
+                                     balance_fen, txn_id, at)
+           VALUES ($1, 990001, '\\x00', $2, 'approved', 100, 100, 1, now())""",
+        office, await db.fetchval("SELECT card_id FROM card WHERE card_no = $1", c["card_no"]),
+    )  # fmt: skip
+    # both pass the retention after the first pass's cut-off: 7 days and a minute after it
+    await db.execute(
+        """UPDATE terminal_txn SET at = $1::timestamptz - interval '1 minute'
+           WHERE (terminal_id, terminal_seq) IN (($2, $3), ($4, 990001))""",
+        state.answers_pruned_to, gate, rec.gate_seq + 1001, office,
+    )  # fmt: skip
+    await _prune(pool, svc.settings, state)
+    assert [
+        r["terminal_seq"]
+        for r in await db.fetch("SELECT terminal_seq FROM terminal_txn WHERE terminal_id = $1", gate)
+    ] == [rec.gate_seq]
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM topup_key WHERE terminal_id = $1 AND terminal_seq = 990001", office
+        )
+        == 1
+    )
+    [again] = await rides.upload(svc, [rec], batch_id=2)
+    assert again == {**first, "replayed_answer": True}
+
+    await _age_answers(db, gate, ride_code_use_retention_s(svc.settings))
+    await _prune(pool, svc.settings, state)
+    assert await db.fetchval("SELECT count(*) FROM terminal_txn WHERE terminal_id = $1", gate) == 0
