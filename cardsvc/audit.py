@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -125,6 +125,17 @@ FULL JOIN (SELECT card_id, sum(amount_fen) AS total, count(*) AS rows,
 """
 
 
+def _card_id_ranges(
+    check: str, top: int, chunk: int, progress: Callable[[str], None] | None
+) -> Iterator[tuple[int, int]]:
+    """[lo, hi) ranges of card ids 0..top, `chunk` ids each; a progress line after each range is read."""
+    chunks = top // chunk + 1
+    for n, lo in enumerate(range(0, top + 1, chunk), 1):
+        yield lo, lo + chunk
+        if progress is not None and chunks > 1:
+            progress(f"{check}: card ids {min(lo + chunk, top + 1)}/{top + 1} ({n}/{chunks} chunks)")
+
+
 async def _purse_balances(
     conn: asyncpg.Connection, table: fares.FareTable, chunk: int, progress: Callable[[str], None] | None
 ) -> tuple[Check, Check, tuple[int, int]]:
@@ -139,19 +150,15 @@ async def _purse_balances(
               "correction_rows": 0, "correction_fen": 0}  # fmt: skip
     samples: list[int] = []
     stray: list[int] = []
-    chunks = top // chunk + 1
-    for n, lo in enumerate(range(0, top + 1, chunk), 1):
+    for lo, hi in _card_id_ranges("purse_balances", top, chunk, progress):
         r = await conn.fetchrow(
-            _PURSE_CHUNK_SQL, lo, lo + chunk, list(_KINDS), list(clearing.CLEARING_KINDS), operators,
-            KIND_CORRECTION,
+            _PURSE_CHUNK_SQL, lo, hi, list(_KINDS), list(clearing.CLEARING_KINDS), operators, KIND_CORRECTION,
         )  # fmt: skip
         assert r is not None
         for k in totals:
             totals[k] += r[k]
         samples.extend(r["samples"] or ())
         stray.extend(r["stray_samples"] or ())
-        if progress is not None and chunks > 1:
-            progress(f"purse_balances: card ids {min(lo + chunk, top + 1)}/{top + 1} ({n}/{chunks} chunks)")
     ok = totals["mismatched"] == 0 and totals["journal_without_purse"] == 0
     rows = totals.pop("stray_rows")
     corrections = (totals.pop("correction_rows"), totals.pop("correction_fen"))
@@ -463,15 +470,12 @@ async def _hotlist_status(
     top: int = await conn.fetchval("SELECT coalesce(max(card_id), 0) FROM card")
     totals = {"cards": 0, "listed": 0, "unusable_not_blocked": 0, "usable_blocked": 0}
     samples: list[int] = []
-    chunks = top // chunk + 1
-    for n, lo in enumerate(range(0, top + 1, chunk), 1):
-        r = await conn.fetchrow(_HOTLIST_STATUS_SQL, lo, lo + chunk)
+    for lo, hi in _card_id_ranges("hotlist_card_status", top, chunk, progress):
+        r = await conn.fetchrow(_HOTLIST_STATUS_SQL, lo, hi)
         assert r is not None
         for k in totals:
             totals[k] += r[k]
         samples.extend(r["samples"] or ())
-        if progress is not None and chunks > 1:
-            progress(f"hotlist_card_status: card ids {min(lo + chunk, top + 1)}/{top + 1} ({n}/{chunks} chunks)")
     ok = totals["unusable_not_blocked"] == 0 and totals["usable_blocked"] == 0
     detail = "" if ok else (
         "cards whose newest hotlist entry disagrees with their status: validators would accept a card that is "
