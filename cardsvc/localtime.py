@@ -11,8 +11,9 @@ from __future__ import annotations
 import datetime as dt
 
 from cardsvc import limits
+from protocols import idnumber
 
-__all__ = ["configure", "local_date", "utc_offset_minutes"]
+__all__ = ["configure", "day_end", "local_date", "today", "utc_offset_minutes"]
 
 _offset = dt.timedelta(minutes=limits.UTC_OFFSET_MINUTES)
 
@@ -30,3 +31,19 @@ def utc_offset_minutes() -> int:
 def local_date(at: dt.datetime) -> dt.date:
     """The city's calendar date at the aware instant `at`."""
     return (at.astimezone(dt.UTC) + _offset).date()
+
+
+def day_end(day: dt.date) -> dt.datetime:
+    """The last second of the city's calendar date `day` (a card expiring on `day` is valid to it), aware UTC."""
+    try:
+        return dt.datetime.combine(day, dt.time(23, 59, 59), dt.UTC) - _offset
+    except OverflowError:  # 9999-12-31 west of UTC: as late as a datetime goes
+        return dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def today() -> dt.date:
+    """The city's calendar date now."""
+    return local_date(dt.datetime.now(dt.UTC))
+
+
+idnumber.use_calendar(today)  # an ID number's birth date is checked against the city's date

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from datetime import date
 
 from protocols.errors import CodecError, IdNumberInvalid
@@ -27,6 +28,7 @@ __all__ = [
     "mask_id_number",
     "mask_name",
     "mask_pan",
+    "use_calendar",
     "validate_id_number",
     "validate_name",
     "validate_pan",
@@ -71,6 +73,21 @@ def _birth(s: str) -> date | None:
         return None
 
 
+def _host_today() -> date:
+    return date.today()
+
+
+_today: Callable[[], date] = _host_today
+
+
+def use_calendar(today: Callable[[], date]) -> None:
+    """The calendar whose date a birth date may not be after when `validate_id_number` is given no `today`:
+    the host's by default. A service whose dates are a city's sets the city's, which a host in another time
+    zone would not have (a child born today there refused, or one born tomorrow accepted)."""
+    global _today
+    _today = today
+
+
 def validate_id_number(s: str, today: date | None = None) -> str:
     """Normalised (uppercase X) ID number, or IdNumberInvalid with code
     id_number_format / id_number_area / id_number_birth_date / id_number_check."""
@@ -82,7 +99,7 @@ def validate_id_number(s: str, today: date | None = None) -> str:
     if s[:2] not in PROVINCE_CODES:
         raise IdNumberInvalid("id_number_area", "unknown province code", field="id_number")
     born = _birth(s)
-    limit = today if today is not None else date.today()
+    limit = today if today is not None else _today()
     if born is None or born < ID_BIRTH_DATE_MIN or born > limit:
         raise IdNumberInvalid("id_number_birth_date", "invalid birth date", field="id_number")
     if check_character(s[:17]) != s[17]:

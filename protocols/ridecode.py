@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from protocols import sm
 from protocols.errors import CodecError, KeyInvalid
-from protocols.strict import b32_canonical, check_exact_keys, check_upload, decode_upload
+from protocols.strict import b32_canonical, check_exact_keys, check_upload, decode_upload, nested_field
 from protocols.transit import DIRECTIONS, OFFLINE_BATCH_RECORDS_MAX
 
 __all__ = [
@@ -495,7 +495,7 @@ def ride_record_from_dict(d: object, where: str = "") -> RideRecord:
         check_exact_keys(d, RIDE_RECORD_KEYS, _RIDE_RECORD_KEY_SET, _rec_bad)
         return RideRecord(**{k: d[k] for k in RIDE_RECORD_KEYS})
     except RideRecordInvalid as exc:
-        raise RideRecordInvalid(exc.code, exc.message, field=where + (exc.field or "")) from None
+        raise RideRecordInvalid(exc.code, exc.message, field=nested_field(where, exc.field)) from None
 
 
 @dataclass(frozen=True, slots=True)

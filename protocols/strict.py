@@ -19,6 +19,7 @@ __all__ = [
     "check_upload",
     "decode_upload",
     "looks_personal",
+    "nested_field",
     "shown_key",
 ]
 
@@ -98,6 +99,12 @@ def check_str(v: object, name: str, pattern: re.Pattern[str], bad: Bad) -> str:
     if not isinstance(v, str) or not v.isascii() or not pattern.fullmatch(v):
         raise bad(f"{name} has the wrong format", name)
     return v
+
+
+def nested_field(where: str, field: str | None) -> str | None:
+    """The name of a field inside an element named by `where` (like "records[3]."): the element itself
+    when the error is about the whole element (not an object, say), never a name with a trailing dot."""
+    return where + field if field else where.rstrip(".") or None
 
 
 def decode_upload(d: object, id_key: str, records_max: int, bad: Bad) -> tuple[str, int, list[Any]]:

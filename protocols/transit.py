@@ -19,7 +19,7 @@ from protocols.card import KEY_PURPOSE_TAC, HotlistAction, derive_card_key, vali
 from protocols.errors import CodecError, KeyInvalid
 from protocols.hotlist import HotlistEntry
 from protocols.sm import SM4_BLOCK_LEN_BYTES, SM4_KEY_LEN_BYTES, sm3, sm4_cbc_last_block
-from protocols.strict import check_exact_keys, check_int, check_str, check_upload, decode_upload
+from protocols.strict import check_exact_keys, check_int, check_str, check_upload, decode_upload, nested_field
 
 __all__ = [
     "AMOUNT_FEN_MAX",
@@ -395,7 +395,7 @@ def record_from_dict(d: object, where: str = "") -> OfflineRecord:
         values["tac"] = bytes.fromhex(tac)
         return OfflineRecord(**values)
     except TransitRecordInvalid as exc:
-        raise TransitRecordInvalid(exc.code, exc.message, field=where + (exc.field or "")) from None
+        raise TransitRecordInvalid(exc.code, exc.message, field=nested_field(where, exc.field)) from None
 
 
 @dataclass(frozen=True, slots=True)

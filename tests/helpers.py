@@ -192,6 +192,19 @@ class ServiceHarness:
         assert r.status == 200, r.body
         return int(r.body["balance_fen"])
 
+    async def metric_total(self, name: str, **labels: str) -> float:
+        """The sum of the samples of counter `name` whose labels include `labels`, as scraped now."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        r = await self.request("GET", "/metrics", sign=False)
+        assert r.status == 200
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(r.body)
+            for s in family.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
     # ---------------------------------------------------------------- builders
 
     async def new_holder(self, birth: dt.date | None = None) -> int:
@@ -206,8 +219,10 @@ class ServiceHarness:
         has_purse: bool = False,
         birth: dt.date | None = None,
         holder_id: int | None = None,
+        expires_on: dt.date | None = None,
     ) -> dict[str, Any]:
-        """A card of holder `holder_id`, or of a new holder born on `birth`."""
+        """A card of holder `holder_id`, or of a new holder born on `birth`, valid to `expires_on` (default
+        ten years)."""
         if holder_id is None:
             holder_id = await self.new_holder(birth)
         card_no, card_sn = new_card_numbers()
@@ -217,7 +232,7 @@ class ServiceHarness:
                 "holder_id": holder_id,
                 "card_no": card_no,
                 "card_sn": card_sn,
-                "expires_on": (dt.date.today() + dt.timedelta(days=3650)).isoformat(),
+                "expires_on": (expires_on or dt.date.today() + dt.timedelta(days=3650)).isoformat(),
                 "has_purse": has_purse,
             },
         )

@@ -101,8 +101,8 @@ async def revoke_ecard(
         # The card's purse lock first, as every writer a tap batch must see takes it (taps, top-ups, the
         # card office): a batch holding it has read the e-card's state and commits before this revocation,
         # or waits and then refuses the tap. Purse, then e-card: a replacement locks card, purse, e-card.
-        await conn.execute(
-            """SELECT 1 FROM purse p JOIN ecard e ON e.card_id = p.card_id WHERE e.ecard_id = $1
+        locked = await conn.fetchval(
+            """SELECT p.card_id FROM purse p JOIN ecard e ON e.card_id = p.card_id WHERE e.ecard_id = $1
                FOR UPDATE OF p""",
             ecard_id,
         )
@@ -115,6 +115,11 @@ async def revoke_ecard(
         if row is None:
             exists = await conn.fetchval("SELECT 1 FROM ecard WHERE ecard_id = $1", ecard_id)
             raise ApiError("ecard_revoked" if exists else "not_found")
+        if row["card_id"] != locked:
+            # A replacement moved the e-card while this waited for the old card's purse: a tap batch of the
+            # new card may have read it unrevoked. Its purse lock too, so that such a batch commits before
+            # this revocation is answered, as on the old card.
+            await conn.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", row["card_id"])
         await conn.execute(
             """INSERT INTO card_event (card_id, op, terminal_id, operator, request_id, status_before,
                                        status_after, detail)

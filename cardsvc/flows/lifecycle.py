@@ -175,7 +175,15 @@ async def apply(
             raise ApiError("illegal_transition", exc.detail, extra={"card_status": status.api_name}) from None
 
         detail: dict[str, Any] = {}
-        temp_until = now + dt.timedelta(days=temp_loss_days) if p.after.status == S.TEMP_LOST else None
+        # A temporary loss runs from its report: a flag changed meanwhile (a PIN or application lock) keeps its end.
+        new_loss = p.after.status == S.TEMP_LOST and status != S.TEMP_LOST
+        temp_until = (
+            now + dt.timedelta(days=temp_loss_days)
+            if new_loss
+            else row["temp_loss_until"]
+            if p.after.status == S.TEMP_LOST
+            else None
+        )
         await conn.execute(
             """UPDATE card SET status = $2, pin_locked = $3, app_locked = $4, temp_loss_until = $5,
                       status_changed_at = CASE WHEN status <> $2 THEN now() ELSE status_changed_at END
@@ -186,7 +194,7 @@ async def apply(
             p.after.app_locked,
             temp_until,
         )
-        if temp_until is not None:
+        if new_loss and temp_until is not None:
             detail["temp_loss_until"] = temp_until.isoformat()
         if op == "replace":
             detail.update(await _replace(conn, row, body, actor, now))

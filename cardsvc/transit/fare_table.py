@@ -56,6 +56,7 @@ MODES: frozenset[str] = frozenset({"bus", "metro"})
 # Line and station ids travel in validator records (protocols/transit.md: line_id, station_id).
 _ID = re.compile(r"[A-Za-z0-9._-]{1,16}")
 EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+KM_MAX = 10_000  # kilometres: a position or band limit beyond this is a typo (and would overflow as metres)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,8 +210,8 @@ class _Checker:
     def metres(self, value: object, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(path, f"must be a number of kilometres, got {_kind(value)}")
-        if not math.isfinite(value) or value < 0:
-            raise self.fail(path, f"must be a finite number of kilometres >= 0, got {value!r}")
+        if not math.isfinite(value) or not 0 <= value <= KM_MAX:
+            raise self.fail(path, f"must be a number of kilometres from 0 to {KM_MAX}, got {value!r}")
         return round(value * 1000)
 
 
@@ -335,11 +336,11 @@ def parse_table(data: Mapping[str, object], source: str = "<memory>") -> FareTab
     for i, item in enumerate(raw_lines):
         p = f"metro.lines[{i}]"
         line_item = c.table(item, p)
-        if "id" in line_item:
-            lid = c.ident(line_item["id"], f"{p}.id")
-            if lid in line_ids or lid in metro_line_ids:
-                raise c.fail(f"{p}.id", f"duplicate line id {lid!r}")
-            metro_line_ids.add(lid)
+        c.keys(line_item, p, ["id", "name", "operator", "stations"])
+        lid = c.ident(line_item["id"], f"{p}.id")
+        if lid in line_ids or lid in metro_line_ids:
+            raise c.fail(f"{p}.id", f"duplicate line id {lid!r}")
+        metro_line_ids.add(lid)
     for i, item in enumerate(raw_stations):
         p = f"metro.stations[{i}]"
         s = c.table(item, p)

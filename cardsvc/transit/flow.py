@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from cardsvc import localtime
 from cardsvc.errors import ApiError
 from cardsvc.flows import lifecycle, views
 from cardsvc.flows.actor import Actor
@@ -442,6 +443,9 @@ async def issue_ride_cert(
         await lifecycle.record_lapsed_loss(conn, row)
         if not row["has_purse"]:
             raise ApiError("no_transit_purse")
+        # Not beyond the card's last valid day: a gate knows the card only by this certificate and the hotlist,
+        # where an expired card is not listed, and a ride after it is declined at upload (nobody pays it).
+        valid_to = min(valid_to, int(localtime.day_end(row["expires_on"]).timestamp()))
         serial: int = await conn.fetchval(
             """INSERT INTO ride_cert (card_id, alg, user_key, valid_from, valid_to)
                VALUES ($1, $2, $3, to_timestamp($4), to_timestamp($5)) RETURNING cert_serial""",

@@ -116,10 +116,17 @@ class RecordAnswer:
 
 def record_operator(table: fares.FareTable, r: OfflineRecord) -> tuple[str | None, str | None]:
     """The operator credited with a record (its station's, else its line's) or a malformed reason. A record
-    made at a station closed since (`metro.retired`) is credited to its `priced_as` station's operator."""
+    made at a station closed since (`metro.retired`) is credited to its `priced_as` station's operator. The
+    line must be one of the table's, and serve the station (checked as for an online tap: not for a retired
+    station); the journal and the operator's clearing file name both."""
     if r.station_id:
-        op = table.station_operator.get(table.retired.get(r.station_id, r.station_id))
-        return (op, None) if op is not None else (None, "unknown_station")
+        station = table.retired.get(r.station_id, r.station_id)
+        op = table.station_operator.get(station)
+        if op is None:
+            return None, "unknown_station"
+        if station == r.station_id and r.line_id not in table.place_lines[table.station_place[station]]:
+            return None, "unknown_line"
+        return op, None
     bus = table.bus_lines.get(r.line_id)
     if bus is not None:
         return bus.operator, None
@@ -184,7 +191,7 @@ WHERE terminal_id = $1 AND terminal_seq = ANY($2::bigint[])
 """
 
 _LEDGER_SQL = """
-SELECT terminal_seq, result, reason, record FROM offline_record
+SELECT card_id, terminal_seq, result, reason, record FROM offline_record
 WHERE card_id = ANY($1::bigint[]) AND terminal_id = $2 AND terminal_seq = ANY($3::bigint[])
 """
 
@@ -404,24 +411,27 @@ async def _attempt(
     seqs = [r.terminal_seq for r in records]
     # (request hash, result, reason) of what each key already answered: terminal_txn (kept for a retention
     # period), and, never pruned, the ledger of the batch's cards; one key can have answered several
-    # records. The records refused outside any card's ledger (for reusing a key, or of no known card) answer
-    # their own re-uploads only: once terminal_txn has forgotten the key, another record under it is judged
-    # on its own card, as after any key's answer is pruned (docs/transit.md "Storage and idempotency").
+    # records. A card's ledger holds a key once (its unique key): it answers the key for that card's records,
+    # and the re-upload of any of its records. The records refused outside any card's ledger (for reusing a
+    # key, or of no known card) answer their own re-uploads only. So once terminal_txn has forgotten the key,
+    # another card's record under it is judged on its own card, whatever else the batch holds, as after any
+    # key's answer is pruned (docs/transit.md "Storage and idempotency").
     answered: dict[int, list[tuple[bytes, str, str | None]]] = {}
+    in_ledger: dict[tuple[int, int], list[tuple[bytes, str, str | None]]] = {}
     for row in await conn.fetch(_ANSWERED_SQL, tid, seqs):
         answered.setdefault(row["terminal_seq"], []).append(
             (bytes(row["request_hash"]), row["result"], (row["detail"] or {}).get("reason"))
         )
-    refused_before: dict[int, list[tuple[bytes, str, str | None]]] = {}
+    records_before: dict[int, list[tuple[bytes, str, str | None]]] = {}
     for row in await conn.fetch(_REFUSED_SQL, tid, seqs):
-        refused_before.setdefault(row["terminal_seq"], []).append(
+        records_before.setdefault(row["terminal_seq"], []).append(
             (bytes(row["request_hash"]), row["result"], row["reason"])
         )
     if by_id:
         for row in await conn.fetch(_LEDGER_SQL, list(by_id), tid, seqs):
-            answered.setdefault(row["terminal_seq"], []).append(
-                (_digest(row["record"]), row["result"], row["reason"])
-            )
+            entry = (_digest(row["record"]), row["result"], row["reason"])
+            in_ledger.setdefault((row["card_id"], row["terminal_seq"]), []).append(entry)
+            records_before.setdefault(row["terminal_seq"], []).append(entry)  # its re-upload, whatever the card
     wanted = [
         (p.card_id, transit.extend_purse_seq(p.base_ext, r.purse_seq))
         for r in records
@@ -442,8 +452,11 @@ async def _attempt(
         as_json = transit.record_to_dict(r)
         digest = _digest(as_json)
         purse = purses.get(r.card_sn)
-        prior = answered.get(r.terminal_seq)
-        same = next((p for p in (*(prior or ()), *refused_before.get(r.terminal_seq, ())) if p[0] == digest), None)
+        prior = [
+            *answered.get(r.terminal_seq, ()),
+            *(in_ledger.get((purse.card_id, r.terminal_seq), ()) if purse is not None else ()),
+        ]
+        same = next((p for p in (*(prior or ()), *records_before.get(r.terminal_seq, ())) if p[0] == digest), None)
         if same is not None:
             plan.answers.append(RecordAnswer(r.terminal_seq, same[1], same[2], True))
             continue

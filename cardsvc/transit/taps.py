@@ -402,9 +402,14 @@ SELECT (SELECT count(*) FROM cu) AS cu, (SELECT n FROM cv) AS cv, (SELECT count(
 _SWEEP_NOW_SQL = "INSERT INTO journey_sweep_retry (card_id) SELECT unnest($1::bigint[]) ON CONFLICT (card_id) DO NOTHING"
 
 
+# A key that answers another request: this request's own first answer (nothing of it is stored), so not
+# `replayed_answer` (a gate would take a ride answered as a replay for one already charged).
+_CONFLICT = TapOutcome("conflict", "idempotency_conflict", 0, None, None, {})
+
+
 def _stored(row: asyncpg.Record, item: TapItem) -> TapOutcome:
     if bytes(row["request_hash"]) != item.request_hash:
-        return TapOutcome("conflict", "idempotency_conflict", 0, None, None, {}, replayed_answer=True)
+        return _CONFLICT
     # A copy: the record hands out the same decoded dict to every retry of this key in the batch.
     detail = dict(row["detail"] or {})
     detail.pop(UPLOADED_ANSWER, None)
@@ -814,9 +819,16 @@ async def _attempt(
     )
     fresh = set(zip(nonce_row["fresh_terminals"], nonce_row["fresh_nonces"], strict=True))
     existing = {(r["terminal_id"], r["terminal_seq"]): r for r in answered}
-    sns = list({i.card_sn for i in items if i.card_sn is not None})
-    ids = list({i.card_id for i in items if i.card_id is not None})
-    cred_items = [i for i in items if i.cred_kind is not None and i.cred_token is not None]
+    # Only the taps still to decide lock their purses: one answered before (a retry) or with a used nonce is
+    # answered without its card, so a purse another transaction holds does not keep its stored answer waiting.
+    deciding = [
+        i
+        for i in items
+        if (i.terminal_id, i.terminal_seq) not in existing and (i.nonce is None or (i.terminal_id, i.nonce) in fresh)
+    ]
+    sns = list({i.card_sn for i in deciding if i.card_sn is not None})
+    ids = list({i.card_id for i in deciding if i.card_id is not None})
+    cred_items = [i for i in deciding if i.cred_kind is not None and i.cred_token is not None]
     rows = await conn.fetch(
         _LOCK_SQL, sns, ids, [i.cred_kind for i in cred_items], [i.cred_token for i in cred_items]
     )
@@ -829,7 +841,7 @@ async def _attempt(
     year = today.year
     holders = sorted({r["holder_id"] for r in rows})
     ecard_ids = sorted(
-        {i.cred_token >> 32 for i in items if i.cred_kind == KIND_ECARD_CODE and i.cred_token is not None}
+        {i.cred_token >> 32 for i in deciding if i.cred_kind == KIND_ECARD_CODE and i.cred_token is not None}
     )
     current: dict[int, asyncpg.Record] = {}
     revoked: set[int] = set()
@@ -877,9 +889,9 @@ async def _attempt(
         if status == CardStatus.LOST and not r["app_locked"]:
             formally_lost.append(locked)
     if formally_lost:  # rare: a formally lost card in the batch
-        await _formal_loss_stops(conn, formally_lost, items)
+        await _formal_loss_stops(conn, formally_lost, deciding)
     uploads: dict[int, tuple[_Card, list[fares.Tap]]] = {}  # uploaded metro taps, for the penalties they may give back
-    for item in items:
+    for item in deciding:
         t = item.tap
         if t.uploaded and t.mode == "metro" and item.declined is None:
             c = by_sn.get(item.card_sn) if item.card_sn else cards_by_id.get(item.card_id or 0)
@@ -887,7 +899,7 @@ async def _attempt(
                 uploads.setdefault(c.card_id, (c, []))[1].append(t)
     if uploads:
         await _charges(conn, batch, uploads)
-    await _deny_lists(conn, list(cards_by_id.values()), items)
+    await _deny_lists(conn, list(cards_by_id.values()), deciding)
     # Cards not locked above have no purse row, or do not exist: tell the two apart (rare, unlocked).
     no_purse: dict[str | int, int] = {}
     missing_sns = [sn for sn in sns if sn not in by_sn]
@@ -915,7 +927,7 @@ async def _attempt(
             outcomes.append(
                 dataclasses.replace(prior, replayed_answer=True)
                 if same
-                else TapOutcome("conflict", "idempotency_conflict", 0, None, None, {}, replayed_answer=True)
+                else _CONFLICT
             )
             continue
         seen_keys[key] = len(outcomes)

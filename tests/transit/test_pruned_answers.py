@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import asyncpg
-from prometheus_client.parser import text_string_to_metric_families
 
 from cardsvc.app import PruneState, _prune, ride_code_use_retention_s
 from cardsvc.http.keys import SERVICES
@@ -34,15 +33,8 @@ async def _prune_now(svc: ServiceHarness) -> None:
 
 
 async def _replayed_ride_codes(svc: ServiceHarness) -> float:
-    r = await svc.request("GET", "/metrics", sign=False)
-    assert r.status == 200
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(r.body)
-        for s in family.samples
-        if s.name == "cardsvc_credential_verifications_total"
-        and s.labels.get("kind") == "ride_code"
-        and s.labels.get("outcome") == "replayed"
+    return await svc.metric_total(
+        "cardsvc_credential_verifications_total", kind="ride_code", outcome="replayed"
     )
 
 

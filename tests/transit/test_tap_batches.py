@@ -11,7 +11,7 @@ import pytest
 
 from cardsvc.config import Settings, load_settings
 from tests.helpers import ServiceHarness, until_lock_waits
-from tests.transit.test_taps import funded_card, tap_body
+from tests.transit.test_taps import BUS_FARE, funded_card, tap_body
 
 
 @pytest.fixture
@@ -82,3 +82,28 @@ async def test_a_purse_held_past_the_lock_timeout_fails_only_its_own_tap(
     finally:
         await holder.close()
         await gate.close()
+
+
+async def test_a_retry_of_an_answered_tap_gets_its_answer_while_another_transaction_holds_the_purse(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A validator that lost the answer sends the tap again while a card-office change holds the purse:
+    the answer is already stored, so the retry is answered from it (no wait for the purse lock, no 503),
+    and nothing is charged twice."""
+    card = await funded_card(svc, 1000)
+    body = tap_body(svc, card["card_sn"])
+    first = await svc.post("/v1/transit/taps", body, as_="transit_validator")
+    assert first.status == 200 and first.body["result"] == "approved", first.body
+    holder = await asyncpg.connect(svc.dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", card["card_id"])
+            again = await svc.post("/v1/transit/taps", body, as_="transit_validator")
+    finally:
+        await holder.close()
+    assert again.status == 200, again.body
+    assert again.body["replayed_answer"] is True
+    assert {k: v for k, v in again.body.items() if k != "replayed_answer"} == {
+        k: v for k, v in first.body.items() if k != "replayed_answer"
+    }
+    assert await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card["card_id"]) == 1000 - BUS_FARE

@@ -512,6 +512,38 @@ async def test_a_revocation_waits_for_a_tap_batch_that_already_read_the_ecard(
     assert r.status == 200 and r.body["status"] == "revoked", r.body
 
 
+async def test_a_revocation_that_waited_for_a_replacement_waits_for_the_new_cards_tap_batch(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A revocation that waited for the old card's purse while a replacement moved the e-card to the new
+    card: a tap batch of the new card that read the e-card unrevoked holds the new card's purse, and the
+    revocation is answered only after that batch, never before a debit it did not stop."""
+    old, new = await funded_card(svc, 1000), await funded_card(svc, 1000)
+    device = await svc.new_ecard(old["card_no"])
+    mover, batch = await asyncpg.connect(svc.dsn), await asyncpg.connect(svc.dsn)
+    try:
+        moving = mover.transaction()  # the replacement: the old card's purse, then the e-card moves
+        await moving.start()
+        await mover.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", old["card_id"])
+        await mover.execute("UPDATE ecard SET card_id = $2 WHERE ecard_id = $1", device.ecard_id, new["card_id"])
+        revoke = asyncio.create_task(
+            svc.post(f"/v1/ecards/{device.ecard_id}/revoke", {"operator": "staff-1"}, as_="ecard_channel")
+        )
+        await until_lock_waits(db)
+        tapping = batch.transaction()  # a tap batch of the new card, which has read the e-card unrevoked
+        await tapping.start()
+        await batch.execute("SELECT 1 FROM purse WHERE card_id = $1 FOR UPDATE", new["card_id"])
+        await moving.commit()
+        await until_lock_waits(db)  # the revocation now waits for the batch
+        assert not revoke.done()
+        await tapping.rollback()
+        r = await revoke
+        assert r.status == 200 and r.body["status"] == "revoked", r.body
+    finally:
+        await mover.close()
+        await batch.close()
+
+
 async def ride_phone(svc: ServiceHarness, card_no: str) -> ridecode.RidePhone:
     key = sm.sm2_generate()
     r = await svc.post(
