@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import datetime as dt
 import getpass
+import math
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ import orjson
 
 from cardsvc import limits, localtime
 from cardsvc.config import ConfigError, Settings, load_settings
+from protocols import population
 
 __all__ = ["main"]
 
@@ -151,7 +153,10 @@ async def _demo_data(settings: Settings, count: int) -> dict[str, Any]:
             localtime.local_date(dt.datetime.now(dt.UTC)), rules.elderly_min_age, rules.elderly_annual_quota
         )
         with tqdm(total=count, unit="card", desc="demo data", disable=not sys.stderr.isatty()) as bar:
-            added = await demo.load_population(conn, keys, count, bar.update, rule)
+            try:
+                added = await demo.load_population(conn, keys, count, bar.update, rule)
+            except demo.DemoDataConflict as exc:
+                raise SystemExit(f"error: {exc}") from None
         creds = await demo.ensure_demo_terminals(conn, keys, settings.data_dir / "demo-terminals.json")
         kinds = await conn.fetch(
             """SELECT kind, count(*) AS n, min(holder_id) - 1 AS first FROM concession
@@ -455,9 +460,20 @@ def cmd_card(settings: Settings, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ signing client
 
 
+_CREDENTIAL_KEYS = ("terminal_id", "key_id", "secret")
+
+
 def _credentials(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     if args.credentials:
-        data: dict[str, Any] = orjson.loads(Path(args.credentials).read_bytes())
+        try:
+            data = orjson.loads(Path(args.credentials).read_bytes())
+        except orjson.JSONDecodeError:
+            raise SystemExit(f"error: {args.credentials} is not JSON (a terminal's credentials file)") from None
+        if not (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in _CREDENTIAL_KEYS)):
+            raise SystemExit(
+                f"error: {args.credentials} is not a terminal's credentials file (the JSON that `cardsvc terminal "
+                f"add` writes: {', '.join(_CREDENTIAL_KEYS)}); the key file is not one"
+            )
         return data
     demo_file = settings.data_dir / "demo-terminals.json"
     if not demo_file.exists():
@@ -767,6 +783,17 @@ def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("must be a finite number of seconds, 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cardsvc",
@@ -849,7 +876,12 @@ def build_parser() -> argparse.ArgumentParser:
         "line, or a metro station and direction). Pipe it into `cardsvc call ... --data @-`.",
     )
     p.add_argument("kind", choices=["card-auth", "ecard-code", "tap"])
-    p.add_argument("--index", type=_int_in(0), default=1, help="demo person number (default 1)")
+    p.add_argument(
+        "--index",
+        type=_int_in(0, population.POPULATION_MAX - 1),
+        default=1,
+        help="demo person number (default 1)",
+    )
     p.add_argument("--line", default="bus-105", help="tap: the bus line (default bus-105)")
     p.add_argument("--station", help="tap: a metro station instead of a bus (e.g. l1-chaotianmen)")
     p.add_argument("--direction", choices=["in", "out"], help="tap: metro direction (default in)")
@@ -861,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ecard-key-pool",
-        type=int,
+        type=_int_in(1),
         default=None,
         help="for a database made by `cardsvc seed`: its e-card key pool size (default: demo-data keys)",
     )
@@ -904,7 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org", help="owning organisation")
     p.add_argument("--operations", help="comma-separated subset of the kind's operations (default: all)")
     p.add_argument("--description", help="free text (no personal data)")
-    p.add_argument("--key-id", default="k2", help="new key id for rotate-key")
+    p.add_argument("--key-id", default="k2", help="new key id for rotate-key (1-16 of A-Z a-z 0-9 . _ -)")
     p.add_argument(
         "--overlap-s",
         type=_int_in(0),
@@ -984,7 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="register: the operator's name")
     p.add_argument("--out", help="output directory (default <data_dir>/clearing)")
     p.add_argument(
-        "--wait", type=float, default=limits.CLEARING_SETTLE_S, metavar="SECONDS",
+        "--wait", type=_seconds, default=limits.CLEARING_SETTLE_S, metavar="SECONDS",
         help="wait this long for transactions that began before the day ended (default %(default)g)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -182,17 +182,39 @@ def _validate(s: Settings) -> None:
         raise ConfigError("CARDSVC_DB_POOL_MIN must be between 0 and CARDSVC_DB_POOL_MAX")
     if s.log_level.upper() not in logging.getLevelNamesMapping():
         raise ConfigError(f"CARDSVC_LOG_LEVEL must be one of {', '.join(logging.getLevelNamesMapping())}")
+    if not s.host.strip():
+        # aiohttp would listen on every interface: say so explicitly (0.0.0.0), never by an empty value.
+        raise ConfigError("CARDSVC_HOST is empty: leave it unset (127.0.0.1) or name the address, 0.0.0.0 for all")
     if not 0 < s.port < 65536:
         raise ConfigError("CARDSVC_PORT must be between 1 and 65535")
     if s.access_log not in ("all", "errors", "off"):
         raise ConfigError("CARDSVC_ACCESS_LOG must be all, errors or off")
     if s.log_format not in ("json", "text"):
         raise ConfigError("CARDSVC_LOG_FORMAT must be json or text")
+    if s.sweep_interval_s > limits.SWEEP_INTERVAL_S_MAX:
+        # The maintenance alert counts failed rounds in half an hour (deploy/prometheus: five of them).
+        raise ConfigError(f"CARDSVC_SWEEP_INTERVAL_S must be at most {limits.SWEEP_INTERVAL_S_MAX}")
     if s.batch_wait_ms_max < 0:
         raise ConfigError("CARDSVC_BATCH_WAIT_MS_MAX must be >= 0")
+    if s.database_url:
+        _check_database_url(s.database_url)
     lo, hi = limits.UTC_OFFSET_MINUTES_RANGE
     if not lo <= s.utc_offset_minutes <= hi:
         raise ConfigError(f"CARDSVC_UTC_OFFSET_MINUTES must be between {lo} and {hi}")
+
+
+def _check_database_url(url: str) -> None:
+    """A libpq-style URL asyncpg can read: the scheme, and each host's port (several hosts: h1:5432,h2) a number.
+    Checked at start: the driver's own parser fails with a bare ValueError at the first connection."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        raise ConfigError("CARDSVC_DATABASE_URL must start with postgresql:// (or postgres://)")
+    hosts = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    for host in hosts.split(","):
+        port = host.partition("]")[2] if host.startswith("[") else host
+        port = port.partition(":")[2]
+        if port and not port.isdigit():
+            raise ConfigError(f"CARDSVC_DATABASE_URL: the port {port!r} is not a number")
 
 
 def load_settings(

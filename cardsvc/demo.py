@@ -26,7 +26,7 @@ from cardsvc.security.keys import KeyRing
 from cardsvc.security.pii import PiiVault
 from protocols import ecard, population, terminal_auth
 
-__all__ = ["DEMO_SEED", "ConcessionRule", "ensure_demo_terminals", "load_population"]
+__all__ = ["DEMO_SEED", "ConcessionRule", "DemoDataConflict", "ensure_demo_terminals", "load_population"]
 
 DEMO_SEED = b"cardsvc-demo"
 CHUNK_ROWS = 5_000
@@ -52,7 +52,8 @@ CONCESSION_COLUMNS = ("holder_id", "kind", "quota_year", "rides_left")
 # Every demo purse starts with an opening transfer in the journal, so balances equal their journal rows.
 OPENING_SQL = """
 WITH p AS (
-    INSERT INTO purse (card_id, balance_fen) SELECT card_id, $1 FROM demo_card WHERE has_purse
+    INSERT INTO purse (card_id, balance_fen) SELECT card_id, $1 FROM demo_card
+    WHERE has_purse AND card_id = ANY($2::bigint[])
     ON CONFLICT DO NOTHING RETURNING card_id, balance_fen
 )
 INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty, source)
@@ -126,6 +127,23 @@ def _rows(
     return holders, cards, ecards, concessions
 
 
+# The rows of a chunk's ids that are not the demo people's: the card office registered them (the demo loads
+# person i as holder, card and e-card i + 1).
+_FOREIGN_SQL = """
+SELECT min(id) FROM (
+    SELECT h.holder_id AS id FROM cardholder h JOIN demo_holder d USING (holder_id) WHERE h.id_hash <> d.id_hash
+    UNION ALL
+    SELECT c.card_id FROM card c JOIN demo_card d USING (card_id) WHERE c.card_no <> d.card_no
+    UNION ALL
+    SELECT e.ecard_id FROM ecard e JOIN demo_ecard d USING (ecard_id) WHERE e.card_id <> d.card_id
+) f
+"""
+
+
+class DemoDataConflict(RuntimeError):
+    """The ids the demo people take are held by the card office's registrations: nothing of the chunk was loaded."""
+
+
 async def load_population(
     conn: asyncpg.Connection,
     keys: KeyRing,
@@ -134,11 +152,17 @@ async def load_population(
     concessions: ConcessionRule | None = None,
 ) -> int:
     """Make sure people 0..count-1 exist; returns how many were added. The people added get their
-    concessions by `concessions` (default: the demo fare table's rule on today's date in the city)."""
+    concessions by `concessions` (default: the demo fare table's rule on today's date in the city).
+
+    Person i is holder, card and e-card i + 1, so demo data goes only into a registry whose ids it filled:
+    where the card office registered people in those ids, DemoDataConflict (a demo e-card, whose key comes
+    from the public demo seed, or a demo purse must never land on someone's card). A demo person whose ID
+    number or card number the office registered at another id is left out."""
     vault = PiiVault(keys)
     rule = concessions or ConcessionRule(localtime.local_date(dt.datetime.now(dt.UTC)))
     have: int = await conn.fetchval("SELECT count(*) FROM card WHERE card_id <= $1", count)
-    if have >= count:
+    last = await conn.fetchval("SELECT card_no FROM card WHERE card_id = $1", count) if count > 0 else None
+    if count <= 0 or (have >= count and last == population.person(count - 1, DEMO_SEED).card_no):
         if progress:
             progress(count)
         return 0
@@ -161,14 +185,35 @@ async def load_population(
             await conn.copy_records_to_table(
                 "demo_concession", records=concession_rows, columns=CONCESSION_COLUMNS
             )
-            new_holders = await conn.fetch(
-                "INSERT INTO cardholder SELECT * FROM demo_holder ON CONFLICT DO NOTHING RETURNING holder_id"
+            foreign = await conn.fetchval(_FOREIGN_SQL)
+            if foreign is not None:
+                raise DemoDataConflict(
+                    f"id {foreign} is the card office's, not demo person {foreign - 1}'s: demo data goes into a "
+                    "registry it filled from id 1 (a fresh data dir, or one that only `demo-data` loaded)"
+                )
+            # Each row only beside its own person's: never a card, e-card or purse for someone else's row.
+            new_holders = [
+                r["holder_id"]
+                for r in await conn.fetch(
+                    "INSERT INTO cardholder SELECT * FROM demo_holder ON CONFLICT DO NOTHING RETURNING holder_id"
+                )
+            ]
+            new_cards = [
+                r["card_id"]
+                for r in await conn.fetch(
+                    """INSERT INTO card SELECT * FROM demo_card WHERE holder_id = ANY($1::bigint[])
+                       ON CONFLICT DO NOTHING RETURNING card_id""",
+                    new_holders,
+                )
+            ]
+            await conn.execute(
+                """INSERT INTO ecard SELECT * FROM demo_ecard WHERE card_id = ANY($1::bigint[])
+                   ON CONFLICT DO NOTHING""",
+                new_cards,
             )
-            status = await conn.execute("INSERT INTO card SELECT * FROM demo_card ON CONFLICT DO NOTHING")
-            await conn.execute("INSERT INTO ecard SELECT * FROM demo_ecard ON CONFLICT DO NOTHING")
-            await conn.execute(OPENING_SQL, DEMO_PURSE_FEN)
-            await conn.execute(CONCESSION_SQL, [r["holder_id"] for r in new_holders])
-            added += int(status.split()[-1])
+            await conn.execute(OPENING_SQL, DEMO_PURSE_FEN, new_cards)
+            await conn.execute(CONCESSION_SQL, new_holders)
+            added += len(new_cards)
         if progress:
             progress(stop - start)
     for table, column in (("cardholder", "holder_id"), ("card", "card_id"), ("ecard", "ecard_id")):

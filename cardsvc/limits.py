@@ -37,6 +37,7 @@ __all__ = [
     "SIGNATURE_THREADS_MAX",
     "SWEEP_BEHIND_MARGIN_S",
     "SWEEP_INTERVAL_S",
+    "SWEEP_INTERVAL_S_MAX",
     "TEMP_LOSS_DAYS",
     "TERMINAL_TXN_RETENTION_DAYS",
     "UPLOAD_AGE_S_MAX",
@@ -79,6 +80,7 @@ TEMP_LOSS_DAYS = 15
 KEY_ROTATION_OVERLAP_S = 7 * 24 * 3600
 KEY_CACHE_REFRESH_S = 60.0
 SWEEP_INTERVAL_S = 30.0
+SWEEP_INTERVAL_S_MAX = 300.0  # the maintenance alert needs five rounds in half an hour
 # A tap batch that leaves a card with an open journey or a held exit falling due within this of its own
 # clock (a gate's upload hours after the ride) hands the card to the journey sweep directly: the sweep may
 # have read that time's journal already (cardsvc/transit/sweep.py). Covers the batch's own duration and

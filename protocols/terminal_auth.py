@@ -61,6 +61,12 @@ _SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
 _SECRET_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
+def valid_key_id(key_id: str) -> bool:
+    """Whether `key_id` can be sent in X-Cardsvc-Key-Id (1-16 of A-Z a-z 0-9 . _ -): a key stored under any
+    other id could never sign a request."""
+    return key_id.isascii() and _KEY_ID_RE.fullmatch(key_id) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class AuthHeaders:
     terminal_id: str

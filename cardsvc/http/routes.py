@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from cardsvc import audit, metrics
+from cardsvc import audit, limits, metrics
 from cardsvc.flows import credentials, ecards, hotlist, lifecycle, registry
 from cardsvc.flows.actor import Actor
 from cardsvc.logs import REQUEST_ID
@@ -238,7 +238,8 @@ async def verify_ecard_code(request: web.Request) -> web.Response:
 async def get_hotlist(request: web.Request) -> web.Response:
     svc = request.app[SERVICES]
     since = _int_param(request.query.get("since"), "since", 0, 0, 2**63 - 1)
-    limit = _int_param(request.query.get("limit"), "limit", 1000, 1, svc.settings.hotlist_block_entries_max)
+    most = svc.settings.hotlist_block_entries_max
+    limit = _int_param(request.query.get("limit"), "limit", min(limits.HOTLIST_BLOCK_ENTRIES_DEFAULT, most), 1, most)
     async with svc.pool.acquire() as conn:
         block = await hotlist.read_block(conn, since, limit)
         await hotlist.record_served(conn, request[AUTH].terminal_id, block.to_version)

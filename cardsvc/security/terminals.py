@@ -227,6 +227,12 @@ def _check_operations(kind: str, operations: Iterable[str] | None) -> list[str]:
     return ops
 
 
+def _check_key_id(key_id: str) -> None:
+    # Checked before anything changes: a rotation to a key no request can name would retire the working key.
+    if not terminal_auth.valid_key_id(key_id):
+        raise TerminalAdminError("a key id is 1-16 characters of A-Z a-z 0-9 . _ -")
+
+
 async def add_terminal(
     conn: asyncpg.Connection,
     kek: bytes,
@@ -239,6 +245,7 @@ async def add_terminal(
 ) -> bytes:
     """Create a terminal with one key; return the secret (shown once, never stored in clear)."""
     ops = _check_operations(kind, operations)
+    _check_key_id(key_id)
     secret = secrets.token_bytes(terminal_auth.SECRET_LEN_BYTES)
     try:
         async with conn.transaction():
@@ -267,6 +274,9 @@ async def rotate_key(
     conn: asyncpg.Connection, kek: bytes, terminal_id: str, new_key_id: str, overlap_s: int
 ) -> bytes:
     """Add a new key; every older key stays valid for `overlap_s` more seconds, then stops."""
+    _check_key_id(new_key_id)
+    if overlap_s < 0:
+        raise TerminalAdminError("the overlap is a number of seconds, 0 or more")
     secret = secrets.token_bytes(terminal_auth.SECRET_LEN_BYTES)
     async with conn.transaction():
         exists = await conn.fetchval("SELECT 1 FROM terminal WHERE terminal_id = $1 FOR UPDATE", terminal_id)

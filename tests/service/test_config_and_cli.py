@@ -56,6 +56,18 @@ def test_the_configuration_shown_masks_a_password_wherever_the_url_has_it() -> N
         assert "topsecret" not in shown and "***" in shown, shown
 
 
+def test_a_database_url_the_driver_cannot_read_is_refused_at_start() -> None:
+    for url in ("postgresql://u:p@h/db", "postgres://h:5432/db", "postgresql://postgres@/cardsvc?host=/run/pg&port=5432",
+                "postgresql://u@[::1]:5433/db", "postgresql://u@h1:5432,h2:5433/db?target_session_attrs=read-write"):  # fmt: skip
+        assert load_settings(environ={"CARDSVC_DATABASE_URL": url}).database_url == url
+    with pytest.raises(ConfigError, match="CARDSVC_HOST is empty"):  # not silently every interface
+        load_settings(environ={"CARDSVC_HOST": ""})
+    for url, problem in (("postgresql://u@h:54x2/db", "port '54x2'"), ("mysql://u@h/db", "postgresql://"),
+                         ("h:5432/db", "postgresql://"), ("postgresql://u@h1:5432,h2:x/db", "port 'x'")):  # fmt: skip
+        with pytest.raises(ConfigError, match=problem):
+            load_settings(environ={"CARDSVC_DATABASE_URL": url})
+
+
 def test_the_missing_key_file_message_names_a_command_that_exists(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError) as refused:
         KeyRing.load(tmp_path / "nokeys.json")
@@ -119,6 +131,12 @@ async def test_terminal_commands_refuse_mistakes_before_changing_anything(
         out = tmp_path / "t1.json"
         assert await run(["terminal", "add", "T-CLI-1", "--kind", "transit_validator", "--org", "bus", "--output", str(out)]) == 0
         assert out.stat().st_mode & 0o777 == 0o600 and "T-CLI-1" in out.read_text()
+        # A key id no request could carry is refused before the working key is given an end.
+        bad_out = tmp_path / "bad.json"
+        assert await run(["terminal", "rotate-key", "T-CLI-1", "--key-id", "k 2", "--output", str(bad_out)]) == 1
+        assert "key id is 1-16 characters" in capsys.readouterr().err
+        assert not bad_out.exists()
+        assert await conn.fetchval("SELECT count(*) FROM terminal_key WHERE terminal_id = 'T-CLI-1' AND not_after IS NULL") == 1
         monkeypatch.setenv("CARDSVC_KEY_ROTATION_OVERLAP_S", "3600")
         assert await run(["terminal", "rotate-key", "T-CLI-1", "--key-id", "k2", "--output", str(tmp_path / "t2.json")]) == 0
         overlap = await conn.fetchval(

@@ -484,7 +484,7 @@ async def test_serve_on_a_port_in_use_says_so_and_exits(
     ("host", "url"),
     [
         ("::", "http://[::1]:{port}/healthz"),  # IPv6 only (as the workers bind it), an IPv4 service on the port
-        ("", "http://127.0.0.1:{port}/healthz"),  # empty: every interface, as asyncio binds it
+        ("0.0.0.0", "http://127.0.0.1:{port}/healthz"),  # every IPv4 interface (an empty host is refused)
     ],
 )
 async def test_serve_probes_the_port_as_its_workers_bind_it(
