@@ -31,9 +31,14 @@ BUS_LINES = ("bus-105", "bus-111", "bus-261", "bus-421")
 
 
 def skewed_index(rng: random.Random, cards: int) -> int:
-    """A Pareto-skewed card index: about 20% of cards take most taps, every card can appear."""
-    x = rng.paretovariate(1.16)  # 80/20
-    return min(cards - 1, int((x - 1.0) * cards / 50.0)) if rng.random() < 0.8 else rng.randrange(cards)
+    """A Pareto-skewed card index: about 20% of cards take most taps, every card can appear. A Pareto draw
+    past the population is drawn again (clamped, 1% of the draws would all land on the last card)."""
+    if rng.random() >= 0.8:
+        return rng.randrange(cards)
+    while True:
+        i = int((rng.paretovariate(1.16) - 1.0) * cards / 50.0)  # 80/20
+        if i < cards:
+            return i
 
 
 def presign_taps(
