@@ -1079,6 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from cardsvc.security.keys import KeyFileError
         from cardsvc.store.embedded import EmbeddedPostgresError
+        from cardsvc.store.migrate import MigrationError
         from cardsvc.transit.fare_table import FareTableError
 
         if isinstance(exc, asyncpg.UndefinedTableError):
@@ -1090,7 +1091,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, FareTableError):
             print(f"fare table error: {exc}", file=sys.stderr)
             return 1
-        if isinstance(exc, KeyFileError | EmbeddedPostgresError | ConfigError | OSError):
+        if isinstance(exc, KeyFileError | EmbeddedPostgresError | MigrationError | ConfigError | OSError):
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

@@ -466,6 +466,28 @@ async def _session(conn: asyncpg.Connection, opts: SeedOptions, parallel: int) -
     )
 
 
+_ID_SEQUENCES = (("cardholder", "holder_id"), ("card", "card_id"), ("ecard", "ecard_id"))
+
+
+async def _reserve_ids(conn: asyncpg.Connection, count: int) -> int:
+    """--append: the ids the load takes (after the highest id in use or handed out), reserved. The service may
+    be registering people meanwhile: their ids come after these (the sequences moved past them), and none
+    can take one while they are chosen (its INSERT waits for this lock). Returns the last id before them."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE cardholder, card, ecard IN SHARE ROW EXCLUSIVE MODE")
+        first = 0
+        seqs = []
+        for table, column in _ID_SEQUENCES:
+            seq = await conn.fetchval("SELECT pg_get_serial_sequence($1, $2)", table, column)
+            seqs.append(seq)
+            used = await conn.fetchval(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {seq}")
+            top = await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM {table}")
+            first = max(first, used, top)
+        for seq in seqs:
+            await conn.execute("SELECT setval($1, $2)", seq, first + count)
+    return int(first)
+
+
 async def seed(
     dsn: str,
     keys: Any,
@@ -504,6 +526,8 @@ async def seed(
                 "(--append adds people after the highest id, through the indexes: slower)"
             )
         first = int(present["top"])
+        if not fresh:
+            first = await _reserve_ids(conn, opts.count)
         if first + opts.count > population.POPULATION_MAX:
             raise SeedError(f"the synthetic population has {population.POPULATION_MAX} people")
         report = SeedReport(first, opts.count, fresh)
@@ -575,12 +599,7 @@ async def seed(
             await conn.execute("DELETE FROM seed_in_progress")  # whole again, whatever comes next
             await _set_autovacuum(conn, autovac_tables, on=True)
         t = time.perf_counter()
-        for table, column in (
-            ("cardholder", "holder_id"),
-            ("card", "card_id"),
-            ("ecard", "ecard_id"),
-            ("txn_journal", "txn_id"),
-        ):
+        for table, column in (*_ID_SEQUENCES, ("txn_journal", "txn_id")):
             seq = await conn.fetchval("SELECT pg_get_serial_sequence($1, $2)", table, column)
             used = await conn.fetchval(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {seq}")
             top = await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM {table}")

@@ -82,6 +82,10 @@ def _bin_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
+def _socket_path_fits(directory: Path) -> bool:
+    return len(os.fsencode(directory / ".s.PGSQL.5432")) <= SOCKET_PATH_BYTES_MAX
+
+
 @dataclasses.dataclass
 class EmbeddedPostgres:
     data_dir: Path
@@ -97,10 +101,11 @@ class EmbeddedPostgres:
     def socket_dir(self) -> Path:
         """A short directory for the socket (Unix socket paths are limited to ~107 bytes)."""
         candidate = self.data_dir.with_name(self.data_dir.name + ".run")
-        if len(str(candidate / ".s.PGSQL.5432")) <= SOCKET_PATH_BYTES_MAX:
+        if _socket_path_fits(candidate):  # bytes, not characters: a data dir named in Chinese is 3 a character
             return candidate
         digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"cardsvc-pg-{digest}"
+        short = Path(tempfile.gettempdir()) / f"cardsvc-pg-{digest}"
+        return short if _socket_path_fits(short) else Path("/tmp") / f"cardsvc-pg-{digest}"  # noqa: S108
 
     @property
     def log_file(self) -> Path:
@@ -194,13 +199,34 @@ class EmbeddedPostgres:
         if not self.initialised():
             return False
         result = self._run(str(self.tool("pg_ctl")), "-D", str(self.data_dir), "status", check=False)
-        return result.returncode == 0
+        # pg_ctl only asks whether postmaster.pid's pid is alive: after an unclean stop and a reboot it may
+        # be another process's now, which must be neither taken for the server nor sent its stop signal.
+        return result.returncode == 0 and self._pid_is_postmaster(self._pid()) is not False
+
+    def _pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _pid_is_postmaster(self, pid: int | None) -> bool | None:
+        """Whether `pid` runs this install's postgres (None: cannot tell, e.g. no /proc)."""
+        if pid is None:
+            return False
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+        except FileNotFoundError:
+            return False if Path("/proc/self").exists() else None
+        except OSError:
+            return None
+        return Path(exe).resolve() == self.tool("postgres").resolve()
 
     def start(self) -> str:
         """Initialise if needed, start if not running, create the database; return its DSN."""
         self.init()
         if not self.running():
             self._remove_stale_pid()
+            self._place_socket()
             log.info("starting embedded PostgreSQL")
             result = self._run(
                 str(self.tool("pg_ctl")),
@@ -225,13 +251,28 @@ class EmbeddedPostgres:
         pid_file = self.data_dir / "postmaster.pid"
         if not pid_file.exists():
             return
+        pid = self._pid()
         try:
-            pid = int(pid_file.read_text().splitlines()[0])
+            if pid is None:
+                raise ProcessLookupError
             os.kill(pid, 0)
-        except (ValueError, IndexError, ProcessLookupError):
+            if self._pid_is_postmaster(pid) is False:  # alive, but not a postgres of ours: a reused pid
+                raise ProcessLookupError
+        except ProcessLookupError:
             pid_file.unlink(missing_ok=True)
         except PermissionError:
             pass
+
+    def _place_socket(self) -> None:
+        """The socket where `socket_dir` says, which follows the data dir: one moved since initdb (a renamed
+        checkout, a restored backup) would otherwise start with its socket at the old path, or not at all."""
+        conf = self.data_dir / "postgresql.auto.conf"
+        lines = conf.read_text(encoding="utf-8").splitlines(keepends=True)
+        wanted = f"unix_socket_directories = '{self.socket_dir}'\n"
+        kept = [line for line in lines if not line.startswith("unix_socket_directories")]
+        if [*kept, wanted] != lines:
+            with open(conf, "w", encoding="utf-8") as fh:  # in place: the file keeps its owner
+                fh.write("".join(kept) + wanted)
 
     def _ensure_database(self) -> None:
         psql = str(self.tool("psql"))
