@@ -142,9 +142,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         REQUEST_ID.reset(token)
 
 
-# A lock not granted within the pool's lock_timeout (a row held by a long transaction), a deadlock or a
-# serialization failure that outlasted its retries: the transaction rolled back, so a retry is safe.
-_CONTENDED = frozenset({"55P03", "40P01", "40001"})
+# A lock not granted within the pool's lock_timeout (a row held by a long transaction), a deadlock, a
+# serialization failure that outlasted its retries, or a statement cancelled on the server (57014: a role's
+# statement_timeout, an operator's pg_cancel_backend): the transaction rolled back, so a retry is safe.
+_CONTENDED = frozenset({"55P03", "40P01", "40001", "57014"})
 
 
 async def _answer(request: web.Request, handler: Handler, rid: str, route: str) -> web.StreamResponse:

@@ -331,10 +331,11 @@ WITH n AS (
 SELECT 0 AS part, NULL::text AS terminal_id, NULL::bigint AS terminal_seq, NULL::bytea AS request_hash, NULL::text AS result,
        NULL::bigint AS amount_fen, NULL::bigint AS balance_fen, NULL::bigint AS txn_id, NULL::jsonb AS detail,
        (SELECT coalesce(array_agg(terminal_id), '{}') FROM n) AS fresh_terminals,
-       (SELECT coalesce(array_agg(nonce), '{}') FROM n) AS fresh_nonces
+       (SELECT coalesce(array_agg(nonce), '{}') FROM n) AS fresh_nonces,
+       txid_current() AS xid
 UNION ALL
 SELECT 1, t.terminal_id, t.terminal_seq, t.request_hash, t.result, t.amount_fen, t.balance_fen, t.txn_id,
-       t.detail, NULL, NULL
+       t.detail, NULL, NULL, NULL
 FROM unnest($1::text[], $2::bigint[]) AS k(terminal_id, terminal_seq)
 JOIN terminal_txn t ON t.terminal_id = k.terminal_id AND t.terminal_seq = k.terminal_seq
 ORDER BY part
@@ -807,7 +808,8 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
 
 async def _attempt(
     conn: asyncpg.Connection, table: fares.FareTable, items: Sequence[TapItem], now: dt.datetime
-) -> list[TapOutcome]:
+) -> tuple[list[TapOutcome], int]:
+    """The outcomes of a batch, written in the caller's transaction, and that transaction's id."""
     batch = _Batch(table, now)
     with_nonce = [i for i in items if i.nonce is not None]
     nonce_row, *answered = await conn.fetch(
@@ -962,7 +964,7 @@ async def _attempt(
         outcomes.append(batch.answer(item, card_id, _charge(batch, item, card)))
 
     await _write(conn, batch, cards_by_id, [q for q in quotas.values() if q.touched], outcomes, items)
-    return outcomes
+    return outcomes, int(nonce_row["xid"])
 
 
 async def _write(
@@ -1078,28 +1080,83 @@ async def process_taps(
     A purse that another transaction holds past lock_timeout fails the batch (asyncpg.LockNotAvailableError,
     all rolled back). With `isolate_held` (the online batcher), the taps of the purses held at that moment
     are answered HELD and the rest of the batch is decided again without them: one held card does not fail
-    the others. (If the rest meets a held purse too, the batch fails as before.)"""
+    the others. (If the rest meets a held purse too, the batch fails as before.) A tap answered before (a
+    resend) is never HELD: its answer is stored, and it goes with the rest."""
     now = dt.datetime.now(dt.UTC)
     async with pool.acquire() as conn:
         try:
-            return await _process(conn, table, items, now)
+            return await _process(pool, conn, table, items, now)
         except asyncpg.LockNotAvailableError:
             if not isolate_held or len(items) < 2:
                 raise
             held = await _held(conn, items)
+            answered = await _answered(conn, items)
+            held = [h and (i.terminal_id, i.terminal_seq) not in answered for i, h in zip(items, held, strict=True)]
             if not any(held) or all(held):
                 raise
-            rest = iter(await _process(conn, table, [i for i, h in zip(items, held, strict=True) if not h], now))
-            return [HELD if h else next(rest) for h in held]
+            rest = [i for i, h in zip(items, held, strict=True) if not h]
+            decided = iter(await _process(pool, conn, table, rest, now))
+            return [HELD if h else next(decided) for h in held]
+
+
+async def _answered(conn: asyncpg.Connection, items: Sequence[TapItem]) -> set[tuple[str, int]]:
+    """The keys of `items` that terminal_txn holds an answer for."""
+    rows = await conn.fetch(
+        """SELECT t.terminal_id, t.terminal_seq FROM unnest($1::text[], $2::bigint[]) AS k(terminal_id, terminal_seq)
+           JOIN terminal_txn t ON t.terminal_id = k.terminal_id AND t.terminal_seq = k.terminal_seq""",
+        [i.terminal_id for i in items],
+        [i.terminal_seq for i in items],
+    )
+    return {(r["terminal_id"], r["terminal_seq"]) for r in rows}
+
+
+# A COMMIT whose answer did not come: the client's command timeout (a commit waiting for a synchronous
+# standby, a stalled fsync) or a lost connection. It may have committed all the same.
+_COMMIT_UNANSWERED: tuple[type[BaseException], ...] = (TimeoutError, OSError, asyncpg.InterfaceError)
+COMMIT_CHECKS = 5
+COMMIT_CHECK_GAP_S = 0.2
+
+
+async def _committed(pool: asyncpg.Pool, xid: int) -> bool:
+    """Whether the transaction `xid`, whose COMMIT was not answered, committed (asked on another connection).
+    Still unknown after COMMIT_CHECKS tries: 503 `db_unavailable`, which an online tap's answer may not
+    take as "not charged" (docs/api.md "Retries": the same terminal_seq is sent again)."""
+    for attempt in range(COMMIT_CHECKS):
+        if attempt:
+            await asyncio.sleep(COMMIT_CHECK_GAP_S)
+        try:
+            async with pool.acquire(timeout=COMMIT_CHECK_GAP_S * COMMIT_CHECKS) as conn:
+                status = await conn.fetchval("SELECT txid_status($1)", xid)
+        except (*_COMMIT_UNANSWERED, asyncpg.PostgresError):
+            continue
+        if status in ("committed", "aborted"):
+            return bool(status == "committed")
+    raise ApiError(
+        "db_unavailable", "the batch's commit was not confirmed: send the tap again with the same terminal_seq",
+        headers=RETRY_LATER,
+    )
 
 
 async def _process(
-    conn: asyncpg.Connection, table: fares.FareTable, items: Sequence[TapItem], now: dt.datetime
+    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
+    table: fares.FareTable,
+    items: Sequence[TapItem],
+    now: dt.datetime,
 ) -> list[TapOutcome]:
     for attempt in range(BATCH_ATTEMPTS_MAX):
+        decided: tuple[list[TapOutcome], int] | None = None
         try:
             async with conn.transaction():
-                return await _attempt(conn, table, items, now)
+                decided = await _attempt(conn, table, items, now)
+            return decided[0]
+        except _COMMIT_UNANSWERED:
+            if decided is None:  # before the COMMIT: rolled back, nothing written
+                raise
+            outcomes, xid = decided
+            if await _committed(pool, xid):  # charged: the answers go out as decided
+                return outcomes
+            raise
         except _Retry as exc:
             if attempt == BATCH_ATTEMPTS_MAX - 1:
                 # Rolled back every time: nothing was written, the taps may be sent again (503).
