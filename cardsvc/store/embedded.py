@@ -210,16 +210,17 @@ class EmbeddedPostgres:
             return None
 
     def _pid_is_postmaster(self, pid: int | None) -> bool | None:
-        """Whether `pid` runs this install's postgres (None: cannot tell, e.g. no /proc)."""
+        """Whether `pid` is a postmaster of this data dir (None: cannot tell, e.g. no /proc). A postmaster
+        works in its data directory (it changes into it as it starts), whichever install started it."""
         if pid is None:
             return False
         try:
-            exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
         except FileNotFoundError:
             return False if Path("/proc/self").exists() else None
         except OSError:
             return None
-        return Path(exe).resolve() == self.tool("postgres").resolve()
+        return Path(cwd).resolve() == self.data_dir.resolve()
 
     def start(self) -> str:
         """Initialise if needed, start if not running, create the database; return its DSN."""
