@@ -150,7 +150,7 @@ async def _demo_data(settings: Settings, count: int) -> dict[str, Any]:
         if (incomplete := await interrupted_seed(conn)) is not None:
             raise SystemExit(f"error: {incomplete}")
         rule = demo.ConcessionRule(
-            localtime.local_date(dt.datetime.now(dt.UTC)), rules.elderly_min_age, rules.elderly_annual_quota
+            localtime.today(), rules.elderly_min_age, rules.elderly_annual_quota
         )
         with tqdm(total=count, unit="card", desc="demo data", disable=not sys.stderr.isatty()) as bar:
             try:

@@ -159,14 +159,14 @@ async def load_population(
     from the public demo seed, or a demo purse must never land on someone's card). A demo person whose ID
     number or card number the office registered at another id is left out."""
     vault = PiiVault(keys)
-    rule = concessions or ConcessionRule(localtime.local_date(dt.datetime.now(dt.UTC)))
+    rule = concessions or ConcessionRule(localtime.today())
     have: int = await conn.fetchval("SELECT count(*) FROM card WHERE card_id <= $1", count)
     last = await conn.fetchval("SELECT card_no FROM card WHERE card_id = $1", count) if count > 0 else None
     if count <= 0 or (have >= count and last == population.person(count - 1, DEMO_SEED).card_no):
         if progress:
             progress(count)
         return 0
-    expires = dt.date.today().replace(day=1) + dt.timedelta(days=3650)
+    expires = localtime.today().replace(day=1) + dt.timedelta(days=3650)
     added = 0
     for start in range(0, count, CHUNK_ROWS):
         stop = min(count, start + CHUNK_ROWS)

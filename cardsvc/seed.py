@@ -469,23 +469,25 @@ async def _session(conn: asyncpg.Connection, opts: SeedOptions, parallel: int) -
 _ID_SEQUENCES = (("cardholder", "holder_id"), ("card", "card_id"), ("ecard", "ecard_id"))
 
 
+async def _id_sequence(conn: asyncpg.Connection, table: str, column: str) -> tuple[str, int, int]:
+    """The identity sequence of `table.column`, the last id it handed out (0: none) and the column's highest."""
+    seq = await conn.fetchval("SELECT pg_get_serial_sequence($1, $2)", table, column)
+    used = await conn.fetchval(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {seq}")
+    top = await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM {table}")
+    return seq, int(used), int(top)
+
+
 async def _reserve_ids(conn: asyncpg.Connection, count: int) -> int:
     """--append: the ids the load takes (after the highest id in use or handed out), reserved. The service may
     be registering people meanwhile: their ids come after these (the sequences moved past them), and none
     can take one while they are chosen (its INSERT waits for this lock). Returns the last id before them."""
     async with conn.transaction():
         await conn.execute("LOCK TABLE cardholder, card, ecard IN SHARE ROW EXCLUSIVE MODE")
-        first = 0
-        seqs = []
-        for table, column in _ID_SEQUENCES:
-            seq = await conn.fetchval("SELECT pg_get_serial_sequence($1, $2)", table, column)
-            seqs.append(seq)
-            used = await conn.fetchval(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {seq}")
-            top = await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM {table}")
-            first = max(first, used, top)
-        for seq in seqs:
+        states = [await _id_sequence(conn, table, column) for table, column in _ID_SEQUENCES]
+        first = max(max(used, top) for _, used, top in states)
+        for seq, _, _ in states:
             await conn.execute("SELECT setval($1, $2)", seq, first + count)
-    return int(first)
+    return first
 
 
 async def seed(
@@ -600,9 +602,7 @@ async def seed(
             await _set_autovacuum(conn, autovac_tables, on=True)
         t = time.perf_counter()
         for table, column in (*_ID_SEQUENCES, ("txn_journal", "txn_id")):
-            seq = await conn.fetchval("SELECT pg_get_serial_sequence($1, $2)", table, column)
-            used = await conn.fetchval(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {seq}")
-            top = await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM {table}")
+            seq, used, top = await _id_sequence(conn, table, column)
             if top > used:  # only ever forward: the service may be handing out ids (--append)
                 await conn.execute("SELECT setval($1, $2)", seq, top)
         for table in LOADED_TABLES:
@@ -663,7 +663,7 @@ async def _load(
         opts.seed,
         fh.name,
         len(pool_keys[0]),
-        dt.date.today().replace(day=1) + dt.timedelta(days=3650),
+        localtime.local_date(at).replace(day=1) + dt.timedelta(days=3650),
         at,
         localtime.local_date(at),
         opts.ecard_alg,
