@@ -177,13 +177,9 @@ async def apply(
         detail: dict[str, Any] = {}
         # A temporary loss runs from its report: a flag changed meanwhile (a PIN or application lock) keeps its end.
         new_loss = p.after.status == S.TEMP_LOST and status != S.TEMP_LOST
-        temp_until = (
-            now + dt.timedelta(days=temp_loss_days)
-            if new_loss
-            else row["temp_loss_until"]
-            if p.after.status == S.TEMP_LOST
-            else None
-        )
+        temp_until = row["temp_loss_until"] if p.after.status == S.TEMP_LOST else None
+        if new_loss:
+            temp_until = now + dt.timedelta(days=temp_loss_days)
         await conn.execute(
             """UPDATE card SET status = $2, pin_locked = $3, app_locked = $4, temp_loss_until = $5,
                       status_changed_at = CASE WHEN status <> $2 THEN now() ELSE status_changed_at END

@@ -456,7 +456,7 @@ async def _attempt(
             *answered.get(r.terminal_seq, ()),
             *(in_ledger.get((purse.card_id, r.terminal_seq), ()) if purse is not None else ()),
         ]
-        same = next((p for p in (*(prior or ()), *records_before.get(r.terminal_seq, ())) if p[0] == digest), None)
+        same = next((p for p in (*prior, *records_before.get(r.terminal_seq, ())) if p[0] == digest), None)
         if same is not None:
             plan.answers.append(RecordAnswer(r.terminal_seq, same[1], same[2], True))
             continue

@@ -1100,13 +1100,8 @@ async def process_taps(
 
 
 async def _answered(conn: asyncpg.Connection, items: Sequence[TapItem]) -> set[tuple[str, int]]:
-    """The keys of `items` that terminal_txn holds an answer for."""
-    rows = await conn.fetch(
-        """SELECT t.terminal_id, t.terminal_seq FROM unnest($1::text[], $2::bigint[]) AS k(terminal_id, terminal_seq)
-           JOIN terminal_txn t ON t.terminal_id = k.terminal_id AND t.terminal_seq = k.terminal_seq""",
-        [i.terminal_id for i in items],
-        [i.terminal_seq for i in items],
-    )
+    """The keys of `items` that terminal_txn holds an answer for (the batch's own read, recording no nonce)."""
+    _, *rows = await conn.fetch(_EXISTING_SQL, [i.terminal_id for i in items], [i.terminal_seq for i in items], [], [])
     return {(r["terminal_id"], r["terminal_seq"]) for r in rows}
 
 
