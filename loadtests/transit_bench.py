@@ -995,12 +995,13 @@ def write_docs(docs_dir: Path, data: dict[str, Any]) -> None:
     md_path.write_text(merge_section(text, render_section(data)))
 
 
-def merge_section(text: str, section: str) -> str:
-    """`text` with the part between the transit-bench markers replaced by `section` (which carries the
-    markers); appended at the end when the markers are absent. Everything else is kept as it was."""
-    if MARK_BEGIN in text and MARK_END in text.split(MARK_BEGIN, 1)[1]:
-        head, rest = text.split(MARK_BEGIN, 1)
-        tail = rest.split(MARK_END, 1)[1].lstrip("\n")
+def merge_section(text: str, section: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> str:
+    """`text` with the part between a benchmark's markers (the transit bench's unless given) replaced by
+    `section` (which carries the markers); appended at the end when the markers are absent. Everything else
+    is kept as it was."""
+    if begin in text and end in text.split(begin, 1)[1]:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         return head + section + (("\n" + tail) if tail else "")
     return text.rstrip("\n") + "\n\n" + section
 

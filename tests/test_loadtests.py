@@ -19,7 +19,7 @@ import pytest
 
 from cardsvc.security.credentials import CardKeyDeriver
 from cardsvc.security.keys import KeyRing
-from loadtests import credbook, presign, transit_bench
+from loadtests import credbook, presign, terminal_cache_bench, transit_bench
 from protocols import population, terminal_auth, transit
 from tests.helpers import ServiceHarness, purse_vs_journal
 
@@ -162,6 +162,25 @@ def test_the_report_section_replaces_only_its_markers() -> None:
     assert "run 1" not in second and "run 2" in second
     assert second.startswith(doc) and second.endswith("## After\n")
     assert second.count(transit_bench.MARK_BEGIN) == 1
+
+
+def test_the_terminal_cache_benchmark_reports_a_refresh_beside_a_whole_load(
+    tmp_path: Path, pg_admin_dsn: str
+) -> None:
+    """`./dev bench terminals` at a small size: its section lands in benchmarks.md beside the transit
+    section (kept), and its numbers in benchmarks.json, one row per size."""
+    (tmp_path / "benchmarks.md").write_text(
+        f"# Benchmarks\n\n{transit_bench.MARK_BEGIN}\ntransit run\n{transit_bench.MARK_END}\n"
+    )
+    argv = ["--terminals", "40", "300", "--repeat", "2", "--admin-dsn", pg_admin_dsn, "--docs-dir", str(tmp_path)]
+    assert terminal_cache_bench.main(argv) == 0
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "transit run" in text and text.count(terminal_cache_bench.MARK_BEGIN) == 1
+    rows = orjson.loads((tmp_path / "benchmarks.json").read_bytes())["terminal_cache"]
+    assert [r["terminals"] for r in rows] == [40, 300]
+    for r in rows:
+        assert f"| {r['terminals']:,} | {r['full_load']['median_ms']:,} (" in text
+        assert 0 < r["refresh_one_rotation"]["median_ms"] <= r["refresh_one_rotation"]["max_ms"]
 
 
 def test_the_report_says_which_concessions_the_registry_held() -> None:

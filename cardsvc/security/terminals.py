@@ -5,8 +5,9 @@ e-card channel, ops), an organisation, the operations it may call (a subset of i
 more HMAC-SM3 keys. Secrets are 32 random bytes, shown once at creation, stored encrypted with the
 terminal key-encryption key. Rotation adds a new key and gives the old one an end (the overlap period).
 
-Every worker keeps all terminals and keys in memory (`TerminalRegistry`), reloaded when the database
-NOTIFYs a change and, as a fallback, on a timer: a request never reads the database to authenticate.
+Every worker keeps all terminals and keys in memory (`TerminalRegistry`): a request never reads the
+database to authenticate. When the database NOTIFYs a change, and as a fallback on a timer, the cache reads
+the terminals changed since it last read (migration 0021), not all of them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "TerminalRegistry",
     "add_terminal",
     "rotate_key",
+    "secret_aad",
 ]
 
 log = logging.getLogger("cardsvc.terminals")
@@ -112,8 +114,25 @@ class TerminalRecord:
     keys: Mapping[str, KeyRecord] = dataclasses.field(repr=False)
 
 
-def _aad(terminal_id: str, key_id: str) -> bytes:
+def secret_aad(terminal_id: str, key_id: str) -> bytes:
+    """The associated data a terminal secret is encrypted with at rest (bound to its terminal and key id)."""
     return f"terminal_key:{terminal_id}:{key_id}".encode()
+
+
+# The head first (the version every change up to is in this snapshot), then the terminals changed after $1
+# with their keys: one statement, one snapshot.
+_CHANGED_SQL = """
+SELECT version AS head, NULL AS terminal_id, NULL AS kind, NULL AS org, NULL::text[] AS operations,
+       NULL::boolean AS disabled, NULL AS key_id, NULL::bytea AS secret_cipher, NULL::timestamptz AS not_before,
+       NULL::timestamptz AS not_after, 0 AS part
+FROM terminal_head
+UNION ALL
+SELECT NULL, t.terminal_id, t.kind, t.org, t.operations, t.disabled, k.key_id, k.secret_cipher, k.not_before,
+       k.not_after, 1
+FROM terminal t LEFT JOIN terminal_key k USING (terminal_id)
+WHERE t.change_seq > $1
+ORDER BY part
+"""
 
 
 class TerminalRegistry:
@@ -123,6 +142,7 @@ class TerminalRegistry:
         self._kek = kek
         self._refresh_s = refresh_s
         self._by_id: dict[str, TerminalRecord] = {}
+        self._seq = 0  # every change up to this one is in the cache
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
@@ -134,29 +154,37 @@ class TerminalRegistry:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    async def load(self, conn: asyncpg.Connection) -> None:
-        rows = await conn.fetch(
-            """SELECT t.terminal_id, t.kind, t.org, t.operations, t.disabled,
-                      k.key_id, k.secret_cipher, k.not_before, k.not_after
-               FROM terminal t LEFT JOIN terminal_key k USING (terminal_id)"""
-        )
+    async def load(self, conn: asyncpg.Connection) -> int:
+        """Read into the cache the terminals changed since the last load (every terminal the first time,
+        or when the database's changes went backwards: a restore); return how many were read.
+
+        Only changed terminals: a refresh costs what changed, not the whole registry (migration 0021,
+        whose commit-ordered `change_seq` lets one snapshot's changes up to N stand for all of them)."""
+        rows = await conn.fetch(_CHANGED_SQL, self._seq)
+        restored = rows[0]["head"] < self._seq  # a database restored to an earlier state: read it all again
+        if restored:
+            rows = await conn.fetch(_CHANGED_SQL, 0)
         keys: dict[str, dict[str, KeyRecord]] = {}
         meta: dict[str, asyncpg.Record] = {}
-        for r in rows:
+        for r in rows[1:]:
             meta[r["terminal_id"]] = r
             bucket = keys.setdefault(r["terminal_id"], {})
             if r["key_id"] is not None:
                 secret = sm.sm4_gcm_decrypt(
-                    self._kek, r["secret_cipher"], _aad(r["terminal_id"], r["key_id"])
+                    self._kek, r["secret_cipher"], secret_aad(r["terminal_id"], r["key_id"])
                 )
                 bucket[r["key_id"]] = KeyRecord(r["key_id"], secret, r["not_before"], r["not_after"])
-        self._by_id = {
-            tid: TerminalRecord(
-                tid, r["kind"], r["org"], frozenset(r["operations"]), r["disabled"], keys[tid]
-            )
+        records = {
+            tid: TerminalRecord(tid, r["kind"], r["org"], frozenset(r["operations"]), r["disabled"], keys[tid])
             for tid, r in meta.items()
         }
+        if restored:
+            self._by_id = records
+        else:
+            self._by_id.update(records)
+        self._seq = rows[0]["head"]
         self.loads += 1
+        return len(records)
 
     async def start(self, pool: asyncpg.Pool) -> None:
         async with pool.acquire() as conn:
@@ -261,7 +289,7 @@ async def add_terminal(
                 "INSERT INTO terminal_key (terminal_id, key_id, secret_cipher) VALUES ($1, $2, $3)",
                 terminal_id,
                 key_id,
-                sm.sm4_gcm_encrypt(kek, secret, _aad(terminal_id, key_id)),
+                sm.sm4_gcm_encrypt(kek, secret, secret_aad(terminal_id, key_id)),
             )
     except asyncpg.UniqueViolationError:
         raise TerminalAdminError(f"terminal {terminal_id} already exists") from None
@@ -287,7 +315,7 @@ async def rotate_key(
                 "INSERT INTO terminal_key (terminal_id, key_id, secret_cipher) VALUES ($1, $2, $3)",
                 terminal_id,
                 new_key_id,
-                sm.sm4_gcm_encrypt(kek, secret, _aad(terminal_id, new_key_id)),
+                sm.sm4_gcm_encrypt(kek, secret, secret_aad(terminal_id, new_key_id)),
             )
         except asyncpg.UniqueViolationError:
             raise TerminalAdminError(f"terminal {terminal_id} already has a key {new_key_id}") from None
