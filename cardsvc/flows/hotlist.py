@@ -14,7 +14,7 @@ from cardsvc.errors import ApiError
 from protocols import hotlist
 from protocols.card import HotlistAction, HotlistReason
 
-__all__ = ["append_entry", "entries_of", "latest_version", "read_block", "record_served"]
+__all__ = ["append_entry", "entries_of", "latest_version", "serve_block"]
 
 
 async def append_entry(
@@ -38,44 +38,54 @@ async def latest_version(conn: asyncpg.Connection) -> int:
     return version
 
 
-async def record_served(conn: asyncpg.Connection, terminal_id: str, version: int) -> None:
-    """Remember that `terminal_id` holds `version` from now on (migrations 0010, 0012): its offline records
-    made after this are judged as of this version at least (cardsvc/transit/offline.py). Written only when
-    the terminal moves forward: a poll that brings nothing new costs a primary-key probe, and no row lock
-    (an ON CONFLICT that finds the row would lock it even to change nothing). The first and the last such
-    serve of each hour are also kept for the upload window (`terminal_hotlist_serve`), so that records made
-    before the terminal's last download are judged as of what it held then."""
-    await conn.execute(
-        """WITH t AS (
-               INSERT INTO terminal_hotlist (terminal_id, version, served_at)
-               SELECT $1, $2, now()
-               WHERE NOT EXISTS (SELECT 1 FROM terminal_hotlist WHERE terminal_id = $1 AND version >= $2)
-               ON CONFLICT (terminal_id) DO UPDATE SET version = EXCLUDED.version, served_at = EXCLUDED.served_at
-               WHERE terminal_hotlist.version < EXCLUDED.version
-               RETURNING terminal_id, version, served_at
-           )
-           INSERT INTO terminal_hotlist_serve (terminal_id, hour, first_version, first_at, last_version, last_at)
-           SELECT terminal_id, date_trunc('hour', served_at), version, served_at, version, served_at FROM t
-           ON CONFLICT (terminal_id, hour) DO UPDATE SET last_version = EXCLUDED.last_version, last_at = EXCLUDED.last_at
-           WHERE terminal_hotlist_serve.last_version < EXCLUDED.last_version""",
-        terminal_id,
-        version,
-    )
+# A terminal's hotlist poll in one statement (one snapshot, one round trip): the head, the changes after
+# `since` ($2, at most $3 of them), and, unless `since` is newer than the head, what the terminal holds from
+# now on (migrations 0010, 0012). Its offline records made after this are judged as of that version at
+# least (cardsvc/transit/offline.py). Written only when the terminal moves forward: a poll that brings
+# nothing new costs a primary-key probe, and no row lock (an ON CONFLICT that finds the row would lock it
+# even to change nothing). The first and the last such serve of each hour are also kept for the upload
+# window (`terminal_hotlist_serve`), so that records made before the terminal's last download are judged
+# as of what it held then. The head and the entries agree: every version up to the head is committed and
+# in the snapshot (versions are commit-ordered, above), none after it is.
+_SERVE_SQL = """
+WITH head AS (SELECT version AS latest FROM hotlist_head),
+e AS (
+    SELECT version, card_id, card_sn, action, reason, at FROM hotlist_entry
+    WHERE version > $2 ORDER BY version LIMIT $3
+), held AS (
+    SELECT coalesce((SELECT max(version) FROM e), $2) AS version
+), t AS (
+    INSERT INTO terminal_hotlist (terminal_id, version, served_at)
+    SELECT $1, held.version, now() FROM held, head
+    WHERE held.version <= head.latest
+      AND NOT EXISTS (SELECT 1 FROM terminal_hotlist WHERE terminal_id = $1 AND version >= held.version)
+    ON CONFLICT (terminal_id) DO UPDATE SET version = EXCLUDED.version, served_at = EXCLUDED.served_at
+    WHERE terminal_hotlist.version < EXCLUDED.version
+    RETURNING terminal_id, version, served_at
+), serve AS (
+    INSERT INTO terminal_hotlist_serve (terminal_id, hour, first_version, first_at, last_version, last_at)
+    SELECT terminal_id, date_trunc('hour', served_at), version, served_at, version, served_at FROM t
+    ON CONFLICT (terminal_id, hour) DO UPDATE SET last_version = EXCLUDED.last_version, last_at = EXCLUDED.last_at
+    WHERE terminal_hotlist_serve.last_version < EXCLUDED.last_version
+)
+SELECT head.latest, e.version, e.card_id, e.card_sn, e.action, e.reason, e.at
+FROM head LEFT JOIN e ON true
+ORDER BY e.version
+"""
 
 
-async def read_block(conn: asyncpg.Connection, since: int, limit: int) -> hotlist.HotlistBlock:
-    """Changes after `since`, at most `limit` of them, with the version the terminal holds after them.
-
-    Head and entries are read in one REPEATABLE READ snapshot, so `latest_version` and the entries agree."""
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        latest: int = await conn.fetchval("SELECT version FROM hotlist_head")
-        rows = await conn.fetch(
-            """SELECT version, card_id, card_sn, action, reason, at FROM hotlist_entry
-               WHERE version > $1 ORDER BY version LIMIT $2""",
-            since,
-            limit,
-        )
+async def serve_block(conn: asyncpg.Connection, terminal_id: str, since: int, limit: int) -> hotlist.HotlistBlock:
+    """The changes after `since`, at most `limit` of them, with the version the terminal holds after them;
+    remembered as what `terminal_id` holds."""
+    rows = await conn.fetch(_SERVE_SQL, terminal_id, since, limit)
+    latest: int = rows[0]["latest"]
     metrics.HOTLIST_VERSION.set(latest)
+    if since > latest:
+        raise ApiError(
+            "invalid_parameter",
+            f"since={since} is newer than the latest version {latest}; reload from since=0",
+            field="since",
+        )
     entries = [
         hotlist.HotlistEntry(
             version=r["version"],
@@ -86,13 +96,8 @@ async def read_block(conn: asyncpg.Connection, since: int, limit: int) -> hotlis
             account_id=r["card_id"],
         )
         for r in rows
+        if r["version"] is not None
     ]
-    if since > latest:
-        raise ApiError(
-            "invalid_parameter",
-            f"since={since} is newer than the latest version {latest}; reload from since=0",
-            field="since",
-        )
     to_version = entries[-1].version if entries else since
     return hotlist.HotlistBlock(
         since_version=since,

@@ -241,8 +241,7 @@ async def get_hotlist(request: web.Request) -> web.Response:
     most = svc.settings.hotlist_block_entries_max
     limit = _int_param(request.query.get("limit"), "limit", min(limits.HOTLIST_BLOCK_ENTRIES_DEFAULT, most), 1, most)
     async with svc.pool.acquire() as conn:
-        block = await hotlist.read_block(conn, since, limit)
-        await hotlist.record_served(conn, request[AUTH].terminal_id, block.to_version)
+        block = await hotlist.serve_block(conn, request[AUTH].terminal_id, since, limit)
     return _json(hotlist_wire.encode_block(block))
 
 

@@ -224,7 +224,7 @@ async def test_a_lost_cards_hotlist_entry_names_the_account_its_ride_codes_carry
     """protocols/hotlist.md: each entry's `account_id` is "the account the card's ride-code certificates
     name"; a gate denies ride codes by it (HotlistReplica.blocked_accounts). After a loss the gate's replica
     must deny exactly the lost card's certificate account (not some other number).
-    Catches read_block filling account_id from another column, e.g. the entry's version (mutant H5)."""
+    Catches the hotlist read filling account_id from another column, e.g. the entry's version (mutant H5)."""
     from tests.transit.test_rides import rider
 
     other = await svc.new_card(has_purse=True)
