@@ -61,6 +61,20 @@ async def migrated(dsn: str) -> str:
     return dsn
 
 
+async def migrated_before(conn: asyncpg.Connection, version: int) -> None:
+    """The schema as an older release left it: the migrations before `version` applied and recorded, as
+    `migrate.apply` would have (a migration's upgrade test then runs `migrate.apply` for the rest)."""
+    await conn.execute("CREATE TABLE schema_migration (version int PRIMARY KEY, name text NOT NULL, "
+                       "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")  # fmt: skip
+    for m in migrate.available():
+        if m.version >= version:
+            break
+        async with conn.transaction():
+            await conn.execute(m.sql)
+            await conn.execute("INSERT INTO schema_migration (version, name, checksum) VALUES ($1, $2, $3)",
+                               m.version, m.name, m.checksum)  # fmt: skip
+
+
 async def purse_vs_journal(dsn: str) -> list[asyncpg.Record]:
     """Every purse with the sum of its journal rows (the ledger invariant: they are equal)."""
     conn = await asyncpg.connect(dsn)

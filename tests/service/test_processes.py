@@ -32,7 +32,7 @@ from cardsvc.security.keys import KeyRing
 from cardsvc.store import migrate
 from cardsvc.store.embedded import EmbeddedPostgres
 from protocols import population
-from tests.helpers import scratch_database
+from tests.helpers import migrated_before, scratch_database
 from tests.service.serving import (
     POLL_ATTEMPTS,
     POLL_INTERVAL_S,
@@ -397,13 +397,7 @@ async def test_migration_0007_attaches_the_indexes_built_beforehand(empty_dsn: s
     conn = await asyncpg.connect(empty_dsn)
     other = await asyncpg.connect(empty_dsn)
     try:
-        await conn.execute("CREATE TABLE schema_migration (version int PRIMARY KEY, name text NOT NULL, "
-                           "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-        for m in migrate.available()[:6]:  # the schema before 0007
-            async with conn.transaction():
-                await conn.execute(m.sql)
-                await conn.execute("INSERT INTO schema_migration (version, name, checksum) VALUES ($1, $2, $3)",
-                                   m.version, m.name, m.checksum)  # fmt: skip
+        await migrated_before(conn, 7)  # the schema before 0007
         insert = ("INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at) "
                   "VALUES (1, 1, 'v1', $1, -180, 1, now())")  # fmt: skip
         await conn.execute(insert, 1)

@@ -20,7 +20,7 @@ from cardsvc.security import terminals
 from cardsvc.security.keys import KeyRing
 from cardsvc.store import migrate
 from protocols import sm
-from tests.helpers import scratch_database
+from tests.helpers import migrated_before, scratch_database
 
 
 def _cache(keys: KeyRing) -> terminals.TerminalRegistry:
@@ -127,12 +127,10 @@ async def test_a_cache_ahead_of_its_database_reads_everything_again(
 
 
 async def test_the_migration_numbers_the_terminals_already_there(pg_admin_dsn: str, keys: KeyRing) -> None:
-    before = [m for m in migrate.available() if m.version < 21]
     async with scratch_database(pg_admin_dsn, f"cardsvc_mig21_{os.getpid()}") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
-            for m in before:
-                await conn.execute(m.sql)
+            await migrated_before(conn, 21)
             for i in range(4):
                 await conn.execute(
                     "INSERT INTO terminal (terminal_id, kind, org, operations) VALUES ($1, 'pharmacy_pos', 'p', '{}')",
@@ -141,12 +139,6 @@ async def test_the_migration_numbers_the_terminals_already_there(pg_admin_dsn: s
             await conn.execute(
                 "INSERT INTO terminal_key (terminal_id, key_id, secret_cipher) VALUES ('pos-2', 'k1', $1)",
                 sm.sm4_gcm_encrypt(keys.terminal_kek, b"s" * 32, terminals.secret_aad("pos-2", "k1")),
-            )
-            await conn.execute("CREATE TABLE schema_migration (version int PRIMARY KEY, name text NOT NULL, "
-                               "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-            await conn.executemany(
-                "INSERT INTO schema_migration (version, name, checksum) VALUES ($1, $2, $3)",
-                [(m.version, m.name, m.checksum) for m in before],
             )
             assert [m.version for m in await migrate.apply(conn)] == [21]
             seqs = [r["change_seq"] for r in await conn.fetch("SELECT change_seq FROM terminal ORDER BY change_seq")]
