@@ -188,6 +188,9 @@ class _Card:
     # A lost card's hotlist entries, (version, is a block) ascending: read only when a ride in the batch
     # names the deny-list version its gate held (`_gate_unaware`).
     hotlist: tuple[HotlistEntry, ...] | None = None
+    # Active and its application not locked: `usable` but for its expiry date, which rides taken through
+    # the card's last valid day and uploaded after it do not look at (`_usable_for`).
+    active: bool = False
 
 
 # When a lost card stopped: a temporary loss's status_changed_at. A formal loss may follow a temporary
@@ -247,7 +250,8 @@ def _gate_unaware(card: _Card, item: TapItem) -> bool:
 
 def _usable_for(card: _Card, item: TapItem, table: fares.FareTable) -> bool:
     """Whether the card may be charged for this tap: usable now, or, for a ride a gate uploads later,
-    taken before the card last stopped (a loss reported after the ride does not undo it; an earlier,
+    taken (its journey begun) through the last valid day of a card that has expired since, or taken
+    before the card last stopped (a loss reported after the ride does not undo it; an earlier,
     lifted loss is not looked at: docs/transit.md). The exit of a journey entered before the stop ends
     that journey, at its distance fare, rather than leaving it to the sweep's maximum fare; when that
     journey's entry has not arrived yet, the exit is priced as one that only such an entry can take
@@ -255,15 +259,18 @@ def _usable_for(card: _Card, item: TapItem, table: fares.FareTable) -> bool:
     if card.usable:
         return True
     tap = item.tap
-    if not tap.uploaded or card.lost_since is None or card.expires_on is None:
+    if not tap.uploaded or card.expires_on is None:
+        return False
+    open_journey = card.journey.journey
+    ends_journey = tap.direction == "out" and open_journey is not None and open_journey.time <= tap.time
+    started = open_journey.time if ends_journey and open_journey is not None else tap.time
+    if card.active:  # expired since: a journey the gates let begin through its last valid day is charged
+        return fares.local_day(table, started) <= card.expires_on
+    if card.lost_since is None:
         return False
     if _gate_unaware(card, item):
         return fares.local_day(table, tap.time) <= card.expires_on
-    started = tap.time
-    open_journey = card.journey.journey
-    if tap.direction == "out" and open_journey is not None and open_journey.time <= tap.time:
-        started = open_journey.time
-    elif tap.direction == "out" and tap.time - table.rules.journey_timeout_s < card.lost_since:
+    if not ends_journey and tap.direction == "out" and tap.time - table.rules.journey_timeout_s < card.lost_since:
         started = math.ceil(card.lost_since) - 1  # its entry, if it comes, is before the stop
     return started < card.lost_since and fares.local_day(table, started) <= card.expires_on
 
@@ -870,7 +877,8 @@ async def _attempt(
                 q["quota_year"] if q is not None else None,
             )
         status = effective_status(r["status"], r["temp_loss_until"], now)
-        usable = status == CardStatus.ACTIVE and not r["app_locked"] and r["expires_on"] >= today
+        active = status == CardStatus.ACTIVE and not r["app_locked"]
+        usable = active and r["expires_on"] >= today
         locked = _Card(
             r["card_id"],
             r["card_sn"],
@@ -885,6 +893,7 @@ async def _attempt(
             quota,
             r["status_changed_at"].timestamp() if status == CardStatus.TEMP_LOST and not r["app_locked"] else None,
             r["expires_on"],
+            active=active,
         )
         cards_by_id[locked.card_id] = locked
         by_sn[locked.card_sn] = locked
