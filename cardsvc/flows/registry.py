@@ -26,17 +26,34 @@ def _holder_view(row: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-async def create_holder(conn: asyncpg.Connection, vault: PiiVault, body: dict[str, Any]) -> dict[str, Any]:
+# The holder and who registered it (holder_event, migration 0022), in one statement.
+_CREATE_HOLDER_SQL = """
+WITH h AS (
+    INSERT INTO cardholder (id_hash, id_cipher, name_cipher, id_masked, name_masked)
+    VALUES ($1, $2, $3, $4, $5) RETURNING holder_id, id_masked, name_masked
+), e AS (
+    INSERT INTO holder_event (holder_id, op, terminal_id, operator, request_id)
+    SELECT holder_id, 'create', $6, $7, $8 FROM h
+)
+SELECT holder_id, id_masked, name_masked FROM h
+"""
+
+
+async def create_holder(
+    conn: asyncpg.Connection, vault: PiiVault, body: dict[str, Any], actor: Actor
+) -> dict[str, Any]:
     sealed = vault.seal(body["id_number"], body["name"])
     try:
         row = await conn.fetchrow(
-            """INSERT INTO cardholder (id_hash, id_cipher, name_cipher, id_masked, name_masked)
-               VALUES ($1, $2, $3, $4, $5) RETURNING holder_id, id_masked, name_masked""",
+            _CREATE_HOLDER_SQL,
             sealed.id_hash,
             sealed.id_cipher,
             sealed.name_cipher,
             sealed.id_masked,
             sealed.name_masked,
+            actor.terminal_id,
+            actor.operator,
+            actor.request_id,
         )
     except asyncpg.UniqueViolationError:
         existing = await conn.fetchval("SELECT holder_id FROM cardholder WHERE id_hash = $1", sealed.id_hash)

@@ -117,7 +117,7 @@ async def create_holder(request: web.Request) -> web.Response:
     body = _parse(api.HOLDER_CREATE, request)
     svc = request.app[SERVICES]
     async with svc.pool.acquire() as conn:
-        return _json(await registry.create_holder(conn, svc.vault, body), 201)
+        return _json(await registry.create_holder(conn, svc.vault, body, _actor(request, body)), 201)
 
 
 @operation("holder.lookup")

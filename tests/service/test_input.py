@@ -23,7 +23,9 @@ from protocols import api, ecard, sm, terminal_auth
 from tests.helpers import Response, ServiceHarness, new_card_numbers, new_id_number
 
 PROBLEM = "application/problem+json"
-TABLES = ("cardholder", "card", "card_event", "ecard", "hotlist_entry", "credential_use", "hotlist_head")
+TABLES = (
+    "cardholder", "holder_event", "card", "card_event", "ecard", "hotlist_entry", "credential_use", "hotlist_head",
+)
 
 
 async def snapshot(db: asyncpg.Connection) -> dict[str, Any]:

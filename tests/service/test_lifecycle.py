@@ -284,6 +284,29 @@ async def test_card_event_is_append_only(svc: ServiceHarness, db: asyncpg.Connec
     assert [e["op"] for e in await events(svc, c["card_no"])] == ["issue", "activate"]
 
 
+
+async def test_registering_a_holder_records_who_did_it(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    """`HolderCreate.operator`: the clerk, the terminal and the request id are kept with the new holder
+    (holder_event, append-only), as card_event keeps them for a card. Before migration 0022 the operator
+    was accepted and dropped. A refused registration (the ID number again) records nothing."""
+    id_number = new_id_number()
+    body = {"id_number": id_number, "name": "王小明", "operator": "clerk-7"}
+    r = await svc.post("/v1/holders", body, headers={"X-Request-Id": "rq-register"})
+    assert r.status == 201, r.body
+    holder_id = r.body["holder_id"]
+    r = await svc.post("/v1/holders", {"id_number": id_number, "name": "王小明", "operator": "clerk-8"})
+    assert r.status == 409 and r.body["holder_id"] == holder_id, r.body
+    rows = await db.fetch(
+        "SELECT op, terminal_id, operator, request_id FROM holder_event WHERE holder_id = $1", holder_id
+    )
+    office = svc.terminals["card_office"].terminal_id
+    assert [tuple(x) for x in rows] == [("create", office, "clerk-7", "rq-register")]
+    with pytest.raises(asyncpg.PostgresError, match="append-only"):
+        await db.execute("UPDATE holder_event SET operator = 'mallory'")
+    with pytest.raises(asyncpg.PostgresError, match="append-only"):
+        await db.execute("DELETE FROM holder_event")
+
+
 # ---------------------------------------------------------------------------------- illegal moves
 
 _ILLEGAL = [
