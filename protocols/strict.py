@@ -42,9 +42,15 @@ def looks_personal(text: str) -> bool:
 _KEY_SHOWN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
 
 
+_KEY_DIGITS = re.compile(r"\d{11}")  # no field name has them; ID, bank card and mobile numbers do
+
+
 def shown_key(key: object) -> str | None:
-    """The key as an error may show it, or None when it is not shaped like a field name."""
-    return key if isinstance(key, str) and _KEY_SHOWN.fullmatch(key) else None
+    """The key as an error may show it, or None when it is not shaped like a field name or holds a run of
+    11 or more digits (`id_500104196207193855` and `p13912345678` are a field name's shape)."""
+    if isinstance(key, str) and _KEY_SHOWN.fullmatch(key) and not _KEY_DIGITS.search(key):
+        return key
+    return None
 
 
 def _unknown(key: str, bad: Bad) -> CodecError:

@@ -97,6 +97,19 @@ async def test_an_unknown_field_is_not_echoed_unless_shaped_like_a_field_name(sv
     assert (r.status, r.body["code"], r.body["field"]) == (400, "unknown_field", "id_numbr"), r.body
 
 
+async def test_an_unknown_field_name_holding_an_id_number_is_not_echoed(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A key shaped like a field name was echoed in `detail` and `field` even when it carried an ID number
+    (a client keying its body by the person, with a prefix): the problem body held the ID number. Such a
+    key is refused unnamed, like a key of any other shape, and nothing is stored."""
+    for key in ("id_" + ID_NUMBER, "p" + PHONE):
+        r = await svc.post("/v1/holders", {"id_number": ID_NUMBER, "name": NAME, key: 1})
+        assert (r.status, r.body["code"], r.body.get("field")) == (400, "unknown_field", None), r.body
+        assert ID_NUMBER not in _text(r.body) and PHONE not in _text(r.body), r.body
+    assert await db.fetchval("SELECT count(*) FROM cardholder") == 0
+
+
 async def test_an_unknown_card_operation_is_not_echoed(svc: ServiceHarness) -> None:
     """POST /v1/cards/{card_no}/{op}: an op that is not one was quoted back in `detail` (an ID number sent in
     the URL came back in the error message)."""
