@@ -189,7 +189,7 @@ class _Card:
     # names the deny-list version its gate held (`_gate_unaware`).
     hotlist: tuple[HotlistEntry, ...] | None = None
     # Active and its application not locked: `usable` but for its expiry date, which rides taken through
-    # the card's last valid day and uploaded after it do not look at (`_usable_for`).
+    # the card's last valid day and uploaded after it do not look at (`_stop`).
     active: bool = False
 
 
@@ -248,43 +248,59 @@ def _gate_unaware(card: _Card, item: TapItem) -> bool:
     return not blocked_as_of(card.hotlist, item.deny_version)
 
 
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+
+def _stop(card: _Card, item: TapItem, table: fares.FareTable) -> float | None:
+    """For a tap a gate uploads later on a card not usable now: when the card stopped, unix seconds (the rides
+    before it are charged), or None when it is not charged at all (cancelled, application locked). The
+    stop is the end of the card's last valid day (`expires_on`, local time: expiry is a date on the card,
+    and the ride-code certificate a gate checks ends with it), or the card's loss if earlier, unless the
+    gate could not refuse the ride (`_gate_unaware`)."""
+    if card.expires_on is None:
+        return None
+    expired = (card.expires_on.toordinal() - _EPOCH_ORDINAL + 1) * 86400 - table.rules.utc_offset_s
+    if card.active or _gate_unaware(card, item):
+        return expired
+    if card.lost_since is None:
+        return None
+    return min(card.lost_since, expired)
+
+
 def _usable_for(card: _Card, item: TapItem, table: fares.FareTable) -> bool:
-    """Whether the card may be charged for this tap: usable now, or, for a ride a gate uploads later,
-    taken (its journey begun) through the last valid day of a card that has expired since, or taken
-    before the card last stopped (a loss reported after the ride does not undo it; an earlier,
-    lifted loss is not looked at: docs/transit.md). The exit of a journey entered before the stop ends
-    that journey, at its distance fare, rather than leaving it to the sweep's maximum fare; when that
-    journey's entry has not arrived yet, the exit is priced as one that only such an entry can take
-    (`_priced_tap`), if it came within the journey timeout after the stop."""
+    """Whether the card may be charged for this tap: usable now, or, for a ride a gate uploads later, taken
+    before the card stopped (`_stop`: its last valid day ended, or it was reported lost; a loss reported
+    after the ride does not undo it; an earlier, lifted loss is not looked at: docs/transit.md). The exit of
+    a journey entered before the stop ends that journey, at its distance fare, rather than leaving it to
+    the sweep's maximum fare; when that journey's entry has not arrived yet (or the sweep closed it), the
+    exit is priced as one that only such an entry can take (`_priced_tap`), if it came within the journey
+    timeout after the stop."""
     if card.usable:
         return True
     tap = item.tap
-    if not tap.uploaded or card.expires_on is None:
+    stop = _stop(card, item, table) if tap.uploaded else None
+    if stop is None:
         return False
+    started = tap.time
     open_journey = card.journey.journey
-    ends_journey = tap.direction == "out" and open_journey is not None and open_journey.time <= tap.time
-    started = open_journey.time if ends_journey and open_journey is not None else tap.time
-    if card.active:  # expired since: a journey the gates let begin through its last valid day is charged
-        return fares.local_day(table, started) <= card.expires_on
-    if card.lost_since is None:
-        return False
-    if _gate_unaware(card, item):
-        return fares.local_day(table, tap.time) <= card.expires_on
-    if not ends_journey and tap.direction == "out" and tap.time - table.rules.journey_timeout_s < card.lost_since:
-        started = math.ceil(card.lost_since) - 1  # its entry, if it comes, is before the stop
-    return started < card.lost_since and fares.local_day(table, started) <= card.expires_on
+    if tap.direction == "out" and open_journey is not None and open_journey.time <= tap.time:
+        started = open_journey.time
+    elif tap.direction == "out" and tap.time - table.rules.journey_timeout_s < stop:
+        started = math.ceil(stop) - 1  # its entry, if it comes, is before the stop
+    return started < stop
 
 
-def _priced_tap(card: _Card, item: TapItem) -> fares.Tap:
+def _priced_tap(card: _Card, item: TapItem, table: fares.FareTable) -> fares.Tap:
     """The tap as the fare engine prices it: an uploaded exit after the card stopped counts only as the end
     of a journey entered before the stop (`Tap.entered_before`)."""
     tap = item.tap
-    if card.usable or not tap.uploaded or tap.direction != "out" or card.lost_since is None:
+    if card.usable or not tap.uploaded or tap.direction != "out":
         return tap
-    if _gate_unaware(card, item):
+    stop = _stop(card, item, table)
+    if stop is None:
         return tap
-    stop = math.ceil(card.lost_since)  # an entry at whole second t is before the stop iff t < stop
-    return tap if tap.time < stop else dataclasses.replace(tap, entered_before=stop)
+    at = math.ceil(stop)  # an entry at whole second t is before the stop iff t < at
+    return tap if tap.time < at else dataclasses.replace(tap, entered_before=at)
 
 
 # The batch's cards, locked, with the credential uses among the batch's credentials already recorded
@@ -695,7 +711,7 @@ def _decide(
 
 def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
     table = batch.table
-    tap = _priced_tap(card, item)
+    tap = _priced_tap(card, item, table)
     try:
         decision, charge, back, total_needed, unmatched = _decide(batch, item, card, tap, charge_due=True)
         if decision.due and tap.uploaded and card.balance_fen - total_needed < -item.overdraft_fen:
