@@ -290,7 +290,7 @@ async def return_quota_ride(
         balance = await conn.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id)
         # The key in the card office's key space: no money moved (amount 0), the answer names the ride.
         await record_office_key(
-            conn, actor.terminal_id, body["terminal_seq"], digest, card_id, 0, balance or 0, fare_txn
+            conn, actor, body["terminal_seq"], digest, card_id, 0, balance or 0, fare_txn
         )
     metrics.QUOTA_RIDES_RETURNED.labels(body["reason"]).inc()
     return _returned_view(fare_txn, done, False)

@@ -167,7 +167,7 @@ async def correct_fare(
             )
         new_balance = home_balance + amount
         await record_office_key(
-            conn, actor.terminal_id, body["terminal_seq"], digest, card_id, amount, new_balance, txn_id
+            conn, actor, body["terminal_seq"], digest, card_id, amount, new_balance, txn_id
         )
     metrics.FARE_CORRECTIONS.labels(body["reason"]).inc()
     metrics.FARE_CORRECTION_FEN.labels(body["reason"]).inc(amount)

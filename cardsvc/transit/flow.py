@@ -320,22 +320,22 @@ async def prior_office_answer(
 
 
 async def record_office_key(
-    conn: asyncpg.Connection, terminal_id: str, terminal_seq: int, digest: bytes, card_id: int, amount_fen: int,
+    conn: asyncpg.Connection, actor: Actor, terminal_seq: int, digest: bytes, card_id: int, amount_fen: int,
     balance_fen: int, txn_id: int,
 ) -> None:
     """Keep a card-office answer under its key: in terminal_txn (the answer of every terminal transaction)
-    and for good in topup_key (migration 0009)."""
+    and for good in topup_key (migration 0009), with the clerk (`actor.operator`, '' for none; 0023)."""
     try:
         await conn.execute(
             """WITH k AS (
                    INSERT INTO topup_key (terminal_id, terminal_seq, request_hash, card_id, amount_fen,
-                                          balance_fen, txn_id)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7)
+                                          balance_fen, txn_id, staff)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                )
                INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result,
                                          amount_fen, balance_fen, txn_id)
                VALUES ($1, $2, $3, $4, 'approved', $5, $6, $7)""",
-            terminal_id, terminal_seq, digest, card_id, amount_fen, balance_fen, txn_id,
+            actor.terminal_id, terminal_seq, digest, card_id, amount_fen, balance_fen, txn_id, actor.operator or "",
         )  # fmt: skip
     except asyncpg.UniqueViolationError:
         # The key was taken meanwhile by a request for another card (the same card would have waited for
@@ -400,7 +400,7 @@ async def top_up(
             new_balance,
         )
         await record_office_key(
-            conn, actor.terminal_id, body["terminal_seq"], digest, row["card_id"], sign * body["amount_fen"],
+            conn, actor, body["terminal_seq"], digest, row["card_id"], sign * body["amount_fen"],
             new_balance, txn_id,
         )  # fmt: skip
     return {

@@ -218,6 +218,23 @@ async def test_the_same_top_up_sent_twice_at_once_credits_once_and_answers_both(
     assert await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card_id) == 300
 
 
+async def test_a_top_up_and_a_refund_keep_their_clerk(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    """Money put into or taken out of a purse names its clerk with the key kept for good (topup_key.staff,
+    migration 0023), as a fare correction and a quota ride return do; before, `operator` was accepted and
+    dropped. No clerk named: ''. A resend adds nothing."""
+    no, card_id = await _card_with_purse(svc, db, 0)
+    up = await _top_up(svc, no, 500, seq=999_020)
+    assert up.status == 200, up.body
+    body = {"terminal_seq": 999_021, "amount_fen": 200, "channel": "refund"}
+    down = await svc.post(f"/v1/purses/{no}/top-ups", body)
+    assert down.status == 200, down.body
+    assert (await _top_up(svc, no, 500, seq=999_020)).body["replayed_answer"] is True
+    rows = await db.fetch(
+        "SELECT terminal_seq, amount_fen, staff FROM topup_key WHERE card_id = $1 ORDER BY terminal_seq", card_id
+    )
+    assert [tuple(r) for r in rows] == [(999_020, 500, "staff-1"), (999_021, -200, "")]
+
+
 async def test_a_top_up_resent_after_its_answer_was_pruned_is_still_answered_not_credited_again(
     svc: ServiceHarness, db: asyncpg.Connection
 ) -> None:
@@ -236,7 +253,11 @@ async def test_a_top_up_resent_after_its_answer_was_pruned_is_still_answered_not
     # A top-up the release before migration 0009 wrote while the migration ran has no topup_key row:
     # maintenance keeps its answer there before pruning it.
     second = await _top_up(svc, no, 200, seq=999_011)
+    with pytest.raises(asyncpg.PostgresError, match="append-only"):  # migration 0023
+        await db.execute("DELETE FROM topup_key WHERE txn_id = $1", second.body["txn_id"])
+    await db.execute("ALTER TABLE topup_key DISABLE TRIGGER topup_key_append_only")
     await db.execute("DELETE FROM topup_key WHERE txn_id = $1", second.body["txn_id"])
+    await db.execute("ALTER TABLE topup_key ENABLE TRIGGER topup_key_append_only")
     await db.execute("UPDATE terminal_txn SET at = at - interval '8 days' WHERE txn_id = $1", second.body["txn_id"])
     await maintenance_once(svc.app[SERVICES].pool, svc.settings, svc.app[SERVICES].transit.table)
     assert (await _top_up(svc, no, 200, seq=999_011)).body == {**second.body, "replayed_answer": True}

@@ -357,6 +357,13 @@ async def test_the_audit_fails_when_the_correction_ledger_is_broken(
     assert r.status == 200
     assert (await audit(db, settings))["fare_corrections"].ok
     txn = r.body["txn_id"]
+    # The table is append-only (migration 0023): an edit is refused, unless by the table's owner turning the
+    # trigger off first, which the audit must then catch.
+    with pytest.raises(asyncpg.PostgresError, match="append-only"):
+        await db.execute("UPDATE fare_correction SET amount_fen = 99 WHERE txn_id = $1", txn)
+    with pytest.raises(asyncpg.PostgresError, match="append-only"):
+        await db.execute("DELETE FROM fare_correction WHERE txn_id = $1", txn)
+    await db.execute("ALTER TABLE fare_correction DISABLE TRIGGER fare_correction_append_only")
     if breakage == "amount_changed":
         await db.execute("UPDATE fare_correction SET amount_fen = 99 WHERE txn_id = $1", txn)
     elif breakage == "row_deleted":
