@@ -195,10 +195,12 @@ async def apply(
         if op == "replace":
             detail.update(await _replace(conn, row, body, actor, now))
         elif op == "cancel":
-            await conn.execute(
-                "UPDATE ecard SET revoked_at = now() WHERE card_id = $1 AND revoked_at IS NULL",
+            revoked = await conn.fetchval(
+                "UPDATE ecard SET revoked_at = now() WHERE card_id = $1 AND revoked_at IS NULL RETURNING ecard_id",
                 row["card_id"],
             )
+            if revoked is not None:  # the e-card goes with the card: its event says which (one live per card)
+                detail["ecard_revoked"] = revoked
         await _record(conn, row["card_id"], row["card_sn"], op, actor, status, p, detail)
     return await get_card(conn, body["new_card_no"] if op == "replace" else card_no, now)
 

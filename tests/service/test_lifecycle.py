@@ -540,3 +540,14 @@ async def test_ecard_issue_and_revoke_rules(svc: ServiceHarness) -> None:
         "ecard-revoke",
         "ecard-issue",
     ]
+    # Cancelling the card revokes its e-card; the cancel event names it (before, only ecard.revoked_at
+    # showed it, with no event of its own). A card without one says nothing of e-cards.
+    cancelled = await ok(svc, c["card_no"], "cancel")
+    assert cancelled.body["status"] == "cancelled"
+    last = (await events(svc, c["card_no"]))[-1]
+    assert (last["op"], last["detail"].get("ecard_revoked")) == ("cancel", again.ecard_id), last
+    r = await svc.post(f"/v1/ecards/{again.ecard_id}/revoke", {}, as_="ecard_channel")
+    assert r.status == 409 and r.body["code"] == "ecard_revoked", r.body
+    plain = await svc.new_card()
+    await ok(svc, plain["card_no"], "cancel")
+    assert "ecard_revoked" not in (await events(svc, plain["card_no"]))[-1]["detail"]
