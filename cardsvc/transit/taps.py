@@ -355,10 +355,10 @@ SELECT 0 AS part, NULL::text AS terminal_id, NULL::bigint AS terminal_seq, NULL:
        NULL::bigint AS amount_fen, NULL::bigint AS balance_fen, NULL::bigint AS txn_id, NULL::jsonb AS detail,
        (SELECT coalesce(array_agg(terminal_id), '{}') FROM n) AS fresh_terminals,
        (SELECT coalesce(array_agg(nonce), '{}') FROM n) AS fresh_nonces,
-       txid_current() AS xid
+       txid_current() AS xid, now() AS tx_now
 UNION ALL
 SELECT 1, t.terminal_id, t.terminal_seq, t.request_hash, t.result, t.amount_fen, t.balance_fen, t.txn_id,
-       t.detail, NULL, NULL, NULL
+       t.detail, NULL, NULL, NULL, NULL
 FROM unnest($1::text[], $2::bigint[]) AS k(terminal_id, terminal_seq)
 JOIN terminal_txn t ON t.terminal_id = k.terminal_id AND t.terminal_seq = k.terminal_seq
 ORDER BY part
@@ -830,10 +830,14 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
 
 
 async def _attempt(
-    conn: asyncpg.Connection, table: fares.FareTable, items: Sequence[TapItem], now: dt.datetime
+    conn: asyncpg.Connection, table: fares.FareTable, items: Sequence[TapItem]
 ) -> tuple[list[TapOutcome], int]:
-    """The outcomes of a batch, written in the caller's transaction, and that transaction's id."""
-    batch = _Batch(table, now)
+    """The outcomes of a batch, written in the caller's transaction, and that transaction's id.
+
+    The batch is judged at its transaction's time (`now()`): the time its journal rows are posted at
+    (`posted_at`), so that a fare's quota year, a card's expiry and a temporary loss's end agree with the
+    posting day that clearing and the card office read back, even for a batch that waited into a new
+    day (or year) for its connection."""
     with_nonce = [i for i in items if i.nonce is not None]
     nonce_row, *answered = await conn.fetch(
         _EXISTING_SQL,
@@ -842,6 +846,8 @@ async def _attempt(
         [i.terminal_id for i in with_nonce],
         [i.nonce for i in with_nonce],
     )
+    now: dt.datetime = nonce_row["tx_now"]
+    batch = _Batch(table, now)
     fresh = set(zip(nonce_row["fresh_terminals"], nonce_row["fresh_nonces"], strict=True))
     existing = {(r["terminal_id"], r["terminal_seq"]): r for r in answered}
     # Only the taps still to decide lock their purses: one answered before (a retry) or with a used nonce is
@@ -1107,10 +1113,9 @@ async def process_taps(
     are answered HELD and the rest of the batch is decided again without them: one held card does not fail
     the others. (If the rest meets a held purse too, the batch fails as before.) A tap answered before (a
     resend) is never HELD: its answer is stored, and it goes with the rest."""
-    now = dt.datetime.now(dt.UTC)
     async with pool.acquire() as conn:
         try:
-            return await _process(pool, conn, table, items, now)
+            return await _process(pool, conn, table, items)
         except asyncpg.LockNotAvailableError:
             if not isolate_held or len(items) < 2:
                 raise
@@ -1120,7 +1125,7 @@ async def process_taps(
             if not any(held) or all(held):
                 raise
             rest = [i for i, h in zip(items, held, strict=True) if not h]
-            decided = iter(await _process(pool, conn, table, rest, now))
+            decided = iter(await _process(pool, conn, table, rest))
             return [HELD if h else next(decided) for h in held]
 
 
@@ -1162,13 +1167,12 @@ async def _process(
     conn: asyncpg.Connection,
     table: fares.FareTable,
     items: Sequence[TapItem],
-    now: dt.datetime,
 ) -> list[TapOutcome]:
     for attempt in range(BATCH_ATTEMPTS_MAX):
         decided: tuple[list[TapOutcome], int] | None = None
         try:
             async with conn.transaction():
-                decided = await _attempt(conn, table, items, now)
+                decided = await _attempt(conn, table, items)
             return decided[0]
         except _COMMIT_UNANSWERED:
             if decided is None:  # before the COMMIT: rolled back, nothing written

@@ -7,14 +7,18 @@ the answer; a refused request changes nothing; `cardsvc audit` checks the return
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
+import types
 from typing import Any
 
 import asyncpg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cardsvc.audit import run_audit
 from cardsvc.config import Settings
+from cardsvc.transit import taps as taps_mod
 from tests.helpers import ServiceHarness
 from tests.transit.test_concessions import (
     BUS_FARE,
@@ -209,6 +213,34 @@ async def test_a_ride_of_a_year_whose_quota_is_over_is_not_given_back(
     r = await svc.post(path(c), give_back(ride["txn_id"]))
     assert r.status == 409 and r.body["code"] == "quota_year_ended", r.body
     assert await state(db, c) == before
+
+
+async def test_a_ride_whose_batch_waited_into_the_new_year_uses_and_gets_back_that_years_quota(
+    svc: ServiceHarness, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tap batch that read the clock at 23:59:59 on 31 December and began its transaction after midnight
+    posts its fare in the new year (`posted_at`, the transaction's time). Its quota year was the worker's
+    clock's, the old year: the card office, which reads the ride's year from `posted_at`, then refused to
+    give the ride back (`quota_year_ended`) to the quota it had used. The batch now judges at its
+    transaction's time. Here the worker's clock reads last year's last second, as if the batch had waited
+    a year for its connection."""
+    c = await elderly(svc, db)
+    year = await db.fetchval("SELECT extract(year FROM now() AT TIME ZONE 'Asia/Shanghai')::int")
+
+    class LastYear(dt.datetime):
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
+            return dt.datetime(year - 1, 12, 31, 15, 59, 59, tzinfo=dt.UTC)  # 23:59:59 in UTC+8
+
+    clock = types.SimpleNamespace(**{k: getattr(dt, k) for k in dir(dt) if not k.startswith("__")})
+    clock.datetime = LastYear
+    monkeypatch.setattr(taps_mod, "dt", clock)
+    ride = await bus_tap(svc, c["card_sn"])
+    assert ride["fare_fen"] == 0 and "elderly_free" in ride["rules"], ride
+    assert await db.fetchval("SELECT quota_year FROM concession WHERE holder_id = $1", c["holder_id"]) == year
+    r = await svc.post(path(c), give_back(ride["txn_id"]))
+    assert r.status == 200 and r.body["quota_year"] == year, r.body
+    assert await rides_left(db, c) == QUOTA
 
 
 async def test_an_ended_concession_keeps_the_ride_given_back(
