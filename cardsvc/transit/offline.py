@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import math
 from typing import Any
 
 import asyncpg
@@ -366,9 +367,11 @@ UNION ALL
 
 
 async def served_to(conn: asyncpg.Connection, terminal_id: str, oldest: dt.datetime) -> Served:
-    """The hotlist versions known served to a terminal, for its records (or rides) made since `oldest`."""
+    """The hotlist versions known served to a terminal, for its records (or rides) made since `oldest`.
+    A serve counts from the first whole second after it: records carry whole seconds, and one stamped in
+    the second of a serve may have been made before it (the validator could not refuse the card yet)."""
     rows = await conn.fetch(_SERVED_SQL, terminal_id, oldest)
-    return Served.of([(int(row["served_at"].timestamp()), row["version"]) for row in rows])
+    return Served.of([(math.ceil(row["served_at"].timestamp()), row["version"]) for row in rows])
 
 
 async def _attempt(

@@ -678,6 +678,31 @@ async def test_a_record_early_in_the_window_is_judged_as_of_the_serve_before_it(
     assert (answer["result"], answer["reason"]) == ("hotlisted", "blocked_at_validator_hotlist_version"), answer
 
 
+async def test_a_serve_counts_from_the_whole_second_after_it(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    """Records carry whole seconds. A download at T + 0.7 s with card C's loss: C's record stamped T, claiming
+    the list from before the loss, may have been made before the download, so the validator could not
+    refuse it: accepted, its operator paid. Before, the serve's time was cut to T and the record judged
+    `hotlisted`. One stamped T + 1 was made after the download: hotlisted."""
+    c, chip = await funded(svc, 1000)
+    t = tid(svc)
+    before_loss = (await svc.get("/v1/hotlist?since=0", as_="ops")).body["latest_version"]
+    assert (await svc.post(f"/v1/cards/{c['card_no']}/temporary-loss", {"operator": "staff-1"})).status == 200
+    assert (await svc.get(f"/v1/hotlist?since={before_loss}", as_="transit_validator")).status == 200
+    whole = int(time.time()) - 600
+    served_at = whole + 0.7
+    await db.execute("UPDATE terminal_hotlist SET served_at = to_timestamp($2) WHERE terminal_id = $1", t, served_at)
+    await db.execute(
+        """UPDATE terminal_hotlist_serve SET first_at = to_timestamp($2), last_at = to_timestamp($2),
+                  hour = date_trunc('hour', to_timestamp($2)) WHERE terminal_id = $1""",
+        t, served_at,
+    )  # fmt: skip
+    same_second = debit(chip, t, 200, hotlist_version=before_loss, txn_time=whole)
+    next_second = debit(chip, t, 200, hotlist_version=before_loss, txn_time=whole + 1)
+    first, second = await upload(svc, [same_second, next_second])
+    assert first["result"] == "accepted", first
+    assert (second["result"], second["reason"]) == ("hotlisted", "blocked_at_validator_hotlist_version"), second
+
+
 async def test_the_last_serve_of_an_hour_counts_after_a_quiet_hour_and_a_later_download(
     svc: ServiceHarness, db: asyncpg.Connection
 ) -> None:
