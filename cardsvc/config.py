@@ -118,6 +118,8 @@ def _mask_password(url: str) -> str:
 
 def _coerce(name: str, raw: Any, target: Any) -> Any:
     kind = target if isinstance(target, type) else None
+    if not isinstance(raw, str | int | float):  # a config file's array, table or date: no setting takes one
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}: cannot read a TOML {type(raw).__name__} as {target}")
     text = str(raw).strip()
     try:
         if kind is bool or target == "bool":
@@ -230,6 +232,8 @@ def load_settings(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
         section = data.get("cardsvc", data)
+        if not isinstance(section, dict):
+            raise ConfigError(f"config file {path}: cardsvc must be a table ([cardsvc]), not a value")
         if section is not data and len(data) > 1:
             others = ", ".join(sorted(k for k in data if k != "cardsvc"))
             raise ConfigError(f"config file {path}: settings go either at the top or under [cardsvc], not both ({others})")

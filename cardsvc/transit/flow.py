@@ -252,6 +252,8 @@ def parse_history_cursor(text: str) -> tuple[dt.datetime, int]:
     micros, _, txn = text.partition(".")
     if not (micros.isascii() and micros.isdigit() and txn.isascii() and txn.isdigit()) or len(micros) > 17 or len(txn) > 19:
         raise ValueError("before is <microseconds>.<txn_id>, as a page's next_before")
+    if int(txn) > 2**63 - 1:  # a txn id is a bigint
+        raise ValueError("before's txn_id is out of range")
     at = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=int(micros))
     return at, int(txn)
 

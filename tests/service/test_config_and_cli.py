@@ -50,6 +50,32 @@ def test_settings_at_the_top_and_under_the_section_are_not_mixed(tmp_path: Path)
     assert (load_settings(environ={}, config_file=section).port, Settings().port) == (9000, 8080)
 
 
+def test_a_cardsvc_key_that_is_not_a_table_is_a_configuration_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file whose `cardsvc` key is a value, not a table, ended in an AttributeError traceback; it is a
+    configuration error (one line, exit status 2)."""
+    path = tmp_path / "cardsvc.toml"
+    path.write_text("cardsvc = 5\n")
+    with pytest.raises(ConfigError, match="must be a table"):
+        load_settings(environ={}, config_file=path)
+    path.write_text('cardsvc = "production"\n')
+    assert cli.main(["--config", str(path), "config"]) == 2
+    assert "configuration error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "line", ['data_dir = ["/srv/cardsvc"]', 'host = ["0.0.0.0"]', 'fare_table = { path = "/etc/cardsvc/fares.toml" }']
+)
+def test_a_list_or_table_for_a_setting_is_refused(tmp_path: Path, line: str) -> None:
+    """Every TOML value was read as its text: `data_dir = ["/srv/cardsvc"]` became the directory
+    "['/srv/cardsvc']" under the working directory, where the embedded database would have been made."""
+    path = tmp_path / "cardsvc.toml"
+    path.write_text(f"[cardsvc]\n{line}\n")
+    with pytest.raises(ConfigError, match=line.split("=")[0].strip().upper()):
+        load_settings(environ={}, config_file=path)
+
+
 def test_the_configuration_shown_masks_a_password_wherever_the_url_has_it() -> None:
     for url in ("postgresql://u:topsecret@h/db", "postgresql://h/db?user=u&password=topsecret&sslmode=require"):
         shown = load_settings(environ={"CARDSVC_DATABASE_URL": url}).public_dict()["database_url"]
