@@ -783,6 +783,17 @@ def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _card_no(text: str) -> str:
+    """An argparse type: a card number as the API reads it (9 characters A-Z 0-9; lowercase uppercased)."""
+    from protocols.card import validate_card_no
+    from protocols.errors import CodecError
+
+    try:
+        return validate_card_no(text)
+    except CodecError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _seconds(text: str) -> float:
     """An argparse type: a finite number of seconds, 0 or more."""
     try:
@@ -970,7 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
             "unlock-app",
         ],
     )
-    p.add_argument("card_no")
+    p.add_argument("card_no", type=_card_no)
     p.add_argument("--operator", help="staff id recorded in the audit trail (default: your user name)")
     p.add_argument("--limit", type=_int_in(1, 500), default=100, help="events to show (1-500, default 100)")
     p.add_argument("--new-card-no", help="replace: the new card's number")

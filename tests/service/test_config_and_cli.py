@@ -13,6 +13,7 @@ import pytest
 from cardsvc import cli
 from cardsvc.config import ConfigError, Settings, load_settings
 from cardsvc.security.keys import KeyFileError, KeyRing
+from tests.helpers import ServiceHarness
 
 
 @pytest.mark.parametrize(
@@ -176,3 +177,20 @@ async def test_terminal_commands_refuse_mistakes_before_changing_anything(
         assert "no operator 'nope'" in capsys.readouterr().err
     finally:
         await conn.close()
+
+
+async def test_card_commands_read_a_card_number_as_the_api_does(
+    svc: ServiceHarness, db: asyncpg.Connection, db_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The API upper-cases a card number typed in lowercase; `cardsvc card` passed it as typed, so a clerk's
+    `cardsvc card lock-pin t00000042` answered `not_found`. A malformed one is an argument error."""
+    c = await svc.new_card()
+    monkeypatch.setenv("CARDSVC_DATABASE_URL", db_dsn)
+    monkeypatch.setenv("CARDSVC_DATA_DIR", str(tmp_path))
+    rc = await asyncio.to_thread(cli.main, ["card", "lock-pin", c["card_no"].lower(), "--operator", "clerk-7"])
+    assert rc == 0, capsys.readouterr().err
+    assert await db.fetchval("SELECT pin_locked FROM card WHERE card_no = $1", c["card_no"]) is True
+    with pytest.raises(SystemExit) as exited:
+        await asyncio.to_thread(cli.main, ["card", "show", "T-0000042"])
+    assert exited.value.code == 2 and "card number" in capsys.readouterr().err
