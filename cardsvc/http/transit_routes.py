@@ -140,7 +140,8 @@ async def issue_ride_cert(request: web.Request) -> web.Response:
 def _own_terminal(request: web.Request, terminal_id: str, name: str) -> None:
     """An upload carries the records of the terminal that signs it, never another's."""
     signer = request[AUTH].terminal_id
-    if terminal_id != signer:
+    if terminal_id != signer:  # a mis-provisioned or hostile terminal: counted like any forbidden call
+        metrics.REQUEST_AUTH_FAILURES.labels("forbidden").inc()
         raise ApiError(
             "forbidden_operation",
             f"{name} {terminal_id!r} is not the signing terminal {signer!r}",

@@ -36,6 +36,7 @@ from tests.helpers import (
     replacement_body,
     until_lock_waits,
 )
+from tests.service.test_auth import auth_failures
 
 BUS = {"line_id": "bus-105", "station_id": "", "direction": "single"}
 _seq = itertools.count(1)
@@ -840,11 +841,14 @@ async def test_records_of_another_terminal_or_without_the_operation_are_forbidde
     other = tid(svc, OTHER)
     body = transit.batch_to_dict(OfflineBatch(other, 1, [debit(chip, other)]))
     before = await money_state(db)
+    counted = (await auth_failures(svc)).get("forbidden", 0)
     r = await svc.post("/v1/transit/offline-batches", body, as_="transit_validator")
     assert r.status == 403 and r.body["code"] == "forbidden_operation" and r.body["field"] == "terminal_id", r.body
     r = await svc.post("/v1/transit/offline-batches", body, as_="merchant_pos")
     assert r.status == 403 and r.body["code"] == "forbidden_operation", r.body
     assert await money_state(db) == before
+    # Both refusals are counted (docs/security.md), the other terminal's records as well as the operation.
+    assert (await auth_failures(svc)).get("forbidden", 0) == counted + 2
 
 
 @pytest.mark.parametrize(
