@@ -37,6 +37,8 @@ _CREDENTIAL_OUTCOMES: dict[str | None, str | None] = {
     "unknown_card": "unknown_card",
     "tap_time_out_of_window": None,
     rides.DECLINE_RIDE_TIME: None,
+    # Answered before the credential's single-use check (the card has no purse to lock): not a verification.
+    "no_transit_purse": None,
 }
 
 

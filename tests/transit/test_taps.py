@@ -436,8 +436,24 @@ async def test_unknown_card(svc: ServiceHarness, db: asyncpg.Connection) -> None
 
 
 async def test_card_without_a_transit_purse(svc: ServiceHarness, db: asyncpg.Connection) -> None:
+    """Declined `no_transit_purse`, which the batch answers before the credential's single-use check: not a
+    whole verification, so not counted as an `ok` one (a replayed cryptogram was counted `ok`, hiding it
+    from the forged-or-replayed alert). A forged one is still refused and counted as such."""
     c = await svc.new_card(has_purse=False)
-    await declined(svc, db, tap_body(svc, c["card_sn"]), "no_transit_purse")
+
+    async def counted(outcome: str) -> float:
+        return await svc.metric_total("cardsvc_credential_verifications_total", kind="card_cryptogram", outcome=outcome)
+
+    ok_before = await counted("ok")
+    body = tap_body(svc, c["card_sn"])
+    await declined(svc, db, body, "no_transit_purse")
+    await declined(svc, db, {**body, "terminal_seq": next(_seq)}, "no_transit_purse")  # the same cryptogram
+    assert await counted("ok") == ok_before
+    forged_before = await counted("forged")
+    forged = tap_body(svc, c["card_sn"])
+    forged["cryptogram"] = ("0" if forged["cryptogram"][0] != "0" else "1") + forged["cryptogram"][1:]
+    await declined(svc, db, forged, "credential_forged")
+    assert await counted("forged") == forged_before + 1
 
 
 # ------------------------------------------------------------------ e-card codes and ride codes
