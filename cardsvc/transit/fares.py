@@ -352,7 +352,7 @@ class JourneyState:
         keys = {"v", "journey", "window", "day", "day_charged_fen"}
         if not keys <= set(data) <= keys | {"swept", "unpaired", "latest"}:
             raise FareInputError(f"journey state has keys {sorted(data)}")
-        if data["v"] != _STATE_VERSION:
+        if type(data["v"]) is not int or data["v"] != _STATE_VERSION:  # not True, not 1.0
             raise FareInputError(f"journey state version {data['v']!r} is not {_STATE_VERSION}")
         journey = None if data["journey"] is None else _journey_from(data["journey"], "journey")
         swept = None if data.get("swept") is None else _journey_from(data["swept"], "swept")
@@ -539,15 +539,22 @@ def fare(
     if tap.max_fare_fen is not None and tap.max_fare_fen < 0:
         raise FareInputError("max_fare_fen must be >= 0")
     newest = _newest(state)
+    # A metro exit is late only for the card's own taps: a held exit the old card's rider took after the
+    # stop (`_after_stop`) does not make the replacement card's rider's exit late for its open journey.
+    # An entry is judged against every tap, so that one before the stop finds such a held exit (`_late`).
+    ordered_by = _newest(state, after_stop=False) if tap.mode == "metro" and tap.direction == "out" else newest
     due: tuple[Penalty, ...] = ()
-    if tap.uploaded and newest is not None and tap.time < newest:
+    if tap.uploaded and ordered_by is not None and tap.time < ordered_by:
         d = _late(table, state, tap, concession, refund)
     else:
         if charge_due and state.unpaired:  # held exits whose entry did not come in time are charged first
             charged, state = charge_held_exits(table, state, tap.time, dated=tap.time)
             due = tuple(p for _, p in charged)
         d = _in_order(table, state, tap, concession, refund)
-    after = _with_latest(d.state, tap.time if newest is None or tap.time > newest else newest)
+    if tap.entered_before is not None and R_EXIT_HELD in d.rules:  # held after the stop: see `_after_stop`
+        after = d.state
+    else:
+        after = _with_latest(d.state, tap.time if newest is None or tap.time > newest else newest)
     if after is d.state and not due:
         return d
     return Decision(
@@ -606,8 +613,13 @@ def _in_order(table: FareTable, state: JourneyState, tap: Tap, concession: Conce
         return _late(table, state, tap, concession, refund)
     if journey is None:
         base = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
-        if state.swept is not None:  # the exit of the journey the sweep charged the maximum fare for
-            return _exit_of_swept(table, state.swept, base, tap, concession, refund=refund)
+        swept = state.swept
+        if swept is not None and tap.entered_before is not None and swept.time >= tap.entered_before:
+            # As for an open journey above: an exit after the stop does not end a swept journey entered
+            # after it; the swept journey's own exit may still come and give its charge back.
+            return _late(table, state, tap, concession, refund)
+        if swept is not None:  # the exit of the journey the sweep charged the maximum fare for
+            return _exit_of_swept(table, swept, base, tap, concession, refund=refund)
         return _exit_without_journey(table, base, tap, concession, operator, late=False, refund=refund)
     if t - journey.time >= r.journey_timeout_s:
         new = JourneyState(None, state.window, day, charged_today, unpaired=state.unpaired)
@@ -681,21 +693,30 @@ def _capped(d: Decision, fare_limit: int | None, penalty_limit: int | None) -> D
     return dataclasses.replace(d, amount_fen=amount, penalty=penalty, rules=(*d.rules, R_RIDE_MAX))
 
 
-def _derived_newest(state: JourneyState) -> int | None:
+def _derived_newest(state: JourneyState, *, after_stop: bool = True) -> int | None:
     newest = None if state.journey is None else state.journey.time
     if state.window is not None and (newest is None or state.window.start > newest):
         newest = state.window.start
     for u in state.unpaired:
+        if not after_stop and _after_stop(u):
+            continue
         if newest is None or u.time > newest:
             newest = u.time
     return newest
 
 
-def _newest(state: JourneyState) -> int | None:
+def _after_stop(u: UnpairedTap) -> bool:
+    """A held exit taken after its card stopped (`Tap.entered_before`): the old card's rider's, waiting for
+    an entry before the stop."""
+    return u.direction == "out" and not u.charged and u.until is not None
+
+
+def _newest(state: JourneyState, *, after_stop: bool = True) -> int | None:
     """The time of the card's newest tap: its open journey's entry, the end of its last ride (the
     transfer window's start), its unpaired taps, or `latest` when those do not show it (a discounted
-    ride keeps the window, an unpaired tap is paired)."""
-    derived = _derived_newest(state)
+    ride keeps the window, an unpaired tap is paired). Without `after_stop`, not counting the held exits
+    taken after the card stopped (`_after_stop`), which never set `latest`."""
+    derived = _derived_newest(state, after_stop=after_stop)
     if state.latest is None:
         return derived
     return state.latest if derived is None else max(derived, state.latest)
@@ -1129,5 +1150,7 @@ def close_open_journey(
     amount = _within(table.cap_fen, j.max_fare_fen)
     # Dated, as the sweep writes it, at the moment the journey timed out (even when forced earlier).
     kept = _charged_entry(j, table, None, at=j.time + table.rules.journey_timeout_s)
-    closed = _with_unpaired(dataclasses.replace(state, journey=None, swept=j), now, kept)
+    # Kept as of the card's newest tap, not the sweep's clock: a sweep run days late (a card on the retry
+    # list) must not drop the charged entry its exit, uploaded as late, gives back.
+    closed = _with_unpaired(dataclasses.replace(state, journey=None, swept=j), _newest(state) or j.time, kept)
     return Penalty(amount, j.operator, R_MISSING_OUT, j.station), _with_latest(closed, _newest(state) or j.time)
