@@ -26,8 +26,14 @@ from typing import cast
 
 from protocols.clearing import OPERATOR_ID_RE
 
+# A journey open longer than a day is not one, and a charged entry must outlive its timeout in the card's
+# memory of unpaired taps (fares.UNPAIRED_KEEP_S, 7 days), or its exit, arriving in time, would be charged
+# a second time.
+JOURNEY_TIMEOUT_S_MAX = 86400
+
 __all__ = [
     "DEMO_TABLE_PATH",
+    "JOURNEY_TIMEOUT_S_MAX",
     "BusLine",
     "FareInputError",
     "FareRules",
@@ -532,7 +538,8 @@ def _parse_rules(c: _Checker, value: object) -> FareRules:
         ),
         transfer_pairs=frozenset(pairs),
         journey_timeout_s=c.integer(
-            r["journey_timeout_s"], "rules.journey_timeout_s", minimum=1, unit="seconds"
+            r["journey_timeout_s"], "rules.journey_timeout_s", minimum=1, maximum=JOURNEY_TIMEOUT_S_MAX,
+            unit="seconds"
         ),
         utc_offset_s=60
         * c.integer(

@@ -22,6 +22,7 @@ from typing import Literal, cast
 from .fare_table import (
     DEMO_TABLE_PATH,
     EPOCH_ORDINAL,
+    JOURNEY_TIMEOUT_S_MAX,
     MODES,
     BusLine,
     FareInputError,
@@ -149,6 +150,7 @@ _STATE_VERSION = 1
 # and none older than UNPAIRED_KEEP_S before the card's newest tap.
 UNPAIRED_MAX = 4
 UNPAIRED_KEEP_S = 7 * 86400
+assert JOURNEY_TIMEOUT_S_MAX < UNPAIRED_KEEP_S  # a charged entry outlives its journey's timeout
 
 
 # --------------------------------------------------------------------------------------------------

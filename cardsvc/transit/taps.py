@@ -54,6 +54,7 @@ from protocols.clearing import CorrectionReason
 from protocols.hotlist import HotlistEntry
 
 from . import fares
+from .fare_table import EPOCH_ORDINAL
 
 __all__ = [
     "HELD",
@@ -248,9 +249,6 @@ def _gate_unaware(card: _Card, item: TapItem) -> bool:
     return not blocked_as_of(card.hotlist, item.deny_version)
 
 
-_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
-
-
 def _stop(card: _Card, item: TapItem, table: fares.FareTable) -> float | None:
     """For a tap a gate uploads later on a card not usable now: when the card stopped, unix seconds (the rides
     before it are charged), or None when it is not charged at all (cancelled, application locked). The
@@ -259,7 +257,7 @@ def _stop(card: _Card, item: TapItem, table: fares.FareTable) -> float | None:
     gate could not refuse the ride (`_gate_unaware`)."""
     if card.expires_on is None:
         return None
-    expired = (card.expires_on.toordinal() - _EPOCH_ORDINAL + 1) * 86400 - table.rules.utc_offset_s
+    expired = (card.expires_on.toordinal() - EPOCH_ORDINAL + 1) * 86400 - table.rules.utc_offset_s
     if card.active or _gate_unaware(card, item):
         return expired
     if card.lost_since is None:

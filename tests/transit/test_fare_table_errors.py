@@ -41,3 +41,17 @@ def test_a_metro_line_without_an_id_is_named_as_such() -> None:
     with pytest.raises(FareTableError) as err:
         parse_table(data, source="noid.toml")
     assert (err.value.path, err.value.problem) == ("metro.lines[1].id", "missing required key")
+
+
+@pytest.mark.parametrize("timeout_s", [86_401, 7 * 86_400, 30 * 86_400])
+def test_a_journey_timeout_over_a_day_is_refused(timeout_s: int) -> None:
+    """A card remembers a charged entry for 7 days (fares.UNPAIRED_KEEP_S); with a journey timeout of 7 days
+    or more its exit, arriving within the timeout, found nothing to give back and the journey was charged
+    twice. The loader took any timeout; it now refuses one over a day (JOURNEY_TIMEOUT_S_MAX)."""
+    data = demo_dict()
+    data["rules"]["journey_timeout_s"] = timeout_s
+    with pytest.raises(FareTableError) as err:
+        parse_table(data, source="long.toml")
+    assert err.value.path == "rules.journey_timeout_s"
+    data["rules"]["journey_timeout_s"] = 86_400
+    assert parse_table(data, source="day.toml").rules.journey_timeout_s == 86_400
