@@ -28,8 +28,12 @@ __all__ = ["run_worker", "serve"]
 log = logging.getLogger("cardsvc.server")
 
 WORKER_RESTART_DELAY_S = 1.0
+WORKER_RESTART_DELAY_MAX_S = 15.0
 # A worker that dies this soon after it started failed at start-up (database unreachable, bad settings):
-# after this many such deaths in a row the supervisor gives up instead of restarting it forever.
+# after this many such deaths in a row, with no other worker alive, the supervisor gives up instead of
+# restarting them forever (bad settings kill every worker). While another worker runs, the settings are
+# good and the database is away for a while: the dead one is restarted, each time a little later (up to
+# WORKER_RESTART_DELAY_MAX_S), until it comes up.
 WORKER_EARLY_DEATH_S = 10.0
 WORKER_EARLY_DEATHS_MAX = 3
 
@@ -175,6 +179,7 @@ def serve(settings: Settings, dsn: str, key_path: Path) -> int:
 
     workers = [spawn() for _ in range(settings.workers)]
     started = [time.monotonic()] * len(workers)
+    restart_at: list[float | None] = [None] * len(workers)  # a dead worker's restart, when scheduled
     early_deaths = 0
     status = 0
     log.info("started workers", extra={"workers": settings.workers, "pids": [p.pid for p in workers]})
@@ -182,20 +187,27 @@ def serve(settings: Settings, dsn: str, key_path: Path) -> int:
         while not stopping:
             time.sleep(0.2)
             for i, p in enumerate(workers):
-                if p.is_alive() or stopping:
+                if stopping:
+                    break
+                due = restart_at[i]
+                if due is not None:
+                    if time.monotonic() >= due:
+                        workers[i], started[i], restart_at[i] = spawn(), time.monotonic(), None
+                    continue
+                if p.is_alive():
                     continue
                 early = time.monotonic() - started[i] < WORKER_EARLY_DEATH_S
                 early_deaths = early_deaths + 1 if early else 0
-                if early_deaths >= WORKER_EARLY_DEATHS_MAX:
+                others_alive = any(q.is_alive() for j, q in enumerate(workers) if j != i)
+                if early_deaths >= WORKER_EARLY_DEATHS_MAX and not others_alive:
                     log.error("workers keep failing at start-up; stopping", extra={"exitcode": p.exitcode})
                     stopping, status = True, 1
                     break
                 log.error("worker died; restarting", extra={"pid": p.pid, "exitcode": p.exitcode})
                 # Its live gauges (requests in flight, pool connections) would be summed in for ever.
                 multiprocess.mark_process_dead(p.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
-                time.sleep(WORKER_RESTART_DELAY_S)
-                workers[i] = spawn()
-                started[i] = time.monotonic()
+                delay = WORKER_RESTART_DELAY_S * 2 ** max(0, early_deaths - 1)
+                restart_at[i] = time.monotonic() + min(delay, WORKER_RESTART_DELAY_MAX_S)
     finally:
         for p in workers:
             if p.is_alive() and p.pid is not None:

@@ -168,8 +168,12 @@ class EmbeddedPostgres:
         for path in (self.data_dir, self.socket_dir):
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
+    def _initdb_marker(self) -> Path:
+        """Present while `init` runs: a data dir left with it was never started (an interrupted initdb)."""
+        return self.data_dir.with_name(self.data_dir.name + ".initdb-incomplete")
+
     def initialised(self) -> bool:
-        return (self.data_dir / "PG_VERSION").exists()
+        return (self.data_dir / "PG_VERSION").exists() and not self._initdb_marker().exists()
 
     def init(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -177,6 +181,15 @@ class EmbeddedPostgres:
         self._prepare_root()
         if self.initialised():
             return
+        marker = self._initdb_marker()
+        if marker.exists():  # the last init was killed (initdb writes PG_VERSION first): nothing ever ran here
+            log.warning("removing an interrupted initdb's data dir", extra={"data_dir": str(self.data_dir)})
+            for child in self.data_dir.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        marker.touch()
         log.info("initialising embedded PostgreSQL", extra={"data_dir": str(self.data_dir)})
         self._run(
             str(self.tool("initdb")),
@@ -194,6 +207,9 @@ class EmbeddedPostgres:
         conf += f"unix_socket_directories = '{self.socket_dir}'\n"
         with open(self.data_dir / "postgresql.auto.conf", "a", encoding="utf-8") as fh:
             fh.write("# cardsvc embedded defaults\n" + conf)
+            fh.flush()
+            os.fsync(fh.fileno())
+        marker.unlink()
 
     def running(self) -> bool:
         if not self.initialised():

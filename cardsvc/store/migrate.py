@@ -75,8 +75,16 @@ async def pending(conn: asyncpg.Connection) -> list[Migration]:
 
 
 async def apply(conn: asyncpg.Connection) -> list[Migration]:
-    """Apply every pending migration; return those applied by this call."""
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    """Apply every pending migration; return those applied by this call. Waits for another caller's
+    migrations (the advisory lock) however long they take; the migrations themselves keep the
+    connection's lock_timeout, so that one queued behind a long transaction fails rather than stall
+    the service's queries behind it."""
+    timeout = await conn.fetchval("SHOW lock_timeout")
+    await conn.execute("SELECT set_config('lock_timeout', '0', false)")
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    finally:
+        await conn.execute("SELECT set_config('lock_timeout', $1, false)", timeout)
     try:
         await _applied(conn)
         todo = await pending(conn)
