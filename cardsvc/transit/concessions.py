@@ -252,7 +252,9 @@ async def return_quota_ride(
             assert done is not None, "a quota ride return's key without its row"
             return _returned_view(fare_txn, done, True)
         fare = await conn.fetchrow(
-            "SELECT quota_ride, posted_at FROM txn_journal WHERE card_id = $1 AND txn_id = $2", card_id, fare_txn
+            "SELECT quota_ride, quota_year, posted_at FROM txn_journal WHERE card_id = $1 AND txn_id = $2",
+            card_id,
+            fare_txn,
         )
         if fare is None:
             raise ApiError("not_found", f"card {card_no} has no transaction {fare_txn}", field="txn_id")
@@ -263,11 +265,13 @@ async def return_quota_ride(
             raise ApiError(
                 "quota_ride_returned", f"given back at {done['at'].isoformat()}", field="txn_id"
             )
-        # The quota the ride used is the one of the year it was charged in (its row written: a ride of 31
-        # December uploaded on 2 January used the new year's, docs/fares.md "Elderly quota"). Once the
-        # holder's quota has moved on to a later year (or the office's clock has: the next ride starts it
-        # afresh), that quota is closed.
-        ride_year = fares.local_day(table, int(fare["posted_at"].timestamp())).year
+        # The quota the ride used, as its row says (migration 0024): mostly the year it was charged in (a
+        # ride of 31 December uploaded on 2 January used the new year's, docs/fares.md "Elderly quota"), but
+        # a batch posted on 31 December that waited for its locks past a change after midnight used the new
+        # year's. A quota ride written before the column has the year of its posting. Once the holder's
+        # quota has moved on to a later year (or the office's clock has: the next ride starts it afresh),
+        # that quota is closed.
+        ride_year: int = fare["quota_year"] or fares.local_day(table, int(fare["posted_at"].timestamp())).year
         if row is None or row["quota_year"] != ride_year or year != ride_year:
             raise ApiError(
                 "quota_year_ended",

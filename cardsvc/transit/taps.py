@@ -394,13 +394,13 @@ WITH cu AS (
     RETURNING 1
 ), j AS (
     INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at, counterparty,
-                             line_id, station_id, source, quota_ride)
+                             line_id, station_id, source, quota_ride, quota_year)
     SELECT card_id, kind, terminal_id, terminal_seq, amount_fen, 1, at, counterparty, line_id, station_id, source,
-           quota_ride
+           CASE WHEN quota_year IS NOT NULL THEN true END, quota_year
     FROM unnest($15::bigint[], $16::smallint[], $17::text[], $18::bigint[], $19::bigint[], $20::timestamptz[],
-                $21::text[], $22::text[], $23::text[], $24::smallint[], $25::boolean[])
+                $21::text[], $22::text[], $23::text[], $24::smallint[], $25::int[])
          AS v(card_id, kind, terminal_id, terminal_seq, amount_fen, at, counterparty, line_id, station_id, source,
-              quota_ride)
+              quota_year)
     RETURNING txn_id, terminal_id, terminal_seq, kind
 ), tt AS (
     INSERT INTO terminal_txn (terminal_id, terminal_seq, request_hash, card_id, result, amount_fen, balance_fen,
@@ -470,9 +470,10 @@ class _Batch:
         self.now = now
         self.outcomes: list[TapOutcome | None] = []
         self.creds: list[tuple[int, int, int]] = []
-        # (card, kind, terminal, seq, fen, at, counterparty, line, station, source, quota_ride: True or None)
+        # (card, kind, terminal, seq, fen, at, counterparty, line, station, source, and the year of the elderly
+        # quota the ride used, or None: txn_journal.quota_ride and quota_year)
         self.journal: list[
-            tuple[int, int, str, int, int, dt.datetime, str, str | None, str | None, int, bool | None]
+            tuple[int, int, str, int, int, dt.datetime, str, str | None, str | None, int, int | None]
         ] = []
         self.answers: list[tuple[str, int, bytes, int | None, str, int, int | None, dict[str, Any]]] = []
         # The penalties the batch's uploads may give back (`_charges`, and those the batch charges itself), by
@@ -798,9 +799,10 @@ def _charge(batch: _Batch, item: TapItem, card: _Card) -> TapOutcome:
             item.tap.line,
             station,
             item.source,
-            # The ride used one of the holder's elderly quota rides: the card office can give it back
+            # The ride used one of the holder's elderly quota rides, of this quota year (which may be ahead of
+            # the posting day's: `_concession`): the card office can give it back to that year's quota
             # (docs/transit.md "Quota rides given back").
-            True if decision.quota_ride_consumed else None,
+            card.quota.quota_year if decision.quota_ride_consumed else None,
         )
     )
     card.balance_fen -= total

@@ -215,6 +215,37 @@ async def test_a_ride_of_a_year_whose_quota_is_over_is_not_given_back(
     assert await state(db, c) == before
 
 
+async def test_a_ride_posted_in_the_old_year_on_the_new_years_quota_is_given_back_to_that_quota(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """A tap batch whose transaction began on 31 December waits for a purse lock; meanwhile a change after
+    midnight (another ride, the extra rides) starts the holder's new-year quota. The batch then takes the
+    ride from the new year's quota, but posts it in the old year. The card office read the ride's year from
+    its posting and refused to give it back (`quota_year_ended`); the fare row now names the quota year it
+    used (migration 0024). Here the concession is moved a year ahead before the ride, as that change
+    leaves it."""
+    c = await elderly(svc, db)
+    year = await db.fetchval("SELECT extract(year FROM now() AT TIME ZONE 'Asia/Shanghai')::int")
+    await db.execute(
+        "UPDATE concession SET quota_year = $2, rides_left = $3 WHERE holder_id = $1",
+        c["holder_id"], year + 1, QUOTA - 5,
+    )  # fmt: skip
+    ride = await bus_tap(svc, c["card_sn"])
+    assert ride["fare_fen"] == 0 and "elderly_free" in ride["rules"], ride
+    assert await rides_left(db, c) == QUOTA - 6
+    row = await db.fetchrow("SELECT quota_ride, quota_year FROM txn_journal WHERE txn_id = $1", ride["txn_id"])
+    assert tuple(row) == (True, year + 1)
+    r = await svc.post(path(c), give_back(ride["txn_id"]))
+    assert r.status == 200 and r.body["quota_year"] == year + 1, r.body
+    assert await rides_left(db, c) == QUOTA - 5
+    # A ride on the card fare (the concession ended) names no quota year.
+    assert (await svc.post(url(c, "/end"), {})).status == 200
+    paid = await bus_tap(svc, c["card_sn"])
+    assert paid["fare_fen"] == BUS_FARE, paid
+    row = await db.fetchrow("SELECT quota_ride, quota_year FROM txn_journal WHERE txn_id = $1", paid["txn_id"])
+    assert tuple(row) == (None, None)
+
+
 async def test_a_ride_whose_batch_waited_into_the_new_year_uses_and_gets_back_that_years_quota(
     svc: ServiceHarness, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,11 @@
+-- The quota year each elderly quota ride used, on its fare row (docs/transit.md "Quota rides given back").
+--
+-- The card office gave a ride back to the quota of the local year the fare was posted in (`posted_at`).
+-- That is not always the year whose quota the ride used: a tap batch whose transaction began on 31 December
+-- and then waited for a purse lock, while a change after midnight (another ride, the extra rides) started
+-- the holder's new-year quota, takes the new year's ride but posts in the old year. Such a ride could not
+-- be given back (`quota_year_ended`). The tap write now records the year itself.
+--
+-- NULL for every row without a quota ride and for the quota rides written before this migration, whose
+-- year is still read from `posted_at`. A column without a default: no table rewrite.
+ALTER TABLE txn_journal ADD COLUMN quota_year int;
