@@ -248,6 +248,14 @@ def _staff_id(value: str) -> str:
     return value
 
 
+def _channel(value: str) -> str:
+    # Stricter than a staff id's check: an app's name has no run of 11 digits, where a staff id may
+    # (`EMP20240115001`), so `p13912345678` (a mobile number with a letter before it) is refused too.
+    if looks_personal(value) or re.search(r"\d{11}", value):
+        raise ValueError("must name the issuing app, not an ID, phone or card number")
+    return value
+
+
 OPERATOR = Field(
     "operator",
     str,
@@ -316,7 +324,16 @@ ECARD_ISSUE = Message(
     "EcardIssue",
     (
         Field("card_no", str, max_chars=9, check=card.validate_card_no),
-        Field("channel", str, pattern=r"[a-z0-9_]{2,32}", max_chars=32),
+        # The issuing app's name (`gov_app`), stored in the e-card row and answered with it: refused when
+        # shaped like the holder's mobile or ID number, as a staff id is.
+        Field(
+            "channel",
+            str,
+            pattern=r"[a-z0-9_]{2,32}",
+            max_chars=32,
+            check=_channel,
+            description="The issuing app's name (nothing shaped like an ID, bank card or mobile number).",
+        ),
         Field("alg", int, enum=(1, 2)),
         Field("device_public_key", str, pattern=f"{_HEX}{{64}}|{_HEX}{{130}}", max_chars=130),
         OPERATOR,

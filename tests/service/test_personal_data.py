@@ -61,6 +61,27 @@ async def test_an_operator_shaped_like_an_id_or_phone_number_is_refused_and_not_
         )
 
 
+async def test_an_ecard_channel_shaped_like_a_phone_or_id_number_is_refused_and_not_stored(
+    svc: ServiceHarness, db: asyncpg.Connection
+) -> None:
+    """An e-card's `channel` (the issuing app's name) is stored in the e-card row and answered with it, to
+    card.read terminals too. Its pattern let a mobile number through (`13912345678`, or `p13912345678`);
+    one shaped like a mobile, ID or bank card number is now refused `invalid_field`, unechoed."""
+    from protocols import ecard, sm
+
+    c = await svc.new_card()
+    device = ecard.EcardDevice.generate(1, sm.ALG_ED25519)
+    body = {"card_no": c["card_no"], "alg": sm.ALG_ED25519, "device_public_key": device.public_key_bytes.hex()}
+    for personal in (PHONE, "p" + PHONE, ID_NUMBER.lower()):
+        r = await svc.post("/v1/ecards", {**body, "channel": personal}, as_="ecard_channel")
+        assert r.status == 400 and r.body["code"] == "invalid_field" and r.body["field"] == "channel", r.body
+        assert personal not in _text(r.body)
+    assert await db.fetchval("SELECT count(*) FROM ecard WHERE card_id = (SELECT card_id FROM card "
+                             "WHERE card_no = $1)", c["card_no"]) == 0  # fmt: skip
+    r = await svc.post("/v1/ecards", {**body, "channel": "gov_app_2024"}, as_="ecard_channel")
+    assert r.status == 201 and r.body["channel"] == "gov_app_2024", r.body
+
+
 async def test_the_cli_refuses_an_operator_shaped_like_an_id_number(
     svc: ServiceHarness, db: asyncpg.Connection, db_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
