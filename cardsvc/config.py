@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cardsvc import limits
+from protocols import ridecode, transit
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
@@ -150,6 +151,25 @@ def _coerce(name: str, raw: Any, target: Any) -> Any:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()}: cannot read {text!r} as {target}") from None
 
 
+# Upper bounds, each with what a larger value would do: most would overflow a date, a wire field or a
+# database column on the first request that uses them (a temporary loss ending in the year 30000 is a 500 on
+# every loss report), the others would keep a forged or replayed credential usable for longer than any
+# terminal needs.
+_MOST: dict[str, tuple[int, str]] = {
+    "clock_skew_s": (3600, "a signed request or credential older than that is a replay window, not a clock"),
+    "ecard_code_lifetime_s": (3600, "an e-card code is shown for seconds; a long life is a replay window"),
+    "card_challenge_age_s": (3600, "a card's answer is used within seconds; a long age is a replay window"),
+    "temp_loss_days": (366, "a temporary loss longer than a year is a loss report"),
+    "ride_cert_days": (366, "a ride-code certificate is renewed while the app is used"),
+    "terminal_txn_retention_days": (3660, "answers kept for retries, not an archive: the journal is that"),
+    "key_rotation_overlap_s": (366 * 86400, "an old terminal key accepted for over a year is not rotated"),
+    "purse_balance_max_fen": (transit.BALANCE_FEN_MAX, "the card's purse balance is an unsigned 32-bit field"),
+    "purse_overdraft_fen": (transit.BALANCE_FEN_MAX, "the card's purse balance is an unsigned 32-bit field"),
+    "ride_credit_limit_fen": (ridecode.FEN_MAX, "the ride-code certificate's field is 32 bits"),
+    "ride_max_fare_fen": (ridecode.FEN_MAX, "the ride-code certificate's field is 32 bits"),
+}
+
+
 def _validate(s: Settings) -> None:
     positive = [
         "body_bytes_max",
@@ -178,6 +198,9 @@ def _validate(s: Settings) -> None:
     for name in ("purse_overdraft_fen", "ride_credit_limit_fen", "ride_max_fare_fen", "key_rotation_overlap_s"):
         if getattr(s, name) < 0:
             raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 0")
+    for name, (most, why) in _MOST.items():
+        if getattr(s, name) > most:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be at most {most} ({why})")
     if s.db_pool_max < 2:  # one connection listens for terminal changes; requests need at least one more
         raise ConfigError("CARDSVC_DB_POOL_MAX must be >= 2")
     if s.db_pool_min < 0 or s.db_pool_min > s.db_pool_max:

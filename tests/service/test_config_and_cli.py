@@ -29,11 +29,27 @@ from tests.helpers import ServiceHarness
         ({"CARDSVC_LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),  # serve died with a traceback
         ({"CARDSVC_DATA_DIR": ""}, "DATA_DIR"),  # became None: a traceback
         ({"CARDSVC_DB_POOL_MAX": "1", "CARDSVC_DB_POOL_MIN": "1"}, "DB_POOL_MAX"),  # the listener takes it
+        # Values past what a date or a wire field holds: 500 on the first request using them.
+        ({"CARDSVC_TEMP_LOSS_DAYS": "10000000"}, "TEMP_LOSS_DAYS"),  # the loss's end past the year 9999
+        ({"CARDSVC_RIDE_CERT_DAYS": "100000"}, "RIDE_CERT_DAYS"),  # valid_to past the certificate's u32
+        ({"CARDSVC_RIDE_CREDIT_LIMIT_FEN": str(2**32)}, "RIDE_CREDIT_LIMIT_FEN"),
+        ({"CARDSVC_PURSE_BALANCE_MAX_FEN": str(2**63)}, "PURSE_BALANCE_MAX_FEN"),  # past bigint
+        ({"CARDSVC_CLOCK_SKEW_S": "86400"}, "CLOCK_SKEW_S"),  # a signed request replayable for a day
     ],
 )
 def test_a_setting_that_would_break_the_service_is_refused(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load_settings(environ=env)
+
+
+def test_each_setting_may_be_set_to_its_upper_bound() -> None:
+    """The bounds refuse only what cannot work; a city's longest reasonable values load."""
+    from cardsvc import config as config_mod
+
+    at_bound = {f"CARDSVC_{name.upper()}": str(most) for name, (most, _) in config_mod._MOST.items()}
+    s = load_settings(environ=at_bound)
+    assert (s.temp_loss_days, s.ride_cert_days, s.clock_skew_s) == (366, 366, 3600)
+    assert s.ride_credit_limit_fen == 2**32 - 1
 
 
 @pytest.mark.parametrize("level", ["DEBUG", "warn", "WARNING", "FATAL", "notset"])
