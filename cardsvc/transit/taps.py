@@ -1136,8 +1136,18 @@ async def _answered(conn: asyncpg.Connection, items: Sequence[TapItem]) -> set[t
 
 
 # A COMMIT whose answer did not come: the client's command timeout (a commit waiting for a synchronous
-# standby, a stalled fsync) or a lost connection. It may have committed all the same.
-_COMMIT_UNANSWERED: tuple[type[BaseException], ...] = (TimeoutError, OSError, asyncpg.InterfaceError)
+# standby, a stalled fsync) or a lost connection. It may have committed all the same. asyncpg reports a
+# connection lost under it as ConnectionDoesNotExistError (a PostgresConnectionError, class 08), and a
+# session the server ended (pg_terminate_backend, a fast shutdown, a crash: class 57, operator
+# intervention) as one of those: a COMMIT waiting for a standby when its session is ended has committed
+# locally.
+_COMMIT_UNANSWERED: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
 COMMIT_CHECKS = 5
 COMMIT_CHECK_GAP_S = 0.2
 

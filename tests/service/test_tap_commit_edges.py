@@ -1,7 +1,7 @@
 """The tap batch's failure paths (real PostgreSQL), against docs/api.md "Retries": an online tap's `timeout`
 did not commit. A resend of a committed tap whose batch meets a held purse, and a batch whose COMMIT went
-unanswered but committed, are answered with their outcome; a statement cancelled on the server (rolled back)
-is a 503, not a 500.
+unanswered (its command timeout, or its session ended under it) but committed, are answered with their
+outcome; a statement cancelled on the server (rolled back) is a 503, not a 500.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -103,6 +104,16 @@ async def test_a_resend_of_a_committed_tap_is_not_answered_timeout_when_its_batc
 # ------------------------------------------------------------------ 2. a commit of unknown outcome answered `timeout`
 
 
+async def _own_service(
+    own_dsn: str, keys: object, tmp_path: Path, aiohttp_client: Any, **settings: Any
+) -> ServiceHarness:
+    """A service on the test's own PostgreSQL (whose server settings the test may change)."""
+    loaded = load_settings({}, data_dir=tmp_path, db_pool_min=1, db_pool_max=4, log_format="text", **settings)
+    harness = ServiceHarness(own_dsn, keys, loaded)  # type: ignore[arg-type]
+    await harness.start(aiohttp_client)
+    return harness
+
+
 @pytest.fixture
 async def sync_rep_svc(
     own_postgres: EmbeddedPostgres,
@@ -111,12 +122,18 @@ async def sync_rep_svc(
     tmp_path: Path,
     aiohttp_client,  # type: ignore[no-untyped-def]
 ) -> AsyncIterator[tuple[ServiceHarness, EmbeddedPostgres]]:
-    settings = load_settings(
-        {}, data_dir=tmp_path, db_pool_min=1, db_pool_max=4, log_format="text", db_command_timeout_s=0.5
-    )
-    harness = ServiceHarness(own_dsn, keys_for_process, settings)
-    await harness.start(aiohttp_client)
-    yield harness, own_postgres
+    yield await _own_service(own_dsn, keys_for_process, tmp_path, aiohttp_client, db_command_timeout_s=0.5), own_postgres
+
+
+@pytest.fixture
+async def lost_conn_svc(
+    own_postgres: EmbeddedPostgres,
+    own_dsn: str,
+    keys_for_process,
+    tmp_path: Path,
+    aiohttp_client,  # type: ignore[no-untyped-def]
+) -> AsyncIterator[tuple[ServiceHarness, EmbeddedPostgres]]:
+    yield await _own_service(own_dsn, keys_for_process, tmp_path, aiohttp_client), own_postgres
 
 
 async def _commits_wait_for_a_standby(dsn: str) -> bool:
@@ -177,6 +194,57 @@ async def test_a_tap_whose_commit_outlasts_the_command_timeout_is_not_answered_t
     # Not `timeout` ("did not commit") for a charge that committed: its commit is looked up, and answered.
     assert not (r.status == 503 and r.body.get("code") == "timeout"), r.body
     assert r.status == 200 and r.body["result"] == "approved" and r.body["fare_fen"] == BUS_FARE, r.body
+
+
+async def test_a_tap_whose_commit_lost_its_connection_but_committed_is_answered_as_decided(
+    lost_conn_svc: tuple[ServiceHarness, EmbeddedPostgres],
+) -> None:
+    """The batch's COMMIT is under way (here it waits for a synchronous standby) when its session is ended
+    (a failover, a cut network, an operator ending the session): the transaction has committed locally, the
+    rider is charged. docs/api.md "Retries": such a batch ("a lost connection") is looked up on another
+    connection and, committed, answered as decided. asyncpg reports the lost connection as
+    ConnectionDoesNotExistError, which the batch did not count as an unanswered COMMIT: the validator got
+    503 `db_unavailable` for a tap approved and charged, and a gate that took it as "not charged" would turn
+    away a rider who had paid (or charge them again on a new tap)."""
+    svc, server = lost_conn_svc
+    admin_dsn = server.dsn("postgres")
+    card = await funded_card(svc, 1000)
+    body = tap_body(svc, card["card_sn"])
+    tid = svc.terminals["transit_validator"].terminal_id
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'cardsvc_review_no_such_standby'")
+        await admin.execute("SELECT pg_reload_conf()")
+        await asyncio.sleep(0.3)
+        pending = asyncio.ensure_future(svc.post(TAP, body, as_="transit_validator"))
+        for _ in range(200):  # the batch's COMMIT waits for the standby
+            pid = await admin.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'cardsvc' AND wait_event = 'SyncRep'"
+            )
+            if pid is not None:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the batch's commit never waited for the standby")
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        r = await pending
+    finally:
+        await admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        await admin.execute("SELECT pg_reload_conf()")
+        await admin.close()
+
+    db = await asyncpg.connect(svc.dsn)
+    try:
+        stored = await db.fetchval(
+            "SELECT result FROM terminal_txn WHERE terminal_id = $1 AND terminal_seq = $2", tid, body["terminal_seq"]
+        )
+        balance = await db.fetchval("SELECT balance_fen FROM purse WHERE card_id = $1", card["card_id"])
+    finally:
+        await db.close()
+    # Precondition: the tap committed: the rider was charged.
+    assert (stored, balance) == ("approved", 1000 - BUS_FARE), (stored, balance, r.status, r.body)
+    # Answered as decided: its commit is looked up on another connection.
+    assert r.status == 200 and r.body["result"] == "approved" and r.body["fare_fen"] == BUS_FARE, (r.status, r.body)
 
 
 # ------------------------------------------------------------------ 3. a cancelled statement answered 500
