@@ -378,11 +378,14 @@ async def top_up(
                     "card_unusable", "a replaced or cancelled card takes a top-up only to settle its debt",
                     extra={"card_status": card.CardStatus(status).api_name},
                 )  # fmt: skip
-        if new_balance > svc.settings.purse_balance_max_fen:
+        # Each bound only against the money's direction: a top-up smaller than a debt settles part of it
+        # (the balance stays below 0), and a refund from a purse above the maximum (a late refund of a
+        # penalty, a maximum lowered since) takes money out.
+        if sign > 0 and new_balance > svc.settings.purse_balance_max_fen:
             raise ApiError(
                 "purse_balance_cap", f"at most {svc.settings.purse_balance_max_fen} fen", field="amount_fen"
             )
-        if new_balance < 0:
+        if sign < 0 and new_balance < 0:
             raise ApiError("invalid_field", "a refund cannot exceed the balance", field="amount_fen")
         txn_id = await conn.fetchval(
             """INSERT INTO txn_journal (card_id, kind, terminal_id, terminal_seq, amount_fen, result, at,
