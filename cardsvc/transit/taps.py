@@ -194,33 +194,44 @@ class _Card:
     active: bool = False
 
 
-# When a lost card stopped: a temporary loss's status_changed_at. A formal loss may follow a temporary
-# one, so its time is the card's last move out of active in the (append-only) card events, read only for
-# formally lost cards that have an uploaded ride in the batch (and by rides.py for replaced cards).
-_STOPPED_STATUSES = [int(CardStatus.TEMP_LOST), int(CardStatus.LOST), int(CardStatus.REPLACED)]
-_STOPPED_SQL = """
-SELECT card_id, max(at) AS stopped FROM card_event
-WHERE card_id = ANY($1::bigint[]) AND status_before = $2 AND status_after = ANY($3::smallint[])
-GROUP BY card_id
+# When a card stopped: the start of its current unusable spell, from its (append-only) card events. A card
+# is usable while active with its application unlocked, so the spell may begin with an application lock
+# that a loss report, a replacement or an unlock while still lost followed: a ride after the lock is after
+# the stop. Read only for the lost cards that have an uploaded ride in the batch (and by rides.py for
+# replaced cards): a card has a handful of events.
+_EVENTS_SQL = """
+SELECT card_id, op, status_before, status_after, at FROM card_event WHERE card_id = ANY($1::bigint[])
+ORDER BY card_id, at, event_id
 """
+_APP_LOCK_OPS = {"lock-app": True, "unlock-app": False}
 
 
 async def stop_times(conn: asyncpg.Connection, card_ids: Sequence[int]) -> dict[int, float]:
-    """When each of these cards last stopped being usable (its last move out of active: a loss report or
-    a replacement), unix seconds; cards never active are left out."""
-    rows = await conn.fetch(_STOPPED_SQL, list(card_ids), int(CardStatus.ACTIVE), _STOPPED_STATUSES)
-    return {r["card_id"]: r["stopped"].timestamp() for r in rows}
+    """When each of these cards last stopped being usable (its last move from active with its application
+    unlocked to anything else: an application lock, a loss report, a replacement), unix seconds; cards never
+    usable are left out."""
+    stops: dict[int, float] = {}
+    card_id: int | None = None
+    locked = False
+    for e in await conn.fetch(_EVENTS_SQL, list(card_ids)):
+        if e["card_id"] != card_id:  # (a seeded card's history starts active, unlocked, with no event)
+            card_id, locked = e["card_id"], False
+        was_usable = e["status_before"] == CardStatus.ACTIVE and not locked
+        locked = _APP_LOCK_OPS.get(e["op"], locked)
+        if was_usable and not (e["status_after"] == CardStatus.ACTIVE and not locked):
+            stops[e["card_id"]] = e["at"].timestamp()
+    return stops
 
 
-async def _formal_loss_stops(conn: asyncpg.Connection, cards: Sequence[_Card], items: Sequence[TapItem]) -> None:
-    """Set `lost_since` of the formally lost `cards` that have an uploaded ride among `items`."""
+async def _loss_stops(conn: asyncpg.Connection, cards: Sequence[_Card], items: Sequence[TapItem]) -> None:
+    """Set `lost_since` of the lost `cards` that have an uploaded ride among `items` (`stop_times`)."""
     uploaded = {key for i in items if i.tap.uploaded for key in (i.card_id, i.card_sn)}
     wanted = [c for c in cards if c.card_id in uploaded or c.card_sn in uploaded]
     if not wanted:
         return
     stops = await stop_times(conn, [c.card_id for c in wanted])
     for c in wanted:
-        c.lost_since = stops.get(c.card_id)
+        c.lost_since = stops.get(c.card_id, c.lost_since)
 
 
 def blocked_as_of(entries: Sequence[HotlistEntry], version: int) -> bool:
@@ -884,7 +895,7 @@ async def _attempt(
                 current[q["holder_id"]] = q
     cards_by_id: dict[int, _Card] = {}
     by_sn: dict[str, _Card] = {}
-    formally_lost: list[_Card] = []
+    lost: list[_Card] = []
     quotas: dict[int, _Quota] = {}
     for r in rows:
         quota = quotas.get(r["holder_id"])
@@ -919,10 +930,10 @@ async def _attempt(
         )
         cards_by_id[locked.card_id] = locked
         by_sn[locked.card_sn] = locked
-        if status == CardStatus.LOST and not r["app_locked"]:
-            formally_lost.append(locked)
-    if formally_lost:  # rare: a formally lost card in the batch
-        await _formal_loss_stops(conn, formally_lost, deciding)
+        if status in (CardStatus.LOST, CardStatus.TEMP_LOST) and not r["app_locked"]:
+            lost.append(locked)
+    if lost:  # rare: a lost card in the batch
+        await _loss_stops(conn, lost, deciding)
     uploads: dict[int, tuple[_Card, list[fares.Tap]]] = {}  # uploaded metro taps, for the penalties they may give back
     for item in deciding:
         t = item.tap
