@@ -91,7 +91,12 @@ BATCH_ATTEMPTS_MAX = 3
 
 
 class _Retry(Exception):
-    pass
+    """Roll the batch back and run it again; `moved`: e-cards a replacement moved to another card meanwhile
+    (ecard_id → its card now), whose taps the next attempt charges there."""
+
+    def __init__(self, moved: dict[int, int] | None = None) -> None:
+        super().__init__()
+        self.moved = moved or {}
 
 
 class ReplacedMeanwhile(Exception):
@@ -335,8 +340,10 @@ FOR UPDATE OF p
 # - the concessions of the batch's holders, locked: every writer of a concession holds its holder's purse
 #   locks first (taps, the card office), so this never waits for long; a holder without one costs a
 #   primary-key probe;
-# - the batch's e-cards revoked by now: one revoked while its tap waited in the queue or for a lock is
-#   refused, not charged (the handler's check ran before the wait; a revocation takes the purse lock).
+# - the batch's e-cards as they are now: one revoked while its tap waited in the queue or for a lock is
+#   refused, not charged (the handler's check ran before the wait; a revocation takes the purse lock); one
+#   a replacement moved to the new card meanwhile (the handler read its card before) is charged there, the
+#   batch run again with its tap on the new card (a replacement takes the old card's purse lock).
 _AFTER_LOCK_SQL = """
 WITH q AS (
     SELECT holder_id, kind, rides_left, quota_year FROM concession
@@ -344,9 +351,10 @@ WITH q AS (
     ORDER BY holder_id
     FOR UPDATE
 )
-SELECT holder_id, kind AS concession, rides_left, quota_year, NULL::bigint AS revoked_ecard FROM q
+SELECT holder_id, kind AS concession, rides_left, quota_year, NULL::bigint AS ecard_id, NULL::bigint AS ecard_card,
+       NULL::boolean AS ecard_revoked FROM q
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, ecard_id FROM ecard WHERE ecard_id = ANY($2::bigint[]) AND revoked_at IS NOT NULL
+SELECT NULL, NULL, NULL, NULL, ecard_id, card_id, revoked_at IS NOT NULL FROM ecard WHERE ecard_id = ANY($2::bigint[])
 """
 
 _NO_PURSE_SQL = """
@@ -887,12 +895,25 @@ async def _attempt(
     )
     current: dict[int, asyncpg.Record] = {}
     revoked: set[int] = set()
+    ecard_cards: dict[int, int] = {}
     if holders or ecard_ids:
         for q in await conn.fetch(_AFTER_LOCK_SQL, holders, ecard_ids):
-            if q["revoked_ecard"] is not None:
-                revoked.add(q["revoked_ecard"])
-            else:
+            if q["ecard_id"] is None:
                 current[q["holder_id"]] = q
+            elif q["ecard_revoked"]:
+                revoked.add(q["ecard_id"])
+            else:
+                ecard_cards[q["ecard_id"]] = q["ecard_card"]
+    moved = {
+        eid: ecard_cards[eid]
+        for i in deciding
+        if i.cred_kind == KIND_ECARD_CODE
+        and i.cred_token is not None
+        and (eid := i.cred_token >> 32) in ecard_cards
+        and ecard_cards[eid] != i.card_id
+    }
+    if moved:  # rare: a replacement committed between the handler's read and these locks
+        raise _Retry(moved)
     cards_by_id: dict[int, _Card] = {}
     by_sn: dict[str, _Card] = {}
     lost: list[_Card] = []
@@ -1183,6 +1204,13 @@ async def _committed(pool: asyncpg.Pool, xid: int) -> bool:
     )
 
 
+def _moved_to(item: TapItem, moved: dict[int, int]) -> TapItem:
+    """The item on the card its e-card is on now, if a replacement moved it (`_Retry.moved`)."""
+    if item.cred_kind != KIND_ECARD_CODE or item.cred_token is None or item.cred_token >> 32 not in moved:
+        return item
+    return dataclasses.replace(item, card_id=moved[item.cred_token >> 32])
+
+
 async def _process(
     pool: asyncpg.Pool,
     conn: asyncpg.Connection,
@@ -1206,6 +1234,8 @@ async def _process(
             if attempt == BATCH_ATTEMPTS_MAX - 1:
                 # Rolled back every time: nothing was written, the taps may be sent again (503).
                 raise ApiError("timeout", "the batch kept meeting concurrent changes", headers=RETRY_LATER) from exc
+            if exc.moved:
+                items = [_moved_to(i, exc.moved) for i in items]
         except asyncpg.DeadlockDetectedError:
             if attempt == BATCH_ATTEMPTS_MAX - 1:
                 raise
