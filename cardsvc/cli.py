@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -90,7 +91,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from cardsvc.store.pool import resolve_dsn
 
     setup_logging(settings.log_level, settings.log_format)
-    _keys(settings, create=settings.embedded)
+    keys = _keys(settings, create=settings.embedded)
     dsn = resolve_dsn(settings)
     if settings.embedded:  # the zero-setup default keeps its own schema current
         _run(_migrate(settings))
@@ -103,11 +104,27 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-    incomplete = _run(_interrupted_seed(settings))
+    incomplete = _run(_start_refusal(settings, keys.terminal_kek))
     if incomplete:
         print(f"error: {incomplete}", file=sys.stderr)
         return 1
     return serve(settings, dsn, settings.key_path)
+
+
+async def _start_refusal(settings: Settings, kek: bytes) -> str | None:
+    """Why the service must not start on this database, checked once before the workers: a key file that
+    is not the database's (every worker would fail on it), or a seed that did not finish."""
+    from cardsvc.security import terminals
+
+    conn = await _connect(settings)
+    try:
+        try:
+            await terminals.check_key_file(conn, kek)
+        except terminals.KeyFileMismatch as exc:
+            return f"{exc}: {settings.key_path}"
+    finally:
+        await conn.close()
+    return await _interrupted_seed(settings)
 
 
 async def _interrupted_seed(settings: Settings) -> str | None:
@@ -507,9 +524,15 @@ def cmd_call(settings: Settings, args: argparse.Namespace) -> int:
     )
     if body:
         headers["Content-Type"] = "application/json"
+    if not args.path.startswith("/"):
+        raise SystemExit(f"error: the path must start with / (/{args.path}?)")
     url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/") + args.path
     if not url.startswith(("http://", "https://")):
-        raise SystemExit("--url must be http:// or https://")
+        raise SystemExit("error: --url must be http:// or https://")
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as exc:
+        raise SystemExit(f"error: --url is not a URL: {exc}") from None
     req = urllib.request.Request(url, data=body or None, method=method, headers=headers)  # noqa: S310
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
@@ -869,11 +892,18 @@ def build_parser() -> argparse.ArgumentParser:
         "credentials from its index (protocols/population.py). Into an empty registry the indexes are\n"
         "built after the load; a registry with cards needs --append (slower). See docs/schema.md.",
     )
-    p.add_argument("--count", type=int, required=True, help="cardholders to create")
-    p.add_argument("--seed", default="cardsvc-demo", help="population seed (default cardsvc-demo)")
-    p.add_argument("--jobs", type=int, default=0, help="generator processes (default: number of CPUs)")
     p.add_argument(
-        "--ecard-key-pool", type=int, default=4096, help="precomputed e-card device keys (default 4096)"
+        "--count", type=_int_in(1, population.POPULATION_MAX), required=True, help="cardholders to create"
+    )
+    p.add_argument("--seed", default="cardsvc-demo", help="population seed (default cardsvc-demo)")
+    p.add_argument(
+        "--jobs", type=_int_in(0, 256), default=0, help="generator processes (default 0: number of CPUs)"
+    )
+    p.add_argument(
+        "--ecard-key-pool",
+        type=_int_in(1, 1_000_000),
+        default=4096,
+        help="precomputed e-card device keys (default 4096)",
     )
     p.add_argument("--append", action="store_true", help="add to a registry that has cards (slower)")
     p.add_argument("--verbose", action="store_true", help="report every stage and index build")
@@ -1066,7 +1096,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the outcome in audit_run (one row), for /metrics and its alerts; needs INSERT on it",
     )  # fmt: skip
     p.add_argument(
-        "--chunk-cards", type=int, default=1_000_000, help="card ids per purse- and hotlist-check statement (progress step)"
+        "--chunk-cards",
+        type=_int_in(1),
+        default=1_000_000,
+        help="card ids per purse- and hotlist-check statement (progress step)",
     )
     return parser
 

@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from cardsvc import limits
 from protocols import ridecode, transit
@@ -100,8 +101,13 @@ class Settings:
         return out
 
 
+_SECRET_PARAMS = ("password", "sslpassword")
+
+
 def _mask_password(url: str) -> str:
-    """The URL with its password shown as ***: in the user part or as a `password=` parameter."""
+    """The URL with its secrets shown as ***: the password in the user part, and the `password=` and
+    `sslpassword=` (the client key's passphrase) parameters, their names percent-decoded as the driver
+    reads them."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
@@ -112,7 +118,8 @@ def _mask_password(url: str) -> str:
     path, qsep, query = rest.partition("?")
     if qsep:
         query = "&".join(
-            "password=***" if p.split("=", 1)[0].lower() == "password" else p for p in query.split("&")
+            f"{p.split('=', 1)[0]}=***" if unquote(p.split("=", 1)[0]).lower() in _SECRET_PARAMS else p
+            for p in query.split("&")
         )
     return f"{scheme}://{path}{qsep}{query}"
 
@@ -239,7 +246,12 @@ def _check_database_url(url: str) -> None:
         port = host.partition("]")[2] if host.startswith("[") else host
         port = port.partition(":")[2]
         if port and not port.isdigit():
-            raise ConfigError(f"CARDSVC_DATABASE_URL: the port {port!r} is not a number")
+            # Not quoted: a password pasted unencoded (holding `/` or `@`) lands here, and this line goes to
+            # the journal.
+            raise ConfigError(
+                "CARDSVC_DATABASE_URL: a host's port is not a number (percent-encode a password's "
+                "'/', '@', ':' or '?')"
+            )
 
 
 def load_settings(

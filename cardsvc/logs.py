@@ -82,3 +82,22 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _UnparsedRequestFilter) for f in server.filters):
+        server.addFilter(_UnparsedRequestFilter())
+
+
+class _UnparsedRequestFilter(logging.Filter):
+    """aiohttp logs a request its HTTP parser refused (a control character in the request line or a
+    header, a bad method) with a traceback whose message quotes the raw bytes: the path and headers, card
+    numbers in them. The client got its 400; the log keeps the error's kind and status only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "a request the HTTP parser refused: %s (status %s)", (type(exc).__name__, exc.code)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
