@@ -152,8 +152,6 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _demo_data(settings: Settings, count: int) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from cardsvc import demo
     from cardsvc.store.seed_state import SEED_LOCK_KEY, interrupted_seed
 
@@ -169,7 +167,7 @@ async def _demo_data(settings: Settings, count: int) -> dict[str, Any]:
         rule = demo.ConcessionRule(
             localtime.today(), rules.elderly_min_age, rules.elderly_annual_quota
         )
-        with tqdm(total=count, unit="card", desc="demo data", disable=not sys.stderr.isatty()) as bar:
+        with _bar(count, "card", "demo data") as bar:
             try:
                 added = await demo.load_population(conn, keys, count, bar.update, rule)
             except demo.DemoDataConflict as exc:
@@ -218,8 +216,6 @@ cardsvc demo on {base} (Ctrl-C stops it). In another shell, try:
 
 
 def cmd_seed(settings: Settings, args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from cardsvc import demo, seed
     from cardsvc.store.pool import resolve_dsn
 
@@ -237,10 +233,8 @@ def cmd_seed(settings: Settings, args: argparse.Namespace) -> int:
     async def go() -> seed.SeedReport:
         keys = _keys(settings, create=True)
         await _migrate(settings)
-        log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if args.verbose else None
-        with tqdm(
-            total=args.count, unit="card", unit_scale=True, desc="seed", disable=not sys.stderr.isatty()
-        ) as bar:
+        with _bar(args.count, "card", "seed") as bar:
+            log = (lambda msg: bar.write(msg, file=sys.stderr)) if args.verbose else None
             report = await seed.seed(resolve_dsn(settings), keys, opts, bar.update, log)
         conn = await _connect(settings)
         try:
@@ -599,6 +593,51 @@ def _fare_table(settings: Settings) -> Any:
     from cardsvc.transit import fares
 
     return fares.load_table(settings.fare_table) if settings.fare_table else fares.load_demo_table()
+
+
+PROGRESS_LINE_S = 30.0  # a progress line this often when standard error is not a terminal
+
+
+class _LineBar:
+    """The progress of a long load on a standard error that is not a terminal (a log file, the journal
+    under systemd): a line every PROGRESS_LINE_S seconds and one at the end, with the count, the share and
+    the rate; never a carriage return."""
+
+    def __init__(self, total: int, unit: str, desc: str) -> None:
+        self.total, self.unit, self.desc = total, unit, desc
+        self.done = 0
+        self.started = self.shown = time.monotonic()
+
+    def __enter__(self) -> _LineBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.done:
+            self._line()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if time.monotonic() - self.shown >= PROGRESS_LINE_S:
+            self._line()
+
+    @staticmethod
+    def write(message: str, file: Any = None) -> None:  # (tqdm.write's signature)
+        print(message, file=file or sys.stderr, flush=True)
+
+    def _line(self) -> None:
+        self.shown = time.monotonic()
+        rate = self.done / max(self.shown - self.started, 1e-9)
+        share = f" ({100 * self.done / self.total:.1f}%)" if self.total else ""
+        self.write(f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}s{share}, {rate:,.0f}/s")
+
+
+def _bar(total: int, unit: str, desc: str) -> Any:
+    """A progress bar on standard error: tqdm's on a terminal, a line every half minute otherwise."""
+    if not sys.stderr.isatty():
+        return _LineBar(total, unit, desc)
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc)
 
 
 def _progress(message: str) -> None:

@@ -166,3 +166,25 @@ async def test_the_card_office_can_register_people_while_an_append_loads(
     assert report.count == 200
     assert holder_id > 500, holder_id  # not one of the ids the append loads
     assert await db.fetchval("SELECT count(*) FROM cardholder") == 501
+
+
+async def test_a_seed_logged_to_a_file_reports_its_progress_in_lines(
+    db_dsn: str,
+    keys: KeyRing,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A seed run under systemd or with its standard error in a file (not a terminal) printed no progress
+    at all (the bar was disabled there): a 40M-card load was silent for its 20 minutes. It now prints a
+    line every half minute (here every update) and one at the end: count, share and rate, no carriage
+    return."""
+    for name in [n for n in os.environ if n.startswith("CARDSVC_")]:
+        monkeypatch.delenv(name)
+    _env(monkeypatch, db_dsn, keys, tmp_path)
+    monkeypatch.setattr(cli, "PROGRESS_LINE_S", 0.0)
+    code = await asyncio.to_thread(cli.main, ["seed", "--count", "1200", "--jobs", "1"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("seed: ")]
+    assert code == 0 and lines, err
+    assert "\r" not in err and lines[-1].startswith("seed: 1,200/1,200 cards (100.0%), "), lines
