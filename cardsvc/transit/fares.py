@@ -541,10 +541,17 @@ def fare(
     if tap.max_fare_fen is not None and tap.max_fare_fen < 0:
         raise FareInputError("max_fare_fen must be >= 0")
     newest = _newest(state)
-    # A metro exit is late only for the card's own taps: a held exit the old card's rider took after the
-    # stop (`_after_stop`) does not make the replacement card's rider's exit late for its open journey.
-    # An entry is judged against every tap, so that one before the stop finds such a held exit (`_late`).
-    ordered_by = _newest(state, after_stop=False) if tap.mode == "metro" and tap.direction == "out" else newest
+    # A held exit the old card's rider took after the stop (`_after_stop`) is not the newest tap of the
+    # rider after it: it counts as of the stop (`own`), for the order of their taps and for the newest time
+    # the state remembers. Only an entry before the stop is judged against it, so that it finds such a
+    # held exit (`_late`).
+    own = ordered_by = newest
+    if any(_after_stop(u) for u in state.unpaired):
+        own = _newest(state, after_stop=False)
+        before_stop = tap.mode == "metro" and tap.direction == "in" and any(
+            _after_stop(u) and u.until is not None and tap.time < u.until for u in state.unpaired
+        )
+        ordered_by = newest if before_stop else own
     due: tuple[Penalty, ...] = ()
     if tap.uploaded and ordered_by is not None and tap.time < ordered_by:
         d = _late(table, state, tap, concession, refund)
@@ -556,7 +563,7 @@ def fare(
     if tap.entered_before is not None and R_EXIT_HELD in d.rules:  # held after the stop: see `_after_stop`
         after = d.state
     else:
-        after = _with_latest(d.state, tap.time if newest is None or tap.time > newest else newest)
+        after = _with_latest(d.state, tap.time if own is None or tap.time > own else own)
     if after is d.state and not due:
         return d
     return Decision(
@@ -700,10 +707,11 @@ def _derived_newest(state: JourneyState, *, after_stop: bool = True) -> int | No
     if state.window is not None and (newest is None or state.window.start > newest):
         newest = state.window.start
     for u in state.unpaired:
-        if not after_stop and _after_stop(u):
-            continue
-        if newest is None or u.time > newest:
-            newest = u.time
+        # Without `after_stop`, a held exit taken after the stop counts as of the stop (`until`): the old
+        # card's rider's, it orders the taps before the stop, not those of the rider after it.
+        t = u.until if not after_stop and _after_stop(u) and u.until is not None else u.time
+        if newest is None or t > newest:
+            newest = t
     return newest
 
 
@@ -717,7 +725,7 @@ def _newest(state: JourneyState, *, after_stop: bool = True) -> int | None:
     """The time of the card's newest tap: its open journey's entry, the end of its last ride (the
     transfer window's start), its unpaired taps, or `latest` when those do not show it (a discounted
     ride keeps the window, an unpaired tap is paired). Without `after_stop`, not counting the held exits
-    taken after the card stopped (`_after_stop`), which never set `latest`."""
+    taken after the card stopped (`_after_stop`) but as of the stop: they never set `latest` past it."""
     derived = _derived_newest(state, after_stop=after_stop)
     if state.latest is None:
         return derived
@@ -725,8 +733,9 @@ def _newest(state: JourneyState, *, after_stop: bool = True) -> int | None:
 
 
 def _with_latest(state: JourneyState, newest: int) -> JourneyState:
-    """`state` remembering `newest` as its newest tap time, stored only when the state does not show it."""
-    derived = _derived_newest(state)
+    """`state` remembering `newest` as its newest tap time, stored only when the state does not show it
+    (a held exit taken after the stop does not show it: it may go, and it orders only entries)."""
+    derived = _derived_newest(state, after_stop=False)
     latest = None if derived is not None and derived >= newest else newest
     if latest == state.latest:
         return state
@@ -788,8 +797,10 @@ def charge_held_exits(
         if u.until is None or not any(u is x for x in due)
     )
     after = dataclasses.replace(state, unpaired=unpaired)
-    newest = _newest(state)
-    return charged, after if newest is None else _with_latest(after, newest)  # a dropped exit's time counts
+    # A dropped exit's time counts as of its stop: an entry before the stop coming even later is late (it
+    # no longer finds the exit, and opens no journey), a tap of the rider after the stop is not.
+    newest = _newest(state, after_stop=False)
+    return charged, after if newest is None else _with_latest(after, newest)
 
 
 def _within(amount: int, limit: int | None) -> int:

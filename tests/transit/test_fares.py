@@ -470,11 +470,19 @@ def test_an_exit_after_the_card_stopped_counts_only_for_an_entry_before_the_stop
     assert JourneyState.from_json(held.state.to_json()) == held.state
     ride = fare(cq, held.state, up(m_in(T0, "l1-chaotianmen")))
     assert (ride.amount_fen, ride.rules[-1]) == (270, "entry_of_held_exit")
-    # An entry after the stop does not take it (the service declines such an entry anyway).
-    assert fare(cq, held.state, up(m_in(T0 + 900, "l1-chaotianmen"))).rules == ("metro_entry", "late_upload")
+    # An entry after the stop does not take it, nor is it judged against it (another rider's, on a
+    # replacement card: it opens that rider's journey; a lost card's the service declines anyway).
+    after_stop = fare(cq, held.state, up(m_in(T0 + 900, "l1-chaotianmen")))
+    assert after_stop.rules == ("metro_entry",) and after_stop.state.unpaired == held.state.unpaired
+    assert after_stop.state.journey is not None and after_stop.state.journey.time == T0 + 900
     # No entry before the stop: dropped once due, uncharged, by the sweep or the next tap.
+    # Its time is remembered as of the stop: an entry before the stop coming even later is late (it opens
+    # no journey for the sweep to charge the maximum fare), a tap of the rider after the stop is not.
     dropped, after = charge_held_exits(cq, held.state, T0 + 1800 + 4 * 3600)
-    assert (dropped, after.unpaired, after.latest) == ((), (), T0 + 1800)
+    assert (dropped, after.unpaired, after.latest) == ((), (), stop)
+    too_late = fare(cq, after, up(m_in(T0, "l1-chaotianmen")))
+    assert (too_late.total_fen, too_late.state.journey) == (0, None), too_late
+    assert fare(cq, after, up(m_out(T0 + 1700, "l1-daping"))).rules[0] != "late_upload"
     later = fare(cq, held.state, bus(T0 + 6 * 3600))
     assert (later.due, later.total_fen, later.state.unpaired) == ((), 180, ())
     # No room to hold it: nothing charged and nothing kept (rule exit_after_stop; the service declines it).
