@@ -8,6 +8,7 @@ import datetime as dt
 import getpass
 import math
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -683,10 +684,14 @@ def cmd_clearing(settings: Settings, args: argparse.Namespace) -> int:
         return _register_operator(settings, args)
     day: dt.date | None = None
     if args.date:
+        # (fromisoformat alone also reads 20261130 and 2026-W48-1: the clearing file names the day as given)
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.date):
+            print(f"error: --date must be YYYY-MM-DD, got {args.date!r}", file=sys.stderr)
+            return 2
         try:
             day = dt.date.fromisoformat(args.date)
         except ValueError:
-            print(f"error: --date must be YYYY-MM-DD, got {args.date!r}", file=sys.stderr)
+            print(f"error: --date {args.date} is not a day of the calendar", file=sys.stderr)
             return 2
     out = Path(args.out) if args.out else settings.data_dir / "clearing"
     table = _fare_table(settings)

@@ -747,6 +747,14 @@ async def test_clearing_refuses_a_day_that_is_not_over(run_cli: Any, tmp_path: P
     assert res.status == 1 and "not over yet" in res.err
     res = await run_cli("clearing", "run", "--date", "yesterday", "--out", str(tmp_path))
     assert res.status == 2
+    # Other ISO forms of a day are refused too (the file names the day as given), and a day the calendar
+    # does not have is said to be one, not a format error.
+    for other in ("20261130", "2026-W48-1"):
+        res = await run_cli("clearing", "run", "--date", other, "--out", str(tmp_path))
+        assert res.status == 2 and "YYYY-MM-DD" in res.err, (other, res.err)
+    res = await run_cli("clearing", "run", "--date", "2026-11-31", "--out", str(tmp_path))
+    assert res.status == 2 and "not a day of the calendar" in res.err, res.err
+    assert os.listdir(tmp_path) == []
 
 
 async def test_a_day_can_be_cleared_from_one_minute_after_its_end(db: asyncpg.Connection, tmp_path: Path) -> None:
