@@ -116,6 +116,7 @@ async def _start_refusal(settings: Settings, kek: bytes) -> str | None:
     """Why the service must not start on this database, checked once before the workers: a key file that
     is not the database's (every worker would fail on it), or a seed that did not finish."""
     from cardsvc.security import terminals
+    from cardsvc.store.seed_state import interrupted_seed
 
     conn = await _connect(settings)
     try:
@@ -123,9 +124,9 @@ async def _start_refusal(settings: Settings, kek: bytes) -> str | None:
             await terminals.check_key_file(conn, kek)
         except terminals.KeyFileMismatch as exc:
             return f"{exc}: {settings.key_path}"
+        return await interrupted_seed(conn)
     finally:
         await conn.close()
-    return await _interrupted_seed(settings)
 
 
 async def _interrupted_seed(settings: Settings) -> str | None:
