@@ -10,7 +10,6 @@ import asyncio
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import orjson
@@ -22,20 +21,13 @@ from cardsvc.security.keys import KeyRing
 from protocols import terminal_auth
 from tests.helpers import scratch_database
 from tests.service.serving import Service, cli_command, poll, service_env
+from tests.service.test_ops_edges import _outcome
 
 
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in [n for n in os.environ if n.startswith("CARDSVC_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("CARDSVC_DATA_DIR", str(tmp_path / "data"))
-
-
-def _outcome(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[Any, str]:
-    try:
-        code: Any = cli.main(args)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ a wrong key file

@@ -7,6 +7,7 @@ outcome; a statement cancelled on the server (rolled back) is a 503, not a 500.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,21 @@ async def lost_conn_svc(
     yield await _own_service(own_dsn, keys_for_process, tmp_path, aiohttp_client), own_postgres
 
 
+@contextlib.asynccontextmanager
+async def _standby_required(admin_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """While inside: every commit waits for a synchronous standby that does not exist (the admin session
+    given, to watch and end backends)."""
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'cardsvc_review_no_such_standby'")
+        await admin.execute("SELECT pg_reload_conf()")
+        yield admin
+    finally:
+        await admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        await admin.execute("SELECT pg_reload_conf()")
+        await admin.close()
+
+
 async def _commits_wait_for_a_standby(dsn: str) -> bool:
     """Whether a commit now waits for a (missing) synchronous standby: a write's COMMIT past 0.2 s."""
     probe = await asyncpg.connect(dsn)
@@ -163,10 +179,7 @@ async def test_a_tap_whose_commit_outlasts_the_command_timeout_is_not_answered_t
     card = await funded_card(svc, 1000)
     body = tap_body(svc, card["card_sn"])
     tid = svc.terminals["transit_validator"].terminal_id
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'cardsvc_review_no_such_standby'")
-        await admin.execute("SELECT pg_reload_conf()")
+    async with _standby_required(admin_dsn):
         for _ in range(200):
             if await _commits_wait_for_a_standby(admin_dsn):
                 break
@@ -174,10 +187,6 @@ async def test_a_tap_whose_commit_outlasts_the_command_timeout_is_not_answered_t
         else:
             raise AssertionError("commits never started waiting for the standby")
         r = await svc.post(TAP, body, as_="transit_validator")
-    finally:
-        await admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
-        await admin.execute("SELECT pg_reload_conf()")
-        await admin.close()
 
     db = await asyncpg.connect(svc.dsn)
     try:
@@ -211,10 +220,7 @@ async def test_a_tap_whose_commit_lost_its_connection_but_committed_is_answered_
     card = await funded_card(svc, 1000)
     body = tap_body(svc, card["card_sn"])
     tid = svc.terminals["transit_validator"].terminal_id
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'cardsvc_review_no_such_standby'")
-        await admin.execute("SELECT pg_reload_conf()")
+    async with _standby_required(admin_dsn) as admin:
         await asyncio.sleep(0.3)
         pending = asyncio.ensure_future(svc.post(TAP, body, as_="transit_validator"))
         for _ in range(200):  # the batch's COMMIT waits for the standby
@@ -228,10 +234,6 @@ async def test_a_tap_whose_commit_lost_its_connection_but_committed_is_answered_
             raise AssertionError("the batch's commit never waited for the standby")
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
         r = await pending
-    finally:
-        await admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
-        await admin.execute("SELECT pg_reload_conf()")
-        await admin.close()
 
     db = await asyncpg.connect(svc.dsn)
     try:
